@@ -1,0 +1,145 @@
+"""Composition root: builds every part from a Config, starts and stops them.  Nothing imports it but the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from . import logs
+from .config import Config
+from .delivery import Deliverer
+from .errors import ConfigError
+from .inbound.https import HttpsInbound
+from .partners import PartnerBook
+from .pipeline import Pipeline
+from .schema import SchemaRegistry
+from .store import SqliteStore
+from .tls import server_context
+from .vault import Vault
+from .xmlparse import XmlParser
+
+TLS_HANDSHAKE_TIMEOUT_S = 10.0  # SECURITY-TESTS.md T-08: a handshake flood cannot hold sockets for long
+SHUTDOWN_GRACE_S = 30.0  # in-flight requests get this long to finish after SIGTERM
+LISTEN_BACKLOG = 1024
+
+log = logs.get("app")
+
+
+@dataclass
+class Parts:
+    """Everything that check-config builds; serve adds sockets and tasks on top."""
+
+    config: Config
+    vault: Vault
+    schemas: SchemaRegistry
+    partners: PartnerBook
+    parser: XmlParser
+
+
+def build(config: Config) -> Parts:
+    """Build and check every part that can fail on bad configuration (no sockets, no state writes)."""
+    server_context(config.https.certificate, config.https.private_key, config.https.client_ca)
+    vault = Vault.from_files(config.vault.keys, config.vault.current)
+    partners = PartnerBook(config.partners_file)
+    schemas = SchemaRegistry(config.schemas)
+    return Parts(config, vault, schemas, partners, XmlParser(config.xml))
+
+
+class Gateway:
+    def __init__(self, config: Config, parts: Parts | None = None, *, reuse_port: bool = False, run_delivery: bool = True):
+        self.config = config
+        self.parts = parts or build(config)
+        self.reuse_port = reuse_port
+        self.run_delivery = run_delivery
+        # CPU stages (lxml releases the GIL while parsing and validating) and blocking file I/O.
+        self.executor = ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="stage")
+        self.store = SqliteStore(config.state_dir)
+        self.deliverer = Deliverer(self.store, self.parts.vault, list(config.destinations), self.executor)
+        self.pipeline = Pipeline(self.parts.parser, self.parts.schemas, self.parts.partners, self.parts.vault,
+                                 self.store, [d.name for d in config.destinations], self.executor)
+        self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.deliverer.wake.set)
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = config.https.port
+
+    async def start(self) -> None:
+        cfg = self.config.https
+        ctx = server_context(cfg.certificate, cfg.private_key, cfg.client_ca)
+        self._runner = web.AppRunner(self.https.app(), handle_signals=False, access_log=None,
+                                     keepalive_timeout=cfg.keepalive_timeout_s, shutdown_timeout=SHUTDOWN_GRACE_S)
+        await self._runner.setup()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._runner.server, cfg.host, cfg.port, ssl=ctx, backlog=LISTEN_BACKLOG,
+            reuse_port=self.reuse_port, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        if self.run_delivery:
+            self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
+        self._tasks.append(asyncio.create_task(self._watch_partners(), name="partners-reload"))
+        log.info("gateway.started", url=f"https://{cfg.host}:{self.port}", pid=os.getpid(),
+                 partners=len(self.parts.partners.current.partners), destinations=len(self.config.destinations),
+                 key_id=self.parts.vault.current, schema_sets=self.parts.schemas.fingerprints)
+
+    async def _watch_partners(self) -> None:
+        book = self.parts.partners
+        while True:
+            await asyncio.sleep(self.config.partners_reload_s)
+            try:
+                if await asyncio.get_running_loop().run_in_executor(self.executor, book.refresh):
+                    log.info("partners.reloaded", partners=len(book.current.partners))
+            except ConfigError as exc:
+                log.error("partners.reload_failed", reason=str(exc), kept=len(book.current.partners))
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, then close storage."""
+        if self._server is not None:
+            self._server.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.executor.shutdown(wait=True)
+        self.store.close()
+        log.info("gateway.stopped")
+
+
+async def serve_forever(config: Config, parts: Parts | None = None, *, reuse_port: bool = False,
+                        run_delivery: bool = True, ready: asyncio.Future[int] | None = None) -> None:
+    gw = Gateway(config, parts, reuse_port=reuse_port, run_delivery=run_delivery)
+    await gw.start()
+    if ready is not None:
+        ready.set_result(gw.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await gw.stop()
+
+
+def bind_probe(host: str, port: int) -> None:
+    """Fail early, naming the key, when the port cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"https.listen_port: cannot listen on {host}:{port} ({exc.strerror})") from None

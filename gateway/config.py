@@ -1,0 +1,298 @@
+"""Configuration: one TOML file read into frozen dataclasses and checked before anything starts.
+
+Every error names the exact key path (``https.client_ca[1]: file not found``).  Secrets are given
+as file paths, never inline.  Relative paths are resolved against the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# Decision 3 in SECURITY-TESTS.md: 64 MiB per message; a 50 MB invoice with an embedded PDF passes.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# Bodies held in memory at once across all requests; past this, new uploads get 503 + Retry-After.
+DEFAULT_MAX_IN_FLIGHT_BYTES = 512 * 1024 * 1024
+# The gateway's own XML limits (SECURITY-TESTS.md X-04): libxml2 with huge_tree stops at depth 2048.
+DEFAULT_MAX_DEPTH = 256
+DEFAULT_MAX_ELEMENTS = 2_000_000
+DEFAULT_MAX_ATTRIBUTES = 256
+
+
+class Reader:
+    """Typed access to one TOML table that remembers its key path and refuses unknown keys."""
+
+    def __init__(self, data: Any, path: str, base: Path):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or '(top level)'}: expected a table")
+        self._data = data
+        self._path = path
+        self._seen: set[str] = set()
+        self.base = base
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def _get(self, name: str, default: Any, required: bool) -> Any:
+        self._seen.add(name)
+        if name not in self._data:
+            if required:
+                raise ConfigError(f"{self.key(name)}: missing (required)")
+            return default
+        return self._data[name]
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self._get(name, default, required)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(name)}: expected a string, got {type(value).__name__}")
+        return value
+
+    def int(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self._get(name, default, False)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(name)}: expected an integer, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(f"{self.key(name)}: {value} is out of range (must be {bound})")
+        return value
+
+    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._get(name, default, False)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{self.key(name)}: {value} is out of range (must be >= {minimum})")
+        return float(value)
+
+    def str_list(self, name: str, *, required: bool = False) -> list[str]:
+        value = self._get(name, [], required)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key(name)}: expected a list of strings")
+        return list(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.str(name, default)
+        if value not in choices:
+            raise ConfigError(f"{self.key(name)}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    def file(self, name: str, value: str | None = None, index: int | None = None) -> Path:
+        """A path that must name an existing regular file."""
+        raw = value if value is not None else self.str(name, required=True)
+        where = self.key(name) + (f"[{index}]" if index is not None else "")
+        p = self.resolve(raw)
+        if not p.exists():
+            raise ConfigError(f"{where}: file not found ({p})")
+        if not p.is_file():
+            raise ConfigError(f"{where}: not a regular file ({p})")
+        return p
+
+    def files(self, name: str, *, required: bool = False) -> tuple[Path, ...]:
+        values = self.str_list(name, required=required)
+        if required and not values:
+            raise ConfigError(f"{self.key(name)}: must name at least one file")
+        return tuple(self.file(name, v, i) for i, v in enumerate(values))
+
+    def table(self, name: str) -> Reader:
+        return Reader(self._get(name, {}, False), self.key(name), self.base)
+
+    def tables(self, name: str) -> list[Reader]:
+        value = self._get(name, [], False)
+        if not isinstance(value, list):
+            raise ConfigError(f"{self.key(name)}: expected an array of tables ([[{name}]])")
+        return [Reader(v, f"{self.key(name)}[{i}]", self.base) for i, v in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key (check the spelling)")
+
+
+def check_secret_file(path: Path, key: str) -> None:
+    """Refuse key files that group or others can read, or that belong to another user (K-03)."""
+    st = path.stat()
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{key}: {path} is accessible by group or others (mode {st.st_mode & 0o777:04o}); "
+            f"run: chmod 600 {path}"
+        )
+    euid = os.geteuid()
+    if euid != 0 and st.st_uid not in (euid, 0):
+        raise ConfigError(f"{key}: {path} belongs to uid {st.st_uid}, not to the gateway's user ({euid})")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpsConfig:
+    host: str
+    port: int
+    certificate: Path
+    private_key: Path
+    client_ca: tuple[Path, ...]
+    workers: int  # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
+    max_body_bytes: int
+    max_in_flight_bytes: int
+    # Slow clients (SECURITY-TESTS.md T-08): header and body must arrive within this many seconds.
+    read_timeout_s: float
+    keepalive_timeout_s: float
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class XmlLimits:
+    max_depth: int
+    max_elements: int
+    max_attributes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaSet:
+    """An operator-supplied UBL schema folder, used for documents declaring ``ubl_version``."""
+
+    ubl_version: str
+    directory: Path
+
+
+@dataclass(frozen=True, slots=True)
+class VaultConfig:
+    keys: tuple[Path, ...]
+    current: str | None  # key id used for new objects; default: the last key listed
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    name: str
+    type: str  # "directory" (the router issue adds more)
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    state_dir: Path
+    https: HttpsConfig
+    xml: XmlLimits
+    schemas: tuple[SchemaSet, ...]
+    vault: VaultConfig
+    partners_file: Path
+    partners_reload_s: float
+    destinations: tuple[Destination, ...]
+    log_level: str
+
+
+def _https(r: Reader) -> HttpsConfig:
+    cfg = HttpsConfig(
+        host=r.str("listen_host", "127.0.0.1"),
+        port=r.int("listen_port", 8443, maximum=65535),
+        certificate=r.file("certificate"),
+        private_key=r.file("private_key"),
+        client_ca=r.files("client_ca", required=True),
+        workers=r.int("workers", 0, maximum=64),
+        max_body_bytes=r.int("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
+        max_in_flight_bytes=r.int("max_in_flight_bytes", DEFAULT_MAX_IN_FLIGHT_BYTES, minimum=1024),
+        read_timeout_s=r.float("read_timeout_s", 60.0, minimum=1.0),
+        keepalive_timeout_s=r.float("keepalive_timeout_s", 75.0, minimum=1.0),
+    )
+    if cfg.max_in_flight_bytes < cfg.max_body_bytes:
+        raise ConfigError(f"{r.key('max_in_flight_bytes')}: must be at least https.max_body_bytes")
+    check_secret_file(cfg.private_key, r.key("private_key"))
+    r.done()
+    return cfg
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and check a configuration file; raises ConfigError naming the offending key."""
+    source = Path(path).resolve()
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: configuration file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    top = Reader(raw, "", source.parent)
+
+    inst = top.table("instance")
+    state_dir = inst.resolve(inst.str("state_dir", "state"))
+    inst.done()
+
+    https = _https(top.table("https"))
+
+    x = top.table("xml")
+    xml = XmlLimits(
+        max_depth=x.int("max_depth", DEFAULT_MAX_DEPTH, minimum=16, maximum=2048),
+        max_elements=x.int("max_elements", DEFAULT_MAX_ELEMENTS, minimum=100),
+        max_attributes=x.int("max_attributes", DEFAULT_MAX_ATTRIBUTES, minimum=8),
+    )
+    x.done()
+
+    v = top.table("validation")
+    schemas = []
+    for s in v.tables("schemas"):
+        version = s.str("ubl_version", required=True)
+        directory = s.resolve(s.str("directory", required=True))
+        if not (directory / "maindoc").is_dir():
+            raise ConfigError(f"{s.key('directory')}: {directory} has no maindoc/ folder of UBL schemas")
+        schemas.append(SchemaSet(version, directory))
+        s.done()
+    v.done()
+
+    k = top.table("vault")
+    keys = k.files("keys", required=True)
+    for i, key_path in enumerate(keys):
+        check_secret_file(key_path, f"vault.keys[{i}]")
+    vault = VaultConfig(keys=keys, current=k.str("current", "") or None)
+    k.done()
+
+    p = top.table("partners")
+    partners_file = p.file("file")
+    reload_s = p.float("reload_interval_s", 1.0, minimum=0.1)
+    p.done()
+
+    destinations = []
+    names: set[str] = set()
+    for d in top.tables("destinations"):
+        name = d.str("name", required=True)
+        if name in names:
+            raise ConfigError(f"{d.key('name')}: duplicate destination name {name!r}")
+        names.add(name)
+        kind = d.choice("type", ("directory",), "directory")
+        folder = d.resolve(d.str("path", required=True))
+        if not folder.is_dir():
+            raise ConfigError(f"{d.key('path')}: {folder} is not an existing folder")
+        destinations.append(Destination(name, kind, folder))
+        d.done()
+
+    lg = top.table("logging")
+    level = lg.choice("level", ("debug", "info", "warning", "error"), "info")
+    lg.done()
+    top.done()
+
+    return Config(
+        source=source,
+        state_dir=state_dir,
+        https=https,
+        xml=xml,
+        schemas=tuple(schemas),
+        vault=vault,
+        partners_file=partners_file,
+        partners_reload_s=reload_s,
+        destinations=tuple(destinations),
+        log_level=level,
+    )

@@ -1,0 +1,101 @@
+"""A development PKI for `init` and the demo (and the tests): clearly labelled, never for production.
+
+Real deployments use the partners' own CA bundles and a server certificate from the operator's CA;
+this module only makes a throwaway CA whose key is kept so an operator can issue test partners.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+LABEL = "DEVELOPMENT ONLY"
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    cert: Path
+    key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"einvoice-gateway {LABEL}"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def new_key(kind: str = "ec") -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    if kind == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    bits = int(kind.removeprefix("rsa"))
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def make_ca(folder: Path, name: str = "CA", cn: str = "einvoice-gateway development CA") -> Issued:
+    folder.mkdir(parents=True, exist_ok=True)
+    key = new_key()
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn)).issuer_name(_name(cn))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    out = Issued(folder / f"{name}.crt", folder / f"{name}.key")
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out.key, key)
+    return out
+
+
+def issue(ca: Issued, folder: Path, name: str, *, role: str, cn: str | None = None,
+          sans: tuple[str, ...] = (), key_kind: str = "ec", not_before: datetime | None = None,
+          not_after: datetime | None = None, hash_alg: hashes.HashAlgorithm | None = None) -> Issued:
+    """Issue a leaf certificate: role "server" (serverAuth) or "client" (clientAuth)."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
+    key = new_key(key_kind)
+    now = datetime.now(UTC)
+    eku = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn or name)).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - timedelta(minutes=5))
+        .not_valid_after(not_after or now + timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, role == "server" and key_kind != "ec", False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
+    )
+    if sans:
+        names: list[x509.GeneralName] = []
+        for s in sans:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(s)))
+            except ValueError:
+                names.append(x509.DNSName(s))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hash_alg or hashes.SHA256())  # type: ignore[arg-type]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = Issued(folder / f"{name}.crt", folder / f"{name}.key")
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out.key, key)
+    return out

@@ -1,0 +1,1 @@
+"""Transports: each turns bytes plus a proven peer identity into an InboundMessage."""

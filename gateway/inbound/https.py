@@ -1,0 +1,190 @@
+"""The partner-facing mutual-TLS HTTPS API.
+
+    POST /v1/invoices            application/xml body → 202 {message_id, status, sha256, received_at, duplicate}
+    GET  /v1/invoices/{id}       status, for the partner that sent it; 404 for everyone else
+
+Every error is JSON ``{error, message, details[]}``; ``reply_for`` is the one place errors become
+replies.  The partner is identified before any body byte is read; a Content-Length over the limit
+is refused before reading, too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from .. import logs
+from ..config import HttpsConfig
+from ..errors import (Forbidden, GatewayError, LimitExceeded, Malformed, Overloaded, Rejected,
+                      UnsupportedMediaType)
+from ..model import InboundMessage, Partner, PeerIdentity
+from ..partners import PartnerBook
+from ..pipeline import Pipeline
+from ..store import Store
+from ..tls import spki_sha256_der
+
+XML_MEDIA_TYPES = ("application/xml", "text/xml")
+BUDGET_WAIT_S = 5.0  # how long an upload may wait for in-flight byte budget before a 503
+
+log = logs.get("inbound.https")
+
+
+def reply_for(exc: GatewayError) -> web.Response:
+    headers = {"Retry-After": "30"} if exc.http_status == 503 else None
+    return web.json_response(exc.as_json(), status=exc.http_status, headers=headers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(der: bytes) -> tuple[str, str]:
+    return spki_sha256_der(der)
+
+
+def peer_identity(request: web.Request) -> PeerIdentity:
+    transport = request.transport
+    sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = sslobj.getpeercert(binary_form=True) if isinstance(sslobj, ssl.SSLObject) else None
+    if not der:
+        raise Forbidden("a client certificate is required", code="PARTNER_UNKNOWN")
+    spki, subject = _identity(der)
+    return PeerIdentity(spki, subject, "https")
+
+
+class ByteBudget:
+    """Bounds the bytes of request bodies held in memory at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.limit), BUDGET_WAIT_S)
+            except TimeoutError:
+                raise Overloaded("the gateway is busy receiving other invoices; retry shortly") from None
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class HttpsInbound:
+    def __init__(self, cfg: HttpsConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
+                 on_accepted: Callable[[], None]):
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.partners = partners
+        self.store = store
+        self.on_accepted = on_accepted
+        self.budget = ByteBudget(cfg.max_in_flight_bytes)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
+        app.router.add_post("/v1/invoices", self.post_invoice)
+        app.router.add_get("/v1/invoices/{message_id}", self.get_invoice)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return reply_for(exc)
+        except web.HTTPRequestEntityTooLarge:
+            return reply_for(LimitExceeded(f"the body exceeds the limit of {self.cfg.max_body_bytes} bytes", code="TOO_LARGE"))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status, "HTTP_ERROR")
+            return web.json_response({"error": code, "message": exc.reason, "details": []}, status=exc.status)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("request.internal_error", path=request.path)
+            return web.json_response(
+                {"error": "INTERNAL_ERROR", "message": "the gateway failed to process the request; retry later", "details": []},
+                status=500,
+            )
+
+    def _authenticate(self, request: web.Request) -> tuple[PeerIdentity, Partner]:
+        peer = peer_identity(request)
+        return peer, self.partners.current.gate(peer)
+
+    async def post_invoice(self, request: web.Request) -> web.Response:
+        received_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        bound = log.bind(transport="https", peer=request.remote)
+        try:
+            peer, partner = self._authenticate(request)
+            bound = bound.bind(partner=partner.name)
+            self._check_headers(request)
+            reserve = request.content_length if request.content_length is not None else self.cfg.max_body_bytes
+            await self.budget.acquire(reserve)
+            try:
+                body = await asyncio.wait_for(request.read(), self.cfg.read_timeout_s)
+                outcome = await self.pipeline.accept(InboundMessage(body, peer, partner, received_at))
+            finally:
+                await self.budget.release(reserve)
+        except web.HTTPRequestEntityTooLarge:
+            exc = LimitExceeded(f"the body exceeds the limit of {self.cfg.max_body_bytes} bytes", code="TOO_LARGE")
+            bound.info("invoice.rejected", code=exc.code, status=exc.http_status)
+            return reply_for(exc)
+        except TimeoutError:
+            exc2 = Malformed(f"the body did not arrive within {self.cfg.read_timeout_s:.0f} s", code="BODY_TIMEOUT")
+            bound.info("invoice.rejected", code=exc2.code, status=408)
+            return web.json_response(exc2.as_json(), status=408)
+        except Rejected as exc:
+            bound.info("invoice.rejected", code=exc.code, status=exc.http_status, reason=exc.message, details=len(exc.details))
+            raise
+        except GatewayError as exc:
+            bound.warning("invoice.deferred", code=exc.code, status=exc.http_status, reason=exc.message)
+            raise
+        receipt = outcome.receipt
+        if outcome.accepted is not None:
+            facts = outcome.accepted.facts
+            bound.info("invoice.accepted", message_id=receipt.message_id, code="ACCEPTED", sha256=receipt.sha256,
+                       document_type=facts.document_type.label, invoice_number=facts.invoice_number,
+                       size=outcome.accepted.size, key_id=outcome.accepted.key_id)
+            self.on_accepted()
+        else:
+            bound.info("invoice.duplicate", message_id=receipt.message_id, code="DUPLICATE", sha256=receipt.sha256)
+        return web.json_response(receipt.as_json(), status=202)
+
+    def _check_headers(self, request: web.Request) -> None:
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding!r} is not accepted; send the XML uncompressed", code="UNSUPPORTED_ENCODING"
+            )
+        if request.content_type not in XML_MEDIA_TYPES:
+            raise UnsupportedMediaType(
+                f"Content-Type {request.content_type!r} is not accepted; send the invoice as application/xml",
+                code="UNSUPPORTED_MEDIA_TYPE",
+            )
+        if request.content_length is not None and request.content_length > self.cfg.max_body_bytes:
+            raise LimitExceeded(
+                f"the body of {request.content_length} bytes exceeds the limit of {self.cfg.max_body_bytes} bytes",
+                code="TOO_LARGE",
+            )
+
+    async def get_invoice(self, request: web.Request) -> web.Response:
+        _, partner = self._authenticate(request)
+        message_id = request.match_info["message_id"]
+        status: dict[str, Any] | None = None
+        if len(message_id) <= 64:
+            status = await asyncio.get_running_loop().run_in_executor(
+                self.pipeline.executor, self.store.status, message_id, partner.name)
+        if status is None:
+            return web.json_response(
+                {"error": "NOT_FOUND", "message": "no message with this id was received from you", "details": []},
+                status=404,
+            )
+        return web.json_response(status)

@@ -1,0 +1,113 @@
+"""`init`: a complete, working instance in one folder, with a development PKI and a demo partner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from . import devpki
+from .errors import ConfigError
+from .partners import atomic_write, editing, new_partner
+from .tls import inspect_certificate
+from .vault import write_key_file
+
+DEMO_PARTNER = "demo-supplier"
+# The supplier identifiers of the bundled sample invoice (gateway/samples/invoice.xml).
+DEMO_PARTY_IDS = ("0088:4000001000006", "DE123456789")
+DEMO_EMAIL = "billing@demo-supplier.example"
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    root: Path
+    config: Path
+    partners: Path
+    https_url: str
+    ca: devpki.Issued
+    server: devpki.Issued
+    demo_client: devpki.Issued
+    master_key: Path
+    key_id: str
+    delivery_folder: Path
+    state_dir: Path
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "config_file": str(self.config),
+            "partners_file": str(self.partners),
+            "https_url": self.https_url,
+            "ca_certificate": str(self.ca.cert),
+            "ca_key": str(self.ca.key),
+            "server_certificate": str(self.server.cert),
+            "server_key": str(self.server.key),
+            "master_key_file": str(self.master_key),
+            "master_key_id": self.key_id,
+            "demo_partner_name": DEMO_PARTNER,
+            "demo_partner_client_certificate": str(self.demo_client.cert),
+            "demo_partner_client_key": str(self.demo_client.key),
+            "demo_partner_party_ids": list(DEMO_PARTY_IDS),
+            "delivery_folder": str(self.delivery_folder),
+            "state_dir": str(self.state_dir),
+        }
+
+
+def render_config(host: str, port: int, key_file: str, key_id: str, workers: int = 0, label: str = "made by einvoice-gateway init") -> str:
+    template = files("gateway").joinpath("templates/config.toml").read_text(encoding="utf-8")
+    return template.format(label=label, config_name="config.toml", host=host, port=port,
+                           key_file=key_file, key_id=key_id, workers=workers)
+
+
+def store_certificate(partners_file: Path, name: str, cert: Path) -> Path:
+    """Copy a partner certificate next to the partners file, named by partner and key hash."""
+    info = inspect_certificate(cert, "--client-cert")
+    folder = partners_file.parent / "partner-certs"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    stored = folder / f"{name}-{info.spki_sha256[:16]}.crt"
+    atomic_write(stored, info.pem, mode=0o644)
+    return stored
+
+
+def register_partner(partners_file: Path, name: str, certs: list[Path], party_ids: list[str], emails: list[str],
+                     verified_by: str) -> None:
+    """The `partners add` command: store the certificates and add the partner, atomically."""
+    stored = [str(store_certificate(partners_file, name, c)) for c in certs]
+    with editing(partners_file) as partners:
+        if any(p.name == name for p in partners):
+            raise ConfigError(f"partners: a partner named {name!r} exists already (use a new name, or remove it first)")
+        partners.append(new_partner(name, stored, party_ids, emails, verified_by))
+
+
+def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443, workers: int = 0) -> Instance:
+    root = root.resolve()
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"init: {root} exists and is not empty; choose a new folder")
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pki = root / "pki"
+    ca = devpki.make_ca(pki, "ca")
+    server = devpki.issue(ca, pki, "server", role="server", cn="localhost", sans=("localhost", "127.0.0.1", "::1"))
+    client = devpki.issue(ca, pki / "clients", DEMO_PARTNER, role="client", cn=f"{DEMO_PARTNER} (demo partner)")
+    keys = root / "keys"
+    keys.mkdir(mode=0o700)
+    master = write_key_file(keys / "master-1.key")
+    for sub in ("state", "outbox"):
+        (root / sub).mkdir(mode=0o700)
+    config = root / "config.toml"
+    atomic_write(config, render_config(host, port, "keys/master-1.key", master.key_id, workers).encode())
+    partners = root / "partners.toml"
+    atomic_write(partners, b"# Trading partners of this gateway; edit with `einvoice-gateway partners ...`.\n")
+    register_partner(partners, DEMO_PARTNER, [client.cert], list(DEMO_PARTY_IDS), [DEMO_EMAIL], verified_by="einvoice-gateway init (demo)")
+    shown_host = f"[{host}]" if ":" in host else host
+    return Instance(root, config, partners, f"https://{shown_host}:{port}", ca, server, client,
+                    keys / "master-1.key", master.key_id, root / "outbox", root / "state")
+
+
+def remove(root: Path) -> None:
+    if root.exists():
+        shutil.rmtree(root)
+
+
+def current_user() -> str:
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())

@@ -1,0 +1,142 @@
+"""Frozen value types passed between the stages of the pipeline."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .errors import UnsupportedDocument
+
+UBL_INVOICE_NS = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
+UBL_CREDIT_NOTE_NS = "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2"
+CII_NS = "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"
+
+
+class DocumentType(enum.Enum):
+    """Document types the gateway takes, keyed by the root element's expanded name.
+
+    Fails closed: an unknown root is a typed rejection, never a ``KeyError``.
+    """
+
+    UBL_INVOICE = ("Invoice", UBL_INVOICE_NS)
+    UBL_CREDIT_NOTE = ("CreditNote", UBL_CREDIT_NOTE_NS)
+
+    @property
+    def root(self) -> str:
+        return self.value[0]
+
+    @property
+    def namespace(self) -> str:
+        return self.value[1]
+
+    @property
+    def label(self) -> str:
+        return {"UBL_INVOICE": "ubl:Invoice", "UBL_CREDIT_NOTE": "ubl:CreditNote"}[self.name]
+
+    @classmethod
+    def from_root(cls, namespace: str | None, local: str) -> DocumentType:
+        for member in cls:
+            if member.namespace == namespace and member.root == local:
+                return member
+        shown = f"{{{namespace}}}{local}" if namespace else local
+        hint = ""
+        if namespace == CII_NS:
+            hint = " (UN/CEFACT CII is not accepted on this endpoint yet)"
+        raise UnsupportedDocument(
+            f"root element {shown} is not a document type this gateway accepts{hint}; "
+            f"send a UBL 2.1 Invoice or CreditNote",
+            code="UNSUPPORTED_DOCUMENT_TYPE",
+        )
+
+    @classmethod
+    def from_label(cls, label: str) -> DocumentType:
+        for member in cls:
+            if member.label == label:
+                return member
+        raise ValueError(label)
+
+
+class PartnerStatus(enum.Enum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on the other end, as proven by the transport (mutual TLS)."""
+
+    spki_sha256: str  # hex SHA-256 of the client certificate's SubjectPublicKeyInfo
+    subject: str  # for logs only; never used to decide anything
+    transport: str  # "https"
+
+
+@dataclass(frozen=True, slots=True)
+class Partner:
+    """One allowlisted trading partner."""
+
+    name: str
+    status: PartnerStatus
+    verified_by: str
+    verified_at: str
+    client_spki: frozenset[str]  # hex SHA-256 of each registered client certificate's SPKI
+    client_certs: tuple[str, ...]  # paths of the registered certificates (PEM)
+    party_ids: frozenset[str]  # "scheme:value", or a bare value
+    emails: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """Bytes plus the authenticated peer, as a transport hands them to the pipeline."""
+
+    body: bytes = field(repr=False)
+    peer: PeerIdentity
+    partner: Partner
+    received_at: str  # RFC 3339, UTC
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceFacts:
+    """What the gateway reads out of a schema-valid document (only through string(), never .text)."""
+
+    document_type: DocumentType
+    invoice_number: str
+    ubl_version: str
+    supplier_ids: tuple[str, ...]
+    customer_ids: tuple[str, ...]
+    customization_id: str
+    profile_id: str
+    issue_date: str
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedInvoice:
+    """An authorized invoice, sealed, ready for the durable write."""
+
+    message_id: str
+    partner: str
+    sha256: str
+    received_at: str
+    size: int
+    facts: InvoiceFacts
+    sealed: bytes = field(repr=False)
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What the sender is told once the invoice is durable (or was already)."""
+
+    message_id: str
+    status: str
+    sha256: str
+    received_at: str
+    duplicate: bool = False
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "message_id": self.message_id,
+            "status": self.status,
+            "sha256": self.sha256,
+            "received_at": self.received_at,
+            "duplicate": self.duplicate,
+        }

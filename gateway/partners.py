@@ -1,0 +1,261 @@
+"""The partner allowlist: who may send, with which certificates, for which supplier identifiers.
+
+Partners live in their own TOML file (``[partners] file``), which the ``partners`` commands edit
+atomically and the daemon re-reads when it changes, so changes take effect without a restart.
+A file that fails to load keeps the previous allowlist in force (and says why in the log).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .config import Reader
+from .errors import ConfigError, Detail, Forbidden
+from .model import InvoiceFacts, Partner, PartnerStatus, PeerIdentity
+from .tls import CertInfo, inspect_certificate
+from .ubl import identifier
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID = re.compile(r"^(?:([^:\s]{1,32}):)?(\S(?:.{0,198}\S)?)$")
+
+
+def parse_party_id(text: str, where: str) -> str:
+    """``scheme:value`` or a bare value, normalised exactly as identifiers read from invoices."""
+    m = _ID.match(text.strip())
+    if not m or any(ord(c) < 32 for c in text):
+        raise ConfigError(f"{where}: {text!r} is not an identifier (write scheme:value, e.g. 0088:5790000435975)")
+    return identifier(m.group(1), m.group(2))
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerDirectory:
+    """An immutable snapshot of the allowlist, with the two lookups the pipeline needs."""
+
+    partners: tuple[Partner, ...]
+    by_spki: dict[str, Partner]
+    owner_of_id: dict[str, str]
+    certificates: dict[str, CertInfo]
+
+    @classmethod
+    def build(cls, partners: list[Partner], certificates: dict[str, CertInfo]) -> PartnerDirectory:
+        by_spki: dict[str, Partner] = {}
+        owner: dict[str, str] = {}
+        for i, p in enumerate(partners):
+            for spki in p.client_spki:
+                if spki in by_spki:
+                    raise ConfigError(f"partners[{i}].client_certs: a certificate key is also registered for partner {by_spki[spki].name!r}")
+                by_spki[spki] = p
+            for pid in p.party_ids:
+                if pid in owner:
+                    raise ConfigError(f"partners[{i}].party_ids: {pid!r} is already registered for partner {owner[pid]!r}")
+                owner[pid] = p.name
+        return cls(tuple(partners), by_spki, owner, certificates)
+
+    def get(self, name: str) -> Partner | None:
+        return next((p for p in self.partners if p.name == name), None)
+
+    def gate(self, peer: PeerIdentity) -> Partner:
+        """The cheap allowlist check, before any body byte is read."""
+        partner = self.by_spki.get(peer.spki_sha256)
+        if partner is None:
+            raise Forbidden(
+                "your client certificate is not registered for any trading partner of this gateway "
+                f"(certificate key SHA-256 {peer.spki_sha256}); ask the operator to register it",
+                code="PARTNER_UNKNOWN",
+            )
+        if partner.status is not PartnerStatus.ACTIVE:
+            raise Forbidden(f"trading partner {partner.name!r} is suspended; contact the operator", code="PARTNER_SUSPENDED")
+        return partner
+
+    def authorize(self, partner: Partner, facts: InvoiceFacts) -> None:
+        """The supplier inside the invoice must be the authenticated partner (SECURITY-TESTS.md I-01)."""
+        ids = facts.supplier_ids
+        if not ids:
+            raise Forbidden(
+                "the invoice names no supplier identifier (cac:AccountingSupplierParty/cac:Party: cbc:EndpointID, "
+                "cac:PartyIdentification/cbc:ID, cac:PartyTaxScheme/cbc:CompanyID or cac:PartyLegalEntity/cbc:CompanyID)",
+                code="SUPPLIER_NOT_IDENTIFIED",
+            )
+        foreign = [i for i in ids if self.owner_of_id.get(i, partner.name) != partner.name]
+        if foreign:
+            raise Forbidden(
+                "the invoice's supplier identifiers belong to another trading partner",
+                [Detail(f"supplier identifier {i!r} is registered to another partner") for i in foreign],
+                code="SUPPLIER_NOT_AUTHORIZED",
+            )
+        if not any(i in partner.party_ids for i in ids):
+            raise Forbidden(
+                f"none of the supplier identifiers in the invoice is registered for partner {partner.name!r}",
+                [Detail(f"found {i!r}", path="/*/cac:AccountingSupplierParty/cac:Party") for i in ids]
+                + [Detail(f"registered: {', '.join(sorted(partner.party_ids))}")],
+                code="SUPPLIER_NOT_AUTHORIZED",
+            )
+
+
+# --- the partners file -------------------------------------------------------------------------
+
+
+def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
+    name = r.str("name", required=True)
+    if not NAME.match(name):
+        raise ConfigError(f"{r.key('name')}: {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    status_text = r.choice("status", tuple(s.value for s in PartnerStatus), "active")
+    cert_paths = r.files("client_certs", required=True)
+    spkis = []
+    for i, path in enumerate(cert_paths):
+        info = inspect_certificate(path, f"{r.key('client_certs')}[{i}]")
+        certs[info.spki_sha256] = info
+        spkis.append(info.spki_sha256)
+    ids = [parse_party_id(v, f"{r.key('party_ids')}[{i}]") for i, v in enumerate(r.str_list("party_ids", required=True))]
+    if not ids:
+        raise ConfigError(f"{r.key('party_ids')}: a partner needs at least one party identifier")
+    emails = r.str_list("emails")
+    for i, e in enumerate(emails):
+        if not re.fullmatch(r"[^@\s]+@[^@\s]+", e):
+            raise ConfigError(f"{r.key('emails')}[{i}]: {e!r} is not an e-mail address")
+    partner = Partner(
+        name=name,
+        status=PartnerStatus(status_text),
+        verified_by=r.str("verified_by", required=True),
+        verified_at=r.str("verified_at", required=True),
+        client_spki=frozenset(spkis),
+        client_certs=tuple(str(p) for p in cert_paths),
+        party_ids=frozenset(ids),
+        emails=tuple(emails),
+    )
+    r.done()
+    return partner
+
+
+def load_directory(path: Path) -> PartnerDirectory:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"partners.file: cannot read {path} ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"partners.file: {path} is not valid TOML ({exc})") from None
+    top = Reader(raw, "", path.parent)
+    certs: dict[str, CertInfo] = {}
+    partners = [_load_partner(r, certs) for r in top.tables("partners")]
+    top.done()
+    names = [p.name for p in partners]
+    for i, n in enumerate(names):
+        if names.index(n) != i:
+            raise ConfigError(f"partners[{i}].name: duplicate partner name {n!r}")
+    return PartnerDirectory.build(partners, certs)
+
+
+class PartnerBook:
+    """Holds the current directory and re-reads the file when it changes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stamp = self._stat()
+        self.current = load_directory(path)
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = self.path.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def refresh(self) -> bool:
+        """Reload if the file changed.  Returns True when a new directory took effect.
+
+        Raises ConfigError (and keeps the old directory) when the new file is invalid.
+        """
+        try:
+            stamp = self._stat()
+        except OSError as exc:
+            raise ConfigError(f"partners.file: cannot stat {self.path} ({exc})") from None
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        self.current = load_directory(self.path)
+        return True
+
+
+# --- editing (the `partners` commands) ------------------------------------------------------------
+
+
+def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
+    def rel(x: str) -> str:
+        try:
+            return str(Path(x).relative_to(base))
+        except ValueError:
+            return x
+
+    return {
+        "name": p.name,
+        "status": p.status.value,
+        "verified_by": p.verified_by,
+        "verified_at": p.verified_at,
+        "client_certs": [rel(c) for c in p.client_certs],
+        "party_ids": sorted(p.party_ids),
+        "emails": list(p.emails),
+    }
+
+
+@contextmanager
+def editing(path: Path) -> Iterator[list[Partner]]:
+    """Lock the partners file, yield its partners for editing, then write it back atomically."""
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        partners = list(load_directory(path).partners)
+        yield partners
+        text = "# Trading partners of this gateway; edit with `einvoice-gateway partners …`.\n"
+        text += tomli_w.dumps({"partners": [_as_toml(p, path.parent) for p in partners]})
+        check = path.with_name(f".{path.name}.check")
+        check.write_text(text, encoding="utf-8")
+        try:
+            load_directory(check)  # refuse a result the daemon would refuse
+        finally:
+            check.unlink()
+        atomic_write(path, text.encode())
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file so that readers see the old or the new content, never a mix, and it survives a crash."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def new_partner(name: str, cert_paths: list[str], party_ids: list[str], emails: list[str], verified_by: str) -> Partner:
+    return Partner(
+        name=name,
+        status=PartnerStatus.ACTIVE,
+        verified_by=verified_by,
+        verified_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        client_spki=frozenset(),
+        client_certs=tuple(cert_paths),
+        party_ids=frozenset(party_ids),
+        emails=tuple(emails),
+    )
+
+
+def with_status(p: Partner, status: PartnerStatus) -> Partner:
+    return replace(p, status=status)

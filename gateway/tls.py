@@ -1,0 +1,96 @@
+"""The only place SSL contexts are built, and where a peer certificate becomes an identity.
+
+Server policy (SECURITY-TESTS.md T-01…T-07): TLS 1.2 or 1.3 only; in TLS 1.2 only ECDHE key
+exchange with AEAD ciphers; no renegotiation; a client certificate is required and must chain
+to a configured partner CA; OpenSSL security level 2 refuses RSA < 2048 and SHA-1 signatures.
+Partners are told apart by the SHA-256 of the certificate's SubjectPublicKeyInfo, never by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from .errors import ConfigError
+
+# TLS 1.2 suites: forward secret and AEAD only.  TLS 1.3 suites are all AEAD.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=2"
+MIN_RSA_BITS = 2048  # Decision 5: no RSA < 2048, in or out
+
+
+def server_context(certificate: Path, private_key: Path, client_ca: tuple[Path, ...]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= ssl.OP_SINGLE_ECDH_USE
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    try:
+        ctx.load_cert_chain(str(certificate), str(private_key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"https.certificate: cannot load certificate and key ({exc.__class__.__name__}: {exc})") from None
+    for i, ca in enumerate(client_ca):
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"https.client_ca[{i}]: cannot load CA bundle {ca} ({exc})") from None
+    return ctx
+
+
+def client_context(ca: Path, certificate: Path | None = None, private_key: Path | None = None) -> ssl.SSLContext:
+    """The same policy for the gateway's own outbound connections (and the demo)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    if certificate is not None:
+        ctx.load_cert_chain(str(certificate), str(private_key) if private_key else None)
+    return ctx
+
+
+def spki_sha256(cert: x509.Certificate) -> str:
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def spki_sha256_der(der: bytes) -> tuple[str, str]:
+    """SPKI hash and subject (for logs) of a DER certificate taken from a TLS connection."""
+    cert = x509.load_der_x509_certificate(der)
+    return spki_sha256(cert), cert.subject.rfc4514_string()
+
+
+@dataclass(frozen=True, slots=True)
+class CertInfo:
+    spki_sha256: str
+    subject: str
+    not_after: datetime
+    pem: bytes
+
+
+def inspect_certificate(path: Path, where: str) -> CertInfo:
+    """Load a partner certificate and refuse what the TLS layer would refuse anyway."""
+    try:
+        data = path.read_bytes()
+        cert = x509.load_pem_x509_certificate(data)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: {path} is not a PEM certificate ({exc})") from None
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise ConfigError(f"{where}: {path} has an RSA key of {key.key_size} bits; at least {MIN_RSA_BITS} are required")
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+        raise ConfigError(f"{where}: {path} has an unsupported key type")
+    algo = cert.signature_hash_algorithm
+    if algo is not None and isinstance(algo, (hashes.SHA1, hashes.MD5)):
+        raise ConfigError(f"{where}: {path} is signed with {algo.name}; SHA-256 or stronger is required")
+    return CertInfo(spki_sha256(cert), cert.subject.rfc4514_string(), cert.not_valid_after_utc, data)
+
+
+def expires_soon(info: CertInfo, days: int = 30) -> bool:
+    return (info.not_after - datetime.now(UTC)).days < days
