@@ -48,4 +48,4 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
 
 
 def get(name: str) -> Any:
-    return structlog.get_logger(logger=name)
+    return structlog.get_logger(component=name)

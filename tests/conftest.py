@@ -1,0 +1,88 @@
+"""Shared fixtures: a real instance made at test time, a real listener on 127.0.0.1.
+
+``instance`` runs ``init`` into a temporary folder (development PKI, demo partner, master key);
+``gateway`` starts the daemon in-process on an ephemeral port; ``client`` returns an aiohttp
+session presenting a given client certificate.  ``corpus`` is ../shared/corpus, which is required
+under CI=true and skipped (with a clear message) elsewhere when absent.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway import config as config_mod
+from gateway import devpki, instance, logs
+from gateway.app import Gateway
+from gateway.tls import client_context
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not (CORPUS / "MANIFEST.tsv").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the test corpus is missing at {CORPUS} (required under CI=true)")
+        pytest.skip(f"the test corpus is not at {CORPUS}")
+    return CORPUS
+
+
+@pytest.fixture
+def inst(tmp_path: Path) -> instance.Instance:
+    return instance.init(tmp_path / "gw", port=0, workers=1)
+
+
+@dataclass
+class Running:
+    inst: instance.Instance
+    gw: Gateway
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.gw.port}"
+
+    def ssl(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        """A client context trusting the instance CA, presenting cert/key (the demo partner's by default)."""
+        if cert is None:
+            cert, key = self.inst.demo_client.cert, self.inst.demo_client.key
+        return client_context(self.inst.ca.cert, cert, key)
+
+    def issue_client(self, name: str, **kw: object) -> devpki.Issued:
+        """A client certificate from the instance's development CA (not registered as a partner)."""
+        return devpki.issue(self.inst.ca, self.inst.root / "pki" / "clients", name, role="client", **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def gateway(inst: instance.Instance) -> AsyncIterator[Running]:
+    logs.configure("debug")
+    gw = Gateway(config_mod.load(inst.config))
+    await gw.start()
+    try:
+        yield Running(inst, gw)
+    finally:
+        await gw.stop()
+
+
+@pytest.fixture
+async def client(gateway: Running) -> AsyncIterator[Callable[..., aiohttp.ClientSession]]:
+    sessions: list[aiohttp.ClientSession] = []
+
+    def make(cert: Path | None = None, key: Path | None = None) -> aiohttp.ClientSession:
+        s = aiohttp.ClientSession(gateway.url, connector=aiohttp.TCPConnector(ssl=gateway.ssl(cert, key)))
+        sessions.append(s)
+        return s
+
+    yield make
+    for s in sessions:
+        await s.close()
+
+
+XML = {"Content-Type": "application/xml"}
