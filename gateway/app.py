@@ -53,11 +53,9 @@ def build(config: Config) -> Parts:
 
 
 class Gateway:
-    def __init__(self, config: Config, parts: Parts | None = None, *, reuse_port: bool = False, run_delivery: bool = True):
+    def __init__(self, config: Config, parts: Parts | None = None):
         self.config = config
         self.parts = parts or build(config)
-        self.reuse_port = reuse_port
-        self.run_delivery = run_delivery
         # CPU stages (lxml releases the GIL while parsing and validating) and blocking file I/O.
         self.executor = ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="stage")
         self.store = SqliteStore(config.state_dir)
@@ -79,12 +77,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._runner.server, cfg.host, cfg.port, ssl=ctx, backlog=LISTEN_BACKLOG,
-            reuse_port=self.reuse_port, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
         )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
-        if self.run_delivery:
-            self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
+        self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
         self._tasks.append(asyncio.create_task(self._watch_partners(), name="partners-reload"))
         log.info("gateway.started", url=f"https://{cfg.host}:{self.port}", pid=os.getpid(),
                  partners=len(self.parts.partners.current.partners), destinations=len(self.config.destinations),
@@ -116,12 +113,9 @@ class Gateway:
         log.info("gateway.stopped")
 
 
-async def serve_forever(config: Config, parts: Parts | None = None, *, reuse_port: bool = False,
-                        run_delivery: bool = True, ready: asyncio.Future[int] | None = None) -> None:
-    gw = Gateway(config, parts, reuse_port=reuse_port, run_delivery=run_delivery)
+async def serve_forever(config: Config, parts: Parts | None = None) -> None:
+    gw = Gateway(config, parts)
     await gw.start()
-    if ready is not None:
-        ready.set_result(gw.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -70,7 +70,7 @@ async def run(folder: Path | None, wait: bool, port: int) -> int:
     root = folder or Path(tempfile.mkdtemp(prefix="einvoice-gateway-demo-"))
     if folder is None:
         root.rmdir()
-    inst = instance.init(root, port=_free_port("127.0.0.1", port), workers=1)
+    inst = instance.init(root, port=_free_port("127.0.0.1", port))
     log_file = inst.root / "gateway.log"
     log_stream = log_file.open("a", encoding="utf-8")
     logs.configure("info", log_stream)

@@ -54,10 +54,10 @@ class Instance:
         }
 
 
-def render_config(host: str, port: int, key_file: str, key_id: str, workers: int = 0, label: str = "made by einvoice-gateway init") -> str:
+def render_config(host: str, port: int, key_file: str, key_id: str, label: str = "made by einvoice-gateway init") -> str:
     template = files("gateway").joinpath("templates/config.toml").read_text(encoding="utf-8")
     return template.format(label=label, config_name="config.toml", host=host, port=port,
-                           key_file=key_file, key_id=key_id, workers=workers)
+                           key_file=key_file, key_id=key_id)
 
 
 def store_certificate(partners_file: Path, name: str, cert: Path) -> Path:
@@ -80,7 +80,7 @@ def register_partner(partners_file: Path, name: str, certs: list[Path], party_id
         partners.append(new_partner(name, stored, party_ids, emails, verified_by))
 
 
-def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443, workers: int = 0) -> Instance:
+def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
     root = root.resolve()
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"init: {root} exists and is not empty; choose a new folder")
@@ -95,7 +95,7 @@ def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443, workers: int 
     for sub in ("state", "outbox"):
         (root / sub).mkdir(mode=0o700)
     config = root / "config.toml"
-    atomic_write(config, render_config(host, port, "keys/master-1.key", master.key_id, workers).encode())
+    atomic_write(config, render_config(host, port, "keys/master-1.key", master.key_id).encode())
     partners = root / "partners.toml"
     atomic_write(partners, b"# Trading partners of this gateway; edit with `einvoice-gateway partners ...`.\n")
     register_partner(partners, DEMO_PARTNER, [client.cert], list(DEMO_PARTY_IDS), [DEMO_EMAIL], verified_by="einvoice-gateway init (demo)")

@@ -37,7 +37,7 @@ def corpus() -> Path:
 
 @pytest.fixture
 def inst(tmp_path: Path) -> instance.Instance:
-    return instance.init(tmp_path / "gw", port=0, workers=1)
+    return instance.init(tmp_path / "gw", port=0)
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""Throughput and latency of the real daemon over mutual TLS.
+
+Starts `einvoice-gateway serve` on a fresh instance (as its own process), then drives N
+distinct ~20 KB UBL invoices at a fixed concurrency over keep-alive mTLS connections from this
+process, and prints invoices/s, p50/p99 latency, server CPU ms per invoice and peak RSS.
+
+    python benchmarks/throughput.py --count 5000 --concurrency 16
+
+Only 127.0.0.1 is used; the run is bounded by --count and a time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway import instance  # noqa: E402
+from gateway.demo import SAMPLE  # noqa: E402
+from gateway.tls import client_context  # noqa: E402
+
+TIME_LIMIT_S = 600
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def make_invoice(n: int, target_bytes: int) -> bytes:
+    """The sample invoice with a unique number, padded with extra lines to about target_bytes."""
+    doc = SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", f"BENCH-{n:08d}</cbc:ID>".encode(), 1)
+    line = re.search(rb"  <cac:InvoiceLine>.*?</cac:InvoiceLine>\n", doc, re.S)
+    assert line is not None
+    extra, i = [], 3
+    while len(doc) + sum(map(len, extra)) < target_bytes:
+        extra.append(line.group(0).replace(b"<cbc:ID>1</cbc:ID>", f"<cbc:ID>{i}</cbc:ID>".encode(), 1))
+        i += 1
+    return doc.replace(b"</Invoice>", b"".join(extra) + b"</Invoice>")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tree_pids(pid: int) -> list[int]:
+    out = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        out.extend(tree_pids(int(child)))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return total
+
+
+def peak_rss_mib(pids: list[int]) -> list[float]:
+    out = []
+    for pid in pids:
+        m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        out.append(int(m.group(1)) / 1024 if m else 0.0)
+    return out
+
+
+async def wait_port(port: int, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gateway exited with {proc.returncode}")
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise SystemExit("gateway did not start listening")
+
+
+async def drive(url: str, ctx, docs: list[bytes], concurrency: int) -> list[float]:
+    latencies: list[float] = []
+    queue = iter(docs)
+    failures = 0
+    conn = aiohttp.TCPConnector(ssl=ctx, limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        async def worker() -> None:
+            nonlocal failures
+            for body in queue:
+                t0 = time.perf_counter()
+                async with session.post(f"{url}/v1/invoices", data=body, headers={"Content-Type": "application/xml"}) as r:
+                    await r.read()
+                    if r.status != 202:
+                        failures += 1
+                latencies.append(time.perf_counter() - t0)
+
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), TIME_LIMIT_S)
+    if failures:
+        raise SystemExit(f"{failures} requests were not accepted")
+    return latencies
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=5000)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--size", type=int, default=20_000, help="approximate invoice size in bytes")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="egw-bench-") as tmp:
+        port = free_port()
+        inst = instance.init(Path(tmp) / "gw", port=port)
+        cfg = inst.config.read_text().replace('level = "info"', 'level = "warning"')
+        inst.config.write_text(cfg)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(inst.config)], env=env,
+                                stdout=subprocess.DEVNULL)
+        try:
+            await wait_port(port, proc)
+            ctx = client_context(inst.ca.cert, inst.demo_client.cert, inst.demo_client.key)
+            url = f"https://127.0.0.1:{port}"
+            docs = [make_invoice(i, args.size) for i in range(args.warmup + args.count)]
+            await drive(url, ctx, docs[: args.warmup], args.concurrency)
+            pids = tree_pids(proc.pid)
+            cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+            lat = await drive(url, ctx, docs[args.warmup:], args.concurrency)
+            wall, cpu = time.perf_counter() - t0, cpu_seconds(pids) - cpu0
+            rss = peak_rss_mib(pids)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    lat.sort()
+    q = statistics.quantiles(lat, n=100)
+    print(f"invoices: {args.count} x {len(docs[-1])} bytes, concurrency {args.concurrency}, "
+          f"cores {os.cpu_count()}")
+    print(f"throughput: {args.count / wall:.0f} invoices/s")
+    print(f"latency: p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms")
+    print(f"server CPU: {cpu * 1000 / args.count:.2f} ms per invoice")
+    print(f"peak RSS: {' + '.join(f'{r:.0f}' for r in rss)} MiB")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
