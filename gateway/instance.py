@@ -54,10 +54,18 @@ class Instance:
         }
 
 
-def render_config(host: str, port: int, key_file: str, key_id: str, label: str = "made by einvoice-gateway init") -> str:
+def render_config(host: str, port: int, key_file: str, key_id: str, *, state_dir: str = "state", outbox: str = "outbox",
+                  label: str = "made by einvoice-gateway init", config_name: str = "config.toml") -> str:
     template = files("gateway").joinpath("templates/config.toml").read_text(encoding="utf-8")
-    return template.format(label=label, config_name="config.toml", host=host, port=port,
-                           key_file=key_file, key_id=key_id)
+    return template.format(label=label, config_name=config_name, host=host, port=port, key_file=key_file,
+                           key_id=key_id, state_dir=state_dir, outbox=outbox)
+
+
+# The production example in config/ is this template rendered with these values (a test keeps them equal).
+PRODUCTION_EXAMPLE = dict(host="0.0.0.0", port=8443, key_file="keys/master-1.key", key_id="k20261120-0a1b2c3d",
+                          state_dir="/var/lib/einvoice-gateway/state", outbox="/var/lib/einvoice-gateway/outbox",
+                          label="example for /etc/einvoice-gateway/config.toml",
+                          config_name="/etc/einvoice-gateway/config.toml")
 
 
 def store_certificate(partners_file: Path, name: str, cert: Path) -> Path:

@@ -175,7 +175,11 @@ class SqliteStore(Store):
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            self._commit(conn, batch)
+            # A running future can no longer be cancelled by its waiter; one cancelled while queued
+            # (the request went away) is dropped: nobody was told it was stored.
+            batch = [(op, fut) for op, fut in batch if fut.set_running_or_notify_cancel()]
+            if batch:
+                self._commit(conn, batch)
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]) -> None:

@@ -1,0 +1,29 @@
+"""The README, the example configuration and CI must say what the code does."""
+
+import re
+from pathlib import Path
+
+from gateway.instance import PRODUCTION_EXAMPLE, render_config
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_config_example_is_the_rendered_template():
+    assert (ROOT / "config" / "einvoice-gateway.toml").read_text() == render_config(**PRODUCTION_EXAMPLE)
+
+
+def test_ci_runs_the_readme_test_command():
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert f"\n{command}\n" in README
+
+
+def test_every_error_code_is_documented():
+    codes = set()
+    for src in (ROOT / "gateway").rglob("*.py"):
+        codes |= set(re.findall(r'code="([A-Z_]+)"', src.read_text()))
+    for src in [ROOT / "gateway" / "errors.py", *(ROOT / "gateway" / "inbound").glob("*.py")]:
+        codes |= set(re.findall(r'"([A-Z][A-Z_]{3,}[A-Z])"', src.read_text()))
+    assert {"MALFORMED_XML", "OVERLOADED", "NOT_FOUND"} <= codes, "the patterns are stale"
+    missing = sorted(c for c in codes if f"`{c}`" not in README)
+    assert not missing, f"error codes missing from README: {missing}"
