@@ -92,7 +92,11 @@ class Deliverer:
 
     async def run(self) -> None:
         while True:
-            delivered = await self.run_once()
+            try:
+                delivered = await self.run_once()
+            except Exception:  # the loop must outlive a failing store; the jobs stay pending
+                log.exception("delivery.loop_error")
+                delivered = 0
             if delivered == 0:
                 self.wake.clear()
                 try:
