@@ -89,6 +89,7 @@ class Deliverer:
         self.clock = clock
         self.horizon_s = horizon_s
         self.wake = asyncio.Event()
+        self._pass = asyncio.Lock()  # one delivery pass at a time in this process
 
     async def run(self) -> None:
         while True:
@@ -105,11 +106,12 @@ class Deliverer:
                     pass
 
     async def run_once(self) -> int:
-        loop = asyncio.get_running_loop()
-        jobs = await loop.run_in_executor(self.executor, self.store.due_deliveries, self.clock(), BATCH)
-        for job in jobs:
-            await self._attempt(job)
-        return len(jobs)
+        async with self._pass:
+            loop = asyncio.get_running_loop()
+            jobs = await loop.run_in_executor(self.executor, self.store.due_deliveries, self.clock(), BATCH)
+            for job in jobs:
+                await self._attempt(job)
+            return len(jobs)
 
     def _deliver_sync(self, job: DeliveryJob) -> None:
         dest = self.destinations.get(job.destination)

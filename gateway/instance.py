@@ -81,11 +81,22 @@ def store_certificate(partners_file: Path, name: str, cert: Path) -> Path:
 def register_partner(partners_file: Path, name: str, certs: list[Path], party_ids: list[str], emails: list[str],
                      verified_by: str) -> None:
     """The `partners add` command: store the certificates and add the partner, atomically."""
-    stored = [str(store_certificate(partners_file, name, c)) for c in certs]
-    with editing(partners_file) as partners:
-        if any(p.name == name for p in partners):
-            raise ConfigError(f"partners: a partner named {name!r} exists already (use a new name, or remove it first)")
-        partners.append(new_partner(name, stored, party_ids, emails, verified_by))
+    created: list[Path] = []
+    try:
+        with editing(partners_file) as partners:
+            if any(p.name == name for p in partners):
+                raise ConfigError(f"partners: a partner named {name!r} exists already (use a new name, or remove it first)")
+            stored = []
+            for c in certs:
+                target = store_certificate(partners_file, name, c)
+                if target not in created:
+                    created.append(target)
+                stored.append(str(target))
+            partners.append(new_partner(name, stored, party_ids, emails, verified_by))
+    except BaseException:
+        for path in created:  # a refused edit leaves no stray certificate behind
+            path.unlink(missing_ok=True)
+        raise
 
 
 def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:

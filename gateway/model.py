@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .errors import UnsupportedDocument
+from .errors import Detail, UnsupportedDocument
 
 UBL_INVOICE_NS = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
 UBL_CREDIT_NOTE_NS = "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2"
@@ -38,13 +38,12 @@ class DocumentType(enum.Enum):
         for member in cls:
             if member.namespace == namespace and member.root == local:
                 return member
+        # The message is fixed (it is logged); what the sender sent goes into a detail.
         shown = f"{{{namespace}}}{local}" if namespace else local
-        hint = ""
-        if namespace == CII_NS:
-            hint = " (UN/CEFACT CII is not accepted on this endpoint yet)"
+        hint = " (UN/CEFACT CII is not accepted on this endpoint yet)" if namespace == CII_NS else ""
         raise UnsupportedDocument(
-            f"root element {shown} is not a document type this gateway accepts{hint}; "
-            f"send a UBL 2.1 Invoice or CreditNote",
+            f"the root element is not a document type this gateway accepts{hint}; send a UBL 2.1 Invoice or CreditNote",
+            [Detail(f"found root element {shown[:200]}", path="/*")],
             code="UNSUPPORTED_DOCUMENT_TYPE",
         )
 

@@ -105,8 +105,8 @@ class SchemaRegistry:
         version = "2.1" if not declared else _normalise(declared)
         if version is None or version not in self._by_version:
             raise UnsupportedDocument(
-                f"UBLVersionID {declared!r} is not supported here; this gateway validates UBL "
-                f"{', '.join(self.versions)}",
+                f"the declared cbc:UBLVersionID is not supported here; this gateway validates UBL {', '.join(self.versions)}",
+                [Detail(f"found {declared[:100]!r}", path="/*/cbc:UBLVersionID")],
                 code="UNSUPPORTED_UBL_VERSION",
             )
         errors = self._by_version[version][doc_type].errors(root)

@@ -157,7 +157,7 @@ async def test_added_partner_takes_effect_without_restart(gateway, client):
 
 
 @pytest.fixture
-def log_stream():
+def log_stream(gateway):
     stream = io.StringIO()
     logs.configure("debug", stream)
     yield stream
