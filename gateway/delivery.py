@@ -14,6 +14,7 @@ import json
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
@@ -55,7 +56,7 @@ class DirectoryDestination:
         self.folder = dest.path
 
     def _write(self, name: str, data: bytes) -> None:
-        tmp = self.folder / f".{name}.tmp"
+        tmp = self.folder / f".{name}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             with os.fdopen(fd, "wb") as fh:

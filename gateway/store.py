@@ -196,7 +196,7 @@ class SqliteStore(Store):
                     conn.execute("RELEASE op")
                     outcomes.append((False, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # sqlite3.Error, or a bug in an operation: fail the batch, keep the writer
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -319,7 +319,8 @@ class SqliteStore(Store):
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, delivered_at = ?, last_error = ?, "
-                "next_attempt_at = COALESCE(?, next_attempt_at) WHERE message_id = ? AND destination = ?",
+                "next_attempt_at = COALESCE(?, next_attempt_at) "
+                "WHERE message_id = ? AND destination = ? AND state = 'pending'",
                 (state, delivered_at, error, next_attempt_at, job.message_id, job.destination),
             )
 

@@ -1,0 +1,219 @@
+"""Deliverer and DirectoryDestination with a real store and vault, a fake clock and no sleeping."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import delivery
+from gateway.config import Destination
+from gateway.delivery import RETRY_BASE_S, RETRY_CAP_S, Deliverer
+from gateway.demo import SAMPLE
+from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
+from gateway.store import SqliteStore
+from gateway.vault import MasterKey, Vault
+
+HORIZON_S = 3600.0
+
+
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Env:
+    store: SqliteStore
+    vault: Vault
+    outbox: Path
+    clock: Clock
+    deliverer: Deliverer
+
+    def accept(self, body: bytes = SAMPLE) -> str:
+        message_id, sha = str(uuid.uuid4()), hashlib.sha256(body).hexdigest()
+        sealed, key_id = self.vault.seal(body, message_id, sha)
+        facts = InvoiceFacts(DocumentType.UBL_INVOICE, message_id, "2.1", ("0088:1",), (), "urn:c", "urn:p", "2026-11-02")
+        self.store.put(AcceptedInvoice(message_id, "acme", sha, "2026-11-20T00:00:00.000000Z", len(body), facts, sealed,
+                                       key_id), ["erp"]).result(10)
+        return message_id
+
+    def sql(self, query: str, *args: Any) -> Any:
+        conn = sqlite3.connect(self.store.path)
+        try:
+            with conn:
+                return conn.execute(query, args).fetchone()
+        finally:
+            conn.close()
+
+    def job(self, message_id: str) -> dict[str, Any]:
+        row = self.sql("SELECT state, attempts, created_at, next_attempt_at, last_error FROM deliveries WHERE message_id = ?",
+                       message_id)
+        return dict(zip(("state", "attempts", "created_at", "next_attempt_at", "last_error"), row))
+
+    def files(self) -> list[str]:
+        return sorted(os.listdir(self.outbox))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    store = SqliteStore(tmp_path / "state")
+    vault = Vault([MasterKey("k1", "", os.urandom(32))])
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    clock = Clock(0.0)
+    executor = ThreadPoolExecutor(2)
+    deliverer = Deliverer(store, vault, [Destination("erp", "directory", outbox)], executor, clock=clock, horizon_s=HORIZON_S)
+    e = Env(store, vault, outbox, clock, deliverer)
+    yield e
+    executor.shutdown(wait=True)
+    store.close()
+
+
+def after_creation(env: Env, message_id: str, seconds: float = 1.0) -> None:
+    env.clock.now = env.job(message_id)["created_at"] + seconds
+
+
+async def test_delivers_json_then_xml_atomically(env, monkeypatch):
+    mid = env.accept()
+    after_creation(env, mid)
+    renames: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        renames.append((Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(delivery.os, "replace", replace)
+    assert await env.deliverer.run_once() == 1
+    assert [dst for _, dst in renames] == [f"{mid}.json", f"{mid}.xml"]
+    for src, dst in renames:  # written under a hidden, unique temporary name first
+        assert src.startswith(f".{dst}.") and src.endswith(".tmp")
+    assert env.files() == [f"{mid}.json", f"{mid}.xml"]  # nothing else, no .tmp left
+    assert (env.outbox / f"{mid}.xml").read_bytes() == SAMPLE
+    meta = json.loads((env.outbox / f"{mid}.json").read_text())
+    assert (meta["message_id"], meta["sha256"], meta["partner"]) == (mid, hashlib.sha256(SAMPLE).hexdigest(), "acme")
+    assert env.job(mid)["state"] == "delivered" and env.job(mid)["attempts"] == 1
+    assert await env.deliverer.run_once() == 0
+
+
+async def test_a_failed_write_leaves_no_partial_file(env, monkeypatch):
+    mid = env.accept()
+    after_creation(env, mid)
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the .xml file's fsync
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(delivery.os, "fsync", fsync)
+    await env.deliverer.run_once()
+    assert env.files() == [f"{mid}.json"]  # the sidecar may be there; no .xml, no .tmp
+    job = env.job(mid)
+    assert job["state"] == "pending" and job["attempts"] == 1 and "Input/output error" in job["last_error"]
+    env.clock.now = job["next_attempt_at"]
+    assert await env.deliverer.run_once() == 1
+    assert env.files() == [f"{mid}.json", f"{mid}.xml"]
+    assert env.job(mid)["state"] == "delivered"
+
+
+def break_missing(outbox: Path) -> None:
+    outbox.rmdir()
+
+
+def break_read_only(outbox: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the missing and not-a-folder cases cover the retry path")
+    outbox.chmod(0o500)
+
+
+def break_not_a_folder(outbox: Path) -> None:
+    outbox.rmdir()
+    outbox.write_bytes(b"")
+
+
+def repair(outbox: Path) -> None:
+    if outbox.is_file():
+        outbox.unlink()
+    outbox.mkdir(exist_ok=True)
+    outbox.chmod(0o700)
+
+
+@pytest.mark.parametrize("damage", [break_missing, break_read_only, break_not_a_folder])
+async def test_unwritable_folder_is_retried_later(env, damage):
+    mid = env.accept()
+    after_creation(env, mid)
+    damage(env.outbox)
+    for attempt in (1, 2):
+        start = env.clock.now
+        assert await env.deliverer.run_once() == 1
+        job = env.job(mid)
+        assert (job["state"], job["attempts"]) == ("pending", attempt)
+        assert start + RETRY_BASE_S / 2 <= job["next_attempt_at"] <= start + RETRY_CAP_S
+        assert job["last_error"]
+        assert await env.deliverer.run_once() == 0  # not due yet
+        env.clock.now = job["next_attempt_at"]
+    repair(env.outbox)
+    assert await env.deliverer.run_once() == 1
+    assert env.job(mid)["state"] == "delivered"
+    assert (env.outbox / f"{mid}.xml").read_bytes() == SAMPLE
+
+
+async def test_past_the_horizon_is_dead_letter(env):
+    mid = env.accept()
+    env.outbox.rmdir()
+    after_creation(env, mid, HORIZON_S + 1)
+    assert await env.deliverer.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"]) == ("dead", 1)
+    assert env.store.status(mid, "acme")["status"] == "dead-letter"
+    env.outbox.mkdir()
+    env.clock.now += 10 * HORIZON_S
+    assert await env.deliverer.run_once() == 0  # parked, never retried nor dropped
+    assert env.files() == []
+
+
+@pytest.mark.parametrize("offset", [0, 4, 5, 30, 60, -17, -1])
+async def test_tampered_blob_is_dead_letter_never_delivered(env, offset):
+    mid = env.accept()
+    after_creation(env, mid)
+    sealed = bytearray(env.store.load_sealed(mid))
+    sealed[offset] ^= 0x01
+    env.sql("UPDATE blobs SET sealed = ? WHERE message_id = ?", bytes(sealed), mid)
+    assert await env.deliverer.run_once() == 1
+    assert env.job(mid)["state"] == "dead"
+    assert env.files() == []
+    env.clock.now += 10 * HORIZON_S
+    assert await env.deliverer.run_once() == 0
+
+
+async def test_redelivery_rewrites_the_same_names_with_the_same_bytes(env):
+    mid = env.accept()
+    after_creation(env, mid)
+    await env.deliverer.run_once()
+    first = {name: ((env.outbox / name).read_bytes(), (env.outbox / name).stat().st_ino) for name in env.files()}
+    assert set(first) == {f"{mid}.json", f"{mid}.xml"}
+    # As if the gateway crashed after writing but before recording the delivery.
+    env.sql("UPDATE deliveries SET state = 'pending', delivered_at = NULL WHERE message_id = ?", mid)
+    assert await env.deliverer.run_once() == 1
+    assert env.files() == sorted(first)
+    for name, (data, inode) in first.items():
+        assert (env.outbox / name).read_bytes() == data
+        assert (env.outbox / name).stat().st_ino != inode  # really written again, not left alone
+    assert (env.job(mid)["state"], env.job(mid)["attempts"]) == ("delivered", 2)
+    assert await env.deliverer.run_once() == 0
