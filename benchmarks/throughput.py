@@ -125,8 +125,6 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="egw-bench-") as tmp:
         port = free_port()
         inst = instance.init(Path(tmp) / "gw", port=port)
-        cfg = inst.config.read_text().replace('level = "info"', 'level = "warning"')
-        inst.config.write_text(cfg)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(inst.config)], env=env,
                                 stdout=subprocess.DEVNULL)
