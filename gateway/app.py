@@ -74,6 +74,7 @@ class Gateway:
         self._runner = web.AppRunner(self.https.app(), handle_signals=False, access_log=None,
                                      keepalive_timeout=cfg.keepalive_timeout_s, shutdown_timeout=SHUTDOWN_GRACE_S)
         await self._runner.setup()
+        assert self._runner.server is not None
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._runner.server, cfg.host, cfg.port, ssl=ctx, backlog=LISTEN_BACKLOG,

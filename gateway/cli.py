@@ -87,16 +87,16 @@ def _partners(args: argparse.Namespace) -> int:
     if directory.get(args.name) is None:
         raise ConfigError(f"partners: no partner named {args.name!r}")
     if args.action == "show":
-        p = directory.get(args.name)
-        assert p is not None
-        certs = []
-        for c in p.client_certs:
-            info = inspect_certificate(Path(c), "client_certs")
-            certs.append({"path": c, "spki_sha256": info.spki_sha256, "subject": info.subject,
+        partner = directory.get(args.name)
+        assert partner is not None
+        shown: list[dict[str, object]] = []
+        for cert_path in partner.client_certs:
+            info = inspect_certificate(Path(cert_path), "client_certs")
+            shown.append({"path": cert_path, "spki_sha256": info.spki_sha256, "subject": info.subject,
                           "not_after": info.not_after.isoformat(), "expires_within_30_days": expires_soon(info)})
-        print(json.dumps({"name": p.name, "status": p.status.value, "verified_by": p.verified_by,
-                          "verified_at": p.verified_at, "party_ids": sorted(p.party_ids), "emails": list(p.emails),
-                          "client_certs": certs}, indent=2))
+        print(json.dumps({"name": partner.name, "status": partner.status.value, "verified_by": partner.verified_by,
+                          "verified_at": partner.verified_at, "party_ids": sorted(partner.party_ids),
+                          "emails": list(partner.emails), "client_certs": shown}, indent=2))
         return 0
     with editing(path) as partners:
         idx = next(i for i, p in enumerate(partners) if p.name == args.name)

@@ -49,13 +49,13 @@ class Reader:
             return default
         return self._data[name]
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
         value = self._get(name, default, required)
         if not isinstance(value, str):
             raise ConfigError(f"{self.key(name)}: expected a string, got {type(value).__name__}")
         return value
 
-    def int(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
         value = self._get(name, default, False)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{self.key(name)}: expected an integer, got {value!r}")
@@ -64,7 +64,7 @@ class Reader:
             raise ConfigError(f"{self.key(name)}: {value} is out of range (must be {bound})")
         return value
 
-    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
         value = self._get(name, default, False)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
@@ -79,7 +79,7 @@ class Reader:
         return list(value)
 
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.str(name, default)
+        value = self.string(name, default)
         if value not in choices:
             raise ConfigError(f"{self.key(name)}: {value!r} is not one of {', '.join(choices)}")
         return value
@@ -90,7 +90,7 @@ class Reader:
 
     def file(self, name: str, value: str | None = None, index: int | None = None) -> Path:
         """A path that must name an existing regular file."""
-        raw = value if value is not None else self.str(name, required=True)
+        raw = value if value is not None else self.string(name, required=True)
         where = self.key(name) + (f"[{index}]" if index is not None else "")
         p = self.resolve(raw)
         if not p.exists():
@@ -196,15 +196,15 @@ class Config:
 
 def _https(r: Reader) -> HttpsConfig:
     cfg = HttpsConfig(
-        host=r.str("listen_host", "127.0.0.1"),
-        port=r.int("listen_port", 8443, maximum=65535),
+        host=r.string("listen_host", "127.0.0.1"),
+        port=r.integer("listen_port", 8443, maximum=65535),
         certificate=r.file("certificate"),
         private_key=r.file("private_key"),
         client_ca=r.files("client_ca", required=True),
-        max_body_bytes=r.int("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
-        max_in_flight_bytes=r.int("max_in_flight_bytes", DEFAULT_MAX_IN_FLIGHT_BYTES, minimum=1024),
-        read_timeout_s=r.float("read_timeout_s", 60.0, minimum=1.0),
-        keepalive_timeout_s=r.float("keepalive_timeout_s", 75.0, minimum=1.0),
+        max_body_bytes=r.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
+        max_in_flight_bytes=r.integer("max_in_flight_bytes", DEFAULT_MAX_IN_FLIGHT_BYTES, minimum=1024),
+        read_timeout_s=r.number("read_timeout_s", 60.0, minimum=1.0),
+        keepalive_timeout_s=r.number("keepalive_timeout_s", 75.0, minimum=1.0),
     )
     if cfg.max_in_flight_bytes < cfg.max_body_bytes:
         raise ConfigError(f"{r.key('max_in_flight_bytes')}: must be at least https.max_body_bytes")
@@ -227,24 +227,24 @@ def load(path: str | os.PathLike[str]) -> Config:
     top = Reader(raw, "", source.parent)
 
     inst = top.table("instance")
-    state_dir = inst.resolve(inst.str("state_dir", "state"))
+    state_dir = inst.resolve(inst.string("state_dir", "state"))
     inst.done()
 
     https = _https(top.table("https"))
 
     x = top.table("xml")
     xml = XmlLimits(
-        max_depth=x.int("max_depth", DEFAULT_MAX_DEPTH, minimum=16, maximum=2048),
-        max_elements=x.int("max_elements", DEFAULT_MAX_ELEMENTS, minimum=100),
-        max_attributes=x.int("max_attributes", DEFAULT_MAX_ATTRIBUTES, minimum=8),
+        max_depth=x.integer("max_depth", DEFAULT_MAX_DEPTH, minimum=16, maximum=2048),
+        max_elements=x.integer("max_elements", DEFAULT_MAX_ELEMENTS, minimum=100),
+        max_attributes=x.integer("max_attributes", DEFAULT_MAX_ATTRIBUTES, minimum=8),
     )
     x.done()
 
     v = top.table("validation")
     schemas = []
     for s in v.tables("schemas"):
-        version = s.str("ubl_version", required=True)
-        directory = s.resolve(s.str("directory", required=True))
+        version = s.string("ubl_version", required=True)
+        directory = s.resolve(s.string("directory", required=True))
         if not (directory / "maindoc").is_dir():
             raise ConfigError(f"{s.key('directory')}: {directory} has no maindoc/ folder of UBL schemas")
         schemas.append(SchemaSet(version, directory))
@@ -255,23 +255,23 @@ def load(path: str | os.PathLike[str]) -> Config:
     keys = k.files("keys", required=True)
     for i, key_path in enumerate(keys):
         check_secret_file(key_path, f"vault.keys[{i}]")
-    vault = VaultConfig(keys=keys, current=k.str("current", "") or None)
+    vault = VaultConfig(keys=keys, current=k.string("current", "") or None)
     k.done()
 
     p = top.table("partners")
     partners_file = p.file("file")
-    reload_s = p.float("reload_interval_s", 1.0, minimum=0.1)
+    reload_s = p.number("reload_interval_s", 1.0, minimum=0.1)
     p.done()
 
     destinations = []
     names: set[str] = set()
     for d in top.tables("destinations"):
-        name = d.str("name", required=True)
+        name = d.string("name", required=True)
         if name in names:
             raise ConfigError(f"{d.key('name')}: duplicate destination name {name!r}")
         names.add(name)
         kind = d.choice("type", ("directory",), "directory")
-        folder = d.resolve(d.str("path", required=True))
+        folder = d.resolve(d.string("path", required=True))
         if not folder.is_dir():
             raise ConfigError(f"{d.key('path')}: {folder} is not an existing folder")
         destinations.append(Destination(name, kind, folder))

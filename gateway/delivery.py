@@ -76,7 +76,7 @@ class DirectoryDestination:
 
 def backoff(attempts: int, rand: Callable[[], float] = random.random) -> float:
     """Seconds before the next attempt: exponential, capped, with full jitter in the upper half."""
-    ceiling = min(RETRY_CAP_S, RETRY_BASE_S * (2 ** min(attempts, 20)))
+    ceiling: float = min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(attempts, 20))
     return ceiling / 2 + rand() * ceiling / 2
 
 

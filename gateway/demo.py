@@ -92,8 +92,8 @@ async def run(folder: Path | None, wait: bool, port: int) -> int:
                 else:
                     print(f"- {label}: REJECTED ({status} {reply['error']}) {reply['message']}")
                     for d in reply.get("details", [])[:3]:
-                        where = f"line {d['line']}: " if "line" in d else ""
-                        print(f"    {where}{d['message']}")
+                        at = f"line {d['line']}: " if "line" in d else ""
+                        print(f"    {at}{d['message']}")
         sample_path = inst.root / "sample-invoice.xml"
         sample_path.write_bytes(SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", b"DEMO-2026-0100</cbc:ID>"))
         print("\nTry it by hand:")

@@ -24,7 +24,7 @@ say what to fix and never include key material or internal paths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

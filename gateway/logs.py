@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -19,7 +20,7 @@ _SECRET_WORDS = ("body", "payload", "content", "xml", "key", "secret", "password
 _ALLOWED = {"key_id", "content_type", "content_length"}
 
 
-def redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for k, v in list(event.items()):
         lowered = k.lower()
         if lowered not in _ALLOWED and any(w in lowered for w in _SECRET_WORDS):

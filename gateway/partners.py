@@ -54,7 +54,8 @@ class PartnerDirectory:
         for i, p in enumerate(partners):
             for spki in p.client_spki:
                 if spki in by_spki:
-                    raise ConfigError(f"partners[{i}].client_certs: a certificate key is also registered for partner {by_spki[spki].name!r}")
+                    raise ConfigError(
+                        f"partners[{i}].client_certs: a certificate key is also registered for partner {by_spki[spki].name!r}")
                 by_spki[spki] = p
             for pid in p.party_ids:
                 if pid in owner:
@@ -107,7 +108,7 @@ class PartnerDirectory:
 
 
 def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
-    name = r.str("name", required=True)
+    name = r.string("name", required=True)
     if not NAME.match(name):
         raise ConfigError(f"{r.key('name')}: {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     status_text = r.choice("status", tuple(s.value for s in PartnerStatus), "active")
@@ -127,8 +128,8 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
     partner = Partner(
         name=name,
         status=PartnerStatus(status_text),
-        verified_by=r.str("verified_by", required=True),
-        verified_at=r.str("verified_at", required=True),
+        verified_by=r.string("verified_by", required=True),
+        verified_at=r.string("verified_at", required=True),
         client_spki=frozenset(spkis),
         client_certs=tuple(str(p) for p in cert_paths),
         party_ids=frozenset(ids),

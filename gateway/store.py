@@ -206,7 +206,7 @@ class SqliteStore(Store):
             for _, fut in batch:
                 fut.set_exception(error)
             return
-        for (ok, value), (_, fut) in zip(outcomes, batch):
+        for (ok, value), (_, fut) in zip(outcomes, batch, strict=True):
             if ok:
                 fut.set_result(value)
             else:

@@ -47,7 +47,7 @@ class _Prolog:
         return None
 
 
-class _NoFetch(etree.Resolver):
+class _NoFetch(etree.Resolver):  # type: ignore[misc]
     """Every external entity or DTD resolves to nothing: no file is opened, nothing is fetched."""
 
     def resolve(self, url, pubid, context):  # type: ignore[no-untyped-def]
@@ -76,7 +76,7 @@ class XmlParser:
         # lxml parsers must not be used by two threads at once: one per thread.
         parser = getattr(self._local, "parser", None)
         if parser is None:
-            parser = etree.XMLParser(**_OPTIONS, remove_pis=True, collect_ids=False)  # type: ignore[arg-type]
+            parser = etree.XMLParser(**_OPTIONS, remove_pis=True, collect_ids=False)
             parser.resolvers.add(_NoFetch())
             self._local.parser = parser
         return parser
@@ -92,7 +92,7 @@ class XmlParser:
             )
         prolog = _Prolog()
         try:
-            etree.fromstring(body, etree.XMLParser(target=prolog, **_OPTIONS))  # type: ignore[arg-type]
+            etree.fromstring(body, etree.XMLParser(target=prolog, **_OPTIONS))
         except (_Stop, etree.LxmlError, ValueError):
             pass
         if prolog.doctype_seen:

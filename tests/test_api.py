@@ -127,7 +127,7 @@ async def test_concurrent_distinct_invoices_are_all_delivered_intact(gateway, cl
     ids = [r[1]["message_id"] for r in replies]
     assert len(set(ids)) == 100
     await deliver_all(gateway)
-    for body, message_id in zip(bodies, ids):
+    for body, message_id in zip(bodies, ids, strict=True):
         delivered = (gateway.inst.delivery_folder / f"{message_id}.xml").read_bytes()
         assert hashlib.sha256(delivered).hexdigest() == hashlib.sha256(body).hexdigest()
     assert gateway.gw.store.counts() == {"invoices": 100, "deliveries_delivered": 100}

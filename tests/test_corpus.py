@@ -166,7 +166,7 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
             await s.close()
         for gw in gws:
             await gw.stop()
-    return CorpusRun({p[0].path: r for p, r in zip(plan, replies)}, stored, parts)
+    return CorpusRun({p[0].path: r for p, r in zip(plan, replies, strict=True)}, stored, parts)
 
 
 @pytest.fixture(scope="module")

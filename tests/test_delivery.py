@@ -61,7 +61,7 @@ class Env:
     def job(self, message_id: str) -> dict[str, Any]:
         row = self.sql("SELECT state, attempts, created_at, next_attempt_at, last_error FROM deliveries WHERE message_id = ?",
                        message_id)
-        return dict(zip(("state", "attempts", "created_at", "next_attempt_at", "last_error"), row))
+        return dict(zip(("state", "attempts", "created_at", "next_attempt_at", "last_error"), row, strict=True))
 
     def files(self) -> list[str]:
         return sorted(os.listdir(self.outbox))

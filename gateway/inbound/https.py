@@ -21,8 +21,7 @@ from aiohttp import web
 
 from .. import logs
 from ..config import HttpsConfig
-from ..errors import (Forbidden, GatewayError, LimitExceeded, Malformed, Overloaded, Rejected,
-                      UnsupportedMediaType)
+from ..errors import Forbidden, GatewayError, LimitExceeded, Malformed, Overloaded, Rejected, UnsupportedMediaType
 from ..model import InboundMessage, Partner, PeerIdentity
 from ..partners import PartnerBook
 from ..pipeline import Pipeline
