@@ -8,9 +8,10 @@ under CI=true and skipped (with a clear message) elsewhere when absent.
 
 from __future__ import annotations
 
+import io
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,15 @@ async def gateway(inst: instance.Instance) -> AsyncIterator[Running]:
         yield Running(inst, gw)
     finally:
         await gw.stop()
+
+
+@pytest.fixture
+def log_stream(gateway: Running) -> Iterator[io.StringIO]:
+    """Log lines of the running gateway, captured (JSON, one event per line)."""
+    stream = io.StringIO()
+    logs.configure("debug", stream)
+    yield stream
+    logs.configure("debug")
 
 
 @pytest.fixture

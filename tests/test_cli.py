@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import shlex
@@ -17,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import cli, devpki, instance, logs
+from gateway import cli, devpki, instance
 from gateway.demo import SAMPLE, samples
 from gateway.partners import atomic_write, load_directory
 from gateway.tls import client_context, inspect_certificate
@@ -155,14 +154,6 @@ async def test_added_partner_takes_effect_without_restart(gateway, client):
     assert status == 202, reply
     status, _ = await post(client(), SAMPLE)  # the demo partner is still there
     assert status == 202
-
-
-@pytest.fixture
-def log_stream(gateway):
-    stream = io.StringIO()
-    logs.configure("debug", stream)
-    yield stream
-    logs.configure("debug")
 
 
 async def test_invalid_partners_file_keeps_old_directory(gateway, client, log_stream):

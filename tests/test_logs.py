@@ -30,14 +30,6 @@ SCHEMA_INVALID = variant(b"<cbc:IssueDate>2026-11-02<", f"<cbc:IssueDate>{CANARY
 NOT_WELL_FORMED = variant(NOTE, f"<{CANARY}>".encode())
 
 
-@pytest.fixture
-def log_stream(gateway):
-    stream = io.StringIO()
-    logs.configure("debug", stream)
-    yield stream
-    logs.configure("debug")
-
-
 async def test_no_content_or_secrets_in_logs(gateway, client, log_stream):
     session = client()
     replies = {}
