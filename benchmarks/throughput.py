@@ -5,6 +5,10 @@ distinct ~20 KB UBL invoices at a fixed concurrency over keep-alive mTLS connect
 process, and prints invoices/s, p50/p99 latency, server CPU ms per invoice and peak RSS.
 
     python benchmarks/throughput.py --count 5000 --concurrency 16
+    python benchmarks/throughput.py --count 5000 --concurrency 16 --signed rsa3072
+
+With --signed, every invoice carries an enveloped XAdES-BES signature (made before the timed run)
+by a certificate registered for the partner, whose signature policy is then `required`.
 
 Only 127.0.0.1 is used; the run is bounded by --count and a time limit.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -29,8 +34,11 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway import instance  # noqa: E402
+from lxml import etree  # noqa: E402
+
+from gateway import devpki, instance, signature  # noqa: E402
 from gateway.demo import SAMPLE  # noqa: E402
+from gateway.model import SignaturePolicy  # noqa: E402
 from gateway.tls import client_context  # noqa: E402
 
 TIME_LIMIT_S = 600
@@ -47,6 +55,12 @@ def make_invoice(n: int, target_bytes: int) -> bytes:
         extra.append(line.group(0).replace(b"<cbc:ID>1</cbc:ID>", f"<cbc:ID>{i}</cbc:ID>".encode(), 1))
         i += 1
     return doc.replace(b"</Invoice>", b"".join(extra) + b"</Invoice>")
+
+
+def sign(doc: bytes, signer: signature.SigningKey) -> bytes:
+    root = etree.fromstring(doc)
+    signature.sign(root, signer)
+    return bytes(etree.tostring(root.getroottree(), xml_declaration=True, encoding="UTF-8"))
 
 
 def free_port() -> int:
@@ -120,11 +134,23 @@ async def main() -> None:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--size", type=int, default=20_000, help="approximate invoice size in bytes")
+    ap.add_argument("--signed", choices=("ec", "rsa3072"), help="sign every invoice with a key of this kind")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="egw-bench-") as tmp:
         port = free_port()
         inst = instance.init(Path(tmp) / "gw", port=port)
+        signer = None
+        if args.signed:
+            issued = devpki.issue(inst.ca, Path(tmp), "partner-signing", role="signing", key_kind=args.signed)
+            signer = signature.SigningKey.load(issued.cert.read_bytes(), issued.key.read_bytes())
+
+            def require(partners, store):  # type: ignore[no-untyped-def]
+                p = partners[0]
+                partners[0] = dataclasses.replace(p, signing_certs=(store(issued.cert, "--signing-cert"),),
+                                                  signature_policy=SignaturePolicy.REQUIRED)
+
+            instance.edit_partners(inst.partners, instance.DEMO_PARTNER, require)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(inst.config)], env=env,
                                 stdout=subprocess.DEVNULL)
@@ -133,6 +159,8 @@ async def main() -> None:
             ctx = client_context(inst.ca.cert, inst.demo_client.cert, inst.demo_client.key)
             url = f"https://127.0.0.1:{port}"
             docs = [make_invoice(i, args.size) for i in range(args.warmup + args.count)]
+            if signer is not None:
+                docs = [sign(d, signer) for d in docs]
             await drive(url, ctx, docs[: args.warmup], args.concurrency)
             pids = tree_pids(proc.pid)
             cpu0, t0 = cpu_seconds(pids), time.perf_counter()
@@ -144,7 +172,8 @@ async def main() -> None:
             proc.wait(timeout=60)
     lat.sort()
     q = statistics.quantiles(lat, n=100)
-    print(f"invoices: {args.count} x {len(docs[-1])} bytes, concurrency {args.concurrency}, "
+    print(f"invoices: {args.count} x {len(docs[-1])} bytes{', signed ' + args.signed if args.signed else ''}, "
+          f"concurrency {args.concurrency}, "
           f"cores {os.cpu_count()}")
     print(f"throughput: {args.count / wall:.0f} invoices/s")
     print(f"latency: p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms")

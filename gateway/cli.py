@@ -3,11 +3,17 @@
     einvoice-gateway init DIR [--host H] [--port N] [--json]
     einvoice-gateway serve -c CONFIG
     einvoice-gateway check-config -c CONFIG
-    einvoice-gateway partners add NAME --client-cert PEM --party-id ID [--party-id ID …] [--email ADDR …] -c CONFIG
+    einvoice-gateway partners add NAME --client-cert PEM --party-id ID [--party-id ID …] [--email ADDR …]
+                                  [--signing-cert PEM …] [--signature-policy required|if-present|ignore] -c CONFIG
+    einvoice-gateway partners edit NAME [--client-cert PEM …] [--signing-cert PEM …] [--remove-cert SPKI …]
+                                   [--party-id ID …] [--remove-party-id ID …] [--email ADDR …] [--signature-policy P] -c CONFIG
     einvoice-gateway partners list|show NAME|suspend NAME|resume NAME|remove NAME -c CONFIG
+    einvoice-gateway sign IN OUT [-c CONFIG | --cert PEM --key PEM]
+    einvoice-gateway verify FILE [--cert PEM …]
     einvoice-gateway demo [--dir DIR] [--no-wait]
 
-Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error (the message names the key).
+Exit codes: 0 success, 1 runtime failure (or, for verify, an invalid signature), 2 usage or configuration
+error (the message names the key).
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, logs
 from . import config as config_mod
 from .errors import ConfigError
-from .model import PartnerStatus
+from .model import Partner, PartnerStatus, SignaturePolicy
 
 DEFAULT_CONFIG = os.environ.get("EINVOICE_GATEWAY_CONFIG", "/etc/einvoice-gateway/config.toml")
 
@@ -56,7 +63,29 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--party-id", action="append", required=True, help="supplier identifier, scheme:value (e.g. 0088:5790000435975)")
     add.add_argument("--email", action="append", default=[])
     add.add_argument("--verified-by", help="who verified this partner (default: the current user)")
+    add.add_argument("--signing-cert", action="append", default=[], help="certificate (PEM) the partner signs invoices with")
+    add.add_argument("--signature-policy", choices=[p.value for p in SignaturePolicy], default=SignaturePolicy.IF_PRESENT.value)
+    ed = with_config(psub.add_parser("edit", help="add or remove certificates and identifiers, set the signature policy"))
+    ed.add_argument("name")
+    ed.add_argument("--client-cert", action="append", default=[], help="add a client certificate (rollover)")
+    ed.add_argument("--signing-cert", action="append", default=[], help="add a document-signing certificate")
+    ed.add_argument("--remove-cert", action="append", default=[], metavar="SPKI",
+                    help="remove the client or signing certificate whose key SHA-256 starts with this (>= 16 hex digits)")
+    ed.add_argument("--party-id", action="append", default=[])
+    ed.add_argument("--remove-party-id", action="append", default=[])
+    ed.add_argument("--email", action="append", default=[])
+    ed.add_argument("--signature-policy", choices=[p.value for p in SignaturePolicy])
     with_config(psub.add_parser("list", help="list partners"))
+
+    sg = with_config(sub.add_parser("sign", help="add the gateway's XAdES-BES signature to an invoice"))
+    sg.add_argument("input")
+    sg.add_argument("output")
+    sg.add_argument("--cert", help="signing certificate (default: [signing] of the configuration)")
+    sg.add_argument("--key", help="signing key (default: [signing] of the configuration)")
+    vf = sub.add_parser("verify", help="verify the XML signature of an invoice")
+    vf.add_argument("file")
+    vf.add_argument("--cert", action="append", default=[],
+                    help="trusted signing certificate (PEM); without one, only integrity is checked against the embedded certificate")
     for action in ("show", "suspend", "resume", "remove"):
         sp = with_config(psub.add_parser(action, help=f"{action} a partner"))
         sp.add_argument("name")
@@ -76,8 +105,13 @@ def _partners(args: argparse.Namespace) -> int:
         for i, c in enumerate(certs):
             if not c.is_file():
                 raise ConfigError(f"--client-cert[{i}]: {c} not found")
-        register_partner(path, args.name, certs, ids, args.email, args.verified_by or current_user())
+        register_partner(path, args.name, certs, ids, args.email, args.verified_by or current_user(),
+                         [Path(c) for c in args.signing_cert], SignaturePolicy(args.signature_policy))
         print(f"partner {args.name!r} added; the running gateway picks it up within seconds")
+        return 0
+    if args.action == "edit":
+        _edit_partner(path, args)
+        print(f"partner {args.name!r} edited; the running gateway picks it up within seconds")
         return 0
     directory = load_directory(path)
     if args.action == "list":
@@ -94,9 +128,15 @@ def _partners(args: argparse.Namespace) -> int:
             info = inspect_certificate(Path(cert_path), "client_certs")
             shown.append({"path": cert_path, "spki_sha256": info.spki_sha256, "subject": info.subject,
                           "not_after": info.not_after.isoformat(), "expires_within_30_days": expires_soon(info)})
+        signing: list[dict[str, object]] = []
+        for cert_path in partner.signing_certs:
+            info = inspect_certificate(Path(cert_path), "signing_certs")
+            signing.append({"path": cert_path, "spki_sha256": info.spki_sha256, "subject": info.subject,
+                            "not_after": info.not_after.isoformat()})
         print(json.dumps({"name": partner.name, "status": partner.status.value, "verified_by": partner.verified_by,
                           "verified_at": partner.verified_at, "party_ids": sorted(partner.party_ids),
-                          "emails": list(partner.emails), "client_certs": shown}, indent=2))
+                          "emails": list(partner.emails), "client_certs": shown,
+                          "signature_policy": partner.signature_policy.value, "signing_certs": signing}, indent=2))
         return 0
     with editing(path) as partners:
         idx = next(i for i, p in enumerate(partners) if p.name == args.name)
@@ -105,6 +145,105 @@ def _partners(args: argparse.Namespace) -> int:
         else:
             partners[idx] = with_status(partners[idx], PartnerStatus.SUSPENDED if args.action == "suspend" else PartnerStatus.ACTIVE)
     print(f"partner {args.name!r}: {args.action} done")
+    return 0
+
+
+def _edit_partner(path: Path, args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .instance import edit_partners
+    from .partners import parse_party_id
+    from .tls import inspect_certificate
+
+    for prefix in args.remove_cert:
+        if len(prefix) < 16:
+            raise ConfigError(f"--remove-cert: {prefix!r} is too short; give at least 16 hex digits of the key SHA-256")
+    add_ids = {parse_party_id(v, f"--party-id[{i}]") for i, v in enumerate(args.party_id)}
+    drop_ids = {parse_party_id(v, f"--remove-party-id[{i}]") for i, v in enumerate(args.remove_party_id)}
+
+    def keep(paths: tuple[str, ...]) -> list[str]:
+        return [p for p in paths if not any(inspect_certificate(Path(p), "certificate").spki_sha256.startswith(x.lower())
+                                            for x in args.remove_cert)]
+
+    def change(partners: list[Partner], store: Callable[[Path, str], str]) -> None:
+        idx = next((i for i, p in enumerate(partners) if p.name == args.name), None)
+        if idx is None:
+            raise ConfigError(f"partners: no partner named {args.name!r}")
+        p = partners[idx]
+        unknown = drop_ids - p.party_ids
+        if unknown:
+            raise ConfigError(f"--remove-party-id: {sorted(unknown)[0]!r} is not registered for {p.name!r}")
+        client = keep(p.client_certs) + [store(Path(c), "--client-cert") for c in args.client_cert]
+        signing = keep(p.signing_certs) + [store(Path(c), "--signing-cert") for c in args.signing_cert]
+        if args.remove_cert and len(client) + len(signing) == len(p.client_certs) + len(p.signing_certs) + \
+                len(args.client_cert) + len(args.signing_cert):
+            raise ConfigError("--remove-cert: no registered certificate of this partner matches")
+        partners[idx] = replace(
+            p, client_certs=tuple(client), signing_certs=tuple(signing), party_ids=frozenset((p.party_ids | add_ids) - drop_ids),
+            emails=tuple(dict.fromkeys(p.emails + tuple(args.email))),
+            signature_policy=SignaturePolicy(args.signature_policy) if args.signature_policy else p.signature_policy)
+
+    edit_partners(path, args.name, change)
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from lxml import etree
+
+    from .config import DEFAULT_XML_LIMITS
+    from .signature import SigningKey, sign
+    from .xmlparse import XmlParser
+
+    if args.cert and args.key:
+        cert_path, key_path = Path(args.cert), Path(args.key)
+        config_mod.check_secret_file(key_path, "--key")
+    else:
+        cfg = config_mod.load(args.config)
+        if cfg.signing is None:
+            raise ConfigError("signing: the configuration has no [signing] section (or give --cert and --key)")
+        cert_path, key_path = cfg.signing.certificate, cfg.signing.private_key
+    try:
+        signer = SigningKey.load(cert_path.read_bytes(), key_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"signing: {exc}") from None
+    root = XmlParser(DEFAULT_XML_LIMITS).parse(Path(args.input).read_bytes()).root
+    sign(root, signer)
+    Path(args.output).write_bytes(etree.tostring(root.getroottree(), xml_declaration=True, encoding="UTF-8"))
+    print(f"signed {args.input} → {args.output} ({signer.method.name}, signer key SHA-256 "
+          f"{signer.cert.subject.rfc4514_string()})")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import base64
+
+    from cryptography import x509
+
+    from .config import DEFAULT_XML_LIMITS
+    from .errors import GatewayError
+    from .signature import NS, trusted, verify
+    from .tls import inspect_certificate
+    from .xmlparse import XmlParser
+
+    try:
+        root = XmlParser(DEFAULT_XML_LIMITS).parse(Path(args.file).read_bytes()).root
+        if args.cert:
+            signers = trusted(inspect_certificate(Path(c), f"--cert[{i}]").cert for i, c in enumerate(args.cert))
+        else:
+            found = root.xpath("//ds:Signature/ds:KeyInfo/ds:X509Data/ds:X509Certificate", namespaces=NS)
+            if not found:
+                print(f"{args.file}: INVALID: no ds:X509Certificate to check against; give --cert", file=sys.stderr)
+                return 1
+            signers = trusted([x509.load_der_x509_certificate(base64.b64decode("".join("".join(found[0].itertext()).split())))])
+        info = verify(root, signers)
+    except GatewayError as exc:
+        print(f"{args.file}: INVALID: {exc.message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"{args.file}: INVALID: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"file": args.file, "valid": True, "signer_pinned": bool(args.cert), **info.as_json()}, indent=2))
+    if not args.cert:
+        print("note: integrity only; the signer was taken from the document itself, not pinned (use --cert)", file=sys.stderr)
     return 0
 
 
@@ -127,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             return demo.main(args.dir, not args.no_wait, args.port)
         if args.command == "partners":
             return _partners(args)
+        if args.command == "sign":
+            return _sign(args)
+        if args.command == "verify":
+            return _verify(args)
         cfg = config_mod.load(args.config)
         from .app import bind_probe, build
 

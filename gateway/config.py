@@ -159,6 +159,9 @@ class XmlLimits:
     max_attributes: int
 
 
+DEFAULT_XML_LIMITS = XmlLimits(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_ATTRIBUTES)
+
+
 @dataclass(frozen=True, slots=True)
 class SchemaSet:
     """An operator-supplied UBL schema folder, used for documents declaring ``ubl_version``."""
@@ -171,6 +174,14 @@ class SchemaSet:
 class VaultConfig:
     keys: tuple[Path, ...]
     current: str | None  # key id used for new objects; default: the last key listed
+
+
+@dataclass(frozen=True, slots=True)
+class SigningConfig:
+    """The gateway's own document-signing key (RSA >= 3072 or ECDSA P-256), for `sign` and outbound."""
+
+    certificate: Path
+    private_key: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +203,7 @@ class Config:
     partners_reload_s: float
     destinations: tuple[Destination, ...]
     log_level: str
+    signing: SigningConfig | None
 
 
 def _https(r: Reader) -> HttpsConfig:
@@ -277,6 +289,15 @@ def load(path: str | os.PathLike[str]) -> Config:
         destinations.append(Destination(name, kind, folder))
         d.done()
 
+    signing = None
+    if top.has("signing"):
+        sg = top.table("signing")
+        signing = SigningConfig(sg.file("certificate"), sg.file("private_key"))
+        check_secret_file(signing.private_key, sg.key("private_key"))
+        sg.done()
+    else:
+        top.table("signing")
+
     lg = top.table("logging")
     level = lg.choice("level", ("debug", "info", "warning", "error"), "info")
     lg.done()
@@ -293,4 +314,5 @@ def load(path: str | os.PathLike[str]) -> Config:
         partners_reload_s=reload_s,
         destinations=tuple(destinations),
         log_level=level,
+        signing=signing,
     )

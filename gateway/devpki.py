@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LABEL = "DEVELOPMENT ONLY"
+DOCUMENT_SIGNING = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")  # id-kp-documentSigning, RFC 9336
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +69,13 @@ def make_ca(folder: Path, name: str = "CA", cn: str = "einvoice-gateway developm
 def issue(ca: Issued, folder: Path, name: str, *, role: str, cn: str | None = None,
           sans: tuple[str, ...] = (), key_kind: str = "ec", not_before: datetime | None = None,
           not_after: datetime | None = None, hash_alg: hashes.HashAlgorithm | None = None) -> Issued:
-    """Issue a leaf certificate: role "server" (serverAuth) or "client" (clientAuth)."""
+    """Issue a leaf certificate: role "server" (serverAuth), "client" (clientAuth) or "signing" (documents)."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
     key = new_key(key_kind)
     now = datetime.now(UTC)
-    eku = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    eku = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+           "signing": DOCUMENT_SIGNING}[role]
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn or name)).issuer_name(ca_cert.subject)
@@ -81,7 +83,7 @@ def issue(ca: Issued, folder: Path, name: str, *, role: str, cn: str | None = No
         .not_valid_before(not_before or now - timedelta(minutes=5))
         .not_valid_after(not_after or now + timedelta(days=825))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=role == "signing",
                                      key_encipherment=role == "server" and key_kind != "ec", data_encipherment=False,
                                      key_agreement=False, key_cert_sign=False, crl_sign=False,
                                      encipher_only=False, decipher_only=False), critical=True)

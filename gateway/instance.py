@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from . import devpki
 from .errors import ConfigError
+from .model import Partner, SignaturePolicy
 from .partners import atomic_write, editing, new_partner
 from .tls import inspect_certificate
 from .vault import write_key_file
@@ -29,6 +31,7 @@ class Instance:
     ca: devpki.Issued
     server: devpki.Issued
     demo_client: devpki.Issued
+    signing: devpki.Issued
     master_key: Path
     key_id: str
     delivery_folder: Path
@@ -43,6 +46,8 @@ class Instance:
             "ca_key": str(self.ca.key),
             "server_certificate": str(self.server.cert),
             "server_key": str(self.server.key),
+            "signing_certificate": str(self.signing.cert),
+            "signing_key": str(self.signing.key),
             "master_key_file": str(self.master_key),
             "master_key_id": self.key_id,
             "demo_partner_name": DEMO_PARTNER,
@@ -69,33 +74,48 @@ PRODUCTION_EXAMPLE = dict(host="0.0.0.0",  # noqa: S104 (a server listens for pa
                           config_name="/etc/einvoice-gateway/config.toml")
 
 
-def store_certificate(partners_file: Path, name: str, cert: Path) -> Path:
-    """Copy a partner certificate next to the partners file, named by partner and key hash."""
-    info = inspect_certificate(cert, "--client-cert")
+def store_certificate(partners_file: Path, name: str, cert: Path, option: str = "--client-cert") -> tuple[Path, bool]:
+    """Copy a partner certificate next to the partners file, named by partner, purpose and key hash.
+    Returns the path and whether the file is new."""
+    info = inspect_certificate(cert, option)
     folder = partners_file.parent / "partner-certs"
     folder.mkdir(mode=0o755, exist_ok=True)
-    stored = folder / f"{name}-{info.spki_sha256[:16]}.crt"
+    kind = "-signing" if option == "--signing-cert" else ""
+    stored = folder / f"{name}{kind}-{info.spki_sha256[:16]}.crt"
+    new = not stored.exists()
     atomic_write(stored, info.pem, mode=0o644)
-    return stored
+    return stored, new
 
 
 def register_partner(partners_file: Path, name: str, certs: list[Path], party_ids: list[str], emails: list[str],
-                     verified_by: str) -> None:
+                     verified_by: str, signing_certs: list[Path] | None = None,
+                     policy: SignaturePolicy = SignaturePolicy.IF_PRESENT) -> None:
     """The `partners add` command: store the certificates and add the partner, atomically."""
+    def add(partners: list[Partner], store: Callable[[Path, str], str]) -> None:
+        if any(p.name == name for p in partners):
+            raise ConfigError(f"partners: a partner named {name!r} exists already (use a new name, or remove it first)")
+        partners.append(new_partner(name, [store(c, "--client-cert") for c in certs], party_ids, emails, verified_by,
+                                    [store(c, "--signing-cert") for c in signing_certs or []], policy))
+
+    edit_partners(partners_file, name, add)
+
+
+def edit_partners(partners_file: Path, name: str, change: Callable[[list[Partner], Callable[[Path, str], str]], None]) -> None:
+    """Apply `change` to the partner list under the file lock; `change` stores certificates through the
+    callable it is given, and a refused edit leaves no stray certificate behind."""
     created: list[Path] = []
+
+    def store(cert: Path, option: str) -> str:
+        target, new = store_certificate(partners_file, name, cert, option)
+        if new:
+            created.append(target)
+        return str(target)
+
     try:
         with editing(partners_file) as partners:
-            if any(p.name == name for p in partners):
-                raise ConfigError(f"partners: a partner named {name!r} exists already (use a new name, or remove it first)")
-            stored = []
-            for c in certs:
-                target = store_certificate(partners_file, name, c)
-                if target not in created:
-                    created.append(target)
-                stored.append(str(target))
-            partners.append(new_partner(name, stored, party_ids, emails, verified_by))
+            change(partners, store)
     except BaseException:
-        for path in created:  # a refused edit leaves no stray certificate behind
+        for path in created:
             path.unlink(missing_ok=True)
         raise
 
@@ -109,6 +129,7 @@ def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
     ca = devpki.make_ca(pki, "ca")
     server = devpki.issue(ca, pki, "server", role="server", cn="localhost", sans=("localhost", "127.0.0.1", "::1"))
     client = devpki.issue(ca, pki / "clients", DEMO_PARTNER, role="client", cn=f"{DEMO_PARTNER} (demo partner)")
+    signing = devpki.issue(ca, pki, "signing", role="signing", cn="einvoice-gateway document signing")
     keys = root / "keys"
     keys.mkdir(mode=0o700)
     master = write_key_file(keys / "master-1.key")
@@ -120,7 +141,7 @@ def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
     atomic_write(partners, b"# Trading partners of this gateway; edit with `einvoice-gateway partners ...`.\n")
     register_partner(partners, DEMO_PARTNER, [client.cert], list(DEMO_PARTY_IDS), [DEMO_EMAIL], verified_by="einvoice-gateway init (demo)")
     shown_host = f"[{host}]" if ":" in host else host
-    return Instance(root, config, partners, f"https://{shown_host}:{port}", ca, server, client,
+    return Instance(root, config, partners, f"https://{shown_host}:{port}", ca, server, client, signing,
                     keys / "master-1.key", master.key_id, root / "outbox", root / "state")
 
 

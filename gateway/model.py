@@ -60,6 +60,14 @@ class PartnerStatus(enum.Enum):
     SUSPENDED = "suspended"
 
 
+class SignaturePolicy(enum.Enum):
+    """Per partner: what an XML signature on the invoice document must be."""
+
+    REQUIRED = "required"  # the invoice must carry a valid signature by a registered signing certificate
+    IF_PRESENT = "if-present"  # a signature that is there must verify (the default)
+    IGNORE = "ignore"  # signatures are not checked at all
+
+
 @dataclass(frozen=True, slots=True)
 class PeerIdentity:
     """Who is on the other end, as proven by the transport (mutual TLS)."""
@@ -81,6 +89,9 @@ class Partner:
     client_certs: tuple[str, ...]  # paths of the registered certificates (PEM)
     party_ids: frozenset[str]  # "scheme:value", or a bare value
     emails: tuple[str, ...] = ()
+    signature_policy: SignaturePolicy = SignaturePolicy.IF_PRESENT
+    signing_certs: tuple[str, ...] = ()  # paths of the registered document-signing certificates (PEM)
+    signing_spki: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,7 @@ class AcceptedInvoice:
     facts: InvoiceFacts
     sealed: bytes = field(repr=False)
     key_id: str
+    signature: dict[str, object] | None = None  # what the verified XML signature proved, if one was checked
 
 
 @dataclass(frozen=True, slots=True)

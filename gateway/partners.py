@@ -22,7 +22,8 @@ import tomli_w
 
 from .config import Reader
 from .errors import ConfigError, Detail, Forbidden
-from .model import InvoiceFacts, Partner, PartnerStatus, PeerIdentity
+from .model import InvoiceFacts, Partner, PartnerStatus, PeerIdentity, SignaturePolicy
+from .signature import TrustedSigner
 from .tls import CertInfo, inspect_certificate
 from .ubl import identifier
 
@@ -46,12 +47,18 @@ class PartnerDirectory:
     by_spki: dict[str, Partner]
     owner_of_id: dict[str, str]
     certificates: dict[str, CertInfo]
+    signers: dict[str, list[TrustedSigner]]  # partner name → its registered document-signing certificates
 
     @classmethod
     def build(cls, partners: list[Partner], certificates: dict[str, CertInfo]) -> PartnerDirectory:
         by_spki: dict[str, Partner] = {}
         owner: dict[str, str] = {}
+        signing_owner: dict[str, str] = {}
         for i, p in enumerate(partners):
+            for spki in p.signing_spki:
+                if signing_owner.setdefault(spki, p.name) != p.name:
+                    raise ConfigError(
+                        f"partners[{i}].signing_certs: a signing key is also registered for partner {signing_owner[spki]!r}")
             for spki in p.client_spki:
                 if spki in by_spki:
                     raise ConfigError(
@@ -61,7 +68,9 @@ class PartnerDirectory:
                 if pid in owner:
                     raise ConfigError(f"partners[{i}].party_ids: {pid!r} is already registered for partner {owner[pid]!r}")
                 owner[pid] = p.name
-        return cls(tuple(partners), by_spki, owner, certificates)
+        signers = {p.name: [TrustedSigner(certificates[s].cert, s) for s in sorted(p.signing_spki) if s in certificates]
+                   for p in partners}
+        return cls(tuple(partners), by_spki, owner, certificates, signers)
 
     def get(self, name: str) -> Partner | None:
         return next((p for p in self.partners if p.name == name), None)
@@ -121,6 +130,14 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
     ids = [parse_party_id(v, f"{r.key('party_ids')}[{i}]") for i, v in enumerate(r.str_list("party_ids", required=True))]
     if not ids:
         raise ConfigError(f"{r.key('party_ids')}: a partner needs at least one party identifier")
+    signing = []
+    for i, path in enumerate(r.files("signing_certs")):
+        info = inspect_certificate(path, f"{r.key('signing_certs')}[{i}]")
+        certs[info.spki_sha256] = info
+        signing.append((str(path), info.spki_sha256))
+    policy = r.choice("signature_policy", tuple(s.value for s in SignaturePolicy), SignaturePolicy.IF_PRESENT.value)
+    if policy == SignaturePolicy.REQUIRED.value and not signing:
+        raise ConfigError(f"{r.key('signature_policy')}: 'required' needs at least one entry in signing_certs")
     emails = r.str_list("emails")
     for i, e in enumerate(emails):
         if not re.fullmatch(r"[^@\s]+@[^@\s]+", e):
@@ -134,6 +151,9 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
         client_certs=tuple(str(p) for p in cert_paths),
         party_ids=frozenset(ids),
         emails=tuple(emails),
+        signature_policy=SignaturePolicy(policy),
+        signing_certs=tuple(p for p, _ in signing),
+        signing_spki=frozenset(s for _, s in signing),
     )
     r.done()
     return partner
@@ -203,6 +223,8 @@ def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
         "client_certs": [rel(c) for c in p.client_certs],
         "party_ids": sorted(p.party_ids),
         "emails": list(p.emails),
+        "signature_policy": p.signature_policy.value,
+        "signing_certs": [rel(c) for c in p.signing_certs],
     }
 
 
@@ -245,7 +267,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
-def new_partner(name: str, cert_paths: list[str], party_ids: list[str], emails: list[str], verified_by: str) -> Partner:
+def new_partner(name: str, cert_paths: list[str], party_ids: list[str], emails: list[str], verified_by: str,
+                signing_certs: list[str] | None = None, policy: SignaturePolicy = SignaturePolicy.IF_PRESENT) -> Partner:
     return Partner(
         name=name,
         status=PartnerStatus.ACTIVE,
@@ -255,6 +278,8 @@ def new_partner(name: str, cert_paths: list[str], party_ids: list[str], emails: 
         client_certs=tuple(cert_paths),
         party_ids=frozenset(party_ids),
         emails=tuple(emails),
+        signature_policy=policy,
+        signing_certs=tuple(signing_certs or ()),
     )
 
 

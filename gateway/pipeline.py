@@ -1,6 +1,6 @@
 """accept(): the stages in order, cheapest first.  No I/O here but the store's.
 
-    gate(peer) → duplicate? → parse → document type → XSD → facts → authorize → seal → durable put
+    gate(peer) → duplicate? → parse → document type → XSD → signature → facts → authorize → seal → durable put
 
 The transport has already run ``gate`` (before reading the body); everything from hashing to
 sealing is synchronous CPU work run on a worker thread, so the event loop never blocks on it.
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from .model import AcceptedInvoice, DocumentType, InboundMessage, Receipt
+from . import signature
+from .model import AcceptedInvoice, DocumentType, InboundMessage, Partner, Receipt, SignaturePolicy
 from .partners import PartnerBook
 from .schema import SchemaRegistry
 from .store import Store
@@ -51,11 +52,29 @@ class Pipeline:
         root = self.parser.parse(msg.body).root
         doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
         version = self.schemas.validate(root, doc_type)
+        verified = self.verify_signature(root, msg.partner)
         facts = read_facts(root, doc_type, version)
         self.partners.current.authorize(msg.partner, facts)
         message_id = str(uuid.uuid4())
         sealed, key_id = self.vault.seal(msg.body, message_id, sha256)
-        return AcceptedInvoice(message_id, msg.partner.name, sha256, msg.received_at, len(msg.body), facts, sealed, key_id)
+        return AcceptedInvoice(message_id, msg.partner.name, sha256, msg.received_at, len(msg.body), facts, sealed, key_id,
+                               verified)
+
+    def verify_signature(self, root: etree._Element, partner: Partner) -> dict[str, object] | None:
+        """Apply the partner's signature policy.  The signature covers the whole tree that later
+        stages read (one reference, URI="" or the root's Id), so the facts come from signed data."""
+        policy = partner.signature_policy
+        if policy is SignaturePolicy.IGNORE:
+            return None
+        if not signature.find_signatures(root):
+            if policy is SignaturePolicy.REQUIRED:
+                raise signature.SignatureRequired(
+                    "this gateway requires your invoices to carry an XML signature (enveloped XMLDSig/XAdES in "
+                    "ext:UBLExtensions) made with a signing certificate registered for you; this one is unsigned",
+                    code="SIGNATURE_REQUIRED",
+                )
+            return None
+        return signature.verify(root, self.partners.current.signers.get(partner.name, [])).as_json()
 
     async def accept(self, msg: InboundMessage) -> Outcome:
         """Run the stages and return only after the invoice is durable (or was already)."""

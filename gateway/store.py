@@ -28,7 +28,7 @@ from .errors import Conflict, Detail, GatewayError, StorageUnavailable
 from .model import AcceptedInvoice, Receipt
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_BATCH = 256  # operations per group commit
 BUSY_TIMEOUT_MS = 30_000  # other processes (CLI, other workers) holding the write lock
 
@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS invoices (
     issue_date      TEXT NOT NULL,
     size            INTEGER NOT NULL,
     key_id          TEXT NOT NULL,
+    signature       TEXT,
     UNIQUE (partner, sha256),
     UNIQUE (partner, document_type, invoice_number)
 );
@@ -127,7 +128,10 @@ class SqliteStore(Store):
         conn = self._connect()
         with conn:
             conn.executescript(_DDL)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(invoices)")}
+            if "signature" not in columns:  # schema 1 → 2
+                conn.execute("ALTER TABLE invoices ADD COLUMN signature TEXT")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self._local.conn = conn
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
@@ -250,10 +254,11 @@ class SqliteStore(Store):
                     code="DUPLICATE_CONFLICT",
                 )
             conn.execute(
-                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (invoice.message_id, invoice.partner, invoice.sha256, invoice.received_at, f.document_type.label,
                  f.invoice_number, f.ubl_version, json.dumps(f.supplier_ids), json.dumps(f.customer_ids),
-                 f.customization_id, f.profile_id, f.issue_date, invoice.size, invoice.key_id),
+                 f.customization_id, f.profile_id, f.issue_date, invoice.size, invoice.key_id,
+                 json.dumps(invoice.signature) if invoice.signature else None),
             )
             conn.execute("INSERT INTO blobs VALUES (?, ?)", (invoice.message_id, invoice.sealed))
             now = time.time()
@@ -293,7 +298,7 @@ class SqliteStore(Store):
         rows = self._reader().execute(
             "SELECT d.message_id, d.destination, d.attempts, d.created_at, i.partner, i.sha256, i.received_at, "
             "i.document_type, i.invoice_number, i.supplier_ids, i.customer_ids, i.customization_id, i.profile_id, "
-            "i.issue_date, i.size FROM deliveries d JOIN invoices i USING (message_id) "
+            "i.issue_date, i.size, i.signature FROM deliveries d JOIN invoices i USING (message_id) "
             "WHERE d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
             (now, limit),
         ).fetchall()
@@ -302,6 +307,7 @@ class SqliteStore(Store):
                 "message_id": r[0], "partner": r[4], "sha256": r[5], "received_at": r[6], "document_type": r[7],
                 "invoice_number": r[8], "supplier_ids": json.loads(r[9]), "customer_ids": json.loads(r[10]),
                 "customization_id": r[11], "profile_id": r[12], "issue_date": r[13], "size": r[14],
+                "signature": json.loads(r[15]) if r[15] else None,
             })
             for r in rows
         ]

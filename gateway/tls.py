@@ -72,6 +72,7 @@ class CertInfo:
     subject: str
     not_after: datetime
     pem: bytes
+    cert: x509.Certificate
 
 
 def inspect_certificate(path: Path, where: str) -> CertInfo:
@@ -89,7 +90,7 @@ def inspect_certificate(path: Path, where: str) -> CertInfo:
     algo = cert.signature_hash_algorithm
     if algo is not None and isinstance(algo, (hashes.SHA1, hashes.MD5)):
         raise ConfigError(f"{where}: {path} is signed with {algo.name}; SHA-256 or stronger is required")
-    return CertInfo(spki_sha256(cert), cert.subject.rfc4514_string(), cert.not_valid_after_utc, data)
+    return CertInfo(spki_sha256(cert), cert.subject.rfc4514_string(), cert.not_valid_after_utc, data, cert)
 
 
 def expires_soon(info: CertInfo, days: int = 30) -> bool:

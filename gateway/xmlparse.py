@@ -2,9 +2,10 @@
 
 No DTD is loaded and any DOCTYPE is refused (so no entity of any kind is expanded), nothing is
 fetched from the network or the file system, XInclude is never processed and its elements are
-refused, processing instructions are dropped.  ``huge_tree`` is on so a 50 MB invoice with an
-embedded PDF parses (libxml2's default caps a text node at 10 MB); the gateway's own depth,
-element and attribute limits replace libxml2's (SECURITY-TESTS.md X-01…X-04).
+refused, processing instructions are kept (a document signature covers them) but never acted
+on.  ``huge_tree`` is on so a 50 MB invoice with an embedded PDF parses (libxml2's default caps
+a text node at 10 MB); the gateway's own depth, element and attribute limits replace libxml2's
+(SECURITY-TESTS.md X-01…X-04).
 
 Two passes: the first reads only the prolog and stops at a DOCTYPE (refused before libxml2
 processes any declaration in it) or at the root element; the second builds the tree with a
@@ -76,7 +77,7 @@ class XmlParser:
         # lxml parsers must not be used by two threads at once: one per thread.
         parser = getattr(self._local, "parser", None)
         if parser is None:
-            parser = etree.XMLParser(**_OPTIONS, remove_pis=True, collect_ids=False)
+            parser = etree.XMLParser(**_OPTIONS, remove_pis=False, collect_ids=False)
             parser.resolvers.add(_NoFetch())
             self._local.parser = parser
         return parser

@@ -13,6 +13,9 @@ How one instance takes every valid document:
   ``state_dir``, sharing the one instance's ``Parts`` (PKI, partners, compiled schemas, vault), and a
   document goes to the first slot where its (partner, type, number) is still free.  A slot starts in
   milliseconds because the schemas are compiled once.
+* Signed documents (the OASIS examples with RSA-SHA1, the Colombian DIAN ones edited after
+  signing) are about the schema and the binding here, so their partners use the ``ignore``
+  signature policy; tests/test_signature_corpus.py checks the same documents with signatures checked.
 * Everything is sent once, concurrently, by a module-scoped fixture; each test (id = corpus path)
   then checks the reply to its own document.
 """
@@ -33,7 +36,7 @@ from lxml import etree
 from gateway import config as config_mod
 from gateway import devpki, instance, logs
 from gateway.app import Gateway, Parts, build
-from gateway.model import DocumentType
+from gateway.model import DocumentType, SignaturePolicy
 from gateway.partners import editing
 from gateway.tls import client_context
 
@@ -48,6 +51,7 @@ SUPPLIER_IDS = etree.XPath(" | ".join(_PARTY + p for p in (
     "cbc:EndpointID", "cac:PartyIdentification/cbc:ID", "cac:PartyTaxScheme/cbc:CompanyID", "cac:PartyLegalEntity/cbc:CompanyID",
 )), namespaces=NS)
 NUMBER = etree.XPath("string(/*/cbc:ID)", namespaces=NS)
+SIGNED = etree.XPath("boolean(//ds:Signature)", namespaces={"ds": "http://www.w3.org/2000/09/xmldsig#"})
 VALID = ("valid", "valid-with-warnings", "valid-xsd-only")
 PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 
@@ -59,6 +63,7 @@ class Doc:
     kind: str = ""  # root element: Invoice or CreditNote
     number: str = ""
     ids: tuple[str, ...] = ()
+    signed: bool = False
 
 
 def supplier_ids(root: etree._Element) -> tuple[str, ...]:
@@ -80,7 +85,8 @@ def load_manifest() -> list[Doc]:
             path, outcome, ubl = row["path"], row["expected_outcome"], row["doc_type"] in ("Invoice", "CreditNote")
             if ubl and outcome in VALID:
                 root = etree.parse(str(CORPUS / path), PARSER).getroot()
-                docs.append(Doc(path, outcome, etree.QName(root).localname, NUMBER(root).strip(), supplier_ids(root)))
+                docs.append(Doc(path, outcome, etree.QName(root).localname, NUMBER(root).strip(), supplier_ids(root),
+                                bool(SIGNED(root))))
             elif (ubl and outcome == "xsd-invalid") or outcome in ("not-well-formed", "not-xml"):
                 docs.append(Doc(path, outcome))
     return docs
@@ -127,9 +133,11 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
     for i, name in owner.items():
         ids_of.setdefault(name, []).append(i)
     certs = {}
+    signed_partners = {owner[d.ids[0]] for d in valid if d.signed}
     for name, ids in sorted(ids_of.items()):
         certs[name] = devpki.issue(inst.ca, inst.root / "pki" / "clients", name, role="client")
-        instance.register_partner(inst.partners, name, [certs[name].cert], ids, [], "test")
+        policy = SignaturePolicy.IGNORE if name in signed_partners else SignaturePolicy.IF_PRESENT
+        instance.register_partner(inst.partners, name, [certs[name].cert], ids, [], "test", policy=policy)
 
     used: list[set[tuple[str, str, str]]] = []
     plan: list[tuple[Doc, str, int]] = []  # document, sending partner, slot

@@ -148,7 +148,7 @@ async def test_suspended_partner_then_resumed(gateway, client):  # T-07 hot relo
 
 async def test_certificate_rotation(gateway, client):  # T-07: overlap, then the old key is removed
     new = gateway.issue_client("demo-supplier-next")
-    stored = instance.store_certificate(gateway.inst.partners, DEMO_PARTNER, new.cert)
+    stored, _ = instance.store_certificate(gateway.inst.partners, DEMO_PARTNER, new.cert)
     edit_demo(gateway, lambda p: replace(p, client_certs=(*p.client_certs, str(stored))))
     old_s, new_s = client(), client(new.cert, new.key)
     assert (await post(old_s, numbered(1)))[0] == 202
