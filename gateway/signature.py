@@ -258,17 +258,27 @@ def find_signatures(root: etree._Element) -> list[etree._Element]:
     return list(_SIGNATURES(root))
 
 
-def verify(root: etree._Element, signers: list[TrustedSigner], now: datetime | None = None) -> SignatureInfo:
-    """Verify the one signature on the document, or raise SignatureInvalid (never anything else)."""
+def verify(root: etree._Element, signers: list[TrustedSigner], now: datetime | None = None,
+           *, valid_now: bool = True) -> SignatureInfo:
+    """Verify the one signature on the document, or raise SignatureInvalid (never anything else).
+
+    The signer's certificate must be valid at the signing time XAdES states and, for an invoice
+    arriving now (``valid_now``), also now: a claimed signing time is the signer's own word, so an
+    expired or stolen key cannot backdate its way in.  ``valid_now=False`` is for checking archived
+    documents (the `verify` command), where validity at the stated signing time is what is asked."""
     try:
-        return _verify(root, signers, now or datetime.now(UTC))
+        return _verify(root, signers, now or datetime.now(UTC), valid_now)
     except SignatureInvalid:
         raise
     except Exception as exc:  # lxml, cryptography and our own parsing raise many types on hostile input
         raise SignatureInvalid(f"the signature could not be processed ({exc.__class__.__name__})") from None
 
 
-def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime) -> SignatureInfo:
+def _is_document_ref(uri: str | None, root_id: str | None) -> bool:
+    return uri == "" or (root_id is not None and uri == f"#{root_id}")
+
+
+def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime, valid_now: bool) -> SignatureInfo:
     sigs = find_signatures(root)
     if len(sigs) != 1:
         raise SignatureInvalid(f"exactly one ds:Signature is allowed, found {len(sigs)}")
@@ -283,10 +293,13 @@ def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime) -
     refs = signed_info.findall(_q(DS, "Reference"))
     if not 1 <= len(refs) <= MAX_REFERENCES:
         raise SignatureInvalid(f"ds:SignedInfo has {len(refs)} references")
+    root_id = next((root.get(a) for a in ("Id", "ID", "id") if root.get(a)), None)
+    doc_refs = sum(_is_document_ref(ref.get("URI"), root_id) for ref in refs)
+    if doc_refs > 1:  # before any digest is computed; none at all is reported after the other references
+        raise SignatureInvalid(f"exactly one reference must cover the whole document, found {doc_refs}")
     key_info = sig.find(_q(DS, "KeyInfo"))
     ids = _ids(root)
     signed_props: etree._Element | None = None
-    doc_refs = 0
     for ref in refs:
         uri = ref.get("URI")
         transforms = [t.get("Algorithm") for t in ref.findall(f"{_q(DS, 'Transforms')}/{_q(DS, 'Transform')}")]
@@ -302,13 +315,11 @@ def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime) -
         prefixes = None
         for t in ref.findall(f"{_q(DS, 'Transforms')}/{_q(DS, 'Transform')}"):
             prefixes = prefixes or _prefix_list(t)
-        root_id = next((root.get(a) for a in ("Id", "ID", "id") if root.get(a)), None)
-        if uri == "" or (root_id is not None and uri == f"#{root_id}"):
+        if _is_document_ref(uri, root_id):
             if uri != "" and len(ids.get(root_id or "", [])) != 1:
                 raise SignatureInvalid("the document's Id is not unique")
             if ENVELOPED not in transforms:
                 raise SignatureInvalid("the reference to the document must use the enveloped-signature transform")
-            doc_refs += 1
             with _enveloped(root, sig) as doc:
                 data = _c14n(doc, ref_c14n, prefixes)
         elif uri is not None and uri.startswith("#") and len(uri) > 1:
@@ -330,8 +341,8 @@ def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime) -
             raise SignatureInvalid(f"reference URI {str(uri)[:80]!r} is not allowed (only \"\" or a local #Id)")
         if not hmac.compare_digest(digest.hash(data), expected):
             raise SignatureInvalid(f"digest mismatch for reference {uri[:80]!r}: the signed content was changed")
-    if doc_refs != 1:
-        raise SignatureInvalid(f"exactly one reference must cover the whole document, found {doc_refs}")
+    if doc_refs == 0:
+        raise SignatureInvalid("exactly one reference must cover the whole document, found 0")
 
     signer = _signer(key_info, signers)
     value = _b64(_only(sig, DS, "SignatureValue", "ds:SignatureValue"), "ds:SignatureValue")
@@ -343,9 +354,11 @@ def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime) -
         raise SignatureInvalid("XAdES SignedProperties are present but not covered by the signature")
     if signed_props is not None:
         signing_time = _check_xades(signed_props, signer.cert, now)
-    when = datetime.fromisoformat(signing_time) if signing_time else now
-    if not signer.cert.not_valid_before_utc <= when <= signer.cert.not_valid_after_utc:
+    cert = signer.cert
+    if signing_time and not cert.not_valid_before_utc <= datetime.fromisoformat(signing_time) <= cert.not_valid_after_utc:
         raise SignatureInvalid("the signing certificate was not valid at the signing time")
+    if (valid_now or not signing_time) and not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise SignatureInvalid("the signing certificate is not valid now (expired or not yet valid)")
     return SignatureInfo(signer.spki, signer.cert.subject.rfc4514_string(), method.name, signing_time,
                          signed_props is not None)
 
@@ -384,13 +397,25 @@ def _signer(key_info: etree._Element | None, signers: list[TrustedSigner]) -> Tr
     raise SignatureInvalid(f"the signer's certificate (key SHA-256 {spki}) is not registered for this partner")
 
 
+DSIG11 = "http://www.w3.org/2009/xmldsig11#"
+
+
 def _key_value_matches(key_value: etree._Element, cert: x509.Certificate) -> bool:
-    rsa_value = key_value.find(_q(DS, "RSAKeyValue"))
+    """A KeyValue next to the certificate must name the same key (S-08); a kind we cannot compare is refused."""
     pub = cert.public_key()
-    if rsa_value is not None and isinstance(pub, rsa.RSAPublicKey):
-        modulus = int.from_bytes(_b64(_only(rsa_value, DS, "Modulus", "ds:Modulus"), "ds:Modulus"), "big")
-        return modulus == pub.public_numbers().n
-    return rsa_value is None  # an EC KeyValue (dsig11) is not compared; any other mismatch is refused
+    if len(key_value) != 1:
+        return False
+    value = key_value[0]
+    if value.tag == _q(DS, "RSAKeyValue") and isinstance(pub, rsa.RSAPublicKey):
+        numbers = pub.public_numbers()
+        modulus = int.from_bytes(_b64(_only(value, DS, "Modulus", "ds:Modulus"), "ds:Modulus"), "big")
+        exponent = int.from_bytes(_b64(_only(value, DS, "Exponent", "ds:Exponent"), "ds:Exponent"), "big")
+        return (modulus, exponent) == (numbers.n, numbers.e)
+    if value.tag == _q(DSIG11, "ECKeyValue") and isinstance(pub, ec.EllipticCurvePublicKey):
+        point = _b64(_only(value, DSIG11, "PublicKey", "dsig11:PublicKey"), "dsig11:PublicKey")
+        return hmac.compare_digest(point, pub.public_bytes(serialization.Encoding.X962,
+                                                           serialization.PublicFormat.UncompressedPoint))
+    return False
 
 
 def _check_value(cert: x509.Certificate, method: SignatureMethod, value: bytes, signed: bytes) -> None:

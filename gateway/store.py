@@ -273,7 +273,7 @@ class SqliteStore(Store):
     def status(self, message_id: str, partner: str) -> dict[str, Any] | None:
         conn = self._reader()
         row = conn.execute(
-            "SELECT message_id, sha256, received_at, document_type, invoice_number FROM invoices "
+            "SELECT message_id, sha256, received_at, document_type, invoice_number, signature FROM invoices "
             "WHERE message_id = ? AND partner = ?", (message_id, partner)
         ).fetchone()
         if row is None:
@@ -290,6 +290,7 @@ class SqliteStore(Store):
         return {
             "message_id": row[0], "status": status, "sha256": row[1], "received_at": row[2],
             "document_type": row[3], "invoice_number": row[4], "deliveries": deliveries,
+            "signature": json.loads(row[5]) if row[5] else None,
         }
 
     # --- delivery --------------------------------------------------------------------------------
