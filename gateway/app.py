@@ -28,6 +28,7 @@ from .xmlparse import XmlParser
 TLS_HANDSHAKE_TIMEOUT_S = 10.0  # SECURITY-TESTS.md T-08: a handshake flood cannot hold sockets for long
 SHUTDOWN_GRACE_S = 30.0  # in-flight requests get this long to finish after SIGTERM
 LISTEN_BACKLOG = 1024
+STAGE_THREADS_PER_WORKER = 2
 
 log = logs.get("app")
 
@@ -53,11 +54,17 @@ def build(config: Config) -> Parts:
 
 
 class Gateway:
-    def __init__(self, config: Config, parts: Parts | None = None):
+    def __init__(self, config: Config, parts: Parts | None = None, *, sock: socket.socket | None = None,
+                 run_delivery: bool = True):
         self.config = config
         self.parts = parts or build(config)
-        # CPU stages (lxml releases the GIL while parsing and validating) and blocking file I/O.
-        self.executor = ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="stage")
+        self.sock = sock  # a listening socket shared by several worker processes (gateway/supervisor.py)
+        self.run_delivery = run_delivery  # only one process delivers
+        # CPU stages (lxml releases the GIL while parsing, validating and canonicalizing) and blocking
+        # file I/O.  Alone, the process needs threads for every core; as one of several workers, two
+        # threads measured best (benchmarks/throughput.py: more threads only contend for the GIL).
+        threads = STAGE_THREADS_PER_WORKER if sock is not None else min(8, (os.cpu_count() or 2) + 2)
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage")
         self.store = SqliteStore(config.state_dir)
         self.deliverer = Deliverer(self.store, self.parts.vault, list(config.destinations), self.executor)
         self.pipeline = Pipeline(self.parts.parser, self.parts.schemas, self.parts.partners, self.parts.vault,
@@ -76,13 +83,22 @@ class Gateway:
         await self._runner.setup()
         assert self._runner.server is not None
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._runner.server, cfg.host, cfg.port, ssl=ctx, backlog=LISTEN_BACKLOG,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
-        )
+        if self.sock is not None:
+            # asyncio uses `backlog` both for listen() and as the number of connections one wake-up
+            # accepts.  Accept one at a time, so the workers share a burst of new connections, then
+            # give the shared socket its real queue length back (a queue of 1 drops SYNs: 1 s stalls).
+            self._server = await loop.create_server(self._runner.server, sock=self.sock, ssl=ctx, backlog=1,
+                                                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            self.sock.listen(LISTEN_BACKLOG)
+        else:
+            self._server = await loop.create_server(
+                self._runner.server, cfg.host, cfg.port, ssl=ctx, backlog=LISTEN_BACKLOG,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+            )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
-        self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
+        if self.run_delivery:
+            self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
         self._tasks.append(asyncio.create_task(self._watch_partners(), name="partners-reload"))
         log.info("gateway.started", url=f"https://{cfg.host}:{self.port}", pid=os.getpid(),
                  partners=len(self.parts.partners.current.partners), destinations=len(self.config.destinations),
@@ -114,8 +130,11 @@ class Gateway:
         log.info("gateway.stopped")
 
 
-async def serve_forever(config: Config, parts: Parts | None = None) -> None:
-    gw = Gateway(config, parts)
+async def serve_forever(config: Config, parts: Parts | None = None, *, worker: int | None = None,
+                        sock: socket.socket | None = None) -> None:
+    """Run one gateway process; as worker N of several (``worker`` set), serve the supervisor's
+    listening socket and let only worker 0 deliver."""
+    gw = Gateway(config, parts, sock=sock, run_delivery=not worker)
     await gw.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--host", default="127.0.0.1")
     i.add_argument("--port", type=int, default=8443)
     i.add_argument("--json", action="store_true", help="print the paths and addresses as one JSON object")
-    with_config(sub.add_parser("serve", help="run the gateway in the foreground"))
+    sv = with_config(sub.add_parser("serve", help="run the gateway in the foreground"))
+    sv.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its children
+    sv.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     with_config(sub.add_parser("check-config", help="check a configuration; exit 2 naming the bad key"))
     d = sub.add_parser("demo", help="start a throwaway instance, send sample invoices, keep serving")
     d.add_argument("--dir", help="make the instance here and keep it (default: a temporary folder, removed at exit)")
@@ -278,12 +280,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"UBL {', '.join(parts.schemas.versions)}, master key {parts.vault.current})")
             return 0
         logs.configure(cfg.log_level)
+        from .app import LISTEN_BACKLOG, serve_forever
+        from .supervisor import supervise, worker_count
+
+        if args.worker is not None:  # a child of the supervisor, serving the socket it was handed
+            import socket
+
+            sock = socket.socket(fileno=args.listen_fd)
+            asyncio.run(serve_forever(cfg, parts, worker=args.worker, sock=sock))
+            return 0
         if cfg.https.port:
             bind_probe(cfg.https.host, cfg.https.port)
-        from .app import serve_forever
-
-        asyncio.run(serve_forever(cfg, parts))
-        return 0
+        workers = worker_count(cfg.https.workers)
+        if workers == 1:
+            asyncio.run(serve_forever(cfg, parts))
+            return 0
+        return supervise(cfg, workers, LISTEN_BACKLOG)
     except ConfigError as exc:
         print(f"einvoice-gateway: configuration error: {exc.message}", file=sys.stderr)
         return 2

@@ -140,6 +140,7 @@ class HttpsConfig:
     certificate: Path
     private_key: Path
     client_ca: tuple[Path, ...]
+    workers: int  # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
     max_body_bytes: int
     max_in_flight_bytes: int
     # Slow clients (SECURITY-TESTS.md T-08): header and body must arrive within this many seconds.
@@ -213,6 +214,7 @@ def _https(r: Reader) -> HttpsConfig:
         certificate=r.file("certificate"),
         private_key=r.file("private_key"),
         client_ca=r.files("client_ca", required=True),
+        workers=r.integer("workers", 0, maximum=64),
         max_body_bytes=r.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
         max_in_flight_bytes=r.integer("max_in_flight_bytes", DEFAULT_MAX_IN_FLIGHT_BYTES, minimum=1024),
         read_timeout_s=r.number("read_timeout_s", 60.0, minimum=1.0),

@@ -68,7 +68,7 @@ class PartnerDirectory:
                 if pid in owner:
                     raise ConfigError(f"partners[{i}].party_ids: {pid!r} is already registered for partner {owner[pid]!r}")
                 owner[pid] = p.name
-        signers = {p.name: [TrustedSigner(certificates[s].cert, s) for s in sorted(p.signing_spki) if s in certificates]
+        signers = {p.name: [TrustedSigner.of(certificates[s].cert, s) for s in sorted(p.signing_spki) if s in certificates]
                    for p in partners}
         return cls(tuple(partners), by_spki, owner, certificates, signers)
 

@@ -66,7 +66,8 @@ class Pipeline:
         policy = partner.signature_policy
         if policy is SignaturePolicy.IGNORE:
             return None
-        if not signature.find_signatures(root):
+        found = signature.find_signatures(root)
+        if not found:
             if policy is SignaturePolicy.REQUIRED:
                 raise signature.SignatureRequired(
                     "this gateway requires your invoices to carry an XML signature (enveloped XMLDSig/XAdES in "
@@ -74,7 +75,7 @@ class Pipeline:
                     code="SIGNATURE_REQUIRED",
                 )
             return None
-        return signature.verify(root, self.partners.current.signers.get(partner.name, [])).as_json()
+        return signature.verify(root, self.partners.current.signers.get(partner.name, []), found=found).as_json()
 
     async def accept(self, msg: InboundMessage) -> Outcome:
         """Run the stages and return only after the invoice is durable (or was already)."""

@@ -32,7 +32,7 @@ import hmac
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -144,10 +144,15 @@ class SignatureInfo:
 class TrustedSigner:
     cert: x509.Certificate
     spki: str
+    der: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, cert: x509.Certificate, spki: str | None = None) -> TrustedSigner:
+        return cls(cert, spki or _spki(cert), cert.public_bytes(serialization.Encoding.DER))
 
 
 def trusted(certs: Iterable[x509.Certificate]) -> list[TrustedSigner]:
-    return [TrustedSigner(c, _spki(c)) for c in certs]
+    return [TrustedSigner.of(c) for c in certs]
 
 
 def _spki(cert: x509.Certificate) -> str:
@@ -215,7 +220,8 @@ def _placement_ok(sig: etree._Element, root: etree._Element) -> bool:
     return False
 
 
-_ID_ATTRIBUTES = etree.XPath("//@Id | //@ID | //@id | //@xml:id")
+# Id, ID, id in any namespace (xml:id, wsu:Id included): one pass over the attributes.
+_ID_ATTRIBUTES = etree.XPath("//@*[local-name()='Id' or local-name()='ID' or local-name()='id']")
 
 
 def _ids(root: etree._Element) -> dict[str, list[etree._Element]]:
@@ -259,15 +265,16 @@ def find_signatures(root: etree._Element) -> list[etree._Element]:
 
 
 def verify(root: etree._Element, signers: list[TrustedSigner], now: datetime | None = None,
-           *, valid_now: bool = True) -> SignatureInfo:
+           *, valid_now: bool = True, found: list[etree._Element] | None = None) -> SignatureInfo:
     """Verify the one signature on the document, or raise SignatureInvalid (never anything else).
 
     The signer's certificate must be valid at the signing time XAdES states and, for an invoice
     arriving now (``valid_now``), also now: a claimed signing time is the signer's own word, so an
     expired or stolen key cannot backdate its way in.  ``valid_now=False`` is for checking archived
-    documents (the `verify` command), where validity at the stated signing time is what is asked."""
+    documents (the `verify` command), where validity at the stated signing time is what is asked.
+    ``found`` is the result of ``find_signatures(root)`` when the caller already has it."""
     try:
-        return _verify(root, signers, now or datetime.now(UTC), valid_now)
+        return _verify(root, signers, now or datetime.now(UTC), valid_now, found)
     except SignatureInvalid:
         raise
     except Exception as exc:  # lxml, cryptography and our own parsing raise many types on hostile input
@@ -278,8 +285,9 @@ def _is_document_ref(uri: str | None, root_id: str | None) -> bool:
     return uri == "" or (root_id is not None and uri == f"#{root_id}")
 
 
-def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime, valid_now: bool) -> SignatureInfo:
-    sigs = find_signatures(root)
+def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime, valid_now: bool,
+            found: list[etree._Element] | None) -> SignatureInfo:
+    sigs = found if found is not None else find_signatures(root)
     if len(sigs) != 1:
         raise SignatureInvalid(f"exactly one ds:Signature is allowed, found {len(sigs)}")
     sig = sigs[0]
@@ -353,7 +361,7 @@ def _verify(root: etree._Element, signers: list[TrustedSigner], now: datetime, v
     if qualifying and signed_props is None:
         raise SignatureInvalid("XAdES SignedProperties are present but not covered by the signature")
     if signed_props is not None:
-        signing_time = _check_xades(signed_props, signer.cert, now)
+        signing_time = _check_xades(signed_props, signer, now)
     cert = signer.cert
     if signing_time and not cert.not_valid_before_utc <= datetime.fromisoformat(signing_time) <= cert.not_valid_after_utc:
         raise SignatureInvalid("the signing certificate was not valid at the signing time")
@@ -383,11 +391,12 @@ def _signer(key_info: etree._Element | None, signers: list[TrustedSigner]) -> Tr
             return signers[0]
         raise SignatureInvalid("ds:KeyInfo names no X509Certificate and several signing certificates are registered")
     der = _b64(certs[0], "ds:X509Certificate")
+    exact = next((s for s in signers if s.der == der), None)  # the usual case: the registered certificate itself
     try:
-        embedded = x509.load_der_x509_certificate(der)
+        embedded = exact.cert if exact else x509.load_der_x509_certificate(der)
     except ValueError:
         raise SignatureInvalid("ds:X509Certificate is not a certificate") from None
-    spki = _spki(embedded)
+    spki = exact.spki if exact else _spki(embedded)
     for s in signers:
         if s.spki == spki:
             key_value = key_info.find(f"{_q(DS, 'KeyValue')}")
@@ -438,14 +447,14 @@ def _check_value(cert: x509.Certificate, method: SignatureMethod, value: bytes, 
         raise SignatureInvalid("the signature value does not verify with the signer's key") from None
 
 
-def _check_xades(props: etree._Element, cert: x509.Certificate, now: datetime) -> str | None:
+def _check_xades(props: etree._Element, signer: TrustedSigner, now: datetime) -> str | None:
     ssp = props.find(_q(XADES, "SignedSignatureProperties"))
     if ssp is None:
         raise SignatureInvalid("XAdES SignedSignatureProperties are missing")
     cert_refs = ssp.findall(f"{_q(XADES, 'SigningCertificate')}/{_q(XADES, 'Cert')}")
     if not cert_refs:
         raise SignatureInvalid("XAdES SigningCertificate is missing")
-    der = cert.public_bytes(serialization.Encoding.DER)
+    der = signer.der
     matched = False
     for c in cert_refs:
         cd = _only(c, XADES, "CertDigest", "xades:CertDigest")

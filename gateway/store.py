@@ -31,6 +31,10 @@ T = TypeVar("T")
 SCHEMA_VERSION = 2
 MAX_BATCH = 256  # operations per group commit
 BUSY_TIMEOUT_MS = 30_000  # other processes (CLI, other workers) holding the write lock
+# The writer waits for another process's write lock in short steps of its own: SQLite's busy
+# handler sleeps up to 100 ms per step, which would show in every acknowledgement's latency.
+LOCK_RETRY_MIN_S = 0.0002
+LOCK_RETRY_MAX_S = 0.002
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -165,6 +169,7 @@ class SqliteStore(Store):
 
     def _write_loop(self) -> None:
         conn = self._connect()
+        conn.execute("PRAGMA busy_timeout=0")  # _begin() waits for the lock itself
         while True:
             item = self._queue.get()
             if item is None:
@@ -189,7 +194,7 @@ class SqliteStore(Store):
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             for op, _ in batch:
                 conn.execute("SAVEPOINT op")
                 try:
@@ -215,6 +220,20 @@ class SqliteStore(Store):
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
+
+    @staticmethod
+    def _begin(conn: sqlite3.Connection) -> None:
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        delay = LOCK_RETRY_MIN_S
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, LOCK_RETRY_MAX_S)
 
     def close(self) -> None:
         if self._writer.is_alive():

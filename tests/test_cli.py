@@ -222,7 +222,10 @@ def test_serve_subprocess(tmp_path):
     assert len(accepted) == 1
     assert accepted[0]["message_id"] == reply["message_id"]
     assert accepted[0]["partner"] == instance.DEMO_PARTNER
-    assert events[-1]["event"] == "gateway.stopped"
+    started = [e for e in events if e.get("event") == "gateway.started"]
+    stopped = [e for e in events if e.get("event") == "gateway.stopped"]
+    assert started and len(stopped) == len(started)  # every worker process stopped cleanly
+    assert events[-1]["event"] == ("supervisor.stopped" if len(started) > 1 else "gateway.stopped")
 
 
 def test_demo_no_wait(tmp_path):
