@@ -8,6 +8,7 @@ content or secrets are replaced, long strings are cut, control characters are es
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -32,6 +33,37 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+class LineLogger:
+    """Writes each event as one line with one write(2) call: the worker processes share stdout, and a
+    line written in pieces could interleave with another process's (a pipe keeps writes of up to
+    PIPE_BUF, 4096 bytes, whole; fields are cut to MAX_FIELD_CHARS to stay under it)."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None  # an in-memory stream (tests)
+
+    def msg(self, message: str) -> None:
+        if self._fd is None:
+            self._stream.write(message + "\n")
+            return
+        data = memoryview((message + "\n").encode("utf-8", "backslashreplace"))
+        while data:
+            data = data[os.write(self._fd, data):]
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = log = msg
+
+
+class LineLoggerFactory:
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def __call__(self, *args: Any) -> LineLogger:
+        return LineLogger(self._stream)
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     structlog.configure(
         processors=[
@@ -43,7 +75,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=LineLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
 

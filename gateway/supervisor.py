@@ -26,6 +26,7 @@ from typing import Any
 
 from . import logs
 from .config import Config
+from .store import SqliteStore
 
 RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
@@ -52,6 +53,9 @@ def _spawn(config: Config, index: int, sock: socket.socket) -> subprocess.Popen[
 
 
 def supervise(config: Config, workers: int, backlog: int) -> int:
+    # Create (or migrate) the database once, before several processes open it at the same moment:
+    # switching a new database to WAL needs it to itself.
+    SqliteStore(config.state_dir).close()
     sock = listen(config.https.host, config.https.port, backlog)
     port = sock.getsockname()[1]
     stopping = False
