@@ -38,26 +38,27 @@ class LineLogger:
     line written in pieces could interleave with another process's (a pipe keeps writes of up to
     PIPE_BUF, 4096 bytes, whole; fields are cut to MAX_FIELD_CHARS to stay under it)."""
 
-    def __init__(self, stream: TextIO):
-        self._stream = stream
-        try:
-            self._fd: int | None = stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            self._fd = None  # an in-memory stream (tests)
+    def __init__(self, stream: TextIO | None):
+        self._stream = stream  # None: whatever sys.stdout is when a line is written
 
     def msg(self, message: str) -> None:
-        if self._fd is None:
-            self._stream.write(message + "\n")
+        stream: TextIO = self._stream or sys.stdout
+        real = sys.__stdout__
+        if real is None or stream is not real:  # in-memory or captured by a test: no fd of its own
+            stream.write(message + "\n")
+            stream.flush()
             return
+        real.flush()
         data = memoryview((message + "\n").encode("utf-8", "backslashreplace"))
+        fd = real.fileno()
         while data:
-            data = data[os.write(self._fd, data):]
+            data = data[os.write(fd, data):]
 
     debug = info = warning = warn = error = critical = exception = fatal = failure = log = msg
 
 
 class LineLoggerFactory:
-    def __init__(self, stream: TextIO):
+    def __init__(self, stream: TextIO | None):
         self._stream = stream
 
     def __call__(self, *args: Any) -> LineLogger:
@@ -75,7 +76,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=LineLoggerFactory(stream or sys.stdout),
+        logger_factory=LineLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 
