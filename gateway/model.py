@@ -47,13 +47,6 @@ class DocumentType(enum.Enum):
             code="UNSUPPORTED_DOCUMENT_TYPE",
         )
 
-    @classmethod
-    def from_label(cls, label: str) -> DocumentType:
-        for member in cls:
-            if member.label == label:
-                return member
-        raise ValueError(label)
-
 
 class PartnerStatus(enum.Enum):
     ACTIVE = "active"

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from lxml import etree
 
 from .errors import Detail, Rejected
+from .tls import spki_sha256
 
 DS = "http://www.w3.org/2000/09/xmldsig#"
 XADES = "http://uri.etsi.org/01903/v1.3.2#"
@@ -148,16 +149,11 @@ class TrustedSigner:
 
     @classmethod
     def of(cls, cert: x509.Certificate, spki: str | None = None) -> TrustedSigner:
-        return cls(cert, spki or _spki(cert), cert.public_bytes(serialization.Encoding.DER))
+        return cls(cert, spki or spki_sha256(cert), cert.public_bytes(serialization.Encoding.DER))
 
 
 def trusted(certs: Iterable[x509.Certificate]) -> list[TrustedSigner]:
     return [TrustedSigner.of(c) for c in certs]
-
-
-def _spki(cert: x509.Certificate) -> str:
-    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
 
 
 def _q(ns: str, local: str) -> str:
@@ -396,7 +392,7 @@ def _signer(key_info: etree._Element | None, signers: list[TrustedSigner]) -> Tr
         embedded = exact.cert if exact else x509.load_der_x509_certificate(der)
     except ValueError:
         raise SignatureInvalid("ds:X509Certificate is not a certificate") from None
-    spki = exact.spki if exact else _spki(embedded)
+    spki = exact.spki if exact else spki_sha256(embedded)
     for s in signers:
         if s.spki == spki:
             key_value = key_info.find(f"{_q(DS, 'KeyValue')}")
@@ -497,7 +493,7 @@ class SigningKey:
                 raise ValueError("the gateway's ECDSA signing key must be on P-256, P-384 or P-521")
         else:
             raise ValueError("the gateway's signing key must be RSA or ECDSA")
-        if _spki(cert) != hashlib.sha256(key.public_key().public_bytes(
+        if spki_sha256(cert) != hashlib.sha256(key.public_key().public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest():
             raise ValueError("the signing certificate does not belong to the signing key")
         return cls(cert, key)
