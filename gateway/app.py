@@ -17,8 +17,10 @@ from .config import Config
 from .delivery import Deliverer
 from .errors import ConfigError
 from .inbound.https import HttpsInbound
+from .model import Syntax
 from .partners import PartnerBook
 from .pipeline import Pipeline
+from .rules import PackSpec, RuleEngine
 from .schema import SchemaRegistry
 from .store import SqliteStore
 from .tls import server_context
@@ -42,21 +44,56 @@ class Parts:
     schemas: SchemaRegistry
     partners: PartnerBook
     parser: XmlParser
+    rules: RuleEngine
 
 
-def build(config: Config) -> Parts:
+def build(config: Config, *, processes: int | None = None) -> Parts:
     """Build and check every part that can fail on bad configuration (no sockets, no state writes)."""
     server_context(config.https.certificate, config.https.private_key, config.https.client_ca)
     vault = Vault.from_files(config.vault.keys, config.vault.current)
     partners = PartnerBook(config.partners_file)
-    schemas = SchemaRegistry(config.schemas)
-    return Parts(config, vault, schemas, partners, XmlParser(config.xml))
+    schemas = SchemaRegistry(config.schemas, config.cii_schema)
+    rules = RuleEngine(rule_specs(config), processes=processes or config.rules_processes, timeout_s=config.rules_timeout_s)
+    try:
+        rules.check_names(config.rules_default, "rules.default")
+        for p in partners.current.partners:
+            if p.rules is not None:
+                rules.check_names(p.rules, f"{config.partners_file}: partners.{p.name}.rules")
+    except ConfigError:
+        rules.close()
+        raise
+    return Parts(config, vault, schemas, partners, XmlParser(config.xml), rules)
+
+
+def warnings(parts: Parts) -> list[str]:
+    """Weakened defaults an operator should know about (logged at start, printed by check-config)."""
+    out = []
+    config, rules = parts.config, parts.rules
+    if not config.rules_default:
+        out.append("rules.default is empty: invoices from partners that choose no rule pack are not checked "
+                   "against EN 16931")
+    for p in parts.partners.current.partners:
+        if p.rules == ():
+            out.append(f"partner {p.name!r} is registered with --no-rules: its invoices are not checked against any "
+                       "business rules")
+    used = {n for p in parts.partners.current.partners for n in (config.rules_default if p.rules is None else p.rules)}
+    for name in sorted(used & set(rules.packs)):
+        if Syntax.CII not in rules.packs[name].stylesheets:
+            out.append(f"rule pack {name!r} has no CII stylesheet: CII invoices from partners using it are refused "
+                       f"with RULES_UNAVAILABLE until a [[rules.packs]] entry named {name!r} gives cii = \"…\"")
+    return out
+
+
+def rule_specs(config: Config) -> list[PackSpec]:
+    return [PackSpec(p.name, p.version, {s: path for s, path in ((Syntax.UBL, p.ubl), (Syntax.CII, p.cii)) if path})
+            for p in config.rule_packs]
 
 
 class Gateway:
     def __init__(self, config: Config, parts: Parts | None = None, *, sock: socket.socket | None = None,
                  run_delivery: bool = True):
         self.config = config
+        self._owns_parts = parts is None
         self.parts = parts or build(config)
         self.sock = sock  # a listening socket shared by several worker processes (gateway/supervisor.py)
         self.run_delivery = run_delivery  # only one process delivers
@@ -67,8 +104,9 @@ class Gateway:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage")
         self.store = SqliteStore(config.state_dir)
         self.deliverer = Deliverer(self.store, self.parts.vault, list(config.destinations), self.executor)
-        self.pipeline = Pipeline(self.parts.parser, self.parts.schemas, self.parts.partners, self.parts.vault,
-                                 self.store, [d.name for d in config.destinations], self.executor)
+        self.pipeline = Pipeline(self.parts.parser, self.parts.schemas, self.parts.rules, config.rules_default,
+                                 self.parts.partners, self.parts.vault, self.store, [d.name for d in config.destinations],
+                                 self.executor, config.https.max_body_bytes)
         self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.deliverer.wake.set)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -97,8 +135,10 @@ class Gateway:
             )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
-        if self.run_delivery:
+        if self.run_delivery:  # one process of several: say it once
             self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
+            for warning in warnings(self.parts):
+                log.warning("gateway.weakened", reason=warning)
         self._tasks.append(asyncio.create_task(self._watch_partners(), name="partners-reload"))
         log.info("gateway.started", url=f"https://{cfg.host}:{self.port}", pid=os.getpid(),
                  partners=len(self.parts.partners.current.partners), destinations=len(self.config.destinations),
@@ -126,6 +166,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self.executor.shutdown(wait=True)
+        if self._owns_parts:
+            self.parts.rules.close()
         self.store.close()
         log.info("gateway.stopped")
 

@@ -8,6 +8,8 @@
     einvoice-gateway partners edit NAME [--client-cert PEM …] [--signing-cert PEM …] [--remove-cert SPKI …]
                                    [--party-id ID …] [--remove-party-id ID …] [--email ADDR …] [--signature-policy P] -c CONFIG
     einvoice-gateway partners list|show NAME|suspend NAME|resume NAME|remove NAME -c CONFIG
+        (add and edit also take [--rules PACK[,PACK…] | --no-rules] [--amount-ceiling CUR:AMOUNT …])
+    einvoice-gateway quarantine list [--all] [--partner P] [--json] | show ID | release ID --reason R | reject ID --reason R
     einvoice-gateway sign IN OUT [-c CONFIG | --cert PEM --key PEM]
     einvoice-gateway verify FILE [--cert PEM …]
     einvoice-gateway demo [--dir DIR] [--no-wait]
@@ -67,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--verified-by", help="who verified this partner (default: the current user)")
     add.add_argument("--signing-cert", action="append", default=[], help="certificate (PEM) the partner signs invoices with")
     add.add_argument("--signature-policy", choices=[p.value for p in SignaturePolicy], default=SignaturePolicy.IF_PRESENT.value)
+    rules_options(add)
     ed = with_config(psub.add_parser("edit", help="add or remove certificates and identifiers, set the signature policy"))
     ed.add_argument("name")
     ed.add_argument("--client-cert", action="append", default=[], help="add a client certificate (rollover)")
@@ -77,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--remove-party-id", action="append", default=[])
     ed.add_argument("--email", action="append", default=[])
     ed.add_argument("--signature-policy", choices=[p.value for p in SignaturePolicy])
+    rules_options(ed)
+    ed.add_argument("--default-rules", action="store_true", help="use the configured rules.default again")
+    ed.add_argument("--remove-amount-ceiling", action="append", default=[], metavar="CURRENCY")
     with_config(psub.add_parser("list", help="list partners"))
 
     sg = with_config(sub.add_parser("sign", help="add the gateway's XAdES-BES signature to an invoice"))
@@ -91,12 +97,54 @@ def _parser() -> argparse.ArgumentParser:
     for action in ("show", "suspend", "resume", "remove"):
         sp = with_config(psub.add_parser(action, help=f"{action} a partner"))
         sp.add_argument("name")
+
+    q = sub.add_parser("quarantine", help="invoices held for review (changed bank account, amount ceiling)")
+    qsub = q.add_subparsers(dest="action", required=True)
+    ql = with_config(qsub.add_parser("list", help="list held invoices (or every decision with --all)"))
+    ql.add_argument("--all", action="store_true", help="include released and rejected ones")
+    ql.add_argument("--partner")
+    ql.add_argument("--json", action="store_true")
+    qs = with_config(qsub.add_parser("show", help="one held invoice, with the seller's account history beside it"))
+    qs.add_argument("message_id")
+    for action, what in (("release", "deliver it"), ("reject", "never deliver it")):
+        qd = with_config(qsub.add_parser(action, help=f"decide a held invoice: {what}"))
+        qd.add_argument("message_id")
+        qd.add_argument("--reason", required=True, help="why (recorded in the audit log with who decided)")
+        qd.add_argument("--by", help="who decides (default: the current user)")
     return p
+
+
+def rules_options(sp: argparse.ArgumentParser) -> None:
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--rules", metavar="PACK[,PACK…]", help="business rule packs for this partner (default: rules.default)")
+    group.add_argument("--no-rules", action="store_true",
+                       help="check this partner's invoices against no business rules (warned at every start)")
+    sp.add_argument("--amount-ceiling", action="append", default=[], metavar="CUR:AMOUNT",
+                    help="hold invoices over this payable amount for review, e.g. EUR:50000 (repeat per currency; "
+                         "invoices in a currency without a ceiling are then held too)")
+
+
+def _chosen_rules(args: argparse.Namespace, cfg: config_mod.Config) -> tuple[str, ...] | None:
+    """The --rules/--no-rules choice, checked against the configured packs; None: no choice made."""
+    from .app import rule_specs
+    from .rules import merge
+
+    if args.no_rules:
+        print("warning: this partner's invoices will not be checked against any business rules", file=sys.stderr)
+        return ()
+    if not args.rules:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in args.rules.split(",") if n.strip()))
+    known = merge(rule_specs(cfg))
+    for n in names:
+        if n not in known:
+            raise ConfigError(f"--rules: no rule pack named {n!r} (configured: {', '.join(sorted(known))})")
+    return names
 
 
 def _partners(args: argparse.Namespace) -> int:
     from .instance import current_user, register_partner
-    from .partners import editing, load_directory, parse_party_id, with_status
+    from .partners import editing, load_directory, parse_ceiling, parse_party_id, with_status
     from .tls import expires_soon, inspect_certificate
 
     cfg = config_mod.load(args.config)
@@ -107,12 +155,14 @@ def _partners(args: argparse.Namespace) -> int:
         for i, c in enumerate(certs):
             if not c.is_file():
                 raise ConfigError(f"--client-cert[{i}]: {c} not found")
+        ceilings = tuple(parse_ceiling(v, f"--amount-ceiling[{i}]") for i, v in enumerate(args.amount_ceiling))
         register_partner(path, args.name, certs, ids, args.email, args.verified_by or current_user(),
-                         [Path(c) for c in args.signing_cert], SignaturePolicy(args.signature_policy))
+                         [Path(c) for c in args.signing_cert], SignaturePolicy(args.signature_policy),
+                         rules=_chosen_rules(args, cfg), ceilings=ceilings)
         print(f"partner {args.name!r} added; the running gateway picks it up within seconds")
         return 0
     if args.action == "edit":
-        _edit_partner(path, args)
+        _edit_partner(path, args, _chosen_rules(args, cfg))
         print(f"partner {args.name!r} edited; the running gateway picks it up within seconds")
         return 0
     directory = load_directory(path)
@@ -138,7 +188,9 @@ def _partners(args: argparse.Namespace) -> int:
         print(json.dumps({"name": partner.name, "status": partner.status.value, "verified_by": partner.verified_by,
                           "verified_at": partner.verified_at, "party_ids": sorted(partner.party_ids),
                           "emails": list(partner.emails), "client_certs": shown,
-                          "signature_policy": partner.signature_policy.value, "signing_certs": signing}, indent=2))
+                          "signature_policy": partner.signature_policy.value, "signing_certs": signing,
+                          "rules": list(partner.rules) if partner.rules is not None else f"default ({', '.join(cfg.rules_default)})",
+                          "amount_ceilings": {c: str(v) for c, v in partner.amount_ceilings}}, indent=2))
         return 0
     with editing(path) as partners:
         idx = next(i for i, p in enumerate(partners) if p.name == args.name)
@@ -150,17 +202,18 @@ def _partners(args: argparse.Namespace) -> int:
     return 0
 
 
-def _edit_partner(path: Path, args: argparse.Namespace) -> None:
+def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] | None) -> None:
     from dataclasses import replace
 
     from .instance import edit_partners
-    from .partners import parse_party_id
+    from .partners import parse_ceiling, parse_party_id
     from .tls import inspect_certificate
 
     for prefix in args.remove_cert:
         if len(prefix) < 16:
             raise ConfigError(f"--remove-cert: {prefix!r} is too short; give at least 16 hex digits of the key SHA-256")
     add_ids = {parse_party_id(v, f"--party-id[{i}]") for i, v in enumerate(args.party_id)}
+    add_ceilings = dict(parse_ceiling(v, f"--amount-ceiling[{i}]") for i, v in enumerate(args.amount_ceiling))
     drop_ids = {parse_party_id(v, f"--remove-party-id[{i}]") for i, v in enumerate(args.remove_party_id)}
 
     def keep(paths: tuple[str, ...]) -> list[str]:
@@ -183,9 +236,50 @@ def _edit_partner(path: Path, args: argparse.Namespace) -> None:
         partners[idx] = replace(
             p, client_certs=tuple(client), signing_certs=tuple(signing), party_ids=frozenset((p.party_ids | add_ids) - drop_ids),
             emails=tuple(dict.fromkeys(p.emails + tuple(args.email))),
-            signature_policy=SignaturePolicy(args.signature_policy) if args.signature_policy else p.signature_policy)
+            signature_policy=SignaturePolicy(args.signature_policy) if args.signature_policy else p.signature_policy,
+            rules=None if args.default_rules else rules if rules is not None else p.rules,
+            amount_ceilings=tuple(sorted(({c: v for c, v in p.amount_ceilings if c not in args.remove_amount_ceiling}
+                                          | add_ceilings).items())))
 
     edit_partners(path, args.name, change)
+
+
+def _quarantine(args: argparse.Namespace) -> int:
+    from concurrent.futures import Future
+
+    from .instance import current_user
+    from .store import NotHeld, SqliteStore
+
+    cfg = config_mod.load(args.config)
+    store = SqliteStore(cfg.state_dir)
+    try:
+        if args.action == "list":
+            entries = store.quarantined(None if args.all else "held", args.partner)
+            if args.json:
+                print(json.dumps(entries, indent=2))
+            for e in [] if args.json else entries:
+                print(f"{e['message_id']}\t{e['state']}\t{e['partner']}\t{e['invoice_number']}\t{e['issue_date']}\t"
+                      f"{e['payable_amount']} {e['currency']}\t{'; '.join(e['reasons'])}")
+            return 0
+        if args.action == "show":
+            entry = store.quarantine_entry(args.message_id)
+            if entry is None:
+                print(f"einvoice-gateway: no quarantined message {args.message_id}", file=sys.stderr)
+                return 1
+            print(json.dumps(entry, indent=2))
+            return 0
+        fut: Future[dict[str, object]] = store.decide(args.message_id, args.action == "release",
+                                                      args.by or current_user(), args.reason)
+        try:
+            decided = fut.result()
+        except NotHeld as exc:
+            print(f"einvoice-gateway: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"message {decided['message_id']} {decided['state']} by {decided['decided_by']}"
+              + ("; the running gateway delivers it within seconds" if decided["state"] == "released" else ""))
+        return 0
+    finally:
+        store.close()
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -267,33 +361,39 @@ def main(argv: list[str] | None = None) -> int:
             return demo.main(args.dir, not args.no_wait, args.port)
         if args.command == "partners":
             return _partners(args)
+        if args.command == "quarantine":
+            return _quarantine(args)
         if args.command == "sign":
             return _sign(args)
         if args.command == "verify":
             return _verify(args)
         cfg = config_mod.load(args.config)
-        from .app import bind_probe, build
-
-        parts = build(cfg)
-        if args.command == "check-config":
-            print(f"{cfg.source}: OK ({len(parts.partners.current.partners)} partner(s), "
-                  f"UBL {', '.join(parts.schemas.versions)}, master key {parts.vault.current})")
-            return 0
-        logs.configure(cfg.log_level)
-        from .app import LISTEN_BACKLOG, serve_forever
+        from .app import LISTEN_BACKLOG, bind_probe, build, serve_forever, warnings
         from .supervisor import supervise, worker_count
 
-        if args.worker is not None:  # a child of the supervisor, serving the socket it was handed
+        if getattr(args, "worker", None) is not None:  # a child of the supervisor, serving the socket it was handed
             import socket
 
-            sock = socket.socket(fileno=args.listen_fd)
-            asyncio.run(serve_forever(cfg, parts, worker=args.worker, sock=sock))
+            logs.configure(cfg.log_level)
+            asyncio.run(serve_forever(cfg, worker=args.worker, sock=socket.socket(fileno=args.listen_fd)))
             return 0
+        # Build every part once to fail early, naming the key (the serving processes build their own).
+        parts = build(cfg, processes=1)
+        parts.rules.close()
+        if args.command == "check-config":
+            print(f"{cfg.source}: OK ({len(parts.partners.current.partners)} partner(s), "
+                  f"UBL {', '.join(parts.schemas.versions)}, CII {parts.schemas.cii_name}, "
+                  f"rule packs {', '.join(f'{n} {s.version}'.strip() for n, s in sorted(parts.rules.packs.items()))}, "
+                  f"master key {parts.vault.current})")
+            for warning in warnings(parts):
+                print(f"warning: {warning}", file=sys.stderr)
+            return 0
+        logs.configure(cfg.log_level)
         if cfg.https.port:
             bind_probe(cfg.https.host, cfg.https.port)
         workers = worker_count(cfg.https.workers)
         if workers == 1:
-            asyncio.run(serve_forever(cfg, parts))
+            asyncio.run(serve_forever(cfg))
             return 0
         return supervise(cfg, workers, LISTEN_BACKLOG)
     except ConfigError as exc:

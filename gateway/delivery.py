@@ -44,11 +44,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class DirectoryDestination:
-    """Writes ``<message_id>.json`` then ``<message_id>.xml`` into an ERP's inbox folder.
+    """Writes ``<message_id>.json`` then ``<message_id>.xml`` (``.pdf`` for a Factur-X PDF) into an ERP's inbox folder.
 
     Each file is written under a dot-name, fsynced and renamed into place, then the folder is
-    fsynced: a reader sees a whole file or none.  The ``.xml`` appears last, so when it is there
-    its sidecar is too.  A redelivery after a crash rewrites the same names with the same bytes.
+    fsynced: a reader sees a whole file or none.  The document appears last, so when it is
+    there its sidecar is too.  A redelivery after a crash rewrites the same names with the same bytes.
     """
 
     def __init__(self, dest: Destination):
@@ -70,7 +70,7 @@ class DirectoryDestination:
 
     def deliver(self, message_id: str, document: bytes, metadata: dict[str, object]) -> None:
         self._write(f"{message_id}.json", json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n")
-        self._write(f"{message_id}.xml", document)
+        self._write(f"{message_id}.{'pdf' if metadata.get('media_type') == 'application/pdf' else 'xml'}", document)
         _fsync_dir(self.folder)
 
 

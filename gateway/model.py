@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from .errors import Detail, UnsupportedDocument
 
 UBL_INVOICE_NS = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
 UBL_CREDIT_NOTE_NS = "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2"
 CII_NS = "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"
+
+
+class Syntax(enum.Enum):
+    UBL = "ubl"
+    CII = "cii"
 
 
 class DocumentType(enum.Enum):
@@ -20,6 +26,11 @@ class DocumentType(enum.Enum):
 
     UBL_INVOICE = ("Invoice", UBL_INVOICE_NS)
     UBL_CREDIT_NOTE = ("CreditNote", UBL_CREDIT_NOTE_NS)
+    CII_INVOICE = ("CrossIndustryInvoice", CII_NS)  # UN/CEFACT CII D16B, as EN 16931 uses it
+
+    @property
+    def syntax(self) -> Syntax:
+        return Syntax.CII if self is DocumentType.CII_INVOICE else Syntax.UBL
 
     @property
     def root(self) -> str:
@@ -31,7 +42,7 @@ class DocumentType(enum.Enum):
 
     @property
     def label(self) -> str:
-        return {"UBL_INVOICE": "ubl:Invoice", "UBL_CREDIT_NOTE": "ubl:CreditNote"}[self.name]
+        return {"UBL_INVOICE": "ubl:Invoice", "UBL_CREDIT_NOTE": "ubl:CreditNote", "CII_INVOICE": "cii:CrossIndustryInvoice"}[self.name]
 
     @classmethod
     def from_root(cls, namespace: str | None, local: str) -> DocumentType:
@@ -40,9 +51,9 @@ class DocumentType(enum.Enum):
                 return member
         # The message is fixed (it is logged); what the sender sent goes into a detail.
         shown = f"{{{namespace}}}{local}" if namespace else local
-        hint = " (UN/CEFACT CII is not accepted on this endpoint yet)" if namespace == CII_NS else ""
         raise UnsupportedDocument(
-            f"the root element is not a document type this gateway accepts{hint}; send a UBL 2.1 Invoice or CreditNote",
+            "the root element is not a document type this gateway accepts; send a UBL 2.1 Invoice or CreditNote, "
+            "or a UN/CEFACT CrossIndustryInvoice",
             [Detail(f"found root element {shown[:200]}", path="/*")],
             code="UNSUPPORTED_DOCUMENT_TYPE",
         )
@@ -85,6 +96,8 @@ class Partner:
     signature_policy: SignaturePolicy = SignaturePolicy.IF_PRESENT
     signing_certs: tuple[str, ...] = ()  # paths of the registered document-signing certificates (PEM)
     signing_spki: frozenset[str] = frozenset()
+    rules: tuple[str, ...] | None = None  # rule packs; None: the configured default; (): none (warned at start)
+    amount_ceilings: tuple[tuple[str, Decimal], ...] = ()  # (currency, ceiling): above it, or in another currency, held
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +108,7 @@ class InboundMessage:
     peer: PeerIdentity
     partner: Partner
     received_at: str  # RFC 3339, UTC
+    media_type: str = "application/xml"  # or application/pdf: a Factur-X / ZUGFeRD PDF with the XML inside
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +123,9 @@ class InvoiceFacts:
     customization_id: str
     profile_id: str
     issue_date: str
+    payee_accounts: tuple[str, ...] = ()  # BT-84: accounts (IBAN or other) the invoice asks to be paid to
+    payable_amount: str = ""  # BT-115, as written
+    currency: str = ""  # of the payable amount
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +141,10 @@ class AcceptedInvoice:
     sealed: bytes = field(repr=False)
     key_id: str
     signature: dict[str, object] | None = None  # what the verified XML signature proved, if one was checked
+    media_type: str = "application/xml"  # of the stored original (a Factur-X PDF is kept as the PDF)
+    rules: dict[str, object] | None = None  # packs that ran and the warnings they gave; None: no rules
+    accounts: tuple[str, ...] = ()  # payee accounts, normalised, checked against the seller's history in the store
+    holds: tuple[str, ...] = ()  # reasons to hold for review that need no history (amount ceiling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +156,18 @@ class Receipt:
     sha256: str
     received_at: str
     duplicate: bool = False
+    rules: dict[str, object] | None = None
 
     def as_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "message_id": self.message_id,
             "status": self.status,
             "sha256": self.sha256,
             "received_at": self.received_at,
             "duplicate": self.duplicate,
         }
+        if self.status == "held":  # deliberately no reason: it would tell a fraudster what tripped
+            out["message"] = "accepted and held for review before delivery"
+        if self.rules is not None:
+            out["rules"] = self.rules
+        return out

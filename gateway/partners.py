@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,18 @@ from .ubl import identifier
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ID = re.compile(r"^(?:([^:\s]{1,32}):)?(\S(?:.{0,198}\S)?)$")
+
+
+def parse_ceiling(text: str, where: str) -> tuple[str, Decimal]:
+    """``EUR:50000``: invoices over this payable amount, or in a currency with no ceiling, are held."""
+    currency, _, value = text.partition(":")
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        amount = Decimal(-1)
+    if not re.fullmatch(r"[A-Z]{3}", currency) or not amount.is_finite() or amount < 0:
+        raise ConfigError(f"{where}: {text!r} is not a ceiling; write CURRENCY:AMOUNT, e.g. EUR:50000")
+    return currency, amount
 
 
 def parse_party_id(text: str, where: str) -> str:
@@ -136,6 +149,8 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
         certs[info.spki_sha256] = info
         signing.append((str(path), info.spki_sha256))
     policy = r.choice("signature_policy", tuple(s.value for s in SignaturePolicy), SignaturePolicy.IF_PRESENT.value)
+    rules = tuple(r.str_list("rules")) if r.has("rules") else None
+    ceilings = tuple(parse_ceiling(v, f"{r.key('amount_ceilings')}[{i}]") for i, v in enumerate(r.str_list("amount_ceilings")))
     if policy == SignaturePolicy.REQUIRED.value and not signing:
         raise ConfigError(f"{r.key('signature_policy')}: 'required' needs at least one entry in signing_certs")
     emails = r.str_list("emails")
@@ -154,6 +169,8 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
         signature_policy=SignaturePolicy(policy),
         signing_certs=tuple(p for p, _ in signing),
         signing_spki=frozenset(s for _, s in signing),
+        rules=rules,
+        amount_ceilings=ceilings,
     )
     r.done()
     return partner
@@ -225,6 +242,8 @@ def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
         "emails": list(p.emails),
         "signature_policy": p.signature_policy.value,
         "signing_certs": [rel(c) for c in p.signing_certs],
+        **({"rules": list(p.rules)} if p.rules is not None else {}),
+        "amount_ceilings": [f"{c}:{v}" for c, v in p.amount_ceilings],
     }
 
 

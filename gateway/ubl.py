@@ -31,8 +31,10 @@ _CUSTOMER = _party_ids("AccountingCustomerParty")
 _STRING = etree.XPath("string(.)")
 _FIELD = {
     name: etree.XPath(f"string(/*/cbc:{name})", namespaces=NS)
-    for name in ("ID", "CustomizationID", "ProfileID", "IssueDate")
+    for name in ("ID", "CustomizationID", "ProfileID", "IssueDate", "DocumentCurrencyCode")
 }
+_ACCOUNTS = etree.XPath("/*/cac:PaymentMeans/cac:PayeeFinancialAccount/cbc:ID", namespaces=NS)  # BT-84
+_PAYABLE = etree.XPath("/*/cac:LegalMonetaryTotal/cbc:PayableAmount", namespaces=NS)  # BT-115
 
 
 def identifier(scheme: str | None, value: str) -> str:
@@ -42,26 +44,38 @@ def identifier(scheme: str | None, value: str) -> str:
     return f"{scheme}:{value}" if scheme else value
 
 
-def _ids(elements: list[etree._Element]) -> tuple[str, ...]:
+def ids_of(elements: list[etree._Element], *, schemes: bool = True) -> tuple[str, ...]:
+    """Distinct identifiers of the elements, in document order (``scheme:value`` where asked for)."""
     seen: dict[str, None] = {}
     for el in elements:
         value = _STRING(el)
         if value.strip():
-            seen[identifier(el.get("schemeID"), value)] = None
+            seen[identifier(el.get("schemeID") if schemes else None, value)] = None
     return tuple(seen)
+
+
+def amount(elements: list[etree._Element]) -> tuple[str, str]:
+    """The first amount and its currencyID, as written."""
+    if not elements:
+        return "", ""
+    return "".join(_STRING(elements[0]).split()), (elements[0].get("currencyID") or "").strip()
 
 
 def read_facts(root: etree._Element, doc_type: DocumentType, ubl_version: str) -> InvoiceFacts:
     number = _FIELD["ID"](root).strip()
     if not number:
         raise UnsupportedDocument(f"the {doc_type.root} has no cbc:ID (invoice number)", code="MISSING_INVOICE_NUMBER")
+    payable, currency = amount(_PAYABLE(root))
     return InvoiceFacts(
         document_type=doc_type,
         invoice_number=number,
         ubl_version=ubl_version,
-        supplier_ids=_ids(_SUPPLIER(root)),
-        customer_ids=_ids(_CUSTOMER(root)),
+        supplier_ids=ids_of(_SUPPLIER(root)),
+        customer_ids=ids_of(_CUSTOMER(root)),
         customization_id=_FIELD["CustomizationID"](root).strip(),
         profile_id=_FIELD["ProfileID"](root).strip(),
         issue_date=_FIELD["IssueDate"](root).strip(),
+        payee_accounts=ids_of(_ACCOUNTS(root), schemes=False),
+        payable_amount=payable,
+        currency=currency or _FIELD["DocumentCurrencyCode"](root).strip(),
     )

@@ -86,7 +86,7 @@ async def test_accepted_reply_and_committed_before_202(gateway, client):
     status, body, _ = await post(client(), SAMPLE)
     rows = db_rows(gateway, body.get("message_id"))  # immediately after the 202
     assert status == 202, body
-    assert set(body) == {"message_id", "status", "sha256", "received_at", "duplicate"}
+    assert set(body) == {"message_id", "status", "sha256", "received_at", "duplicate", "rules"}
     assert body["sha256"] == hashlib.sha256(SAMPLE).hexdigest()
     assert body["status"] == "accepted" and body["duplicate"] is False
     uuid.UUID(body["message_id"])

@@ -1,6 +1,7 @@
 """The partner-facing mutual-TLS HTTPS API.
 
-    POST /v1/invoices            application/xml body → 202 {message_id, status, sha256, received_at, duplicate}
+    POST /v1/invoices            application/xml (or a Factur-X application/pdf) body
+                                 → 202 {message_id, status: accepted|held, sha256, received_at, duplicate, rules}
     GET  /v1/invoices/{id}       status, for the partner that sent it; 404 for everyone else
 
 Every error is JSON ``{error, message, details[]}``; ``reply_for`` is the one place errors become
@@ -29,6 +30,7 @@ from ..store import Store
 from ..tls import spki_sha256_der
 
 XML_MEDIA_TYPES = ("application/xml", "text/xml")
+PDF_MEDIA_TYPE = "application/pdf"  # Factur-X / ZUGFeRD: the CII invoice embedded in a PDF/A-3
 BUDGET_WAIT_S = 5.0  # how long an upload may wait for in-flight byte budget before a 503
 
 log = logs.get("inbound.https")
@@ -129,7 +131,8 @@ class HttpsInbound:
             await self.budget.acquire(reserve)
             try:
                 body = await asyncio.wait_for(request.read(), self.cfg.read_timeout_s)
-                outcome = await self.pipeline.accept(InboundMessage(body, peer, partner, received_at))
+                media_type = PDF_MEDIA_TYPE if request.content_type == PDF_MEDIA_TYPE else "application/xml"
+                outcome = await self.pipeline.accept(InboundMessage(body, peer, partner, received_at, media_type))
             finally:
                 await self.budget.release(reserve)
         except web.HTTPRequestEntityTooLarge:
@@ -149,9 +152,11 @@ class HttpsInbound:
         receipt = outcome.receipt
         if outcome.accepted is not None:
             facts = outcome.accepted.facts
-            bound.info("invoice.accepted", message_id=receipt.message_id, code="ACCEPTED", sha256=receipt.sha256,
-                       document_type=facts.document_type.label, invoice_number=facts.invoice_number,
-                       size=outcome.accepted.size, key_id=outcome.accepted.key_id)
+            bound.info("invoice.accepted", message_id=receipt.message_id, code="HELD" if receipt.status == "held" else
+                       "ACCEPTED", sha256=receipt.sha256, document_type=facts.document_type.label,
+                       invoice_number=facts.invoice_number, size=outcome.accepted.size, key_id=outcome.accepted.key_id,
+                       media_type=outcome.accepted.media_type,
+                       rule_packs=outcome.accepted.rules["packs"] if outcome.accepted.rules else None)
             self.on_accepted()
         else:
             bound.info("invoice.duplicate", message_id=receipt.message_id, code="DUPLICATE", sha256=receipt.sha256)
@@ -163,9 +168,10 @@ class HttpsInbound:
             raise UnsupportedMediaType(
                 f"Content-Encoding {encoding!r} is not accepted; send the XML uncompressed", code="UNSUPPORTED_ENCODING"
             )
-        if request.content_type not in XML_MEDIA_TYPES:
+        if request.content_type not in (*XML_MEDIA_TYPES, PDF_MEDIA_TYPE):
             raise UnsupportedMediaType(
-                f"Content-Type {request.content_type!r} is not accepted; send the invoice as application/xml",
+                f"Content-Type {request.content_type!r} is not accepted; send the invoice as application/xml "
+                "(or a Factur-X / ZUGFeRD PDF as application/pdf)",
                 code="UNSUPPORTED_MEDIA_TYPE",
             )
         if request.content_length is not None and request.content_length > self.cfg.max_body_bytes:
