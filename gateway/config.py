@@ -20,7 +20,7 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 # Bodies held in memory at once across all requests; past this, new uploads get 503 + Retry-After.
 DEFAULT_MAX_IN_FLIGHT_BYTES = 512 * 1024 * 1024
 # The gateway's own XML limits (SECURITY-TESTS.md X-04): libxml2 with huge_tree stops at depth 2048.
-DEFAULT_MAX_DEPTH = 256
+DEFAULT_MAX_DEPTH = 100  # also the nesting limit of the parser in the rules engine (Saxon-HE)
 DEFAULT_MAX_ELEMENTS = 2_000_000
 DEFAULT_MAX_ATTRIBUTES = 256
 

@@ -36,11 +36,16 @@ def iban_valid(account: str) -> bool:
     return int(digits) % 97 == 1
 
 
+class InvalidAccount(Rejected):
+    code = "INVALID_IBAN"
+    http_status = 422
+
+
 def check_accounts(facts: InvoiceFacts) -> tuple[str, ...]:
     """Reject IBANs with wrong check digits; return the accounts, normalised, for the account history."""
     bad = [a for a in facts.payee_accounts if looks_like_iban(a) and not iban_valid(a)]
     if bad:
-        raise Rejected("the payee account is not a valid IBAN (its check digits are wrong); correct it and resend",
+        raise InvalidAccount("the payee account is not a valid IBAN (its check digits are wrong); correct it and resend",
                        [Detail(f"account {a!r} fails the IBAN check (ISO 13616 mod 97)",
                                path="cac:PayeeFinancialAccount/cbc:ID or ram:PayeePartyCreditorFinancialAccount")
                         for a in bad],

@@ -16,10 +16,12 @@ a rules process that dies gives ``503 RULES_ENGINE_UNAVAILABLE`` (retry) and is 
 
 from __future__ import annotations
 
-import multiprocessing
 import queue
 import re
 import signal
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -138,7 +140,8 @@ def _child_main(conn: Connection, specs: dict[str, PackSpec]) -> None:
     Saxon holds the GIL for a whole transformation, so it runs here, in its own process, never in
     a thread of the process that runs the event loop.  The process ends when its pipe closes.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when it stops
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the parent decides when it stops: its pipe closes
+        signal.signal(signum, signal.SIG_IGN)
     from saxonche import PySaxonProcessor
 
     try:
@@ -161,19 +164,30 @@ def _child_main(conn: Connection, specs: dict[str, PackSpec]) -> None:
 
 
 class _Child:
+    """One rules process: ``python -m gateway.rules FD``, talking pickles over a socket pair.
+
+    A plain subprocess rather than multiprocessing, which would leave a resource-tracker process
+    behind in every process that ever started one (the supervisor among them).
+    """
+
     def __init__(self, specs: dict[str, PackSpec], start_timeout_s: float):
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds threads or a Saxon VM
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_child_main, args=(child_conn, specs), name="rules", daemon=True)
-        self.process.start()
-        child_conn.close()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.process = subprocess.Popen([sys.executable, "-m", "gateway.rules", str(theirs.fileno())],
+                                            stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+        self.conn = Connection(ours.detach())
+        self.conn.send(specs)
         kind, text = self.receive(start_timeout_s)
         if kind == "config":
             self.stop()
             raise ConfigError(text)
 
     def receive(self, timeout_s: float) -> tuple[str, Any]:
-        if not self.conn.poll(timeout_s):
+        try:
+            ready = self.conn.poll(timeout_s)
+        except OSError:
+            ready = True  # closed: recv() says so
+        if not ready:
             self.stop()
             raise TimeoutError
         try:
@@ -185,9 +199,9 @@ class _Child:
 
     def stop(self) -> None:
         self.conn.close()
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self.process.kill()
-        self.process.join(5)
+        self.process.wait(5)
 
 
 class _Died(Exception):
@@ -303,3 +317,11 @@ def parse_svrl(report: bytes) -> list[Finding]:
         out.append(Finding(el.get("id") or "?", "fatal" if flag in ("fatal", "error") else flag, el.get("location") or "",
                            text[:500]))
     return out
+
+
+if __name__ == "__main__":  # a rules process started by _Child
+    # Through the imported module, so that what it sends back pickles as gateway.rules.Finding.
+    from gateway import rules as _module
+
+    _conn = Connection(int(sys.argv[1]))
+    _module._child_main(_conn, _conn.recv())
