@@ -46,7 +46,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def make_invoice(n: int, target_bytes: int) -> bytes:
-    """The sample invoice with a unique number, padded with extra lines to about target_bytes."""
+    """The sample invoice with a unique number, padded with copies of its first line to about
+    target_bytes, its totals adjusted so that it stays EN 16931-valid (the rules are on)."""
     doc = SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", f"BENCH-{n:08d}</cbc:ID>".encode(), 1)
     line = re.search(rb"  <cac:InvoiceLine>.*?</cac:InvoiceLine>\n", doc, re.S)
     assert line is not None
@@ -54,7 +55,8 @@ def make_invoice(n: int, target_bytes: int) -> bytes:
     while len(doc) + sum(map(len, extra)) < target_bytes:
         extra.append(line.group(0).replace(b"<cbc:ID>1</cbc:ID>", f"<cbc:ID>{i}</cbc:ID>".encode(), 1))
         i += 1
-    return doc.replace(b"</Invoice>", b"".join(extra) + b"</Invoice>")
+    total = f">{1250 + 1000 * len(extra)}.00<".encode()  # the sample: lines of 1000.00 and 250.00, no VAT
+    return doc.replace(b">1250.00<", total).replace(b"</Invoice>", b"".join(extra) + b"</Invoice>")
 
 
 def sign(doc: bytes, signer: signature.SigningKey) -> bytes:
@@ -128,6 +130,10 @@ async def drive(url: str, ctx, docs: list[bytes], concurrency: int) -> list[floa
     return latencies
 
 
+def no_rules(partners, store):  # type: ignore[no-untyped-def]
+    partners[0] = dataclasses.replace(partners[0], rules=())
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=5000)
@@ -135,6 +141,9 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--size", type=int, default=20_000, help="approximate invoice size in bytes")
     ap.add_argument("--signed", choices=("ec", "rsa3072"), help="sign every invoice with a key of this kind")
+    ap.add_argument("--no-rules", action="store_true", help="register the partner with no business rules")
+    ap.add_argument("--workers", type=int, default=0, help="https.workers (0: one per core)")
+    ap.add_argument("--rules-processes", type=int, default=1, help="rules.processes (per worker)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="egw-bench-") as tmp:
@@ -151,6 +160,10 @@ async def main() -> None:
                                                   signature_policy=SignaturePolicy.REQUIRED)
 
             instance.edit_partners(inst.partners, instance.DEMO_PARTNER, require)
+        text = inst.config.read_text().replace("workers = 0", f"workers = {args.workers}", 1)
+        inst.config.write_text(text.replace("[rules]\n", f"[rules]\nprocesses = {args.rules_processes}\n", 1))
+        if args.no_rules:
+            instance.edit_partners(inst.partners, instance.DEMO_PARTNER, no_rules)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(inst.config)], env=env,
                                 stdout=subprocess.DEVNULL)
@@ -173,6 +186,8 @@ async def main() -> None:
     lat.sort()
     q = statistics.quantiles(lat, n=100)
     print(f"invoices: {args.count} x {len(docs[-1])} bytes{', signed ' + args.signed if args.signed else ''}, "
+          f"rules {'off' if args.no_rules else 'on (en16931)'}, workers {args.workers or os.cpu_count()} "
+          f"x {args.rules_processes} rules process(es), "
           f"concurrency {args.concurrency}, "
           f"cores {os.cpu_count()}")
     print(f"throughput: {args.count / wall:.0f} invoices/s")

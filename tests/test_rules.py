@@ -27,9 +27,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import cli, logs
+from gateway import cli, devpki, instance, logs
 from gateway import config as config_mod
-from gateway import devpki, instance
 from gateway.app import Gateway, build
 from gateway.demo import SAMPLE
 from gateway.errors import ConfigError
