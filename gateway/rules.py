@@ -68,7 +68,6 @@ class RulesUnavailable(Rejected):
     http_status = 422
 
 
-@dataclass(frozen=True, slots=True)
 class RulesEngineUnavailable(Transient):
     code = "RULES_ENGINE_UNAVAILABLE"
     http_status = 503

@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     message_id  TEXT PRIMARY KEY REFERENCES invoices(message_id),
     partner     TEXT NOT NULL,
     reasons     TEXT NOT NULL,
+    accounts    TEXT NOT NULL,  -- the payee accounts this invoice names (decided with it)
     state       TEXT NOT NULL CHECK (state IN ('held', 'released', 'rejected')),
     held_at     TEXT NOT NULL,
     decided_at  TEXT,
@@ -416,8 +417,9 @@ class SqliteStore(Store):
                 [(invoice.message_id, d, "held" if holds else "pending", now, now) for d in destinations],
             )
             if holds:
-                conn.execute("INSERT INTO quarantine (message_id, partner, reasons, state, held_at) VALUES (?,?,?,'held',?)",
-                             (invoice.message_id, invoice.partner, json.dumps(holds), now_iso))
+                conn.execute("INSERT INTO quarantine (message_id, partner, reasons, accounts, state, held_at) "
+                             "VALUES (?,?,?,?,'held',?)",
+                             (invoice.message_id, invoice.partner, json.dumps(holds), json.dumps(invoice.accounts), now_iso))
                 _audit(conn, "gateway", "quarantine.held", invoice.partner, invoice.message_id, {"reasons": holds})
             return Receipt(invoice.message_id, "held" if holds else "accepted", invoice.sha256, invoice.received_at,
                            rules=invoice.rules)
@@ -486,12 +488,13 @@ class SqliteStore(Store):
 
     def quarantine_entry(self, message_id: str) -> dict[str, Any] | None:
         conn = self._reader()
-        row = conn.execute("SELECT partner FROM quarantine WHERE message_id = ?", (message_id,)).fetchone()
+        row = conn.execute("SELECT partner, accounts FROM quarantine WHERE message_id = ?", (message_id,)).fetchone()
         if row is None:
             return None
+        named = set(json.loads(row[1]))
         entry = next(e for e in self.quarantined(None, row[0], 1_000_000) if e["message_id"] == message_id)
         entry["accounts"] = [
-            {"account": a, "state": st, "first_seen": fs, "first_message_id": m, "this_invoice": m == message_id}
+            {"account": a, "state": st, "first_seen": fs, "first_message_id": m, "this_invoice": a in named}
             for a, st, fs, m in conn.execute(
                 "SELECT account, state, first_seen, message_id FROM seller_accounts WHERE partner = ? ORDER BY first_seen",
                 (row[0],))
@@ -501,7 +504,8 @@ class SqliteStore(Store):
     def decide(self, message_id: str, release: bool, actor: str, note: str) -> Future[dict[str, Any]]:
         """Release a held invoice to delivery, or reject it for good; recorded with who decided."""
         def op(conn: sqlite3.Connection) -> dict[str, Any]:
-            row = conn.execute("SELECT partner, state FROM quarantine WHERE message_id = ?", (message_id,)).fetchone()
+            row = conn.execute("SELECT partner, state, accounts FROM quarantine WHERE message_id = ?",
+                               (message_id,)).fetchone()
             if row is None:
                 raise NotHeld(f"no quarantined message {message_id}", code="NOT_HELD")
             if row[1] != "held":
@@ -511,8 +515,10 @@ class SqliteStore(Store):
                          (state, now, actor, note, message_id))
             conn.execute("UPDATE deliveries SET state = ?, next_attempt_at = ? WHERE message_id = ? AND state = 'held'",
                          ("pending" if release else "rejected", time.time(), message_id))
-            conn.execute("UPDATE seller_accounts SET state = ? WHERE message_id = ? AND state = 'pending'",
-                         ("known" if release else "rejected", message_id))
+            # Its new accounts (first named by this invoice or by another one still held) become known
+            # with a release; a rejection keeps them under suspicion for good.
+            conn.executemany("UPDATE seller_accounts SET state = ? WHERE partner = ? AND account = ? AND state = 'pending'",
+                             [("known" if release else "rejected", row[0], a) for a in json.loads(row[2])])
             _audit(conn, actor, f"quarantine.{state}", row[0], message_id, {"note": note})
             return {"message_id": message_id, "partner": row[0], "state": state, "decided_by": actor, "decided_at": now}
 

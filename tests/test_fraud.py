@@ -397,8 +397,6 @@ async def test_account_history_is_per_partner(gateway, client, capsys, tmp_path)
     await wait_delivered(gateway, theirs)  # (the same number from two sellers is no business duplicate either)
 
 
-@pytest.mark.xfail(strict=True, reason="gateway bug: SqliteStore.decide() marks an account known only when the released "
-                                       "invoice is the one that first used it (seller_accounts.message_id)")
 async def test_releasing_a_later_held_invoice_makes_its_account_known(gateway, client, capsys):
     s = client()
     await accepted(s, invoice("LATE-0001"))
