@@ -200,8 +200,8 @@ class Store(abc.ABC):
     def counts(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
-    def quarantined(self, state: str | None = "held", partner: str | None = None,
-                    limit: int = 1000) -> list[dict[str, Any]]: ...
+    def quarantined(self, state: str | None = "held", partner: str | None = None, limit: int = 1000,
+                    message_id: str | None = None) -> list[dict[str, Any]]: ...
 
     @abc.abstractmethod
     def quarantine_entry(self, message_id: str) -> dict[str, Any] | None:
@@ -475,12 +475,14 @@ class SqliteStore(Store):
 
     # --- quarantine ------------------------------------------------------------------------------
 
-    def quarantined(self, state: str | None = "held", partner: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def quarantined(self, state: str | None = "held", partner: str | None = None, limit: int = 1000,
+                    message_id: str | None = None) -> list[dict[str, Any]]:
         rows = self._reader().execute(
             "SELECT q.message_id, q.partner, q.state, q.reasons, q.held_at, q.decided_at, q.decided_by, q.note, "
             "i.invoice_number, i.issue_date, i.payable_amount, i.currency, i.document_type FROM quarantine q "
             "JOIN invoices i USING (message_id) WHERE (? IS NULL OR q.state = ?) AND (? IS NULL OR q.partner = ?) "
-            "ORDER BY q.held_at LIMIT ?", (state, state, partner, partner, limit),
+            "AND (? IS NULL OR q.message_id = ?) ORDER BY q.held_at LIMIT ?",
+            (state, state, partner, partner, message_id, message_id, limit),
         ).fetchall()
         return [{"message_id": r[0], "partner": r[1], "state": r[2], "reasons": json.loads(r[3]), "held_at": r[4],
                  "decided_at": r[5], "decided_by": r[6], "note": r[7], "invoice_number": r[8], "issue_date": r[9],
@@ -492,7 +494,7 @@ class SqliteStore(Store):
         if row is None:
             return None
         named = set(json.loads(row[1]))
-        entry = next(e for e in self.quarantined(None, row[0], 1_000_000) if e["message_id"] == message_id)
+        entry = self.quarantined(None, message_id=message_id)[0]
         entry["accounts"] = [
             {"account": a, "state": st, "first_seen": fs, "first_message_id": m, "this_invoice": a in named}
             for a, st, fs, m in conn.execute(

@@ -51,7 +51,7 @@ def test_instance_config_loads(inst):
         ("level = \"info\"", "level = \"verbose\"", "logging.level: 'verbose' is not one of"),
         ("listen_port = 0", "listen_port = 70000", "https.listen_port: 70000 is out of range"),
         ("listen_port = 0", "listen_port = -1", "https.listen_port: -1 is out of range"),
-        ("max_depth = 256", "max_depth = 4096", "xml.max_depth: 4096 is out of range"),
+        ("max_depth = 100", "max_depth = 4096", "xml.max_depth: 4096 is out of range"),
         ("reload_interval_s = 1.0", "reload_interval_s = 0.0", "partners.reload_interval_s: 0.0 is out of range"),
         ('certificate = "pki/server.crt"\n', "", "https.certificate: missing (required)"),
         ('file = "partners.toml"\n', "", "partners.file: missing (required)"),
