@@ -102,12 +102,15 @@ class Gateway:
         # threads measured best (benchmarks/throughput.py: more threads only contend for the GIL).
         threads = STAGE_THREADS_PER_WORKER if sock is not None else min(8, (os.cpu_count() or 2) + 2)
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage")
+        # Status reads, delivery and reloads: never queued behind invoices waiting for the rules.
+        self.io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
         self.store = SqliteStore(config.state_dir)
-        self.deliverer = Deliverer(self.store, self.parts.vault, list(config.destinations), self.executor)
+        self.deliverer = Deliverer(self.store, self.parts.vault, list(config.destinations), self.io_executor)
         self.pipeline = Pipeline(self.parts.parser, self.parts.schemas, self.parts.rules, config.rules_default,
                                  self.parts.partners, self.parts.vault, self.store, [d.name for d in config.destinations],
                                  self.executor, config.https.max_body_bytes)
-        self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.deliverer.wake.set)
+        self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.deliverer.wake.set,
+                                  self.io_executor)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -149,7 +152,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.config.partners_reload_s)
             try:
-                if await asyncio.get_running_loop().run_in_executor(self.executor, book.refresh):
+                if await asyncio.get_running_loop().run_in_executor(self.io_executor, book.refresh):
                     log.info("partners.reloaded", partners=len(book.current.partners))
             except ConfigError as exc:
                 log.error("partners.reload_failed", reason=str(exc), kept=len(book.current.partners))
@@ -166,6 +169,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self.executor.shutdown(wait=True)
+        self.io_executor.shutdown(wait=True)
         if self._owns_parts:
             self.parts.rules.close()
         self.store.close()

@@ -23,7 +23,7 @@ import tomli_w
 
 from .config import Reader
 from .errors import ConfigError, Detail, Forbidden
-from .model import InvoiceFacts, Partner, PartnerStatus, PeerIdentity, SignaturePolicy
+from .model import InvoiceFacts, Partner, PartnerStatus, PeerIdentity, SignaturePolicy, Syntax
 from .signature import TrustedSigner
 from .tls import CertInfo, inspect_certificate
 from .ubl import identifier
@@ -104,8 +104,12 @@ class PartnerDirectory:
     def authorize(self, partner: Partner, facts: InvoiceFacts) -> None:
         """The supplier inside the invoice must be the authenticated partner (SECURITY-TESTS.md I-01)."""
         ids = facts.supplier_ids
+        cii = facts.document_type.syntax is Syntax.CII
         if not ids:
             raise Forbidden(
+                "the invoice names no seller identifier (ram:SellerTradeParty: ram:ID, ram:GlobalID, "
+                "ram:SpecifiedLegalOrganization/ram:ID, ram:URIUniversalCommunication/ram:URIID or "
+                "ram:SpecifiedTaxRegistration/ram:ID)" if cii else
                 "the invoice names no supplier identifier (cac:AccountingSupplierParty/cac:Party: cbc:EndpointID, "
                 "cac:PartyIdentification/cbc:ID, cac:PartyTaxScheme/cbc:CompanyID or cac:PartyLegalEntity/cbc:CompanyID)",
                 code="SUPPLIER_NOT_IDENTIFIED",
@@ -120,7 +124,9 @@ class PartnerDirectory:
         if not any(i in partner.party_ids for i in ids):
             raise Forbidden(
                 f"none of the supplier identifiers in the invoice is registered for partner {partner.name!r}",
-                [Detail(f"found {i!r}", path="/*/cac:AccountingSupplierParty/cac:Party") for i in ids]
+                [Detail(f"found {i!r}", path="/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction/"
+                        "ram:ApplicableHeaderTradeAgreement/ram:SellerTradeParty" if cii else
+                        "/*/cac:AccountingSupplierParty/cac:Party") for i in ids]
                 + [Detail(f"registered: {', '.join(sorted(partner.party_ids))}")],
                 code="SUPPLIER_NOT_AUTHORIZED",
             )

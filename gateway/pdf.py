@@ -13,6 +13,7 @@ from .errors import Detail, LimitExceeded, Malformed, UnsupportedDocument
 
 # The names the Factur-X 1.0 / ZUGFeRD 2.x / XRechnung specifications give the embedded invoice.
 INVOICE_NAMES = ("factur-x.xml", "zugferd-invoice.xml", "xrechnung.xml")
+MAX_ATTACHMENTS = 100  # a PDF/A-3 invoice carries one XML and perhaps a few supporting documents
 
 logging.getLogger("pypdf").setLevel(logging.ERROR)  # it warns about every quirk of a hostile file
 
@@ -25,7 +26,15 @@ def embedded_invoice(pdf: bytes, max_bytes: int) -> bytes:
         raise Malformed("the body is not a PDF (it does not start with %PDF-)", code="NOT_PDF")
     try:
         reader = PdfReader(io.BytesIO(pdf), strict=False)
-        found = [(a.name, a.content) for a in reader.attachment_list if (a.name or "").lower() in INVOICE_NAMES]
+        found = []
+        for n, attachment in enumerate(reader.attachment_list):  # names only: no content is decompressed here
+            if n >= MAX_ATTACHMENTS:
+                raise LimitExceeded(f"the PDF has more than {MAX_ATTACHMENTS} attachments", code="TOO_LARGE")
+            if (attachment.name or "").lower() in INVOICE_NAMES:
+                found.append(attachment)
+        content = found[0].content if len(found) == 1 else b""  # decompressed only once it is the one
+    except LimitExceeded:
+        raise
     except Exception:  # pypdf on hostile input raises many kinds of exceptions; each means "unreadable"
         raise Malformed("the PDF could not be read; send a PDF/A-3 with the invoice attached as factur-x.xml",
                         code="NOT_PDF") from None
@@ -36,8 +45,7 @@ def embedded_invoice(pdf: bytes, max_bytes: int) -> bytes:
     if len(found) > 1:
         raise UnsupportedDocument(
             "the PDF carries more than one embedded invoice; send one invoice per PDF",
-            [Detail(f"attachment {name!r}") for name, _ in found[:10]], code="SEVERAL_EMBEDDED_INVOICES")
-    name, content = found[0]
+            [Detail(f"attachment {a.name!r}") for a in found[:10]], code="SEVERAL_EMBEDDED_INVOICES")
     if len(content) > max_bytes:
-        raise LimitExceeded(f"the embedded {name} is larger than the limit of {max_bytes} bytes", code="TOO_LARGE")
+        raise LimitExceeded(f"the embedded {found[0].name} is larger than the limit of {max_bytes} bytes", code="TOO_LARGE")
     return bytes(content)

@@ -16,12 +16,15 @@ a rules process that dies gives ``503 RULES_ENGINE_UNAVAILABLE`` (retry) and is 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -29,10 +32,12 @@ from typing import Any
 
 from lxml import etree
 
+from . import logs
 from .errors import ConfigError, Detail, Rejected, Transient
 from .model import Syntax
 
 SVRL = "http://purl.oclc.org/dsdl/svrl"
+log = logs.get("rules")
 MAX_REPORTED = 100  # failed assertions reported to the sender per rejection
 BUILTIN = "en16931"
 _VERSION_COMMENT = re.compile(rb"Schematron version ([0-9][0-9A-Za-z.\-]*)")
@@ -157,9 +162,12 @@ def _child_main(conn: Connection, specs: dict[str, PackSpec]) -> None:
         except (EOFError, OSError):
             return
         try:
-            conn.send(("ok", [compiled[(n, Syntax(syntax))].run(document) for n in names]))
+            reply: tuple[str, Any] = ("ok", [compiled[(n, Syntax(syntax))].run(document) for n in names])
         except _EvaluationError as exc:
-            conn.send(("failed", str(exc)))
+            reply = ("failed", str(exc))
+        except Exception as exc:  # whatever went wrong, the answer is "not evaluated", never "passed"
+            reply = ("failed", f"rules engine: {type(exc).__name__}")
+        conn.send(reply)
 
 
 class _Child:
@@ -224,32 +232,57 @@ class RuleEngine:
                     raise ConfigError(f"rules.packs[{name}].{syntax.value}: file not found ({path})")
         self.timeout_s = timeout_s
         self._start_timeout_s = start_timeout_s
+        self._target = max(1, processes)
         self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
         self._children: list[_Child] = []
+        self._lock = threading.Lock()  # guards _children
         try:
-            for _ in range(max(1, processes)):
-                self._add()
+            self._refill(at_start=True)
         except BaseException:
             self.close()
             raise
 
-    def _add(self) -> None:
-        try:
-            child = _Child(self.packs, self._start_timeout_s)
-        except (TimeoutError, _Died):
-            raise RulesEngineUnavailable("the rules engine did not start; retry later") from None
-        self._children.append(child)
-        self._idle.put(child)
+    def _refill(self, *, at_start: bool = False) -> None:
+        """Start rules processes up to the configured number (at start, or after one was stopped)."""
+        with self._lock:
+            while len(self._children) < self._target:
+                try:
+                    child = _Child(self.packs, self._start_timeout_s)
+                except ConfigError as exc:
+                    if at_start:
+                        raise
+                    # The stylesheets changed on disk since start: the operator must act; senders retry.
+                    log.error("rules.restart_failed", reason=exc.message)
+                    raise RulesEngineUnavailable("the rules engine could not be restarted; retry later") from None
+                except (TimeoutError, _Died, OSError):
+                    log.error("rules.restart_failed", reason="the rules process did not start")
+                    raise RulesEngineUnavailable("the rules engine did not start; retry later") from None
+                self._children.append(child)
+                self._idle.put(child)
 
-    def _replace(self, child: _Child) -> None:
+    def _checkout(self) -> _Child:
+        """An idle rules process; a transient failure rather than an endless wait if none comes."""
+        deadline = time.monotonic() + self.timeout_s + self._start_timeout_s
+        while True:
+            self._refill()
+            try:
+                return self._idle.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise RulesEngineUnavailable("the rules engine is busy; retry later") from None
+
+    def _discard(self, child: _Child) -> None:
         child.stop()
-        self._children.remove(child)
-        self._add()
+        with self._lock:
+            self._children.remove(child)
+        with contextlib.suppress(RulesEngineUnavailable):
+            self._refill()  # at once, so the next invoice does not wait for the start-up (or retries it)
 
     def close(self) -> None:
-        for child in self._children:
-            child.stop()
-        self._children.clear()
+        with self._lock:
+            for child in self._children:
+                child.stop()
+            self._children.clear()
 
     def check_names(self, names: tuple[str, ...], where: str) -> None:
         for n in names:
@@ -264,16 +297,16 @@ class RuleEngine:
                     f"rule pack {name!r} has no {syntax.value.upper()} rules on this gateway, so this invoice cannot be "
                     f"checked; send it as {'UBL' if syntax is Syntax.CII else 'CII'} or ask the operator to configure "
                     f"the {syntax.value.upper()} stylesheet of {name!r}", code="RULES_UNAVAILABLE")
-        child = self._idle.get()
+        child = self._checkout()
         try:
             child.conn.send((document, syntax.value, list(names)))
             kind, value = child.receive(self.timeout_s)
         except TimeoutError:
-            self._replace(child)
+            self._discard(child)
             raise RulesFailed(f"the business rules could not be evaluated on this invoice within {self.timeout_s:g} s; "
                               "it was not accepted", code="RULES_FAILED") from None
         except (_Died, OSError):
-            self._replace(child)
+            self._discard(child)
             raise RulesEngineUnavailable("the rules engine stopped while checking this invoice; retry later") from None
         self._idle.put(child)
         if kind == "failed":
@@ -302,19 +335,25 @@ _SVRL_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd
 
 
 def parse_svrl(report: bytes) -> list[Finding]:
-    """Findings from an SVRL report: failed assertions and successful reports, by flag."""
+    """Findings from an SVRL report: failed assertions and successful reports, by flag.
+
+    Anything but an SVRL report (no output, other XML) is an evaluation error, never an empty pass.
+    """
     try:
         root = etree.fromstring(report, _SVRL_PARSER)
     except etree.XMLSyntaxError:
-        raise RulesFailed("the business rules produced an unreadable report; the invoice was not accepted",
-                          code="RULES_FAILED") from None
+        raise _EvaluationError("the rules produced an unreadable report") from None
+    if root.tag != f"{{{SVRL}}}schematron-output":
+        raise _EvaluationError("the rules produced something other than an SVRL report")
     out = []
     for el in root.iter(f"{{{SVRL}}}failed-assert", f"{{{SVRL}}}successful-report"):
+        rule = el.get("id") or "?"
         text_el = el.find(f"{{{SVRL}}}text")
         text = " ".join("".join(text_el.itertext()).split()) if text_el is not None else ""
+        if text.startswith(f"[{rule}]"):  # the CEN rules start their text with the id: say it once
+            text = text[len(rule) + 2:].lstrip(" -:")
         flag = (el.get("flag") or "fatal").lower()
-        out.append(Finding(el.get("id") or "?", "fatal" if flag in ("fatal", "error") else flag, el.get("location") or "",
-                           text[:500]))
+        out.append(Finding(rule, "fatal" if flag in ("fatal", "error") else flag, el.get("location") or "", text[:500]))
     return out
 
 

@@ -214,26 +214,12 @@ async def test_warnings_are_accepted_and_reported(inst, corpus):
 
 # --- fail closed -------------------------------------------------------------------------------------
 
-KNOWN_BUGS = {
-    # gateway/rules.py: _Compiled.run() calls parse_svrl(), which raises RulesFailed for an unreadable report
-    # (Saxon serialises an empty result as a bare XML declaration); _child_main catches only _EvaluationError,
-    # so the rules process dies on it and the sender is told to retry (503) what will fail again, forever.
-    "silent": ((503, "RULES_ENGINE_UNAVAILABLE"), "rules.py: an unreadable report raises RulesFailed inside the rules "
-                                                  "process, which dies: 503 'retry' instead of 422 RULES_FAILED"),
-    # parse_svrl() counts failed-asserts; a report without any SVRL in it counts as "no findings" = pass.
-    "not-svrl": ((202, None), "rules.py parse_svrl: output that is not an SVRL report is taken as a pass (fail open)"),
-}
-
-
 @pytest.mark.parametrize("name", sorted(BROKEN))
 async def test_a_misbehaving_rule_pack_never_passes_an_invoice(inst, tmp_path, name):
     configure(inst, default=[name], packs={name: {"version": "0.1", "ubl": stylesheet(tmp_path, f"{name}.xsl", BROKEN[name])}})
     async with serving(inst) as r, session(r) as s:
         status, body, _ = await post(s, numbered(1))
-        got = (status, body.get("error"))
-        if name in KNOWN_BUGS and got == KNOWN_BUGS[name][0]:
-            pytest.xfail(KNOWN_BUGS[name][1])
-        assert got == (422, "RULES_FAILED"), body
+        assert (status, body.get("error")) == (422, "RULES_FAILED"), body
         assert "could not be evaluated" in body["message"] or "unreadable" in body["message"]
         if name == "boom":
             assert [d["message"] for d in body["details"]] and "boom" in body["details"][0]["message"]
@@ -277,11 +263,7 @@ async def test_a_replacement_that_cannot_start_does_not_wedge_the_engine(inst, t
         finally:
             if not engine._children:  # hand the stuck stage thread a process, so that the gateway can stop
                 spin.write_text(XSLT.format(ns="", body=SPIN))
-                await asyncio.get_running_loop().run_in_executor(None, engine._add)
-        if (status, first.get("error"), second) == (500, "CONFIG_ERROR", None):
-            pytest.xfail("rules.py RuleEngine._replace: when the new process fails to start (here ConfigError), the "
-                         "engine is left with no process: that invoice gets 500 CONFIG_ERROR with the stylesheet's path, "
-                         "every later one blocks forever in _idle.get()")
+                await asyncio.get_running_loop().run_in_executor(None, engine._refill)
         assert (status, first["error"]) in ((422, "RULES_FAILED"), (503, "RULES_ENGINE_UNAVAILABLE")), first
         assert str(tmp_path) not in str(first), first  # no internal path to the sender
         assert second is not None, "the next invoice got no reply within 6 s"

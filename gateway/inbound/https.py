@@ -15,6 +15,7 @@ import asyncio
 import functools
 import ssl
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,12 +81,13 @@ class ByteBudget:
 
 class HttpsInbound:
     def __init__(self, cfg: HttpsConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
-                 on_accepted: Callable[[], None]):
+                 on_accepted: Callable[[], None], io_executor: Executor):
         self.cfg = cfg
         self.pipeline = pipeline
         self.partners = partners
         self.store = store
         self.on_accepted = on_accepted
+        self.io_executor = io_executor  # status reads: not behind invoices on the stage threads
         self.budget = ByteBudget(cfg.max_in_flight_bytes)
 
     def app(self) -> web.Application:
@@ -186,7 +188,7 @@ class HttpsInbound:
         status: dict[str, Any] | None = None
         if len(message_id) <= 64:
             status = await asyncio.get_running_loop().run_in_executor(
-                self.pipeline.executor, self.store.status, message_id, partner.name)
+                self.io_executor, self.store.status, message_id, partner.name)
         if status is None:
             return web.json_response(
                 {"error": "NOT_FOUND", "message": "no message with this id was received from you", "details": []},
