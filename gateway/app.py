@@ -108,7 +108,7 @@ class Gateway:
         self.deliverer = Deliverer(self.store, self.parts.vault, list(config.destinations), self.io_executor)
         self.pipeline = Pipeline(self.parts.parser, self.parts.schemas, self.parts.rules, config.rules_default,
                                  self.parts.partners, self.parts.vault, self.store, [d.name for d in config.destinations],
-                                 self.executor, config.https.max_body_bytes)
+                                 self.executor, config.https.max_body_bytes, config.invalid_iban == "hold")
         self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.deliverer.wake.set,
                                   self.io_executor)
         self._runner: web.AppRunner | None = None

@@ -244,6 +244,7 @@ class Config:
     rules_processes: int  # rules processes per gateway worker (Saxon holds the GIL while it runs)
     rules_timeout_s: float  # an evaluation that takes longer is stopped and the invoice rejected
     rule_packs: tuple[RulePack, ...]
+    invalid_iban: str  # "reject" (422 INVALID_IBAN) or "hold" (accepted, held for review)
     vault: VaultConfig
     partners_file: Path
     partners_reload_s: float
@@ -329,6 +330,10 @@ def load(path: str | os.PathLike[str]) -> Config:
         rp.done()
     ru.done()
 
+    fr = top.table("fraud")
+    invalid_iban = fr.choice("invalid_iban", ("reject", "hold"), "reject")
+    fr.done()
+
     k = top.table("vault")
     keys = k.files("keys", required=True)
     for i, key_path in enumerate(keys):
@@ -379,6 +384,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         rules_default=rules_default,
         rules_processes=rules_processes,
         rules_timeout_s=rules_timeout_s,
+        invalid_iban=invalid_iban,
         rule_packs=tuple(packs),
         vault=vault,
         partners_file=partners_file,

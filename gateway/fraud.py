@@ -41,16 +41,20 @@ class InvalidAccount(Rejected):
     http_status = 422
 
 
-def check_accounts(facts: InvoiceFacts) -> tuple[str, ...]:
-    """Reject IBANs with wrong check digits; return the accounts, normalised, for the account history."""
+def check_accounts(facts: InvoiceFacts, *, hold_invalid: bool = False) -> tuple[tuple[str, ...], list[str]]:
+    """Reject IBANs with wrong check digits (or, with ``hold_invalid``, hold the invoice for review);
+    return the accounts, normalised, for the account history, and the reasons to hold."""
     bad = [a for a in facts.payee_accounts if looks_like_iban(a) and not iban_valid(a)]
+    accounts = tuple(dict.fromkeys(normalise(a) for a in facts.payee_accounts))
+    if bad and hold_invalid:
+        return accounts, [f"payee account {normalise(a)[:4]}…{normalise(a)[-4:]} fails the IBAN check digits" for a in bad]
     if bad:
         raise InvalidAccount("the payee account is not a valid IBAN (its check digits are wrong); correct it and resend",
                        [Detail(f"account {a!r} fails the IBAN check (ISO 13616 mod 97)",
                                path="cac:PayeeFinancialAccount/cbc:ID or ram:PayeePartyCreditorFinancialAccount")
                         for a in bad],
                        code="INVALID_IBAN")
-    return tuple(dict.fromkeys(normalise(a) for a in facts.payee_accounts))
+    return accounts, []
 
 
 def hold_reasons(partner: Partner, facts: InvoiceFacts) -> list[str]:

@@ -42,7 +42,7 @@ class Outcome:
 class Pipeline:
     def __init__(self, parser: XmlParser, schemas: SchemaRegistry, rules: RuleEngine, default_rules: tuple[str, ...],
                  partners: PartnerBook, vault: Vault, store: Store, destinations: list[str], executor: Executor,
-                 max_xml_bytes: int):
+                 max_xml_bytes: int, hold_invalid_iban: bool = False):
         self.parser = parser
         self.schemas = schemas
         self.rules = rules
@@ -53,6 +53,7 @@ class Pipeline:
         self.destinations = destinations
         self.executor = executor
         self.max_xml_bytes = max_xml_bytes  # of an invoice embedded in a PDF, once extracted
+        self.hold_invalid_iban = hold_invalid_iban  # fraud.invalid_iban = "hold"
 
     def check(self, msg: InboundMessage) -> AcceptedInvoice | Receipt:
         """Every synchronous stage; returns the sealed invoice, or the receipt of an earlier identical one."""
@@ -67,13 +68,13 @@ class Pipeline:
         verified = self.verify_signature(root, msg.partner)
         facts = (cii if doc_type.syntax is Syntax.CII else ubl).read_facts(root, doc_type, version)
         self.partners.current.authorize(msg.partner, facts)
-        accounts = fraud.check_accounts(facts)
+        accounts, holds = fraud.check_accounts(facts, hold_invalid=self.hold_invalid_iban)
         report = self.rules.evaluate(root, doc_type.syntax, self.rule_packs(msg.partner))
         message_id = str(uuid.uuid4())
         sealed, key_id = self.vault.seal(msg.body, message_id, sha256)
         return AcceptedInvoice(message_id, msg.partner.name, sha256, msg.received_at, len(msg.body), facts, sealed, key_id,
                                verified, msg.media_type, report.as_json() if report.packs else None, accounts,
-                               tuple(fraud.hold_reasons(msg.partner, facts)))
+                               tuple(holds + fraud.hold_reasons(msg.partner, facts)))
 
     def rule_packs(self, partner: Partner) -> tuple[str, ...]:
         names = self.default_rules if partner.rules is None else partner.rules

@@ -56,6 +56,12 @@ def with_corpus_cii(config: Path, *, d16b: bool = True) -> None:
     config.write_text(text)
 
 
+def hold_placeholder_ibans(config: Path) -> None:
+    """The public examples carry placeholder IBANs (DK1212341234123412) that fail the check digits; a
+    gateway that rejects those (the default) would refuse them before the rules have their say."""
+    config.write_text(config.read_text().replace('invalid_iban = "reject"', 'invalid_iban = "hold"', 1))
+
+
 @pytest.fixture
 def cii_inst(inst: instance.Instance, corpus: Path) -> instance.Instance:
     """An instance that also checks CII against EN 16931 (stylesheet and D16B schema from the corpus)."""

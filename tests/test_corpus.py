@@ -42,12 +42,12 @@ from lxml import etree
 from gateway import config as config_mod
 from gateway import devpki, instance, logs
 from gateway.app import Gateway, Parts, build
-from gateway.rules import BUILTIN
 from gateway.model import DocumentType, SignaturePolicy
 from gateway.partners import editing
+from gateway.rules import BUILTIN
 from gateway.tls import client_context
 
-from .conftest import CORPUS, XML
+from .conftest import CORPUS, XML, hold_placeholder_ibans
 
 NS = {
     "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
@@ -167,6 +167,7 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
     anyone = min(certs)  # rejections come before (or without) binding: any partner may send them
     plan += [(d, anyone, 0) for d in DOCS if not d.ids]
 
+    hold_placeholder_ibans(inst.config)  # (the OASIS example's DK1212341234123412)
     cfg = config_mod.load(inst.config)
     assert cfg.rules_default == (BUILTIN,)  # what `init` writes: the rules are on unless a partner opts out
     parts = build(cfg)
