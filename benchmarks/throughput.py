@@ -143,7 +143,7 @@ async def main() -> None:
     ap.add_argument("--signed", choices=("ec", "rsa3072"), help="sign every invoice with a key of this kind")
     ap.add_argument("--no-rules", action="store_true", help="register the partner with no business rules")
     ap.add_argument("--workers", type=int, default=0, help="https.workers (0: one per core)")
-    ap.add_argument("--rules-processes", type=int, default=1, help="rules.processes (per worker)")
+    ap.add_argument("--rules-processes", type=int, default=2, help="rules.processes (per worker)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="egw-bench-") as tmp:

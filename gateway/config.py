@@ -314,7 +314,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 
     ru = top.table("rules")
     rules_default = tuple(ru.str_list("default")) if ru.has("default") else ("en16931",)
-    rules_processes = ru.integer("processes", 1, minimum=1, maximum=64)
+    rules_processes = ru.integer("processes", 2, minimum=1, maximum=64)
     rules_timeout_s = ru.number("timeout_s", 60.0, minimum=1.0)
     packs = []
     for rp in ru.tables("packs"):
