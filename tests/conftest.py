@@ -8,6 +8,7 @@ under CI=true and skipped (with a clear message) elsewhere when absent.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import ssl
@@ -89,15 +90,22 @@ class Running:
         return devpki.issue(self.inst.ca, self.inst.root / "pki" / "clients", name, role="client", **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def gateway(inst: instance.Instance) -> AsyncIterator[Running]:
-    logs.configure("debug")
+@contextlib.asynccontextmanager
+async def serving(inst: instance.Instance, level: str = "debug", stream: io.StringIO | None = None) -> AsyncIterator[Running]:
+    """The instance's gateway, started in-process on its configured (ephemeral) port, stopped after."""
+    logs.configure(level, stream)
     gw = Gateway(config_mod.load(inst.config))
     await gw.start()
     try:
         yield Running(inst, gw)
     finally:
         await gw.stop()
+
+
+@pytest.fixture
+async def gateway(inst: instance.Instance) -> AsyncIterator[Running]:
+    async with serving(inst) as running:
+        yield running
 
 
 @pytest.fixture

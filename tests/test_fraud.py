@@ -31,11 +31,10 @@ from lxml import etree
 
 from gateway import cli, devpki, fraud, instance, logs
 from gateway import config as config_mod
-from gateway.app import Gateway
 from gateway.demo import SAMPLE, samples
 from gateway.partners import load_directory
 
-from .conftest import XML, Running
+from .conftest import XML, Running, serving
 
 NS = {
     "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
@@ -171,13 +170,10 @@ async def partner_reloaded(gateway: Running, check: Callable[[Any], bool], name:
 
 @pytest.fixture
 async def gateway(inst: instance.Instance) -> AsyncIterator[Running]:
-    logs.configure("info", io.StringIO())  # log lines must not mix with the CLI output capsys reads
-    gw = Gateway(config_mod.load(inst.config))
-    await gw.start()
-    try:
-        yield Running(inst, gw)
+    try:  # log lines must not mix with the CLI output capsys reads
+        async with serving(inst, "info", io.StringIO()) as running:
+            yield running
     finally:
-        await gw.stop()
         logs.configure("warning")
 
 

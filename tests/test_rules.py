@@ -20,22 +20,22 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from gateway import cli, devpki, instance, logs
+from gateway import cli, devpki, instance
 from gateway import config as config_mod
-from gateway.app import Gateway, build
+from gateway.app import build
 from gateway.demo import SAMPLE
 from gateway.errors import ConfigError
 from gateway.partners import editing
 from gateway.rules import builtin_pack
 
 from .conftest import CORPUS, XML, Running
+from .conftest import serving as conftest_serving
 
 NUMBER = b"DEMO-2026-0001</cbc:ID>"
 PAYABLE = b'<cbc:PayableAmount currencyID="EUR">1250.00</cbc:PayableAmount>'
@@ -109,15 +109,8 @@ def set_rules(inst: instance.Instance, name: str, rules: tuple[str, ...] | None)
         partners[:] = [dataclasses.replace(p, rules=rules) if p.name == name else p for p in partners]
 
 
-@contextlib.asynccontextmanager
-async def serving(inst: instance.Instance) -> AsyncIterator[Running]:
-    logs.configure("warning")
-    gw = Gateway(config_mod.load(inst.config))
-    await gw.start()
-    try:
-        yield Running(inst, gw)
-    finally:
-        await gw.stop()
+def serving(inst: instance.Instance) -> contextlib.AbstractAsyncContextManager[Running]:
+    return conftest_serving(inst, "warning")
 
 
 def session(r: Running, who: devpki.Issued | None = None) -> aiohttp.ClientSession:
