@@ -14,14 +14,17 @@ from aiohttp import web
 
 from . import logs
 from .config import Config
-from .delivery import Deliverer
+from .delivery import Outbox, make_sender
 from .errors import ConfigError
 from .inbound.https import HttpsInbound
+from .inbound.submit import SubmitInbound
 from .model import Syntax
 from .partners import PartnerBook
 from .pipeline import Pipeline
+from .routing import Router
 from .rules import PackSpec, RuleEngine
 from .schema import SchemaRegistry
+from .signature import SigningKey
 from .store import SqliteStore
 from .tls import server_context
 from .vault import Vault
@@ -45,6 +48,7 @@ class Parts:
     partners: PartnerBook
     parser: XmlParser
     rules: RuleEngine
+    signer: SigningKey | None
 
 
 def build(config: Config, *, processes: int | None = None) -> Parts:
@@ -59,10 +63,21 @@ def build(config: Config, *, processes: int | None = None) -> Parts:
         for p in partners.current.partners:
             if p.rules is not None:
                 rules.check_names(p.rules, f"{config.partners_file}: partners.{p.name}.rules")
+        signer = None
+        if config.signing is not None:
+            try:
+                signer = SigningKey.load(config.signing.certificate.read_bytes(), config.signing.private_key.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"signing: {exc}") from None
+        for d in config.destinations:
+            if d.type == "partner" and d.partner and partners.current.get(d.partner) is None:
+                raise ConfigError(f"destinations: {d.name!r} names partner {d.partner!r}, which is not registered")
+        if config.outbound is not None:
+            server_context(config.https.certificate, config.https.private_key, config.outbound.client_ca)
     except ConfigError:
         rules.close()
         raise
-    return Parts(config, vault, schemas, partners, XmlParser(config.xml), rules)
+    return Parts(config, vault, schemas, partners, XmlParser(config.xml), rules, signer)
 
 
 def warnings(parts: Parts) -> list[str]:
@@ -81,6 +96,13 @@ def warnings(parts: Parts) -> list[str]:
         if Syntax.CII not in rules.packs[name].stylesheets:
             out.append(f"rule pack {name!r} has no CII stylesheet: CII invoices from partners using it are refused "
                        f"with RULES_UNAVAILABLE until a [[rules.packs]] entry named {name!r} gives cii = \"…\"")
+    if not config.routing_default:
+        out.append("routing.default is empty: invoices that no [[routes]] entry matches are held for review "
+                   "(quarantine list) instead of delivered")
+    wanting = [p.name for p in parts.partners.current.partners if p.sign_outbound]
+    if wanting and parts.signer is None:
+        out.append(f"partners {', '.join(wanting)} receive signed invoices only, and there is no [signing] key: "
+                   "invoices submitted for them are refused with SIGNING_UNAVAILABLE")
     return out
 
 
@@ -105,14 +127,21 @@ class Gateway:
         # Status reads, delivery and reloads: never queued behind invoices waiting for the rules.
         self.io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
         self.store = SqliteStore(config.state_dir)
-        self.deliverer = Deliverer(self.store, self.parts.vault, list(config.destinations), self.io_executor)
+        senders = {d.name: make_sender(d, self.parts.partners, self.io_executor) for d in config.destinations}
+        self.outbox = Outbox(self.store, self.parts.vault, senders, config.delivery, self.io_executor)
         self.pipeline = Pipeline(self.parts.parser, self.parts.schemas, self.parts.rules, config.rules_default,
-                                 self.parts.partners, self.parts.vault, self.store, [d.name for d in config.destinations],
-                                 self.executor, config.https.max_body_bytes, config.invalid_iban == "hold")
-        self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.deliverer.wake.set,
+                                 self.parts.partners, self.parts.vault, self.store,
+                                 Router(config.routes, config.routing_default), self.executor, config.https.max_body_bytes,
+                                 config.invalid_iban == "hold", config.outbound, self.parts.signer)
+        self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.outbox.wake.set,
                                   self.io_executor)
+        self.submit = (SubmitInbound(config.outbound, config.https, self.pipeline, self.store, self.outbox.wake.set,
+                                     self.io_executor) if config.outbound is not None else None)
         self._runner: web.AppRunner | None = None
+        self._submit_runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._submit_server: asyncio.AbstractServer | None = None
+        self.submit_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port = config.https.port
 
@@ -138,14 +167,41 @@ class Gateway:
             )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
+        if self.submit is not None and self.run_delivery:  # the ERP listener: in the delivering process only
+            await self._start_submit()
         if self.run_delivery:  # one process of several: say it once
-            self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
+            self._tasks.append(asyncio.create_task(self.outbox.run(), name="delivery"))
             for warning in warnings(self.parts):
                 log.warning("gateway.weakened", reason=warning)
         self._tasks.append(asyncio.create_task(self._watch_partners(), name="partners-reload"))
         log.info("gateway.started", url=f"https://{cfg.host}:{self.port}", pid=os.getpid(),
                  partners=len(self.parts.partners.current.partners), destinations=len(self.config.destinations),
                  key_id=self.parts.vault.current, schema_sets=self.parts.schemas.fingerprints)
+
+    async def _start_submit(self) -> None:
+        assert self.submit is not None and self.config.outbound is not None
+        cfg = self.config.outbound
+        self._submit_runner = web.AppRunner(self.submit.app(), handle_signals=False, access_log=None,
+                                            shutdown_timeout=SHUTDOWN_GRACE_S)
+        await self._submit_runner.setup()
+        assert self._submit_runner.server is not None
+        loop = asyncio.get_running_loop()
+        if cfg.socket is not None:
+            cfg.socket.unlink(missing_ok=True)
+            old = os.umask(0o777 & ~cfg.socket_mode)
+            try:
+                self._submit_server = await loop.create_unix_server(self._submit_runner.server, str(cfg.socket))
+            finally:
+                os.umask(old)
+            os.chmod(cfg.socket, cfg.socket_mode)
+            where = f"unix:{cfg.socket}"
+        else:
+            ctx = server_context(self.config.https.certificate, self.config.https.private_key, cfg.client_ca)
+            self._submit_server = await loop.create_server(self._submit_runner.server, cfg.host, cfg.port, ssl=ctx,
+                                                           ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            self.submit_port = self._submit_server.sockets[0].getsockname()[1]
+            where = f"https://{cfg.host}:{self.submit_port}"
+        log.info("outbound.listening", url=where, destination=cfg.destination)
 
     async def _watch_partners(self) -> None:
         book = self.parts.partners
@@ -159,10 +215,14 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, then close storage."""
-        if self._server is not None:
-            self._server.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for server in (self._server, self._submit_server):
+            if server is not None:
+                server.close()
+        for runner in (self._runner, self._submit_runner):
+            if runner is not None:
+                await runner.cleanup()
+        if self.run_delivery:
+            await self.outbox.stop(SHUTDOWN_GRACE_S)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -73,6 +73,12 @@ class Reader:
             raise ConfigError(f"{self.key(name)}: {value} is out of range (must be >= {minimum})")
         return float(value)
 
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name, default, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {value!r}")
+        return value
+
     def str_list(self, name: str, *, required: bool = False) -> list[str]:
         value = self._get(name, [], required)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -225,11 +231,64 @@ class SigningConfig:
     private_key: Path
 
 
+DESTINATION_TYPES = ("directory", "https", "partner")
+
+
 @dataclass(frozen=True, slots=True)
 class Destination:
+    """Where routed invoices go.  ``directory``: an ERP inbox folder; ``https``: POST to an ERP
+    endpoint; ``partner``: POST to a trading partner's registered endpoint over mutual TLS."""
+
     name: str
-    type: str  # "directory" (the router issue adds more)
-    path: Path
+    type: str  # one of DESTINATION_TYPES
+    path: Path | None = None  # directory
+    url: str = ""  # https: the ERP endpoint
+    ca: Path | None = None  # https/partner: trust anchors for the server certificate; default: the system store
+    hmac_key_file: Path | None = None  # https: the shared secret of the signature header (required)
+    bearer_token_file: Path | None = None  # https: sent as "Authorization: Bearer …"
+    client_certificate: Path | None = None  # https/partner: the gateway's client certificate (mutual TLS)
+    client_key: Path | None = None
+    partner: str = ""  # partner: a fixed trading partner; "": the invoice's own counterparty (outbound)
+    concurrency: int = 4  # deliveries in flight to this destination at once
+    timeout_s: float = 30.0  # per attempt: connect, send and the reply
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One routing rule: every given criterion must match; the first matching rule wins."""
+
+    destinations: tuple[str, ...]
+    receiver: str | None = None  # a buyer identifier (scheme:value) the invoice names
+    partner: str | None = None  # the sending partner's name
+    document_type: str | None = None  # ubl:Invoice, ubl:CreditNote, cii:CrossIndustryInvoice
+    customization: str | None = None  # cbc:CustomizationID / ram:GuidelineSpecifiedDocumentContextParameter
+    profile: str | None = None  # cbc:ProfileID / ram:BusinessProcessSpecifiedDocumentContextParameter
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """The outbox: retries (SECURITY-TESTS.md decision 4), claims and the per-destination breaker."""
+
+    horizon_s: float = 72 * 3600.0  # retry this long after acceptance, then dead-letter with an alert
+    retry_base_s: float = 5.0  # first retry delay; doubles per attempt, with jitter
+    retry_cap_s: float = 1800.0  # longest delay between two attempts
+    lease_s: float = 300.0  # a claimed job another node abandoned is claimable again after this
+    breaker_failures: int = 5  # consecutive transient failures that open a destination's breaker
+    breaker_cooldown_s: float = 30.0  # first pause of an open breaker; doubles up to retry_cap_s
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    """``POST /v1/outbound``: invoices the ERP submits for sending to trading partners."""
+
+    host: str
+    port: int
+    socket: Path | None  # a Unix socket instead of TCP (access by file permissions)
+    socket_mode: int
+    client_ca: tuple[Path, ...]  # CAs the ERP's client certificate must chain to (TCP)
+    client_spki: frozenset[str]  # SHA-256 of the ERP client certificates' keys allowed to submit (TCP)
+    identities: frozenset[str]  # the seller identifiers of this business: a submission must name one
+    destination: str  # the partner-type destination that carries outbound invoices
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +308,10 @@ class Config:
     partners_file: Path
     partners_reload_s: float
     destinations: tuple[Destination, ...]
+    routes: tuple[Route, ...]
+    routing_default: tuple[str, ...]  # destinations of invoices no route matches; (): hold them for review
+    delivery: DeliveryConfig
+    outbound: OutboundConfig | None
     log_level: str
     signing: SigningConfig | None
 
@@ -269,6 +332,147 @@ def _https(r: Reader) -> HttpsConfig:
     if cfg.max_in_flight_bytes < cfg.max_body_bytes:
         raise ConfigError(f"{r.key('max_in_flight_bytes')}: must be at least https.max_body_bytes")
     check_secret_file(cfg.private_key, r.key("private_key"))
+    r.done()
+    return cfg
+
+
+def _destination(d: Reader) -> Destination:
+    name = d.string("name", required=True)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise ConfigError(f"{d.key('name')}: {name!r} is not a destination name (letters, digits, . _ -)")
+    kind = d.string("type", "directory")
+    if kind == "email":
+        raise ConfigError(f"{d.key('type')}: e-mail destinations need the S/MIME transport, which this version does not "
+                          "have yet; use https or directory")
+    if kind not in DESTINATION_TYPES:
+        raise ConfigError(f"{d.key('type')}: {kind!r} is not one of {', '.join(DESTINATION_TYPES)}")
+    common = dict(name=name, type=kind, concurrency=d.integer("concurrency", 4, minimum=1, maximum=256),
+                  timeout_s=d.number("timeout_s", 30.0, minimum=0.5))
+    if kind == "directory":
+        folder = d.resolve(d.string("path", required=True))
+        if not folder.is_dir():
+            raise ConfigError(f"{d.key('path')}: {folder} is not an existing folder")
+        dest = Destination(**common, path=folder)  # type: ignore[arg-type]
+    else:
+        tls = dict(ca=d.file("ca") if d.has("ca") else None,
+                   client_certificate=d.file("client_certificate") if d.has("client_certificate") else None,
+                   client_key=d.file("client_key") if d.has("client_key") else None)
+        if (tls["client_certificate"] is None) != (tls["client_key"] is None):
+            raise ConfigError(f"{d.key('client_key')}: give client_certificate and client_key together")
+        if tls["client_key"] is not None:
+            check_secret_file(tls["client_key"], d.key("client_key"))
+        if kind == "https":
+            url = d.string("url", required=True)
+            if not re.fullmatch(r"https://[^/\s?#]+(/[^\s#]*)?", url):
+                raise ConfigError(f"{d.key('url')}: {url!r} is not an https:// URL")
+            hmac_key = d.file("hmac_key_file")
+            check_secret_file(hmac_key, d.key("hmac_key_file"))
+            if len(hmac_key.read_bytes()) < MIN_HMAC_KEY_BYTES:
+                raise ConfigError(f"{d.key('hmac_key_file')}: the key must be at least {MIN_HMAC_KEY_BYTES} bytes "
+                                  "(for example: head -c 32 /dev/urandom | base64 > FILE)")
+            token = d.file("bearer_token_file") if d.has("bearer_token_file") else None
+            if token is not None:
+                check_secret_file(token, d.key("bearer_token_file"))
+            dest = Destination(**common, url=url, hmac_key_file=hmac_key, bearer_token_file=token, **tls)  # type: ignore[arg-type]
+        else:
+            if tls["client_certificate"] is None:
+                raise ConfigError(f"{d.key('client_certificate')}: missing (required): partners authenticate the gateway "
+                                  "by its client certificate")
+            dest = Destination(**common, partner=d.string("partner", ""), **tls)  # type: ignore[arg-type]
+    d.done()
+    return dest
+
+
+def _routing(top: Reader, destinations: tuple[Destination, ...]) -> tuple[tuple[Route, ...], tuple[str, ...]]:
+    from .partners import parse_party_id  # partners imports this module
+
+    names = [d.name for d in destinations]
+
+    def known(r: Reader, key: str, values: list[str]) -> tuple[str, ...]:
+        for i, v in enumerate(values):
+            if v not in names:
+                raise ConfigError(f"{r.key(key)}[{i}]: no destination is named {v!r}")
+        return tuple(values)
+
+    routes = []
+    for rt in top.tables("routes"):
+        dests = known(rt, "destinations", rt.str_list("destinations", required=True))
+        if not dests:
+            raise ConfigError(f"{rt.key('destinations')}: a route needs at least one destination")
+        criteria = {k: (rt.string(k) if rt.has(k) else None) for k in ROUTE_CRITERIA}
+        if criteria["receiver"] is not None:
+            criteria["receiver"] = parse_party_id(criteria["receiver"], rt.key("receiver"))
+        if criteria["document_type"] not in (None, *DOCUMENT_TYPE_LABELS):
+            raise ConfigError(f"{rt.key('document_type')}: {criteria['document_type']!r} is not one of "
+                              f"{', '.join(DOCUMENT_TYPE_LABELS)}")
+        route = Route(dests, **criteria)
+        rt.done()
+        routes.append(route)
+    ro = top.table("routing")
+    # Without the key: every directory/https destination (a one-destination setup needs no routing).
+    default = (known(ro, "default", ro.str_list("default")) if ro.has("default") else
+               tuple(d.name for d in destinations if d.type != "partner"))
+    ro.done()
+    return tuple(routes), default
+
+
+def _octal(r: Reader, name: str, default: str) -> int:
+    text = r.string(name, default)
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ConfigError(f"{r.key(name)}: {text!r} is not a file mode (write it as a string, e.g. \"0660\")")
+    return int(text, 8)
+
+
+DOCUMENT_TYPE_LABELS = ("ubl:Invoice", "ubl:CreditNote", "cii:CrossIndustryInvoice")
+ROUTE_CRITERIA = ("receiver", "partner", "document_type", "customization", "profile")
+MIN_HMAC_KEY_BYTES = 32
+
+
+def _delivery(r: Reader) -> DeliveryConfig:
+    cfg = DeliveryConfig(
+        horizon_s=r.number("horizon_h", 72.0, minimum=0.01) * 3600.0,
+        retry_base_s=r.number("retry_base_s", 5.0, minimum=0.01),
+        retry_cap_s=r.number("retry_cap_s", 1800.0, minimum=0.01),
+        lease_s=r.number("lease_s", 300.0, minimum=5.0),
+        breaker_failures=r.integer("breaker_failures", 5, minimum=1),
+        breaker_cooldown_s=r.number("breaker_cooldown_s", 30.0, minimum=0.01),
+    )
+    if cfg.retry_cap_s < cfg.retry_base_s:
+        raise ConfigError(f"{r.key('retry_cap_s')}: must be at least delivery.retry_base_s")
+    r.done()
+    return cfg
+
+
+def _outbound(r: Reader, https: HttpsConfig, destinations: tuple[Destination, ...]) -> OutboundConfig:
+    from .partners import parse_party_id  # partners imports this module
+
+    socket_path = r.resolve(r.string("socket")) if r.has("socket") else None
+    client_ca = r.files("client_ca", required=socket_path is None)
+    spkis = frozenset(s.lower() for s in r.str_list("client_spki"))
+    if socket_path is None and not spkis:
+        raise ConfigError(f"{r.key('client_spki')}: name the SHA-256 of the ERP's client certificate key (as shown by "
+                          "`einvoice-gateway partners show`), so that no other holder of a certificate from client_ca "
+                          "can submit")
+    ids = r.str_list("identities", required=True)
+    if not ids:
+        raise ConfigError(f"{r.key('identities')}: list this business's seller identifiers (scheme:value)")
+    partner_dests = [d.name for d in destinations if d.type == "partner" and not d.partner]
+    name = r.string("destination", partner_dests[0] if len(partner_dests) == 1 else "")
+    if name not in partner_dests:
+        raise ConfigError(f"{r.key('destination')}: name the [[destinations]] entry with type = \"partner\" (and no "
+                          f"partner key) that carries outbound invoices; found: {', '.join(partner_dests) or 'none'}")
+    cfg = OutboundConfig(
+        host=r.string("listen_host", "127.0.0.1"),
+        port=r.integer("listen_port", 8444, maximum=65535),
+        socket=socket_path,
+        socket_mode=_octal(r, "socket_mode", "0660"),
+        client_ca=client_ca,
+        client_spki=spkis,
+        identities=frozenset(parse_party_id(v, f"{r.key('identities')}[{i}]") for i, v in enumerate(ids)),
+        destination=name,
+    )
+    if cfg.socket_mode & 0o007:
+        raise ConfigError(f"{r.key('socket_mode')}: {cfg.socket_mode:04o} lets every local user submit; use 0660 or 0600")
     r.done()
     return cfg
 
@@ -346,19 +550,16 @@ def load(path: str | os.PathLike[str]) -> Config:
     reload_s = p.number("reload_interval_s", 1.0, minimum=0.1)
     p.done()
 
-    destinations = []
-    names: set[str] = set()
-    for d in top.tables("destinations"):
-        name = d.string("name", required=True)
-        if name in names:
-            raise ConfigError(f"{d.key('name')}: duplicate destination name {name!r}")
-        names.add(name)
-        kind = d.choice("type", ("directory",), "directory")
-        folder = d.resolve(d.string("path", required=True))
-        if not folder.is_dir():
-            raise ConfigError(f"{d.key('path')}: {folder} is not an existing folder")
-        destinations.append(Destination(name, kind, folder))
-        d.done()
+    destinations = tuple(_destination(d) for d in top.tables("destinations"))
+    names = [d.name for d in destinations]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"destinations[{i}].name: duplicate destination name {name!r}")
+    routes, routing_default = _routing(top, destinations)
+    delivery = _delivery(top.table("delivery"))
+    outbound = _outbound(top.table("outbound"), https, destinations) if top.has("outbound") else None
+    if not top.has("outbound"):
+        top.table("outbound")
 
     signing = None
     if top.has("signing"):
@@ -389,7 +590,11 @@ def load(path: str | os.PathLike[str]) -> Config:
         vault=vault,
         partners_file=partners_file,
         partners_reload_s=reload_s,
-        destinations=tuple(destinations),
+        destinations=destinations,
+        routes=routes,
+        routing_default=routing_default,
+        delivery=delivery,
+        outbound=outbound,
         log_level=level,
         signing=signing,
     )

@@ -98,6 +98,8 @@ class Partner:
     signing_spki: frozenset[str] = frozenset()
     rules: tuple[str, ...] | None = None  # rule packs; None: the configured default; (): none (warned at start)
     amount_ceilings: tuple[tuple[str, Decimal], ...] = ()  # (currency, ceiling): above it, or in another currency, held
+    endpoint: str = ""  # where invoices for this partner are POSTed (mutual TLS); "": none are sent to it
+    sign_outbound: bool = False  # invoices sent to this partner carry the gateway's XML signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,10 @@ class AcceptedInvoice:
     rules: dict[str, object] | None = None  # packs that ran and the warnings they gave; None: no rules
     accounts: tuple[str, ...] = ()  # payee accounts, normalised, checked against the seller's history in the store
     holds: tuple[str, ...] = ()  # reasons to hold for review that need no history (amount ceiling)
+    destinations: tuple[str, ...] = ()  # where routing sends it; () with a hold reason when nothing matched
+    route: str = ""  # which routing rule decided (routes[N], routing.default, outbound)
+    direction: str = "in"  # "in": from a partner; "out": submitted by the ERP, partner is the recipient
+    source_sha256: str = ""  # of the bytes as submitted, when the stored document differs (signed outbound)
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,13 @@ def parse_ceiling(text: str, where: str) -> tuple[str, Decimal]:
     return currency, amount
 
 
+def parse_endpoint(url: str, where: str) -> str:
+    """Where the partner receives invoices: an https:// URL (another einvoice-gateway: …/v1/invoices)."""
+    if not re.fullmatch(r"https://[^/\s?#@]+(/[^\s#]*)?", url):
+        raise ConfigError(f"{where}: {url!r} is not an https:// URL (e.g. https://gateway.partner.example/v1/invoices)")
+    return url
+
+
 def parse_party_id(text: str, where: str) -> str:
     """``scheme:value`` or a bare value, normalised exactly as identifiers read from invoices."""
     m = _ID.match(text.strip())
@@ -177,6 +184,8 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
         signing_spki=frozenset(s for _, s in signing),
         rules=rules,
         amount_ceilings=ceilings,
+        endpoint=parse_endpoint(r.string("endpoint", ""), r.key("endpoint")) if r.has("endpoint") else "",
+        sign_outbound=r.boolean("sign_outbound", False),
     )
     r.done()
     return partner
@@ -250,6 +259,8 @@ def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
         "signing_certs": [rel(c) for c in p.signing_certs],
         **({"rules": list(p.rules)} if p.rules is not None else {}),
         "amount_ceilings": [f"{c}:{v}" for c, v in p.amount_ceilings],
+        **({"endpoint": p.endpoint} if p.endpoint else {}),
+        **({"sign_outbound": True} if p.sign_outbound else {}),
     }
 
 

@@ -1,8 +1,12 @@
 """accept(): the stages in order, cheapest first.  No I/O here but the store's.
 
     gate(peer) → duplicate? → [PDF: extract] → parse → document type → XSD → signature → facts
-      → authorize → IBAN check → business rules → hold reasons → seal → durable put (business
+      → authorize → IBAN check → business rules → hold reasons → route → seal → durable put (business
         duplicate, payee-account history and quarantine are decided inside the store's transaction)
+
+submit() is the same for an invoice the ERP sends out (``POST /v1/outbound``): the seller must be
+this business, the buyer a registered partner with an endpoint; it is signed when that partner's
+policy asks for it, and routed to the partner.
 
 The transport has already run ``gate`` (before reading the body); everything from hashing to
 sealing is synchronous work run on a stage thread, so the event loop never blocks on it (the
@@ -20,9 +24,11 @@ from dataclasses import dataclass
 from lxml import etree
 
 from . import cii, fraud, pdf, signature, ubl
-from .errors import Rejected
-from .model import AcceptedInvoice, DocumentType, InboundMessage, Partner, Receipt, SignaturePolicy, Syntax
+from .config import OutboundConfig
+from .errors import Detail, Forbidden, Rejected, Transient, UnsupportedDocument
+from .model import AcceptedInvoice, DocumentType, InboundMessage, InvoiceFacts, Partner, PartnerStatus, Receipt, SignaturePolicy, Syntax
 from .partners import PartnerBook
+from .routing import UNROUTED, Router
 from .rules import RuleEngine, RulesUnavailable
 from .schema import SchemaRegistry
 from .store import Store
@@ -33,6 +39,10 @@ PDF = "application/pdf"
 FRAUD_CODES = ("INVALID_IBAN", "DUPLICATE_CONFLICT")
 
 
+class SigningUnavailable(Transient):
+    code = "SIGNING_UNAVAILABLE"
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     receipt: Receipt
@@ -41,8 +51,9 @@ class Outcome:
 
 class Pipeline:
     def __init__(self, parser: XmlParser, schemas: SchemaRegistry, rules: RuleEngine, default_rules: tuple[str, ...],
-                 partners: PartnerBook, vault: Vault, store: Store, destinations: list[str], executor: Executor,
-                 max_xml_bytes: int, hold_invalid_iban: bool = False):
+                 partners: PartnerBook, vault: Vault, store: Store, router: Router, executor: Executor,
+                 max_xml_bytes: int, hold_invalid_iban: bool = False, outbound: OutboundConfig | None = None,
+                 signer: signature.SigningKey | None = None):
         self.parser = parser
         self.schemas = schemas
         self.rules = rules
@@ -50,7 +61,9 @@ class Pipeline:
         self.partners = partners
         self.vault = vault
         self.store = store
-        self.destinations = destinations
+        self.router = router
+        self.outbound = outbound
+        self.signer = signer  # the gateway's document-signing key, for partners that want signed invoices
         self.executor = executor
         self.max_xml_bytes = max_xml_bytes  # of an invoice embedded in a PDF, once extracted
         self.hold_invalid_iban = hold_invalid_iban  # fraud.invalid_iban = "hold"
@@ -70,11 +83,87 @@ class Pipeline:
         self.partners.current.authorize(msg.partner, facts)
         accounts, holds = fraud.check_accounts(facts, hold_invalid=self.hold_invalid_iban)
         report = self.rules.evaluate(root, doc_type.syntax, self.rule_packs(msg.partner))
+        destinations = self.router.route(msg.partner.name, facts)
+        if not destinations:
+            holds.append(UNROUTED)
         message_id = str(uuid.uuid4())
         sealed, key_id = self.vault.seal(msg.body, message_id, sha256)
         return AcceptedInvoice(message_id, msg.partner.name, sha256, msg.received_at, len(msg.body), facts, sealed, key_id,
                                verified, msg.media_type, report.as_json() if report.packs else None, accounts,
-                               tuple(holds + fraud.hold_reasons(msg.partner, facts)))
+                               tuple(holds + fraud.hold_reasons(msg.partner, facts)), destinations,
+                               self.router.explain(msg.partner.name, facts))
+
+    def check_outbound(self, body: bytes, received_at: str, media_type: str) -> AcceptedInvoice | Receipt:
+        """The stages for an invoice this business sends: validated like a received one, then
+        addressed to the partner that the buyer identifiers name."""
+        assert self.outbound is not None
+        xml = pdf.embedded_invoice(body, self.max_xml_bytes) if media_type == PDF else body
+        root = self.parser.parse(xml).root
+        doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
+        version = self.schemas.validate(root, doc_type)
+        facts = (cii if doc_type.syntax is Syntax.CII else ubl).read_facts(root, doc_type, version)
+        self._check_seller(facts)
+        partner = self._recipient(facts)
+        sha256 = hashlib.sha256(body).hexdigest()
+        earlier = self.store.find_accepted(partner.name, sha256, "out")
+        if earlier is not None:
+            return earlier
+        report = self.rules.evaluate(root, doc_type.syntax, self.rule_packs(partner))
+        document = body
+        signed = None
+        if partner.sign_outbound:
+            document, signed = self._sign(root, doc_type, media_type, partner)
+        message_id = str(uuid.uuid4())
+        stored_sha = hashlib.sha256(document).hexdigest()
+        sealed, key_id = self.vault.seal(document, message_id, stored_sha)
+        return AcceptedInvoice(message_id, partner.name, stored_sha, received_at, len(document), facts, sealed, key_id,
+                               signed, media_type, report.as_json() if report.packs else None,
+                               destinations=(self.outbound.destination,), route="outbound", direction="out",
+                               source_sha256=sha256)
+
+    def _check_seller(self, facts: InvoiceFacts) -> None:
+        assert self.outbound is not None
+        if not set(facts.supplier_ids) & self.outbound.identities:
+            raise Forbidden(
+                "the seller of this invoice is not this business: none of its seller identifiers is listed in the "
+                "gateway's outbound.identities",
+                [Detail(f"found {i!r}") for i in facts.supplier_ids]
+                + [Detail(f"this business: {', '.join(sorted(self.outbound.identities))}")],
+                code="SELLER_NOT_THIS_BUSINESS")
+
+    def _recipient(self, facts: InvoiceFacts) -> Partner:
+        directory = self.partners.current
+        names = sorted({directory.owner_of_id[i] for i in facts.customer_ids if i in directory.owner_of_id})
+        if len(names) != 1:
+            found = [Detail(f"buyer identifier {i!r}") for i in facts.customer_ids] or [
+                Detail("the invoice names no buyer identifier (cac:AccountingCustomerParty / ram:BuyerTradeParty)")]
+            raise Forbidden(
+                "no single registered trading partner is the buyer of this invoice" if not names else
+                f"the buyer identifiers belong to several partners ({', '.join(names)})",
+                found, code="RECIPIENT_UNKNOWN")
+        partner = directory.get(names[0])
+        assert partner is not None
+        if partner.status is not PartnerStatus.ACTIVE:
+            raise Forbidden(f"trading partner {partner.name!r} is suspended; nothing is sent to it",
+                            code="RECIPIENT_SUSPENDED")
+        if not partner.endpoint:
+            raise Forbidden(f"trading partner {partner.name!r} has no endpoint to send invoices to; register one with "
+                            f"`einvoice-gateway partners edit {partner.name} --endpoint URL`", code="RECIPIENT_NO_ENDPOINT")
+        return partner
+
+    def _sign(self, root: etree._Element, doc_type: DocumentType, media_type: str,
+              partner: Partner) -> tuple[bytes, dict[str, object]]:
+        if media_type == PDF or doc_type.syntax is not Syntax.UBL:
+            raise UnsupportedDocument(
+                f"trading partner {partner.name!r} receives signed invoices only, and this gateway signs UBL XML; "
+                "submit the invoice as UBL (application/xml)", code="CANNOT_SIGN")
+        if self.signer is None:
+            raise SigningUnavailable(f"trading partner {partner.name!r} receives signed invoices only, and the gateway "
+                                     "has no [signing] key configured; ask the operator")
+        sig = signature.sign(root, self.signer)
+        return (etree.tostring(root.getroottree(), xml_declaration=True, encoding="UTF-8"),
+                {"signed_by_gateway": True, "signature_id": sig.get("Id"),
+                 "signer": self.signer.cert.subject.rfc4514_string()})
 
     def rule_packs(self, partner: Partner) -> tuple[str, ...]:
         names = self.default_rules if partner.rules is None else partner.rules
@@ -109,10 +198,19 @@ class Pipeline:
             result = await loop.run_in_executor(self.executor, self.check, msg)
             if isinstance(result, Receipt):
                 return Outcome(result, None)
-            receipt = await asyncio.wrap_future(self.store.put(result, self.destinations))
+            receipt = await asyncio.wrap_future(self.store.put(result, list(result.destinations)))
         except Rejected as exc:
             if exc.code in FRAUD_CODES:  # the attempt itself is worth an audit record
                 await asyncio.wrap_future(self.store.audit("gateway", f"fraud.{exc.code.lower()}", msg.partner.name, None,
                                                            {"transport": msg.peer.transport}))
             raise
+        return Outcome(receipt, None if receipt.duplicate else result)
+
+    async def submit(self, body: bytes, received_at: str, media_type: str) -> Outcome:
+        """``POST /v1/outbound``: the stages, then the durable write of the invoice and its delivery job."""
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, self.check_outbound, body, received_at,
+                                                                  media_type)
+        if isinstance(result, Receipt):
+            return Outcome(result, None)
+        receipt = await asyncio.wrap_future(self.store.put(result, list(result.destinations)))
         return Outcome(receipt, None if receipt.duplicate else result)

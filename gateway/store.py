@@ -29,7 +29,7 @@ from .errors import ConfigError, Conflict, Detail, GatewayError, StorageUnavaila
 from .model import AcceptedInvoice, Receipt
 
 T = TypeVar("T")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAX_BATCH = 256  # operations per group commit
 BUSY_TIMEOUT_MS = 30_000  # other processes (CLI, other workers) holding the write lock
 # The writer waits for another process's write lock in short steps of its own: SQLite's busy
@@ -60,8 +60,11 @@ CREATE TABLE IF NOT EXISTS invoices (
     payable_amount  TEXT NOT NULL DEFAULT '',
     currency        TEXT NOT NULL DEFAULT '',
     kind            TEXT NOT NULL DEFAULT 'invoice',
-    UNIQUE (partner, sha256),
-    UNIQUE (partner, kind, invoice_number, issue_date)
+    direction       TEXT NOT NULL DEFAULT 'in' CHECK (direction IN ('in', 'out')),
+    source_sha256   TEXT NOT NULL DEFAULT '',
+    route           TEXT NOT NULL DEFAULT '',
+    UNIQUE (direction, partner, source_sha256),
+    UNIQUE (direction, partner, kind, invoice_number, issue_date)
 );
 CREATE TABLE IF NOT EXISTS blobs (
     message_id TEXT PRIMARY KEY REFERENCES invoices(message_id),
@@ -76,9 +79,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL NOT NULL,
     last_error      TEXT,
     delivered_at    TEXT,
+    lease_owner     TEXT,  -- the node delivering it now (NULL: nobody)
+    lease_until     REAL,  -- after this, another node may claim it (its holder died)
+    updated_at      REAL,
     PRIMARY KEY (message_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS invoices_received ON invoices (received_at);
 CREATE TABLE IF NOT EXISTS seller_accounts (
     partner     TEXT NOT NULL,
     account     TEXT NOT NULL,
@@ -109,9 +116,11 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 # Schema 2 → 3: the business-duplicate key becomes (partner, kind, number, issue date), and
-# deliveries may be held; SQLite changes constraints only by rebuilding the table.
-def _rebuild(conn: sqlite3.Connection, table: str) -> None:
-    """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile).
+# deliveries may be held.  3 → 4: invoices have a direction (outbound ones are keyed by recipient)
+# and deliveries carry a claim lease.  SQLite changes constraints only by rebuilding the table.
+def _rebuild(conn: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
+    """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile);
+    ``fill`` gives new columns an expression over the old row.
 
     Built under a new name and renamed over the old one: renaming the old table instead would make
     SQLite rewrite the other tables' references to follow it.
@@ -120,8 +129,9 @@ def _rebuild(conn: sqlite3.Connection, table: str) -> None:
     conn.execute(ddl)
     old = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
     new = {r[1] for r in conn.execute(f"PRAGMA table_info({table}_new)")}
-    cols = ", ".join(c for c in old if c in new)
-    conn.execute(f"INSERT INTO {table}_new ({cols}) SELECT {cols} FROM {table}")  # noqa: S608 (our own names)
+    copied = {c: c for c in old if c in new} | (fill or {})
+    conn.execute(f"INSERT INTO {table}_new ({', '.join(copied)}) "  # noqa: S608 (our own names)
+                 f"SELECT {', '.join(copied.values())} FROM {table}")
     conn.execute(f"DROP TABLE {table}")
     conn.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
 
@@ -156,6 +166,19 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _summary(quarantine_state: str | None, states: set[str]) -> str:
+    """One word for a message: what its sender (or ERP) is told."""
+    if quarantine_state in ("held", "rejected"):
+        return _SENDER_STATUS[quarantine_state]
+    if "dead" in states:
+        return "dead-letter"
+    return "delivered" if states == {"delivered"} else "accepted"
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryJob:
     message_id: str
@@ -171,7 +194,7 @@ class Store(abc.ABC):
     """What the pipeline, delivery and the CLI need from storage; nothing more."""
 
     @abc.abstractmethod
-    def find_accepted(self, partner: str, sha256: str) -> Receipt | None:
+    def find_accepted(self, partner: str, sha256: str, direction: str = "in") -> Receipt | None:
         """The earlier acceptance of identical content from this partner, if any."""
 
     @abc.abstractmethod
@@ -183,18 +206,44 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def status(self, message_id: str, partner: str) -> dict[str, Any] | None:
+    def status(self, message_id: str, partner: str | None, direction: str = "in") -> dict[str, Any] | None:
         """Status for the partner that sent the message; None for anyone else."""
 
     @abc.abstractmethod
-    def due_deliveries(self, now: float, limit: int) -> list[DeliveryJob]: ...
+    def due_deliveries(self, now: float, limit: int) -> list[DeliveryJob]:
+        """Due jobs that nobody holds; a read, for a cheap "anything to do?" before `claim`."""
+
+    @abc.abstractmethod
+    def claim(self, owner: str, now: float, wanted: dict[str, int], lease_s: float) -> Future[list[DeliveryJob]]:
+        """Take up to ``wanted[destination]`` due jobs per destination for ``owner`` until now + lease_s."""
+
+    @abc.abstractmethod
+    def release(self, owner: str) -> Future[int]: ...
 
     @abc.abstractmethod
     def load_sealed(self, message_id: str) -> bytes: ...
 
     @abc.abstractmethod
     def record_delivery(self, job: DeliveryJob, *, delivered_at: str | None, next_attempt_at: float | None,
-                        error: str | None, dead: bool = False) -> Future[None]: ...
+                        error: str | None, dead: bool = False, owner: str | None = None) -> Future[None]: ...
+
+    @abc.abstractmethod
+    def messages(self, *, direction: str | None = None, partner: str | None = None, status: str | None = None,
+                 since: str | None = None, until: str | None = None, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def message(self, message_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def dead_letters(self, *, partner: str | None = None, destination: str | None = None, since: float | None = None,
+                     until: float | None = None, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def retry(self, message_id: str, destination: str | None, actor: str, *, requeue: bool = False,
+              reason: str = "") -> Future[list[str]]: ...
+
+    @abc.abstractmethod
+    def outbox_depth(self) -> tuple[int, float | None]: ...
 
     @abc.abstractmethod
     def counts(self) -> dict[str, int]: ...
@@ -208,7 +257,8 @@ class Store(abc.ABC):
         """A quarantined message with the seller's whole account history beside it."""
 
     @abc.abstractmethod
-    def decide(self, message_id: str, release: bool, actor: str, note: str) -> Future[dict[str, Any]]: ...
+    def decide(self, message_id: str, release: bool, actor: str, note: str,
+               destinations: tuple[str, ...] = ()) -> Future[dict[str, Any]]: ...
 
     @abc.abstractmethod
     def audit(self, actor: str, action: str, partner: str | None, message_id: str | None,
@@ -245,13 +295,14 @@ class SqliteStore(Store):
                 if version > SCHEMA_VERSION:
                     raise ConfigError(f"state_dir: the database has schema {version}, newer than this gateway "
                                       f"({SCHEMA_VERSION}); run the newer version")
-                if version < 3 and exists:
+                if version < 4 and exists:
                     columns = {r[1] for r in conn.execute("PRAGMA table_info(invoices)")}
                     if "signature" not in columns:  # schema 1
                         conn.execute("ALTER TABLE invoices ADD COLUMN signature TEXT")
-                    _rebuild(conn, "invoices")
+                    _rebuild(conn, "invoices", {"source_sha256": "sha256"})
                     _rebuild(conn, "deliveries")
-                    conn.execute("UPDATE invoices SET kind = 'credit-note' WHERE document_type = 'ubl:CreditNote'")
+                    if version < 3:
+                        conn.execute("UPDATE invoices SET kind = 'credit-note' WHERE document_type = 'ubl:CreditNote'")
                 for statement in _DDL.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -369,29 +420,31 @@ class SqliteStore(Store):
 
     # --- invoices ------------------------------------------------------------------------------
 
-    def find_accepted(self, partner: str, sha256: str) -> Receipt | None:
-        return self._earlier(self._reader(), partner, sha256)
+    def find_accepted(self, partner: str, sha256: str, direction: str = "in") -> Receipt | None:
+        return self._earlier(self._reader(), partner, sha256, direction)
 
     @staticmethod
-    def _earlier(conn: sqlite3.Connection, partner: str, sha256: str) -> Receipt | None:
+    def _earlier(conn: sqlite3.Connection, partner: str, source_sha256: str, direction: str) -> Receipt | None:
         row = conn.execute(
-            "SELECT i.message_id, i.received_at, i.rules, q.state FROM invoices i "
-            "LEFT JOIN quarantine q USING (message_id) WHERE i.partner = ? AND i.sha256 = ?", (partner, sha256)
+            "SELECT i.message_id, i.received_at, i.rules, q.state, i.sha256 FROM invoices i "
+            "LEFT JOIN quarantine q USING (message_id) WHERE i.direction = ? AND i.partner = ? AND i.source_sha256 = ?",
+            (direction, partner, source_sha256)
         ).fetchone()
         if row is None:
             return None
-        return Receipt(row[0], _SENDER_STATUS.get(row[3], "accepted"), sha256, row[1], duplicate=True,
+        return Receipt(row[0], _SENDER_STATUS.get(row[3], "accepted"), row[4], row[1], duplicate=True,
                        rules=json.loads(row[2]) if row[2] else None)
 
     def put(self, invoice: AcceptedInvoice, destinations: list[str]) -> Future[Receipt]:
         def op(conn: sqlite3.Connection) -> Receipt:
             f = invoice.facts
-            earlier = self._earlier(conn, invoice.partner, invoice.sha256)
+            source_sha256 = invoice.source_sha256 or invoice.sha256
+            earlier = self._earlier(conn, invoice.partner, source_sha256, invoice.direction)
             if earlier is not None:
                 return earlier
             row = conn.execute(
-                "SELECT message_id FROM invoices WHERE partner = ? AND kind = ? AND invoice_number = ? AND issue_date = ?",
-                (invoice.partner, f.kind, f.invoice_number, f.issue_date),
+                "SELECT message_id FROM invoices WHERE direction = ? AND partner = ? AND kind = ? AND invoice_number = ? "
+                "AND issue_date = ?", (invoice.direction, invoice.partner, f.kind, f.invoice_number, f.issue_date),
             ).fetchone()
             if row:
                 raise Conflict(
@@ -401,20 +454,22 @@ class SqliteStore(Store):
                     code="DUPLICATE_CONFLICT",
                 )
             now_iso = _now()
-            holds = list(invoice.holds) + self._account_holds(conn, invoice, now_iso)
+            holds = list(invoice.holds) + (self._account_holds(conn, invoice, now_iso) if invoice.direction == "in" else [])
             conn.execute(
-                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (invoice.message_id, invoice.partner, invoice.sha256, invoice.received_at, f.document_type.label,
                  f.invoice_number, f.ubl_version, json.dumps(f.supplier_ids), json.dumps(f.customer_ids),
                  f.customization_id, f.profile_id, f.issue_date, invoice.size, invoice.key_id,
                  json.dumps(invoice.signature) if invoice.signature else None, invoice.media_type,
-                 json.dumps(invoice.rules) if invoice.rules is not None else None, f.payable_amount, f.currency, f.kind),
+                 json.dumps(invoice.rules) if invoice.rules is not None else None, f.payable_amount, f.currency, f.kind,
+                 invoice.direction, source_sha256, invoice.route),
             )
             conn.execute("INSERT INTO blobs VALUES (?, ?)", (invoice.message_id, invoice.sealed))
             now = time.time()
             conn.executemany(
-                "INSERT INTO deliveries (message_id, destination, state, created_at, next_attempt_at) VALUES (?,?,?,?,?)",
-                [(invoice.message_id, d, "held" if holds else "pending", now, now) for d in destinations],
+                "INSERT INTO deliveries (message_id, destination, state, created_at, next_attempt_at, updated_at) "
+                "VALUES (?,?,?,?,?,?)",
+                [(invoice.message_id, d, "held" if holds else "pending", now, now, now) for d in destinations],
             )
             if holds:
                 conn.execute("INSERT INTO quarantine (message_id, partner, reasons, accounts, state, held_at) "
@@ -448,12 +503,13 @@ class SqliteStore(Store):
                {"accounts": [_masked(a) for a in unknown]})
         return [f"payee account {_masked(a)} was never used by this seller before" for a in unknown]
 
-    def status(self, message_id: str, partner: str) -> dict[str, Any] | None:
+    def status(self, message_id: str, partner: str | None, direction: str = "in") -> dict[str, Any] | None:
         conn = self._reader()
         row = conn.execute(
             "SELECT i.message_id, i.sha256, i.received_at, i.document_type, i.invoice_number, i.signature, i.rules, "
-            "q.state FROM invoices i LEFT JOIN quarantine q USING (message_id) "
-            "WHERE i.message_id = ? AND i.partner = ?", (message_id, partner)
+            "q.state, i.partner FROM invoices i LEFT JOIN quarantine q USING (message_id) "
+            "WHERE i.message_id = ? AND i.direction = ? AND (? IS NULL OR i.partner = ?)",
+            (message_id, direction, partner, partner)
         ).fetchone()
         if row is None:
             return None
@@ -464,11 +520,10 @@ class SqliteStore(Store):
                 "state NOT IN ('held', 'rejected') ORDER BY destination", (message_id,),
             )
         ]
-        states = {d["status"] for d in deliveries}
-        status = (_SENDER_STATUS[row[7]] if row[7] in ("held", "rejected") else
-                  "delivered" if states == {"delivered"} else "dead-letter" if "dead" in states else "accepted")
+        status = _summary(row[7], {d["status"] for d in deliveries})
         return {
             "message_id": row[0], "status": status, "sha256": row[1], "received_at": row[2],
+            **({"partner": row[8]} if direction == "out" else {}),
             "document_type": row[3], "invoice_number": row[4], "deliveries": deliveries,
             "signature": json.loads(row[5]) if row[5] else None, "rules": json.loads(row[6]) if row[6] else None,
         }
@@ -503,8 +558,10 @@ class SqliteStore(Store):
         ]
         return entry
 
-    def decide(self, message_id: str, release: bool, actor: str, note: str) -> Future[dict[str, Any]]:
-        """Release a held invoice to delivery, or reject it for good; recorded with who decided."""
+    def decide(self, message_id: str, release: bool, actor: str, note: str,
+               destinations: tuple[str, ...] = ()) -> Future[dict[str, Any]]:
+        """Release a held invoice to delivery, or reject it for good; recorded with who decided.
+        ``destinations``: where a released invoice that no route matched goes."""
         def op(conn: sqlite3.Connection) -> dict[str, Any]:
             row = conn.execute("SELECT partner, state, accounts FROM quarantine WHERE message_id = ?",
                                (message_id,)).fetchone()
@@ -515,8 +572,16 @@ class SqliteStore(Store):
             state, now = ("released" if release else "rejected"), _now()
             conn.execute("UPDATE quarantine SET state = ?, decided_at = ?, decided_by = ?, note = ? WHERE message_id = ?",
                          (state, now, actor, note, message_id))
-            conn.execute("UPDATE deliveries SET state = ?, next_attempt_at = ? WHERE message_id = ? AND state = 'held'",
-                         ("pending" if release else "rejected", time.time(), message_id))
+            held = conn.execute("SELECT count(*) FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()[0]
+            if release and not held:
+                if not destinations:
+                    raise NotHeld(f"message {message_id} matched no routing rule: add a [[routes]] entry for it, or "
+                                  "name where to deliver it (--to DESTINATION)", code="UNROUTED")
+                t = time.time()
+                conn.executemany("INSERT INTO deliveries (message_id, destination, state, created_at, next_attempt_at, "
+                                 "updated_at) VALUES (?,?,'pending',?,?,?)", [(message_id, d, t, t, t) for d in destinations])
+            conn.execute("UPDATE deliveries SET state = ?, next_attempt_at = ?, updated_at = ? WHERE message_id = ? "
+                         "AND state = 'held'", ("pending" if release else "rejected", time.time(), time.time(), message_id))
             # Its new accounts (first named by this invoice or by another one still held) become known
             # with a release; a rejection keeps them under suspicion for good.
             conn.executemany("UPDATE seller_accounts SET state = ? WHERE partner = ? AND account = ? AND state = 'pending'",
@@ -536,26 +601,55 @@ class SqliteStore(Store):
         return [{"seq": r[0], "at": r[1], "actor": r[2], "action": r[3], "partner": r[4], "message_id": r[5],
                  "detail": json.loads(r[6])} for r in rows]
 
-    # --- delivery --------------------------------------------------------------------------------
+    # --- the outbox ------------------------------------------------------------------------------
+
+    _JOB_SELECT = (
+        "SELECT d.message_id, d.destination, d.attempts, d.created_at, i.partner, i.sha256, i.received_at, "
+        "i.document_type, i.invoice_number, i.supplier_ids, i.customer_ids, i.customization_id, i.profile_id, "
+        "i.issue_date, i.size, i.signature, i.media_type, i.rules, i.direction FROM deliveries d "
+        "JOIN invoices i USING (message_id) ")
+
+    @staticmethod
+    def _job(r: tuple[Any, ...]) -> DeliveryJob:
+        return DeliveryJob(r[0], r[1], r[2], r[3], r[4], r[5], {
+            "message_id": r[0], "partner": r[4], "sha256": r[5], "received_at": r[6], "document_type": r[7],
+            "invoice_number": r[8], "supplier_ids": json.loads(r[9]), "customer_ids": json.loads(r[10]),
+            "customization_id": r[11], "profile_id": r[12], "issue_date": r[13], "size": r[14],
+            "signature": json.loads(r[15]) if r[15] else None, "media_type": r[16],
+            "rules": json.loads(r[17]) if r[17] else None, "direction": r[18],
+        })
 
     def due_deliveries(self, now: float, limit: int) -> list[DeliveryJob]:
+        """Due jobs nobody holds (read only: `claim` is what takes them)."""
         rows = self._reader().execute(
-            "SELECT d.message_id, d.destination, d.attempts, d.created_at, i.partner, i.sha256, i.received_at, "
-            "i.document_type, i.invoice_number, i.supplier_ids, i.customer_ids, i.customization_id, i.profile_id, "
-            "i.issue_date, i.size, i.signature, i.media_type, i.rules FROM deliveries d JOIN invoices i USING (message_id) "
-            "WHERE d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
-            (now, limit),
+            self._JOB_SELECT + "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND "
+            "(d.lease_until IS NULL OR d.lease_until <= ?) ORDER BY d.next_attempt_at LIMIT ?", (now, now, limit),
         ).fetchall()
-        return [
-            DeliveryJob(r[0], r[1], r[2], r[3], r[4], r[5], {
-                "message_id": r[0], "partner": r[4], "sha256": r[5], "received_at": r[6], "document_type": r[7],
-                "invoice_number": r[8], "supplier_ids": json.loads(r[9]), "customer_ids": json.loads(r[10]),
-                "customization_id": r[11], "profile_id": r[12], "issue_date": r[13], "size": r[14],
-                "signature": json.loads(r[15]) if r[15] else None, "media_type": r[16],
-                "rules": json.loads(r[17]) if r[17] else None,
-            })
-            for r in rows
-        ]
+        return [self._job(r) for r in rows]
+
+    def claim(self, owner: str, now: float, wanted: dict[str, int], lease_s: float) -> Future[list[DeliveryJob]]:
+        def op(conn: sqlite3.Connection) -> list[DeliveryJob]:
+            jobs: list[DeliveryJob] = []
+            for destination, n in wanted.items():
+                if n <= 0:
+                    continue
+                keys = conn.execute(
+                    "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE rowid IN ("
+                    "SELECT rowid FROM deliveries WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ? "
+                    "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
+                    "RETURNING message_id", (owner, now + lease_s, destination, now, now, n)).fetchall()
+                for (message_id,) in keys:
+                    row = conn.execute(self._JOB_SELECT + "WHERE d.message_id = ? AND d.destination = ?",
+                                       (message_id, destination)).fetchone()
+                    jobs.append(self._job(row))
+            return jobs
+
+        return self._submit(op)
+
+    def release(self, owner: str) -> Future[int]:
+        """Give back every job this node holds (it stopped, or restarted after a crash)."""
+        return self._submit(lambda conn: conn.execute(
+            "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)).rowcount)
 
     def load_sealed(self, message_id: str) -> bytes:
         row = self._reader().execute("SELECT sealed FROM blobs WHERE message_id = ?", (message_id,)).fetchone()
@@ -564,16 +658,120 @@ class SqliteStore(Store):
         return bytes(row[0])
 
     def record_delivery(self, job: DeliveryJob, *, delivered_at: str | None, next_attempt_at: float | None,
-                        error: str | None, dead: bool = False) -> Future[None]:
+                        error: str | None, dead: bool = False, owner: str | None = None) -> Future[None]:
+        """The outcome of one attempt.  A success always counts; a failure only from the job's holder
+        (a node whose lease lapsed must not push back a job another node now delivers)."""
         state = "delivered" if delivered_at else "dead" if dead else "pending"
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, delivered_at = ?, last_error = ?, "
-                "next_attempt_at = COALESCE(?, next_attempt_at) "
-                "WHERE message_id = ? AND destination = ? AND state = 'pending'",
-                (state, delivered_at, error, next_attempt_at, job.message_id, job.destination),
+                "next_attempt_at = COALESCE(?, next_attempt_at), lease_owner = NULL, lease_until = NULL, updated_at = ? "
+                "WHERE message_id = ? AND destination = ? AND state = 'pending' "
+                "AND (? OR ? IS NULL OR lease_owner IS NULL OR lease_owner = ?)",
+                (state, delivered_at, error, next_attempt_at, time.time(), job.message_id, job.destination,
+                 state == "delivered", owner, owner),
             )
+            if dead:
+                _audit(conn, "gateway", "delivery.dead_letter", job.partner, job.message_id,
+                       {"destination": job.destination, "attempts": job.attempts + 1, "error": error})
+
+        return self._submit(op)
+
+    # --- operators: messages and dead letters ------------------------------------------------------
+
+    def messages(self, *, direction: str | None = None, partner: str | None = None, status: str | None = None,
+                 since: str | None = None, until: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Messages newest first; ``status`` is the summary the sender sees (accepted, held, delivered,
+        dead-letter, rejected) or a delivery state (pending, delivered, dead)."""
+        rows = self._reader().execute(
+            "SELECT i.message_id, i.direction, i.partner, i.received_at, i.document_type, i.invoice_number, "
+            "i.payable_amount, i.currency, q.state, group_concat(d.state) FROM invoices i "
+            "LEFT JOIN quarantine q USING (message_id) LEFT JOIN deliveries d USING (message_id) "
+            "WHERE (? IS NULL OR i.direction = ?) AND (? IS NULL OR i.partner = ?) AND (? IS NULL OR i.received_at >= ?) "
+            "AND (? IS NULL OR i.received_at < ?) GROUP BY i.message_id ORDER BY i.received_at DESC",
+            (direction, direction, partner, partner, since, since, until, until))
+        out = []
+        for r in rows:
+            states = set(r[9].split(",")) if r[9] else set()
+            summary = _summary(r[8], states)
+            if status is not None and status != summary and status not in states:
+                continue
+            out.append({"message_id": r[0], "direction": r[1], "partner": r[2], "received_at": r[3],
+                        "document_type": r[4], "invoice_number": r[5], "payable_amount": r[6], "currency": r[7],
+                        "status": summary})
+            if len(out) >= limit:
+                break
+        return out
+
+    def message(self, message_id: str) -> dict[str, Any] | None:
+        """Everything an operator may see about one message (never its content): the timeline."""
+        conn = self._reader()
+        row = conn.execute(
+            "SELECT message_id, direction, partner, sha256, received_at, document_type, invoice_number, issue_date, "
+            "payable_amount, currency, supplier_ids, customer_ids, customization_id, profile_id, size, media_type, "
+            "key_id, signature, rules, route FROM invoices WHERE message_id = ?", (message_id,)).fetchone()
+        if row is None:
+            return None
+        keys = ("message_id", "direction", "partner", "sha256", "received_at", "document_type", "invoice_number",
+                "issue_date", "payable_amount", "currency", "supplier_ids", "customer_ids", "customization_id",
+                "profile_id", "size", "media_type", "key_id", "signature", "rules", "route")
+        out: dict[str, Any] = dict(zip(keys, row, strict=True))
+        for k in ("supplier_ids", "customer_ids", "signature", "rules"):
+            out[k] = json.loads(out[k]) if out[k] else None
+        out["deliveries"] = [
+            {"destination": r[0], "state": r[1], "attempts": r[2], "next_attempt_at": _iso(r[3]) if r[1] == "pending" else None,
+             "last_error": r[4], "delivered_at": r[5], "claimed_by": r[6], "updated_at": _iso(r[7])}
+            for r in conn.execute("SELECT destination, state, attempts, next_attempt_at, last_error, delivered_at, "
+                                  "lease_owner, updated_at FROM deliveries WHERE message_id = ? ORDER BY destination",
+                                  (message_id,))]
+        q = self.quarantined(None, message_id=message_id)
+        out["quarantine"] = q[0] if q else None
+        out["status"] = _summary(q[0]["state"] if q else None, {d["state"] for d in out["deliveries"]})
+        out["history"] = [
+            {"at": r[0], "actor": r[1], "action": r[2], "detail": json.loads(r[3])}
+            for r in conn.execute("SELECT at, actor, action, detail FROM audit WHERE message_id = ? ORDER BY seq",
+                                  (message_id,))]
+        return out
+
+    def dead_letters(self, *, partner: str | None = None, destination: str | None = None, since: float | None = None,
+                     until: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._reader().execute(
+            "SELECT d.message_id, d.destination, i.partner, i.direction, i.invoice_number, d.attempts, d.last_error, "
+            "d.updated_at, i.received_at FROM deliveries d JOIN invoices i USING (message_id) WHERE d.state = 'dead' "
+            "AND (? IS NULL OR i.partner = ?) AND (? IS NULL OR d.destination = ?) AND (? IS NULL OR d.updated_at >= ?) "
+            "AND (? IS NULL OR d.updated_at < ?) ORDER BY d.updated_at DESC LIMIT ?",
+            (partner, partner, destination, destination, since, since, until, until, limit))
+        return [{"message_id": r[0], "destination": r[1], "partner": r[2], "direction": r[3], "invoice_number": r[4],
+                 "attempts": r[5], "error": r[6], "dead_at": _iso(r[7]), "received_at": r[8]} for r in rows]
+
+    def retry(self, message_id: str, destination: str | None, actor: str, *, requeue: bool = False,
+              reason: str = "") -> Future[list[str]]:
+        """Make waiting jobs due now (retry), or put dead-lettered ones back in the queue with a fresh
+        horizon (requeue).  Returns the destinations affected; audited with who asked."""
+        def op(conn: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            if requeue:
+                sql = ("UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?, next_attempt_at = ?, "
+                       "updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE message_id = ? AND state = 'dead' "
+                       "AND (? IS NULL OR destination = ?) RETURNING destination")
+                args: tuple[Any, ...] = (now, now, now, message_id, destination, destination)
+            else:
+                sql = ("UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE message_id = ? AND state = 'pending' "
+                       "AND (? IS NULL OR destination = ?) RETURNING destination")
+                args = (now, now, message_id, destination, destination)
+            affected = sorted(r[0] for r in conn.execute(sql, args).fetchall())
+            if not affected:
+                known = conn.execute("SELECT group_concat(destination || ': ' || state, ', ') FROM deliveries "
+                                     "WHERE message_id = ?", (message_id,)).fetchone()[0]
+                want = "dead-lettered" if requeue else "waiting (pending)"
+                raise NotHeld(f"message {message_id} has no {want} delivery"
+                              + (f" to {destination!r}" if destination else "") + (f" ({known})" if known else
+                              " (no such message, or it has no deliveries)"), code="NOTHING_TO_RETRY")
+            partner = conn.execute("SELECT partner FROM invoices WHERE message_id = ?", (message_id,)).fetchone()[0]
+            _audit(conn, actor, "delivery.requeued" if requeue else "delivery.retried", partner, message_id,
+                   {"destinations": affected, "reason": reason})
+            return affected
 
         return self._submit(op)
 
@@ -583,3 +781,9 @@ class SqliteStore(Store):
         for state, n in conn.execute("SELECT state, count(*) FROM deliveries GROUP BY state"):
             out[f"deliveries_{state}"] = n
         return out
+
+    def outbox_depth(self) -> tuple[int, float | None]:
+        """Jobs waiting for delivery, and when the oldest of them was accepted (epoch seconds)."""
+        n, oldest = self._reader().execute(
+            "SELECT count(*), min(created_at) FROM deliveries WHERE state = 'pending'").fetchone()
+        return int(n), oldest

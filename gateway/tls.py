@@ -45,13 +45,18 @@ def server_context(certificate: Path, private_key: Path, client_ca: tuple[Path, 
     return ctx
 
 
-def client_context(ca: Path, certificate: Path | None = None, private_key: Path | None = None) -> ssl.SSLContext:
-    """The same policy for the gateway's own outbound connections (and the demo)."""
-    ctx = ssl.create_default_context(cafile=str(ca))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
-    if certificate is not None:
-        ctx.load_cert_chain(str(certificate), str(private_key) if private_key else None)
+def client_context(ca: Path | None, certificate: Path | None = None, private_key: Path | None = None) -> ssl.SSLContext:
+    """The same policy for the gateway's own outbound connections (and the demo); ``ca`` None: the
+    system's trust store.  Host names are checked."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(TLS12_CIPHERS)
+        ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+        if certificate is not None:
+            ctx.load_cert_chain(str(certificate), str(private_key) if private_key else None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot load the TLS files {ca}, {certificate} ({exc.__class__.__name__}: {exc})") from None
     return ctx
 
 

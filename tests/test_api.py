@@ -2,7 +2,7 @@
 
 ``gateway`` is overridden here: the same instance and listener as conftest's, built from a Config
 that a test may change through ``https_overrides`` (parametrised), and with the background delivery
-loop stopped, so that ``deliverer.run_once()`` is the only deliverer and file checks are deterministic.
+loop stopped, so that ``outbox.run_once()`` is the only deliverer and file checks are deterministic.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def db_rows(gateway: Running, message_id: str | None = None) -> dict[str, int]:
 
 async def deliver_all(gateway: Running) -> None:
     for _ in range(10):
-        if await gateway.gw.deliverer.run_once() == 0:
+        if await gateway.gw.outbox.run_once() == 0:
             return
     raise AssertionError("delivery did not drain in 10 rounds")
 

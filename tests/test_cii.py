@@ -5,7 +5,7 @@ CII stylesheet and the official CII D16B schema, both from the shared corpus.  P
 test time with pypdf: a blank page and the invoice attached as ``factur-x.xml``.
 
 ``gateway`` is overridden: the same listener as conftest's, on ``cii_inst``, with the background
-delivery loop stopped so that ``deliverer.run_once()`` is the only deliverer.
+delivery loop stopped so that ``outbox.run_once()`` is the only deliverer.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ async def post(s: aiohttp.ClientSession, body: bytes, headers: dict[str, str] = 
 
 async def deliver_all(gateway: Running) -> None:
     for _ in range(10):
-        if await gateway.gw.deliverer.run_once() == 0:
+        if await gateway.gw.outbox.run_once() == 0:
             return
     raise AssertionError("delivery did not drain in 10 rounds")
 

@@ -1,4 +1,4 @@
-"""Deliverer and DirectoryDestination with a real store and vault, a fake clock and no sleeping."""
+"""The outbox with a directory destination: a real store and vault, a fake clock and no sleeping."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ from typing import Any
 import pytest
 
 from gateway import delivery
-from gateway.config import Destination
-from gateway.delivery import RETRY_BASE_S, RETRY_CAP_S, Deliverer
+from gateway.config import DeliveryConfig, Destination
+from gateway.delivery import DirectorySender, Outbox
 from gateway.demo import SAMPLE
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
 from gateway.store import SqliteStore
 from gateway.vault import MasterKey, Vault
 
 HORIZON_S = 3600.0
+CFG = DeliveryConfig(horizon_s=HORIZON_S)
+RETRY_BASE_S, RETRY_CAP_S = CFG.retry_base_s, CFG.retry_cap_s
 
 
 class Clock:
@@ -40,7 +42,7 @@ class Env:
     vault: Vault
     outbox: Path
     clock: Clock
-    deliverer: Deliverer
+    deliverer: Outbox
 
     def accept(self, body: bytes = SAMPLE) -> str:
         message_id, sha = str(uuid.uuid4()), hashlib.sha256(body).hexdigest()
@@ -75,7 +77,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
     outbox.mkdir()
     clock = Clock(0.0)
     executor = ThreadPoolExecutor(2)
-    deliverer = Deliverer(store, vault, [Destination("erp", "directory", outbox)], executor, clock=clock, horizon_s=HORIZON_S)
+    sender = DirectorySender(Destination("erp", "directory", outbox), executor)
+    deliverer = Outbox(store, vault, {"erp": sender}, CFG, executor, owner="test", clock=clock)
     e = Env(store, vault, outbox, clock, deliverer)
     yield e
     executor.shutdown(wait=True)

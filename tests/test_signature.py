@@ -316,7 +316,7 @@ async def post(session: Any, body: bytes) -> tuple[int, dict[str, Any]]:
 
 async def delivered(running: Running, message_id: str) -> tuple[dict[str, Any], bytes]:
     """Run a delivery pass; return the delivered sidecar and document."""
-    await running.gw.deliverer.run_once()
+    await running.gw.outbox.run_once()
     folder = running.inst.delivery_folder
     sidecar = await asyncio.to_thread((folder / f"{message_id}.json").read_text)
     return json.loads(sidecar), await asyncio.to_thread((folder / f"{message_id}.xml").read_bytes)

@@ -9,6 +9,6 @@ async def test_valid_sample_is_accepted_and_delivered(gateway, client):
         assert r.status == 202, await r.text()
         body = await r.json()
     assert body["status"] == "accepted" and body["duplicate"] is False
-    await gateway.gw.deliverer.run_once()
+    await gateway.gw.outbox.run_once()
     delivered = gateway.inst.delivery_folder / f"{body['message_id']}.xml"
     assert delivered.read_bytes() == SAMPLE

@@ -1,0 +1,122 @@
+"""The ERP-facing listener: invoices this business sends to its trading partners.
+
+    POST /v1/outbound            application/xml (or a Factur-X application/pdf) body
+                                 → 202 {message_id, status, sha256, received_at, duplicate, rules}
+    GET  /v1/outbound/{id}       status, with the recipient partner and each delivery attempt's state
+
+Separate from the partner listener: a Unix socket (access by file permissions), or TCP with mutual
+TLS where the ERP's client certificate must chain to ``outbound.client_ca`` and its key be one of
+``outbound.client_spki``.  Errors have the partner API's shape (``reply_for``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from .. import logs
+from ..config import HttpsConfig, OutboundConfig
+from ..errors import Forbidden, GatewayError, LimitExceeded, Rejected, UnsupportedMediaType
+from ..pipeline import Pipeline
+from ..store import Store
+from .https import PDF_MEDIA_TYPE, XML_MEDIA_TYPES, ByteBudget, _identity, reply_for
+
+log = logs.get("inbound.outbound")
+
+
+class SubmitInbound:
+    def __init__(self, cfg: OutboundConfig, limits: HttpsConfig, pipeline: Pipeline, store: Store,
+                 on_accepted: Callable[[], None], io_executor: Executor):
+        self.cfg = cfg
+        self.limits = limits  # body size and timeouts: the partner listener's
+        self.pipeline = pipeline
+        self.store = store
+        self.on_accepted = on_accepted
+        self.io_executor = io_executor
+        self.budget = ByteBudget(limits.max_in_flight_bytes)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._errors])
+        app.router.add_post("/v1/outbound", self.post)
+        app.router.add_get("/v1/outbound/{message_id}", self.get)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            self._authenticate(request)
+            return await handler(request)
+        except GatewayError as exc:
+            return reply_for(exc)
+        except web.HTTPRequestEntityTooLarge:
+            return reply_for(LimitExceeded(f"the body exceeds the limit of {self.limits.max_body_bytes} bytes"))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status, "HTTP_ERROR")
+            return web.json_response({"error": code, "message": exc.reason, "details": []}, status=exc.status)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("request.internal_error", path=request.path)
+            return web.json_response(
+                {"error": "INTERNAL_ERROR", "message": "the gateway failed to process the request; retry later",
+                 "details": []}, status=500)
+
+    def _authenticate(self, request: web.Request) -> None:
+        """On TCP, the ERP's certificate key must be allowlisted; on the Unix socket the file mode decides."""
+        if self.cfg.socket is not None:
+            return
+        transport = request.transport
+        sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = sslobj.getpeercert(binary_form=True) if isinstance(sslobj, ssl.SSLObject) else None
+        spki = _identity(der)[0] if der else None
+        if spki not in self.cfg.client_spki:
+            raise Forbidden("this client certificate may not submit invoices for sending "
+                            f"(certificate key SHA-256 {spki}); list it in outbound.client_spki", code="SUBMITTER_UNKNOWN")
+
+    async def post(self, request: web.Request) -> web.Response:
+        received_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if request.content_type not in (*XML_MEDIA_TYPES, PDF_MEDIA_TYPE):
+            raise UnsupportedMediaType(f"Content-Type {request.content_type!r} is not accepted; send application/xml "
+                                       "(or a Factur-X PDF as application/pdf)", code="UNSUPPORTED_MEDIA_TYPE")
+        reserve = request.content_length if request.content_length is not None else self.limits.max_body_bytes
+        if reserve > self.limits.max_body_bytes:
+            raise LimitExceeded(f"the body of {reserve} bytes exceeds the limit of {self.limits.max_body_bytes} bytes")
+        await self.budget.acquire(reserve)
+        try:
+            body = await asyncio.wait_for(request.read(), self.limits.read_timeout_s)
+            media_type = PDF_MEDIA_TYPE if request.content_type == PDF_MEDIA_TYPE else "application/xml"
+            try:
+                outcome = await self.pipeline.submit(body, received_at, media_type)
+            except Rejected as exc:
+                log.info("outbound.rejected", code=exc.code, status=exc.http_status, reason=exc.message)
+                raise
+        finally:
+            await self.budget.release(reserve)
+        receipt = outcome.receipt
+        if outcome.accepted is not None:
+            log.info("outbound.accepted", message_id=receipt.message_id, partner=outcome.accepted.partner,
+                     invoice_number=outcome.accepted.facts.invoice_number, sha256=receipt.sha256,
+                     signed=outcome.accepted.signature is not None)
+            self.on_accepted()
+        return web.json_response({**receipt.as_json(), "partner": outcome.accepted.partner if outcome.accepted else None},
+                                 status=202)
+
+    async def get(self, request: web.Request) -> web.Response:
+        message_id = request.match_info["message_id"]
+        status: dict[str, Any] | None = None
+        if len(message_id) <= 64:
+            status = await asyncio.get_running_loop().run_in_executor(
+                self.io_executor, self.store.status, message_id, None, "out")
+        if status is None:
+            return web.json_response(
+                {"error": "NOT_FOUND", "message": "no outbound message with this id", "details": []}, status=404)
+        return web.json_response(status)
