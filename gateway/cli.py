@@ -9,7 +9,11 @@
                                    [--party-id ID …] [--remove-party-id ID …] [--email ADDR …] [--signature-policy P] -c CONFIG
     einvoice-gateway partners list|show NAME|suspend NAME|resume NAME|remove NAME -c CONFIG
         (add and edit also take [--rules PACK[,PACK…] | --no-rules] [--amount-ceiling CUR:AMOUNT …])
-    einvoice-gateway quarantine list [--all] [--partner P] [--json] | show ID | release ID --reason R | reject ID --reason R
+    einvoice-gateway quarantine list [--all] [--partner P] [--json] | show ID | release ID --reason R [--to DEST …]
+                                | reject ID --reason R
+    einvoice-gateway messages list [--partner P] [--status S] [--direction in|out] [--since T] [--until T] [--json]
+                              | show ID | retry ID [--destination D] | requeue ID --reason R [--destination D]
+    einvoice-gateway dead-letters [--partner P] [--destination D] [--since T] [--until T] [--json]
     einvoice-gateway sign IN OUT [-c CONFIG | --cert PEM --key PEM]
     einvoice-gateway verify FILE [--cert PEM …]
     einvoice-gateway demo [--dir DIR] [--no-wait]
@@ -26,7 +30,9 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import __version__, logs
 from . import config as config_mod
@@ -111,10 +117,56 @@ def _parser() -> argparse.ArgumentParser:
         qd.add_argument("message_id")
         qd.add_argument("--reason", required=True, help="why (recorded in the audit log with who decided)")
         qd.add_argument("--by", help="who decides (default: the current user)")
+        if action == "release":
+            qd.add_argument("--to", action="append", default=[], metavar="DESTINATION",
+                            help="where to deliver it (default: what the routing rules say now)")
+
+    m = sub.add_parser("messages", help="accepted and submitted invoices and their deliveries")
+    msub = m.add_subparsers(dest="action", required=True)
+    ml = with_config(msub.add_parser("list", help="newest first"))
+    filters(ml)
+    ml.add_argument("--status", help="accepted, held, delivered, dead-letter, rejected, or a delivery state (pending, dead)")
+    ml.add_argument("--direction", choices=("in", "out"), help="in: from partners; out: submitted for sending")
+    ms = with_config(msub.add_parser("show", help="one message: facts, deliveries and history (never its content)"))
+    ms.add_argument("message_id")
+    for action, what in (("retry", "attempt its waiting deliveries now"),
+                         ("requeue", "put its dead-lettered deliveries back in the queue, with a new retry horizon")):
+        mr = with_config(msub.add_parser(action, help=what))
+        mr.add_argument("message_id")
+        mr.add_argument("--destination", help="only this destination")
+        mr.add_argument("--reason", required=action == "requeue", default="", help="why (recorded in the audit log)")
+        mr.add_argument("--by", help="who asks (default: the current user)")
+    dl = with_config(sub.add_parser("dead-letters", help="deliveries given up on, newest first, with the reason"))
+    filters(dl)
+    dl.add_argument("--destination")
     return p
 
 
+def filters(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--partner")
+    sp.add_argument("--since", type=_when, help="from this time on (YYYY-MM-DD or an RFC 3339 time, UTC)")
+    sp.add_argument("--until", type=_when, help="before this time")
+    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--json", action="store_true")
+
+
+def _when(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD) or time (2026-11-20T14:00:00Z)") from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def _stamp(t: datetime | None) -> str | None:
+    return None if t is None else t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def rules_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--endpoint", metavar="URL",
+                    help="where invoices for this partner are sent (https://…; another einvoice-gateway: …/v1/invoices)")
+    sp.add_argument("--sign-outbound", action=argparse.BooleanOptionalAction, default=None,
+                    help="sign invoices sent to this partner with the gateway's [signing] key")
     group = sp.add_mutually_exclusive_group()
     group.add_argument("--rules", metavar="PACK[,PACK…]", help="business rule packs for this partner (default: rules.default)")
     group.add_argument("--no-rules", action="store_true",
@@ -144,7 +196,7 @@ def _chosen_rules(args: argparse.Namespace, cfg: config_mod.Config) -> tuple[str
 
 def _partners(args: argparse.Namespace) -> int:
     from .instance import current_user, register_partner
-    from .partners import editing, load_directory, parse_ceiling, parse_party_id, with_status
+    from .partners import editing, load_directory, parse_ceiling, parse_endpoint, parse_party_id, with_status
     from .tls import expires_soon, inspect_certificate
 
     cfg = config_mod.load(args.config)
@@ -158,7 +210,9 @@ def _partners(args: argparse.Namespace) -> int:
         ceilings = tuple(parse_ceiling(v, f"--amount-ceiling[{i}]") for i, v in enumerate(args.amount_ceiling))
         register_partner(path, args.name, certs, ids, args.email, args.verified_by or current_user(),
                          [Path(c) for c in args.signing_cert], SignaturePolicy(args.signature_policy),
-                         rules=_chosen_rules(args, cfg), ceilings=ceilings)
+                         rules=_chosen_rules(args, cfg), ceilings=ceilings,
+                         endpoint=parse_endpoint(args.endpoint, "--endpoint") if args.endpoint else "",
+                         sign_outbound=bool(args.sign_outbound))
         print(f"partner {args.name!r} added; the running gateway picks it up within seconds")
         return 0
     if args.action == "edit":
@@ -190,7 +244,8 @@ def _partners(args: argparse.Namespace) -> int:
                           "emails": list(partner.emails), "client_certs": shown,
                           "signature_policy": partner.signature_policy.value, "signing_certs": signing,
                           "rules": list(partner.rules) if partner.rules is not None else f"default ({', '.join(cfg.rules_default)})",
-                          "amount_ceilings": {c: str(v) for c, v in partner.amount_ceilings}}, indent=2))
+                          "amount_ceilings": {c: str(v) for c, v in partner.amount_ceilings},
+                          "endpoint": partner.endpoint or None, "sign_outbound": partner.sign_outbound}, indent=2))
         return 0
     with editing(path) as partners:
         idx = next(i for i, p in enumerate(partners) if p.name == args.name)
@@ -206,9 +261,10 @@ def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] |
     from dataclasses import replace
 
     from .instance import edit_partners
-    from .partners import parse_ceiling, parse_party_id
+    from .partners import parse_ceiling, parse_endpoint, parse_party_id
     from .tls import inspect_certificate
 
+    endpoint = parse_endpoint(args.endpoint, "--endpoint") if args.endpoint else None
     for prefix in args.remove_cert:
         if len(prefix) < 16:
             raise ConfigError(f"--remove-cert: {prefix!r} is too short; give at least 16 hex digits of the key SHA-256")
@@ -239,7 +295,9 @@ def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] |
             signature_policy=SignaturePolicy(args.signature_policy) if args.signature_policy else p.signature_policy,
             rules=None if args.default_rules else rules if rules is not None else p.rules,
             amount_ceilings=tuple(sorted(({c: v for c, v in p.amount_ceilings if c not in args.remove_amount_ceiling}
-                                          | add_ceilings).items())))
+                                          | add_ceilings).items())),
+            endpoint=p.endpoint if endpoint is None else endpoint,
+            sign_outbound=p.sign_outbound if args.sign_outbound is None else args.sign_outbound)
 
     edit_partners(path, args.name, change)
 
@@ -268,8 +326,15 @@ def _quarantine(args: argparse.Namespace) -> int:
                 return 1
             print(json.dumps(entry, indent=2))
             return 0
-        fut: Future[dict[str, object]] = store.decide(args.message_id, args.action == "release",
-                                                      args.by or current_user(), args.reason)
+        release = args.action == "release"
+        to = tuple(args.to) if release else ()
+        unknown = [d for d in to if d not in {x.name for x in cfg.destinations}]
+        if unknown:
+            raise ConfigError(f"--to: no destination named {unknown[0]!r} (configured: "
+                              f"{', '.join(d.name for d in cfg.destinations)})")
+        if release and not to:
+            to = _route_again(cfg, store, args.message_id)
+        fut: Future[dict[str, object]] = store.decide(args.message_id, release, args.by or current_user(), args.reason, to)
         try:
             decided = fut.result()
         except NotHeld as exc:
@@ -277,6 +342,66 @@ def _quarantine(args: argparse.Namespace) -> int:
             return 1
         print(f"message {decided['message_id']} {decided['state']} by {decided['decided_by']}"
               + ("; the running gateway delivers it within seconds" if decided["state"] == "released" else ""))
+        return 0
+    finally:
+        store.close()
+
+
+def _route_again(cfg: config_mod.Config, store: Any, message_id: str) -> tuple[str, ...]:
+    """Where the routing rules of the current configuration send a stored message."""
+    from .model import DocumentType, InvoiceFacts
+    from .routing import Router
+
+    m = store.message(message_id)
+    if m is None:
+        return ()
+    doc_type = next(t for t in DocumentType if t.label == m["document_type"])
+    facts = InvoiceFacts(doc_type, m["invoice_number"], "", tuple(m["supplier_ids"] or ()), tuple(m["customer_ids"] or ()),
+                         m["customization_id"], m["profile_id"], m["issue_date"])
+    return Router(cfg.routes, cfg.routing_default).route(m["partner"], facts)
+
+
+def _messages(args: argparse.Namespace) -> int:
+    from .instance import current_user
+    from .store import NotHeld, SqliteStore
+
+    cfg = config_mod.load(args.config)
+    store = SqliteStore(cfg.state_dir)
+    try:
+        if args.command == "dead-letters":
+            rows = store.dead_letters(partner=args.partner, destination=args.destination,
+                                      since=args.since.timestamp() if args.since else None,
+                                      until=args.until.timestamp() if args.until else None, limit=args.limit)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for r in [] if args.json else rows:
+                print(f"{r['message_id']}\t{r['destination']}\t{r['partner']}\t{r['invoice_number']}\t"
+                      f"dead since {r['dead_at']}\tattempts {r['attempts']}\t{r['error']}")
+            return 0
+        if args.action == "list":
+            rows = store.messages(direction=args.direction, partner=args.partner, status=args.status,
+                                  since=_stamp(args.since), until=_stamp(args.until), limit=args.limit)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for r in [] if args.json else rows:
+                print(f"{r['message_id']}\t{r['direction']}\t{r['received_at']}\t{r['partner']}\t{r['status']}\t"
+                      f"{r['document_type']}\t{r['invoice_number']}\t{r['payable_amount']} {r['currency']}")
+            return 0
+        if args.action == "show":
+            detail = store.message(args.message_id)
+            if detail is None:
+                print(f"einvoice-gateway: no message {args.message_id}", file=sys.stderr)
+                return 1
+            print(json.dumps(detail, indent=2))
+            return 0
+        try:
+            done = store.retry(args.message_id, args.destination, args.by or current_user(),
+                               requeue=args.action == "requeue", reason=args.reason).result()
+        except NotHeld as exc:
+            print(f"einvoice-gateway: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"message {args.message_id}: {'requeued' if args.action == 'requeue' else 'due now'} for "
+              f"{', '.join(done)}; the running gateway attempts it within a second")
         return 0
     finally:
         store.close()
@@ -363,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             return _partners(args)
         if args.command == "quarantine":
             return _quarantine(args)
+        if args.command in ("messages", "dead-letters"):
+            return _messages(args)
         if args.command == "sign":
             return _sign(args)
         if args.command == "verify":

@@ -92,14 +92,15 @@ def store_certificate(partners_file: Path, name: str, cert: Path, option: str = 
 def register_partner(partners_file: Path, name: str, certs: list[Path], party_ids: list[str], emails: list[str],
                      verified_by: str, signing_certs: list[Path] | None = None,
                      policy: SignaturePolicy = SignaturePolicy.IF_PRESENT, *, rules: tuple[str, ...] | None = None,
-                     ceilings: tuple[tuple[str, Decimal], ...] = ()) -> None:
+                     ceilings: tuple[tuple[str, Decimal], ...] = (), endpoint: str = "", sign_outbound: bool = False) -> None:
     """The `partners add` command: store the certificates and add the partner, atomically."""
     def add(partners: list[Partner], store: Callable[[Path, str], str]) -> None:
         if any(p.name == name for p in partners):
             raise ConfigError(f"partners: a partner named {name!r} exists already (use a new name, or remove it first)")
         partner = new_partner(name, [store(c, "--client-cert") for c in certs], party_ids, emails, verified_by,
                               [store(c, "--signing-cert") for c in signing_certs or []], policy)
-        partners.append(dataclasses.replace(partner, rules=rules, amount_ceilings=ceilings))
+        partners.append(dataclasses.replace(partner, rules=rules, amount_ceilings=ceilings, endpoint=endpoint,
+                                            sign_outbound=sign_outbound))
 
     edit_partners(partners_file, name, add)
 

@@ -103,12 +103,17 @@ class SubmitInbound:
             await self.budget.release(reserve)
         receipt = outcome.receipt
         if outcome.accepted is not None:
-            log.info("outbound.accepted", message_id=receipt.message_id, partner=outcome.accepted.partner,
+            partner = outcome.accepted.partner
+            log.info("outbound.accepted", message_id=receipt.message_id, partner=partner,
                      invoice_number=outcome.accepted.facts.invoice_number, sha256=receipt.sha256,
                      signed=outcome.accepted.signature is not None)
             self.on_accepted()
-        return web.json_response({**receipt.as_json(), "partner": outcome.accepted.partner if outcome.accepted else None},
-                                 status=202)
+        else:  # the same bytes were submitted before: the same message, and the same recipient
+            earlier = await asyncio.get_running_loop().run_in_executor(
+                self.io_executor, self.store.status, receipt.message_id, None, "out")
+            partner = earlier["partner"] if earlier else None
+            log.info("outbound.duplicate", message_id=receipt.message_id, partner=partner)
+        return web.json_response({**receipt.as_json(), "partner": partner}, status=202)
 
     async def get(self, request: web.Request) -> web.Response:
         message_id = request.match_info["message_id"]
