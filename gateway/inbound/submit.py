@@ -102,6 +102,7 @@ class SubmitInbound:
         finally:
             await self.budget.release(reserve)
         receipt = outcome.receipt
+        partner: str | None = None
         if outcome.accepted is not None:
             partner = outcome.accepted.partner
             log.info("outbound.accepted", message_id=receipt.message_id, partner=partner,
