@@ -249,7 +249,7 @@ class Destination:
     client_certificate: Path | None = None  # https/partner: the gateway's client certificate (mutual TLS)
     client_key: Path | None = None
     partner: str = ""  # partner: a fixed trading partner; "": the invoice's own counterparty (outbound)
-    concurrency: int = 4  # deliveries in flight to this destination at once
+    concurrency: int = 16  # deliveries in flight to this destination at once
     timeout_s: float = 30.0  # per attempt: connect, send and the reply
 
 
@@ -346,7 +346,7 @@ def _destination(d: Reader) -> Destination:
                           "have yet; use https or directory")
     if kind not in DESTINATION_TYPES:
         raise ConfigError(f"{d.key('type')}: {kind!r} is not one of {', '.join(DESTINATION_TYPES)}")
-    common = dict(name=name, type=kind, concurrency=d.integer("concurrency", 4, minimum=1, maximum=256),
+    common = dict(name=name, type=kind, concurrency=d.integer("concurrency", 16, minimum=1, maximum=256),
                   timeout_s=d.number("timeout_s", 30.0, minimum=0.5))
     if kind == "directory":
         folder = d.resolve(d.string("path", required=True))

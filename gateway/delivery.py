@@ -44,6 +44,7 @@ from .store import DeliveryJob, Store
 from .tls import client_context
 from .vault import Vault
 
+STOP_LOOP_WAIT_S = 5.0  # at shutdown, for a claim transaction under way
 POLL_S = 0.25  # also woken at once after each acceptance in this process (other workers: by polling)
 MAX_ERROR_CHARS = 300  # of a reason kept with a job (an ERP's error body, an exception)
 MAX_REPLY_BYTES = 16_384  # read of a destination's reply body, for the reason of a refusal
@@ -321,9 +322,11 @@ class Outbox:
         self.breakers = {name: Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s, cfg.retry_cap_s) for name in senders}
         self.in_flight: dict[str, int] = dict.fromkeys(senders, 0)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._run_task: asyncio.Task[Any] | None = None
         self._stopping = False
 
     async def run(self) -> None:
+        self._run_task = asyncio.current_task()
         released = await asyncio.wrap_future(self.store.release(self.owner))
         if released:
             log.info("delivery.resumed", jobs=released, owner=self.owner)
@@ -380,6 +383,8 @@ class Outbox:
         """Stop claiming; let attempts in flight finish for up to ``grace_s``, then give the rest back."""
         self._stopping = True
         self.wake.set()
+        if self._run_task is not None:  # let a claim under way finish, so that its jobs are tracked below
+            await asyncio.wait([self._run_task], timeout=STOP_LOOP_WAIT_S)
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=grace_s)
             for task in pending:
