@@ -388,10 +388,15 @@ def _routing(top: Reader, destinations: tuple[Destination, ...]) -> tuple[tuple[
 
     names = [d.name for d in destinations]
 
+    outbound_only = {d.name for d in destinations if d.type == "partner" and not d.partner}
+
     def known(r: Reader, key: str, values: list[str]) -> tuple[str, ...]:
         for i, v in enumerate(values):
             if v not in names:
                 raise ConfigError(f"{r.key(key)}[{i}]: no destination is named {v!r}")
+            if v in outbound_only:
+                raise ConfigError(f"{r.key(key)}[{i}]: destination {v!r} carries outbound invoices to their buyer; "
+                                  "to route received invoices to a trading partner, give that destination partner = NAME")
         return tuple(values)
 
     routes = []

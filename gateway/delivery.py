@@ -39,6 +39,7 @@ import aiohttp
 from . import logs
 from .config import DeliveryConfig, Destination
 from .errors import VaultError
+from .model import PartnerStatus
 from .partners import PartnerBook
 from .store import DeliveryJob, Store
 from .tls import client_context
@@ -237,7 +238,7 @@ class PartnerSender(_HttpSender):
         partner = self.partners.current.get(name)
         if partner is None or not partner.endpoint:
             raise DeliveryFailed(f"partner {name!r} has no endpoint registered (partners edit {name} --endpoint URL)")
-        if partner.status.value != "active":
+        if partner.status is not PartnerStatus.ACTIVE:
             raise DeliveryFailed(f"partner {name!r} is suspended; resume it or requeue the message elsewhere")
         headers = {"Content-Type": str(job.metadata.get("media_type") or "application/xml"),
                    "Idempotency-Key": job.message_id}
@@ -330,6 +331,11 @@ class Outbox:
         released = await asyncio.wrap_future(self.store.release(self.owner))
         if released:
             log.info("delivery.resumed", jobs=released, owner=self.owner)
+        depth = await asyncio.get_running_loop().run_in_executor(self.executor, self.store.pending_by_destination)
+        for name, jobs in sorted(depth.items()):
+            if name not in self.senders:  # never claimed, so never dead-lettered either: say so loudly
+                log.error("delivery.unknown_destination", destination=name, jobs=jobs,
+                          reason="jobs wait for a destination that is no longer configured; add it back to deliver them")
         while not self._stopping:
             try:
                 started = await self.fill()

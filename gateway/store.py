@@ -246,6 +246,9 @@ class Store(abc.ABC):
     def outbox_depth(self) -> tuple[int, float | None]: ...
 
     @abc.abstractmethod
+    def pending_by_destination(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
     def counts(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
@@ -781,6 +784,10 @@ class SqliteStore(Store):
         for state, n in conn.execute("SELECT state, count(*) FROM deliveries GROUP BY state"):
             out[f"deliveries_{state}"] = n
         return out
+
+    def pending_by_destination(self) -> dict[str, int]:
+        return dict(self._reader().execute(
+            "SELECT destination, count(*) FROM deliveries WHERE state = 'pending' GROUP BY destination").fetchall())
 
     def outbox_depth(self) -> tuple[int, float | None]:
         """Jobs waiting for delivery, and when the oldest of them was accepted (epoch seconds)."""
