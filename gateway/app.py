@@ -187,13 +187,14 @@ class Gateway:
         assert self._submit_runner.server is not None
         loop = asyncio.get_running_loop()
         if cfg.socket is not None:
+            # Bound and given its mode before listen(): nobody can connect while it has another mode
+            # (and no process-wide umask change races other threads creating files).
             cfg.socket.unlink(missing_ok=True)
-            old = os.umask(0o777 & ~cfg.socket_mode)
-            try:
-                self._submit_server = await loop.create_unix_server(self._submit_runner.server, str(cfg.socket))
-            finally:
-                os.umask(old)
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            unix.bind(str(cfg.socket))
             os.chmod(cfg.socket, cfg.socket_mode)
+            unix.listen(LISTEN_BACKLOG)
+            self._submit_server = await loop.create_unix_server(self._submit_runner.server, sock=unix)
             where = f"unix:{cfg.socket}"
         else:
             ctx = server_context(self.config.https.certificate, self.config.https.private_key, cfg.client_ca)

@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     rules_options(ed)
     ed.add_argument("--default-rules", action="store_true", help="use the configured rules.default again")
     ed.add_argument("--remove-amount-ceiling", action="append", default=[], metavar="CURRENCY")
+    ed.add_argument("--remove-endpoint", action="store_true", help="send nothing to this partner any more")
     with_config(psub.add_parser("list", help="list partners"))
 
     sg = with_config(sub.add_parser("sign", help="add the gateway's XAdES-BES signature to an invoice"))
@@ -296,7 +297,7 @@ def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] |
             rules=None if args.default_rules else rules if rules is not None else p.rules,
             amount_ceilings=tuple(sorted(({c: v for c, v in p.amount_ceilings if c not in args.remove_amount_ceiling}
                                           | add_ceilings).items())),
-            endpoint=p.endpoint if endpoint is None else endpoint,
+            endpoint="" if args.remove_endpoint else p.endpoint if endpoint is None else endpoint,
             sign_outbound=p.sign_outbound if args.sign_outbound is None else args.sign_outbound)
 
     edit_partners(path, args.name, change)

@@ -239,7 +239,7 @@ class PartnerSender(_HttpSender):
         if partner is None or not partner.endpoint:
             raise DeliveryFailed(f"partner {name!r} has no endpoint registered (partners edit {name} --endpoint URL)")
         if partner.status is not PartnerStatus.ACTIVE:
-            raise DeliveryFailed(f"partner {name!r} is suspended; resume it or requeue the message elsewhere")
+            raise DeliveryFailed(f"partner {name!r} is suspended; retried until the horizon (partners resume {name})")
         headers = {"Content-Type": str(job.metadata.get("media_type") or "application/xml"),
                    "Idempotency-Key": job.message_id}
         status, reply = await self.post(partner.endpoint, document, headers)

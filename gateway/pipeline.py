@@ -97,6 +97,12 @@ class Pipeline:
         """The stages for an invoice this business sends: validated like a received one, then
         addressed to the partner that the buyer identifiers name."""
         assert self.outbound is not None
+        sha256 = hashlib.sha256(body).hexdigest()
+        # First, as for received invoices: an ERP that lost a 202 and resends must get the same
+        # receipt, even if the recipient was suspended or edited since.
+        earlier = self.store.find_accepted(None, sha256, "out")
+        if earlier is not None:
+            return earlier
         xml = pdf.embedded_invoice(body, self.max_xml_bytes) if media_type == PDF else body
         root = self.parser.parse(xml).root
         doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
@@ -104,10 +110,6 @@ class Pipeline:
         facts = (cii if doc_type.syntax is Syntax.CII else ubl).read_facts(root, doc_type, version)
         self._check_seller(facts)
         partner = self._recipient(facts)
-        sha256 = hashlib.sha256(body).hexdigest()
-        earlier = self.store.find_accepted(partner.name, sha256, "out")
-        if earlier is not None:
-            return earlier
         report = self.rules.evaluate(root, doc_type.syntax, self.rule_packs(partner))
         document = body
         signed = None

@@ -194,8 +194,8 @@ class Store(abc.ABC):
     """What the pipeline, delivery and the CLI need from storage; nothing more."""
 
     @abc.abstractmethod
-    def find_accepted(self, partner: str, sha256: str, direction: str = "in") -> Receipt | None:
-        """The earlier acceptance of identical content from this partner, if any."""
+    def find_accepted(self, partner: str | None, sha256: str, direction: str = "in") -> Receipt | None:
+        """The earlier acceptance of identical content from this partner (None: any partner), if any."""
 
     @abc.abstractmethod
     def put(self, invoice: AcceptedInvoice, destinations: list[str]) -> Future[Receipt]:
@@ -423,15 +423,16 @@ class SqliteStore(Store):
 
     # --- invoices ------------------------------------------------------------------------------
 
-    def find_accepted(self, partner: str, sha256: str, direction: str = "in") -> Receipt | None:
+    def find_accepted(self, partner: str | None, sha256: str, direction: str = "in") -> Receipt | None:
         return self._earlier(self._reader(), partner, sha256, direction)
 
     @staticmethod
-    def _earlier(conn: sqlite3.Connection, partner: str, source_sha256: str, direction: str) -> Receipt | None:
+    def _earlier(conn: sqlite3.Connection, partner: str | None, source_sha256: str, direction: str) -> Receipt | None:
         row = conn.execute(
             "SELECT i.message_id, i.received_at, i.rules, q.state, i.sha256 FROM invoices i "
-            "LEFT JOIN quarantine q USING (message_id) WHERE i.direction = ? AND i.partner = ? AND i.source_sha256 = ?",
-            (direction, partner, source_sha256)
+            "LEFT JOIN quarantine q USING (message_id) WHERE i.direction = ? AND i.source_sha256 = ? "
+            "AND (? IS NULL OR i.partner = ?) ORDER BY i.received_at LIMIT 1",
+            (direction, source_sha256, partner, partner)
         ).fetchone()
         if row is None:
             return None
@@ -442,7 +443,9 @@ class SqliteStore(Store):
         def op(conn: sqlite3.Connection) -> Receipt:
             f = invoice.facts
             source_sha256 = invoice.source_sha256 or invoice.sha256
-            earlier = self._earlier(conn, invoice.partner, source_sha256, invoice.direction)
+            # Outbound, the same bytes are the same submission whoever they were addressed to.
+            earlier = self._earlier(conn, invoice.partner if invoice.direction == "in" else None, source_sha256,
+                                    invoice.direction)
             if earlier is not None:
                 return earlier
             row = conn.execute(
