@@ -333,7 +333,7 @@ def _quarantine(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--to: no destination named {unknown[0]!r} (configured: "
                               f"{', '.join(d.name for d in cfg.destinations)})")
-        if release and not to:
+        if release and not to:  # held before routing found a destination: route it with today's rules
             to = _route_again(cfg, store, args.message_id)
         fut: Future[dict[str, object]] = store.decide(args.message_id, release, args.by or current_user(), args.reason, to)
         try:
@@ -354,7 +354,7 @@ def _route_again(cfg: config_mod.Config, store: Any, message_id: str) -> tuple[s
     from .routing import Router
 
     m = store.message(message_id)
-    if m is None:
+    if m is None or m["deliveries"]:
         return ()
     doc_type = next(t for t in DocumentType if t.label == m["document_type"])
     facts = InvoiceFacts(doc_type, m["invoice_number"], "", tuple(m["supplier_ids"] or ()), tuple(m["customer_ids"] or ()),

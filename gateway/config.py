@@ -373,6 +373,9 @@ def _destination(d: Reader) -> Destination:
             token = d.file("bearer_token_file") if d.has("bearer_token_file") else None
             if token is not None:
                 check_secret_file(token, d.key("bearer_token_file"))
+                if not re.fullmatch(r"[\x21-\x7e]+", token.read_text(encoding="utf-8", errors="replace").strip()):
+                    raise ConfigError(f"{d.key('bearer_token_file')}: the token must be one line of printable ASCII "
+                                      "without spaces (a trailing newline is ignored)")
             dest = Destination(**common, url=url, hmac_key_file=hmac_key, bearer_token_file=token, **tls)  # type: ignore[arg-type]
         else:
             if tls["client_certificate"] is None:
@@ -406,6 +409,9 @@ def _routing(top: Reader, destinations: tuple[Destination, ...]) -> tuple[tuple[
             raise ConfigError(f"{rt.key('destinations')}: a route needs at least one destination")
         criteria = {k: (rt.string(k) if rt.has(k) else None) for k in ROUTE_CRITERIA}
         if criteria["receiver"] is not None:
+            if not re.fullmatch(r"[^:\s]+:[^:\s]\S*|[^:\s]+", criteria["receiver"].strip()):
+                raise ConfigError(f"{rt.key('receiver')}: {criteria['receiver']!r} is not an identifier (write "
+                                  "scheme:value, e.g. 0088:5790000435975, or a bare value, without spaces)")
             criteria["receiver"] = parse_party_id(criteria["receiver"], rt.key("receiver"))
         if criteria["document_type"] not in (None, *DOCUMENT_TYPE_LABELS):
             raise ConfigError(f"{rt.key('document_type')}: {criteria['document_type']!r} is not one of "

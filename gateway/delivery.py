@@ -302,6 +302,8 @@ class Breaker:
         self.failures += 1
         if self.failures < self.threshold:
             return False
+        if self.failures > self.threshold and now < self.open_until:
+            return False  # an attempt that started before the breaker opened: no longer pause
         self.pause = min(self.cap, self.pause * 2 if self.pause else self.cooldown)
         self.open_until = now + self.pause
         return True
@@ -337,13 +339,13 @@ class Outbox:
                 log.error("delivery.unknown_destination", destination=name, jobs=jobs,
                           reason="jobs wait for a destination that is no longer configured; add it back to deliver them")
         while not self._stopping:
+            self.wake.clear()  # before the fill: a wake-up during it (a slot freed, a new job) is kept
             try:
                 started = await self.fill()
             except Exception:  # the loop must outlive a failing store; the jobs stay pending
                 log.exception("delivery.loop_error")
                 started = 0
             if started == 0:
-                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), POLL_S)
 
@@ -379,11 +381,13 @@ class Outbox:
         """Attempt everything due now, each job once, and wait for the attempts (for tests and tools)."""
         total = 0
         while True:
+            self.wake.clear()
             started = await self.fill()
             total += started
-            if not self._tasks:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+            elif not started and not self.wake.is_set():  # (an attempt that ended during the fill freed a slot)
                 return total
-            await asyncio.wait(list(self._tasks), return_when=asyncio.FIRST_COMPLETED)
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; let attempts in flight finish for up to ``grace_s``, then give the rest back."""
@@ -425,6 +429,10 @@ class Outbox:
                 return
             except DeliveryFailed as exc:
                 await self._failed(job, exc, bound)
+                return
+            except Exception as exc:  # a bug or a foreign error type: still an attempt that failed, recorded
+                bound.exception("delivery.attempt_error")
+                await self._failed(job, DeliveryFailed(f"internal error: {exc.__class__.__name__}: {exc}"), bound)
                 return
             if breaker.success():
                 bound.info("delivery.breaker_closed")

@@ -579,10 +579,11 @@ class SqliteStore(Store):
             conn.execute("UPDATE quarantine SET state = ?, decided_at = ?, decided_by = ?, note = ? WHERE message_id = ?",
                          (state, now, actor, note, message_id))
             held = conn.execute("SELECT count(*) FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()[0]
-            if release and not held:
-                if not destinations:
-                    raise NotHeld(f"message {message_id} matched no routing rule: add a [[routes]] entry for it, or "
-                                  "name where to deliver it (--to DESTINATION)", code="UNROUTED")
+            if release and not held and not destinations:
+                raise NotHeld(f"message {message_id} matched no routing rule: add a [[routes]] entry for it, or "
+                              "name where to deliver it (--to DESTINATION)", code="UNROUTED")
+            if release and destinations:  # the operator's choice replaces the route taken at acceptance
+                conn.execute("DELETE FROM deliveries WHERE message_id = ? AND state = 'held'", (message_id,))
                 t = time.time()
                 conn.executemany("INSERT INTO deliveries (message_id, destination, state, created_at, next_attempt_at, "
                                  "updated_at) VALUES (?,?,'pending',?,?,?)", [(message_id, d, t, t, t) for d in destinations])
@@ -670,15 +671,15 @@ class SqliteStore(Store):
         state = "delivered" if delivered_at else "dead" if dead else "pending"
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
+            updated = conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, delivered_at = ?, last_error = ?, "
                 "next_attempt_at = COALESCE(?, next_attempt_at), lease_owner = NULL, lease_until = NULL, updated_at = ? "
                 "WHERE message_id = ? AND destination = ? AND state = 'pending' "
                 "AND (? OR ? IS NULL OR lease_owner IS NULL OR lease_owner = ?)",
                 (state, delivered_at, error, next_attempt_at, time.time(), job.message_id, job.destination,
                  state == "delivered", owner, owner),
-            )
-            if dead:
+            ).rowcount
+            if dead and updated:
                 _audit(conn, "gateway", "delivery.dead_letter", job.partner, job.message_id,
                        {"destination": job.destination, "attempts": job.attempts + 1, "error": error})
 

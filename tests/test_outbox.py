@@ -1,0 +1,990 @@
+"""The outbox over HTTPS: a real TLS listener on 127.0.0.1 plays the ERP; a real store and vault; a
+fake wall clock (schedules) and a fake monotonic clock (breakers), so no test sleeps for a backoff.
+
+``Erp`` records every request and answers from a script; ``Env`` accepts invoices straight into
+the store and builds outboxes whose senders POST to the listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import io
+import json
+import os
+import socket
+import sqlite3
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gateway import devpki, logs
+from gateway.config import DeliveryConfig, Destination
+from gateway.delivery import Breaker, DeliveryFailed, HttpsSender, Outbox, Sender, classify, signature_header
+from gateway.demo import SAMPLE
+from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
+from gateway.store import DeliveryJob, NotHeld, SqliteStore
+from gateway.vault import MasterKey, Vault
+
+CFG = DeliveryConfig(horizon_s=3600.0)
+NUMBER = b"DEMO-2026-0001</cbc:ID>"
+assert SAMPLE.count(NUMBER) == 1
+HANG = -1  # a reply "status" that never answers (until the test ends)
+
+Reply = tuple[int, str, dict[str, str]]
+
+
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- the fake ERP ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    peer_cn: str | None  # the client certificate's common name, when one was presented
+
+
+@dataclass
+class Erp:
+    """An HTTPS endpoint that records requests and answers ``script`` in order, then ``default``."""
+
+    url: str = ""
+    script: list[Reply] = field(default_factory=list)
+    default: Reply = (200, "booked", {})
+    seen: list[Seen] = field(default_factory=list)
+    gate: asyncio.Event | None = None  # when set up, every request waits here before it is answered
+    active: int = 0
+    peak: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    hang: asyncio.Event = field(default_factory=asyncio.Event)  # set at teardown: lets HANG replies end
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        cn = next((v for rdn in cert["subject"] for k, v in rdn if k == "commonName"), None) if cert else None
+        self.seen.append(Seen(request.path, dict(request.headers), body, cn))
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.changed.set()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            status, text, headers = self.script.pop(0) if self.script else self.default
+            if status == HANG:
+                await self.hang.wait()
+                status = 200
+            return web.Response(status=status, text=text or None, headers=headers)
+        finally:
+            self.active -= 1
+            self.changed.set()
+
+    async def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self.changed.clear()
+                await self.changed.wait()
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.headers["Idempotency-Key"] for s in self.seen]
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: devpki.Issued
+    server: devpki.Issued
+    client: devpki.Issued
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = devpki.make_ca(folder, "erp-ca")
+    server = devpki.issue(ca, folder, "erp", role="server", cn="localhost", sans=("127.0.0.1", "localhost"))
+    client = devpki.issue(ca, folder, "gateway-client", role="client")
+    return Pki(ca, server, client)
+
+
+StartErp = Callable[..., Awaitable[Erp]]
+
+
+@pytest.fixture
+async def start_erp(pki: Pki) -> AsyncIterator[StartErp]:
+    """Starts fake ERPs on ephemeral ports (``mtls=True``: a client certificate from the CA is required)."""
+    started: list[tuple[Erp, web.AppRunner]] = []
+
+    async def start(*, mtls: bool = False, path: str = "/erp") -> Erp:
+        erp = Erp()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", erp.handle)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+        if mtls:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=str(pki.ca.cert))
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+        await site.start()
+        started.append((erp, runner))
+        erp.url = f"https://127.0.0.1:{runner.addresses[0][1]}{path}"
+        return erp
+
+    yield start
+    for erp, runner in started:
+        erp.hang.set()
+        if erp.gate is not None:
+            erp.gate.set()
+        await runner.cleanup()
+
+
+# --- the gateway side ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    store: SqliteStore
+    vault: Vault
+    clock: Clock
+    mono: Clock
+    executor: ThreadPoolExecutor
+    pki: Pki
+    folder: Path
+    hmac_key: Path
+    outboxes: list[Outbox] = field(default_factory=list)
+
+    def accept(self, destinations: tuple[str, ...] = ("erp",), partner: str = "acme") -> str:
+        message_id = str(uuid.uuid4())
+        body = SAMPLE.replace(NUMBER, f"{message_id}</cbc:ID>".encode())
+        sha = hashlib.sha256(body).hexdigest()
+        sealed, key_id = self.vault.seal(body, message_id, sha)
+        facts = InvoiceFacts(DocumentType.UBL_INVOICE, message_id, "2.1", ("0088:1",), (), "urn:c", "urn:p", "2026-11-02")
+        self.store.put(AcceptedInvoice(message_id, partner, sha, "2026-11-20T00:00:00.000000Z", len(body), facts, sealed,
+                                       key_id), list(destinations)).result(10)
+        return message_id
+
+    def body(self, message_id: str) -> bytes:
+        return SAMPLE.replace(NUMBER, f"{message_id}</cbc:ID>".encode())
+
+    def https(self, url: str, name: str = "erp", **kw: Any) -> Destination:
+        return Destination(name, "https", url=url, ca=self.pki.ca.cert, hmac_key_file=self.hmac_key, **kw)
+
+    def outbox(self, *destinations: Destination, cfg: DeliveryConfig = CFG, owner: str = "n1") -> Outbox:
+        senders: dict[str, Sender] = {d.name: HttpsSender(d, clock=self.clock) for d in destinations}
+        box = Outbox(self.store, self.vault, senders, cfg, self.executor, owner=owner, clock=self.clock,
+                     monotonic=self.mono)
+        self.outboxes.append(box)
+        return box
+
+    def sql(self, query: str, *args: Any) -> Any:
+        conn = sqlite3.connect(self.store.path)
+        try:
+            with conn:
+                return conn.execute(query, args).fetchone()
+        finally:
+            conn.close()
+
+    def job(self, message_id: str, destination: str = "erp") -> dict[str, Any]:
+        keys = ("state", "attempts", "created_at", "next_attempt_at", "last_error", "lease_owner", "lease_until")
+        row = self.sql(f"SELECT {', '.join(keys)} FROM deliveries WHERE message_id = ? AND destination = ?",
+                       message_id, destination)
+        return dict(zip(keys, row, strict=True))
+
+    def due(self, message_id: str, seconds: float = 1.0) -> None:
+        """Set the wall clock ``seconds`` after the job's acceptance."""
+        self.clock.now = self.sql("SELECT max(created_at) FROM deliveries WHERE message_id = ?", message_id)[0] + seconds
+
+    def jobs(self, owner: str, now: float, wanted: dict[str, int], lease_s: float = 300.0) -> list[DeliveryJob]:
+        return self.store.claim(owner, now, wanted, lease_s).result(10)
+
+    def audit(self, action: str, message_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.store.audit_records() if r["action"] == action and r["message_id"] == message_id]
+
+
+@pytest.fixture
+async def env(tmp_path: Path, pki: Pki) -> AsyncIterator[Env]:
+    store = SqliteStore(tmp_path / "state")
+    vault = Vault([MasterKey("k1", "", os.urandom(32))])
+    key = tmp_path / "erp.hmac"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    executor = ThreadPoolExecutor(4)
+    e = Env(store, vault, Clock(0.0), Clock(1000.0), executor, pki, tmp_path, key)
+    yield e
+    for box in e.outboxes:
+        for sender in box.senders.values():
+            await sender.close()
+    executor.shutdown(wait=True)
+    store.close()
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    stream = io.StringIO()
+    logs.configure("debug", stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    logs.configure("debug")
+
+
+async def drain(box: Outbox) -> int:
+    """run_once until nothing more starts."""
+    total = 0
+    while started := await box.run_once():
+        total += started
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --- the request ---------------------------------------------------------------------------------------
+
+
+async def test_post_carries_the_document_and_verifiable_headers(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    token = env.folder / "erp.token"
+    token.write_text("s3cret-token\n")
+    token.chmod(0o600)
+    box = env.outbox(env.https(erp.url, bearer_token_file=token))
+    mid = env.accept()
+    env.due(mid, 2.5)
+    assert await box.run_once() == 1
+    assert len(erp.seen) == 1
+    seen = erp.seen[0]
+    body = env.body(mid)
+    assert seen.path == "/erp" and seen.body == body
+    h = seen.headers
+    assert h["Idempotency-Key"] == h["X-Einvoice-Message-Id"] == mid
+    assert h["X-Einvoice-Sha256"] == hashlib.sha256(body).hexdigest()
+    assert h["Content-Type"] == "application/xml"
+    assert h["X-Einvoice-Partner"] == "acme"
+    assert h["X-Einvoice-Document-Type"] == "ubl:Invoice"
+    assert h["X-Einvoice-Direction"] == "in"
+    assert h["Authorization"] == "Bearer s3cret-token"
+    ts = h["X-Einvoice-Timestamp"]
+    assert ts == str(int(env.clock.now))
+    # Checked as an ERP would, from the key file's bytes, not with the gateway's own helper.
+    expected = hmac.new(env.hmac_key.read_bytes(), f"{ts}.{mid}.".encode() + body, hashlib.sha256).hexdigest()
+    assert h["X-Einvoice-Signature"] == f"v1={expected}"
+    forged = hmac.new(env.hmac_key.read_bytes(), f"{ts}.{mid}.".encode() + body + b" ", hashlib.sha256).hexdigest()
+    assert h["X-Einvoice-Signature"] != f"v1={forged}"
+    job = env.job(mid)
+    assert (job["state"], job["attempts"], job["lease_owner"]) == ("delivered", 1, None)
+    assert await box.run_once() == 0
+
+
+async def test_no_authorization_header_without_a_bearer_token(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    box = env.outbox(env.https(erp.url))
+    env.due(env.accept())
+    await box.run_once()
+    assert len(erp.seen) == 1 and "Authorization" not in erp.seen[0].headers
+
+
+async def test_client_certificate_is_presented(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp(mtls=True)
+    box = env.outbox(env.https(erp.url, client_certificate=env.pki.client.cert, client_key=env.pki.client.key))
+    mid = env.accept()
+    env.due(mid)
+    assert await box.run_once() == 1
+    assert [s.peer_cn for s in erp.seen] == ["gateway-client"]
+    assert env.job(mid)["state"] == "delivered"
+
+
+async def test_without_client_certificate_a_mutual_tls_erp_is_retried(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp(mtls=True)
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    assert await box.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"]) == ("pending", 1) and job["last_error"]
+    assert erp.seen == []
+
+
+async def test_every_attempt_carries_the_same_idempotency_key(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.script = [(503, "busy", {}), (503, "busy", {})]
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    for attempt in (1, 2):
+        assert await box.run_once() == 1
+        job = env.job(mid)
+        assert (job["state"], job["attempts"]) == ("pending", attempt)
+        env.clock.now = job["next_attempt_at"]
+    assert await box.run_once() == 1
+    assert env.job(mid)["state"] == "delivered" and env.job(mid)["attempts"] == 3
+    assert erp.keys == [mid, mid, mid]
+    assert [s.headers["X-Einvoice-Message-Id"] for s in erp.seen] == [mid] * 3
+    assert all(s.body == env.body(mid) for s in erp.seen)
+
+
+
+async def test_a_sender_error_outside_the_known_ones_is_still_recorded(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    token = env.folder / "erp.token"
+    token.write_text("first-line\nsecond-line\n")  # config.load accepts it (mode 0600); strip() keeps the inner newline
+    token.chmod(0o600)
+    box = env.outbox(env.https(erp.url, bearer_token_file=token))
+    mid = env.accept()
+    env.due(mid)
+    assert await box.run_once() == 1
+    assert erp.seen == []
+    job = env.job(mid)
+    assert (job["attempts"], job["lease_owner"]) == (1, None) and job["last_error"]
+
+# --- how replies are classified ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 201, 204])
+async def test_success_statuses_deliver(env: Env, start_erp: StartErp, status: int) -> None:
+    erp = await start_erp()
+    erp.default = (status, "" if status == 204 else "ok", {})
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    assert await box.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"], job["last_error"]) == ("delivered", 1, None)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422])
+async def test_refusals_dead_letter_at_once(env: Env, start_erp: StartErp, status: int) -> None:
+    erp = await start_erp()
+    erp.default = (status, f"refused\nby ERP {status}", {})
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    assert await box.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"]) == ("dead", 1)
+    assert job["last_error"] == f"HTTP {status}: refused by ERP {status}"
+    [record] = env.audit("delivery.dead_letter", mid)
+    assert record["partner"] == "acme" and record["actor"] == "gateway"
+    assert record["detail"] == {"destination": "erp", "attempts": 1, "error": job["last_error"]}
+    assert env.store.status(mid, "acme")["status"] == "dead-letter"  # type: ignore[index]
+    env.clock.now += 10 * CFG.horizon_s
+    assert await box.run_once() == 0
+    assert len(erp.seen) == 1
+
+
+async def test_a_long_refusal_is_cut(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.default = (400, "x" * 20_000, {})
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    await box.run_once()
+    error = env.job(mid)["last_error"]
+    assert error.startswith("HTTP 400: xxx") and len(error) <= 300
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
+async def test_transient_statuses_are_retried(env: Env, start_erp: StartErp, status: int) -> None:
+    erp = await start_erp()
+    erp.script = [(status, "later", {})]
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    now = env.clock.now
+    assert await box.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"], job["lease_owner"]) == ("pending", 1, None)
+    assert job["last_error"] == f"HTTP {status}: later"
+    # The first delay: retry_base_s with jitter in its upper half.
+    assert now + CFG.retry_base_s / 2 <= job["next_attempt_at"] <= now + CFG.retry_base_s
+    assert await box.run_once() == 0  # not due yet
+    env.clock.now = job["next_attempt_at"]
+    assert await box.run_once() == 1
+    assert env.job(mid)["state"] == "delivered"
+    assert env.audit("delivery.dead_letter", mid) == []
+
+
+async def test_backoff_grows_and_stays_under_the_cap(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.default = (503, "", {})
+    cfg = DeliveryConfig(horizon_s=10**7, retry_base_s=5.0, retry_cap_s=60.0, breaker_failures=100)
+    box = env.outbox(env.https(erp.url), cfg=cfg)
+    mid = env.accept()
+    env.due(mid)
+    for attempts in range(8):
+        now = env.clock.now
+        assert await box.run_once() == 1
+        delay = env.job(mid)["next_attempt_at"] - now
+        ceiling = min(60.0, 5.0 * 2**attempts)
+        assert ceiling / 2 <= delay <= ceiling, (attempts, delay)
+        env.clock.now = env.job(mid)["next_attempt_at"]
+    assert env.job(mid)["attempts"] == 8
+
+
+async def test_retry_after_lengthens_the_delay(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.script = [(503, "maintenance", {"Retry-After": "120"})]
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    now = env.clock.now
+    await box.run_once()
+    job = env.job(mid)
+    assert job["state"] == "pending"
+    assert job["next_attempt_at"] - now == pytest.approx(120.0)  # the backoff alone would be <= 5 s
+    env.clock.now = now + 119
+    assert await box.run_once() == 0
+
+
+async def test_retry_after_is_capped(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.script = [(503, "", {"Retry-After": "120"})]
+    box = env.outbox(env.https(erp.url), cfg=DeliveryConfig(horizon_s=3600.0, retry_base_s=5.0, retry_cap_s=60.0))
+    mid = env.accept()
+    env.due(mid)
+    now = env.clock.now
+    await box.run_once()
+    assert env.job(mid)["next_attempt_at"] - now == pytest.approx(60.0)
+
+
+async def test_a_redirect_is_permanent_and_not_followed(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.default = (301, "moved", {"Location": "/elsewhere"})
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    await box.run_once()
+    job = env.job(mid)
+    assert job["state"] == "dead"
+    assert job["last_error"].startswith("HTTP 301: moved") and "redirects are not followed" in job["last_error"]
+    assert [s.path for s in erp.seen] == ["/erp"]
+
+
+async def test_connection_refused_is_retried(env: Env) -> None:
+    box = env.outbox(env.https(f"https://127.0.0.1:{free_port()}/erp"))
+    mid = env.accept()
+    env.due(mid)
+    now = env.clock.now
+    assert await box.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"]) == ("pending", 1)
+    assert "Connect" in job["last_error"]
+    assert job["next_attempt_at"] > now
+
+
+async def test_an_erp_that_never_answers_times_out_and_is_retried(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.script = [(HANG, "", {})]
+    box = env.outbox(env.https(erp.url, timeout_s=0.5))
+    mid = env.accept()
+    env.due(mid)
+    started = time.monotonic()
+    assert await box.run_once() == 1
+    assert time.monotonic() - started < 5
+    job = env.job(mid)
+    assert (job["state"], job["attempts"]) == ("pending", 1)
+    assert "Timeout" in job["last_error"]
+    env.clock.now = job["next_attempt_at"]
+    assert await box.run_once() == 1
+    assert env.job(mid)["state"] == "delivered"
+    assert erp.keys == [mid, mid]
+
+
+# --- the horizon ---------------------------------------------------------------------------------------
+
+
+async def test_before_the_horizon_a_failure_is_retried(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.default = (503, "", {})
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid, CFG.horizon_s - 1)
+    await box.run_once()
+    assert env.job(mid)["state"] == "pending"
+
+
+async def test_past_the_horizon_a_transient_failure_dead_letters(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.default = (503, "down", {})
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid, CFG.horizon_s + 1)
+    assert await box.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"], job["last_error"]) == ("dead", 1, "HTTP 503: down")
+    assert len(env.audit("delivery.dead_letter", mid)) == 1
+    erp.default = (200, "", {})
+    env.clock.now += 100 * CFG.horizon_s
+    assert await box.run_once() == 0  # parked for an operator; never attempted again
+    assert len(erp.seen) == 1 and env.job(mid)["state"] == "dead"
+
+
+# --- concurrency and the breaker -----------------------------------------------------------------------
+
+
+async def test_at_most_concurrency_requests_per_destination(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.gate = asyncio.Event()
+    box = env.outbox(env.https(erp.url, concurrency=3))
+    mids = [env.accept() for _ in range(10)]
+    env.due(mids[-1])
+    task = asyncio.create_task(box.run_once())
+    await erp.until(lambda: erp.active == 3)
+    assert box.in_flight == {"erp": 3}
+    assert env.sql("SELECT count(*) FROM deliveries WHERE lease_owner = 'n1'")[0] == 3
+    erp.gate.set()
+    assert await asyncio.wait_for(task, 20) == 10
+    assert erp.peak == 3
+    assert sorted(erp.keys) == sorted(mids)
+    assert all(env.job(m)["state"] == "delivered" for m in mids)
+
+
+async def test_an_open_breaker_stops_one_destination_only(env: Env, start_erp: StartErp) -> None:
+    dead_erp, good_erp = await start_erp(path="/a"), await start_erp(path="/b")
+    dead_erp.default = (503, "down", {})
+    cfg = DeliveryConfig(horizon_s=72 * 3600.0, breaker_failures=3, breaker_cooldown_s=30.0)
+    box = env.outbox(env.https(dead_erp.url, "a", concurrency=1), env.https(good_erp.url, "b"), cfg=cfg)
+    to_a = [env.accept(("a",)) for _ in range(5)]
+    to_b = [env.accept(("b",)) for _ in range(3)]
+    env.due(to_b[-1])
+    assert await drain(box) == 6  # three to A (then its breaker opened), three to B
+    assert len(dead_erp.seen) == 3
+    assert all(env.job(m, "b")["state"] == "delivered" for m in to_b)
+    assert sorted(env.job(m, "a")["attempts"] for m in to_a) == [0, 0, 1, 1, 1]
+    opened = env.mono.now
+
+    env.clock.now += 10_000  # every job of A is due again; the breaker is not
+    env.mono.now = opened + 29.9
+    assert await drain(box) == 0
+    assert len(dead_erp.seen) == 3
+
+    env.mono.now = opened + 30  # half-open: one probe
+    assert await drain(box) == 1
+    assert len(dead_erp.seen) == 4
+    reopened = env.mono.now
+    env.mono.now = reopened + 59.9  # the probe failed: the pause doubled
+    assert await drain(box) == 0
+    assert len(dead_erp.seen) == 4
+
+    dead_erp.default = (200, "", {})
+    env.clock.now += 10_000  # the failed probe's job is due again too
+    env.mono.now = reopened + 60
+    assert await drain(box) == 5  # the probe succeeds, the breaker closes, the rest follows
+    assert all(env.job(m, "a")["state"] == "delivered" for m in to_a)
+    assert box.breakers["a"].failures == 0
+    assert len(dead_erp.seen) == 9
+
+
+async def test_the_first_pause_is_the_cooldown_even_with_concurrent_failures(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.default = (503, "", {})
+    cfg = DeliveryConfig(horizon_s=72 * 3600.0, breaker_failures=2, breaker_cooldown_s=30.0)
+    box = env.outbox(env.https(erp.url, concurrency=4), cfg=cfg)
+    mids = [env.accept() for _ in range(4)]
+    env.due(mids[-1])
+    assert await box.run_once() == 4  # all four were in flight together, all four failed
+    opened = env.mono.now
+    env.clock.now += 10_000
+    env.mono.now = opened + cfg.breaker_cooldown_s  # "breaker_cooldown_s: first pause of an open breaker"
+    assert await box.run_once() == 1
+
+async def test_run_once_attempts_what_an_attempt_finishing_meanwhile_frees(
+        env: Env, start_erp: StartErp, monkeypatch: pytest.MonkeyPatch) -> None:
+    erp_a, erp_b = await start_erp(path="/a"), await start_erp(path="/b")
+    erp_a.gate = asyncio.Event()
+    box = env.outbox(env.https(erp_a.url, "a", concurrency=1), env.https(erp_b.url, "b"))
+    first, second = env.accept(("a",)), env.accept(("a",))
+    env.due(env.accept(("b",)))
+    real_claim = env.store.claim
+    calls: list[dict[str, int]] = []
+    helpers: list[asyncio.Task[None]] = []
+
+    def slow_claim(owner: str, now: float, wanted: dict[str, int], lease_s: float) -> Future[list[DeliveryJob]]:
+        calls.append(dict(wanted))
+        if len(calls) != 2:
+            return real_claim(owner, now, wanted, lease_s)
+        # B's attempt is done and A's is in flight: A's finishes while this claim is under way.
+        out: Future[list[DeliveryJob]] = Future()
+
+        async def finish() -> None:
+            assert erp_a.gate is not None
+            erp_a.gate.set()
+            async with asyncio.timeout(10):
+                while box.in_flight["a"]:
+                    await asyncio.sleep(0.001)
+            out.set_result(real_claim(owner, now, wanted, lease_s).result(10))
+
+        helpers.append(asyncio.create_task(finish()))
+        return out
+
+    monkeypatch.setattr(env.store, "claim", slow_claim)
+    await box.run_once()
+    assert "a" not in calls[1]  # the scenario happened as described
+    assert env.job(first, "a")["state"] == "delivered"
+    assert env.job(second, "a")["attempts"] == 1  # "attempt everything due now"
+
+
+def test_breaker_opens_doubles_caps_and_closes() -> None:
+    b = Breaker(threshold=2, cooldown=10.0, cap=35.0)
+    assert b.slots(0.0, 4) == 4
+    assert b.failure(0.0) is False and b.slots(0.0, 4) == 4
+    assert b.failure(0.0) is True
+    assert (b.pause, b.open_until) == (10.0, 10.0)
+    assert b.slots(9.99, 4) == 0
+    assert b.slots(10.0, 4) == 1  # half-open: a single probe, whatever the concurrency
+    assert b.failure(10.0) is True and (b.pause, b.open_until) == (20.0, 30.0)
+    assert b.failure(30.0) is True and (b.pause, b.open_until) == (35.0, 65.0)  # capped
+    assert b.failure(65.0) is True and b.pause == 35.0
+    assert b.success() is True
+    assert (b.failures, b.pause) == (0, 0.0) and b.slots(65.0, 4) == 4
+    assert b.success() is False
+    assert b.failure(70.0) is False  # counting starts again
+    assert b.failure(70.0) is True and b.pause == 10.0  # and the pause from the cooldown
+
+
+# --- leases ---------------------------------------------------------------------------------------------
+
+
+async def test_leases_keep_a_job_with_one_node_until_they_lapse(env: Env) -> None:
+    mid = env.accept()
+    t0 = env.job(mid)["created_at"] + 1
+    [job] = env.jobs("n1", t0, {"erp": 5})
+    assert job.message_id == mid and job.attempts == 0 and job.partner == "acme"
+    assert (env.job(mid)["lease_owner"], env.job(mid)["lease_until"]) == ("n1", t0 + 300)
+    assert env.store.due_deliveries(t0 + 10, 10) == []
+    assert env.jobs("n2", t0 + 10, {"erp": 5}) == []
+    assert env.jobs("n1", t0 + 10, {"erp": 5}) == []  # not twice to the same node either
+    [again] = env.jobs("n2", t0 + 301, {"erp": 5})
+    assert again.message_id == mid and env.job(mid)["lease_owner"] == "n2"
+
+    # n1 comes back with a failure: it no longer holds the job, so it must not push it back.
+    env.store.record_delivery(job, delivered_at=None, next_attempt_at=t0 + 5000, error="HTTP 503", owner="n1").result(10)
+    row = env.job(mid)
+    assert (row["state"], row["attempts"], row["lease_owner"], row["last_error"]) == ("pending", 0, "n2", None)
+    assert row["next_attempt_at"] < t0 + 5000
+
+    # A success counts, whoever reports it.
+    env.store.record_delivery(job, delivered_at="2026-11-20T00:00:01.000000Z", next_attempt_at=None, error=None,
+                              owner="n1").result(10)
+    row = env.job(mid)
+    assert (row["state"], row["attempts"], row["lease_owner"]) == ("delivered", 1, None)
+    # n2's late failure cannot undo it.
+    env.store.record_delivery(again, delivered_at=None, next_attempt_at=t0 + 5000, error="late", owner="n2").result(10)
+    assert env.job(mid)["state"] == "delivered" and env.job(mid)["last_error"] is None
+
+
+async def test_the_holder_records_its_failure(env: Env) -> None:
+    mid = env.accept()
+    t0 = env.job(mid)["created_at"] + 1
+    [job] = env.jobs("n1", t0, {"erp": 1})
+    env.store.record_delivery(job, delivered_at=None, next_attempt_at=t0 + 60, error="HTTP 503", owner="n1").result(10)
+    row = env.job(mid)
+    assert (row["state"], row["attempts"], row["next_attempt_at"], row["last_error"], row["lease_owner"]) == (
+        "pending", 1, t0 + 60, "HTTP 503", None)
+
+
+async def test_a_stale_dead_letter_leaves_no_audit_record(env: Env) -> None:
+    mid = env.accept()
+    t0 = env.job(mid)["created_at"] + 1
+    [job] = env.jobs("n1", t0, {"erp": 1})
+    env.jobs("n2", t0 + 301, {"erp": 1})
+    env.store.record_delivery(job, delivered_at=None, next_attempt_at=None, error="HTTP 400", dead=True,
+                              owner="n1").result(10)
+    assert env.job(mid)["state"] == "pending"  # correctly not dead-lettered by the stale owner…
+    assert env.audit("delivery.dead_letter", mid) == []  # …and so the audit log must not say it was
+
+
+async def test_release_gives_back_one_nodes_jobs(env: Env) -> None:
+    first, second = env.accept(), env.accept()
+    t0 = env.job(second)["created_at"] + 1
+    assert {j.message_id for j in env.jobs("n1", t0, {"erp": 1})} == {first}
+    assert {j.message_id for j in env.jobs("n2", t0, {"erp": 1})} == {second}
+    assert env.store.release("n1").result(10) == 1
+    assert (env.job(first)["lease_owner"], env.job(first)["lease_until"]) == (None, None)
+    assert env.job(second)["lease_owner"] == "n2"  # others' leases stay
+    assert [j.message_id for j in env.jobs("n3", t0 + 1, {"erp": 5})] == [first]
+    assert env.store.release("nobody").result(10) == 0
+
+
+async def test_run_takes_back_its_own_leases_at_start(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    box = env.outbox(env.https(erp.url), owner="n1")
+    mid = env.accept()
+    env.due(mid)
+    env.jobs("n1", env.clock.now, {"erp": 1})  # as if n1 crashed holding it
+    assert await box.run_once() == 0  # the lease still holds it
+    task = asyncio.create_task(box.run())
+    try:
+        await erp.until(lambda: len(erp.seen) == 1)
+    finally:
+        await box.stop(5.0)
+        await asyncio.wait_for(task, 5)
+    job = env.job(mid)
+    assert (job["state"], job["attempts"], job["lease_owner"]) == ("delivered", 1, None)
+    assert erp.keys == [mid]
+
+
+async def test_run_says_loudly_when_jobs_wait_for_an_unconfigured_destination(
+        env: Env, start_erp: StartErp, log_lines: Callable[[], list[dict[str, Any]]]) -> None:
+    erp = await start_erp()
+    box = env.outbox(env.https(erp.url))
+    env.accept(("gone",))
+    env.accept(("gone",))
+    mid = env.accept()
+    env.due(mid)
+    task = asyncio.create_task(box.run())
+    try:
+        await erp.until(lambda: len(erp.seen) == 1)
+    finally:
+        await box.stop(5.0)
+        await asyncio.wait_for(task, 5)
+    events = [e for e in log_lines() if e.get("event") == "delivery.unknown_destination"]
+    assert [(e["destination"], e["jobs"], e["level"]) for e in events] == [("gone", 2, "error")]
+    assert env.job(mid)["state"] == "delivered"
+    assert env.sql("SELECT count(*) FROM deliveries WHERE destination = 'gone' AND state = 'pending'")[0] == 2
+
+async def test_stop_cancels_a_slow_attempt_and_gives_the_job_back(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.script = [(HANG, "", {})]
+    box = env.outbox(env.https(erp.url), owner="n1")
+    mid = env.accept()
+    env.due(mid)
+    task = asyncio.create_task(box.run())
+    await erp.until(lambda: len(erp.seen) == 1)
+    assert env.job(mid)["lease_owner"] == "n1"
+    started = time.monotonic()
+    await box.stop(0.2)
+    assert time.monotonic() - started < 3
+    await asyncio.wait_for(task, 5)
+    job = env.job(mid)
+    assert (job["state"], job["attempts"], job["lease_owner"], job["lease_until"]) == ("pending", 0, None, None)
+    # Nothing lost: the next worker delivers it, with the same idempotency key.
+    assert await env.outbox(env.https(erp.url), owner="n2").run_once() == 1
+    assert env.job(mid)["state"] == "delivered"
+    assert erp.keys == [mid, mid]
+
+
+# --- operators: retry, requeue, listings ----------------------------------------------------------------
+
+
+async def test_retry_makes_a_waiting_job_due_now(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.script = [(503, "", {"Retry-After": "1000"})]
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    await box.run_once()
+    assert env.job(mid)["next_attempt_at"] > env.clock.now + 900
+    assert await box.run_once() == 0
+    assert env.store.retry(mid, None, "alice").result(10) == ["erp"]
+    assert env.job(mid)["next_attempt_at"] <= time.time()
+    [record] = env.audit("delivery.retried", mid)
+    assert (record["actor"], record["partner"], record["detail"]) == ("alice", "acme", {"destinations": ["erp"], "reason": ""})
+    assert await box.run_once() == 1
+    assert env.job(mid)["state"] == "delivered"
+
+
+async def test_requeue_puts_a_dead_letter_back_with_a_fresh_horizon(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    erp.script = [(422, "unknown buyer", {})]
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    before = env.job(mid)["created_at"]
+    env.due(mid)
+    await box.run_once()
+    assert env.job(mid)["state"] == "dead"
+    with pytest.raises(NotHeld) as err:  # retry is for waiting jobs, not dead ones
+        env.store.retry(mid, None, "alice").result(10)
+    assert err.value.code == "NOTHING_TO_RETRY" and "erp: dead" in err.value.message
+    assert env.store.retry(mid, "erp", "bob", requeue=True, reason="buyer added in the ERP").result(10) == ["erp"]
+    job = env.job(mid)
+    assert (job["state"], job["attempts"], job["lease_owner"]) == ("pending", 0, None)
+    assert job["created_at"] > before and job["next_attempt_at"] == job["created_at"]
+    [record] = env.audit("delivery.requeued", mid)
+    assert record["actor"] == "bob" and record["detail"] == {"destinations": ["erp"], "reason": "buyer added in the ERP"}
+    env.clock.now = time.time() + 1
+    assert await box.run_once() == 1
+    assert env.job(mid)["state"] == "delivered"
+    assert erp.keys == [mid, mid]
+
+
+async def test_retry_and_requeue_refuse_when_nothing_matches(env: Env) -> None:
+    mid = env.accept()
+    with pytest.raises(NotHeld) as err:
+        env.store.retry(mid, None, "a", requeue=True).result(10)
+    assert err.value.code == "NOTHING_TO_RETRY" and "dead-lettered" in err.value.message
+    with pytest.raises(NotHeld) as err:
+        env.store.retry(mid, "elsewhere", "a").result(10)
+    assert err.value.code == "NOTHING_TO_RETRY" and "'elsewhere'" in err.value.message
+    with pytest.raises(NotHeld) as err:
+        env.store.retry(str(uuid.uuid4()), None, "a").result(10)
+    assert err.value.code == "NOTHING_TO_RETRY" and "no such message" in err.value.message
+    assert env.job(mid)["state"] == "pending"
+    assert [r for r in env.store.audit_records() if r["action"].startswith("delivery.")] == []
+
+
+async def test_dead_letters_filter_by_partner_destination_and_time(env: Env) -> None:
+    one = env.accept(("a",), partner="acme")
+    two = env.accept(("b",), partner="globex")
+    pending = env.accept(("a",), partner="acme")
+    for mid, dest in ((one, "a"), (two, "b")):
+        [job] = [j for j in env.jobs("n1", time.time() + 1, {dest: 5}) if j.message_id == mid]
+        env.store.record_delivery(job, delivered_at=None, next_attempt_at=None, error=f"HTTP 400: {dest}", dead=True,
+                                  owner="n1").result(10)
+    env.store.release("n1").result(10)
+    env.sql("UPDATE deliveries SET updated_at = 1000 WHERE message_id = ?", one)
+    env.sql("UPDATE deliveries SET updated_at = 2000 WHERE message_id = ?", two)
+
+    def ids(**kw: Any) -> list[str]:
+        return [d["message_id"] for d in env.store.dead_letters(**kw)]
+
+    assert ids() == [two, one]  # newest first; the pending one is not a dead letter
+    assert pending not in ids()
+    assert ids(partner="acme") == [one]
+    assert ids(destination="b") == [two]
+    assert ids(since=1500) == [two]
+    assert ids(until=1500) == [one]
+    assert ids(since=1000, until=2000) == [one]
+    assert ids(partner="acme", destination="b") == []
+    [entry] = env.store.dead_letters(partner="globex")
+    assert (entry["destination"], entry["attempts"], entry["error"], entry["direction"]) == ("b", 1, "HTTP 400: b", "in")
+    assert entry["dead_at"] == "1970-01-01T00:33:20.000000Z"
+
+
+async def test_messages_and_message_show_deliveries_and_history(env: Env, start_erp: StartErp) -> None:
+    erp = await start_erp()
+    box = env.outbox(env.https(erp.url))
+    delivered, dead, waiting = env.accept(), env.accept(), env.accept()
+    erp.script = [(200, "", {}), (400, "bad buyer", {}), (503, "", {})]
+    env.due(waiting)
+    for mid in (delivered, dead, waiting):  # one at a time, so that the script meets them in order
+        env.sql("UPDATE deliveries SET next_attempt_at = next_attempt_at + 100000 WHERE message_id != ?", mid)
+        await box.run_once()
+        env.sql("UPDATE deliveries SET next_attempt_at = next_attempt_at - 100000 WHERE message_id != ?", mid)
+    assert [env.job(m)["state"] for m in (delivered, dead, waiting)] == ["delivered", "dead", "pending"]
+
+    def ids(status: str) -> set[str]:
+        return {m["message_id"] for m in env.store.messages(status=status)}
+
+    assert ids("delivered") == {delivered}
+    assert ids("dead-letter") == ids("dead") == {dead}
+    assert ids("pending") == {waiting}
+    assert ids("accepted") == {waiting}
+    assert len(env.store.messages()) == 3
+    assert len(env.store.messages(limit=2)) == 2
+
+    shown = env.store.message(dead)
+    assert shown is not None
+    assert shown["status"] == "dead-letter" and shown["partner"] == "acme" and shown["invoice_number"] == dead
+    [d] = shown["deliveries"]
+    assert (d["destination"], d["state"], d["attempts"], d["last_error"], d["next_attempt_at"]) == (
+        "erp", "dead", 1, "HTTP 400: bad buyer", None)
+    assert [h["action"] for h in shown["history"]] == ["delivery.dead_letter"]
+    env.store.retry(dead, None, "carol", requeue=True, reason="fixed").result(10)
+    shown = env.store.message(dead)
+    assert shown is not None
+    assert [(h["action"], h["actor"]) for h in shown["history"]] == [("delivery.dead_letter", "gateway"),
+                                                                      ("delivery.requeued", "carol")]
+    assert shown["deliveries"][0]["state"] == "pending" and shown["deliveries"][0]["next_attempt_at"] is not None
+    assert env.store.message(str(uuid.uuid4())) is None
+
+
+# --- corruption at rest ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing"])
+async def test_an_unreadable_blob_is_dead_lettered_unsent(env: Env, start_erp: StartErp, damage: str,
+                                                          log_lines: Callable[[], list[dict[str, Any]]]) -> None:
+    erp = await start_erp()
+    box = env.outbox(env.https(erp.url))
+    mid = env.accept()
+    env.due(mid)
+    if damage == "flip":
+        sealed = bytearray(env.store.load_sealed(mid))
+        sealed[len(sealed) // 2] ^= 0x01
+        env.sql("UPDATE blobs SET sealed = ? WHERE message_id = ?", bytes(sealed), mid)
+    else:
+        env.sql("DELETE FROM blobs WHERE message_id = ?", mid)
+    assert await box.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"]) == ("dead", 1)
+    assert "failed authentication or is missing" in job["last_error"]
+    assert erp.seen == []
+    events = [e for e in log_lines() if e.get("event") == "delivery.dead_letter"]
+    assert [(e["reason"], e["message_id"], e["level"]) for e in events] == [("STORED_OBJECT_UNREADABLE", mid, "error")]
+    assert len(env.audit("delivery.dead_letter", mid)) == 1
+    env.clock.now += 10 * CFG.horizon_s
+    assert await box.run_once() == 0
+
+
+# --- the pure helpers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
+def test_classify_success(status: int) -> None:
+    assert classify(status, None, "whatever") is None
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 599])
+def test_classify_transient(status: int) -> None:
+    failure = classify(status, None, "  try later \n")
+    assert isinstance(failure, DeliveryFailed)
+    assert (failure.permanent, failure.retry_after, failure.error) == (False, None, f"HTTP {status}: try later")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 409, 410, 413, 415, 422, 451])
+def test_classify_permanent(status: int) -> None:
+    failure = classify(status, "60", "")
+    assert isinstance(failure, DeliveryFailed)
+    assert (failure.permanent, failure.error) == (True, f"HTTP {status}")
+
+
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 307, 308])
+def test_classify_redirect(status: int) -> None:
+    failure = classify(status, None, "")
+    assert failure is not None and failure.permanent
+    assert failure.error == f"HTTP {status} (redirects are not followed; correct the destination's url)"
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("120", 120.0), (" 7 ", 7.0), ("0", 0.0), (None, None), ("", None), ("-5", None), ("1.5", None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+])
+def test_classify_retry_after(header: str | None, expected: float | None) -> None:
+    failure = classify(503, header, "")
+    assert failure is not None and failure.retry_after == expected
+
+
+def test_delivery_failed_cuts_its_reason() -> None:
+    assert len(DeliveryFailed("x" * 5000).error) == 300
+
+
+def test_signature_header() -> None:
+    key, body = b"k" * 32, b"<Invoice/>"
+    expected = hmac.new(key, b"1700000000.m-1.<Invoice/>", hashlib.sha256).hexdigest()
+    assert signature_header(key, 1700000000, "m-1", body) == f"v1={expected}"
+    assert len(expected) == 64
+    others = {signature_header(key, 1700000001, "m-1", body), signature_header(key, 1700000000, "m-2", body),
+              signature_header(key, 1700000000, "m-1", body + b" "), signature_header(b"j" * 32, 1700000000, "m-1", body)}
+    assert f"v1={expected}" not in others and len(others) == 4
+
