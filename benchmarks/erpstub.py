@@ -13,7 +13,8 @@ D-07): every ``POST`` carries the invoice as its body and
 A request whose signature (or token) is wrong gets 401, one whose timestamp is outside
 ``max_skew_s`` gets 401, a missing header or a body that does not match its SHA-256 header gets 400.
 A verified request is *booked* once per Idempotency-Key: a repeat is answered 200 again (as a real
-ERP with an idempotency store would) and counted as a raw duplicate attempt, never as a new booking.
+ERP with an idempotency store would) and counted as a raw duplicate attempt, never as a new booking;
+a repeat whose body differs from the booked one gets 422.
 
 Modes (``await stub.set_mode(...)``), switched at any time:
 
@@ -218,6 +219,8 @@ class ErpStub:
             return self._refuse(*refusal, request, body)
         key = request.headers["Idempotency-Key"]
         repeat = key in self.ledger.bookings
+        if repeat and self.ledger.bookings[key].sha256 != hashlib.sha256(body).hexdigest():
+            return self._refuse(422, "key-reused-with-other-body", request, body)
         drop = self.mode == "commit-then-drop"
         post = Post(request.headers["X-Einvoice-Message-Id"], key, hashlib.sha256(body).hexdigest(), time.time(),
                     0 if drop else 200 if repeat else 201, not repeat)
