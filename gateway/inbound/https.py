@@ -42,6 +42,30 @@ def reply_for(exc: GatewayError) -> web.Response:
     return web.json_response(exc.as_json(), status=exc.http_status, headers=headers)
 
 
+async def answer_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                        max_body_bytes: int) -> web.StreamResponse:
+    """The one place a listener's errors become JSON replies (this listener's and the ERP's)."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return reply_for(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return reply_for(LimitExceeded(f"the body exceeds the limit of {max_body_bytes} bytes", code="TOO_LARGE"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status, "HTTP_ERROR")
+        return web.json_response({"error": code, "message": exc.reason, "details": []}, status=exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("request.internal_error", path=request.path)
+        return web.json_response(
+            {"error": "INTERNAL_ERROR", "message": "the gateway failed to process the request; retry later", "details": []},
+            status=500,
+        )
+
+
 @functools.lru_cache(maxsize=4096)
 def _identity(der: bytes) -> tuple[str, str]:
     return spki_sha256_der(der)
@@ -98,25 +122,7 @@ class HttpsInbound:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except GatewayError as exc:
-            return reply_for(exc)
-        except web.HTTPRequestEntityTooLarge:
-            return reply_for(LimitExceeded(f"the body exceeds the limit of {self.cfg.max_body_bytes} bytes", code="TOO_LARGE"))
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status, "HTTP_ERROR")
-            return web.json_response({"error": code, "message": exc.reason, "details": []}, status=exc.status)
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            log.exception("request.internal_error", path=request.path)
-            return web.json_response(
-                {"error": "INTERNAL_ERROR", "message": "the gateway failed to process the request; retry later", "details": []},
-                status=500,
-            )
+        return await answer_errors(request, handler, self.cfg.max_body_bytes)
 
     def _authenticate(self, request: web.Request) -> tuple[PeerIdentity, Partner]:
         peer = peer_identity(request)

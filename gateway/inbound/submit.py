@@ -22,10 +22,10 @@ from aiohttp import web
 
 from .. import logs
 from ..config import HttpsConfig, OutboundConfig
-from ..errors import Forbidden, GatewayError, LimitExceeded, Rejected, UnsupportedMediaType
+from ..errors import Forbidden, LimitExceeded, Rejected, UnsupportedMediaType
 from ..pipeline import Pipeline
 from ..store import Store
-from .https import PDF_MEDIA_TYPE, XML_MEDIA_TYPES, ByteBudget, _identity, reply_for
+from .https import PDF_MEDIA_TYPE, XML_MEDIA_TYPES, ByteBudget, _identity, answer_errors
 
 log = logs.get("inbound.outbound")
 
@@ -50,25 +50,11 @@ class SubmitInbound:
     @web.middleware
     async def _errors(self, request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        try:
-            self._authenticate(request)
-            return await handler(request)
-        except GatewayError as exc:
-            return reply_for(exc)
-        except web.HTTPRequestEntityTooLarge:
-            return reply_for(LimitExceeded(f"the body exceeds the limit of {self.limits.max_body_bytes} bytes"))
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status, "HTTP_ERROR")
-            return web.json_response({"error": code, "message": exc.reason, "details": []}, status=exc.status)
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            log.exception("request.internal_error", path=request.path)
-            return web.json_response(
-                {"error": "INTERNAL_ERROR", "message": "the gateway failed to process the request; retry later",
-                 "details": []}, status=500)
+        async def checked(req: web.Request) -> web.StreamResponse:
+            self._authenticate(req)
+            return await handler(req)
+
+        return await answer_errors(request, checked, self.limits.max_body_bytes)
 
     def _authenticate(self, request: web.Request) -> None:
         """On TCP, the ERP's certificate key must be allowlisted; on the Unix socket the file mode decides."""
