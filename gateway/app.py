@@ -222,6 +222,8 @@ class Gateway:
         for runner in (self._runner, self._submit_runner):
             if runner is not None:
                 await runner.cleanup()
+        if self._submit_server is not None and self.config.outbound is not None and self.config.outbound.socket:
+            self.config.outbound.socket.unlink(missing_ok=True)
         if self.run_delivery:
             await self.outbox.stop(SHUTDOWN_GRACE_S)
         for t in self._tasks:
