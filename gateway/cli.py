@@ -313,20 +313,11 @@ def _quarantine(args: argparse.Namespace) -> int:
     store = SqliteStore(cfg.state_dir)
     try:
         if args.action == "list":
-            entries = store.quarantined(None if args.all else "held", args.partner)
-            if args.json:
-                print(json.dumps(entries, indent=2))
-            for e in [] if args.json else entries:
-                print(f"{e['message_id']}\t{e['state']}\t{e['partner']}\t{e['invoice_number']}\t{e['issue_date']}\t"
-                      f"{e['payable_amount']} {e['currency']}\t{'; '.join(e['reasons'])}")
-            return 0
+            return _print_rows(store.quarantined(None if args.all else "held", args.partner), args.json, lambda e: (
+                f"{e['message_id']}\t{e['state']}\t{e['partner']}\t{e['invoice_number']}\t{e['issue_date']}\t"
+                f"{e['payable_amount']} {e['currency']}\t{'; '.join(e['reasons'])}"))
         if args.action == "show":
-            entry = store.quarantine_entry(args.message_id)
-            if entry is None:
-                print(f"einvoice-gateway: no quarantined message {args.message_id}", file=sys.stderr)
-                return 1
-            print(json.dumps(entry, indent=2))
-            return 0
+            return _print_one(store.quarantine_entry(args.message_id), f"no quarantined message {args.message_id}")
         release = args.action == "release"
         to = tuple(args.to) if release else ()
         unknown = [d for d in to if d not in {x.name for x in cfg.destinations}]
@@ -346,6 +337,24 @@ def _quarantine(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, line: Callable[[dict[str, Any]], str]) -> int:
+    """A listing: one JSON array, or one tab-separated line per row."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(line(r))
+    return 0
+
+
+def _print_one(found: dict[str, Any] | None, missing: str) -> int:
+    if found is None:
+        print(f"einvoice-gateway: {missing}", file=sys.stderr)
+        return 1
+    print(json.dumps(found, indent=2))
+    return 0
 
 
 def _route_again(cfg: config_mod.Config, store: Any, message_id: str) -> tuple[str, ...]:
@@ -373,28 +382,17 @@ def _messages(args: argparse.Namespace) -> int:
             rows = store.dead_letters(partner=args.partner, destination=args.destination,
                                       since=args.since.timestamp() if args.since else None,
                                       until=args.until.timestamp() if args.until else None, limit=args.limit)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            for r in [] if args.json else rows:
-                print(f"{r['message_id']}\t{r['destination']}\t{r['partner']}\t{r['invoice_number']}\t"
-                      f"dead since {r['dead_at']}\tattempts {r['attempts']}\t{r['error']}")
-            return 0
+            return _print_rows(rows, args.json, lambda r: (
+                f"{r['message_id']}\t{r['destination']}\t{r['partner']}\t{r['invoice_number']}\t"
+                f"dead since {r['dead_at']}\tattempts {r['attempts']}\t{r['error']}"))
         if args.action == "list":
             rows = store.messages(direction=args.direction, partner=args.partner, status=args.status,
                                   since=_stamp(args.since), until=_stamp(args.until), limit=args.limit)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            for r in [] if args.json else rows:
-                print(f"{r['message_id']}\t{r['direction']}\t{r['received_at']}\t{r['partner']}\t{r['status']}\t"
-                      f"{r['document_type']}\t{r['invoice_number']}\t{r['payable_amount']} {r['currency']}")
-            return 0
+            return _print_rows(rows, args.json, lambda r: (
+                f"{r['message_id']}\t{r['direction']}\t{r['received_at']}\t{r['partner']}\t{r['status']}\t"
+                f"{r['document_type']}\t{r['invoice_number']}\t{r['payable_amount']} {r['currency']}"))
         if args.action == "show":
-            detail = store.message(args.message_id)
-            if detail is None:
-                print(f"einvoice-gateway: no message {args.message_id}", file=sys.stderr)
-                return 1
-            print(json.dumps(detail, indent=2))
-            return 0
+            return _print_one(store.message(args.message_id), f"no message {args.message_id}")
         try:
             done = store.retry(args.message_id, args.destination, args.by or current_user(),
                                requeue=args.action == "requeue", reason=args.reason).result()
