@@ -72,7 +72,7 @@ def build(config: Config, *, processes: int | None = None) -> Parts:
         for d in config.destinations:
             if d.type == "partner" and d.partner and partners.current.get(d.partner) is None:
                 raise ConfigError(f"destinations: {d.name!r} names partner {d.partner!r}, which is not registered")
-        if config.outbound is not None:
+        if config.outbound is not None and config.outbound.socket is None:  # its TLS listener
             server_context(config.https.certificate, config.https.private_key, config.outbound.client_ca)
     except ConfigError:
         rules.close()

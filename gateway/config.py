@@ -390,7 +390,6 @@ def _routing(top: Reader, destinations: tuple[Destination, ...]) -> tuple[tuple[
     from .partners import parse_party_id  # partners imports this module
 
     names = [d.name for d in destinations]
-
     outbound_only = {d.name for d in destinations if d.type == "partner" and not d.partner}
 
     def known(r: Reader, key: str, values: list[str]) -> tuple[str, ...]:
@@ -454,7 +453,7 @@ def _delivery(r: Reader) -> DeliveryConfig:
     return cfg
 
 
-def _outbound(r: Reader, https: HttpsConfig, destinations: tuple[Destination, ...]) -> OutboundConfig:
+def _outbound(r: Reader, destinations: tuple[Destination, ...]) -> OutboundConfig:
     from .partners import parse_party_id  # partners imports this module
 
     socket_path = r.resolve(r.string("socket")) if r.has("socket") else None
@@ -568,7 +567,7 @@ def load(path: str | os.PathLike[str]) -> Config:
             raise ConfigError(f"destinations[{i}].name: duplicate destination name {name!r}")
     routes, routing_default = _routing(top, destinations)
     delivery = _delivery(top.table("delivery"))
-    outbound = _outbound(top.table("outbound"), https, destinations) if top.has("outbound") else None
+    outbound = _outbound(top.table("outbound"), destinations) if top.has("outbound") else None
     if not top.has("outbound"):
         top.table("outbound")
 

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -284,7 +284,7 @@ class Breaker:
     cap: float
     failures: int = 0
     open_until: float = 0.0
-    pause: float = field(default=0.0)
+    pause: float = 0.0
 
     def slots(self, now: float, concurrency: int) -> int:
         if self.failures < self.threshold:

@@ -43,6 +43,12 @@ class SigningUnavailable(Transient):
     code = "SIGNING_UNAVAILABLE"
 
 
+def read_facts(root: etree._Element, doc_type: DocumentType, version: str) -> InvoiceFacts:
+    if doc_type.syntax is Syntax.CII:
+        return cii.read_facts(root, doc_type, version)
+    return ubl.read_facts(root, doc_type, version)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     receipt: Receipt
@@ -68,18 +74,22 @@ class Pipeline:
         self.max_xml_bytes = max_xml_bytes  # of an invoice embedded in a PDF, once extracted
         self.hold_invalid_iban = hold_invalid_iban  # fraud.invalid_iban = "hold"
 
+    def validated(self, body: bytes, media_type: str) -> tuple[etree._Element, DocumentType, str]:
+        """[PDF: extract] → parse → document type → XSD: the parsed root, its type and UBL version."""
+        xml = pdf.embedded_invoice(body, self.max_xml_bytes) if media_type == PDF else body
+        root = self.parser.parse(xml).root
+        doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
+        return root, doc_type, self.schemas.validate(root, doc_type)
+
     def check(self, msg: InboundMessage) -> AcceptedInvoice | Receipt:
         """Every synchronous stage; returns the sealed invoice, or the receipt of an earlier identical one."""
         sha256 = hashlib.sha256(msg.body).hexdigest()
         earlier = self.store.find_accepted(msg.partner.name, sha256)
         if earlier is not None:
             return earlier
-        xml = pdf.embedded_invoice(msg.body, self.max_xml_bytes) if msg.media_type == PDF else msg.body
-        root = self.parser.parse(xml).root
-        doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
-        version = self.schemas.validate(root, doc_type)
+        root, doc_type, version = self.validated(msg.body, msg.media_type)
         verified = self.verify_signature(root, msg.partner)
-        facts = (cii if doc_type.syntax is Syntax.CII else ubl).read_facts(root, doc_type, version)
+        facts = read_facts(root, doc_type, version)
         self.partners.current.authorize(msg.partner, facts)
         accounts, holds = fraud.check_accounts(facts, hold_invalid=self.hold_invalid_iban)
         report = self.rules.evaluate(root, doc_type.syntax, self.rule_packs(msg.partner))
@@ -103,11 +113,8 @@ class Pipeline:
         earlier = self.store.find_accepted(None, sha256, "out")
         if earlier is not None:
             return earlier
-        xml = pdf.embedded_invoice(body, self.max_xml_bytes) if media_type == PDF else body
-        root = self.parser.parse(xml).root
-        doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
-        version = self.schemas.validate(root, doc_type)
-        facts = (cii if doc_type.syntax is Syntax.CII else ubl).read_facts(root, doc_type, version)
+        root, doc_type, version = self.validated(body, media_type)
+        facts = read_facts(root, doc_type, version)
         self._check_seller(facts)
         partner = self._recipient(facts)
         report = self.rules.evaluate(root, doc_type.syntax, self.rule_packs(partner))
