@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
-from . import logs
+from . import logs, systemd
+from .admin import AdminInbound
 from .config import Config
-from .delivery import Outbox, make_sender
+from .config import load as load_config
+from .delivery import Outbox, Sender, make_sender
 from .errors import ConfigError
 from .inbound.https import HttpsInbound
 from .inbound.submit import SubmitInbound
+from .lifecycle import ExpiryWarnings, Housekeeping, inventory
+from .metrics import Gauge, Metrics
 from .model import Syntax
 from .partners import PartnerBook
 from .pipeline import Pipeline
@@ -26,7 +37,7 @@ from .rules import PackSpec, RuleEngine
 from .schema import SchemaRegistry
 from .signature import SigningKey
 from .store import SqliteStore
-from .tls import server_context
+from .tls import admin_context, server_context
 from .vault import Vault
 from .xmlparse import XmlParser
 
@@ -51,13 +62,23 @@ class Parts:
     signer: SigningKey | None
 
 
-def build(config: Config, *, processes: int | None = None) -> Parts:
-    """Build and check every part that can fail on bad configuration (no sockets, no state writes)."""
+def build(config: Config, *, processes: int | None = None, rules: RuleEngine | None = None,
+          partners: PartnerBook | None = None) -> Parts:
+    """Build and check every part that can fail on bad configuration (no sockets, no state writes).
+
+    A reload passes the running rule engine when the rule configuration is unchanged (its processes
+    and compiled stylesheets are kept), and the partner book when the file is the same one.
+    """
     server_context(config.https.certificate, config.https.private_key, config.https.client_ca)
     vault = Vault.from_files(config.vault.keys, config.vault.current)
-    partners = PartnerBook(config.partners_file)
+    if partners is None or partners.path != config.partners_file:
+        partners = PartnerBook(config.partners_file)
+    else:
+        partners.refresh(force=True)
     schemas = SchemaRegistry(config.schemas, config.cii_schema)
-    rules = RuleEngine(rule_specs(config), processes=processes or config.rules_processes, timeout_s=config.rules_timeout_s)
+    owned = rules is None
+    rules = rules or RuleEngine(rule_specs(config), processes=processes or config.rules_processes,
+                                timeout_s=config.rules_timeout_s)
     try:
         rules.check_names(config.rules_default, "rules.default")
         for p in partners.current.partners:
@@ -75,7 +96,8 @@ def build(config: Config, *, processes: int | None = None) -> Parts:
         if config.outbound is not None and config.outbound.socket is None:  # its TLS listener
             server_context(config.https.certificate, config.https.private_key, config.outbound.client_ca)
     except ConfigError:
-        rules.close()
+        if owned:
+            rules.close()
         raise
     return Parts(config, vault, schemas, partners, XmlParser(config.xml), rules, signer)
 
@@ -103,7 +125,35 @@ def warnings(parts: Parts) -> list[str]:
     if wanting and parts.signer is None:
         out.append(f"partners {', '.join(wanting)} receive signed invoices only, and there is no [signing] key: "
                    "invoices submitted for them are refused with SIGNING_UNAVAILABLE")
+    if parts.signer is None:
+        out.append("there is no [signing] key: audit checkpoints are not signed, so a rewrite of the whole audit log "
+                   "would not be detected")
+    if config.operations.crls and config.operations.crl_soft_fail:
+        out.append("revocation.soft_fail is on: a partner certificate whose CRL is missing or stale is accepted")
     return out
+
+
+def rules_key(config: Config) -> tuple[object, ...]:
+    """What the rule engine is built from: a reload keeps the running engine when this is unchanged."""
+    return (tuple(config.rule_packs), config.rules_processes, config.rules_timeout_s)
+
+
+# Settings a running process cannot change (its sockets and files are open): a reload keeps them
+# and says that a restart is needed.
+RESTART_ONLY: dict[str, Callable[[Config], object]] = {
+    "instance.state_dir": lambda c: c.state_dir,
+    "https.listen_host/listen_port": lambda c: (c.https.host, c.https.port),
+    "https.workers": lambda c: c.https.workers,
+    "https limits": lambda c: (c.https.max_body_bytes, c.https.max_in_flight_bytes, c.https.read_timeout_s,
+                               c.https.keepalive_timeout_s),
+    "outbound listener": lambda c: None if c.outbound is None else (c.outbound.socket, c.outbound.host, c.outbound.port),
+    "admin": lambda c: c.admin,
+    "logging.level": lambda c: c.log_level,
+}
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    return [key for key, get in RESTART_ONLY.items() if get(old) != get(new)]
 
 
 def rule_specs(config: Config) -> list[PackSpec]:
@@ -127,65 +177,98 @@ class Gateway:
         # Status reads, delivery and reloads: never queued behind invoices waiting for the rules.
         self.io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
         self.store = SqliteStore(config.state_dir)
-        senders = {d.name: make_sender(d, self.parts.partners, self.io_executor) for d in config.destinations}
-        self.outbox = Outbox(self.store, self.parts.vault, senders, config.delivery, self.io_executor)
-        self.pipeline = Pipeline(self.parts.parser, self.parts.schemas, self.parts.rules, config.rules_default,
-                                 self.parts.partners, self.parts.vault, self.store,
-                                 Router(config.routes, config.routing_default), self.executor, config.https.max_body_bytes,
-                                 config.invalid_iban == "hold", config.outbound, self.parts.signer)
+        self.metrics = Metrics()
+        self.outbox = Outbox(self.store, self.parts.vault, self._senders(config, {}), config.delivery, self.io_executor,
+                             on_outcome=self.metrics.delivery)
+        self.pipeline = self._pipeline(config, self.parts)
         self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.outbox.wake.set,
-                                  self.io_executor)
+                                  self.io_executor, count=self.metrics.invoice)
         self.submit = (SubmitInbound(config.outbound, config.https, self.pipeline, self.store, self.outbox.wake.set,
-                                     self.io_executor) if config.outbound is not None else None)
-        self._runner: web.AppRunner | None = None
-        self._submit_runner: web.AppRunner | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._submit_server: asyncio.AbstractServer | None = None
+                                     self.io_executor, count=self.metrics.invoice) if config.outbound is not None else None)
+        self.housekeeping = Housekeeping(config, self.store, self.io_executor, lambda: self.parts.partners.current,
+                                         lambda: self.parts.signer, ExpiryWarnings(
+                                             config.operations.expiry_warn_days,
+                                             lambda t: self.metrics.expiry_warnings.labels(t).inc()))
+        self._tls: ssl.SSLContext | None = None  # the context new handshakes use (replaced by a reload)
+        self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.Server] = []
         self.submit_port: int | None = None
+        self.admin_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._reload_lock = asyncio.Lock()
+        self.stopping = False
         self.port = config.https.port
+
+    def _pipeline(self, config: Config, parts: Parts) -> Pipeline:
+        return Pipeline(parts.parser, parts.schemas, parts.rules, config.rules_default, parts.partners, parts.vault,
+                        self.store, Router(config.routes, config.routing_default), self.executor,
+                        config.https.max_body_bytes, config.invalid_iban == "hold", config.outbound, parts.signer,
+                        observe=self.metrics.stage)
+
+    def _senders(self, config: Config, old: dict[str, Sender]) -> dict[str, Sender]:
+        """A sender per destination; one whose destination is unchanged is kept (its connections too)."""
+        before = {d.name: d for d in self.config.destinations}
+        return {d.name: old[d.name] if d.name in old and before.get(d.name) == d
+                else make_sender(d, self.parts.partners, self.io_executor) for d in config.destinations}
+
+    def _server_tls(self) -> ssl.SSLContext:
+        cfg = self.config.https
+        ctx = server_context(cfg.certificate, cfg.private_key, cfg.client_ca)
+        # Every handshake switches to the current context, so a reload's certificate, key and CAs
+        # apply to new connections while the listening socket stays open.
+        ctx.sni_callback = self._pick_context
+        return ctx
+
+    def _pick_context(self, sslobj: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
+        if self._tls is not None and self._tls is not ctx:
+            sslobj.context = self._tls
+
+    async def _serve(self, app: web.Application, unix: socket.socket | None = None, **kwargs: Any) -> asyncio.Server:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S,
+                               keepalive_timeout=self.config.https.keepalive_timeout_s)
+        await runner.setup()
+        self._runners.append(runner)
+        assert runner.server is not None
+        loop = asyncio.get_running_loop()
+        if unix is not None:
+            server = await loop.create_unix_server(runner.server, sock=unix)
+        else:
+            server = await loop.create_server(runner.server, **kwargs)
+        self._servers.append(server)
+        return server
 
     async def start(self) -> None:
         cfg = self.config.https
-        ctx = server_context(cfg.certificate, cfg.private_key, cfg.client_ca)
-        self._runner = web.AppRunner(self.https.app(), handle_signals=False, access_log=None,
-                                     keepalive_timeout=cfg.keepalive_timeout_s, shutdown_timeout=SHUTDOWN_GRACE_S)
-        await self._runner.setup()
-        assert self._runner.server is not None
-        loop = asyncio.get_running_loop()
+        self._tls = self._server_tls()
         if self.sock is not None:
             # asyncio uses `backlog` both for listen() and as the number of connections one wake-up
             # accepts.  Accept one at a time, so the workers share a burst of new connections, then
             # give the shared socket its real queue length back (a queue of 1 drops SYNs: 1 s stalls).
-            self._server = await loop.create_server(self._runner.server, sock=self.sock, ssl=ctx, backlog=1,
-                                                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            server = await self._serve(self.https.app(), sock=self.sock, ssl=self._tls, backlog=1,
+                                       ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
             self.sock.listen(LISTEN_BACKLOG)
         else:
-            self._server = await loop.create_server(
-                self._runner.server, cfg.host, cfg.port, ssl=ctx, backlog=LISTEN_BACKLOG,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
-            )
-        sock = self._server.sockets[0]
-        self.port = sock.getsockname()[1]
-        if self.submit is not None and self.run_delivery:  # the ERP listener: in the delivering process only
-            await self._start_submit()
-        if self.run_delivery:  # one process of several: say it once
+            server = await self._serve(self.https.app(), host=cfg.host, port=cfg.port, ssl=self._tls,
+                                       backlog=LISTEN_BACKLOG, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+        self.port = server.sockets[0].getsockname()[1]
+        if self.run_delivery:  # the ERP and admin listeners, delivery and housekeeping: in one process only
+            if self.submit is not None:
+                await self._start_submit()
+            if self.config.admin.port:
+                await self._start_admin()
             self._tasks.append(asyncio.create_task(self.outbox.run(), name="delivery"))
+            self._tasks.append(asyncio.create_task(self.housekeeping.run(), name="housekeeping"))
             for warning in warnings(self.parts):
                 log.warning("gateway.weakened", reason=warning)
         self._tasks.append(asyncio.create_task(self._watch_partners(), name="partners-reload"))
         log.info("gateway.started", url=f"https://{cfg.host}:{self.port}", pid=os.getpid(),
                  partners=len(self.parts.partners.current.partners), destinations=len(self.config.destinations),
-                 key_id=self.parts.vault.current, schema_sets=self.parts.schemas.fingerprints)
+                 key_id=self.parts.vault.current, schema_sets=self.parts.schemas.fingerprints,
+                 admin=f"{self.config.admin.host}:{self.admin_port}" if self.admin_port else None)
 
     async def _start_submit(self) -> None:
         assert self.submit is not None and self.config.outbound is not None
         cfg = self.config.outbound
-        self._submit_runner = web.AppRunner(self.submit.app(), handle_signals=False, access_log=None,
-                                            shutdown_timeout=SHUTDOWN_GRACE_S)
-        await self._submit_runner.setup()
-        assert self._submit_runner.server is not None
-        loop = asyncio.get_running_loop()
         if cfg.socket is not None:
             # Bound and given its mode before listen(): nobody can connect while it has another mode
             # (and no process-wide umask change races other threads creating files).
@@ -194,38 +277,128 @@ class Gateway:
             unix.bind(str(cfg.socket))
             os.chmod(cfg.socket, cfg.socket_mode)
             unix.listen(LISTEN_BACKLOG)
-            self._submit_server = await loop.create_unix_server(self._submit_runner.server, sock=unix)
+            await self._serve(self.submit.app(), unix=unix)
             where = f"unix:{cfg.socket}"
         else:
             ctx = server_context(self.config.https.certificate, self.config.https.private_key, cfg.client_ca)
-            self._submit_server = await loop.create_server(self._submit_runner.server, cfg.host, cfg.port, ssl=ctx,
-                                                           ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
-            self.submit_port = self._submit_server.sockets[0].getsockname()[1]
+            server = await self._serve(self.submit.app(), host=cfg.host, port=cfg.port, ssl=ctx,
+                                       ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            self.submit_port = server.sockets[0].getsockname()[1]
             where = f"https://{cfg.host}:{self.submit_port}"
         log.info("outbound.listening", url=where, destination=cfg.destination)
 
+    async def _start_admin(self) -> None:
+        cfg = self.config.admin
+        token = cfg.token_file.read_text(encoding="utf-8").strip() if cfg.token_file is not None else None
+        admin = AdminInbound(self.metrics, self.gauges, self.not_ready, self.store.counts, self.io_executor, token)
+        ctx = None if cfg.loopback else admin_context(self.config.https.certificate, self.config.https.private_key)
+        try:
+            server = await self._serve(admin.app(), host=cfg.host, port=cfg.port, ssl=ctx)
+        except OSError as exc:
+            raise ConfigError(f"admin.listen_port: cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})") from None
+        self.admin_port = server.sockets[0].getsockname()[1]
+        log.info("admin.listening", url=f"{'https' if ctx else 'http'}://{cfg.host}:{self.admin_port}")
+
+    def not_ready(self) -> str | None:
+        if self.stopping:
+            return "stopping"
+        if not self._servers:
+            return "starting"
+        return None
+
+    def gauges(self) -> list[Gauge]:
+        """Read at each scrape (in the io executor): shared state, right whichever process answers."""
+        depth, oldest = self.store.outbox_depth()
+        now = time.time()
+        held = self.store.quarantined("held", limit=100_000)
+        entries = inventory(self.config, self.parts.partners.current)
+        now_dt = datetime.now(UTC)
+        return [
+            ("einvoice_outbox_depth", "Delivery jobs waiting", [], [([], float(depth))]),
+            ("einvoice_outbox_oldest_job_age_seconds", "Age of the oldest waiting delivery job", [],
+             [([], max(0.0, now - oldest) if oldest else 0.0)]),
+            ("einvoice_quarantine_held", "Invoices held for review", [], [([], float(len(held)))]),
+            ("einvoice_certificate_expiry_days", "Days until a certificate expires (negative: expired)",
+             ["owner", "purpose", "subject", "spki_sha256"],
+             [([e.owner, e.purpose, e.subject, e.spki_sha256], round(e.days_left(now_dt), 3)) for e in entries]),
+            ("einvoice_partners", "Registered trading partners by status", ["status"],
+             [([st], float(n)) for st, n in sorted(Counter(p.status.value for p in self.parts.partners.current.partners).items())]),
+        ]
+
     async def _watch_partners(self) -> None:
-        book = self.parts.partners
         while True:
             await asyncio.sleep(self.config.partners_reload_s)
+            book = self.parts.partners
             try:
                 if await asyncio.get_running_loop().run_in_executor(self.io_executor, book.refresh):
                     log.info("partners.reloaded", partners=len(book.current.partners))
             except ConfigError as exc:
                 log.error("partners.reload_failed", reason=str(exc), kept=len(book.current.partners))
 
+    async def reload(self, actor: str = "SIGHUP") -> bool:
+        """Re-read the configuration, partners, certificates, keys and routes; connections and invoices
+        in flight finish with what they started with.  An invalid configuration is refused (logged),
+        and the running one stays in force.  Returns whether the new configuration took effect."""
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            old_config, old = self.config, self.parts
+            try:
+                config = await loop.run_in_executor(self.io_executor, load_config, old_config.source)
+                keep_rules = rules_key(config) == rules_key(old_config)
+                parts = await loop.run_in_executor(self.io_executor, functools.partial(
+                    build, config, rules=old.rules if keep_rules else None, partners=old.partners))
+            except ConfigError as exc:
+                log.error("config.reload_failed", reason=exc.message, kept="the running configuration")
+                self.metrics.reloads.labels("failed").inc()
+                return False
+            restart = restart_needed(old_config, config)
+            self.parts = parts
+            self.outbox_retired = self.outbox.reconfigure(self._senders(config, self.outbox.senders), config.delivery,
+                                                          parts.vault)
+            self.config = config
+            self.pipeline = self._pipeline(config, parts)
+            self.https.pipeline, self.https.partners = self.pipeline, parts.partners
+            if self.submit is not None:
+                self.submit.pipeline = self.pipeline
+            self.housekeeping.config = config
+            self._tls = self._server_tls()
+            if not keep_rules:  # evaluations still running on the old engine get their time limit first
+                self._tasks.append(asyncio.create_task(self._close_later(old.rules), name="rules-close"))
+            for sender in self.outbox_retired:
+                self._tasks.append(asyncio.create_task(self._close_sender_later(sender), name="sender-close"))
+            self.metrics.reloads.labels("ok").inc()
+            if self.run_delivery:
+                await asyncio.wrap_future(self.store.audit(actor, "config.reloaded", None, None, {
+                    "partners": len(parts.partners.current.partners), "destinations": [d.name for d in config.destinations],
+                    "key_id": parts.vault.current, "rules_reloaded": not keep_rules, "restart_needed": restart}))
+            if restart:
+                log.warning("config.restart_needed", settings=restart,
+                            reason="these settings take effect at the next restart; the running values stay in force")
+            log.info("config.reloaded", partners=len(parts.partners.current.partners), key_id=parts.vault.current,
+                     destinations=len(config.destinations), rules_reloaded=not keep_rules)
+            return True
+
+    async def _close_later(self, rules: RuleEngine) -> None:
+        await asyncio.sleep(self.config.rules_timeout_s + 5)
+        await asyncio.get_running_loop().run_in_executor(self.io_executor, rules.close)
+
+    async def _close_sender_later(self, sender: Sender) -> None:
+        await asyncio.sleep(SHUTDOWN_GRACE_S + max((d.timeout_s for d in self.config.destinations), default=30.0))
+        await sender.close()
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, then close storage."""
-        for server in (self._server, self._submit_server):
-            if server is not None:
-                server.close()
-        for runner in (self._runner, self._submit_runner):
-            if runner is not None:
-                await runner.cleanup()
-        if self._submit_server is not None and self.config.outbound is not None and self.config.outbound.socket:
-            self.config.outbound.socket.unlink(missing_ok=True)
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        cfg = self.config.outbound
+        if self.submit is not None and self.run_delivery and cfg is not None and cfg.socket is not None:
+            cfg.socket.unlink(missing_ok=True)
         if self.run_delivery:
             await self.outbox.stop(SHUTDOWN_GRACE_S)
+            await self.housekeeping.final_checkpoint()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -239,21 +412,63 @@ class Gateway:
         log.info("gateway.stopped")
 
 
+HEARTBEAT_S = 2.0  # a worker tells the supervisor it is alive this often (the watchdog depends on it)
+
+
 async def serve_forever(config: Config, parts: Parts | None = None, *, worker: int | None = None,
-                        sock: socket.socket | None = None) -> None:
+                        sock: socket.socket | None = None, status_fd: int | None = None) -> None:
     """Run one gateway process; as worker N of several (``worker`` set), serve the supervisor's
-    listening socket and let only worker 0 deliver."""
+    listening socket, let only worker 0 deliver, and report to the supervisor on ``status_fd``
+    (R: ready, H: reloaded, .: alive).  Alone, it talks to systemd itself (gateway/systemd.py)."""
     gw = Gateway(config, parts, sock=sock, run_delivery=not worker)
     await gw.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def report(code: bytes) -> None:
+        if status_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(status_fd, code)
+
+    async def reload() -> None:
+        if status_fd is None:
+            systemd.reloading()
+        await gw.reload()
+        report(b"H")
+        if status_fd is None:
+            systemd.notify("READY=1", f"STATUS=serving on port {gw.port}")
+
+    async def heartbeat() -> None:
+        interval = systemd.watchdog_interval_s() if status_fd is None else HEARTBEAT_S
+        while interval:
+            report(b".")
+            if status_fd is None:
+                systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    beat = asyncio.create_task(heartbeat(), name="heartbeat")
+    report(b"R")
+    systemd.notify("READY=1", f"STATUS=serving on port {gw.port}")
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        systemd.notify("STOPPING=1")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        beat.cancel()
+        for task in (beat, *reloads):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await gw.stop()
 
 

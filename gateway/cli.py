@@ -17,6 +17,10 @@
     einvoice-gateway sign IN OUT [-c CONFIG | --cert PEM --key PEM]
     einvoice-gateway verify FILE [--cert PEM …]
     einvoice-gateway demo [--dir DIR] [--no-wait]
+    einvoice-gateway partners check -c CONFIG
+    einvoice-gateway keys list|rotate|rewrap [--key ID]|retire ID -c CONFIG
+    einvoice-gateway audit verify [--file EXPORT] | export -o FILE [--from-seq N] [--to-seq N] | checkpoint | list
+    einvoice-gateway backup create DIR | verify DIR [--deep] | restore DIR [--state-dir DIR]
 
 Exit codes: 0 success, 1 runtime failure (or, for verify, an invalid signature), 2 usage or configuration
 error (the message names the key).
@@ -34,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs
+from . import __version__, logs, opscli
 from . import config as config_mod
 from .errors import ConfigError
 from .model import Partner, PartnerStatus, SignaturePolicy
@@ -59,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     sv = with_config(sub.add_parser("serve", help="run the gateway in the foreground"))
     sv.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its children
     sv.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    sv.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
     with_config(sub.add_parser("check-config", help="check a configuration; exit 2 naming the bad key"))
     d = sub.add_parser("demo", help="start a throwaway instance, send sample invoices, keep serving")
     d.add_argument("--dir", help="make the instance here and keep it (default: a temporary folder, removed at exit)")
@@ -91,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--remove-amount-ceiling", action="append", default=[], metavar="CURRENCY")
     ed.add_argument("--remove-endpoint", action="store_true", help="send nothing to this partner any more")
     with_config(psub.add_parser("list", help="list partners"))
+    with_config(psub.add_parser("check", help="expired and expiring certificates, and revocation status (exit 1 if any "
+                                "certificate is expired or revoked)"))
 
     sg = with_config(sub.add_parser("sign", help="add the gateway's XAdES-BES signature to an invoice"))
     sg.add_argument("input")
@@ -140,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     dl = with_config(sub.add_parser("dead-letters", help="deliveries given up on, newest first, with the reason"))
     filters(dl)
     dl.add_argument("--destination")
+    opscli.add_parsers(sub, with_config)
     return p
 
 
@@ -214,12 +222,18 @@ def _partners(args: argparse.Namespace) -> int:
                          rules=_chosen_rules(args, cfg), ceilings=ceilings,
                          endpoint=parse_endpoint(args.endpoint, "--endpoint") if args.endpoint else "",
                          sign_outbound=bool(args.sign_outbound))
+        _audit_partner(cfg, args, "partner.added", {"party_ids": sorted(ids), "client_certs": len(certs),
+                                                   "signing_certs": len(args.signing_cert)})
         print(f"partner {args.name!r} added; the running gateway picks it up within seconds")
         return 0
     if args.action == "edit":
         _edit_partner(path, args, _chosen_rules(args, cfg))
+        _audit_partner(cfg, args, "partner.edited", {"changed": sorted(
+            k for k, v in vars(args).items() if k not in ("command", "action", "name", "config") and v not in (None, [], False))})
         print(f"partner {args.name!r} edited; the running gateway picks it up within seconds")
         return 0
+    if args.action == "check":
+        return opscli.partners_check(args)
     directory = load_directory(path)
     if args.action == "list":
         for p in directory.partners:
@@ -254,8 +268,21 @@ def _partners(args: argparse.Namespace) -> int:
             del partners[idx]
         else:
             partners[idx] = with_status(partners[idx], PartnerStatus.SUSPENDED if args.action == "suspend" else PartnerStatus.ACTIVE)
+    _audit_partner(cfg, args, {"remove": "partner.removed", "suspend": "partner.suspended"}.get(args.action, "partner.resumed"), {})
     print(f"partner {args.name!r}: {args.action} done")
     return 0
+
+
+def _audit_partner(cfg: config_mod.Config, args: argparse.Namespace, action: str, detail: dict[str, Any]) -> None:
+    """Every change to the allowlist is an audit record with who made it (the partners file itself keeps no history)."""
+    from .instance import current_user
+    from .store import SqliteStore
+
+    store = SqliteStore(cfg.state_dir)
+    try:
+        store.audit(current_user(), action, args.name, None, detail).result()
+    finally:
+        store.close()
 
 
 def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] | None) -> None:
@@ -493,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sign(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command in ("keys", "audit", "backup"):
+            return {"keys": opscli.keys, "audit": opscli.audit, "backup": opscli.backup}[args.command](args)
         cfg = config_mod.load(args.config)
         from .app import LISTEN_BACKLOG, bind_probe, build, serve_forever, warnings
         from .supervisor import supervise, worker_count
@@ -501,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             import socket
 
             logs.configure(cfg.log_level)
-            asyncio.run(serve_forever(cfg, worker=args.worker, sock=socket.socket(fileno=args.listen_fd)))
+            asyncio.run(serve_forever(cfg, worker=args.worker, sock=socket.socket(fileno=args.listen_fd),
+                                      status_fd=args.status_fd))
             return 0
         # Build every part once to fail early, naming the key (the serving processes build their own).
         parts = build(cfg, processes=1)

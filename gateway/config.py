@@ -85,6 +85,13 @@ class Reader:
             raise ConfigError(f"{self.key(name)}: expected a list of strings")
         return list(value)
 
+    def int_list(self, name: str, default: list[int], minimum: int, maximum: int) -> list[int]:
+        value = self._get(name, default, False)
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum for v in value):
+            raise ConfigError(f"{self.key(name)}: expected a list of whole numbers between {minimum} and {maximum}")
+        return list(value)
+
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         value = self.string(name, default)
         if value not in choices:
@@ -106,6 +113,13 @@ class Reader:
             raise ConfigError(f"{where}: not a regular file ({p})")
         return p
 
+    def secret(self, name: str) -> Path:
+        """A secret file: read from the systemd credential of the same name when the service has one
+        (LoadCredential=), else from the path; refused if group or others can read it."""
+        p = credential(self.file(name))
+        check_secret_file(p, self.key(name))
+        return p
+
     def files(self, name: str, *, required: bool = False) -> tuple[Path, ...]:
         values = self.str_list(name, required=required)
         if required and not values:
@@ -125,6 +139,35 @@ class Reader:
         unknown = sorted(set(self._data) - self._seen)
         if unknown:
             raise ConfigError(f"{self.key(unknown[0])}: unknown key (check the spelling)")
+
+
+def credential(path: Path) -> Path:
+    """The copy systemd gave the service (LoadCredential=NAME:PATH puts it at $CREDENTIALS_DIRECTORY/NAME)
+    of the file named ``path``, if the service has a credential of that name; else ``path``."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        copy = Path(directory) / path.name
+        if copy.is_file():
+            return copy
+    return path
+
+
+def key_files(entry: Path, where: str) -> list[Path]:
+    """A master key entry: one file, or a folder whose ``*.key`` files are all master keys.  Under
+    systemd, a folder given as LoadCredential=NAME:FOLDER arrives as credentials NAME_<file>."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory and not entry.suffix:
+        copies = sorted(Path(directory).glob(f"{entry.name}_*.key"))
+        if copies:
+            return copies
+    if entry.is_dir():
+        found = sorted(entry.glob("*.key"))
+        if not found:
+            raise ConfigError(f"{where}: the folder {entry} holds no *.key file")
+        return found
+    if not entry.is_file():
+        raise ConfigError(f"{where}: file not found ({entry})")
+    return [credential(entry)]
 
 
 def check_secret_file(path: Path, key: str) -> None:
@@ -219,8 +262,33 @@ def _stylesheets_in(directory: Path, where: str) -> dict[str, Path]:
 
 @dataclass(frozen=True, slots=True)
 class VaultConfig:
-    keys: tuple[Path, ...]
-    current: str | None  # key id used for new objects; default: the last key listed
+    keys: tuple[Path, ...]  # every master key file (folders expanded)
+    current: str | None  # key id used for new objects; default: the newest key (by its `created` time)
+    folder: Path | None  # where `keys rotate` writes a new key: the first folder listed in vault.keys
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The operators' listener: /healthz, /readyz, /metrics."""
+
+    host: str
+    port: int  # 0: no admin listener
+    token_file: Path | None  # bearer token; required (with HTTPS) when host is not a loopback address
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True, slots=True)
+class OperationsConfig:
+    audit_checkpoint_s: float  # how often a signed checkpoint seals the audit chain's head
+    audit_trusted: tuple[Path, ...]  # earlier signing certificates whose checkpoints `audit verify` accepts
+    retention_days: float  # delete delivered invoices this long after delivery; 0: keep them
+    crls: tuple[Path, ...]  # CRL files for partner certificates' issuers; none: no revocation check
+    crl_soft_fail: bool  # accept a certificate whose CRL is missing or stale (warned at start)
+    crl_max_age_s: float | None  # a CRL older than this is stale even before its nextUpdate
+    expiry_warn_days: tuple[int, ...]  # certificate expiry warnings
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +382,8 @@ class Config:
     outbound: OutboundConfig | None
     log_level: str
     signing: SigningConfig | None
+    admin: AdminConfig
+    operations: OperationsConfig
 
 
 def _https(r: Reader) -> HttpsConfig:
@@ -321,7 +391,7 @@ def _https(r: Reader) -> HttpsConfig:
         host=r.string("listen_host", "127.0.0.1"),
         port=r.integer("listen_port", 8443, maximum=65535),
         certificate=r.file("certificate"),
-        private_key=r.file("private_key"),
+        private_key=r.secret("private_key"),
         client_ca=r.files("client_ca", required=True),
         workers=r.integer("workers", 0, maximum=64),
         max_body_bytes=r.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
@@ -331,7 +401,6 @@ def _https(r: Reader) -> HttpsConfig:
     )
     if cfg.max_in_flight_bytes < cfg.max_body_bytes:
         raise ConfigError(f"{r.key('max_in_flight_bytes')}: must be at least https.max_body_bytes")
-    check_secret_file(cfg.private_key, r.key("private_key"))
     r.done()
     return cfg
 
@@ -356,23 +425,19 @@ def _destination(d: Reader) -> Destination:
     else:
         tls = dict(ca=d.file("ca") if d.has("ca") else None,
                    client_certificate=d.file("client_certificate") if d.has("client_certificate") else None,
-                   client_key=d.file("client_key") if d.has("client_key") else None)
+                   client_key=d.secret("client_key") if d.has("client_key") else None)
         if (tls["client_certificate"] is None) != (tls["client_key"] is None):
             raise ConfigError(f"{d.key('client_key')}: give client_certificate and client_key together")
-        if tls["client_key"] is not None:
-            check_secret_file(tls["client_key"], d.key("client_key"))
         if kind == "https":
             url = d.string("url", required=True)
             if not re.fullmatch(r"https://[^/\s?#]+(/[^\s#]*)?", url):
                 raise ConfigError(f"{d.key('url')}: {url!r} is not an https:// URL")
-            hmac_key = d.file("hmac_key_file")
-            check_secret_file(hmac_key, d.key("hmac_key_file"))
+            hmac_key = d.secret("hmac_key_file")
             if len(hmac_key.read_bytes()) < MIN_HMAC_KEY_BYTES:
                 raise ConfigError(f"{d.key('hmac_key_file')}: the key must be at least {MIN_HMAC_KEY_BYTES} bytes "
                                   "(for example: head -c 32 /dev/urandom | base64 > FILE)")
-            token = d.file("bearer_token_file") if d.has("bearer_token_file") else None
+            token = d.secret("bearer_token_file") if d.has("bearer_token_file") else None
             if token is not None:
-                check_secret_file(token, d.key("bearer_token_file"))
                 if not re.fullmatch(r"[\x21-\x7e]+", token.read_text(encoding="utf-8", errors="replace").strip()):
                     raise ConfigError(f"{d.key('bearer_token_file')}: the token must be one line of printable ASCII "
                                       "without spaces (a trailing newline is ignored)")
@@ -487,6 +552,33 @@ def _outbound(r: Reader, destinations: tuple[Destination, ...]) -> OutboundConfi
     return cfg
 
 
+def _admin(r: Reader) -> AdminConfig:
+    cfg = AdminConfig(host=r.string("listen_host", "127.0.0.1"), port=r.integer("listen_port", 8445, maximum=65535),
+                      token_file=r.secret("token_file") if r.has("token_file") else None)
+    if cfg.port and not cfg.loopback and cfg.token_file is None:
+        raise ConfigError(f"{r.key('token_file')}: the admin listener on {cfg.host} is reachable from other hosts; "
+                          "give a bearer token file (it is then served over HTTPS with the https certificate)")
+    r.done()
+    return cfg
+
+
+def _operations(top: Reader) -> OperationsConfig:
+    au, re_, rv, ce = top.table("audit"), top.table("retention"), top.table("revocation"), top.table("certificates")
+    max_age = rv.number("max_age_h", 0.0) * 3600
+    cfg = OperationsConfig(
+        audit_checkpoint_s=au.number("checkpoint_interval_s", 300.0, minimum=1.0),
+        audit_trusted=au.files("trusted_certificates"),
+        retention_days=re_.number("delete_after_days", 0.0),
+        crls=rv.files("crls"),
+        crl_soft_fail=rv.boolean("soft_fail", False),
+        crl_max_age_s=max_age or None,
+        expiry_warn_days=tuple(sorted(set(ce.int_list("warn_days", [30, 14, 7], 1, 365)), reverse=True)),
+    )
+    for r in (au, re_, rv, ce):
+        r.done()
+    return cfg
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and check a configuration file; raises ConfigError naming the offending key."""
     source = Path(path).resolve()
@@ -549,10 +641,16 @@ def load(path: str | os.PathLike[str]) -> Config:
     fr.done()
 
     k = top.table("vault")
-    keys = k.files("keys", required=True)
-    for i, key_path in enumerate(keys):
-        check_secret_file(key_path, f"vault.keys[{i}]")
-    vault = VaultConfig(keys=keys, current=k.string("current", "") or None)
+    entries = [k.resolve(v) for v in k.str_list("keys", required=True)]
+    if not entries:
+        raise ConfigError("vault.keys: name at least one master key file or folder")
+    keys: list[Path] = []
+    for i, entry in enumerate(entries):
+        for key_path in key_files(entry, f"vault.keys[{i}]"):
+            check_secret_file(key_path, f"vault.keys[{i}]")
+            keys.append(key_path)
+    vault = VaultConfig(keys=tuple(keys), current=k.string("current", "") or None,
+                        folder=next((e for e in entries if e.is_dir()), None))
     k.done()
 
     p = top.table("partners")
@@ -574,11 +672,13 @@ def load(path: str | os.PathLike[str]) -> Config:
     signing = None
     if top.has("signing"):
         sg = top.table("signing")
-        signing = SigningConfig(sg.file("certificate"), sg.file("private_key"))
-        check_secret_file(signing.private_key, sg.key("private_key"))
+        signing = SigningConfig(sg.file("certificate"), sg.secret("private_key"))
         sg.done()
     else:
         top.table("signing")
+
+    admin = _admin(top.table("admin"))
+    operations = _operations(top)
 
     lg = top.table("logging")
     level = lg.choice("level", ("debug", "info", "warning", "error"), "info")
@@ -607,4 +707,6 @@ def load(path: str | os.PathLike[str]) -> Config:
         outbound=outbound,
         log_level=level,
         signing=signing,
+        admin=admin,
+        operations=operations,
     )

@@ -312,8 +312,10 @@ class Breaker:
 class Outbox:
     def __init__(self, store: Store, vault: Vault, senders: dict[str, Sender], cfg: DeliveryConfig, executor: Executor,
                  *, owner: str | None = None, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic,
+                 on_outcome: Callable[[str, str], None] = lambda destination, outcome: None):
         self.store = store
+        self.on_outcome = on_outcome  # (destination, delivered | retry | dead_letter): the metrics counter
         self.vault = vault
         self.senders = senders
         self.cfg = cfg
@@ -327,6 +329,16 @@ class Outbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self._run_task: asyncio.Task[Any] | None = None
         self._stopping = False
+
+    def reconfigure(self, senders: dict[str, Sender], cfg: DeliveryConfig, vault: Vault) -> list[Sender]:
+        """Take a reloaded configuration; attempts in flight finish with the sender they started with.
+        Returns the senders no longer used, for the caller to close once those attempts are done."""
+        old, self.senders, self.cfg, self.vault = self.senders, senders, cfg, vault
+        for name in senders:
+            self.breakers.setdefault(name, Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s, cfg.retry_cap_s))
+            self.in_flight.setdefault(name, 0)
+        self.wake.set()
+        return [s for name, s in old.items() if senders.get(name) is not s]
 
     async def run(self) -> None:
         self._run_task = asyncio.current_task()
@@ -425,6 +437,7 @@ class Outbox:
             except VaultError:
                 # Corruption at rest (SECURITY-TESTS.md D-09): retrying cannot help; park it loudly.
                 bound.error("delivery.dead_letter", reason="STORED_OBJECT_UNREADABLE", attempts=job.attempts + 1)
+                self.on_outcome(job.destination, "dead_letter")
                 await self._record(job, error="the stored object failed authentication or is missing", dead=True)
                 return
             except DeliveryFailed as exc:
@@ -436,6 +449,7 @@ class Outbox:
                 return
             if breaker.success():
                 bound.info("delivery.breaker_closed")
+            self.on_outcome(job.destination, "delivered")
             await self._record(job, delivered_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
             bound.info("delivery.delivered", attempts=job.attempts + 1, result=note,
                        latency_s=round(self.clock() - job.created_at, 3))
@@ -446,6 +460,7 @@ class Outbox:
         now = self.clock()
         if exc.permanent:
             bound.error("delivery.dead_letter", reason="REFUSED", attempts=job.attempts + 1, error=exc.error)
+            self.on_outcome(job.destination, "dead_letter")
             await self._record(job, error=exc.error, dead=True)
             return
         if self.breakers[job.destination].failure(self.monotonic()):
@@ -453,12 +468,14 @@ class Outbox:
                           failures=self.breakers[job.destination].failures)
         if now - job.created_at >= self.cfg.horizon_s:
             bound.error("delivery.dead_letter", reason="HORIZON_EXCEEDED", attempts=job.attempts + 1, error=exc.error)
+            self.on_outcome(job.destination, "dead_letter")
             await self._record(job, error=exc.error, dead=True)
             return
         delay = backoff(job.attempts, self.cfg.retry_base_s, self.cfg.retry_cap_s)
         if exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, self.cfg.retry_cap_s))
         bound.warning("delivery.retry", attempts=job.attempts + 1, retry_in_s=round(delay, 1), error=exc.error)
+        self.on_outcome(job.destination, "retry")
         await self._record(job, error=exc.error, next_attempt_at=now + delay)
 
     async def _record(self, job: DeliveryJob, *, delivered_at: str | None = None, error: str | None = None,

@@ -65,12 +65,13 @@ def render_config(host: str, port: int, key_file: str, key_id: str, *, state_dir
                   label: str = "made by einvoice-gateway init", config_name: str = "config.toml") -> str:
     template = files("gateway").joinpath("templates/config.toml").read_text(encoding="utf-8")
     return template.format(label=label, config_name=config_name, host=host, port=port, key_file=key_file,
+                           admin_port=port + 2 if port else 0,
                            key_id=key_id, state_dir=state_dir, outbox=outbox)
 
 
 # The production example in config/ is this template rendered with these values (a test keeps them equal).
 PRODUCTION_EXAMPLE = dict(host="0.0.0.0",  # noqa: S104 (a server listens for partners)
-                          port=8443, key_file="keys/master-1.key", key_id="k20261120-0a1b2c3d",
+                          port=8443, key_file="keys", key_id="k20261120-0a1b2c3d",
                           state_dir="/var/lib/einvoice-gateway/state", outbox="/var/lib/einvoice-gateway/outbox",
                           label="example for /etc/einvoice-gateway/config.toml",
                           config_name="/etc/einvoice-gateway/config.toml")
@@ -141,7 +142,7 @@ def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
     for sub in ("state", "outbox"):
         (root / sub).mkdir(mode=0o700)
     config = root / "config.toml"
-    atomic_write(config, render_config(host, port, "keys/master-1.key", master.key_id).encode())
+    atomic_write(config, render_config(host, port, "keys", master.key_id).encode())
     partners = root / "partners.toml"
     atomic_write(partners, b"# Trading partners of this gateway; edit with `einvoice-gateway partners ...`.\n")
     register_partner(partners, DEMO_PARTNER, [client.cert], list(DEMO_PARTY_IDS), [DEMO_EMAIL], verified_by="einvoice-gateway init (demo)")

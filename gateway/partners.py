@@ -221,8 +221,9 @@ class PartnerBook:
         st = self.path.stat()
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def refresh(self) -> bool:
-        """Reload if the file changed.  Returns True when a new directory took effect.
+    def refresh(self, force: bool = False) -> bool:
+        """Reload if the file changed (or ``force``: certificates it names may have changed).  Returns
+        True when a new directory took effect.
 
         Raises ConfigError (and keeps the old directory) when the new file is invalid.
         """
@@ -230,9 +231,9 @@ class PartnerBook:
             stamp = self._stat()
         except OSError as exc:
             raise ConfigError(f"partners.file: cannot stat {self.path} ({exc})") from None
-        if stamp == self._stamp:
+        if stamp == self._stamp and not force:
             return False
-        self._stamp = stamp
+        self._stamp = stamp  # (a bad file is reported once, not at every look)
         self.current = load_directory(self.path)
         return True
 

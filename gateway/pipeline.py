@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from lxml import etree
@@ -59,7 +62,7 @@ class Pipeline:
     def __init__(self, parser: XmlParser, schemas: SchemaRegistry, rules: RuleEngine, default_rules: tuple[str, ...],
                  partners: PartnerBook, vault: Vault, store: Store, router: Router, executor: Executor,
                  max_xml_bytes: int, hold_invalid_iban: bool = False, outbound: OutboundConfig | None = None,
-                 signer: signature.SigningKey | None = None):
+                 signer: signature.SigningKey | None = None, observe: Callable[[str, float], None] | None = None):
         self.parser = parser
         self.schemas = schemas
         self.rules = rules
@@ -73,13 +76,24 @@ class Pipeline:
         self.executor = executor
         self.max_xml_bytes = max_xml_bytes  # of an invoice embedded in a PDF, once extracted
         self.hold_invalid_iban = hold_invalid_iban  # fraud.invalid_iban = "hold"
+        self.observe = observe or (lambda stage, seconds: None)  # per-stage latency (the metrics histogram)
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe(name, time.perf_counter() - start)
 
     def validated(self, body: bytes, media_type: str) -> tuple[etree._Element, DocumentType, str]:
         """[PDF: extract] → parse → document type → XSD: the parsed root, its type and UBL version."""
-        xml = pdf.embedded_invoice(body, self.max_xml_bytes) if media_type == PDF else body
-        root = self.parser.parse(xml).root
-        doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
-        return root, doc_type, self.schemas.validate(root, doc_type)
+        with self._stage("parse"):
+            xml = pdf.embedded_invoice(body, self.max_xml_bytes) if media_type == PDF else body
+            root = self.parser.parse(xml).root
+            doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
+        with self._stage("schema"):
+            return root, doc_type, self.schemas.validate(root, doc_type)
 
     def check(self, msg: InboundMessage) -> AcceptedInvoice | Receipt:
         """Every synchronous stage; returns the sealed invoice, or the receipt of an earlier identical one."""
@@ -88,16 +102,20 @@ class Pipeline:
         if earlier is not None:
             return earlier
         root, doc_type, version = self.validated(msg.body, msg.media_type)
-        verified = self.verify_signature(root, msg.partner)
-        facts = read_facts(root, doc_type, version)
-        self.partners.current.authorize(msg.partner, facts)
-        accounts, holds = fraud.check_accounts(facts, hold_invalid=self.hold_invalid_iban)
-        report = self.rules.evaluate(root, doc_type.syntax, self.rule_packs(msg.partner))
+        with self._stage("signature"):
+            verified = self.verify_signature(root, msg.partner)
+        with self._stage("authorize"):
+            facts = read_facts(root, doc_type, version)
+            self.partners.current.authorize(msg.partner, facts)
+            accounts, holds = fraud.check_accounts(facts, hold_invalid=self.hold_invalid_iban)
+        with self._stage("rules"):
+            report = self.rules.evaluate(root, doc_type.syntax, self.rule_packs(msg.partner))
         destinations = self.router.route(msg.partner.name, facts)
         if not destinations:
             holds.append(UNROUTED)
         message_id = str(uuid.uuid4())
-        sealed, key_id = self.vault.seal(msg.body, message_id, sha256)
+        with self._stage("seal"):
+            sealed, key_id = self.vault.seal(msg.body, message_id, sha256)
         return AcceptedInvoice(message_id, msg.partner.name, sha256, msg.received_at, len(msg.body), facts, sealed, key_id,
                                verified, msg.media_type, report.as_json() if report.packs else None, accounts,
                                tuple(holds + fraud.hold_reasons(msg.partner, facts)), destinations,
@@ -207,18 +225,25 @@ class Pipeline:
             result = await loop.run_in_executor(self.executor, self.check, msg)
             if isinstance(result, Receipt):
                 return Outcome(result, None)
-            receipt = await asyncio.wrap_future(self.store.put(result, list(result.destinations)))
+            with self._stage("store"):
+                receipt = await asyncio.wrap_future(self.store.put(result, list(result.destinations)))
         except Rejected as exc:
-            if exc.code in FRAUD_CODES:  # the attempt itself is worth an audit record
-                await asyncio.wrap_future(self.store.audit("gateway", f"fraud.{exc.code.lower()}", msg.partner.name, None,
-                                                           {"transport": msg.peer.transport}))
+            # Every refusal is an audit record (code and content hash, never content); a fraud code by its own name.
+            action = f"fraud.{exc.code.lower()}" if exc.code in FRAUD_CODES else "invoice.rejected"
+            await asyncio.wrap_future(self.store.audit("gateway", action, msg.partner.name, None, {
+                "transport": msg.peer.transport, "code": exc.code, "sha256": hashlib.sha256(msg.body).hexdigest()}))
             raise
         return Outcome(receipt, None if receipt.duplicate else result)
 
     async def submit(self, body: bytes, received_at: str, media_type: str) -> Outcome:
         """``POST /v1/outbound``: the stages, then the durable write of the invoice and its delivery job."""
-        result = await asyncio.get_running_loop().run_in_executor(self.executor, self.check_outbound, body, received_at,
-                                                                  media_type)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, self.check_outbound, body, received_at,
+                                                                      media_type)
+        except Rejected as exc:
+            await asyncio.wrap_future(self.store.audit("erp", "invoice.submission_rejected", None, None, {
+                "code": exc.code, "sha256": hashlib.sha256(body).hexdigest()}))
+            raise
         if isinstance(result, Receipt):
             return Outcome(result, None)
         receipt = await asyncio.wrap_future(self.store.put(result, list(result.destinations)))

@@ -443,6 +443,17 @@ def _check_value(cert: x509.Certificate, method: SignatureMethod, value: bytes, 
         raise SignatureInvalid("the signature value does not verify with the signer's key") from None
 
 
+def verify_raw_signature(cert: x509.Certificate, data: bytes, value: bytes) -> bool:
+    """Does ``value`` (as SigningKey.raw_signature makes it, SHA-256) sign ``data`` with the certificate's key?"""
+    key = cert.public_key()
+    method = SignatureMethod.RSA_SHA256 if isinstance(key, rsa.RSAPublicKey) else SignatureMethod.ECDSA_SHA256
+    try:
+        _check_value(cert, method, value, data)
+    except SignatureInvalid:
+        return False
+    return True
+
+
 def _check_xades(props: etree._Element, signer: TrustedSigner, now: datetime) -> str | None:
     ssp = props.find(_q(XADES, "SignedSignatureProperties"))
     if ssp is None:

@@ -18,18 +18,19 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .audit import CHECKPOINT, GENESIS, record_hash
 from .errors import ConfigError, Conflict, Detail, GatewayError, StorageUnavailable
 from .model import AcceptedInvoice, Receipt
 
 T = TypeVar("T")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MAX_BATCH = 256  # operations per group commit
 BUSY_TIMEOUT_MS = 30_000  # other processes (CLI, other workers) holding the write lock
 # The writer waits for another process's write lock in short steps of its own: SQLite's busy
@@ -112,12 +113,31 @@ CREATE TABLE IF NOT EXISTS audit (
     action      TEXT NOT NULL,
     partner     TEXT,
     message_id  TEXT,
-    detail      TEXT NOT NULL
+    detail      TEXT NOT NULL,
+    prev        TEXT NOT NULL DEFAULT '',  -- the hash of the record before (gateway/audit.py)
+    hash        TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS audit_message ON audit (message_id);
+-- What retention leaves of a deleted invoice: enough to keep refusing it as a duplicate.
+CREATE TABLE IF NOT EXISTS retired (
+    message_id      TEXT PRIMARY KEY,
+    direction       TEXT NOT NULL,
+    partner         TEXT NOT NULL,
+    source_sha256   TEXT NOT NULL,
+    sha256          TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    invoice_number  TEXT NOT NULL,
+    issue_date      TEXT NOT NULL,
+    received_at     TEXT NOT NULL,
+    deleted_at      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS retired_source ON retired (direction, source_sha256);
+CREATE INDEX IF NOT EXISTS retired_number ON retired (direction, partner, kind, invoice_number, issue_date);
+CREATE INDEX IF NOT EXISTS invoices_key ON invoices (key_id);
 """
 # Schema 2 → 3: the business-duplicate key becomes (partner, kind, number, issue date), and
 # deliveries may be held.  3 → 4: invoices have a direction (outbound ones are keyed by recipient)
-# and deliveries carry a claim lease.  SQLite changes constraints only by rebuilding the table.
+# and deliveries carry a claim lease.  4 → 5: audit records are hash-chained.  SQLite changes constraints only by rebuilding the table.
 def _rebuild(conn: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
     """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile);
     ``fill`` gives new columns an expression over the old row.
@@ -156,10 +176,33 @@ def _masked(account: str) -> str:
 
 
 def _audit(conn: sqlite3.Connection, actor: str, action: str, partner: str | None, message_id: str | None,
-           detail: dict[str, Any]) -> None:
-    """Append an audit record in the caller's transaction (never invoice content)."""
-    conn.execute("INSERT INTO audit (at, actor, action, partner, message_id, detail) VALUES (?,?,?,?,?,?)",
-                 (_now(), actor, action, partner, message_id, json.dumps(detail, sort_keys=True)))
+           detail: dict[str, Any]) -> int:
+    """Append an audit record, chained to the last one, in the caller's transaction (never invoice
+    content).  The caller's write lock orders the chain across processes.  Returns its seq."""
+    last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    record = {"seq": (last[0] + 1) if last else 1, "at": _now(), "actor": actor, "action": action, "partner": partner,
+              "message_id": message_id, "detail": json.dumps(detail, sort_keys=True), "prev": last[1] if last else GENESIS}
+    conn.execute("INSERT INTO audit (seq, at, actor, action, partner, message_id, detail, prev, hash) "
+                 "VALUES (?,?,?,?,?,?,?,?,?)", (*record.values(), record_hash(record)))
+    return (last[0] + 1) if last else 1
+
+
+def _chain_existing(conn: sqlite3.Connection) -> None:
+    """Schema 5: chain the records written before audit records were chained, in their order."""
+    prev = GENESIS
+    rows = conn.execute("SELECT seq, at, actor, action, partner, message_id, detail FROM audit ORDER BY seq").fetchall()
+    for r in rows:
+        record = dict(zip(_AUDIT_FIELDS[:7], r, strict=True)) | {"prev": prev}
+        prev = record_hash(record)
+        conn.execute("UPDATE audit SET prev = ?, hash = ? WHERE seq = ?", (record["prev"], prev, r[0]))
+
+
+_AUDIT_FIELDS = ("seq", "at", "actor", "action", "partner", "message_id", "detail", "prev", "hash")
+_AUDIT_SELECT = f"SELECT {', '.join(_AUDIT_FIELDS)} FROM audit"  # noqa: S608 (our own names)
+
+
+def _audit_row(r: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(_AUDIT_FIELDS, r, strict=True))
 
 
 def _now() -> str:
@@ -252,6 +295,24 @@ class Store(abc.ABC):
     def counts(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
+    def key_usage(self) -> dict[str, int]:
+        """How many stored objects each master key protects."""
+
+    @abc.abstractmethod
+    def sealed_under(self, key_ids: list[str], limit: int) -> list[tuple[str, str, bytes]]:
+        """(message id, sha256, sealed) of objects sealed under any of these keys."""
+
+    @abc.abstractmethod
+    def replace_sealed(self, rows: list[tuple[str, bytes, bytes, str]]) -> Future[int]:
+        """(message id, old sealed, new sealed, new key id): swap each object that still holds the old
+        bytes (a concurrent change wins); returns how many were swapped."""
+
+    @abc.abstractmethod
+    def expire(self, delivered_before: str, limit: int, actor: str = "retention") -> Future[list[str]]:
+        """Delete invoices (content, index row, delivery rows) whose every delivery succeeded before
+        this time; keep a tombstone for duplicate detection and an audit record.  Returns their ids."""
+
+    @abc.abstractmethod
     def quarantined(self, state: str | None = "held", partner: str | None = None, limit: int = 1000,
                     message_id: str | None = None) -> list[dict[str, Any]]: ...
 
@@ -269,6 +330,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def audit_range(self, first: int | None = None, last: int | None = None, since: str | None = None,
+                    until: str | None = None) -> Iterator[dict[str, Any]]:
+        """Records in chain order, exactly as stored (``detail`` as its JSON text), for verify and export."""
+
+    @abc.abstractmethod
+    def audit_checkpoint(self, sign: Callable[[int, str], dict[str, Any]]) -> Future[int | None]:
+        """Append a signed checkpoint over the chain's head, unless the head already is one."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -306,6 +376,10 @@ class SqliteStore(Store):
                     _rebuild(conn, "deliveries")
                     if version < 3:
                         conn.execute("UPDATE invoices SET kind = 'credit-note' WHERE document_type = 'ubl:CreditNote'")
+                if version < 5 and exists:
+                    conn.execute("ALTER TABLE audit ADD COLUMN prev TEXT NOT NULL DEFAULT ''")
+                    conn.execute("ALTER TABLE audit ADD COLUMN hash TEXT NOT NULL DEFAULT ''")
+                    _chain_existing(conn)
                 for statement in _DDL.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -435,7 +509,11 @@ class SqliteStore(Store):
             (direction, source_sha256, partner, partner)
         ).fetchone()
         if row is None:
-            return None
+            row = conn.execute(
+                "SELECT message_id, received_at, sha256 FROM retired WHERE direction = ? AND source_sha256 = ? "
+                "AND (? IS NULL OR partner = ?) ORDER BY received_at LIMIT 1",
+                (direction, source_sha256, partner, partner)).fetchone()
+            return None if row is None else Receipt(row[0], "delivered", row[2], row[1], duplicate=True)
         return Receipt(row[0], _SENDER_STATUS.get(row[3], "accepted"), row[4], row[1], duplicate=True,
                        rules=json.loads(row[2]) if row[2] else None)
 
@@ -450,7 +528,9 @@ class SqliteStore(Store):
                 return earlier
             row = conn.execute(
                 "SELECT message_id FROM invoices WHERE direction = ? AND partner = ? AND kind = ? AND invoice_number = ? "
-                "AND issue_date = ?", (invoice.direction, invoice.partner, f.kind, f.invoice_number, f.issue_date),
+                "AND issue_date = ? UNION ALL SELECT message_id FROM retired WHERE direction = ? AND partner = ? "
+                "AND kind = ? AND invoice_number = ? AND issue_date = ? LIMIT 1",
+                (invoice.direction, invoice.partner, f.kind, f.invoice_number, f.issue_date) * 2,
             ).fetchone()
             if row:
                 raise Conflict(
@@ -477,6 +557,10 @@ class SqliteStore(Store):
                 "VALUES (?,?,?,?,?,?)",
                 [(invoice.message_id, d, "held" if holds else "pending", now, now, now) for d in destinations],
             )
+            _audit(conn, "gateway", "invoice.accepted" if invoice.direction == "in" else "invoice.submitted",
+                   invoice.partner, invoice.message_id,
+                   {"sha256": invoice.sha256, "document_type": f.document_type.label, "size": invoice.size,
+                    "key_id": invoice.key_id, "destinations": destinations, "held": bool(holds)})
             if holds:
                 conn.execute("INSERT INTO quarantine (message_id, partner, reasons, accounts, state, held_at) "
                              "VALUES (?,?,?,?,'held',?)",
@@ -600,13 +684,31 @@ class SqliteStore(Store):
 
     def audit(self, actor: str, action: str, partner: str | None, message_id: str | None,
               detail: dict[str, Any]) -> Future[None]:
-        return self._submit(lambda conn: _audit(conn, actor, action, partner, message_id, detail))
+        def op(conn: sqlite3.Connection) -> None:
+            _audit(conn, actor, action, partner, message_id, detail)
+
+        return self._submit(op)
 
     def audit_records(self, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self._reader().execute(
-            "SELECT seq, at, actor, action, partner, message_id, detail FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
-        return [{"seq": r[0], "at": r[1], "actor": r[2], "action": r[3], "partner": r[4], "message_id": r[5],
-                 "detail": json.loads(r[6])} for r in rows]
+        rows = self._reader().execute(f"{_AUDIT_SELECT} ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [_audit_row(r) | {"detail": json.loads(r[6])} for r in rows]
+
+    def audit_range(self, first: int | None = None, last: int | None = None, since: str | None = None,
+                    until: str | None = None) -> Iterator[dict[str, Any]]:
+        cursor = self._reader().execute(
+            f"{_AUDIT_SELECT} WHERE seq >= ? AND seq <= ? AND (? IS NULL OR at >= ?) AND (? IS NULL OR at < ?) ORDER BY seq",
+            (first or 0, last if last is not None else 2**62, since, since, until, until))
+        for r in cursor:
+            yield _audit_row(r)
+
+    def audit_checkpoint(self, sign: Callable[[int, str], dict[str, Any]]) -> Future[int | None]:
+        def op(conn: sqlite3.Connection) -> int | None:
+            head = conn.execute("SELECT seq, hash, action FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            if head is None or head[2] == CHECKPOINT:
+                return None
+            return _audit(conn, "gateway", CHECKPOINT, None, None, sign(head[0], head[1]))
+
+        return self._submit(op)
 
     # --- the outbox ------------------------------------------------------------------------------
 
@@ -682,6 +784,9 @@ class SqliteStore(Store):
             if dead and updated:
                 _audit(conn, "gateway", "delivery.dead_letter", job.partner, job.message_id,
                        {"destination": job.destination, "attempts": job.attempts + 1, "error": error})
+            elif delivered_at and updated:
+                _audit(conn, "gateway", "delivery.delivered", job.partner, job.message_id,
+                       {"destination": job.destination, "attempts": job.attempts + 1})
 
         return self._submit(op)
 
@@ -788,6 +893,46 @@ class SqliteStore(Store):
         for state, n in conn.execute("SELECT state, count(*) FROM deliveries GROUP BY state"):
             out[f"deliveries_{state}"] = n
         return out
+
+    def key_usage(self) -> dict[str, int]:
+        return dict(self._reader().execute("SELECT key_id, count(*) FROM invoices GROUP BY key_id").fetchall())
+
+    def sealed_under(self, key_ids: list[str], limit: int) -> list[tuple[str, str, bytes]]:
+        marks = ",".join("?" * len(key_ids))
+        rows = self._reader().execute(
+            f"SELECT i.message_id, i.sha256, b.sealed FROM invoices i JOIN blobs b USING (message_id) "  # noqa: S608
+            f"WHERE i.key_id IN ({marks}) LIMIT ?", (*key_ids, limit)).fetchall()
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def replace_sealed(self, rows: list[tuple[str, bytes, bytes, str]]) -> Future[int]:
+        def op(conn: sqlite3.Connection) -> int:
+            n = 0
+            for message_id, old, new, key_id in rows:
+                if conn.execute("UPDATE blobs SET sealed = ? WHERE message_id = ? AND sealed = ?",
+                                (new, message_id, old)).rowcount:
+                    conn.execute("UPDATE invoices SET key_id = ? WHERE message_id = ?", (key_id, message_id))
+                    n += 1
+            return n
+
+        return self._submit(op)
+
+    def expire(self, delivered_before: str, limit: int, actor: str = "retention") -> Future[list[str]]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            ids = [r[0] for r in conn.execute(
+                "SELECT message_id FROM deliveries GROUP BY message_id HAVING min(state = 'delivered') = 1 "
+                "AND max(delivered_at) < ? LIMIT ?", (delivered_before, limit))]
+            now = _now()
+            for message_id in ids:
+                conn.execute(
+                    "INSERT OR REPLACE INTO retired SELECT message_id, direction, partner, source_sha256, sha256, kind, "
+                    "invoice_number, issue_date, received_at, ? FROM invoices WHERE message_id = ?", (now, message_id))
+                row = conn.execute("SELECT partner, sha256 FROM invoices WHERE message_id = ?", (message_id,)).fetchone()
+                for table in ("blobs", "deliveries", "quarantine", "invoices"):
+                    conn.execute(f"DELETE FROM {table} WHERE message_id = ?", (message_id,))  # noqa: S608
+                _audit(conn, actor, "invoice.expired", row[0], message_id, {"sha256": row[1]})
+            return ids
+
+        return self._submit(op)
 
     def pending_by_destination(self) -> dict[str, int]:
         return dict(self._reader().execute(

@@ -16,7 +16,9 @@ that systemd can act.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -24,13 +26,19 @@ import sys
 import time
 from typing import Any
 
-from . import logs
+from . import logs, systemd
 from .config import Config
+from .config import load as load_config
+from .errors import ConfigError
+from .metrics import MULTIPROC_ENV, prepare_directory
 from .store import SqliteStore
 
 RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 45.0  # a worker gets this long after SIGTERM (its own request grace is 30 s)
+POLL_S = 0.2
+RELOAD_WAIT_S = 120.0  # a reload that recompiles rule packs takes a while; READY=1 follows at the latest then
+HEARTBEAT_STALE_S = 20.0  # a worker silent this long (it reports every 2 s) holds back the watchdog
 
 log = logs.get("supervisor")
 
@@ -46,10 +54,35 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def _spawn(config: Config, index: int, sock: socket.socket) -> subprocess.Popen[Any]:
-    fd = sock.fileno()
-    argv = [sys.executable, "-m", "gateway", "serve", "-c", str(config.source), "--worker", str(index), "--listen-fd", str(fd)]
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(fd,))
+class Worker:
+    """A worker process and the pipe on which it reports: R ready, H reloaded, . alive."""
+
+    def __init__(self, config: Config, index: int, sock: socket.socket, env: dict[str, str]):
+        self.index = index
+        self.status, write = os.pipe()
+        os.set_blocking(self.status, False)
+        fd = sock.fileno()
+        argv = [sys.executable, "-m", "gateway", "serve", "-c", str(config.source), "--worker", str(index),
+                "--listen-fd", str(fd), "--status-fd", str(write)]
+        self.proc: subprocess.Popen[Any] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(fd, write), env=env)
+        os.close(write)
+        self.ready = False
+        self.reloaded = False
+        self.seen = time.monotonic()
+
+    def read(self) -> None:
+        try:
+            data = os.read(self.status, 4096)
+        except BlockingIOError:
+            return
+        if data:
+            self.seen = time.monotonic()
+            self.ready = self.ready or b"R" in data
+            self.reloaded = self.reloaded or b"H" in data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.status)
 
 
 def supervise(config: Config, workers: int, backlog: int) -> int:
@@ -58,48 +91,93 @@ def supervise(config: Config, workers: int, backlog: int) -> int:
     SqliteStore(config.state_dir).close()
     sock = listen(config.https.host, config.https.port, backlog)
     port = sock.getsockname()[1]
-    stopping = False
+    env = systemd.child_environment() | {MULTIPROC_ENV: str(prepare_directory(config.state_dir))}
+    signals: list[int] = []
 
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def on_signal(signum: int, _frame: object) -> None:
+        signals.append(signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    procs = {i: _spawn(config, i, sock) for i in range(workers)}
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    procs = {i: Worker(config, i, sock, env) for i in range(workers)}
     log.info("supervisor.started", workers=workers, port=port, pid=os.getpid())
     restarts: list[float] = []
     code = 0
+    stopping = ready = False
+    reloading: float | None = None  # since when a reload waits for every worker to report
+    watchdog = systemd.watchdog_interval_s()
+    last_ping = 0.0
     try:
         while not stopping:
-            time.sleep(0.2)
-            for i, proc in list(procs.items()):
-                if proc.poll() is None or stopping:
+            readable, _, _ = select.select([w.status for w in procs.values()], [], [], POLL_S)
+            for w in procs.values():
+                if w.status in readable:
+                    w.read()
+            while signals:
+                signum = signals.pop(0)
+                if signum == signal.SIGHUP:
+                    reloading = _reload(config, procs) if reloading is None else reloading
+                else:
+                    stopping = True
+            now = time.monotonic()
+            if not ready and all(w.ready for w in procs.values()):
+                ready = True
+                systemd.notify("READY=1", f"STATUS=serving on port {port} with {workers} workers")
+                log.info("supervisor.ready", workers=workers)
+            if reloading is not None and (all(w.reloaded for w in procs.values()) or now - reloading > RELOAD_WAIT_S):
+                reloading = None
+                systemd.notify("READY=1", f"STATUS=serving on port {port} with {workers} workers")
+            # The watchdog is fed only while every worker has reported recently: a hung worker
+            # (stuck event loop) then makes systemd restart the service.
+            if watchdog and now - last_ping >= watchdog and all(now - w.seen < HEARTBEAT_STALE_S for w in procs.values()):
+                systemd.notify("WATCHDOG=1")
+                last_ping = now
+            for i, w in list(procs.items()):
+                if w.proc.poll() is None or stopping:
                     continue
-                now = time.monotonic()
                 restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
-                log.error("supervisor.worker_died", worker=i, exit_code=proc.returncode, restarts=len(restarts))
+                log.error("supervisor.worker_died", worker=i, exit_code=w.proc.returncode, restarts=len(restarts))
+                w.close()
                 if len(restarts) > RESTART_LIMIT:
                     log.error("supervisor.giving_up", reason="workers keep dying")
                     stopping, code = True, 1
                     break
-                procs[i] = _spawn(config, i, sock)
+                procs[i] = Worker(config, i, sock, env)
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        systemd.notify("STOPPING=1")
+        for w in procs.values():
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for proc in procs.values():
+        for w in procs.values():
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                w.proc.kill()
+                w.proc.wait()
                 code = 1
-            if proc.returncode not in (0, -signal.SIGTERM):
+            if w.proc.returncode not in (0, -signal.SIGTERM):
                 code = code or 1
+            w.close()
         sock.close()
         log.info("supervisor.stopped", exit_code=code)
     return code
 
 
+def _reload(config: Config, procs: dict[int, Worker]) -> float | None:
+    """Check the new configuration here first: an invalid one is refused once, in one log line,
+    and the workers never see the signal."""
+    try:
+        new = load_config(config.source)
+    except ConfigError as exc:
+        log.error("config.reload_failed", reason=exc.message, kept="the running configuration")
+        return None
+    if (new.https.host, new.https.port, new.https.workers) != (config.https.host, config.https.port, config.https.workers):
+        log.warning("config.restart_needed", settings=["https.listen_host/listen_port", "https.workers"],
+                    reason="the supervisor's socket and worker count change at the next restart")
+    systemd.reloading()
+    for w in procs.values():
+        w.reloaded = False
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGHUP)
+    return time.monotonic()

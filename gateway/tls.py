@@ -45,6 +45,20 @@ def server_context(certificate: Path, private_key: Path, client_ca: tuple[Path, 
     return ctx
 
 
+def admin_context(certificate: Path, private_key: Path) -> ssl.SSLContext:
+    """The admin listener off loopback: HTTPS with the gateway's certificate, no client certificate
+    (its callers authenticate with a bearer token)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    try:
+        ctx.load_cert_chain(str(certificate), str(private_key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"https.certificate: cannot load certificate and key ({exc.__class__.__name__}: {exc})") from None
+    return ctx
+
+
 def client_context(ca: Path | None, certificate: Path | None = None, private_key: Path | None = None) -> ssl.SSLContext:
     """The same policy for the gateway's own outbound connections (and the demo); ``ca`` None: the
     system's trust store.  Host names are checked."""

@@ -83,7 +83,8 @@ class Vault:
         self._keys = {k.key_id: k for k in keys}
         if len(self._keys) != len(keys):
             raise ConfigError("vault.keys: two files hold the same key id")
-        self.current = current or keys[-1].key_id
+        # Default: the newest key, so that `keys rotate` (which writes a new key file) takes effect on reload.
+        self.current = current or max(enumerate(keys), key=lambda ik: (ik[1].created, ik[0]))[1].key_id
         if self.current not in self._keys:
             raise ConfigError(f"vault.current: no configured key has the id {self.current!r}")
 
@@ -94,6 +95,13 @@ class Vault:
     @property
     def key_ids(self) -> list[str]:
         return list(self._keys)
+
+    def created(self, key_id: str) -> str:
+        return self._keys[key_id].created
+
+    def reseal(self, sealed: bytes, message_id: str, sha256: str) -> tuple[bytes, str]:
+        """The same object sealed under the current key (with a new data key): `keys rewrap`."""
+        return self.seal(self.open(sealed, message_id, sha256), message_id, sha256)
 
     @staticmethod
     def _aad(header: bytes, purpose: bytes, message_id: str, sha256: str) -> bytes:

@@ -481,7 +481,8 @@ async def test_business_duplicate(gateway, client):
     assert any(first in d["message"] for d in reply["details"])
     [record] = audit(gateway, "fraud.duplicate_conflict")
     assert (record["actor"], record["partner"], record["message_id"]) == ("gateway", DEMO, None)
-    assert record["detail"] == {"transport": "https"}
+    assert record["detail"]["transport"] == "https" and record["detail"]["code"] == "DUPLICATE_CONFLICT"
+    assert set(record["detail"]) == {"transport", "code", "sha256"}  # a hash of the body, never the body
     assert gateway.gw.store.counts()["invoices"] == 1
 
     # the identical bytes again: a duplicate receipt for the first message

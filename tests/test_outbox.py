@@ -899,11 +899,11 @@ async def test_messages_and_message_show_deliveries_and_history(env: Env, start_
     [d] = shown["deliveries"]
     assert (d["destination"], d["state"], d["attempts"], d["last_error"], d["next_attempt_at"]) == (
         "erp", "dead", 1, "HTTP 400: bad buyer", None)
-    assert [h["action"] for h in shown["history"]] == ["delivery.dead_letter"]
+    assert [h["action"] for h in shown["history"]] == ["invoice.accepted", "delivery.dead_letter"]
     env.store.retry(dead, None, "carol", requeue=True, reason="fixed").result(10)
     shown = env.store.message(dead)
     assert shown is not None
-    assert [(h["action"], h["actor"]) for h in shown["history"]] == [("delivery.dead_letter", "gateway"),
+    assert [(h["action"], h["actor"]) for h in shown["history"]] == [("invoice.accepted", "gateway"), ("delivery.dead_letter", "gateway"),
                                                                       ("delivery.requeued", "carol")]
     assert shown["deliveries"][0]["state"] == "pending" and shown["deliveries"][0]["next_attempt_at"] is not None
     assert env.store.message(str(uuid.uuid4())) is None

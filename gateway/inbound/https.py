@@ -105,8 +105,10 @@ class ByteBudget:
 
 class HttpsInbound:
     def __init__(self, cfg: HttpsConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
-                 on_accepted: Callable[[], None], io_executor: Executor):
+                 on_accepted: Callable[[], None], io_executor: Executor,
+                 count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
         self.cfg = cfg
+        self.count = count  # (transport, outcome, code): the metrics counter
         self.pipeline = pipeline
         self.partners = partners
         self.store = store
@@ -131,8 +133,12 @@ class HttpsInbound:
     async def post_invoice(self, request: web.Request) -> web.Response:
         received_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         bound = log.bind(transport="https", peer=request.remote)
+        peer: PeerIdentity | None = None
+        partner: Partner | None = None
+        piped = False  # the pipeline records its own refusals in the audit log
         try:
-            peer, partner = self._authenticate(request)
+            peer = peer_identity(request)
+            partner = self.partners.current.gate(peer)
             bound = bound.bind(partner=partner.name)
             self._check_headers(request)
             reserve = request.content_length if request.content_length is not None else self.cfg.max_body_bytes
@@ -140,22 +146,30 @@ class HttpsInbound:
             try:
                 body = await asyncio.wait_for(request.read(), self.cfg.read_timeout_s)
                 media_type = PDF_MEDIA_TYPE if request.content_type == PDF_MEDIA_TYPE else "application/xml"
+                piped = True
                 outcome = await self.pipeline.accept(InboundMessage(body, peer, partner, received_at, media_type))
             finally:
                 await self.budget.release(reserve)
         except web.HTTPRequestEntityTooLarge:
             exc = LimitExceeded(f"the body exceeds the limit of {self.cfg.max_body_bytes} bytes", code="TOO_LARGE")
             bound.info("invoice.rejected", code=exc.code, status=exc.http_status)
+            await self._refused(exc.code, peer, partner)
             return reply_for(exc)
         except TimeoutError:
             exc2 = Malformed(f"the body did not arrive within {self.cfg.read_timeout_s:.0f} s", code="BODY_TIMEOUT")
             bound.info("invoice.rejected", code=exc2.code, status=408)
+            await self._refused(exc2.code, peer, partner)
             return web.json_response(exc2.as_json(), status=408)
         except Rejected as exc:
             bound.info("invoice.rejected", code=exc.code, status=exc.http_status, reason=exc.message, details=len(exc.details))
+            if not piped:
+                await self._refused(exc.code, peer, partner)
+            else:
+                self.count("https", "rejected", exc.code)
             raise
         except GatewayError as exc:
             bound.warning("invoice.deferred", code=exc.code, status=exc.http_status, reason=exc.message)
+            self.count("https", "deferred", exc.code)
             raise
         receipt = outcome.receipt
         if outcome.accepted is not None:
@@ -166,9 +180,17 @@ class HttpsInbound:
                        media_type=outcome.accepted.media_type,
                        rule_packs=outcome.accepted.rules["packs"] if outcome.accepted.rules else None)
             self.on_accepted()
+            self.count("https", "held" if receipt.status == "held" else "accepted", "OK")
         else:
             bound.info("invoice.duplicate", message_id=receipt.message_id, code="DUPLICATE", sha256=receipt.sha256)
+            self.count("https", "duplicate", "DUPLICATE")
         return web.json_response(receipt.as_json(), status=202)
+
+    async def _refused(self, code: str, peer: PeerIdentity | None, partner: Partner | None) -> None:
+        """Count and audit a refusal that happened before the pipeline (identity, headers, size, time)."""
+        self.count("https", "rejected", code)
+        await asyncio.wrap_future(self.store.audit("gateway", "invoice.rejected", partner.name if partner else None, None, {
+            "transport": "https", "code": code, **({"peer_spki": peer.spki_sha256, "peer": peer.subject} if peer else {})}))
 
     def _check_headers(self, request: web.Request) -> None:
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()

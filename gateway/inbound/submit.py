@@ -32,8 +32,10 @@ log = logs.get("inbound.outbound")
 
 class SubmitInbound:
     def __init__(self, cfg: OutboundConfig, limits: HttpsConfig, pipeline: Pipeline, store: Store,
-                 on_accepted: Callable[[], None], io_executor: Executor):
+                 on_accepted: Callable[[], None], io_executor: Executor,
+                 count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
         self.cfg = cfg
+        self.count = count  # (transport, outcome, code): the metrics counter
         self.limits = limits  # body size and timeouts: the partner listener's
         self.pipeline = pipeline
         self.store = store
@@ -84,6 +86,7 @@ class SubmitInbound:
                 outcome = await self.pipeline.submit(body, received_at, media_type)
             except Rejected as exc:
                 log.info("outbound.rejected", code=exc.code, status=exc.http_status, reason=exc.message)
+                self.count("outbound", "rejected", exc.code)
                 raise
         finally:
             await self.budget.release(reserve)
@@ -95,6 +98,7 @@ class SubmitInbound:
                      invoice_number=outcome.accepted.facts.invoice_number, sha256=receipt.sha256,
                      signed=outcome.accepted.signature is not None)
             self.on_accepted()
+            self.count("outbound", "accepted", "OK")
         else:  # the same bytes were submitted before: the same message, and the same recipient
             earlier = await asyncio.get_running_loop().run_in_executor(
                 self.io_executor, self.store.status, receipt.message_id, None, "out")
