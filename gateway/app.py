@@ -32,12 +32,13 @@ from .metrics import Gauge, Metrics
 from .model import Syntax
 from .partners import PartnerBook
 from .pipeline import Pipeline
+from .revocation import Revocation, RevocationPolicy
 from .routing import Router
 from .rules import PackSpec, RuleEngine
 from .schema import SchemaRegistry
 from .signature import SigningKey
 from .store import SqliteStore
-from .tls import admin_context, server_context
+from .tls import admin_context, ca_certificates, server_context
 from .vault import Vault
 from .xmlparse import XmlParser
 
@@ -60,6 +61,7 @@ class Parts:
     parser: XmlParser
     rules: RuleEngine
     signer: SigningKey | None
+    revocation: Revocation
 
 
 def build(config: Config, *, processes: int | None = None, rules: RuleEngine | None = None,
@@ -76,6 +78,9 @@ def build(config: Config, *, processes: int | None = None, rules: RuleEngine | N
     else:
         partners.refresh(force=True)
     schemas = SchemaRegistry(config.schemas, config.cii_schema)
+    ops = config.operations
+    revocation = Revocation(RevocationPolicy(ops.crls, ops.crl_soft_fail, ops.crl_max_age_s),
+                            ca_certificates(config.https.client_ca) if ops.crls else [])
     owned = rules is None
     rules = rules or RuleEngine(rule_specs(config), processes=processes or config.rules_processes,
                                 timeout_s=config.rules_timeout_s)
@@ -99,7 +104,7 @@ def build(config: Config, *, processes: int | None = None, rules: RuleEngine | N
         if owned:
             rules.close()
         raise
-    return Parts(config, vault, schemas, partners, XmlParser(config.xml), rules, signer)
+    return Parts(config, vault, schemas, partners, XmlParser(config.xml), rules, signer, revocation)
 
 
 def warnings(parts: Parts) -> list[str]:
@@ -128,8 +133,7 @@ def warnings(parts: Parts) -> list[str]:
     if parts.signer is None:
         out.append("there is no [signing] key: audit checkpoints are not signed, so a rewrite of the whole audit log "
                    "would not be detected")
-    if config.operations.crls and config.operations.crl_soft_fail:
-        out.append("revocation.soft_fail is on: a partner certificate whose CRL is missing or stale is accepted")
+    out.extend(parts.revocation.warnings())
     return out
 
 
@@ -182,7 +186,7 @@ class Gateway:
                              on_outcome=self.metrics.delivery)
         self.pipeline = self._pipeline(config, self.parts)
         self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.outbox.wake.set,
-                                  self.io_executor, count=self.metrics.invoice)
+                                  self.io_executor, count=self.metrics.invoice, revocation=self.parts.revocation)
         self.submit = (SubmitInbound(config.outbound, config.https, self.pipeline, self.store, self.outbox.wake.set,
                                      self.io_executor, count=self.metrics.invoice) if config.outbound is not None else None)
         self.housekeeping = Housekeeping(config, self.store, self.io_executor, lambda: self.parts.partners.current,
@@ -326,14 +330,21 @@ class Gateway:
         ]
 
     async def _watch_partners(self) -> None:
+        """Re-read the partners file and the CRL files when they change (every worker gates partners)."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.partners_reload_s)
-            book = self.parts.partners
+            book, revocation = self.parts.partners, self.parts.revocation
             try:
-                if await asyncio.get_running_loop().run_in_executor(self.io_executor, book.refresh):
+                if await loop.run_in_executor(self.io_executor, book.refresh):
                     log.info("partners.reloaded", partners=len(book.current.partners))
             except ConfigError as exc:
                 log.error("partners.reload_failed", reason=str(exc), kept=len(book.current.partners))
+            try:
+                if await loop.run_in_executor(self.io_executor, revocation.refresh):
+                    log.info("revocation.reloaded", crls=len(revocation.status()))
+            except ConfigError as exc:
+                log.error("revocation.reload_failed", reason=str(exc), kept="the CRLs loaded before")
 
     async def reload(self, actor: str = "SIGHUP") -> bool:
         """Re-read the configuration, partners, certificates, keys and routes; connections and invoices
@@ -357,7 +368,7 @@ class Gateway:
                                                           parts.vault)
             self.config = config
             self.pipeline = self._pipeline(config, parts)
-            self.https.pipeline, self.https.partners = self.pipeline, parts.partners
+            self.https.pipeline, self.https.partners, self.https.revocation = self.pipeline, parts.partners, parts.revocation
             if self.submit is not None:
                 self.submit.pipeline = self.pipeline
             self.housekeeping.config = config

@@ -277,17 +277,17 @@ def _revocation_report(cfg: config_mod.Config, directory: Any) -> int:
     if not cfg.operations.crls:
         return 0
     from .errors import Forbidden
-    from .revocation import Revocation, RevocationPolicy, find_issuer
+    from .revocation import Revocation, RevocationPolicy
+    from .tls import ca_certificates
 
-    cas = ca_certificates(cfg)
+    cas = ca_certificates(cfg.https.client_ca)
     rev = Revocation(RevocationPolicy(cfg.operations.crls, cfg.operations.crl_soft_fail, cfg.operations.crl_max_age_s), cas)
     bad = 0
     for p in directory.partners:
         for spki in sorted(p.client_spki):
             info = directory.certificates[spki]
-            issuer = find_issuer(info.cert, cas)
             try:
-                status = rev.check(info.cert, issuer)
+                status = rev.check_peer(info.cert)
             except Forbidden as exc:
                 bad += 1
                 print(f"{p.name}\tclient\t{exc.code}\t{info.subject}\t{spki[:16]}")
@@ -298,11 +298,3 @@ def _revocation_report(cfg: config_mod.Config, directory: Any) -> int:
         print(f"crl\t{s['issuer']}\tnext update {s['next_update']}\t{s['revoked']} revoked\t{s['file']}")
     return bad
 
-
-def ca_certificates(cfg: config_mod.Config) -> list[Any]:
-    from cryptography import x509
-
-    out = []
-    for path in cfg.https.client_ca:
-        out.extend(x509.load_pem_x509_certificates(path.read_bytes()))
-    return out

@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.oid import ExtensionOID
 
-from .errors import ConfigError, Forbidden
+from .errors import ConfigError, Forbidden, Transient
 
 Status = Literal["good", "unknown", "pinned", "off"]
 
@@ -46,8 +46,9 @@ class CertificateRevoked(Forbidden):
     code = "CERT_REVOKED"
 
 
-class RevocationUnknown(Forbidden):
-    """The peer certificate's revocation status cannot be established (no CRL, or a stale one).
+class RevocationUnknown(Transient):
+    """The peer certificate's revocation status cannot be established (no CRL, or a stale one): the
+    operator must refresh a CRL, so the partner is told to retry (503), and nothing is stored.
 
     ``reason`` is for the operator's log; the message the partner sees names no file or path.
     """
@@ -231,6 +232,11 @@ class Revocation:
         return changed
 
     # -- checking -----------------------------------------------------------------------------------
+
+    def check_peer(self, cert: x509.Certificate, now: datetime | None = None) -> Status:
+        """:meth:`check` for a partner's TLS certificate: a self-signed one is pinned by the partner
+        allowlist (which the caller has already checked); any other is checked against its issuer's CRL."""
+        return self.check(cert, None if _self_signed(cert) else find_issuer(cert, list(self._cas)), now)
 
     def check(self, cert: x509.Certificate, issuer: x509.Certificate | None, now: datetime | None = None) -> Status:
         """Whether ``cert`` (a peer certificate issued by ``issuer``, see :func:`find_issuer`) may be used.

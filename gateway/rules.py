@@ -144,7 +144,7 @@ def _child_main(conn: Connection, specs: dict[str, PackSpec]) -> None:
     Saxon holds the GIL for a whole transformation, so it runs here, in its own process, never in
     a thread of the process that runs the event loop.  The process ends when its pipe closes.
     """
-    for signum in (signal.SIGINT, signal.SIGTERM):  # the parent decides when it stops: its pipe closes
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the parent decides when it stops: its pipe closes
         signal.signal(signum, signal.SIG_IGN)
     from saxonche import PySaxonProcessor
 

@@ -112,5 +112,16 @@ def inspect_certificate(path: Path, where: str) -> CertInfo:
     return CertInfo(spki_sha256(cert), cert.subject.rfc4514_string(), cert.not_valid_after_utc, data, cert)
 
 
+def ca_certificates(paths: tuple[Path, ...]) -> list[x509.Certificate]:
+    """Every certificate in these PEM bundles (the partner CAs, for CRL signatures and issuers)."""
+    out: list[x509.Certificate] = []
+    for i, path in enumerate(paths):
+        try:
+            out.extend(x509.load_pem_x509_certificates(path.read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"https.client_ca[{i}]: cannot read certificates from {path} ({exc})") from None
+    return out
+
+
 def expires_soon(info: CertInfo, days: int = 30) -> bool:
     return (info.not_after - datetime.now(UTC)).days < days

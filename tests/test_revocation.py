@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.errors import ConfigError, Forbidden
+from gateway.errors import ConfigError, Forbidden, Transient
 from gateway.revocation import (
     CertificateRevoked,
     Revocation,
@@ -124,7 +124,8 @@ def test_no_crl_for_the_issuer_fails_closed(tmp_path: Path, ca: CA, other_ca: CA
     with pytest.raises(RevocationUnknown) as info:
         rev.check(cert, other_ca.cert, NOW)
     exc = info.value
-    assert isinstance(exc, Forbidden) and exc.code == "REVOCATION_UNKNOWN" and exc.http_status == 403
+    # The operator's CRL is missing or stale: the partner is told to retry (503), not refused for good.
+    assert isinstance(exc, Transient) and exc.code == "REVOCATION_UNKNOWN" and exc.http_status == 503
     assert "Retry later" in exc.message and str(tmp_path) not in exc.message
     assert "Other Partner CA" in exc.reason
 

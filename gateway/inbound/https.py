@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 
 from .. import logs
 from ..config import HttpsConfig
@@ -27,6 +28,7 @@ from ..errors import Forbidden, GatewayError, LimitExceeded, Malformed, Overload
 from ..model import InboundMessage, Partner, PeerIdentity
 from ..partners import PartnerBook
 from ..pipeline import Pipeline
+from ..revocation import Revocation, RevocationUnknown
 from ..store import Store
 from ..tls import spki_sha256_der
 
@@ -106,8 +108,10 @@ class ByteBudget:
 class HttpsInbound:
     def __init__(self, cfg: HttpsConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
                  on_accepted: Callable[[], None], io_executor: Executor,
-                 count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
+                 count: Callable[[str, str, str], None] = lambda transport, outcome, code: None,
+                 revocation: Revocation | None = None):
         self.cfg = cfg
+        self.revocation = revocation  # CRL checks of partner certificates (off without revocation.crls)
         self.count = count  # (transport, outcome, code): the metrics counter
         self.pipeline = pipeline
         self.partners = partners
@@ -139,6 +143,7 @@ class HttpsInbound:
         try:
             peer = peer_identity(request)
             partner = self.partners.current.gate(peer)
+            self._check_revocation(request, peer, bound)
             bound = bound.bind(partner=partner.name)
             self._check_headers(request)
             reserve = request.content_length if request.content_length is not None else self.cfg.max_body_bytes
@@ -185,6 +190,20 @@ class HttpsInbound:
             bound.info("invoice.duplicate", message_id=receipt.message_id, code="DUPLICATE", sha256=receipt.sha256)
             self.count("https", "duplicate", "DUPLICATE")
         return web.json_response(receipt.as_json(), status=202)
+
+    def _check_revocation(self, request: web.Request, peer: PeerIdentity, bound: Any) -> None:
+        """After the cheap allowlist check: is the partner's certificate revoked by its CA?"""
+        if self.revocation is None or not self.revocation.policy.crl_files:
+            return
+        der = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)  # type: ignore[union-attr]
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            status = self.revocation.check_peer(cert)
+        except RevocationUnknown as exc:
+            bound.error("revocation.unknown", reason=exc.reason, serial=f"{cert.serial_number:#x}")
+            raise
+        if status == "unknown":
+            bound.warning("revocation.soft_fail", serial=f"{cert.serial_number:#x}", issuer=cert.issuer.rfc4514_string())
 
     async def _refused(self, code: str, peer: PeerIdentity | None, partner: Partner | None) -> None:
         """Count and audit a refusal that happened before the pipeline (identity, headers, size, time)."""
