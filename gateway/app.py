@@ -46,6 +46,7 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0  # SECURITY-TESTS.md T-08: a handshake flood cann
 SHUTDOWN_GRACE_S = 30.0  # in-flight requests get this long to finish after SIGTERM
 LISTEN_BACKLOG = 1024
 STAGE_THREADS_PER_WORKER = 2
+SEALING_KEY = "sealing_key"  # meta: the master key the running gateway seals with (`keys rewrap` checks it)
 
 log = logs.get("app")
 
@@ -260,6 +261,7 @@ class Gateway:
                 await self._start_submit()
             if self.config.admin.port:
                 await self._start_admin()
+            await asyncio.wrap_future(self.store.set_meta(SEALING_KEY, self.parts.vault.current))
             self._tasks.append(asyncio.create_task(self.outbox.run(), name="delivery"))
             self._tasks.append(asyncio.create_task(self.housekeeping.run(), name="housekeeping"))
             for warning in warnings(self.parts):
@@ -379,6 +381,7 @@ class Gateway:
                 self._tasks.append(asyncio.create_task(self._close_sender_later(sender), name="sender-close"))
             self.metrics.reloads.labels("ok").inc()
             if self.run_delivery:
+                await asyncio.wrap_future(self.store.set_meta(SEALING_KEY, parts.vault.current))
                 await asyncio.wrap_future(self.store.audit(actor, "config.reloaded", None, None, {
                     "partners": len(parts.partners.current.partners), "destinations": [d.name for d in config.destinations],
                     "key_id": parts.vault.current, "rules_reloaded": not keep_rules, "restart_needed": restart}))

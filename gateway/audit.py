@@ -21,6 +21,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
@@ -95,7 +96,7 @@ def _classify(records: Sequence[dict[str, Any]], i: int, hashes: list[str]) -> P
         return Problem(prev["seq"], "reordered", f"record {prev['seq']} is out of order (record {r['seq']} "
                        f"follows record {records[j]['seq']})")
     if j is not None and j > i:
-        return Problem(prev["seq"], "reordered", f"records around {prev['seq']} and {r['seq']} are out of order "
+        return Problem(min(r["seq"], records[j]["seq"]), "reordered", f"records around {prev['seq']} and {r['seq']} are out of order "
                        f"(record {r['seq']} follows record {records[j]['seq']})")
     if r["seq"] > prev["seq"] + 1:
         gap = f"{prev['seq'] + 1}" if r["seq"] == prev["seq"] + 2 else f"{prev['seq'] + 1}–{r['seq'] - 1}"
@@ -106,13 +107,19 @@ def _classify(records: Sequence[dict[str, Any]], i: int, hashes: list[str]) -> P
     return Problem(r["seq"], "removed", f"the record that record {r['seq']} follows is missing or was replaced")
 
 
+MAX_RENUMBERED = 8  # an edited record is checked for a shifted seq (records inserted before it) up to this far
+
+
 def verify(records: Iterable[dict[str, Any]], trusted: Sequence[x509.Certificate], *,
-           starts_at_genesis: bool = True) -> Report:
+           starts_at_genesis: bool = True, max_unsealed_s: float | None = None, now: datetime | None = None) -> Report:
     """Check a run of records in storage order; stop at the first problem.
 
     ``trusted``: the certificates whose keys may sign checkpoints (the current signing certificate
     and any earlier ones named in ``audit.trusted_certificates``).  ``starts_at_genesis`` False for
-    an export that begins mid-chain (its first ``prev`` cannot be checked).
+    an export that begins mid-chain (its first ``prev`` cannot be checked).  ``max_unsealed_s``: a
+    record older than this must be covered by a later checkpoint — the gateway writes one every
+    ``audit.checkpoint_interval_s``, so a log whose checkpoints were deleted (and its chain redone)
+    is caught.
     """
     keys = {spki_sha256(c): c for c in trusted}
     rs = list(records)
@@ -123,30 +130,54 @@ def verify(records: Iterable[dict[str, Any]], trusted: Sequence[x509.Certificate
     hashes = [str(r.get("hash", "")) for r in rs]
     by_seq = {r["seq"]: k for k, r in enumerate(rs)}
     for i, r in enumerate(rs):
-        if record_hash(r) != r.get("hash"):
-            report.problem = Problem(r["seq"], "edited", f"record {r['seq']} was changed after it was written "
-                                     "(its content does not match its hash)")
+        report.problem = _link(rs, i, hashes, starts_at_genesis)
+        if report.problem is None and r["action"] == CHECKPOINT:
+            report.problem = _check_point(r, rs, by_seq, keys)
+            if report.problem is None:
+                report.checkpoints += 1
+                report.last_checkpoint = int(_detail(r)["through_seq"])
+        if report.problem is not None:
             return report
-        expected = GENESIS if i == 0 and starts_at_genesis else rs[i - 1]["hash"] if i else r["prev"]
-        if r["prev"] != expected:
-            report.problem = (_classify(rs, i, hashes) if i else
-                              Problem(r["seq"], "removed", "the log does not start with the first record (records "
-                                      "before it were removed)"))
+    covered = report.last_checkpoint if report.last_checkpoint is not None else rs[0]["seq"] - 1
+    unsealed = [r for r in rs if r["seq"] > covered and r["action"] != CHECKPOINT]
+    if unsealed and max_unsealed_s is not None:
+        oldest = datetime.fromisoformat(unsealed[0]["at"].replace("Z", "+00:00"))
+        if ((now or datetime.now(UTC)) - oldest).total_seconds() > max_unsealed_s:
+            report.problem = Problem(unsealed[0]["seq"], "checkpoint", f"record {unsealed[0]['seq']} and those after it "
+                                     f"are older than {max_unsealed_s:.0f} s and no signed checkpoint covers them "
+                                     "(checkpoints were removed, or the gateway has not run since)")
             return report
-        if r["action"] == CHECKPOINT:
-            problem = _check_point(r, rs, by_seq, keys)
-            if problem is not None:
-                report.problem = problem
-                return report
-            report.checkpoints += 1
-            report.last_checkpoint = int(_detail(r)["through_seq"])
     if report.last_checkpoint is None:
         report.notes.append("no signed checkpoint in this range: the chain is consistent, but a rewrite of the whole "
                             "range would not be detected")
-    elif rs[-1]["action"] != CHECKPOINT and report.last_checkpoint < rs[-1]["seq"]:
+    elif unsealed:
         report.notes.append(f"records after {report.last_checkpoint} are chained but not yet covered by a signed "
                             "checkpoint")
     return report
+
+
+def _link(rs: Sequence[dict[str, Any]], i: int, hashes: list[str], starts_at_genesis: bool) -> Problem | None:
+    """Is record i intact, and does it follow record i-1?"""
+    r = rs[i]
+    if record_hash(r) != r.get("hash"):
+        for d in range(1, MAX_RENUMBERED + 1):  # intact but renumbered: d records were put before it
+            if record_hash(r | {"seq": r["seq"] - d}) == r.get("hash"):
+                return Problem(r["seq"] - d, "inserted", f"record {r['seq'] - d} is not part of the chain (inserted); "
+                               f"the records after it were renumbered")
+        return Problem(r["seq"], "edited", f"record {r['seq']} was changed after it was written "
+                       "(its content does not match its hash)")
+    if i == 0:
+        if starts_at_genesis and (r["prev"] != GENESIS or r["seq"] != 1):
+            lost = f"1–{r['seq'] - 1}" if r["seq"] > 2 else "1"
+            return Problem(1, "removed", f"the log does not start with the first record (records {lost} were removed)")
+        return None
+    prev = rs[i - 1]
+    if r["prev"] != prev["hash"]:
+        return _classify(rs, i, hashes)
+    if r["seq"] != prev["seq"] + 1:  # a chain redone over a gap: the signed checkpoints decide, but say it here
+        return Problem(prev["seq"] + 1, "removed", f"record {prev['seq'] + 1} is missing (record {r['seq']} follows "
+                       f"record {prev['seq']})")
+    return None
 
 
 def _detail(r: dict[str, Any]) -> dict[str, Any]:
@@ -173,6 +204,8 @@ def _check_point(r: dict[str, Any], rs: Sequence[dict[str, Any]], by_seq: dict[i
     if not verify_raw_signature(cert, checkpoint_statement(through, head), signature):
         return Problem(seq, "checkpoint", f"checkpoint {seq} has an invalid signature")
     k = by_seq.get(through)
+    if k is None and rs[0]["seq"] <= through < seq:
+        return Problem(through, "removed", f"record {through}, which checkpoint {seq} signed, is missing")
     if k is not None and rs[k]["hash"] != head:
         return Problem(through, "edited", f"the chain up to record {through} differs from what checkpoint {seq} signed "
                        "(the log was rewritten)")

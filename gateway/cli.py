@@ -280,7 +280,7 @@ def _audit_partner(cfg: config_mod.Config, args: argparse.Namespace, action: str
 
     store = SqliteStore(cfg.state_dir)
     try:
-        store.audit(current_user(), action, args.name, None, detail).result()
+        opscli.record(cfg, store, current_user(), action, args.name, detail)
     finally:
         store.close()
 

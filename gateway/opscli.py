@@ -31,6 +31,8 @@ def add_parsers(sub: Any, with_config: Any) -> None:
     rw = with_config(ksub.add_parser("rewrap", help="re-seal objects stored under older keys with the current key "
                                      "(safe while the daemon runs)"))
     rw.add_argument("--key", action="append", default=[], help="only objects under this key id (default: every older key)")
+    rw.add_argument("--daemon-stopped", action="store_true",
+                    help="the gateway is not running: do not require it to seal with the current key already")
     rt = with_config(ksub.add_parser("retire", help="stop loading a key that no stored object needs any more"))
     rt.add_argument("key_id")
     for sp in ksub.choices.values():
@@ -68,8 +70,20 @@ def _vault(cfg: config_mod.Config) -> Vault:
     return Vault.from_files(cfg.vault.keys, cfg.vault.current)
 
 
-def _record(store: SqliteStore, args: argparse.Namespace, action: str, detail: dict[str, Any], partner: str | None = None) -> None:
-    store.audit(getattr(args, "by", None) or current_user(), action, partner, None, detail).result()
+def _record(cfg: config_mod.Config, store: SqliteStore, args: argparse.Namespace, action: str, detail: dict[str, Any],
+            partner: str | None = None) -> None:
+    record(cfg, store, getattr(args, "by", None) or current_user(), action, partner, detail)
+
+
+def record(cfg: config_mod.Config, store: SqliteStore, actor: str, action: str, partner: str | None,
+           detail: dict[str, Any]) -> None:
+    """An administrative audit record, sealed at once by a signed checkpoint (the daemon may be stopped)."""
+    from .signature import SigningKey
+
+    store.audit(actor, action, partner, None, detail).result()
+    if cfg.signing is not None:
+        signer = SigningKey.load(cfg.signing.certificate.read_bytes(), cfg.signing.private_key.read_bytes())
+        store.audit_checkpoint(lambda s, h: audit_mod.checkpoint_detail(signer, s, h)).result()
 
 
 def keys(args: argparse.Namespace) -> int:
@@ -89,7 +103,7 @@ def keys(args: argparse.Namespace) -> int:
         if args.action == "rotate":
             return _rotate(cfg, store, args)
         if args.action == "rewrap":
-            return _rewrap(vault, store, args, usage)
+            return _rewrap(cfg, vault, store, args, usage)
         return _retire(cfg, vault, store, args, usage)
     finally:
         store.close()
@@ -100,9 +114,10 @@ def _rotate(cfg: config_mod.Config, store: SqliteStore, args: argparse.Namespace
     if folder is None:
         raise ConfigError("vault.keys lists key files, not a folder: list the folder instead (keys = [\"keys\"]) "
                           "so that the daemon finds the keys that `keys rotate` writes there")
-    path = folder / f"master-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}.key"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    path = next(p for n in range(1000) if not (p := folder / f"master-{stamp}{f'-{n}' if n else ''}.key").exists())
     key = write_key_file(path)
-    _record(store, args, "keys.rotated", {"key_id": key.key_id})
+    _record(cfg, store, args, "keys.rotated", {"key_id": key.key_id})
     print(f"new master key {key.key_id} written to {path} (mode 0600); back it up with the other key files.")
     if cfg.vault.current:
         print(f"warning: vault.current pins {cfg.vault.current}; set it to {key.key_id!r} (or remove it) to use the new key",
@@ -112,11 +127,17 @@ def _rotate(cfg: config_mod.Config, store: SqliteStore, args: argparse.Namespace
     return 0
 
 
-def _rewrap(vault: Vault, store: SqliteStore, args: argparse.Namespace, usage: dict[str, int]) -> int:
+def _rewrap(cfg: config_mod.Config, vault: Vault, store: SqliteStore, args: argparse.Namespace, usage: dict[str, int]) -> int:
     old = [k for k in (args.key or usage) if k != vault.current]
     missing = [k for k in old if k not in vault.key_ids]
     if missing:
         raise ConfigError(f"--key: no configured key file holds key {missing[0]!r}")
+    sealing = store.get_meta("sealing_key")
+    if sealing not in (None, vault.current) and not args.daemon_stopped:
+        # Objects re-sealed under a key the daemon has not loaded yet could not be delivered.
+        raise ConfigError(f"keys rewrap: the running gateway still seals with {sealing}, not the current key "
+                          f"{vault.current}; reload it first (systemctl reload einvoice-gateway, or SIGHUP; under systemd "
+                          "credentials, restart), or pass --daemon-stopped if it is not running")
     done = 0
     failed: set[str] = set()
     while old:
@@ -134,7 +155,7 @@ def _rewrap(vault: Vault, store: SqliteStore, args: argparse.Namespace, usage: d
                 continue
             rows.append((message_id, sealed, new, key_id))
         done += store.replace_sealed(rows).result() if rows else 0
-    _record(store, args, "keys.rewrapped", {"to": vault.current, "from": old, "objects": done, "failed": len(failed)})
+    _record(cfg, store, args, "keys.rewrapped", {"to": vault.current, "from": old, "objects": done, "failed": len(failed)})
     left = {k: n for k, n in store.key_usage().items() if k != vault.current}
     print(f"{done} object(s) re-sealed under {vault.current}"
           + (f"; still under older keys: {', '.join(f'{k} ({n})' for k, n in sorted(left.items()))}" if left else
@@ -155,7 +176,7 @@ def _retire(cfg: config_mod.Config, vault: Vault, store: SqliteStore, args: argp
         raise ConfigError(f"keys retire: {path} is listed by name in vault.keys; remove it from the list yourself")
     retired = path.with_suffix(".retired")
     path.rename(retired)
-    _record(store, args, "keys.retired", {"key_id": kid})
+    _record(cfg, store, args, "keys.retired", {"key_id": kid})
     print(f"key {kid} retired: {retired} is no longer loaded (keep it in a backup, or destroy it). Reload the daemon.")
     return 0
 
@@ -178,7 +199,10 @@ def audit(args: argparse.Namespace) -> int:
                 header, records = read_export(Path(args.file))
                 report = audit_mod.verify(records, _trusted(cfg), starts_at_genesis=header.get("first_seq") in (None, 1))
             else:
-                report = audit_mod.verify(store.audit_range(), _trusted(cfg))
+                # The daemon seals the head every checkpoint_interval_s; a longer unsealed stretch means
+                # checkpoints were removed (allowing for one missed interval and a slow shutdown).
+                report = audit_mod.verify(store.audit_range(), _trusted(cfg),
+                                          max_unsealed_s=2 * cfg.operations.audit_checkpoint_s + 120 if cfg.signing else None)
             if args.json:
                 print(json.dumps(report.as_dict(), indent=2))
             elif report.ok:
@@ -192,6 +216,8 @@ def audit(args: argparse.Namespace) -> int:
             return 0 if report.ok else 1
         if args.action == "export":
             out = Path(args.output)
+            if out.exists():
+                raise ConfigError(f"-o: {out} exists; choose a new file name (an export is never overwritten)")
             records = list(store.audit_range(args.from_seq, args.to_seq, args.since, args.until))
             with open(out, "x", encoding="utf-8") as fh:
                 now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -295,6 +295,12 @@ class Store(abc.ABC):
     def counts(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
+    def set_meta(self, key: str, value: str) -> Future[None]: ...
+
+    @abc.abstractmethod
+    def get_meta(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
     def key_usage(self) -> dict[str, int]:
         """How many stored objects each master key protects."""
 
@@ -893,6 +899,16 @@ class SqliteStore(Store):
         for state, n in conn.execute("SELECT state, count(*) FROM deliveries GROUP BY state"):
             out[f"deliveries_{state}"] = n
         return out
+
+    def set_meta(self, key: str, value: str) -> Future[None]:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+        return self._submit(op)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     def key_usage(self) -> dict[str, int]:
         return dict(self._reader().execute("SELECT key_id, count(*) FROM invoices GROUP BY key_id").fetchall())

@@ -102,6 +102,7 @@ class NotifySocket:
     messages: list[Message] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
     thread: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     @contextlib.contextmanager
@@ -119,18 +120,16 @@ class NotifySocket:
             sock.settimeout(0.1)
             ns = cls(address, sock)
             ns.thread = threading.Thread(target=ns._drain, name="notify-socket", daemon=True)
-            stop = threading.Event()
-            ns._stop = stop  # type: ignore[attr-defined]
             ns.thread.start()
             try:
                 yield ns
             finally:
-                stop.set()
+                ns.stop.set()
                 ns.thread.join(5)
                 sock.close()
 
     def _drain(self) -> None:
-        while not self._stop.is_set():  # type: ignore[attr-defined]
+        while not self.stop.is_set():
             try:
                 data, anc, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
             except TimeoutError:
@@ -298,8 +297,11 @@ def test_ready_watchdog_reload_and_stop(tmp_path, workers):
         daemon = Daemon(inst, {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": "2000000"})
         try:
             ready = ns.wait_for("READY=1", proc=daemon.proc)
-            # Right after READY=1, the listener does the whole mutual-TLS exchange.
+            # Right after READY=1, the listener does the whole mutual-TLS exchange at once (not after the
+            # seconds a worker process takes to start).
+            t0 = time.monotonic()
             assert answers_https(inst) == 404
+            assert time.monotonic() - t0 < 2.0
             if workers == 2:
                 assert len(children(daemon.pid)) == 2
                 assert len(daemon.wait_event("gateway.started", count=2)) == 2  # every worker had started
