@@ -146,9 +146,10 @@ def credential(path: Path) -> Path:
     of the file named ``path``, if the service has a credential of that name; else ``path``."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if directory:
-        copy = Path(directory) / path.name
-        if copy.is_file():
-            return copy
+        # LoadCredential=NAME:FILE gives NAME; a folder loaded as LoadCredential=DIR:FOLDER gives DIR_NAME.
+        for copy in (Path(directory) / path.name, Path(directory) / f"{path.parent.name}_{path.name}"):
+            if copy.is_file():
+                return copy
     return path
 
 
@@ -171,7 +172,12 @@ def key_files(entry: Path, where: str) -> list[Path]:
 
 
 def check_secret_file(path: Path, key: str) -> None:
-    """Refuse key files that group or others can read, or that belong to another user (K-03)."""
+    """Refuse key files that group or others can read, or that belong to another user (K-03).
+    A systemd credential is exempt: systemd gives the service alone access to its credentials
+    (by ownership, or by an ACL on a root-owned 0440 file when it cannot use its own file system)."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and path.parent == Path(credentials):
+        return
     st = path.stat()
     if st.st_mode & 0o077:
         raise ConfigError(

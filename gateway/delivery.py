@@ -100,6 +100,7 @@ class DirectorySender:
     def _write(self, name: str, data: bytes) -> None:
         tmp = self.folder / f".{name}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        os.fchmod(fd, 0o640)  # readable by the ERP's group even under the service's UMask=0077
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

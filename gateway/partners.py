@@ -7,6 +7,7 @@ A file that fails to load keeps the previous allowlist in force (and says why in
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -289,6 +290,11 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        with contextlib.suppress(FileNotFoundError):  # an edit by root keeps the file readable by the service
+            st = path.stat()
+            os.fchmod(fd, st.st_mode & 0o7777)
+            if os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -63,7 +63,7 @@ def set_admin(inst: instance.Instance, port: int, host: str = "127.0.0.1", token
             lines[i] = f'listen_host = "{host}"'
         elif line.startswith("listen_port = "):
             lines[i] = f"listen_port = {port}"
-        elif line.startswith("# token_file") and token_file is not None:
+        elif line.startswith("# token_file = ") and token_file is not None:
             lines[i] = f'token_file = "{token_file}"'
         elif line.startswith("["):
             break
