@@ -124,7 +124,7 @@ def test_notify_reload_watchdog_and_stop(service: dict[str, list[str]]) -> None:
     assert one(service, "Type") == "notify"
     assert one(service, "NotifyAccess") == "main"  # worker processes must not speak for the service
     assert seconds(one(service, "WatchdogSec")) == 30
-    assert one(service, "ExecStart") == f"/opt/{NAME}/bin/{NAME} serve -c {CONFIG_DIR}/{NAME}.toml"
+    assert one(service, "ExecStart") == f"/opt/{NAME}/bin/{NAME} serve -c {CONFIG_DIR}/config.toml"
     assert one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(service, "Restart") == "on-failure"
     assert one(service, "RestartPreventExitStatus") == "2"  # the CLI's exit status for a configuration error
