@@ -170,6 +170,7 @@ class Gateway:
     def __init__(self, config: Config, parts: Parts | None = None, *, sock: socket.socket | None = None,
                  run_delivery: bool = True):
         self.config = config
+        self.started_config = config  # what the sockets and files were opened with (restart-only settings)
         self._owns_parts = parts is None
         self.parts = parts or build(config)
         self.sock = sock  # a listening socket shared by several worker processes (gateway/supervisor.py)
@@ -364,7 +365,7 @@ class Gateway:
                 log.error("config.reload_failed", reason=exc.message, kept="the running configuration")
                 self.metrics.reloads.labels("failed").inc()
                 return False
-            restart = restart_needed(old_config, config)
+            restart = restart_needed(self.started_config, config)
             self.parts = parts
             self.outbox_retired = self.outbox.reconfigure(self._senders(config, self.outbox.senders), config.delivery,
                                                           parts.vault)

@@ -561,6 +561,10 @@ def _outbound(r: Reader, destinations: tuple[Destination, ...]) -> OutboundConfi
 def _admin(r: Reader) -> AdminConfig:
     cfg = AdminConfig(host=r.string("listen_host", "127.0.0.1"), port=r.integer("listen_port", 8445, maximum=65535),
                       token_file=r.secret("token_file") if r.has("token_file") else None)
+    if cfg.token_file is not None and not re.fullmatch(r"[\x21-\x7e]{16,}", cfg.token_file.read_text(
+            encoding="utf-8", errors="replace").strip()):
+        raise ConfigError(f"{r.key('token_file')}: the token must be one line of at least 16 printable ASCII characters "
+                          "without spaces (for example: head -c 32 /dev/urandom | base64 > FILE)")
     if cfg.port and not cfg.loopback and cfg.token_file is None:
         raise ConfigError(f"{r.key('token_file')}: the admin listener on {cfg.host} is reachable from other hosts; "
                           "give a bearer token file (it is then served over HTTPS with the https certificate)")

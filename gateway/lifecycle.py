@@ -111,10 +111,10 @@ class Housekeeping:
 
     async def run(self) -> None:
         ops = self.config.operations
+        # Every job is scheduled whatever the configuration says now: a reload may turn retention on or off.
         jobs: list[tuple[float, Callable[[], Any]]] = [(EXPIRY_CHECK_S, self.check_expiry),
-                                                        (ops.audit_checkpoint_s, self.checkpoint)]
-        if ops.retention_days > 0:
-            jobs.append((RETENTION_CHECK_S, self.expire))
+                                                        (ops.audit_checkpoint_s, self.checkpoint),
+                                                        (RETENTION_CHECK_S, self.expire)]
         loop = asyncio.get_running_loop()
         due = [loop.time()] * len(jobs)
         while True:
@@ -141,6 +141,8 @@ class Housekeeping:
             lambda seq, head: audit.checkpoint_detail(signer, seq, head)))
 
     async def expire(self) -> int:
+        if self.config.operations.retention_days <= 0:  # 0: keep them
+            return 0
         cutoff = (datetime.now(UTC) - timedelta(days=self.config.operations.retention_days)).strftime(
             "%Y-%m-%dT%H:%M:%S.%fZ")
         total = 0

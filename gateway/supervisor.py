@@ -105,6 +105,7 @@ def supervise(config: Config, workers: int, backlog: int) -> int:
     code = 0
     stopping = ready = False
     reloading: float | None = None  # since when a reload waits for every worker to report
+    reload_again = False  # a SIGHUP came during a reload: the file may have changed since, so reload once more
     watchdog = systemd.watchdog_interval_s()
     last_ping = 0.0
     try:
@@ -115,8 +116,10 @@ def supervise(config: Config, workers: int, backlog: int) -> int:
                     w.read()
             while signals:
                 signum = signals.pop(0)
-                if signum == signal.SIGHUP:
-                    reloading = _reload(config, procs) if reloading is None else reloading
+                if signum == signal.SIGHUP and reloading is not None:
+                    reload_again = True
+                elif signum == signal.SIGHUP:
+                    reloading = _reload(config, procs)
                 else:
                     stopping = True
             now = time.monotonic()
@@ -127,6 +130,8 @@ def supervise(config: Config, workers: int, backlog: int) -> int:
             if reloading is not None and (all(w.reloaded for w in procs.values()) or now - reloading > RELOAD_WAIT_S):
                 reloading = None
                 systemd.notify("READY=1", f"STATUS=serving on port {port} with {workers} workers")
+                if reload_again:
+                    reload_again, reloading = False, _reload(config, procs)
             # The watchdog is fed only while every worker has reported recently: a hung worker
             # (stuck event loop) then makes systemd restart the service.
             if watchdog and now - last_ping >= watchdog and all(now - w.seen < HEARTBEAT_STALE_S for w in procs.values()):

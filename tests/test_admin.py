@@ -306,9 +306,6 @@ def test_admin_token_file_readable_by_others_is_refused(inst, capsys):
     assert "admin.token_file" in err and "chmod 600" in err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config._admin checks the token file's mode but not its content: an empty "
-                   "admin.token_file is accepted (the listener then answers 401 to everyone, with no error at start); "
-                   "https destinations' bearer_token_file is checked for one printable line")
 def test_empty_admin_token_file_is_refused(inst, capsys):
     token = inst.root / "keys" / "admin.token"
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -299,9 +299,6 @@ async def test_restart_only_change_is_named(inst):
 
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Gateway.reload compares restart-only settings with the last *loaded* config "
-                   "(self.config is replaced), not with the values the process runs with: a second reload of the same "
-                   "file no longer says a restart is needed, and reverting the file then claims one is")
 async def test_restart_needed_is_judged_against_the_running_values(inst):
     async with running(inst) as (r, stream):
         text = inst.config.read_text()
@@ -412,9 +409,6 @@ def test_sighup_under_load_loses_nothing(tmp_path):
     print(f"{len(ids)} invoices, reloads at answers {marks}, {len(retried)} retried after 503")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: supervisor drops a SIGHUP that arrives while a reload is in progress "
-                   "(`reloading = _reload(...) if reloading is None else reloading`): no log line, no second reload, so "
-                   "a configuration edited meanwhile is never applied (a lone process runs one reload per SIGHUP)")
 def test_a_sighup_during_a_reload_is_not_lost(tmp_path):
     inst = make_instance(tmp_path, 2)
     with NotifySocket.open() as ns:

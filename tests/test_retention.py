@@ -241,9 +241,6 @@ async def test_expired_invoice_still_counts_as_a_duplicate(inst):
         assert r.gw.store.counts()["invoices"] == 2  # the held one and the new one
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Housekeeping.run decides at start whether retention runs, but expire() "
-                   "reads retention_days from the reloaded config: reloading delete_after_days = 0 (\"keep them\") makes "
-                   "the next retention pass use a cutoff of now and delete every delivered invoice")
 async def test_disabling_retention_by_reload_keeps_invoices(inst, monkeypatch):
     monkeypatch.setattr(lifecycle, "RETENTION_CHECK_S", 0.3)
     set_retention(inst, 30)
@@ -257,9 +254,6 @@ async def test_disabling_retention_by_reload_keeps_invoices(inst, monkeypatch):
         assert r.gw.store.message(reply["message_id"]) is not None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Housekeeping.run builds its job list once at start: enabling retention "
-                   "(delete_after_days > 0) by reload never runs it, and retention is not among the restart-only "
-                   "settings, so no config.restart_needed says so")
 async def test_enabling_retention_by_reload_takes_effect(inst, monkeypatch):
     monkeypatch.setattr(lifecycle, "RETENTION_CHECK_S", 0.3)
     async with running(inst) as (r, stream, s):
