@@ -367,8 +367,7 @@ class Gateway:
                 return False
             restart = restart_needed(self.started_config, config)
             self.parts = parts
-            self.outbox_retired = self.outbox.reconfigure(self._senders(config, self.outbox.senders), config.delivery,
-                                                          parts.vault)
+            retired = self.outbox.reconfigure(self._senders(config, self.outbox.senders), config.delivery, parts.vault)
             self.config = config
             self.pipeline = self._pipeline(config, parts)
             self.https.pipeline, self.https.partners, self.https.revocation = self.pipeline, parts.partners, parts.revocation
@@ -378,7 +377,7 @@ class Gateway:
             self._tls = self._server_tls()
             if not keep_rules:  # evaluations still running on the old engine get their time limit first
                 self._tasks.append(asyncio.create_task(self._close_later(old.rules), name="rules-close"))
-            for sender in self.outbox_retired:
+            for sender in retired:
                 self._tasks.append(asyncio.create_task(self._close_sender_later(sender), name="sender-close"))
             self.metrics.reloads.labels("ok").inc()
             if self.run_delivery:

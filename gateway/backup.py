@@ -36,6 +36,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, VaultError
+from .partners import atomic_write
 from .store import SCHEMA_VERSION
 from .vault import Vault
 
@@ -75,7 +76,7 @@ def create(state_dir: Path, dest: Path) -> dict[str, Any]:
         manifest = {"format": FORMAT, "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     "gateway_version": __version__, "master_keys": KEYS_NOTE, **facts,
                     "files": {DB: {"size": size, "sha256": digest}}}
-        _write_atomic(dest / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+        atomic_write(dest / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
         return manifest
     except BaseException:
         for name in (DB, f"{DB}-journal", f"{DB}-wal", f"{DB}-shm"):
@@ -252,20 +253,6 @@ def _private(path: str, flags: int) -> int:
 def _size_and_hash(path: Path) -> tuple[int, str]:
     with path.open("rb") as fh:
         return os.fstat(fh.fileno()).st_size, hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb", opener=_private) as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _fsync(path: Path) -> None:
