@@ -273,7 +273,7 @@ def test_show_has_deliveries_and_history(state: State, capsys: pytest.CaptureFix
     assert (delivery["destination"], delivery["state"], delivery["attempts"]) == ("erp-api", "dead", 1)
     assert delivery["last_error"] == f"HTTP 422: {ERP_REFUSAL}"
     assert [h["action"] for h in dead["history"]] == ["invoice.accepted", "delivery.dead_letter"]
-    assert dead["history"][0]["detail"]["destination"] == "erp-api"
+    assert dead["history"][1]["detail"]["destination"] == "erp-api"
     assert "Demo Buyer BV" not in out and "Voorbeeldstraat" not in out  # never the content
 
     pending = show(capsys, state, "pending")
