@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 
 from . import logs, systemd
 from .admin import AdminInbound
@@ -26,8 +27,10 @@ from .config import load as load_config
 from .delivery import Outbox, Sender, make_sender
 from .errors import ConfigError
 from .inbound.https import HttpsInbound
+from .inbound.smtp import SmtpInbound
 from .inbound.submit import SubmitInbound
 from .lifecycle import ExpiryWarnings, Housekeeping, inventory
+from .mail import Mailer, Smarthost
 from .metrics import Gauge, Metrics
 from .model import Syntax
 from .partners import PartnerBook
@@ -37,8 +40,9 @@ from .routing import Router
 from .rules import PackSpec, RuleEngine
 from .schema import SchemaRegistry
 from .signature import SigningKey
+from .smime import Identity
 from .store import SqliteStore
-from .tls import admin_context, ca_certificates, server_context
+from .tls import admin_context, ca_certificates, email_addresses, encryptable, load_private_key, same_key, server_context, smime_problems
 from .vault import Vault
 from .xmlparse import XmlParser
 
@@ -63,6 +67,8 @@ class Parts:
     rules: RuleEngine
     signer: SigningKey | None
     revocation: Revocation
+    smime: Identity | None = None  # the gateway's S/MIME certificate and key ([smtp])
+    smime_roots: tuple[x509.Certificate, ...] = ()  # CAs partners' S/MIME certificates chain to
 
 
 def build(config: Config, *, processes: int | None = None, rules: RuleEngine | None = None,
@@ -80,8 +86,9 @@ def build(config: Config, *, processes: int | None = None, rules: RuleEngine | N
         partners.refresh(force=True)
     schemas = SchemaRegistry(config.schemas, config.cii_schema)
     ops = config.operations
+    smime_identity, smime_roots = smime_parts(config)
     revocation = Revocation(RevocationPolicy(ops.crls, ops.crl_soft_fail, ops.crl_max_age_s),
-                            ca_certificates(config.https.client_ca) if ops.crls else [])
+                            [*ca_certificates(config.https.client_ca), *smime_roots] if ops.crls else [])
     owned = rules is None
     rules = rules or RuleEngine(rule_specs(config), processes=processes or config.rules_processes,
                                 timeout_s=config.rules_timeout_s)
@@ -99,13 +106,41 @@ def build(config: Config, *, processes: int | None = None, rules: RuleEngine | N
         for d in config.destinations:
             if d.type == "partner" and d.partner and partners.current.get(d.partner) is None:
                 raise ConfigError(f"destinations: {d.name!r} names partner {d.partner!r}, which is not registered")
+            if d.type == "email" and d.recipient_certificate is not None and not encryptable(
+                    x509.load_pem_x509_certificate(d.recipient_certificate.read_bytes())):
+                raise ConfigError(f"destinations: {d.name!r}: recipient_certificate has no RSA key of 2048 bits or more; "
+                                  "mail cannot be encrypted to it")
         if config.outbound is not None and config.outbound.socket is None:  # its TLS listener
             server_context(config.https.certificate, config.https.private_key, config.outbound.client_ca)
     except ConfigError:
         if owned:
             rules.close()
         raise
-    return Parts(config, vault, schemas, partners, XmlParser(config.xml), rules, signer, revocation)
+    return Parts(config, vault, schemas, partners, XmlParser(config.xml), rules, signer, revocation, smime_identity,
+                 tuple(smime_roots))
+
+
+def smime_parts(config: Config) -> tuple[Identity | None, list[x509.Certificate]]:
+    """The gateway's S/MIME identity and the partner S/MIME CAs, checked."""
+    cfg = config.smtp
+    if cfg is None:
+        return None, []
+    try:
+        cert = x509.load_pem_x509_certificate(cfg.certificate.read_bytes())
+        key = load_private_key(cfg.private_key.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"smtp.certificate: cannot load the S/MIME certificate and key ({exc})") from None
+    if not encryptable(cert) or not same_key(cert, key):
+        raise ConfigError("smtp.private_key: the S/MIME key must be the RSA key (2048 bits or more) of smtp.certificate: "
+                          "partners encrypt to it")
+    problems = smime_problems(cert)
+    if problems:
+        raise ConfigError(f"smtp.certificate: not an S/MIME certificate: {'; '.join(problems)}")
+    if cfg.addresses[0] not in email_addresses(cert):
+        raise ConfigError(f"smtp.certificate: the certificate does not name {cfg.addresses[0]!r} (smtp.addresses[0], the "
+                          "From of the gateway's mail) as an rfc822Name; partners' mail programs would refuse the signature")
+    roots = ca_certificates(cfg.partner_ca, "smtp.partner_ca")
+    return Identity(cert, key, cfg.addresses[0]), roots
 
 
 def warnings(parts: Parts) -> list[str]:
@@ -127,6 +162,12 @@ def warnings(parts: Parts) -> list[str]:
     if not config.routing_default:
         out.append("routing.default is empty: invoices that no [[routes]] entry matches are held for review "
                    "(quarantine list) instead of delivered")
+    if config.smtp is not None and config.smtp.replies and config.smarthost is None:
+        out.append("smtp.replies is on but there is no [smarthost]: partners get the SMTP reply only, no reply e-mail")
+    mailing = [p.name for p in parts.partners.current.partners if p.endpoint.startswith("mailto:")]
+    if mailing and (config.smarthost is None or parts.smime is None):
+        out.append(f"partners {', '.join(mailing)} receive invoices by e-mail, and there is no [smarthost] or [smtp] "
+                   "identity: deliveries to them wait in the outbox until the horizon")
     wanting = [p.name for p in parts.partners.current.partners if p.sign_outbound]
     if wanting and parts.signer is None:
         out.append(f"partners {', '.join(wanting)} receive signed invoices only, and there is no [signing] key: "
@@ -153,6 +194,8 @@ RESTART_ONLY: dict[str, Callable[[Config], object]] = {
                                c.https.keepalive_timeout_s),
     "outbound listener": lambda c: None if c.outbound is None else (c.outbound.socket, c.outbound.host, c.outbound.port),
     "admin": lambda c: c.admin,
+    "smtp listener": lambda c: None if c.smtp is None else (c.smtp.host, c.smtp.port, c.smtp.max_message_bytes,
+                                                          c.smtp.max_sessions, c.smtp.command_timeout_s),
     "logging.level": lambda c: c.log_level,
 }
 
@@ -168,12 +211,13 @@ def rule_specs(config: Config) -> list[PackSpec]:
 
 class Gateway:
     def __init__(self, config: Config, parts: Parts | None = None, *, sock: socket.socket | None = None,
-                 run_delivery: bool = True):
+                 run_delivery: bool = True, smtp_sock: socket.socket | None = None):
         self.config = config
         self.started_config = config  # what the sockets and files were opened with (restart-only settings)
         self._owns_parts = parts is None
         self.parts = parts or build(config)
         self.sock = sock  # a listening socket shared by several worker processes (gateway/supervisor.py)
+        self.smtp_sock = smtp_sock  # the same for the SMTP listener
         self.run_delivery = run_delivery  # only one process delivers
         # CPU stages (lxml releases the GIL while parsing, validating and canonicalizing) and blocking
         # file I/O.  Alone, the process needs threads for every core; as one of several workers, two
@@ -184,6 +228,7 @@ class Gateway:
         self.io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
         self.store = SqliteStore(config.state_dir)
         self.metrics = Metrics()
+        self.mailer = self._mailer(config, self.parts)
         self.outbox = Outbox(self.store, self.parts.vault, self._senders(config, {}), config.delivery, self.io_executor,
                              on_outcome=self.metrics.delivery)
         self.pipeline = self._pipeline(config, self.parts)
@@ -191,6 +236,7 @@ class Gateway:
                                   self.io_executor, count=self.metrics.invoice, revocation=self.parts.revocation)
         self.submit = (SubmitInbound(config.outbound, config.https, self.pipeline, self.store, self.outbox.wake.set,
                                      self.io_executor, count=self.metrics.invoice) if config.outbound is not None else None)
+        self.smtp = self._smtp(config, self.parts)
         self.housekeeping = Housekeeping(config, self.store, self.io_executor, lambda: self.parts.partners.current,
                                          lambda: self.parts.signer, ExpiryWarnings(
                                              config.operations.expiry_warn_days,
@@ -199,6 +245,7 @@ class Gateway:
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.Server] = []
         self.submit_port: int | None = None
+        self.smtp_port: int | None = None
         self.admin_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
@@ -215,7 +262,20 @@ class Gateway:
         """A sender per destination; one whose destination is unchanged is kept (its connections too)."""
         before = {d.name: d for d in self.config.destinations}
         return {d.name: old[d.name] if d.name in old and before.get(d.name) == d
-                else make_sender(d, self.parts.partners, self.io_executor) for d in config.destinations}
+                else make_sender(d, self.parts.partners, self.io_executor, lambda: self.mailer) for d in config.destinations}
+
+    def _mailer(self, config: Config, parts: Parts) -> Mailer | None:
+        if config.smarthost is None or parts.smime is None:
+            return None
+        return Mailer(Smarthost(config.smarthost), parts.smime, self.executor)
+
+    def _smtp(self, config: Config, parts: Parts) -> SmtpInbound | None:
+        if config.smtp is None or parts.smime is None:
+            return None
+        return SmtpInbound(config.smtp, self.pipeline, parts.partners, self.store, parts.smime, parts.smime_roots,
+                           parts.revocation, admin_context(config.https.certificate, config.https.private_key),
+                           self.executor, config.https.max_body_bytes, config.https.max_in_flight_bytes,
+                           self.outbox.wake.set, self.mailer, count=self.metrics.invoice)
 
     def _server_tls(self) -> ssl.SSLContext:
         cfg = self.config.https
@@ -257,6 +317,8 @@ class Gateway:
             server = await self._serve(self.https.app(), host=cfg.host, port=cfg.port, ssl=self._tls,
                                        backlog=LISTEN_BACKLOG, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
         self.port = server.sockets[0].getsockname()[1]
+        if self.smtp is not None:
+            await self._start_smtp()
         if self.run_delivery:  # the ERP and admin listeners, delivery and housekeeping: in one process only
             if self.submit is not None:
                 await self._start_submit()
@@ -271,7 +333,24 @@ class Gateway:
         log.info("gateway.started", url=f"https://{cfg.host}:{self.port}", pid=os.getpid(),
                  partners=len(self.parts.partners.current.partners), destinations=len(self.config.destinations),
                  key_id=self.parts.vault.current, schema_sets=self.parts.schemas.fingerprints,
-                 admin=f"{self.config.admin.host}:{self.admin_port}" if self.admin_port else None)
+                 admin=f"{self.config.admin.host}:{self.admin_port}" if self.admin_port else None,
+                 smtp=f"{self.config.smtp.host}:{self.smtp_port}" if self.config.smtp and self.smtp_port else None)
+
+    async def _start_smtp(self) -> None:
+        assert self.smtp is not None and self.config.smtp is not None
+        cfg = self.config.smtp
+        loop = asyncio.get_running_loop()
+        try:
+            if self.smtp_sock is not None:
+                server = await loop.create_server(self.smtp.protocol, sock=self.smtp_sock, backlog=1)
+                self.smtp_sock.listen(LISTEN_BACKLOG)
+            else:
+                server = await loop.create_server(self.smtp.protocol, host=cfg.host, port=cfg.port, backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            raise ConfigError(f"smtp.listen_port: cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})") from None
+        self._servers.append(server)
+        self.smtp_port = server.sockets[0].getsockname()[1]
+        log.info("smtp.listening", address=f"{cfg.host}:{self.smtp_port}", recipients=list(cfg.addresses))
 
     async def _start_submit(self) -> None:
         assert self.submit is not None and self.config.outbound is not None
@@ -367,12 +446,19 @@ class Gateway:
                 return False
             restart = restart_needed(self.started_config, config)
             self.parts = parts
+            self.mailer = self._mailer(config, parts)
             retired = self.outbox.reconfigure(self._senders(config, self.outbox.senders), config.delivery, parts.vault)
             self.config = config
             self.pipeline = self._pipeline(config, parts)
             self.https.pipeline, self.https.partners, self.https.revocation = self.pipeline, parts.partners, parts.revocation
             if self.submit is not None:
                 self.submit.pipeline = self.pipeline
+            if self.smtp is not None and parts.smime is not None and config.smtp is not None:
+                smtp = self.smtp
+                smtp.cfg, smtp.pipeline, smtp.partners, smtp.revocation = config.smtp, self.pipeline, parts.partners, parts.revocation
+                smtp.identity, smtp.roots, smtp.addresses = parts.smime, list(parts.smime_roots), frozenset(config.smtp.addresses)
+                smtp.mailer = self.mailer if config.smtp.replies else None
+                smtp.tls = admin_context(config.https.certificate, config.https.private_key)
             self.housekeeping.config = config
             self._tls = self._server_tls()
             if not keep_rules:  # evaluations still running on the old engine get their time limit first
@@ -407,6 +493,8 @@ class Gateway:
             server.close()
         for runner in self._runners:
             await runner.cleanup()
+        if self.smtp is not None:
+            await self.smtp.stop(SHUTDOWN_GRACE_S)
         cfg = self.config.outbound
         if self.submit is not None and self.run_delivery and cfg is not None and cfg.socket is not None:
             cfg.socket.unlink(missing_ok=True)
@@ -430,11 +518,12 @@ HEARTBEAT_S = 2.0  # a worker tells the supervisor it is alive this often (the w
 
 
 async def serve_forever(config: Config, parts: Parts | None = None, *, worker: int | None = None,
-                        sock: socket.socket | None = None, status_fd: int | None = None) -> None:
+                        sock: socket.socket | None = None, status_fd: int | None = None,
+                        smtp_sock: socket.socket | None = None) -> None:
     """Run one gateway process; as worker N of several (``worker`` set), serve the supervisor's
     listening socket, let only worker 0 deliver, and report to the supervisor on ``status_fd``
     (R: ready, H: reloaded, .: alive).  Alone, it talks to systemd itself (gateway/systemd.py)."""
-    gw = Gateway(config, parts, sock=sock, run_delivery=not worker)
+    gw = Gateway(config, parts, sock=sock, run_delivery=not worker, smtp_sock=smtp_sock)
     await gw.start()
     loop = asyncio.get_running_loop()
 
@@ -486,7 +575,7 @@ async def serve_forever(config: Config, parts: Parts | None = None, *, worker: i
         await gw.stop()
 
 
-def bind_probe(host: str, port: int) -> None:
+def bind_probe(host: str, port: int, key: str = "https.listen_port") -> None:
     """Fail early, naming the key, when the port cannot be bound."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -494,4 +583,4 @@ def bind_probe(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"https.listen_port: cannot listen on {host}:{port} ({exc.strerror})") from None
+            raise ConfigError(f"{key}: cannot listen on {host}:{port} ({exc.strerror})") from None

@@ -3,12 +3,13 @@
     einvoice-gateway init DIR [--host H] [--port N] [--json]
     einvoice-gateway serve -c CONFIG
     einvoice-gateway check-config -c CONFIG
-    einvoice-gateway partners add NAME --client-cert PEM --party-id ID [--party-id ID …] [--email ADDR …]
+    einvoice-gateway partners add NAME --client-cert PEM | --smime-cert PEM --party-id ID [--party-id ID …] [--email ADDR …]
                                   [--signing-cert PEM …] [--signature-policy required|if-present|ignore] -c CONFIG
-    einvoice-gateway partners edit NAME [--client-cert PEM …] [--signing-cert PEM …] [--remove-cert SPKI …]
+    einvoice-gateway partners edit NAME [--client-cert PEM …] [--signing-cert PEM …] [--smime-cert PEM …] [--remove-cert SPKI …]
                                    [--party-id ID …] [--remove-party-id ID …] [--email ADDR …] [--signature-policy P] -c CONFIG
     einvoice-gateway partners list|show NAME|suspend NAME|resume NAME|remove NAME -c CONFIG
-        (add and edit also take [--rules PACK[,PACK…] | --no-rules] [--amount-ceiling CUR:AMOUNT …])
+        (add and edit also take [--rules PACK[,PACK…] | --no-rules] [--amount-ceiling CUR:AMOUNT …] [--endpoint URL|mailto:ADDR]
+         [--smime-signed-only])
     einvoice-gateway quarantine list [--all] [--partner P] [--json] | show ID | release ID --reason R [--to DEST …]
                                 | reject ID --reason R
     einvoice-gateway messages list [--partner P] [--status S] [--direction in|out] [--since T] [--until T] [--json]
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its children
     sv.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     sv.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
+    sv.add_argument("--smtp-fd", type=int, help=argparse.SUPPRESS)
     with_config(sub.add_parser("check-config", help="check a configuration; exit 2 naming the bad key"))
     d = sub.add_parser("demo", help="start a throwaway instance, send sample invoices, keep serving")
     d.add_argument("--dir", help="make the instance here and keep it (default: a temporary folder, removed at exit)")
@@ -74,19 +76,24 @@ def _parser() -> argparse.ArgumentParser:
     psub = pa.add_subparsers(dest="action", required=True)
     add = with_config(psub.add_parser("add", help="register a partner"))
     add.add_argument("name")
-    add.add_argument("--client-cert", action="append", required=True, help="partner's client certificate (PEM); repeat for rollover")
+    add.add_argument("--client-cert", action="append", default=[],
+                     help="partner's TLS client certificate (PEM); repeat for rollover (a partner needs this or --smime-cert)")
     add.add_argument("--party-id", action="append", required=True, help="supplier identifier, scheme:value (e.g. 0088:5790000435975)")
     add.add_argument("--email", action="append", default=[])
     add.add_argument("--verified-by", help="who verified this partner (default: the current user)")
     add.add_argument("--signing-cert", action="append", default=[], help="certificate (PEM) the partner signs invoices with")
     add.add_argument("--signature-policy", choices=[p.value for p in SignaturePolicy], default=SignaturePolicy.IF_PRESENT.value)
+    add.add_argument("--smime-cert", action="append", default=[],
+                     help="partner's S/MIME certificate (PEM): signs its e-mail, and mail to it is encrypted to it")
     rules_options(add)
     ed = with_config(psub.add_parser("edit", help="add or remove certificates and identifiers, set the signature policy"))
     ed.add_argument("name")
     ed.add_argument("--client-cert", action="append", default=[], help="add a client certificate (rollover)")
     ed.add_argument("--signing-cert", action="append", default=[], help="add a document-signing certificate")
+    ed.add_argument("--smime-cert", action="append", default=[], help="add an S/MIME certificate (rollover)")
     ed.add_argument("--remove-cert", action="append", default=[], metavar="SPKI",
-                    help="remove the client or signing certificate whose key SHA-256 starts with this (>= 16 hex digits)")
+                    help="remove the client, signing or S/MIME certificate whose key SHA-256 starts with this (>= 16 hex digits)")
+    ed.add_argument("--remove-email", action="append", default=[])
     ed.add_argument("--party-id", action="append", default=[])
     ed.add_argument("--remove-party-id", action="append", default=[])
     ed.add_argument("--email", action="append", default=[])
@@ -173,9 +180,12 @@ def _stamp(t: datetime | None) -> str | None:
 
 def rules_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--endpoint", metavar="URL",
-                    help="where invoices for this partner are sent (https://…; another einvoice-gateway: …/v1/invoices)")
+                    help="where invoices for this partner are sent: https://… (another einvoice-gateway: …/v1/invoices) "
+                         "or mailto:ADDRESS (S/MIME through [smarthost])")
     sp.add_argument("--sign-outbound", action=argparse.BooleanOptionalAction, default=None,
                     help="sign invoices sent to this partner with the gateway's [signing] key")
+    sp.add_argument("--smime-signed-only", action=argparse.BooleanOptionalAction, default=None,
+                    help="accept e-mail from this partner that is signed but not encrypted (default: sign, then encrypt)")
     group = sp.add_mutually_exclusive_group()
     group.add_argument("--rules", metavar="PACK[,PACK…]", help="business rule packs for this partner (default: rules.default)")
     group.add_argument("--no-rules", action="store_true",
@@ -204,26 +214,37 @@ def _chosen_rules(args: argparse.Namespace, cfg: config_mod.Config) -> tuple[str
 
 
 def _partners(args: argparse.Namespace) -> int:
+    from .config import parse_email
     from .instance import current_user, register_partner
     from .partners import editing, load_directory, parse_ceiling, parse_endpoint, parse_party_id, with_status
-    from .tls import expires_soon, inspect_certificate
+    from .tls import email_addresses, expires_soon, inspect_certificate
 
     cfg = config_mod.load(args.config)
     path = cfg.partners_file
     if args.action == "add":
         ids = [parse_party_id(v, f"--party-id[{i}]") for i, v in enumerate(args.party_id)]
         certs = [Path(c) for c in args.client_cert]
-        for i, c in enumerate(certs):
-            if not c.is_file():
-                raise ConfigError(f"--client-cert[{i}]: {c} not found")
+        smime = [Path(c) for c in args.smime_cert]
+        for option, paths in (("--client-cert", certs), ("--smime-cert", smime)):
+            for i, c in enumerate(paths):
+                if not c.is_file():
+                    raise ConfigError(f"{option}[{i}]: {c} not found")
+        if not certs and not smime:
+            raise ConfigError("partners add: give --client-cert (HTTPS) and/or --smime-cert (e-mail): the certificate "
+                              "that proves it is this partner")
+        emails = [parse_email(e, f"--email[{i}]") for i, e in enumerate(args.email)]
+        if smime and not emails:
+            raise ConfigError("--email: a partner sending by e-mail needs the address(es) it sends from (--email ADDR)")
         ceilings = tuple(parse_ceiling(v, f"--amount-ceiling[{i}]") for i, v in enumerate(args.amount_ceiling))
-        register_partner(path, args.name, certs, ids, args.email, args.verified_by or current_user(),
+        register_partner(path, args.name, certs, ids, emails, args.verified_by or current_user(),
                          [Path(c) for c in args.signing_cert], SignaturePolicy(args.signature_policy),
                          rules=_chosen_rules(args, cfg), ceilings=ceilings,
                          endpoint=parse_endpoint(args.endpoint, "--endpoint") if args.endpoint else "",
-                         sign_outbound=bool(args.sign_outbound))
+                         sign_outbound=bool(args.sign_outbound), smime_certs=smime,
+                         smime_signed_only=bool(args.smime_signed_only))
         _audit_partner(cfg, args, "partner.added", {"party_ids": sorted(ids), "client_certs": len(certs),
-                                                   "signing_certs": len(args.signing_cert)})
+                                                   "signing_certs": len(args.signing_cert), "smime_certs": len(smime),
+                                                   "emails": emails})
         print(f"partner {args.name!r} added; the running gateway picks it up within seconds")
         return 0
     if args.action == "edit":
@@ -254,13 +275,19 @@ def _partners(args: argparse.Namespace) -> int:
             info = inspect_certificate(Path(cert_path), "signing_certs")
             signing.append({"path": cert_path, "spki_sha256": info.spki_sha256, "subject": info.subject,
                             "not_after": info.not_after.isoformat()})
+        mail_certs: list[dict[str, object]] = []
+        for cert_path in partner.smime_certs:
+            info = inspect_certificate(Path(cert_path), "smime_certs")
+            mail_certs.append({"path": cert_path, "spki_sha256": info.spki_sha256, "subject": info.subject,
+                          "not_after": info.not_after.isoformat(), "addresses": sorted(email_addresses(info.cert))})
         print(json.dumps({"name": partner.name, "status": partner.status.value, "verified_by": partner.verified_by,
                           "verified_at": partner.verified_at, "party_ids": sorted(partner.party_ids),
                           "emails": list(partner.emails), "client_certs": shown,
                           "signature_policy": partner.signature_policy.value, "signing_certs": signing,
                           "rules": list(partner.rules) if partner.rules is not None else f"default ({', '.join(cfg.rules_default)})",
                           "amount_ceilings": {c: str(v) for c, v in partner.amount_ceilings},
-                          "endpoint": partner.endpoint or None, "sign_outbound": partner.sign_outbound}, indent=2))
+                          "endpoint": partner.endpoint or None, "sign_outbound": partner.sign_outbound,
+                          "smime_certs": mail_certs, "smime_signed_only": partner.smime_signed_only}, indent=2))
         return 0
     with editing(path) as partners:
         idx = next(i for i, p in enumerate(partners) if p.name == args.name)
@@ -288,10 +315,13 @@ def _audit_partner(cfg: config_mod.Config, args: argparse.Namespace, action: str
 def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] | None) -> None:
     from dataclasses import replace
 
+    from .config import parse_email
     from .instance import edit_partners
     from .partners import parse_ceiling, parse_endpoint, parse_party_id
     from .tls import inspect_certificate
 
+    add_emails = tuple(parse_email(e, f"--email[{i}]") for i, e in enumerate(args.email))
+    drop_emails = {parse_email(e, f"--remove-email[{i}]") for i, e in enumerate(args.remove_email)}
     endpoint = parse_endpoint(args.endpoint, "--endpoint") if args.endpoint else None
     for prefix in args.remove_cert:
         if len(prefix) < 16:
@@ -312,14 +342,19 @@ def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] |
         unknown = drop_ids - p.party_ids
         if unknown:
             raise ConfigError(f"--remove-party-id: {sorted(unknown)[0]!r} is not registered for {p.name!r}")
+        if drop_emails - set(p.emails):
+            raise ConfigError(f"--remove-email: {sorted(drop_emails - set(p.emails))[0]!r} is not registered for {p.name!r}")
         client = keep(p.client_certs) + [store(Path(c), "--client-cert") for c in args.client_cert]
         signing = keep(p.signing_certs) + [store(Path(c), "--signing-cert") for c in args.signing_cert]
-        if args.remove_cert and len(client) + len(signing) == len(p.client_certs) + len(p.signing_certs) + \
-                len(args.client_cert) + len(args.signing_cert):
+        smime = keep(p.smime_certs) + [store(Path(c), "--smime-cert") for c in args.smime_cert]
+        if args.remove_cert and len(client) + len(signing) + len(smime) == len(p.client_certs) + len(p.signing_certs) + \
+                len(p.smime_certs) + len(args.client_cert) + len(args.signing_cert) + len(args.smime_cert):
             raise ConfigError("--remove-cert: no registered certificate of this partner matches")
         partners[idx] = replace(
             p, client_certs=tuple(client), signing_certs=tuple(signing), party_ids=frozenset((p.party_ids | add_ids) - drop_ids),
-            emails=tuple(dict.fromkeys(p.emails + tuple(args.email))),
+            emails=tuple(e for e in dict.fromkeys(p.emails + add_emails) if e not in drop_emails),
+            smime_certs=tuple(smime),
+            smime_signed_only=p.smime_signed_only if args.smime_signed_only is None else args.smime_signed_only,
             signature_policy=SignaturePolicy(args.signature_policy) if args.signature_policy else p.signature_policy,
             rules=None if args.default_rules else rules if rules is not None else p.rules,
             amount_ceilings=tuple(sorted(({c: v for c, v in p.amount_ceilings if c not in args.remove_amount_ceiling}
@@ -531,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
 
             logs.configure(cfg.log_level)
             asyncio.run(serve_forever(cfg, worker=args.worker, sock=socket.socket(fileno=args.listen_fd),
-                                      status_fd=args.status_fd))
+                                      status_fd=args.status_fd,
+                                      smtp_sock=socket.socket(fileno=args.smtp_fd) if args.smtp_fd is not None else None))
             return 0
         # Build every part once to fail early, naming the key (the serving processes build their own).
         parts = build(cfg, processes=1)
@@ -547,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(cfg.log_level)
         if cfg.https.port:
             bind_probe(cfg.https.host, cfg.https.port)
+        if cfg.smtp is not None and cfg.smtp.port:
+            bind_probe(cfg.smtp.host, cfg.smtp.port, "smtp.listen_port")
         workers = worker_count(cfg.https.workers)
         if workers == 1:
             asyncio.run(serve_forever(cfg))

@@ -305,7 +305,47 @@ class SigningConfig:
     private_key: Path
 
 
-DESTINATION_TYPES = ("directory", "https", "partner")
+DESTINATION_TYPES = ("directory", "https", "partner", "email")
+EMAIL = re.compile(r"[^@\s<>\"(),;:]{1,64}@[A-Za-z0-9.-]{1,253}")  # an addr-spec, without quoting or comments
+
+
+def parse_email(text: str, where: str) -> str:
+    """An e-mail address, lowercased (addresses are compared case-insensitively)."""
+    if not EMAIL.fullmatch(text):
+        raise ConfigError(f"{where}: {text!r} is not an e-mail address (write local@domain, without a display name)")
+    return text.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """The S/MIME e-mail listener: partners send signed and encrypted invoices to ``addresses``."""
+
+    enabled: bool
+    host: str
+    port: int  # 0: an ephemeral port (tests); the bound port is logged and reported
+    hostname: str  # in the greeting and the EHLO reply
+    addresses: tuple[str, ...]  # the recipients accepted (lowercase); the first is the From of the gateway's mail
+    certificate: Path  # the gateway's S/MIME certificate (RSA >= 2048, EKU emailProtection)
+    private_key: Path
+    partner_ca: tuple[Path, ...]  # CAs that partners' S/MIME certificates must chain to
+    max_message_bytes: int  # SIZE, advertised and enforced
+    command_timeout_s: float  # idle time allowed between commands
+    data_timeout_s: float  # for the whole DATA transfer
+    max_sessions: int  # connections at once; more get 421
+    replies: bool  # a signed reply e-mail with the outcome to the sending partner (needs [smarthost])
+    reply_cipher: str
+
+
+@dataclass(frozen=True, slots=True)
+class SmarthostConfig:
+    """The relay the gateway sends all its e-mail through (STARTTLS required)."""
+
+    host: str
+    port: int
+    ca: Path | None  # trust anchors for the relay's certificate; default: the system store
+    username: str
+    password_file: Path | None
+    timeout_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +363,9 @@ class Destination:
     client_certificate: Path | None = None  # https/partner: the gateway's client certificate (mutual TLS)
     client_key: Path | None = None
     partner: str = ""  # partner: a fixed trading partner; "": the invoice's own counterparty (outbound)
+    to: str = ""  # email: the mailbox that receives the invoices
+    recipient_certificate: Path | None = None  # email: S/MIME certificate the mail is encrypted to
+    cipher: str = "aes-256-gcm"  # email: content encryption (aes-256-gcm: AuthEnvelopedData; aes-256-cbc)
     concurrency: int = 16  # deliveries in flight to this destination at once
     timeout_s: float = 30.0  # per attempt: connect, send and the reply
 
@@ -390,6 +433,8 @@ class Config:
     signing: SigningConfig | None
     admin: AdminConfig
     operations: OperationsConfig
+    smtp: SmtpConfig | None = None  # None: no e-mail listener
+    smarthost: SmarthostConfig | None = None  # None: the gateway sends no e-mail
 
 
 def _https(r: Reader) -> HttpsConfig:
@@ -416,9 +461,6 @@ def _destination(d: Reader) -> Destination:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
         raise ConfigError(f"{d.key('name')}: {name!r} is not a destination name (letters, digits, . _ -)")
     kind = d.string("type", "directory")
-    if kind == "email":
-        raise ConfigError(f"{d.key('type')}: e-mail destinations need the S/MIME transport, which this version does not "
-                          "have yet; use https or directory")
     if kind not in DESTINATION_TYPES:
         raise ConfigError(f"{d.key('type')}: {kind!r} is not one of {', '.join(DESTINATION_TYPES)}")
     common = dict(name=name, type=kind, concurrency=d.integer("concurrency", 16, minimum=1, maximum=256),
@@ -428,6 +470,10 @@ def _destination(d: Reader) -> Destination:
         if not folder.is_dir():
             raise ConfigError(f"{d.key('path')}: {folder} is not an existing folder")
         dest = Destination(**common, path=folder)  # type: ignore[arg-type]
+    elif kind == "email":
+        dest = Destination(**common, to=parse_email(d.string("to", required=True), d.key("to")),  # type: ignore[arg-type]
+                           recipient_certificate=d.file("recipient_certificate"),
+                           cipher=d.choice("cipher", CIPHERS, "aes-256-gcm"))
     else:
         tls = dict(ca=d.file("ca") if d.has("ca") else None,
                    client_certificate=d.file("client_certificate") if d.has("client_certificate") else None,
@@ -554,6 +600,54 @@ def _outbound(r: Reader, destinations: tuple[Destination, ...]) -> OutboundConfi
     )
     if cfg.socket_mode & 0o007:
         raise ConfigError(f"{r.key('socket_mode')}: {cfg.socket_mode:04o} lets every local user submit; use 0660 or 0600")
+    r.done()
+    return cfg
+
+
+CIPHERS = ("aes-256-gcm", "aes-128-gcm", "aes-256-cbc", "aes-128-cbc")  # for mail the gateway encrypts
+
+
+def _smtp(r: Reader, https: HttpsConfig) -> SmtpConfig | None:
+    if not r.boolean("enabled", True):
+        return None  # (the other keys may stay, unchecked, for switching it back on)
+    addresses = tuple(parse_email(a, f"{r.key('addresses')}[{i}]") for i, a in enumerate(r.str_list("addresses", required=True)))
+    if not addresses:
+        raise ConfigError(f"{r.key('addresses')}: name at least one address the gateway receives invoices at")
+    # Base64 makes the invoice a third larger; the CMS layers and headers add a little.
+    default_size = https.max_body_bytes * 4 // 3 + 1024 * 1024
+    cfg = SmtpConfig(
+        enabled=True,
+        host=r.string("listen_host", "127.0.0.1"),
+        port=r.integer("listen_port", 2525, maximum=65535),
+        hostname=r.string("hostname", "localhost"),
+        addresses=addresses,
+        certificate=r.file("certificate"),
+        private_key=r.secret("private_key"),
+        partner_ca=r.files("partner_ca") if r.has("partner_ca") else https.client_ca,
+        max_message_bytes=r.integer("max_message_bytes", default_size, minimum=64 * 1024),
+        command_timeout_s=r.number("command_timeout_s", 300.0, minimum=1.0),
+        data_timeout_s=r.number("data_timeout_s", 600.0, minimum=1.0),
+        max_sessions=r.integer("max_sessions", 200, minimum=1),
+        replies=r.boolean("replies", True),
+        reply_cipher=r.choice("reply_cipher", CIPHERS, "aes-256-gcm"),
+    )
+    if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", cfg.hostname):
+        raise ConfigError(f"{r.key('hostname')}: {cfg.hostname!r} is not a host name")
+    r.done()
+    return cfg
+
+
+def _smarthost(r: Reader) -> SmarthostConfig:
+    cfg = SmarthostConfig(
+        host=r.string("host", required=True),
+        port=r.integer("port", 587, minimum=1, maximum=65535),
+        ca=r.file("ca") if r.has("ca") else None,
+        username=r.string("username", ""),
+        password_file=r.secret("password_file") if r.has("password_file") else None,
+        timeout_s=r.number("timeout_s", 60.0, minimum=1.0),
+    )
+    if bool(cfg.username) != (cfg.password_file is not None):
+        raise ConfigError(f"{r.key('password_file')}: give username and password_file together (SMTP authentication)")
     r.done()
     return cfg
 
@@ -689,6 +783,18 @@ def load(path: str | os.PathLike[str]) -> Config:
 
     admin = _admin(top.table("admin"))
     operations = _operations(top)
+    smtp = _smtp(top.table("smtp"), https) if top.has("smtp") else None
+    smarthost = _smarthost(top.table("smarthost")) if top.has("smarthost") else None
+    if not top.has("smtp"):
+        top.table("smtp")
+    if not top.has("smarthost"):
+        top.table("smarthost")
+    mailing = [d.name for d in destinations if d.type == "email"]
+    if mailing and smarthost is None:
+        raise ConfigError(f"smarthost: destination {mailing[0]!r} sends e-mail; configure [smarthost] (host, port, ...)")
+    if mailing and smtp is None:
+        raise ConfigError(f"smtp: destination {mailing[0]!r} sends signed e-mail; the [smtp] section names the gateway's "
+                          "S/MIME certificate and address")
 
     lg = top.table("logging")
     level = lg.choice("level", ("debug", "info", "warning", "error"), "info")
@@ -719,4 +825,6 @@ def load(path: str | os.PathLike[str]) -> Config:
         signing=signing,
         admin=admin,
         operations=operations,
+        smtp=smtp,
+        smarthost=smarthost,
     )

@@ -32,18 +32,21 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
 from . import logs
 from .config import DeliveryConfig, Destination
 from .errors import VaultError
-from .model import PartnerStatus
+from .model import Partner, PartnerStatus
 from .partners import PartnerBook
 from .store import DeliveryJob, Store
-from .tls import client_context
+from .tls import client_context, encryptable
 from .vault import Vault
+
+if TYPE_CHECKING:
+    from .mail import Mailer
 
 STOP_LOOP_WAIT_S = 5.0  # at shutdown, for a claim transaction under way
 POLL_S = 0.25  # also woken at once after each acceptance in this process (other workers: by polling)
@@ -230,9 +233,10 @@ class PartnerSender(_HttpSender):
     einvoice-gateway answers 202 with its receipt, and a resend of the same bytes with the same
     receipt, so a retry never books twice there either)."""
 
-    def __init__(self, dest: Destination, partners: PartnerBook):
+    def __init__(self, dest: Destination, partners: PartnerBook, mailer: Callable[[], Mailer | None] = lambda: None):
         super().__init__(dest)
         self.partners = partners
+        self.mailer = mailer  # the current one, for partners whose endpoint is mailto: (None: no [smarthost])
 
     async def send(self, job: DeliveryJob, document: bytes) -> str:
         name = self.dest.partner or job.partner
@@ -241,6 +245,8 @@ class PartnerSender(_HttpSender):
             raise DeliveryFailed(f"partner {name!r} has no endpoint registered (partners edit {name} --endpoint URL)")
         if partner.status is not PartnerStatus.ACTIVE:
             raise DeliveryFailed(f"partner {name!r} is suspended; retried until the horizon (partners resume {name})")
+        if partner.endpoint.startswith("mailto:"):
+            return await self._mail(job, document, partner)
         headers = {"Content-Type": str(job.metadata.get("media_type") or "application/xml"),
                    "Idempotency-Key": job.message_id}
         status, reply = await self.post(partner.endpoint, document, headers)
@@ -249,6 +255,19 @@ class PartnerSender(_HttpSender):
             return f"HTTP {status} {receipt.get('status', '')} message_id={receipt.get('message_id', '')}"
         except (ValueError, AttributeError):
             return f"HTTP {status}"
+
+    async def _mail(self, job: DeliveryJob, document: bytes, partner: Partner) -> str:
+        mailer = self.mailer()
+        if mailer is None:
+            raise DeliveryFailed(f"partner {partner.name!r} receives invoices by e-mail and there is no [smarthost] (or no "
+                                 "[smtp] identity) to send them with; retried until the horizon")
+        certs = [c for c in self.partners.current.certificates.values() if c.spki_sha256 in partner.smime_spki
+                 and encryptable(c.cert)]
+        if not certs:
+            raise DeliveryFailed(f"partner {partner.name!r} has no S/MIME certificate with an RSA key to encrypt to "
+                                 f"(partners edit {partner.name} --smime-cert PEM)")
+        newest = max(certs, key=lambda c: c.not_after)  # during a rollover, the certificate that lasts longest
+        return await mailer.send_invoice(job, document, partner.endpoint.removeprefix("mailto:"), newest.cert, "aes-256-gcm")
 
     @staticmethod
     def reason(reply: bytes) -> str:
@@ -261,12 +280,17 @@ class PartnerSender(_HttpSender):
             return _HttpSender.reason(reply)
 
 
-def make_sender(dest: Destination, partners: PartnerBook, executor: Executor) -> Sender:
+def make_sender(dest: Destination, partners: PartnerBook, executor: Executor,
+                mailer: Callable[[], Mailer | None] = lambda: None) -> Sender:
     if dest.type == "directory":
         return DirectorySender(dest, executor)
     if dest.type == "https":
         return HttpsSender(dest)
-    return PartnerSender(dest, partners)
+    if dest.type == "email":
+        from .mail import EmailSender  # (mail.py builds on this module)
+
+        return EmailSender(dest, mailer)
+    return PartnerSender(dest, partners, mailer)
 
 
 def backoff(attempts: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:

@@ -68,14 +68,16 @@ def make_ca(folder: Path, name: str = "CA", cn: str = "einvoice-gateway developm
 
 def issue(ca: Issued, folder: Path, name: str, *, role: str, cn: str | None = None,
           sans: tuple[str, ...] = (), key_kind: str = "ec", not_before: datetime | None = None,
-          not_after: datetime | None = None, hash_alg: hashes.HashAlgorithm | None = None) -> Issued:
-    """Issue a leaf certificate: role "server" (serverAuth), "client" (clientAuth) or "signing" (documents)."""
+          not_after: datetime | None = None, hash_alg: hashes.HashAlgorithm | None = None,
+          emails: tuple[str, ...] = ()) -> Issued:
+    """Issue a leaf certificate: role "server" (serverAuth), "client" (clientAuth), "signing" (documents)
+    or "smime" (emailProtection; ``emails`` become rfc822Name SANs; an RSA key may also be encrypted to)."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
     key = new_key(key_kind)
     now = datetime.now(UTC)
     eku = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH,
-           "signing": DOCUMENT_SIGNING}[role]
+           "signing": DOCUMENT_SIGNING, "smime": ExtendedKeyUsageOID.EMAIL_PROTECTION}[role]
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn or name)).issuer_name(ca_cert.subject)
@@ -84,14 +86,14 @@ def issue(ca: Issued, folder: Path, name: str, *, role: str, cn: str | None = No
         .not_valid_after(not_after or now + timedelta(days=825))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=role == "signing",
-                                     key_encipherment=role == "server" and key_kind != "ec", data_encipherment=False,
+                                     key_encipherment=role in ("server", "smime") and key_kind != "ec", data_encipherment=False,
                                      key_agreement=False, key_cert_sign=False, crl_sign=False,
                                      encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
     )
-    if sans:
-        names: list[x509.GeneralName] = []
+    if sans or emails:
+        names: list[x509.GeneralName] = [x509.RFC822Name(e) for e in emails]
         for s in sans:
             try:
                 names.append(x509.IPAddress(ipaddress.ip_address(s)))

@@ -15,13 +15,14 @@ from . import devpki
 from .errors import ConfigError
 from .model import Partner, SignaturePolicy
 from .partners import atomic_write, editing, new_partner
-from .tls import inspect_certificate
+from .tls import inspect_certificate, inspect_smime_certificate
 from .vault import write_key_file
 
 DEMO_PARTNER = "demo-supplier"
 # The supplier identifiers of the bundled sample invoice (gateway/samples/invoice.xml).
 DEMO_PARTY_IDS = ("0088:4000001000006", "DE123456789")
 DEMO_EMAIL = "billing@demo-supplier.example"
+MAIL_HOST = "gateway.localhost"  # init's e-mail domain: the gateway receives at invoices@gateway.localhost
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,10 @@ class Instance:
     key_id: str
     delivery_folder: Path
     state_dir: Path
+    smime: devpki.Issued  # the gateway's S/MIME certificate and key
+    demo_smime: devpki.Issued  # the demo partner's
+    smtp_host: str
+    smtp_port: int
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -58,14 +63,24 @@ class Instance:
             "demo_partner_party_ids": list(DEMO_PARTY_IDS),
             "delivery_folder": str(self.delivery_folder),
             "state_dir": str(self.state_dir),
+            "smtp_host": self.smtp_host,
+            "smtp_port": self.smtp_port,
+            "smtp_address": f"invoices@{MAIL_HOST}",
+            "smime_certificate": str(self.smime.cert),
+            "smime_key": str(self.smime.key),
+            "demo_partner_email": DEMO_EMAIL,
+            "demo_partner_smime_certificate": str(self.demo_smime.cert),
+            "demo_partner_smime_key": str(self.demo_smime.key),
         }
 
 
 def render_config(host: str, port: int, key_file: str, key_id: str, *, state_dir: str = "state", outbox: str = "outbox",
-                  label: str = "made by einvoice-gateway init", config_name: str = "config.toml") -> str:
+                  label: str = "made by einvoice-gateway init", config_name: str = "config.toml",
+                  smtp_port: int | None = None, mail_host: str = MAIL_HOST) -> str:
     template = files("gateway").joinpath("templates/config.toml").read_text(encoding="utf-8")
     return template.format(label=label, config_name=config_name, host=host, port=port, key_file=key_file,
-                           admin_port=port + 2 if port else 0,
+                           admin_port=port + 2 if port else 0, smtp_port=smtp_port if smtp_port is not None else
+                           (port + 3 if port else 0), mail_host=mail_host,
                            key_id=key_id, state_dir=state_dir, outbox=outbox)
 
 
@@ -74,16 +89,16 @@ PRODUCTION_EXAMPLE = dict(host="0.0.0.0",  # noqa: S104 (a server listens for pa
                           port=8443, key_file="keys", key_id="k20261120-0a1b2c3d",
                           state_dir="/var/lib/einvoice-gateway/state", outbox="/var/lib/einvoice-gateway/outbox",
                           label="example for /etc/einvoice-gateway/config.toml",
-                          config_name="/etc/einvoice-gateway/config.toml")
+                          config_name="/etc/einvoice-gateway/config.toml", smtp_port=2525, mail_host="gateway.example.com")
 
 
 def store_certificate(partners_file: Path, name: str, cert: Path, option: str = "--client-cert") -> tuple[Path, bool]:
     """Copy a partner certificate next to the partners file, named by partner, purpose and key hash.
     Returns the path and whether the file is new."""
-    info = inspect_certificate(cert, option)
+    info = inspect_smime_certificate(cert, option) if option == "--smime-cert" else inspect_certificate(cert, option)
     folder = partners_file.parent / "partner-certs"
     folder.mkdir(mode=0o755, exist_ok=True)
-    kind = "-signing" if option == "--signing-cert" else ""
+    kind = {"--signing-cert": "-signing", "--smime-cert": "-smime"}.get(option, "")
     stored = folder / f"{name}{kind}-{info.spki_sha256[:16]}.crt"
     new = not stored.exists()
     atomic_write(stored, info.pem, mode=0o644)
@@ -93,7 +108,8 @@ def store_certificate(partners_file: Path, name: str, cert: Path, option: str = 
 def register_partner(partners_file: Path, name: str, certs: list[Path], party_ids: list[str], emails: list[str],
                      verified_by: str, signing_certs: list[Path] | None = None,
                      policy: SignaturePolicy = SignaturePolicy.IF_PRESENT, *, rules: tuple[str, ...] | None = None,
-                     ceilings: tuple[tuple[str, Decimal], ...] = (), endpoint: str = "", sign_outbound: bool = False) -> None:
+                     ceilings: tuple[tuple[str, Decimal], ...] = (), endpoint: str = "", sign_outbound: bool = False,
+                     smime_certs: list[Path] | None = None, smime_signed_only: bool = False) -> None:
     """The `partners add` command: store the certificates and add the partner, atomically."""
     def add(partners: list[Partner], store: Callable[[Path, str], str]) -> None:
         if any(p.name == name for p in partners):
@@ -101,7 +117,8 @@ def register_partner(partners_file: Path, name: str, certs: list[Path], party_id
         partner = new_partner(name, [store(c, "--client-cert") for c in certs], party_ids, emails, verified_by,
                               [store(c, "--signing-cert") for c in signing_certs or []], policy)
         partners.append(dataclasses.replace(partner, rules=rules, amount_ceilings=ceilings, endpoint=endpoint,
-                                            sign_outbound=sign_outbound))
+                                            sign_outbound=sign_outbound, smime_signed_only=smime_signed_only,
+                                            smime_certs=tuple(store(c, "--smime-cert") for c in smime_certs or [])))
 
     edit_partners(partners_file, name, add)
 
@@ -136,6 +153,10 @@ def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
     server = devpki.issue(ca, pki, "server", role="server", cn="localhost", sans=("localhost", "127.0.0.1", "::1"))
     client = devpki.issue(ca, pki / "clients", DEMO_PARTNER, role="client", cn=f"{DEMO_PARTNER} (demo partner)")
     signing = devpki.issue(ca, pki, "signing", role="signing", cn="einvoice-gateway document signing")
+    smime = devpki.issue(ca, pki, "smime", role="smime", cn="einvoice-gateway e-mail", emails=(f"invoices@{MAIL_HOST}",),
+                         key_kind="rsa2048")
+    demo_smime = devpki.issue(ca, pki / "clients", f"{DEMO_PARTNER}-smime", role="smime", cn=f"{DEMO_PARTNER} (demo partner)",
+                              emails=(DEMO_EMAIL,), key_kind="rsa2048")
     keys = root / "keys"
     keys.mkdir(mode=0o700)
     master = write_key_file(keys / "master-1.key")
@@ -145,10 +166,12 @@ def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
     atomic_write(config, render_config(host, port, "keys", master.key_id).encode())
     partners = root / "partners.toml"
     atomic_write(partners, b"# Trading partners of this gateway; edit with `einvoice-gateway partners ...`.\n")
-    register_partner(partners, DEMO_PARTNER, [client.cert], list(DEMO_PARTY_IDS), [DEMO_EMAIL], verified_by="einvoice-gateway init (demo)")
+    register_partner(partners, DEMO_PARTNER, [client.cert], list(DEMO_PARTY_IDS), [DEMO_EMAIL],
+                     verified_by="einvoice-gateway init (demo)", smime_certs=[demo_smime.cert])
     shown_host = f"[{host}]" if ":" in host else host
     return Instance(root, config, partners, f"https://{shown_host}:{port}", ca, server, client, signing,
-                    keys / "master-1.key", master.key_id, root / "outbox", root / "state")
+                    keys / "master-1.key", master.key_id, root / "outbox", root / "state", smime, demo_smime,
+                    host, port + 3 if port else 0)
 
 
 def remove(root: Path) -> None:

@@ -76,9 +76,9 @@ class SignaturePolicy(enum.Enum):
 class PeerIdentity:
     """Who is on the other end, as proven by the transport (mutual TLS)."""
 
-    spki_sha256: str  # hex SHA-256 of the client certificate's SubjectPublicKeyInfo
+    spki_sha256: str  # hex SHA-256 of the client certificate's (or, by e-mail, the S/MIME signer's) SubjectPublicKeyInfo
     subject: str  # for logs only; never used to decide anything
-    transport: str  # "https"
+    transport: str  # "https" or "smtp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +98,11 @@ class Partner:
     signing_spki: frozenset[str] = frozenset()
     rules: tuple[str, ...] | None = None  # rule packs; None: the configured default; (): none (warned at start)
     amount_ceilings: tuple[tuple[str, Decimal], ...] = ()  # (currency, ceiling): above it, or in another currency, held
-    endpoint: str = ""  # where invoices for this partner are POSTed (mutual TLS); "": none are sent to it
+    endpoint: str = ""  # where invoices for this partner go: https:// (mutual TLS) or mailto: (S/MIME); "": nowhere
     sign_outbound: bool = False  # invoices sent to this partner carry the gateway's XML signature
+    smime_certs: tuple[str, ...] = ()  # paths of the partner's S/MIME certificates (PEM): it signs with them, we encrypt to them
+    smime_spki: frozenset[str] = frozenset()
+    smime_signed_only: bool = False  # accept signed e-mail that is not encrypted (default: sign-then-encrypt required)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,11 @@ from typing import Any
 
 import tomli_w
 
-from .config import Reader
+from .config import Reader, parse_email
 from .errors import ConfigError, Detail, Forbidden
 from .model import InvoiceFacts, Partner, PartnerStatus, PeerIdentity, SignaturePolicy, Syntax
 from .signature import TrustedSigner
-from .tls import CertInfo, inspect_certificate
+from .tls import CertInfo, encryptable, inspect_certificate, inspect_smime_certificate
 from .ubl import identifier
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -46,9 +46,13 @@ def parse_ceiling(text: str, where: str) -> tuple[str, Decimal]:
 
 
 def parse_endpoint(url: str, where: str) -> str:
-    """Where the partner receives invoices: an https:// URL (another einvoice-gateway: …/v1/invoices)."""
+    """Where the partner receives invoices: an https:// URL (another einvoice-gateway: …/v1/invoices),
+    or mailto:ADDRESS (S/MIME e-mail, encrypted to the partner's S/MIME certificate)."""
+    if url.startswith("mailto:"):
+        return "mailto:" + parse_email(url.removeprefix("mailto:"), where)
     if not re.fullmatch(r"https://[^/\s?#@]+(/[^\s#]*)?", url):
-        raise ConfigError(f"{where}: {url!r} is not an https:// URL (e.g. https://gateway.partner.example/v1/invoices)")
+        raise ConfigError(f"{where}: {url!r} is neither an https:// URL (e.g. https://gateway.partner.example/v1/invoices) "
+                          "nor mailto:ADDRESS")
     return url
 
 
@@ -69,10 +73,12 @@ class PartnerDirectory:
     owner_of_id: dict[str, str]
     certificates: dict[str, CertInfo]
     signers: dict[str, list[TrustedSigner]]  # partner name → its registered document-signing certificates
+    by_smime_spki: dict[str, Partner]  # S/MIME signer key → partner (the identity of e-mail)
 
     @classmethod
     def build(cls, partners: list[Partner], certificates: dict[str, CertInfo]) -> PartnerDirectory:
         by_spki: dict[str, Partner] = {}
+        by_smime: dict[str, Partner] = {}
         owner: dict[str, str] = {}
         signing_owner: dict[str, str] = {}
         for i, p in enumerate(partners):
@@ -85,13 +91,18 @@ class PartnerDirectory:
                     raise ConfigError(
                         f"partners[{i}].client_certs: a certificate key is also registered for partner {by_spki[spki].name!r}")
                 by_spki[spki] = p
+            for spki in p.smime_spki:
+                if spki in by_smime:
+                    raise ConfigError(
+                        f"partners[{i}].smime_certs: an S/MIME key is also registered for partner {by_smime[spki].name!r}")
+                by_smime[spki] = p
             for pid in p.party_ids:
                 if pid in owner:
                     raise ConfigError(f"partners[{i}].party_ids: {pid!r} is already registered for partner {owner[pid]!r}")
                 owner[pid] = p.name
         signers = {p.name: [TrustedSigner.of(certificates[s].cert, s) for s in sorted(p.signing_spki) if s in certificates]
                    for p in partners}
-        return cls(tuple(partners), by_spki, owner, certificates, signers)
+        return cls(tuple(partners), by_spki, owner, certificates, signers, by_smime)
 
     def get(self, name: str) -> Partner | None:
         return next((p for p in self.partners if p.name == name), None)
@@ -148,7 +159,7 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
     if not NAME.match(name):
         raise ConfigError(f"{r.key('name')}: {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     status_text = r.choice("status", tuple(s.value for s in PartnerStatus), "active")
-    cert_paths = r.files("client_certs", required=True)
+    cert_paths = r.files("client_certs")
     spkis = []
     for i, path in enumerate(cert_paths):
         info = inspect_certificate(path, f"{r.key('client_certs')}[{i}]")
@@ -167,10 +178,19 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
     ceilings = tuple(parse_ceiling(v, f"{r.key('amount_ceilings')}[{i}]") for i, v in enumerate(r.str_list("amount_ceilings")))
     if policy == SignaturePolicy.REQUIRED.value and not signing:
         raise ConfigError(f"{r.key('signature_policy')}: 'required' needs at least one entry in signing_certs")
-    emails = r.str_list("emails")
-    for i, e in enumerate(emails):
-        if not re.fullmatch(r"[^@\s]+@[^@\s]+", e):
-            raise ConfigError(f"{r.key('emails')}[{i}]: {e!r} is not an e-mail address")
+    emails = [parse_email(e, f"{r.key('emails')}[{i}]") for i, e in enumerate(r.str_list("emails"))]
+    smime = []
+    for i, path in enumerate(r.files("smime_certs")):
+        info = inspect_smime_certificate(path, f"{r.key('smime_certs')}[{i}]")
+        certs[info.spki_sha256] = info
+        smime.append((str(path), info.spki_sha256))
+    if not cert_paths and not smime:
+        raise ConfigError(f"{r.key('client_certs')}: a partner needs a client certificate (HTTPS) or an S/MIME certificate "
+                          "(smime_certs, e-mail) that identifies it")
+    endpoint = parse_endpoint(r.string("endpoint", ""), r.key("endpoint")) if r.has("endpoint") else ""
+    if endpoint.startswith("mailto:") and not any(encryptable(certs[s].cert) for _, s in smime):
+        raise ConfigError(f"{r.key('endpoint')}: invoices sent by e-mail are encrypted to the partner's S/MIME certificate; "
+                          "register one with an RSA key (--smime-cert)")
     partner = Partner(
         name=name,
         status=PartnerStatus(status_text),
@@ -185,8 +205,11 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
         signing_spki=frozenset(s for _, s in signing),
         rules=rules,
         amount_ceilings=ceilings,
-        endpoint=parse_endpoint(r.string("endpoint", ""), r.key("endpoint")) if r.has("endpoint") else "",
+        endpoint=endpoint,
         sign_outbound=r.boolean("sign_outbound", False),
+        smime_certs=tuple(p for p, _ in smime),
+        smime_spki=frozenset(s for _, s in smime),
+        smime_signed_only=r.boolean("smime_signed_only", False),
     )
     r.done()
     return partner
@@ -263,6 +286,8 @@ def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
         "amount_ceilings": [f"{c}:{v}" for c, v in p.amount_ceilings],
         **({"endpoint": p.endpoint} if p.endpoint else {}),
         **({"sign_outbound": True} if p.sign_outbound else {}),
+        **({"smime_certs": [rel(c) for c in p.smime_certs]} if p.smime_certs else {}),
+        **({"smime_signed_only": True} if p.smime_signed_only else {}),
     }
 
 

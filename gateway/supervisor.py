@@ -57,14 +57,19 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
 class Worker:
     """A worker process and the pipe on which it reports: R ready, H reloaded, . alive."""
 
-    def __init__(self, config: Config, index: int, sock: socket.socket, env: dict[str, str]):
+    def __init__(self, config: Config, index: int, sock: socket.socket, env: dict[str, str],
+                 smtp_sock: socket.socket | None = None):
         self.index = index
         self.status, write = os.pipe()
         os.set_blocking(self.status, False)
         fd = sock.fileno()
         argv = [sys.executable, "-m", "gateway", "serve", "-c", str(config.source), "--worker", str(index),
                 "--listen-fd", str(fd), "--status-fd", str(write)]
-        self.proc: subprocess.Popen[Any] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(fd, write), env=env)
+        fds = [fd, write]
+        if smtp_sock is not None:
+            argv += ["--smtp-fd", str(smtp_sock.fileno())]
+            fds.append(smtp_sock.fileno())
+        self.proc: subprocess.Popen[Any] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=fds, env=env)
         os.close(write)
         self.ready = False
         self.reloaded = False
@@ -91,6 +96,7 @@ def supervise(config: Config, workers: int, backlog: int) -> int:
     SqliteStore(config.state_dir).close()
     sock = listen(config.https.host, config.https.port, backlog)
     port = sock.getsockname()[1]
+    smtp_sock = listen(config.smtp.host, config.smtp.port, backlog) if config.smtp is not None else None
     env = systemd.child_environment() | {MULTIPROC_ENV: str(prepare_directory(config.state_dir))}
     signals: list[int] = []
 
@@ -99,8 +105,9 @@ def supervise(config: Config, workers: int, backlog: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    procs = {i: Worker(config, i, sock, env) for i in range(workers)}
-    log.info("supervisor.started", workers=workers, port=port, pid=os.getpid())
+    procs = {i: Worker(config, i, sock, env, smtp_sock) for i in range(workers)}
+    log.info("supervisor.started", workers=workers, port=port, pid=os.getpid(),
+             smtp_port=smtp_sock.getsockname()[1] if smtp_sock is not None else None)
     restarts: list[float] = []
     code = 0
     stopping = ready = False
@@ -147,7 +154,7 @@ def supervise(config: Config, workers: int, backlog: int) -> int:
                     log.error("supervisor.giving_up", reason="workers keep dying")
                     stopping, code = True, 1
                     break
-                procs[i] = Worker(config, i, sock, env)
+                procs[i] = Worker(config, i, sock, env, smtp_sock)
     finally:
         systemd.notify("STOPPING=1")
         for w in procs.values():
@@ -165,6 +172,8 @@ def supervise(config: Config, workers: int, backlog: int) -> int:
                 code = code or 1
             w.close()
         sock.close()
+        if smtp_sock is not None:
+            smtp_sock.close()
         log.info("supervisor.stopped", exit_code=code)
     return code
 

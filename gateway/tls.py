@@ -17,6 +17,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .errors import ConfigError
 
@@ -46,8 +48,8 @@ def server_context(certificate: Path, private_key: Path, client_ca: tuple[Path, 
 
 
 def admin_context(certificate: Path, private_key: Path) -> ssl.SSLContext:
-    """The admin listener off loopback: HTTPS with the gateway's certificate, no client certificate
-    (its callers authenticate with a bearer token)."""
+    """No client certificate: the admin listener off loopback (its callers authenticate with a bearer
+    token) and SMTP STARTTLS (the S/MIME signature is the identity)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
@@ -112,15 +114,68 @@ def inspect_certificate(path: Path, where: str) -> CertInfo:
     return CertInfo(spki_sha256(cert), cert.subject.rfc4514_string(), cert.not_valid_after_utc, data, cert)
 
 
-def ca_certificates(paths: tuple[Path, ...]) -> list[x509.Certificate]:
-    """Every certificate in these PEM bundles (the partner CAs, for CRL signatures and issuers)."""
+def inspect_smime_certificate(path: Path, where: str) -> CertInfo:
+    """A partner's (or the gateway's) S/MIME certificate: a usable certificate that may sign e-mail
+    (KeyUsage digitalSignature or nonRepudiation, EKU emailProtection)."""
+    info = inspect_certificate(path, where)
+    problems = smime_problems(info.cert)
+    if problems:
+        raise ConfigError(f"{where}: {path} is not an S/MIME certificate: {'; '.join(problems)}")
+    return info
+
+
+def smime_problems(cert: x509.Certificate) -> list[str]:
+    out = []
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not (ku.digital_signature or ku.content_commitment):
+            out.append("its KeyUsage allows neither digitalSignature nor nonRepudiation")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.EMAIL_PROTECTION not in eku:
+            out.append("its ExtendedKeyUsage lacks emailProtection")
+    except x509.ExtensionNotFound:
+        out.append("it has no ExtendedKeyUsage (emailProtection is required)")
+    return out
+
+
+def encryptable(cert: x509.Certificate) -> bool:
+    """Whether mail can be encrypted to this certificate (RSA key transport; key agreement is not supported)."""
+    key = cert.public_key()
+    return isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS
+
+
+def email_addresses(cert: x509.Certificate) -> set[str]:
+    """The certificate's rfc822Name SANs, lowercased (the addresses it may sign mail from)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {a.lower() for a in san.get_values_for_type(x509.RFC822Name)}
+
+
+def ca_certificates(paths: tuple[Path, ...], key: str = "https.client_ca") -> list[x509.Certificate]:
+    """Every certificate in these PEM bundles (the partner CAs, for CRL signatures, issuers and S/MIME chains)."""
     out: list[x509.Certificate] = []
     for i, path in enumerate(paths):
         try:
             out.extend(x509.load_pem_x509_certificates(path.read_bytes()))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"https.client_ca[{i}]: cannot read certificates from {path} ({exc})") from None
+            raise ConfigError(f"{key}[{i}]: cannot read certificates from {path} ({exc})") from None
     return out
+
+
+def load_private_key(data: bytes) -> PrivateKeyTypes:
+    """A PEM private key without a passphrase (the file's mode protects it)."""
+    return serialization.load_pem_private_key(data, None)
+
+
+def same_key(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(cert.public_key().public_bytes(serialization.Encoding.DER, public)
+                == key.public_key().public_bytes(serialization.Encoding.DER, public))
 
 
 def expires_soon(info: CertInfo, days: int = 30) -> bool:

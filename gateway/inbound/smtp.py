@@ -1,0 +1,259 @@
+"""The partner-facing S/MIME e-mail listener (aiosmtpd).
+
+    EHLO → STARTTLS (required before MAIL: plaintext commands get 530) → MAIL → RCPT (only the
+    configured gateway addresses: no relaying) → DATA (SIZE advertised and enforced) →
+      open the S/MIME message (gateway/smime.py) → authenticate the signer → the same pipeline as
+      HTTPS → 250 only after the invoice is durable; 5xx with an enhanced status code and the
+      HTTPS API's error code for a permanent refusal; 4xx for a transient one.
+
+Client certificates are not asked for: the S/MIME signature is the identity.  A refused message
+is never bounced to the envelope sender (backscatter): the SMTP reply is the answer, and a signed
+reply e-mail goes to a partner only once its signature proved who it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import ssl
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography import x509
+
+from .. import logs, smime
+from ..config import SmtpConfig
+from ..errors import Forbidden, GatewayError, LimitExceeded, Rejected, UnsupportedMediaType
+from ..mail import Mailer
+from ..model import InboundMessage, Partner, PeerIdentity
+from ..partners import PartnerBook
+from ..pipeline import Outcome, Pipeline
+from ..revocation import Revocation
+from ..store import Store
+from ..tls import spki_sha256
+from .https import ByteBudget
+
+log = logs.get("inbound.smtp")
+
+MAX_RECIPIENTS = 10
+MAX_DETAIL_LINES = 10
+# Refusals by code where the class alone does not say enough (RFC 3463 enhanced status codes).
+ENHANCED = {
+    "SMIME_DECRYPTION_FAILED": "5.7.5", "SMIME_WRONG_RECIPIENT": "5.7.5",
+    "SMIME_ALGORITHM_REFUSED": "5.7.6",
+    "SMIME_SIGNATURE_INVALID": "5.7.7", "SIGNATURE_INVALID": "5.7.7", "DIGEST_MISMATCH": "5.7.7",
+}
+
+
+def _line(text: str) -> str:
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:400]
+
+
+def smtp_reply(exc: GatewayError) -> str:
+    """The one place errors become SMTP replies: ``554 5.7.1 CODE: message`` plus detail lines."""
+    if not isinstance(exc, Rejected):
+        return f"451 4.3.0 {exc.code}: {_line(exc.message)}"
+    if isinstance(exc, LimitExceeded):
+        status, enhanced = "552", "5.3.4"
+    elif exc.code in ENHANCED:
+        status, enhanced = "554", ENHANCED[exc.code]
+    elif isinstance(exc, Forbidden):
+        status, enhanced = "554", "5.7.1"
+    elif isinstance(exc, UnsupportedMediaType):
+        status, enhanced = "554", "5.6.1"
+    else:
+        status, enhanced = "554", "5.6.0"
+    lines = [f"{exc.code}: {exc.message}"] + [d.message + (f" (line {d.line})" if d.line else "") + (
+        f" at {d.path}" if d.path else "") for d in exc.details[:MAX_DETAIL_LINES]]
+    if len(exc.details) > MAX_DETAIL_LINES:
+        lines.append(f"... and {len(exc.details) - MAX_DETAIL_LINES} more (see the reply e-mail)")
+    return "\r\n".join(f"{status}{'-' if i < len(lines) - 1 else ' '}{enhanced} {_line(t)}" for i, t in enumerate(lines))
+
+
+class _Session(SMTP):
+    """aiosmtpd's SMTP with a cap on concurrent sessions."""
+
+    def __init__(self, owner: SmtpInbound, **kwargs: Any):
+        super().__init__(owner, **kwargs)
+        self.owner = owner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.owner.sessions >= self.owner.cfg.max_sessions:
+            transport.write(b"421 4.3.2 Too many connections; try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            return
+        self.owner.sessions += 1
+        self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.owner.sessions -= 1
+            super().connection_lost(error)
+
+
+class SmtpInbound:
+    def __init__(self, cfg: SmtpConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
+                 identity: smime.Identity, roots: Sequence[x509.Certificate], revocation: Revocation | None,
+                 tls: ssl.SSLContext, executor: Executor, max_invoice_bytes: int, max_in_flight_bytes: int,
+                 on_accepted: Callable[[], None], mailer: Mailer | None = None,
+                 count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.partners = partners
+        self.store = store
+        self.identity = identity
+        self.roots = list(roots)
+        self.revocation = revocation
+        self.tls = tls  # replaced by a reload; each new session takes the current one
+        self.executor = executor  # decryption and signature checks run on the stage threads
+        self.max_invoice_bytes = max_invoice_bytes
+        self.budget = ByteBudget(max_in_flight_bytes)
+        self.on_accepted = on_accepted
+        self.mailer = mailer if cfg.replies else None
+        self.count = count
+        self.sessions = 0
+        self.inflight = 0  # messages being processed after DATA (stop waits for them)
+        self.replies: set[asyncio.Task[None]] = set()
+        self.addresses = frozenset(cfg.addresses)
+
+    def protocol(self) -> SMTP:
+        """A protocol instance per connection (the asyncio server's factory)."""
+        return _Session(self, data_size_limit=self.cfg.max_message_bytes, hostname=self.cfg.hostname,
+                        ident="einvoice-gateway ESMTP", tls_context=self.tls, require_starttls=True,
+                        timeout=self.cfg.command_timeout_s, command_call_limit={"RCPT": 100, "*": 1000},
+                        loop=asyncio.get_running_loop())
+
+    # --- aiosmtpd hooks -------------------------------------------------------------------------
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address.lower() not in self.addresses:
+            return "550 5.7.1 Relaying denied: this gateway accepts mail only for its own invoice addresses"
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        # The data timeout covers the transfer (aiosmtpd's timer runs from the DATA command) and our processing.
+        server._reset_timeout(self.cfg.data_timeout_s)
+        raw = envelope.original_content or b""
+        received_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        bound = log.bind(transport="smtp", peer=session.peer[0] if isinstance(session.peer, tuple) else None,
+                         size=len(raw))
+        partner: Partner | None = None
+        opened: smime.Opened | None = None
+        piped = False
+        self.inflight += 1
+        try:
+            await self.budget.acquire(len(raw))
+            try:
+                letter, sender = await asyncio.get_running_loop().run_in_executor(self.executor, self._open, raw)
+                opened, partner = letter, sender  # (for the reply to a refusal)
+                bound = bound.bind(partner=sender.name, sender=letter.from_address)
+                signer = letter.verified.signer
+                peer = PeerIdentity(spki_sha256(signer), signer.subject.rfc4514_string(), "smtp")
+                piped = True
+                outcome = await self.pipeline.accept(
+                    InboundMessage(letter.invoice, peer, sender, received_at, letter.media_type))
+            finally:
+                await self.budget.release(len(raw))
+        except Rejected as exc:
+            bound.info("invoice.rejected", code=exc.code, reason=exc.message, details=len(exc.details))
+            self.count("smtp", "rejected", exc.code)
+            if not piped:
+                await asyncio.wrap_future(self.store.audit("gateway", "invoice.rejected", partner.name if partner else None,
+                                                           None, {"transport": "smtp", "code": exc.code,
+                                                                  "sha256": hashlib.sha256(raw).hexdigest()}))
+            if partner is not None and opened is not None:
+                self._reply(partner, opened, "rejected", exc.as_json())
+            return smtp_reply(exc)
+        except GatewayError as exc:
+            bound.warning("invoice.deferred", code=exc.code, reason=exc.message)
+            self.count("smtp", "deferred", exc.code)
+            return smtp_reply(exc)
+        except Exception:
+            bound.exception("smtp.internal_error")
+            return "451 4.3.0 INTERNAL_ERROR: the gateway failed to process the message; retry later"
+        finally:
+            self.inflight -= 1
+        return self._accepted(outcome, sender, letter, bound)
+
+    def _open(self, raw: bytes) -> tuple[smime.Opened, Partner]:
+        opened = smime.open_message(raw, self.identity, self.max_invoice_bytes)
+        return opened, smime.authenticate(opened, self.partners.current, self.roots, self.revocation)
+
+    def _accepted(self, outcome: Outcome, partner: Partner, opened: smime.Opened, bound: Any) -> str:
+        receipt = outcome.receipt
+        if outcome.accepted is None:
+            bound.info("invoice.duplicate", message_id=receipt.message_id, code="DUPLICATE", sha256=receipt.sha256)
+            self.count("smtp", "duplicate", "DUPLICATE")
+        else:
+            bound.info("invoice.accepted", message_id=receipt.message_id, code="HELD" if receipt.status == "held" else
+                       "ACCEPTED", sha256=receipt.sha256, invoice_number=outcome.accepted.facts.invoice_number,
+                       encrypted=opened.decrypted.cipher if opened.decrypted else None)
+            self.on_accepted()
+            self.count("smtp", "held" if receipt.status == "held" else "accepted", "OK")
+        self._reply(partner, opened, "accepted", receipt.as_json())
+        duplicate = " (a duplicate of an earlier message)" if receipt.duplicate else ""
+        return f"250 2.0.0 Accepted as {receipt.message_id}{duplicate}"
+
+    # --- reply e-mails ----------------------------------------------------------------------------
+
+    def _reply(self, partner: Partner, opened: smime.Opened, outcome: str, body: dict[str, Any]) -> None:
+        """A signed (and, when the partner's certificate allows, encrypted) reply, sent in the background."""
+        if self.mailer is None:
+            return
+        task = asyncio.create_task(self._send_reply(partner, opened, outcome, body), name="smtp-reply")
+        self.replies.add(task)
+        task.add_done_callback(self.replies.discard)
+
+    async def _send_reply(self, partner: Partner, opened: smime.Opened, outcome: str, body: dict[str, Any]) -> None:
+        assert self.mailer is not None
+        mailer = self.mailer
+        recipient = opened.verified.signer if partner.smime_spki else None
+        from ..tls import encryptable
+
+        if recipient is not None and not encryptable(recipient):
+            recipient = None
+        report = json.dumps({"outcome": outcome, "in_reply_to": opened.message_id, **body}, indent=2).encode()
+        text = (f"Your invoice message {opened.message_id or ''} was {outcome} by einvoice-gateway.\r\n"
+                "The attached outcome.json lists the details (the same JSON as the HTTPS API answers).\r\n")
+        try:
+            message = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: smime.compose([(report, "application/json", "outcome.json")], text,
+                                                     identity=mailer.identity, to=opened.from_address,
+                                                     subject=f"Invoice {outcome}", recipient=recipient,
+                                                     cipher=self.cfg.reply_cipher, in_reply_to=opened.message_id))
+            for attempt, pause in enumerate((0.0, 30.0, 300.0)):
+                await asyncio.sleep(pause)
+                try:
+                    await mailer.smarthost.send(mailer.identity.address, [opened.from_address], message)
+                    log.info("smtp.reply_sent", partner=partner.name, to=opened.from_address, outcome=outcome)
+                    return
+                except Exception as exc:  # DeliveryFailed, or anything else: logged, never raised into the loop
+                    log.warning("smtp.reply_failed", partner=partner.name, attempt=attempt + 1, reason=str(exc)[:300])
+                    if getattr(exc, "permanent", False):
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("smtp.reply_failed", partner=partner.name)
+
+    async def stop(self, grace_s: float) -> None:
+        """After the listener closed: let messages being processed get their answer, then drop pending replies."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for task in list(self.replies):
+            task.cancel()
+        await asyncio.gather(*self.replies, return_exceptions=True)
