@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiosmtplib
+from cryptography import x509
 
 from . import config as config_mod
-from . import instance, logs
+from . import instance, logs, smime
 from .app import Gateway
-from .tls import client_context
+from .tls import client_context, load_private_key
 
 SAMPLE = files("gateway").joinpath("samples/invoice.xml").read_bytes()
 
@@ -66,6 +68,22 @@ async def _wait_delivered(session: aiohttp.ClientSession, url: str, message_id: 
     return status
 
 
+async def _mail(inst: instance.Instance, port: int, body: bytes) -> str:
+    """Send ``body`` as the demo partner would by e-mail: signed with its S/MIME key, encrypted to the gateway's."""
+    sender = smime.Identity(x509.load_pem_x509_certificate(inst.demo_smime.cert.read_bytes()),
+                            load_private_key(inst.demo_smime.key.read_bytes()), instance.DEMO_EMAIL)
+    gateway_cert = x509.load_pem_x509_certificate(inst.smime.cert.read_bytes())
+    to = f"invoices@{instance.MAIL_HOST}"
+    message = smime.compose([(body, "application/xml", "invoice.xml")], "Invoice attached.", identity=sender, to=to,
+                            subject="Invoice DEMO-2026-0004", recipient=gateway_cert)
+    try:
+        _, reply = await aiosmtplib.send(message, sender=instance.DEMO_EMAIL, recipients=[to], hostname="127.0.0.1",
+                                         port=port, start_tls=True, tls_context=client_context(inst.ca.cert), timeout=30)
+    except aiosmtplib.SMTPResponseException as exc:
+        return f"REJECTED ({exc.code} {exc.message})"
+    return f"ACCEPTED (250 {reply})"
+
+
 async def run(folder: Path | None, wait: bool, port: int) -> int:
     root = folder or Path(tempfile.mkdtemp(prefix="einvoice-gateway-demo-"))
     if folder is None:
@@ -94,6 +112,10 @@ async def run(folder: Path | None, wait: bool, port: int) -> int:
                     for d in reply.get("details", [])[:3]:
                         at = f"line {d['line']}: " if "line" in d else ""
                         print(f"    {at}{d['message']}")
+        if gw.smtp_port:
+            by_mail = SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", b"DEMO-2026-0004</cbc:ID>")
+            print(f"- invoice by S/MIME e-mail (signed, then encrypted; SMTP with STARTTLS on port {gw.smtp_port}): "
+                  f"{await _mail(inst, gw.smtp_port, by_mail)}")
         sample_path = inst.root / "sample-invoice.xml"
         sample_path.write_bytes(SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", b"DEMO-2026-0100</cbc:ID>"))
         print("\nTry it by hand:")
@@ -121,7 +143,7 @@ def main(folder: str | None, wait: bool, port: int) -> int:
         return asyncio.run(run(Path(folder) if folder else None, wait, port))
     except KeyboardInterrupt:
         return 0
-    except (OSError, ssl.SSLError, aiohttp.ClientError) as exc:
+    except (OSError, ssl.SSLError, aiohttp.ClientError, aiosmtplib.SMTPException) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
 

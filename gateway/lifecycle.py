@@ -53,13 +53,14 @@ def _load(path: Any) -> x509.Certificate | None:
 
 def inventory(config: Config, directory: PartnerDirectory) -> list[CertEntry]:
     out = []
-    own = [("tls-server", config.https.certificate)] + ([("signing", config.signing.certificate)] if config.signing else [])
+    own = [("tls-server", config.https.certificate)] + ([("signing", config.signing.certificate)] if config.signing else []) \
+        + ([("smime", config.smtp.certificate)] if config.smtp else [])
     for purpose, path in own:
         cert = _load(path)
         if cert is not None:
             out.append(CertEntry("gateway", purpose, cert.subject.rfc4514_string(), spki_sha256(cert), cert.not_valid_after_utc))
     for p in directory.partners:
-        for purpose, spkis in (("client", p.client_spki), ("document-signing", p.signing_spki)):
+        for purpose, spkis in (("client", p.client_spki), ("document-signing", p.signing_spki), ("smime", p.smime_spki)):
             for spki in sorted(spkis):
                 info = directory.certificates.get(spki)
                 if info is not None:

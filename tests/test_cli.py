@@ -235,8 +235,9 @@ def test_demo_no_wait(tmp_path):
                             capture_output=True, text=True, timeout=60, env=ENV)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.count("ACCEPTED") == 1 and out.count("REJECTED") == 2, out
+    assert out.count("ACCEPTED") == 2 and out.count("REJECTED") == 2, out
     assert "REJECTED (422 SCHEMA_INVALID)" in out and "REJECTED (403 SUPPLIER_NOT_AUTHORIZED)" in out
+    assert "- invoice by S/MIME e-mail" in out and "ACCEPTED (250 2.0.0 Accepted as " in out
 
     command = shlex.split(out[out.index("curl "):].replace("\\\n", " "))
     assert command[0] == "curl"

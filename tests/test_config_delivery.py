@@ -73,15 +73,14 @@ PARTNER_TLS = dict(client_certificate="pki/gw-client.crt", client_key="pki/gw-cl
 # --- [[destinations]] -------------------------------------------------------------------------------------
 
 
-def test_email_destination_names_smime(inst: instance.Instance) -> None:
+def test_email_destination_needs_its_mailbox(inst: instance.Instance) -> None:
     append(inst, '[[destinations]]\nname = "mail"\ntype = "email"\n')
-    msg = error_of(inst)
-    assert msg.startswith("destinations[1].type: e-mail destinations need the S/MIME transport")
+    assert error_of(inst) == "destinations[1].to: missing (required)"
 
 
 def test_unknown_destination_type(inst: instance.Instance) -> None:
     append(inst, '[[destinations]]\nname = "x"\ntype = "ftp"\n')
-    assert error_of(inst) == "destinations[1].type: 'ftp' is not one of directory, https, partner"
+    assert error_of(inst) == "destinations[1].type: 'ftp' is not one of directory, https, partner, email"
 
 
 @pytest.mark.parametrize("url", ["http://erp.example/in", "erp.example/in", "https://", "https://erp example/in",
