@@ -166,6 +166,7 @@ def test_credentials_are_named_after_the_files(service: dict[str, list[str]]) ->
         "keys": f"{CONFIG_DIR}/keys",
         "server.key": f"{CONFIG_DIR}/pki/server.key",
         "signing.key": f"{CONFIG_DIR}/pki/signing.key",
+        "smime.key": f"{CONFIG_DIR}/pki/smime.key",
     }
     for cred_id, path in creds.items():
         assert re.fullmatch(r"[A-Za-z0-9_.-]+", cred_id), cred_id
@@ -177,7 +178,7 @@ def test_example_configuration_fits_the_unit(service: dict[str, list[str]]) -> N
     """Secrets of the shipped example arrive as credentials; its folders are ones the unit can write."""
     cfg = tomllib.loads(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
     creds = {v.split(":", 1)[0] for v in service["LoadCredential"]}
-    secrets = [cfg["https"]["private_key"], cfg["signing"]["private_key"], *cfg["vault"]["keys"]]
+    secrets = [cfg["https"]["private_key"], cfg["signing"]["private_key"], cfg["smtp"]["private_key"], *cfg["vault"]["keys"]]
     for secret in secrets:
         assert PurePosixPath(secret).name in creds, f"{secret} is not handed over by LoadCredential="
     assert PurePosixPath(cfg["instance"]["state_dir"]).is_relative_to(STATE_DIR)
@@ -186,7 +187,7 @@ def test_example_configuration_fits_the_unit(service: dict[str, list[str]]) -> N
     for folder in folders:
         assert folder.is_relative_to(STATE_DIR), f"{folder}: outside the state directory (needs ReadWritePaths=)"
         assert str(folder) in tmpfiles, f"{folder}: must exist before the daemon starts; tmpfiles.d does not create it"
-    ports = [cfg["https"]["listen_port"]] + [cfg[s]["listen_port"] for s in ("outbound", "admin") if "listen_port" in cfg.get(s, {})]
+    ports = [cfg["https"]["listen_port"]] + [cfg[s]["listen_port"] for s in ("outbound", "admin", "smtp") if "listen_port" in cfg.get(s, {})]
     assert all(p > 1023 for p in ports), "the unit grants no CAP_NET_BIND_SERVICE"
 
 
