@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -22,7 +23,7 @@ from cryptography import x509
 
 from . import logs, systemd
 from .admin import AdminInbound
-from .config import Config
+from .config import Config, Destination
 from .config import load as load_config
 from .delivery import Outbox, Sender, make_sender
 from .errors import ConfigError
@@ -209,6 +210,19 @@ def rule_specs(config: Config) -> list[PackSpec]:
             for p in config.rule_packs]
 
 
+def _file_stamps(dest: Destination) -> tuple[tuple[int, int, int] | None, ...]:
+    """What a sender read from files when it was made: a reload replaces it when one of them changed."""
+    def stamp(path: Path | None) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat() if path is not None else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
+
+    return tuple(stamp(p) for p in (dest.ca, dest.hmac_key_file, dest.bearer_token_file, dest.client_certificate,
+                                    dest.client_key, dest.recipient_certificate))
+
+
 class Gateway:
     def __init__(self, config: Config, parts: Parts | None = None, *, sock: socket.socket | None = None,
                  run_delivery: bool = True, smtp_sock: socket.socket | None = None):
@@ -259,9 +273,11 @@ class Gateway:
                         observe=self.metrics.stage)
 
     def _senders(self, config: Config, old: dict[str, Sender]) -> dict[str, Sender]:
-        """A sender per destination; one whose destination is unchanged is kept (its connections too)."""
-        before = {d.name: d for d in self.config.destinations}
-        return {d.name: old[d.name] if d.name in old and before.get(d.name) == d
+        """A sender per destination; one whose destination and files (keys, certificates, tokens) are
+        unchanged is kept (its connections too)."""
+        before = getattr(self, "_sender_stamps", {})
+        self._sender_stamps = {d.name: (d, _file_stamps(d)) for d in config.destinations}
+        return {d.name: old[d.name] if d.name in old and before.get(d.name) == self._sender_stamps[d.name]
                 else make_sender(d, self.parts.partners, self.io_executor, lambda: self.mailer) for d in config.destinations}
 
     def _mailer(self, config: Config, parts: Parts) -> Mailer | None:

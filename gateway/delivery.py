@@ -267,6 +267,9 @@ class PartnerSender(_HttpSender):
             raise DeliveryFailed(f"partner {partner.name!r} has no S/MIME certificate with an RSA key to encrypt to "
                                  f"(partners edit {partner.name} --smime-cert PEM)")
         newest = max(certs, key=lambda c: c.not_after)  # during a rollover, the certificate that lasts longest
+        if newest.not_after < datetime.now(UTC):
+            raise DeliveryFailed(f"partner {partner.name!r}: its S/MIME certificate expired on {newest.not_after.date()}; "
+                                 f"register its new one (partners edit {partner.name} --smime-cert PEM)")
         return await mailer.send_invoice(job, document, partner.endpoint.removeprefix("mailto:"), newest.cert, "aes-256-gcm")
 
     @staticmethod

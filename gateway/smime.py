@@ -327,7 +327,7 @@ def _entity(message: Message) -> bytes:
 
 def compose(parts: Sequence[tuple[bytes, str, str]], text: str, *, identity: Identity, to: str, subject: str,
             recipient: x509.Certificate | None, cipher: str = "aes-256-gcm", in_reply_to: str = "",
-            message_id: str = "") -> bytes:
+            message_id: str = "", auto_reply: bool = False) -> bytes:
     """A new message: ``text`` and the attachments ``parts`` ((content, media type, file name)),
     signed with the gateway's key (multipart/signed, SHA-256), then encrypted to ``recipient``.
 
@@ -359,6 +359,7 @@ def compose(parts: Sequence[tuple[bytes, str, str]], text: str, *, identity: Ide
     head = (f"From: {identity.address}\r\nTo: {to}\r\nSubject: {_header_text(subject)}\r\n"
             f"Date: {email.utils.formatdate(usegmt=True)}\r\nMessage-ID: {msgid}\r\n"
             + (f"In-Reply-To: {_header_text(in_reply_to)}\r\n" if in_reply_to else "")
+            + ("Auto-Submitted: auto-replied\r\n" if auto_reply else "")  # RFC 3834: no auto-answer to it
             + "MIME-Version: 1.0\r\n").encode()
     return head + (top + body if recipient is not None else signed)
 

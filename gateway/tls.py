@@ -142,9 +142,15 @@ def smime_problems(cert: x509.Certificate) -> list[str]:
 
 
 def encryptable(cert: x509.Certificate) -> bool:
-    """Whether mail can be encrypted to this certificate (RSA key transport; key agreement is not supported)."""
+    """Whether mail can be encrypted to this certificate: RSA key transport (key agreement is not
+    supported), and a KeyUsage, if present, that allows keyEncipherment."""
     key = cert.public_key()
-    return isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_RSA_BITS:
+        return False
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment)
+    except x509.ExtensionNotFound:
+        return True
 
 
 def email_addresses(cert: x509.Certificate) -> set[str]:

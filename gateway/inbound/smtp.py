@@ -91,6 +91,11 @@ class _Session(SMTP):
         self._counted = True
         super().connection_made(transport)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        # The transfer gets data_timeout_s from the DATA command on (aiosmtpd resets its timer per command only).
+        self._reset_timeout(self.owner.cfg.data_timeout_s)
+        await super().smtp_DATA(arg)
+
     def connection_lost(self, error: Exception | None) -> None:
         if getattr(self, "_counted", False):
             self._counted = False
@@ -143,7 +148,7 @@ class SmtpInbound:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        # The data timeout covers the transfer (aiosmtpd's timer runs from the DATA command) and our processing.
+        # Processing gets its own data_timeout_s after the transfer (the timer closes the connection when it fires).
         server._reset_timeout(self.cfg.data_timeout_s)
         raw = envelope.original_content or b""
         received_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -232,7 +237,8 @@ class SmtpInbound:
                 self.executor, lambda: smime.compose([(report, "application/json", "outcome.json")], text,
                                                      identity=mailer.identity, to=opened.from_address,
                                                      subject=f"Invoice {outcome}", recipient=recipient,
-                                                     cipher=self.cfg.reply_cipher, in_reply_to=opened.message_id))
+                                                     cipher=self.cfg.reply_cipher, in_reply_to=opened.message_id,
+                                                     auto_reply=True))
             for attempt, pause in enumerate((0.0, 30.0, 300.0)):
                 await asyncio.sleep(pause)
                 try:
