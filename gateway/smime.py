@@ -43,7 +43,7 @@ from typing import Any
 from cryptography import x509
 
 from . import cms
-from .errors import Detail, Forbidden, GatewayError, LimitExceeded, Malformed
+from .errors import Detail, Forbidden, GatewayError, LimitExceeded, Malformed, Rejected
 from .model import Partner, PartnerStatus
 from .partners import PartnerDirectory
 from .revocation import Revocation, find_issuer
@@ -120,19 +120,28 @@ def _b64(body: bytes, what: str) -> bytes:
         raise SmimeMalformed(f"the {what} is not valid base64") from None
 
 
-def _from_address(headers: Message) -> str:
-    found = headers.get_all("From") or []
+ADDR_SPEC = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}"
+# addr-spec alone, or a display name (a quoted string, or words without '@', comments or specials) and <addr-spec>
+FROM_VALUE = re.compile(rf'\s*(?:({ADDR_SPEC})|(?:"[^"\\@]*"|[^"<>@(),;:\\\[\]]*)<({ADDR_SPEC})>)\s*')
+
+
+def _from_address(block: bytes) -> str:
+    """Exactly one From header with exactly one plain address (SECURITY-TESTS.md I-03): a display
+    name may not hold an address, and comments, groups and lists are refused, so what the gateway
+    reads is what a mail program shows."""
+    raw = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(block + b"\r\n", headersonly=True)
+    found = [re.sub(r"\r?\n[ \t]", " ", str(v)) for v in raw.get_all("From") or []]
     if len(found) != 1:
         raise SmimeRefused(f"the message has {len(found)} From headers; exactly one is required",
                            code="SMIME_FROM_INVALID")
-    addresses = email.utils.getaddresses([str(found[0])])
-    if len(addresses) != 1 or not re.fullmatch(r"[^@\s]+@[^@\s]+", addresses[0][1]):
-        raise SmimeRefused("the From header must hold exactly one address (local@domain)", code="SMIME_FROM_INVALID")
-    address = addresses[0][1].lower()
-    sender = headers.get_all("Sender") or []
-    if sender:
-        sent_by = email.utils.getaddresses([str(s) for s in sender])
-        if len(sent_by) != 1 or sent_by[0][1].lower() != address:
+    match = FROM_VALUE.fullmatch(found[0])
+    if match is None:
+        raise SmimeRefused("the From header must hold exactly one address, alone or as Name <local@domain>, with no "
+                           "address in the name and no comments", code="SMIME_FROM_INVALID")
+    address = (match.group(1) or match.group(2)).lower()
+    for sender in raw.get_all("Sender") or []:
+        m = FROM_VALUE.fullmatch(re.sub(r"\r?\n[ \t]", " ", str(sender)))
+        if m is None or (m.group(1) or m.group(2)).lower() != address:
             raise SmimeRefused("a Sender header that differs from From is not accepted; send from the partner's own "
                                "registered address", code="SMIME_FROM_INVALID")
     return address
@@ -210,11 +219,18 @@ def _open_signed(entity: bytes, where: str, *, allow_envelope: bool, identity: I
         der = _cms(entity, "application/pkcs7-mime body")
         if cms.content_type(der) == "signed-data":
             raise SmimeRefused(f"{where}: smime-type says enveloped but the content is signed data", code="SMIME_STRUCTURE")
-        opened = cms.decrypt(der, identity.certificate, identity.key)
-        inner = _crlf(opened.content)
         try:
-            return _open_signed(inner, "the decrypted content", allow_envelope=False, identity=identity, decrypted=opened)
-        except SmimeRefused as exc:
+            opened = cms.decrypt(der, identity.certificate, identity.key)
+        except cms.CmsDecryptionFailed:
+            raise _undecryptable() from None
+        try:
+            return _open_signed(_crlf(opened.content), "the decrypted content", allow_envelope=False, identity=identity,
+                                decrypted=opened)
+        except Rejected as exc:
+            if opened.cipher.endswith("-cbc"):
+                # CBC is malleable: an altered ciphertext decrypts to garbage.  Every failure after decryption
+                # gets the one answer a padding failure gets, so the answers are no padding oracle (M-04).
+                raise _undecryptable() from None
             if exc.code == "SMIME_STRUCTURE":
                 raise SmimeRefused("the message is encrypted but not signed; sign the invoice with your registered S/MIME "
                                    "certificate, then encrypt it", [Detail(exc.message)], code="SMIME_NOT_SIGNED") from None
@@ -228,6 +244,18 @@ def _open_signed(entity: bytes, where: str, *, allow_envelope: bool, identity: I
     if signature_headers.get_content_type() not in PKCS7_SIGNATURE:
         raise SmimeMalformed("the second part of multipart/signed must be application/pkcs7-signature")
     return cms.verify(_cms(parts[1], "signature part"), detached=parts[0]), decrypted
+
+
+class Undecryptable(cms.CmsRejected):
+    code = "SMIME_DECRYPTION_FAILED"
+
+
+def _undecryptable() -> Undecryptable:
+    return Undecryptable(
+        "the encrypted content did not decrypt to a correctly signed S/MIME entity: it was altered in transit, or "
+        "encrypted with another key, or what was encrypted is not signed (or signed with a refused algorithm); with "
+        "AES-CBC the gateway gives this one answer for all of these, encrypt with AES-GCM (authEnveloped-data) for a "
+        "precise one")
 
 
 def _leaves(part: Message, depth: int = 0) -> list[Message]:
@@ -276,7 +304,7 @@ def open_message(raw: bytes, identity: Identity, max_invoice_bytes: int) -> Open
         raw = _crlf(raw)
         header_block, _ = _split(raw)
         headers = _headers(header_block)
-        address = _from_address(headers)
+        address = _from_address(header_block)
         verified, decrypted = _open_signed(raw, "the message", allow_envelope=True, identity=identity)
         invoice, media_type, name = _invoice(verified.content, max_invoice_bytes)
         message_id = str(headers.get("Message-ID", "") or "")[:200]

@@ -187,7 +187,8 @@ def test_example_configuration_fits_the_unit(service: dict[str, list[str]]) -> N
     for folder in folders:
         assert folder.is_relative_to(STATE_DIR), f"{folder}: outside the state directory (needs ReadWritePaths=)"
         assert str(folder) in tmpfiles, f"{folder}: must exist before the daemon starts; tmpfiles.d does not create it"
-    ports = [cfg["https"]["listen_port"]] + [cfg[s]["listen_port"] for s in ("outbound", "admin", "smtp") if "listen_port" in cfg.get(s, {})]
+    ports = [cfg["https"]["listen_port"]] + [cfg[s]["listen_port"] for s in ("outbound", "admin", "smtp")
+                                             if "listen_port" in cfg.get(s, {})]
     assert all(p > 1023 for p in ports), "the unit grants no CAP_NET_BIND_SERVICE"
 
 

@@ -26,9 +26,9 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from cryptography import x509
 
-from .. import logs, smime
+from .. import cms, logs, smime
 from ..config import SmtpConfig
-from ..errors import Forbidden, GatewayError, LimitExceeded, Rejected, UnsupportedMediaType
+from ..errors import Forbidden, GatewayError, LimitExceeded, Malformed, Rejected, UnsupportedMediaType
 from ..mail import Mailer
 from ..model import InboundMessage, Partner, PeerIdentity
 from ..partners import PartnerBook
@@ -46,7 +46,7 @@ MAX_DETAIL_LINES = 10
 ENHANCED = {
     "SMIME_DECRYPTION_FAILED": "5.7.5", "SMIME_WRONG_RECIPIENT": "5.7.5",
     "SMIME_ALGORITHM_REFUSED": "5.7.6",
-    "SMIME_SIGNATURE_INVALID": "5.7.7", "SIGNATURE_INVALID": "5.7.7",
+    "SMIME_SIGNATURE_INVALID": "5.7.7", "SIGNATURE_INVALID": "5.7.7", "SMIME_SIGNER_COUNT": "5.7.7",
 }
 
 
@@ -62,8 +62,8 @@ def smtp_reply(exc: GatewayError) -> str:
         status, enhanced = "552", "5.3.4"
     elif exc.code in ENHANCED:
         status, enhanced = "554", ENHANCED[exc.code]
-    elif isinstance(exc, Forbidden):
-        status, enhanced = "554", "5.7.1"
+    elif isinstance(exc, Forbidden) or (isinstance(exc, cms.CmsRejected) and not isinstance(exc, Malformed)):
+        status, enhanced = "554", "5.7.1"  # not authorized (a signer certificate refused, a partner unknown, ...)
     elif isinstance(exc, UnsupportedMediaType):
         status, enhanced = "554", "5.6.1"
     else:
@@ -133,9 +133,16 @@ class SmtpInbound:
         return _Session(self, data_size_limit=self.cfg.max_message_bytes, hostname=self.cfg.hostname,
                         ident="einvoice-gateway ESMTP", tls_context=self.tls, require_starttls=True,
                         timeout=self.cfg.command_timeout_s, command_call_limit={"RCPT": 100, "*": 1000},
+                        auth_exclude_mechanism=("LOGIN", "PLAIN"),
                         loop=asyncio.get_running_loop())
 
     # --- aiosmtpd hooks -------------------------------------------------------------------------
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        """No SMTP AUTH is offered (aiosmtpd advertises it after STARTTLS): the S/MIME signature is the identity."""
+        session.host_name = hostname
+        return [r for r in responses if not r.startswith("250-AUTH")]
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
