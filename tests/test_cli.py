@@ -176,9 +176,19 @@ async def test_invalid_partners_file_keeps_old_directory(gateway, client, log_st
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port whose neighbours +2 and +3 (the admin and SMTP listeners init derives) are free too."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for other in (port + 2, port + 3):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", other))
+        except (OSError, OverflowError):
+            continue
+        return port
+    raise OSError("no free block of ports")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -421,5 +421,5 @@ def test_endpoint_must_be_https(inst: Instance, tmp_path: Path, capsys: pytest.C
         argv = ["partners", "edit", instance.DEMO_PARTNER, "--endpoint", url]
     code, out, err = run(capsys, *argv, "-c", str(inst.config))
     assert (code, out) == (2, "")
-    assert "--endpoint" in err and "is not an https:// URL" in err
+    assert "--endpoint" in err and "is neither an https:// URL" in err and "nor mailto:ADDRESS" in err
     assert inst.partners.read_bytes() == before

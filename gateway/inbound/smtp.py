@@ -40,6 +40,7 @@ from .https import ByteBudget
 
 log = logs.get("inbound.smtp")
 
+AUTH_MECHANISMS = "LOGIN PLAIN".split()  # aiosmtpd's built-in ones, all switched off (no SMTP AUTH here)
 MAX_RECIPIENTS = 10
 MAX_DETAIL_LINES = 10
 # Refusals by code where the class alone does not say enough (RFC 3463 enhanced status codes).
@@ -133,7 +134,7 @@ class SmtpInbound:
         return _Session(self, data_size_limit=self.cfg.max_message_bytes, hostname=self.cfg.hostname,
                         ident="einvoice-gateway ESMTP", tls_context=self.tls, require_starttls=True,
                         timeout=self.cfg.command_timeout_s, command_call_limit={"RCPT": 100, "*": 1000},
-                        auth_exclude_mechanism=("LOGIN", "PLAIN"),
+                        auth_exclude_mechanism=AUTH_MECHANISMS,
                         loop=asyncio.get_running_loop())
 
     # --- aiosmtpd hooks -------------------------------------------------------------------------
