@@ -243,6 +243,7 @@ class Gateway:
         self.store = SqliteStore(config.state_dir)
         self.metrics = Metrics()
         self.mailer = self._mailer(config, self.parts)
+        self._sender_stamps: dict[str, tuple[Destination, tuple[tuple[int, int, int] | None, ...]]] = {}
         self.outbox = Outbox(self.store, self.parts.vault, self._senders(config, {}), config.delivery, self.io_executor,
                              on_outcome=self.metrics.delivery)
         self.pipeline = self._pipeline(config, self.parts)
@@ -275,8 +276,7 @@ class Gateway:
     def _senders(self, config: Config, old: dict[str, Sender]) -> dict[str, Sender]:
         """A sender per destination; one whose destination and files (keys, certificates, tokens) are
         unchanged is kept (its connections too)."""
-        before = getattr(self, "_sender_stamps", {})
-        self._sender_stamps = {d.name: (d, _file_stamps(d)) for d in config.destinations}
+        before, self._sender_stamps = self._sender_stamps, {d.name: (d, _file_stamps(d)) for d in config.destinations}
         return {d.name: old[d.name] if d.name in old and before.get(d.name) == self._sender_stamps[d.name]
                 else make_sender(d, self.parts.partners, self.io_executor, lambda: self.mailer) for d in config.destinations}
 
@@ -470,11 +470,9 @@ class Gateway:
             if self.submit is not None:
                 self.submit.pipeline = self.pipeline
             if self.smtp is not None and parts.smime is not None and config.smtp is not None:
-                smtp = self.smtp
-                smtp.cfg, smtp.pipeline, smtp.partners, smtp.revocation = config.smtp, self.pipeline, parts.partners, parts.revocation
-                smtp.identity, smtp.roots, smtp.addresses = parts.smime, list(parts.smime_roots), frozenset(config.smtp.addresses)
-                smtp.mailer = self.mailer if config.smtp.replies else None
-                smtp.tls = admin_context(config.https.certificate, config.https.private_key)
+                self.smtp.reconfigure(config.smtp, self.pipeline, parts.partners, parts.smime, parts.smime_roots,
+                                      parts.revocation, admin_context(config.https.certificate, config.https.private_key),
+                                      self.mailer)
             self.housekeeping.config = config
             self._tls = self._server_tls()
             if not keep_rules:  # evaluations still running on the old engine get their time limit first

@@ -35,7 +35,7 @@ from ..partners import PartnerBook
 from ..pipeline import Outcome, Pipeline
 from ..revocation import Revocation
 from ..store import Store
-from ..tls import spki_sha256
+from ..tls import encryptable, spki_sha256
 from .https import ByteBudget
 
 log = logs.get("inbound.smtp")
@@ -110,24 +110,25 @@ class SmtpInbound:
                  tls: ssl.SSLContext, executor: Executor, max_invoice_bytes: int, max_in_flight_bytes: int,
                  on_accepted: Callable[[], None], mailer: Mailer | None = None,
                  count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
-        self.cfg = cfg
-        self.pipeline = pipeline
-        self.partners = partners
         self.store = store
-        self.identity = identity
-        self.roots = list(roots)
-        self.revocation = revocation
-        self.tls = tls  # replaced by a reload; each new session takes the current one
         self.executor = executor  # decryption and signature checks run on the stage threads
         self.max_invoice_bytes = max_invoice_bytes
         self.budget = ByteBudget(max_in_flight_bytes)
         self.on_accepted = on_accepted
-        self.mailer = mailer if cfg.replies else None
         self.count = count
         self.sessions = 0
         self.inflight = 0  # messages being processed after DATA (stop waits for them)
         self.replies: set[asyncio.Task[None]] = set()
-        self.addresses = frozenset(cfg.addresses)
+        self.reconfigure(cfg, pipeline, partners, identity, roots, revocation, tls, mailer)
+
+    def reconfigure(self, cfg: SmtpConfig, pipeline: Pipeline, partners: PartnerBook, identity: smime.Identity,
+                    roots: Sequence[x509.Certificate], revocation: Revocation | None, tls: ssl.SSLContext,
+                    mailer: Mailer | None) -> None:
+        """At start and at each reload: the next message uses these (one being processed keeps its own)."""
+        self.cfg, self.pipeline, self.partners, self.identity = cfg, pipeline, partners, identity
+        self.roots, self.revocation, self.addresses = list(roots), revocation, frozenset(cfg.addresses)
+        self.tls = tls  # each new session's STARTTLS takes the current one
+        self.mailer = mailer if cfg.replies else None
 
     def protocol(self) -> SMTP:
         """A protocol instance per connection (the asyncio server's factory)."""
@@ -232,11 +233,7 @@ class SmtpInbound:
     async def _send_reply(self, partner: Partner, opened: smime.Opened, outcome: str, body: dict[str, Any]) -> None:
         assert self.mailer is not None
         mailer = self.mailer
-        recipient = opened.verified.signer if partner.smime_spki else None
-        from ..tls import encryptable
-
-        if recipient is not None and not encryptable(recipient):
-            recipient = None
+        recipient = opened.verified.signer if encryptable(opened.verified.signer) else None
         report = json.dumps({"outcome": outcome, "in_reply_to": opened.message_id, **body}, indent=2).encode()
         text = (f"Your invoice message {opened.message_id or ''} was {outcome} by einvoice-gateway.\r\n"
                 "The attached outcome.json lists the details (the same JSON as the HTTPS API answers).\r\n")
