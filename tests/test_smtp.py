@@ -1267,3 +1267,36 @@ def test_mutated_messages_open_only_the_signed_invoice(fuzz: Fuzz, data: st.Data
         assert opened.verified.signer.public_key() == fuzz.demo_cert.public_key()
     if found is not None:  # and a changed certificate never gets through authenticate
         assert found.name == instance.DEMO_PARTNER and reached[0].verified.signer == fuzz.demo_cert
+
+
+async def test_sessions_are_counted_once_and_released(inst: instance.Instance) -> None:
+    """A STARTTLS session is one session (the TLS transport is announced again after the upgrade); closed
+    sessions free their place, and past smtp.max_sessions a new connection gets 421."""
+    inst.config.write_text(inst.config.read_text().replace("max_sessions = 200", "max_sessions = 2"))
+    async with serving(inst, level="warning") as r:
+        ctx = tls_context(inst)
+
+        def sessions_in_a_row() -> None:
+            for _ in range(5):  # more than max_sessions, one after the other
+                with connect(r) as s:
+                    s.starttls(context=ctx)
+                    assert s.noop()[0] == 250
+
+        await asyncio.to_thread(sessions_in_a_row)
+        for _ in range(50):
+            if r.gw.smtp is not None and r.gw.smtp.sessions == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert r.gw.smtp is not None and r.gw.smtp.sessions == 0
+
+        def over_the_limit() -> int:
+            with connect(r) as a, connect(r) as b:
+                a.starttls(context=ctx)
+                b.ehlo()
+                try:
+                    with connect(r) as c:
+                        return c.noop()[0]
+                except smtplib.SMTPConnectError as exc:
+                    return exc.smtp_code
+
+        assert await asyncio.to_thread(over_the_limit) == 421

@@ -84,6 +84,9 @@ class _Session(SMTP):
         self.owner = owner
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if getattr(self, "_counted", False):  # called again for the TLS transport after STARTTLS: the same session
+            super().connection_made(transport)
+            return
         if self.owner.sessions >= self.owner.cfg.max_sessions:
             transport.write(b"421 4.3.2 Too many connections; try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
