@@ -104,7 +104,7 @@ def _split(raw: bytes) -> tuple[bytes, bytes]:
 
 
 def _headers(block: bytes) -> Message:
-    return email.parser.BytesParser(policy=email.policy.default).parsebytes(block + b"\r\n", headersonly=True)
+    return email.parser.BytesParser(policy=email.policy.compat32).parsebytes(block + b"\r\n", headersonly=True)
 
 
 def _crlf(raw: bytes) -> bytes:
@@ -273,7 +273,7 @@ def _leaves(part: Message, depth: int = 0) -> list[Message]:
 
 
 def _invoice(content: bytes, max_bytes: int) -> tuple[bytes, str, str]:
-    entity = email.parser.BytesParser(policy=email.policy.default).parsebytes(_crlf(content))
+    entity = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(_crlf(content))
     xml, pdf = [], []
     for leaf in _leaves(entity):
         ctype, name = leaf.get_content_type(), str(leaf.get_filename() or "")
