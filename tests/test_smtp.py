@@ -1300,3 +1300,22 @@ async def test_sessions_are_counted_once_and_released(inst: instance.Instance) -
                     return exc.smtp_code
 
         assert await asyncio.to_thread(over_the_limit) == 421
+
+
+@shared
+async def test_a_long_session_is_not_cut_off(running: Running) -> None:
+    """A partner's MTA may send message after message on one session: the recipient limit is per message."""
+    ctx = tls_context(running.inst)
+
+    def many_transactions() -> list[int]:
+        codes = []
+        with connect(running) as s:
+            s.starttls(context=ctx)
+            s.ehlo()
+            for _ in range(250):
+                s.mail(DEMO)
+                codes.append(s.rcpt("invoices@gateway.localhost")[0])
+                s.rset()
+        return codes
+
+    assert set(await asyncio.to_thread(many_transactions)) == {250}

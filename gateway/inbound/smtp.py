@@ -137,7 +137,10 @@ class SmtpInbound:
         """A protocol instance per connection (the asyncio server's factory)."""
         return _Session(self, data_size_limit=self.cfg.max_message_bytes, hostname=self.cfg.hostname,
                         ident="einvoice-gateway ESMTP", tls_context=self.tls, require_starttls=True,
-                        timeout=self.cfg.command_timeout_s, command_call_limit={"RCPT": 100, "*": 1000},
+                        # No per-session command budget (aiosmtpd counts it per connection, so a partner's MTA
+                        # sending message after message on one session would be cut off): recipients are
+                        # limited per message (MAX_RECIPIENTS), idle sessions by the command timeout.
+                        timeout=self.cfg.command_timeout_s,
                         auth_exclude_mechanism=AUTH_MECHANISMS,
                         loop=asyncio.get_running_loop())
 
