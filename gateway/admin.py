@@ -1,4 +1,5 @@
-"""The operators' listener: ``/healthz``, ``/readyz`` and Prometheus ``/metrics``.
+"""The operators' listener: ``/healthz``, ``/readyz`` and Prometheus ``/metrics`` (and the web console
+under ``/console/``, gateway/console/web.py).
 
 Loopback by default and then unauthenticated (like any local metrics port).  Bound to another
 address it needs ``admin.token_file`` (configuration refuses otherwise) and is served over HTTPS
@@ -42,7 +43,8 @@ class AdminInbound:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
-        if self.token is not None:
+        # The console (/console/) has its own logins and sessions; the token guards the machine endpoints.
+        if self.token is not None and not request.path.startswith("/console"):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
                 return web.json_response({"error": "UNAUTHORIZED", "message": "a valid bearer token is required"},

@@ -25,6 +25,7 @@ from . import logs, systemd
 from .admin import AdminInbound
 from .config import Config, Destination
 from .config import load as load_config
+from .console.web import Console
 from .delivery import Outbox, Sender, make_sender
 from .errors import ConfigError
 from .inbound.https import HttpsInbound
@@ -262,6 +263,7 @@ class Gateway:
         self.submit_port: int | None = None
         self.smtp_port: int | None = None
         self.admin_port: int | None = None
+        self.console: Console | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self.stopping = False
@@ -393,9 +395,16 @@ class Gateway:
         cfg = self.config.admin
         token = cfg.token_file.read_text(encoding="utf-8").strip() if cfg.token_file is not None else None
         admin = AdminInbound(self.metrics, self.gauges, self.not_ready, self.store.counts, self.io_executor, token)
+        app = admin.app()
+        if self.config.console.enabled:
+            self.console = Console(self.config, self.store, self.io_executor, lambda: self.parts.vault,
+                                   lambda: self.parts.partners.current, lambda: self.parts.signer, self.outbox.wake.set,
+                                   self.metrics.refusals)
+            app.add_subapp("/console/", self.console.app())
+            app.router.add_get("/console", _to_console)
         ctx = None if cfg.loopback else admin_context(self.config.https.certificate, self.config.https.private_key)
         try:
-            server = await self._serve(admin.app(), host=cfg.host, port=cfg.port, ssl=ctx)
+            server = await self._serve(app, host=cfg.host, port=cfg.port, ssl=ctx)
         except OSError as exc:
             raise ConfigError(f"admin.listen_port: cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})") from None
         self.admin_port = server.sockets[0].getsockname()[1]
@@ -520,12 +529,18 @@ class Gateway:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self.console is not None:
+            self.console.close()
         self.executor.shutdown(wait=True)
         self.io_executor.shutdown(wait=True)
         if self._owns_parts:
             self.parts.rules.close()
         self.store.close()
         log.info("gateway.stopped")
+
+
+async def _to_console(_request: web.Request) -> web.StreamResponse:
+    raise web.HTTPMovedPermanently("/console/")
 
 
 HEARTBEAT_S = 2.0  # a worker tells the supervisor it is alive this often (the watchdog depends on it)

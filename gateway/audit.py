@@ -215,3 +215,36 @@ def _check_point(r: dict[str, Any], rs: Sequence[dict[str, Any]], by_seq: dict[i
 def export_header(first: int | None, last: int | None, exported_at: str) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "first_seq": first, "last_seq": last, "exported_at": exported_at,
             "fields": list(FIELDS) + ["hash"]}
+
+
+SEAL_FORMAT = "einvoice-gateway-audit-seal/1"
+
+
+def _seal_statement(digest: str) -> bytes:
+    return f"einvoice-gateway audit export\nsha256 {digest}\n".encode()
+
+
+def export_seal(signer: SigningKey, body: bytes) -> dict[str, Any]:
+    """The last line of a signed export: the gateway's signature over the SHA-256 of every line before
+    it, so a range handed to an outside auditor cannot be trimmed or edited unnoticed."""
+    digest = hashlib.sha256(body).hexdigest()
+    return {"format": SEAL_FORMAT, "sha256": digest, "signer_spki": spki_sha256(signer.cert),
+            "algorithm": signer.method.name,
+            "signature": base64.b64encode(signer.raw_signature(_seal_statement(digest))).decode()}
+
+
+def check_seal(body: bytes, seal: dict[str, Any], trusted: Sequence[x509.Certificate]) -> str | None:
+    """None when ``seal`` signs ``body`` with a trusted key, else what is wrong."""
+    digest = hashlib.sha256(body).hexdigest()
+    if seal.get("sha256") != digest:
+        return "the export's content differs from what its seal signed (lines were edited, added or removed)"
+    cert = next((c for c in trusted if spki_sha256(c) == seal.get("signer_spki")), None)
+    if cert is None:
+        return f"the export is sealed by a key that is not trusted (SPKI SHA-256 {seal.get('signer_spki')})"
+    try:
+        signature = base64.b64decode(str(seal.get("signature", "")), validate=True)
+    except ValueError:
+        return "the export's seal is not base64"
+    if not verify_raw_signature(cert, _seal_statement(digest), signature):
+        return "the export's seal has an invalid signature"
+    return None

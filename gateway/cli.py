@@ -41,6 +41,7 @@ from typing import Any
 
 from . import __version__, logs, opscli
 from . import config as config_mod
+from .console import usercli
 from .errors import ConfigError
 from .model import Partner, PartnerStatus, SignaturePolicy
 
@@ -155,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     filters(dl)
     dl.add_argument("--destination")
     opscli.add_parsers(sub, with_config)
+    usercli.add_parsers(sub, with_config)
     return p
 
 
@@ -555,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sign(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command == "users":
+            return usercli.main(args)
         if args.command in ("keys", "audit", "backup"):
             return {"keys": opscli.keys, "audit": opscli.audit, "backup": opscli.backup}[args.command](args)
         cfg = config_mod.load(args.config)

@@ -287,6 +287,21 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The web console on the admin listener (gateway/console/)."""
+
+    enabled: bool = True
+    idle_timeout_s: float = 900.0  # a session unused this long ends
+    absolute_timeout_s: float = 8 * 3600.0  # every session ends this long after its login
+    fresh_auth_s: float = 300.0  # sensitive actions need a login or re-authentication this recent (at most 300)
+    lockout_after: int = 5  # consecutive failed factors (password, TOTP, recovery code) that lock an account
+    lockout_s: float = 900.0  # for this long
+    login_burst: int = 10  # login attempts an address may make at once ...
+    login_every_s: float = 6.0  # ... and then one per this many seconds
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")  # Host names the console answers to
+
+
+@dataclass(frozen=True, slots=True)
 class OperationsConfig:
     audit_checkpoint_s: float  # how often a signed checkpoint seals the audit chain's head
     audit_trusted: tuple[Path, ...]  # earlier signing certificates whose checkpoints `audit verify` accepts
@@ -435,6 +450,7 @@ class Config:
     operations: OperationsConfig
     smtp: SmtpConfig | None = None  # None: no e-mail listener
     smarthost: SmarthostConfig | None = None  # None: the gateway sends no e-mail
+    console: ConsoleConfig = ConsoleConfig()
 
 
 def _https(r: Reader) -> HttpsConfig:
@@ -666,6 +682,30 @@ def _admin(r: Reader) -> AdminConfig:
     return cfg
 
 
+def _console(r: Reader, admin: AdminConfig) -> ConsoleConfig:
+    d = ConsoleConfig()
+    hosts = r.str_list("allowed_hosts")
+    cfg = ConsoleConfig(
+        enabled=r.boolean("enabled", d.enabled),
+        idle_timeout_s=r.number("idle_timeout_s", d.idle_timeout_s, minimum=60.0),
+        absolute_timeout_s=r.number("absolute_timeout_s", d.absolute_timeout_s, minimum=300.0),
+        fresh_auth_s=r.number("fresh_auth_s", d.fresh_auth_s, minimum=30.0),
+        lockout_after=r.integer("lockout_after", d.lockout_after, minimum=3, maximum=20),
+        lockout_s=r.number("lockout_s", d.lockout_s, minimum=60.0),
+        login_burst=r.integer("login_burst", d.login_burst, minimum=1, maximum=1000),
+        login_every_s=r.number("login_every_s", d.login_every_s, minimum=0.01),
+        allowed_hosts=tuple(dict.fromkeys([h.lower().strip("[]") for h in hosts] + list(d.allowed_hosts)
+                                          + ([admin.host.strip("[]")] if admin.host not in ("0.0.0.0", "::") else []))),  # noqa: S104
+    )
+    if cfg.fresh_auth_s > 300:
+        raise ConfigError(f"{r.key('fresh_auth_s')}: at most 300 seconds (sensitive actions need an authentication at "
+                          "most five minutes old)")
+    if cfg.idle_timeout_s > cfg.absolute_timeout_s:
+        raise ConfigError(f"{r.key('idle_timeout_s')}: longer than absolute_timeout_s ({cfg.absolute_timeout_s:g} s)")
+    r.done()
+    return cfg
+
+
 def _operations(top: Reader) -> OperationsConfig:
     au, re_, rv, ce = top.table("audit"), top.table("retention"), top.table("revocation"), top.table("certificates")
     max_age = rv.number("max_age_h", 0.0) * 3600
@@ -782,6 +822,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         top.table("signing")
 
     admin = _admin(top.table("admin"))
+    console = _console(top.table("console"), admin)
     operations = _operations(top)
     smtp = _smtp(top.table("smtp"), https) if top.has("smtp") else None
     smarthost = _smarthost(top.table("smarthost")) if top.has("smarthost") else None
@@ -827,4 +868,5 @@ def load(path: str | os.PathLike[str]) -> Config:
         operations=operations,
         smtp=smtp,
         smarthost=smarthost,
+        console=console,
     )

@@ -43,6 +43,7 @@ class Instance:
     demo_smime: devpki.Issued  # the demo partner's
     smtp_host: str
     smtp_port: int
+    admin_port: int = 0
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -71,7 +72,16 @@ class Instance:
             "demo_partner_email": DEMO_EMAIL,
             "demo_partner_smime_certificate": str(self.demo_smime.cert),
             "demo_partner_smime_key": str(self.demo_smime.key),
+            "console_url": self.console_url,
+            "console_user": "admin",
+            "console_password_file": str(self.state_dir / "console-bootstrap-password"),  # written at the first visit
         }
+
+    @property
+    def console_url(self) -> str:
+        host = self.https_url.split("://", 1)[1].rsplit(":", 1)[0]
+        return f"http://{'localhost' if host in ('127.0.0.1', '[::1]') else host}:{self.admin_port}/console/" \
+            if self.admin_port else ""
 
 
 def render_config(host: str, port: int, key_file: str, key_id: str, *, state_dir: str = "state", outbox: str = "outbox",
@@ -171,7 +181,7 @@ def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
     shown_host = f"[{host}]" if ":" in host else host
     return Instance(root, config, partners, f"https://{shown_host}:{port}", ca, server, client, signing,
                     keys / "master-1.key", master.key_id, root / "outbox", root / "state", smime, demo_smime,
-                    host, port + 3 if port else 0)
+                    host, port + 3 if port else 0, port + 2 if port else 0)
 
 
 def remove(root: Path) -> None:

@@ -67,16 +67,33 @@ class Metrics:
     def delivery(self, destination: str, outcome: str) -> None:
         self.deliveries.labels(destination, outcome).inc()
 
-    def render(self, gauges: Callable[[], list[Gauge]]) -> bytes:
-        """The text exposition: every process's counters (multiprocess mode) or this one's, plus the gauges."""
+    def _counters(self) -> CollectorRegistry:
+        """Every process's counters (multiprocess mode) or this one's."""
         directory = os.environ.get(MULTIPROC_ENV)
         registry = CollectorRegistry()
         if directory:
             multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
         else:
             registry.register(_Forward(self.registry))
+        return registry
+
+    def render(self, gauges: Callable[[], list[Gauge]]) -> bytes:
+        """The text exposition: the counters plus the gauges."""
+        registry = self._counters()
         registry.register(_Gauges(gauges))
         return generate_latest(registry)
+
+    def refusals(self) -> dict[str, float]:
+        """Invoices refused since the start, by reason code, over every transport (the console's dashboard)."""
+        out: dict[str, float] = {}
+        for family in self._counters().collect():
+            if family.name != "einvoice_invoices":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("outcome") in ("rejected", "deferred"):
+                    code = sample.labels.get("code", "")
+                    out[code] = out.get(code, 0.0) + sample.value
+        return out
 
 
 class _Forward(Collector):

@@ -78,9 +78,14 @@ def _record(cfg: config_mod.Config, store: SqliteStore, args: argparse.Namespace
 def record(cfg: config_mod.Config, store: SqliteStore, actor: str, action: str, partner: str | None,
            detail: dict[str, Any]) -> None:
     """An administrative audit record, sealed at once by a signed checkpoint (the daemon may be stopped)."""
+    store.audit(actor, action, partner, None, detail).result()
+    seal(cfg, store)
+
+
+def seal(cfg: config_mod.Config, store: SqliteStore) -> None:
+    """A signed checkpoint over the audit chain's head, now (a CLI change is sealed at once)."""
     from .signature import SigningKey
 
-    store.audit(actor, action, partner, None, detail).result()
     if cfg.signing is not None:
         signer = SigningKey.load(cfg.signing.certificate.read_bytes(), cfg.signing.private_key.read_bytes())
         store.audit_checkpoint(lambda s, h: audit_mod.checkpoint_detail(signer, s, h)).result()
@@ -196,7 +201,7 @@ def audit(args: argparse.Namespace) -> int:
     try:
         if args.action == "verify":
             if args.file:
-                header, records = read_export(Path(args.file))
+                header, records = read_export(Path(args.file), _trusted(cfg))
                 report = audit_mod.verify(records, _trusted(cfg), starts_at_genesis=header.get("first_seq") in (None, 1))
             else:
                 # The daemon seals the head every checkpoint_interval_s; a longer unsealed stretch means
@@ -245,15 +250,23 @@ def audit(args: argparse.Namespace) -> int:
         store.close()
 
 
-def read_export(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_export(path: Path, trusted: list[Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The header and records of an export; a sealed one (from the console) must carry a valid seal."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
+        lines = data.decode("utf-8").splitlines()
         header = json.loads(lines[0])
         records = [json.loads(line) for line in lines[1:] if line.strip()]
     except (OSError, UnicodeDecodeError, IndexError, ValueError) as exc:
         raise ConfigError(f"--file: {path} is not an audit export ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != audit_mod.EXPORT_FORMAT:
         raise ConfigError(f"--file: {path} does not start with an {audit_mod.EXPORT_FORMAT} header")
+    if records and isinstance(records[-1], dict) and records[-1].get("format") == audit_mod.SEAL_FORMAT:
+        seal = records.pop()
+        body = data[:data.rstrip(b"\n").rfind(b"\n") + 1]
+        problem = audit_mod.check_seal(body, seal, trusted or [])
+        if problem is not None:
+            raise ConfigError(f"--file: {path}: {problem}")
     return header, records
 
 

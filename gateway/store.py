@@ -30,7 +30,7 @@ from .errors import ConfigError, Conflict, Detail, GatewayError, StorageUnavaila
 from .model import AcceptedInvoice, Receipt
 
 T = TypeVar("T")
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MAX_BATCH = 256  # operations per group commit
 BUSY_TIMEOUT_MS = 30_000  # other processes (CLI, other workers) holding the write lock
 # The writer waits for another process's write lock in short steps of its own: SQLite's busy
@@ -134,10 +134,71 @@ CREATE TABLE IF NOT EXISTS retired (
 CREATE INDEX IF NOT EXISTS retired_source ON retired (direction, source_sha256);
 CREATE INDEX IF NOT EXISTS retired_number ON retired (direction, partner, kind, invoice_number, issue_date);
 CREATE INDEX IF NOT EXISTS invoices_key ON invoices (key_id);
+CREATE INDEX IF NOT EXISTS invoices_number ON invoices (invoice_number);
+CREATE INDEX IF NOT EXISTS invoices_partner ON invoices (partner, received_at);
+CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, seq);
+CREATE INDEX IF NOT EXISTS audit_action ON audit (action, seq);
+-- The console's accounts (gateway/console/accounts.py).
+CREATE TABLE IF NOT EXISTS users (
+    name            TEXT PRIMARY KEY,
+    password_hash   TEXT NOT NULL,
+    roles           TEXT NOT NULL,             -- JSON list of admin | operator | auditor
+    content         INTEGER NOT NULL DEFAULT 0,  -- may view invoice content
+    state           TEXT NOT NULL CHECK (state IN ('active', 'disabled')),
+    must_change     INTEGER NOT NULL DEFAULT 1,  -- the password was set by someone else
+    totp_secret     TEXT,
+    totp_last_step  INTEGER NOT NULL DEFAULT 0,  -- a TOTP code works once: this step and earlier ones are spent
+    failures        INTEGER NOT NULL DEFAULT 0,  -- consecutive failed factors (password, TOTP, recovery code)
+    locked_until    REAL NOT NULL DEFAULT 0,
+    created_at      TEXT NOT NULL,
+    created_by      TEXT NOT NULL,
+    user_handle     TEXT NOT NULL              -- WebAuthn user id (random, not the name)
+);
+CREATE TABLE IF NOT EXISTS recovery_codes (
+    user        TEXT NOT NULL REFERENCES users(name),
+    code_hash   TEXT NOT NULL,
+    used_at     TEXT,
+    PRIMARY KEY (user, code_hash)
+);
+CREATE TABLE IF NOT EXISTS passkeys (
+    credential_id TEXT PRIMARY KEY,  -- base64url
+    user          TEXT NOT NULL REFERENCES users(name),
+    public_key    BLOB NOT NULL,
+    sign_count    INTEGER NOT NULL,
+    label         TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    last_used_at  TEXT
+);
+CREATE TABLE IF NOT EXISTS console_sessions (
+    id_hash     TEXT PRIMARY KEY,  -- SHA-256 of the cookie's token
+    user        TEXT NOT NULL REFERENCES users(name),
+    stage       TEXT NOT NULL CHECK (stage IN ('mfa', 'enroll', 'full')),
+    csrf        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    seen_at     REAL NOT NULL,
+    auth_at     REAL NOT NULL,     -- the last time the user proved both factors (fresh authentication)
+    address     TEXT NOT NULL,
+    agent       TEXT NOT NULL,
+    pending     TEXT NOT NULL DEFAULT '{}'  -- a WebAuthn challenge, a TOTP secret being enrolled
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind          TEXT NOT NULL,
+    target        TEXT NOT NULL,
+    params        TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    requested_by  TEXT NOT NULL,
+    requested_at  TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'denied', 'withdrawn', 'failed')),
+    decided_by    TEXT,
+    decided_at    TEXT,
+    outcome       TEXT
+);
 """
 # Schema 2 → 3: the business-duplicate key becomes (partner, kind, number, issue date), and
 # deliveries may be held.  3 → 4: invoices have a direction (outbound ones are keyed by recipient)
-# and deliveries carry a claim lease.  4 → 5: audit records are hash-chained.  SQLite changes constraints only by rebuilding the table.
+# and deliveries carry a claim lease.  4 → 5: audit records are hash-chained.  5 → 6: the console's
+# tables (new tables only).  SQLite changes constraints only by rebuilding the table.
 def _rebuild(conn: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
     """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile);
     ``fill`` gives new columns an expression over the old row.
@@ -289,6 +350,9 @@ class Store(abc.ABC):
     def outbox_depth(self) -> tuple[int, float | None]: ...
 
     @abc.abstractmethod
+    def discard(self, message_id: str, destination: str, actor: str, reason: str) -> Future[None]: ...
+
+    @abc.abstractmethod
     def pending_by_destination(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
@@ -413,6 +477,20 @@ class SqliteStore(Store):
             conn = self._connect()
             self._local.conn = conn
         return conn
+
+    # --- for the modules that keep their own tables here (gateway/console/accounts.py) -------------
+
+    def write(self, op: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Run ``op`` in a write transaction (with ``audit_in`` for its audit records)."""
+        return self._submit(op)
+
+    def read(self) -> sqlite3.Connection:
+        return self._reader()
+
+    @staticmethod
+    def audit_in(conn: sqlite3.Connection, actor: str, action: str, partner: str | None, message_id: str | None,
+                 detail: dict[str, Any]) -> int:
+        return _audit(conn, actor, action, partner, message_id, detail)
 
     # --- the writer: group commit --------------------------------------------------------------
 
@@ -890,6 +968,20 @@ class SqliteStore(Store):
             _audit(conn, actor, "delivery.requeued" if requeue else "delivery.retried", partner, message_id,
                    {"destinations": affected, "reason": reason})
             return affected
+
+        return self._submit(op)
+
+    def discard(self, message_id: str, destination: str, actor: str, reason: str) -> Future[None]:
+        """Give up on a dead-lettered delivery for good (it is no longer offered for requeue)."""
+        def op(conn: sqlite3.Connection) -> None:
+            row = conn.execute("UPDATE deliveries SET state = 'rejected', updated_at = ? WHERE message_id = ? AND "
+                               "destination = ? AND state = 'dead' RETURNING message_id", (time.time(), message_id,
+                                                                                       destination)).fetchone()
+            if row is None:
+                raise NotHeld(f"message {message_id} has no dead-lettered delivery to {destination!r}",
+                              code="NOTHING_TO_DISCARD")
+            partner = conn.execute("SELECT partner FROM invoices WHERE message_id = ?", (message_id,)).fetchone()[0]
+            _audit(conn, actor, "delivery.discarded", partner, message_id, {"destination": destination, "reason": reason})
 
         return self._submit(op)
 

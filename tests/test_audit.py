@@ -31,7 +31,7 @@ from cryptography import x509
 from gateway import audit, cli, devpki, instance
 from gateway.demo import SAMPLE
 from gateway.signature import SigningKey
-from gateway.store import SqliteStore
+from gateway.store import SCHEMA_VERSION, SqliteStore
 
 from .conftest import XML, serving
 
@@ -748,7 +748,7 @@ def test_an_unchained_schema_4_log_is_chained_when_opened(tmp_path: Path) -> Non
     finally:
         store.close()
     with contextlib.closing(sqlite3.connect(folder / "gateway.db")) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("5",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
 
 
 def test_a_migrated_instance_verifies_with_the_cli_and_takes_checkpoints(state: State, capsys: pytest.CaptureFixture[str]) -> None:

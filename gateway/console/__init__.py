@@ -1,0 +1,1 @@
+"""The admin web console (server-rendered pages on the admin listener)."""

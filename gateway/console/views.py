@@ -1,0 +1,130 @@
+"""What the console's pages read: indexed queries that stay fast with many stored messages.
+
+Each function takes the store and returns plain values; the handlers run them in the I/O executor,
+never on the event loop.  Nothing here returns invoice content (that is ``Console.content``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ..store import SqliteStore
+
+PAGE = 50
+MAX_PAGES = 200
+STATUSES = ("accepted", "held", "delivered", "dead-letter", "rejected")
+
+# The summary the sender sees, as SQL over one invoice row ``i`` (the same order as store._summary).
+_STATUS_SQL = {
+    "held": "EXISTS (SELECT 1 FROM quarantine q WHERE q.message_id = i.message_id AND q.state = 'held')",
+    "rejected": "EXISTS (SELECT 1 FROM quarantine q WHERE q.message_id = i.message_id AND q.state = 'rejected')",
+    "dead-letter": "EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id AND d.state = 'dead')",
+    "delivered": ("EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id) AND NOT EXISTS "
+                  "(SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id AND d.state != 'delivered')"),
+}
+_SEARCH = ("SELECT i.message_id, i.direction, i.partner, i.received_at, i.document_type, i.invoice_number, "
+           "i.payable_amount, i.currency, (SELECT q.state FROM quarantine q WHERE q.message_id = i.message_id), "
+           "(SELECT group_concat(d.state) FROM deliveries d WHERE d.message_id = i.message_id) FROM invoices i")
+_NOT_QUARANTINED = ("NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.message_id = i.message_id "
+                    "AND q.state IN ('held', 'rejected'))")
+
+
+def _iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_day(text: str, where: str) -> str | None:
+    """A date (YYYY-MM-DD) from a search form, as the RFC 3339 prefix the store compares with."""
+    text = text.strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise ValueError(f"{where}: give a date as YYYY-MM-DD")
+    return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).strftime("%Y-%m-%dT00:00:00")
+
+
+def search(store: SqliteStore, *, partner: str = "", status: str = "", since: str | None = None, until: str | None = None,
+           number: str = "", amount: str = "", page: int = 0) -> tuple[list[dict[str, Any]], bool]:
+    """One page of messages, newest first, and whether there are more."""
+    where, args = ["1 = 1"], []
+    if partner:
+        where.append("i.partner = ?")
+        args.append(partner)
+    if number:
+        where.append("i.invoice_number = ?")
+        args.append(number)
+    if amount:
+        where.append("i.payable_amount = ?")
+        args.append(amount)
+    if since:
+        where.append("i.received_at >= ?")
+        args.append(since)
+    if until:
+        where.append("i.received_at < ?")
+        args.append(until)
+    if status in _STATUS_SQL:
+        where.append(_STATUS_SQL[status])
+        if status in ("dead-letter", "delivered"):
+            where.append(_NOT_QUARANTINED)
+    elif status == "accepted":
+        where.append(_NOT_QUARANTINED)
+        where.append(f"NOT ({_STATUS_SQL['dead-letter']}) AND NOT ({_STATUS_SQL['delivered']})")
+    page = max(0, min(page, MAX_PAGES))
+    sql = f"{_SEARCH} WHERE {' AND '.join(where)} ORDER BY i.received_at DESC LIMIT ? OFFSET ?"  # noqa: S608 (our fragments)
+    rows = store.read().execute(sql, (*args, PAGE + 1, page * PAGE)).fetchall()
+    out = []
+    for r in rows[:PAGE]:
+        states = set(r[9].split(",")) if r[9] else set()
+        out.append({"message_id": r[0], "direction": r[1], "partner": r[2], "received_at": r[3],
+                    "document_type": r[4].split(":")[-1], "invoice_number": r[5], "payable_amount": r[6],
+                    "currency": r[7], "status": summary(r[8], states)})
+    return out, len(rows) > PAGE
+
+
+def summary(quarantine_state: str | None, states: set[str]) -> str:
+    if quarantine_state in ("held", "rejected"):
+        return str(quarantine_state)
+    if "dead" in states:
+        return "dead-letter"
+    return "delivered" if states == {"delivered"} else "accepted"
+
+
+def dashboard(store: SqliteStore, now: datetime | None = None) -> dict[str, Any]:
+    now = now or datetime.now(UTC)
+    conn = store.read()
+    hour, day = _iso(now - timedelta(hours=1)), _iso(now - timedelta(days=1))
+    received = {w: conn.execute("SELECT count(*) FROM invoices WHERE received_at >= ?", (since,)).fetchone()[0]
+                for w, since in (("hour", hour), ("day", day))}
+    delivered = {w: conn.execute("SELECT count(*) FROM deliveries WHERE state = 'delivered' AND delivered_at >= ?",
+                                 (since,)).fetchone()[0] for w, since in (("hour", hour), ("day", day))}
+    depth, oldest = store.outbox_depth()
+    dead = conn.execute(
+        "SELECT destination, coalesce(substr(last_error, 1, 120), ''), count(*) FROM deliveries WHERE state = 'dead' "
+        "GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 10").fetchall()
+    held = conn.execute("SELECT count(*) FROM quarantine WHERE state = 'held'").fetchone()[0]
+    return {"received": received, "delivered": delivered, "outbox_depth": depth,
+            "oldest_age_s": None if oldest is None else max(0.0, time.time() - oldest),
+            "dead_letters": [{"destination": d, "error": e, "count": n} for d, e, n in dead],
+            "dead_total": conn.execute("SELECT count(*) FROM deliveries WHERE state = 'dead'").fetchone()[0],
+            "held": held}
+
+
+def audit_page(store: SqliteStore, *, actor: str = "", action: str = "", partner: str = "", before: int | None = None,
+               limit: int = 100) -> list[dict[str, Any]]:
+    where: list[str] = ["seq < ?"]
+    args: list[object] = [before if before is not None else 2**62]
+    for column, value in (("actor", actor), ("partner", partner)):
+        if value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if action:
+        where.append("action LIKE ? ESCAPE '\\'")
+        args.append(action.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    rows = store.read().execute(
+        f"SELECT seq, at, actor, action, partner, message_id, detail FROM audit WHERE {' AND '.join(where)} "  # noqa: S608
+        "ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+    keys = ("seq", "at", "actor", "action", "partner", "message_id", "detail")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
