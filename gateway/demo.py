@@ -118,6 +118,9 @@ async def run(folder: Path | None, wait: bool, port: int) -> int:
                   f"{await _mail(inst, gw.smtp_port, by_mail)}")
         sample_path = inst.root / "sample-invoice.xml"
         sample_path.write_bytes(SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", b"DEMO-2026-0100</cbc:ID>"))
+        if gw.admin_port and gw.console is not None:
+            print(f"\nAdmin console: http://localhost:{gw.admin_port}/console/ — user admin; its initial password is "
+                  f"written to {gw.console.bootstrap_file} at the first visit")
         print("\nTry it by hand:")
         print(f"  curl --cacert {inst.ca.cert} --cert {inst.demo_client.cert} --key {inst.demo_client.key} \\\n"
               f"       -H 'Content-Type: application/xml' --data-binary @{sample_path} {url}/v1/invoices")

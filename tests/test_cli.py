@@ -44,6 +44,8 @@ def test_init_json(tmp_path, capsys):
     assert code == 0
     info = json.loads(out)  # the whole output is one JSON object
     assert info["https_url"] == "https://127.0.0.1:18443"
+    assert info["console_url"] == "http://localhost:18445/console/" and info["console_user"] == "admin"
+    assert info["console_password_file"] == str(Path(info["state_dir"]) / "console-bootstrap-password")
     for name in ("config_file", "ca_certificate", "ca_key", "demo_partner_client_certificate",
                  "demo_partner_client_key", "master_key_file"):
         assert Path(info[name]).is_file(), name
@@ -248,6 +250,7 @@ def test_demo_no_wait(tmp_path):
     assert out.count("ACCEPTED") == 2 and out.count("REJECTED") == 2, out
     assert "REJECTED (422 SCHEMA_INVALID)" in out and "REJECTED (403 SUPPLIER_NOT_AUTHORIZED)" in out
     assert "- invoice by S/MIME e-mail" in out and "ACCEPTED (250 2.0.0 Accepted as " in out
+    assert "Admin console: http://localhost:" in out and "console-bootstrap-password" in out
 
     command = shlex.split(out[out.index("curl "):].replace("\\\n", " "))
     assert command[0] == "curl"

@@ -122,7 +122,7 @@ class Accounts:
             self._existing(conn, name)
             conn.execute("UPDATE users SET password_hash = ?, must_change = ? WHERE name = ?",
                          (password_hash, int(must_change), name))
-            self.audit(conn, actor, "user.password_changed" if actor.endswith(f":{name}") else "user.password_reset",
+            self.audit(conn, actor, "user.password_changed" if actor == f"console:{name}" else "user.password_reset",
                        None, None, {"user": name})
 
         return self.store.write(op)
@@ -383,11 +383,12 @@ class Accounts:
         return self.store.write(op)
 
     def approval_in(self, conn: sqlite3.Connection, request_id: int) -> dict[str, Any] | None:
-        r = conn.execute("SELECT id, kind, target, params, requested_by, state FROM approvals WHERE id = ?",
+        r = conn.execute("SELECT id, kind, target, params, requested_by, state, reason FROM approvals WHERE id = ?",
                          (request_id,)).fetchone()
         if r is None:
             return None
-        return {"id": r[0], "kind": r[1], "target": r[2], "params": json.loads(r[3]), "requested_by": r[4], "state": r[5]}
+        return {"id": r[0], "kind": r[1], "target": r[2], "params": json.loads(r[3]), "requested_by": r[4], "state": r[5],
+                "reason": r[6]}
 
     def finish(self, request_id: int, outcome: str, failed: bool = False) -> Future[None]:
         def op(conn: sqlite3.Connection) -> None:

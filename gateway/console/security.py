@@ -114,7 +114,7 @@ def totp_code(secret: str, step: int) -> str:
 def totp_step(secret: str, code: str, now: float | None = None) -> int | None:
     """The time step ``code`` is valid for (within the drift window), or None."""
     code = code.strip().replace(" ", "")
-    if len(code) != TOTP_DIGITS or not code.isdigit():
+    if len(code) != TOTP_DIGITS or not (code.isascii() and code.isdigit()):
         return None
     current = int((time.time() if now is None else now) // TOTP_STEP_S)
     found = None
@@ -186,9 +186,13 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         b = self._buckets.get(key)
         if b is None:
-            if len(self._buckets) >= self.MAX_KEYS:
+            if len(self._buckets) >= self.MAX_KEYS - 1:  # one place is kept for the overflow bucket
                 self._buckets = {k: v for k, v in self._buckets.items() if now - v.at < self.burst * self.every_s}
-            b = self._buckets[key] = Bucket(float(self.burst), now)
+            if len(self._buckets) >= self.MAX_KEYS - 1:  # every bucket is busy: new keys share one (fails closed)
+                key = "\x00overflow"
+                b = self._buckets.get(key)
+            if b is None:
+                b = self._buckets[key] = Bucket(float(self.burst), now)
         b.tokens = min(float(self.burst), b.tokens + (now - b.at) / self.every_s)
         b.at = now
         if b.tokens < 1:

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             people = accounts.users()
-            rows = [{"name": u.name, "roles": list(u.roles), "content": u.content, "state": u.state,
+            rows: list[dict[str, Any]] = [{"name": u.name, "roles": list(u.roles), "content": u.content, "state": u.state,
                      "locked": u.locked(), "second_factor": u.enrolled, "must_change_password": u.must_change,
                      "passkeys": len(accounts.passkeys(u.name)), "created_at": u.created_at, "created_by": u.created_by}
                     for u in people]

@@ -64,7 +64,10 @@ MAX_WAITING_HASHES = 4  # more concurrent password checks than this are refused 
 TOUCH_EVERY_S = 30.0  # a session's last-seen time is written at most this often
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-HTMX = Path(__file__).resolve().parents[2] / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"
+# htmx comes from the npm registry (package.json pins it; `npm ci` puts it in node_modules/ beside the
+# project); the gateway serves that copy itself and checks its hash.  Without it the pages still work.
+HTMX_PATH = Path("node_modules") / "htmx.org" / "dist" / "htmx.min.js"
+HTMX_PLACES = (Path(__file__).resolve().parents[2], Path.cwd())
 HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"  # htmx.org 2.0.11 dist/htmx.min.js (package.json)
 
 
@@ -93,17 +96,50 @@ def page(permission: str | None = None, *, fresh: bool = False, stage: str = "fu
 PUBLIC = Page(None, stage="none")
 
 
+@dataclass
+class Context:
+    """What the guard learnt about a request, and what a handler passes to the page it renders."""
+
+    session: Session | None = None
+    user: User | None = None
+    login_csrf: str = ""
+    error: str = ""
+    status: int = 200
+    codes: list[str] | None = None  # new recovery codes, shown once
+    created: dict[str, Any] | None = None  # a new account and its initial password, shown once
+
+
+CTX = web.RequestKey("console", Context)
+
+
+def _user(request: web.Request) -> User:
+    """The logged-in user (the guard lets a handler run only with one)."""
+    user = request[CTX].user
+    assert user is not None
+    return user
+
+
+def _session_of(request: web.Request) -> Session:
+    session = request[CTX].session
+    assert session is not None
+    return session
+
+
 def _static_files() -> dict[str, tuple[bytes, str]]:
     out = {}
     for name, ctype in (("console.css", "text/css"), ("passkey.js", "text/javascript")):
         out[name] = (files("gateway.console").joinpath("static", name).read_bytes(), ctype)
-    if HTMX.is_file():
-        data = HTMX.read_bytes()
+    for place in HTMX_PLACES:
+        path = place / HTMX_PATH
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() == HTMX_SHA256:
             out["htmx.min.js"] = (data, "text/javascript")
-        else:
-            log.warning("console.htmx_mismatch", path=str(HTMX), expected_sha256=HTMX_SHA256,
-                        hint="run `npm ci` in the project folder; the pages work without it")
+            return out
+        log.warning("console.htmx_mismatch", path=str(path), expected_sha256=HTMX_SHA256,
+                    hint="run `npm ci` in the project folder")
+    log.info("console.htmx_missing", hint="run `npm ci` in the project folder for live search; the pages work without it")
     return out
 
 
@@ -219,6 +255,7 @@ class Console:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[CTX] = Context()
         try:
             response = await self._checked(request, handler)
         except Refused as exc:
@@ -240,8 +277,9 @@ class Console:
                           "those names (or add the name to console.allowed_hosts)", audit=False)
         spec: Page = getattr(handler, "console_page", PUBLIC)
         session = await self._session(request)
-        request["session"] = session
-        request["user"] = None if session is None else await self.run(self.accounts.user, session.user)
+        ctx = request[CTX]
+        ctx.session = session
+        ctx.user = None if session is None else await self.run(self.accounts.user, session.user)
         if request.method == "POST":
             if not self._same_origin(request):
                 raise Refused(403, "this request did not come from the console's own pages (Origin check); "
@@ -253,7 +291,7 @@ class Console:
                               "try again")
         if spec.stage == "none":
             return await handler(request)
-        user: User | None = request["user"]
+        user = ctx.user
         if session is None or user is None or user.state != "active":
             if request.method == "GET":
                 raise web.HTTPSeeOther(f"/console/login?next={quote(request.path_qs)}")
@@ -292,20 +330,22 @@ class Console:
         return session
 
     async def _denied(self, request: web.Request, why: str) -> None:
-        user = request.get("user")
+        user = request[CTX].user
+        if user is None and not self._first_this_minute(f"denied:{request.remote}"):
+            return  # anonymous refusals: one record a minute per address, so a flood cannot fill the log
         actor = f"console:{user.name}" if user is not None else f"console:anonymous@{request.remote}"
         await self.wait(self.store.audit(actor, "console.denied", None, None,
                                          {"method": request.method, "path": request.path, "reason": why,
                                           "address": request.remote or ""}))
 
     def actor(self, request: web.Request) -> str:
-        return f"console:{request['user'].name}"
+        return f"console:{_user(request).name}"
 
     def render(self, request: web.Request, template: str, context: dict[str, Any], status: int = 200) -> web.Response:
-        session: Session | None = request.get("session")
-        user: User | None = request.get("user")
+        session: Session | None = request[CTX].session
+        user: User | None = request[CTX].user
         base = {"user": user if session is not None and session.stage == "full" else None,
-                "csrf": session.csrf if session is not None else request.get("login_csrf", ""),
+                "csrf": session.csrf if session is not None else request[CTX].login_csrf,
                 "allowed": (lambda p: user is not None and allowed(user, p)), "htmx": "htmx.min.js" in self.static,
                 "path": request.path, "flash": request.query.get("done", "")}
         text = self.templates.get_template(template).render(base | context)
@@ -324,7 +364,7 @@ class Console:
         target = {"mfa": "/console/mfa", "enroll": "/console/enroll"}.get(stage, "/console/")
         if stage == "full" and user.must_change:
             target = "/console/password"
-        response = web.HTTPSeeOther(target)
+        response = web.Response(status=303, headers={"Location": target})
         self._set_session(response, request, token)
         return response
 
@@ -364,7 +404,7 @@ class Console:
 
     def _login_form(self, request: web.Request, error: str, status: int) -> web.Response:
         token = request.cookies.get(LOGIN_CSRF_COOKIE) or security.new_token()
-        request["login_csrf"] = token
+        request[CTX].login_csrf = token
         response = self.render(request, "login.html", {
             "error": error, "bootstrap": str(self.bootstrap_file) if self.bootstrap_file.exists() else ""}, status)
         response.set_cookie(LOGIN_CSRF_COOKIE, token, path="/console/", httponly=True, samesite="Strict",
@@ -384,13 +424,20 @@ class Console:
         address = request.remote or ""
         if self.limiter.allow(address):
             return
-        now = time.monotonic()
-        if now - self.throttled_audit.get(address, 0.0) > 60:  # one record a minute per address, not one per attempt
-            self.throttled_audit[address] = now
+        if self._first_this_minute(f"throttled:{address}"):  # one record a minute per address, not one per attempt
             await self.wait(self.store.audit(f"console:anonymous@{address}", "console.login_throttled", None, None,
                                              {"address": address}))
             log.warning("console.login_throttled", address=address)
         raise Refused(429, "too many login attempts from your address; wait a minute and try again", audit=False)
+
+    def _first_this_minute(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self.throttled_audit.get(key, -60.0) < 60:
+            return False
+        if len(self.throttled_audit) > security.RateLimiter.MAX_KEYS:
+            self.throttled_audit = {k: t for k, t in self.throttled_audit.items() if now - t < 60}
+        self.throttled_audit[key] = now
+        return True
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         await self._throttle(request)
@@ -412,7 +459,9 @@ class Console:
                 await self.wait(self.store.audit(f"console:anonymous@{request.remote}", "console.login_failed", None, None,
                                                  {"user": name[:64], "factor": "password", "address": request.remote or ""}))
             return self._login_form(request, "wrong user name or password", 401)
-        return await self._new_session(request, user, "mfa" if user.enrolled else "enroll", 0.0, None)
+        earlier = request[CTX].session
+        return await self._new_session(request, user, "mfa" if user.enrolled else "enroll", 0.0,
+                                       earlier.id_hash if earlier is not None else None)
 
     async def _failed(self, request: web.Request, user: User, factor: str) -> None:
         locked = await self.wait(self.accounts.failed(user.name, factor, request.remote or "", self.cfg.lockout_after,
@@ -420,22 +469,23 @@ class Console:
         if locked:
             log.warning("console.user_locked", user=user.name, factor=factor, address=request.remote,
                         minutes=round(self.cfg.lockout_s / 60))
-            session: Session | None = request.get("session")
+            session: Session | None = request[CTX].session
             if session is not None and session.stage != "full":
                 await self.wait(self.accounts.end_session(session.id_hash))
             raise Refused(423, "this account is locked after repeated failed attempts; try again later or ask an "
                           "administrator to unlock it", audit=False)
 
+    @page(stage="mfa")
     async def mfa_page(self, request: web.Request) -> web.Response:
-        user: User = request["user"]
+        user: User = _user(request)
         keys = await self.run(self.accounts.passkeys, user.name)
-        return self.render(request, "mfa.html", {"error": request.get("error", ""), "passkeys": bool(keys),
+        return self.render(request, "mfa.html", {"error": request[CTX].error, "passkeys": bool(keys),
                                                  "recovery_left": await self.run(self.accounts.recovery_left, user.name)},
-                           request.get("status", 200))
+                           request[CTX].status)
 
     async def _second_factor_ok(self, request: web.Request, method: str) -> web.StreamResponse:
-        user: User = request["user"]
-        session: Session = request["session"]
+        user: User = _user(request)
+        session: Session = _session_of(request)
         await self.wait(self.accounts.succeeded(user.name, request.remote or "", method))
         return await self._new_session(request, user, "full", time.time(), session.id_hash)
 
@@ -451,25 +501,25 @@ class Console:
 
     @page(stage="mfa")
     async def mfa_totp(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
-        if request["session"].stage != "mfa" or user.locked():
+        user: User = _user(request)
+        if _session_of(request).stage != "mfa" or user.locked():
             raise Refused(403, "this account is locked; try again later")
         problem = await self._totp(user, str((await request.post()).get("code", "")))
         if problem is not None:
             await self._failed(request, user, "totp")
-            request["error"], request["status"] = problem, 401
+            request[CTX].error, request[CTX].status = problem, 401
             return await self.mfa_page(request)
         return await self._second_factor_ok(request, "totp")
 
     @page(stage="mfa")
     async def mfa_recovery(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
-        if request["session"].stage != "mfa" or user.locked():
+        user: User = _user(request)
+        if _session_of(request).stage != "mfa" or user.locked():
             raise Refused(403, "this account is locked; try again later")
         code = str((await request.post()).get("recovery_code", ""))
         if not await self.wait(self.accounts.spend_recovery(user.name, security.recovery_hash(code))):
             await self._failed(request, user, "recovery-code")
-            request["error"], request["status"] = "that recovery code is not valid or was used already", 401
+            request[CTX].error, request[CTX].status = "that recovery code is not valid or was used already", 401
             return await self.mfa_page(request)
         return await self._second_factor_ok(request, "recovery-code")
 
@@ -491,20 +541,20 @@ class Console:
 
     @page(stage="mfa")
     async def passkey_login_options(self, request: web.Request) -> web.Response:
-        user: User = request["user"]
+        user: User = _user(request)
         rp_id, _ = self._rp(request)
         ids = [base64.urlsafe_b64decode(k["credential_id"] + "==") for k in await self.run(self.accounts.passkeys, user.name)]
         if not ids:
             return web.json_response({"error": "you have no passkey yet; use your authenticator app's code"}, status=400)
         options, challenge = passkeys.authentication_options(rp_id, ids)
-        await self.wait(self.accounts.update_session(request["session"].id_hash, pending={
+        await self.wait(self.accounts.update_session(_session_of(request).id_hash, pending={
             "challenge": base64.b64encode(challenge).decode(), "purpose": "login"}))
         return web.Response(text=options, content_type="application/json")
 
     @page(stage="mfa")
     async def passkey_login_verify(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
-        session: Session = request["session"]
+        user: User = _user(request)
+        session: Session = _session_of(request)
         rp_id, origin = self._rp(request)
         body = json.dumps(await self._json(request))
         try:
@@ -534,21 +584,21 @@ class Console:
 
     @page(fresh=True)
     async def passkey_register_options(self, request: web.Request) -> web.Response:
-        user: User = request["user"]
+        user: User = _user(request)
         rp_id, _ = self._rp(request)
         body = await self._json(request)
         existing = [base64.urlsafe_b64decode(k["credential_id"] + "==") for k in await self.run(self.accounts.passkeys, user.name)]
         options, challenge = passkeys.registration_options(rp_id, "einvoice-gateway", user.name,
                                                            user.user_handle.encode(), existing)
         label = str(body.get("label") or "passkey")[:60]
-        await self.wait(self.accounts.update_session(request["session"].id_hash, pending={
+        await self.wait(self.accounts.update_session(_session_of(request).id_hash, pending={
             "challenge": base64.b64encode(challenge).decode(), "purpose": "register", "label": label}))
         return web.Response(text=options, content_type="application/json")
 
     @page(fresh=True)
     async def passkey_register_verify(self, request: web.Request) -> web.Response:
-        user: User = request["user"]
-        session: Session = request["session"]
+        user: User = _user(request)
+        session: Session = _session_of(request)
         rp_id, origin = self._rp(request)
         body = json.dumps(await self._json(request))
         try:
@@ -566,7 +616,7 @@ class Console:
 
     @page()
     async def passkey_remove(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
+        user: User = _user(request)
         if not await self.wait(self.accounts.remove_passkey(user.name, request.match_info["id"], self.actor(request))):
             raise Refused(404, "no such passkey of yours", audit=False)
         raise web.HTTPSeeOther("/console/account?done=passkey+removed")
@@ -575,8 +625,8 @@ class Console:
 
     @page(stage="mfa")
     async def enroll_page(self, request: web.Request) -> web.Response:
-        user: User = request["user"]
-        session: Session = request["session"]
+        user: User = _user(request)
+        session: Session = _session_of(request)
         if session.stage != "enroll":
             raise web.HTTPSeeOther("/console/mfa")
         secret = session.pending.get("totp_secret")
@@ -585,19 +635,19 @@ class Console:
             await self.wait(self.accounts.update_session(session.id_hash, pending={"totp_secret": secret}))
         uri = security.otpauth_uri(secret, user.name, "einvoice-gateway")
         return self.render(request, "enroll.html", {"secret": secret, "uri": uri, "qr": _qr(uri),
-                                                    "error": request.get("error", "")}, request.get("status", 200))
+                                                    "error": request[CTX].error}, request[CTX].status)
 
     @page(stage="mfa")
     async def enroll(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
-        session: Session = request["session"]
+        user: User = _user(request)
+        session: Session = _session_of(request)
         secret = session.pending.get("totp_secret")
         if session.stage != "enroll" or not secret:
             raise web.HTTPSeeOther("/console/mfa")
         step = security.totp_step(secret, str((await request.post()).get("code", "")))
         if step is None:
             await self._failed(request, user, "totp-enrolment")
-            request["error"], request["status"] = "that code does not match; check the secret and your clock", 401
+            request[CTX].error, request[CTX].status = "that code does not match; check the secret and your clock", 401
             return await self.enroll_page(request)
         codes = security.new_recovery_codes()
         await self.wait(self.accounts.enroll_totp(user.name, secret, step, [security.recovery_hash(c) for c in codes]))
@@ -608,12 +658,12 @@ class Console:
 
     @page()
     async def password_page(self, request: web.Request) -> web.Response:
-        return self.render(request, "password.html", {"error": request.get("error", ""),
-                                                      "forced": request["user"].must_change}, request.get("status", 200))
+        return self.render(request, "password.html", {"error": request[CTX].error,
+                                                      "forced": _user(request).must_change}, request[CTX].status)
 
     @page()
     async def change_password(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
+        user: User = _user(request)
         form = await request.post()
         current, new, confirm = (str(form.get(k, "")) for k in ("current", "new", "confirm"))
         problem = None
@@ -630,7 +680,7 @@ class Console:
             except security.PolicyError as exc:
                 problem = str(exc)
         if problem is not None:
-            request["error"], request["status"] = problem, 400
+            request[CTX].error, request[CTX].status = problem, 400
             return await self.password_page(request)
         digest = await asyncio.get_running_loop().run_in_executor(self.hashing, security.hash_password, new)
         await self.wait(self.accounts.set_password(user.name, digest, self.actor(request), must_change=False))
@@ -640,12 +690,12 @@ class Console:
 
     @page()
     async def reauth_page(self, request: web.Request) -> web.Response:
-        return self.render(request, "reauth.html", {"error": request.get("error", ""), "next": _local(request.query.get("next"))},
-                           request.get("status", 200))
+        return self.render(request, "reauth.html", {"error": request[CTX].error, "next": _local(request.query.get("next"))},
+                           request[CTX].status)
 
     @page()
     async def reauth(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
+        user: User = _user(request)
         form = await request.post()
         problem = None
         if not await self._check_password(user.password_hash, str(form.get("password", ""))):
@@ -656,17 +706,17 @@ class Console:
             if problem is not None:
                 await self._failed(request, user, "totp")
         if problem is not None:
-            request["error"], request["status"] = problem, 401
+            request[CTX].error, request[CTX].status = problem, 401
             return await self.reauth_page(request)
-        await self.wait(self.accounts.update_session(request["session"].id_hash, auth_at=time.time()))
+        await self.wait(self.accounts.update_session(_session_of(request).id_hash, auth_at=time.time()))
         await self.wait(self.store.audit(self.actor(request), "console.reauthenticated", None, None, {}))
         raise web.HTTPSeeOther(_local(str(form.get("next", ""))))
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
-        session: Session | None = request.get("session")
+        session: Session | None = request[CTX].session
         if session is not None:
             await self.wait(self.accounts.end_session(session.id_hash, f"console:{session.user}", "logout"))
-        response = web.HTTPSeeOther("/console/login")
+        response = web.Response(status=303, headers={"Location": "/console/login"})
         response.del_cookie(SESSION_COOKIE, path="/console/")
         return response
 
@@ -814,7 +864,7 @@ class Console:
 
     @page("view", fresh=True)
     async def decide(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
+        user: User = _user(request)
         decision = request.match_info["decision"]
         try:
             request_id = int(request.match_info["id"])
@@ -848,7 +898,7 @@ class Console:
 
     async def _carry_out(self, found: dict[str, Any], actor: str) -> tuple[str, bool]:
         p, kind = found["params"], found["kind"]
-        note = f"{found.get('reason', '')} (requested by {found['requested_by']}, approved by {actor})".strip()
+        note = f"{found['reason']} (requested by {found['requested_by']}, approved by {actor})".strip()
         try:
             if kind == "quarantine.release":
                 await self.wait(self.store.decide(p["message_id"], True, actor, note))
@@ -897,9 +947,9 @@ class Console:
 
         if not await self.run(edit):
             raise Refused(404, "no such partner", audit=False)
-        await self.wait(self.store.audit(self.actor(request), f"partner.{action}ed".replace("suspended", "suspended"),
-                                         name, None, {"reason": reason}))
-        raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done={action}ed+(takes+effect+within+seconds)")
+        done = {"suspend": "suspended", "resume": "resumed"}[action]
+        await self.wait(self.store.audit(self.actor(request), f"partner.{done}", name, None, {"reason": reason}))
+        raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done={done}+(takes+effect+within+seconds)")
 
     @page("audit.read")
     async def audit(self, request: web.Request) -> web.Response:
@@ -963,8 +1013,8 @@ class Console:
         people = await self.run(self.accounts.users)
         sessions = await self.run(self.accounts.sessions, None)
         return self.render(request, "users.html", {"people": people, "roles": ROLES, "sessions": sessions,
-                                                   "error": request.get("error", ""), "created": request.get("created")},
-                           request.get("status", 200))
+                                                   "error": request[CTX].error, "created": request[CTX].created},
+                           request[CTX].status)
 
     @page("users.manage", fresh=True)
     async def user_add(self, request: web.Request) -> web.StreamResponse:
@@ -974,7 +1024,7 @@ class Console:
 
         from .accounts import USER_NAME
         if not re.fullmatch(USER_NAME, name):
-            request["error"], request["status"] = "a user name is 2 to 40 lower-case letters, digits, '.', '_' or '-'", 400
+            request[CTX].error, request[CTX].status = "a user name is 2 to 40 lower-case letters, digits, '.', '_' or '-'", 400
             return await self.users(request)
         # A new account starts without roles: granting one is a four-eyes request.
         password = security.new_password()
@@ -982,20 +1032,20 @@ class Console:
         try:
             await self.wait(self.accounts.add_user(name, (), False, digest, self.actor(request)))
         except AccountError as exc:
-            request["error"], request["status"] = str(exc), 409
+            request[CTX].error, request[CTX].status = str(exc), 409
             return await self.users(request)
         roles = tuple(r for r in ROLES if form.get(f"role_{r}"))
         if roles or form.get("content"):
             await self.wait(self.accounts.request("user.roles", name, {"roles": list(roles), "content": bool(form.get("content"))},
                                                   "new account", self.actor(request)))
-        request["created"] = {"name": name, "password": password, "requested": roles}
+        request[CTX].created = {"name": name, "password": password, "requested": roles}
         return await self.users(request)
 
     @page("users.manage", fresh=True)
     async def user_act(self, request: web.Request) -> web.StreamResponse:
         name, action = request.match_info["name"], request.match_info["action"]
         form = await request.post()
-        if name == request["user"].name and action in ("disable", "roles", "reset-mfa"):
+        if name == _user(request).name and action in ("disable", "roles", "reset-mfa"):
             raise Refused(403, "you cannot do this to your own account; ask another administrator")
         try:
             if action == "disable":
@@ -1019,23 +1069,23 @@ class Console:
 
     @page()
     async def account(self, request: web.Request) -> web.Response:
-        user: User = request["user"]
+        user: User = _user(request)
         keys = await self.run(self.accounts.passkeys, user.name)
         sessions = await self.run(self.accounts.sessions, user.name)
         left = await self.run(self.accounts.recovery_left, user.name)
         return self.render(request, "account.html", {"passkeys": keys, "sessions": sessions, "recovery_left": left,
-                                                     "current": request["session"].id_hash, "codes": request.get("codes")})
+                                                     "current": _session_of(request).id_hash, "codes": request[CTX].codes})
 
     @page(fresh=True)
     async def new_recovery_codes(self, request: web.Request) -> web.Response:
         codes = security.new_recovery_codes()
-        await self.wait(self.accounts.replace_recovery(request["user"].name, [security.recovery_hash(c) for c in codes]))
-        request["codes"] = codes
+        await self.wait(self.accounts.replace_recovery(_user(request).name, [security.recovery_hash(c) for c in codes]))
+        request[CTX].codes = codes
         return await self.account(request)
 
     @page()
     async def revoke(self, request: web.Request) -> web.StreamResponse:
-        user: User = request["user"]
+        user: User = _user(request)
         target = await self.run(self.accounts.session, request.match_info["id"])
         if target is None:
             raise Refused(404, "no such session", audit=False)
