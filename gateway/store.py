@@ -134,7 +134,11 @@ CREATE TABLE IF NOT EXISTS retired (
 CREATE INDEX IF NOT EXISTS retired_source ON retired (direction, source_sha256);
 CREATE INDEX IF NOT EXISTS retired_number ON retired (direction, partner, kind, invoice_number, issue_date);
 CREATE INDEX IF NOT EXISTS invoices_key ON invoices (key_id);
+CREATE INDEX IF NOT EXISTS invoices_source ON invoices (direction, source_sha256);  -- the duplicate check at every intake
 CREATE INDEX IF NOT EXISTS invoices_number ON invoices (invoice_number);
+CREATE INDEX IF NOT EXISTS invoices_amount ON invoices (payable_amount);
+CREATE INDEX IF NOT EXISTS deliveries_message_state ON deliveries (message_id, state);
+CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries (state, delivered_at);
 CREATE INDEX IF NOT EXISTS invoices_partner ON invoices (partner, received_at);
 CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, seq);
 CREATE INDEX IF NOT EXISTS audit_action ON audit (action, seq);

@@ -21,7 +21,7 @@ STATUSES = ("accepted", "held", "delivered", "dead-letter", "rejected")
 _STATUS_SQL = {
     "held": "EXISTS (SELECT 1 FROM quarantine q WHERE q.message_id = i.message_id AND q.state = 'held')",
     "rejected": "EXISTS (SELECT 1 FROM quarantine q WHERE q.message_id = i.message_id AND q.state = 'rejected')",
-    "dead-letter": "EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id AND d.state = 'dead')",
+    "dead-letter": "i.message_id IN (SELECT d.message_id FROM deliveries d WHERE d.state = 'dead')",
     "delivered": ("EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id) AND NOT EXISTS "
                   "(SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id AND d.state != 'delivered')"),
 }
@@ -120,9 +120,9 @@ def audit_page(store: SqliteStore, *, actor: str = "", action: str = "", partner
         if value:
             where.append(f"{column} = ?")
             args.append(value)
-    if action:
-        where.append("action LIKE ? ESCAPE '\\'")
-        args.append(action.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    if action:  # a prefix, as a range the audit_action index serves
+        where.append("action >= ? AND action < ?")
+        args += [action, action + "\U0010ffff"]
     rows = store.read().execute(
         f"SELECT seq, at, actor, action, partner, message_id, detail FROM audit WHERE {' AND '.join(where)} "  # noqa: S608
         "ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
