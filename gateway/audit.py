@@ -217,6 +217,12 @@ def export_header(first: int | None, last: int | None, exported_at: str) -> dict
             "fields": list(FIELDS) + ["hash"]}
 
 
+def export_text(records: Sequence[dict[str, Any]], exported_at: str) -> str:
+    """An export: the header line, then one JSON line per record (the CLI's file, the console's download)."""
+    header = export_header(records[0]["seq"] if records else None, records[-1]["seq"] if records else None, exported_at)
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in [header, *records])
+
+
 SEAL_FORMAT = "einvoice-gateway-audit-seal/1"
 
 

@@ -186,11 +186,19 @@ def _retire(cfg: config_mod.Config, vault: Vault, store: SqliteStore, args: argp
     return 0
 
 
-def _trusted(cfg: config_mod.Config) -> list[Any]:
+def trusted_certificates(cfg: config_mod.Config) -> list[Any]:
+    """The certificates whose audit checkpoints and export seals are accepted: the current signing key's
+    and the earlier ones of audit.trusted_certificates."""
     from cryptography import x509
 
     paths = ([cfg.signing.certificate] if cfg.signing else []) + list(cfg.operations.audit_trusted)
     return [x509.load_pem_x509_certificate(p.read_bytes()) for p in paths]
+
+
+def unsealed_limit(cfg: config_mod.Config) -> float | None:
+    """The daemon seals the head every checkpoint_interval_s; a longer unsealed stretch means
+    checkpoints were removed (allowing for one missed interval and a slow shutdown)."""
+    return 2 * cfg.operations.audit_checkpoint_s + 120 if cfg.signing else None
 
 
 def audit(args: argparse.Namespace) -> int:
@@ -200,14 +208,12 @@ def audit(args: argparse.Namespace) -> int:
     store = SqliteStore(cfg.state_dir)
     try:
         if args.action == "verify":
+            trusted = trusted_certificates(cfg)
             if args.file:
-                header, records = read_export(Path(args.file), _trusted(cfg))
-                report = audit_mod.verify(records, _trusted(cfg), starts_at_genesis=header.get("first_seq") in (None, 1))
+                header, records = read_export(Path(args.file), trusted)
+                report = audit_mod.verify(records, trusted, starts_at_genesis=header.get("first_seq") in (None, 1))
             else:
-                # The daemon seals the head every checkpoint_interval_s; a longer unsealed stretch means
-                # checkpoints were removed (allowing for one missed interval and a slow shutdown).
-                report = audit_mod.verify(store.audit_range(), _trusted(cfg),
-                                          max_unsealed_s=2 * cfg.operations.audit_checkpoint_s + 120 if cfg.signing else None)
+                report = audit_mod.verify(store.audit_range(), trusted, max_unsealed_s=unsealed_limit(cfg))
             if args.json:
                 print(json.dumps(report.as_dict(), indent=2))
             elif report.ok:
@@ -225,11 +231,7 @@ def audit(args: argparse.Namespace) -> int:
                 raise ConfigError(f"-o: {out} exists; choose a new file name (an export is never overwritten)")
             records = list(store.audit_range(args.from_seq, args.to_seq, args.since, args.until))
             with open(out, "x", encoding="utf-8") as fh:
-                now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                fh.write(json.dumps(audit_mod.export_header(records[0]["seq"] if records else None,
-                                                            records[-1]["seq"] if records else None, now)) + "\n")
-                for r in records:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+                fh.write(audit_mod.export_text(records, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
             print(f"{len(records)} record(s) written to {out}; check it with: einvoice-gateway audit verify --file {out}")
             return 0
         if args.action == "checkpoint":

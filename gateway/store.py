@@ -278,7 +278,7 @@ def _iso(epoch: float | None) -> str | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _summary(quarantine_state: str | None, states: set[str]) -> str:
+def status_summary(quarantine_state: str | None, states: set[str]) -> str:
     """One word for a message: what its sender (or ERP) is told."""
     if quarantine_state in ("held", "rejected"):
         return _SENDER_STATUS[quarantine_state]
@@ -698,7 +698,7 @@ class SqliteStore(Store):
                 "state NOT IN ('held', 'rejected') ORDER BY destination", (message_id,),
             )
         ]
-        status = _summary(row[7], {d["status"] for d in deliveries})
+        status = status_summary(row[7], {d["status"] for d in deliveries})
         return {
             "message_id": row[0], "status": status, "sha256": row[1], "received_at": row[2],
             **({"partner": row[8]} if direction == "out" else {}),
@@ -894,7 +894,7 @@ class SqliteStore(Store):
         out = []
         for r in rows:
             states = set(r[9].split(",")) if r[9] else set()
-            summary = _summary(r[8], states)
+            summary = status_summary(r[8], states)
             if status is not None and status != summary and status not in states:
                 continue
             out.append({"message_id": r[0], "direction": r[1], "partner": r[2], "received_at": r[3],
@@ -927,7 +927,7 @@ class SqliteStore(Store):
                                   (message_id,))]
         q = self.quarantined(None, message_id=message_id)
         out["quarantine"] = q[0] if q else None
-        out["status"] = _summary(q[0]["state"] if q else None, {d["state"] for d in out["deliveries"]})
+        out["status"] = status_summary(q[0]["state"] if q else None, {d["state"] for d in out["deliveries"]})
         out["history"] = [
             {"at": r[0], "actor": r[1], "action": r[2], "detail": json.loads(r[3])}
             for r in conn.execute("SELECT at, actor, action, detail FROM audit WHERE message_id = ? ORDER BY seq",

@@ -82,6 +82,14 @@ def _user(r: tuple[Any, ...]) -> User:
                 r[12])
 
 
+_APPROVAL_FIELDS = ("id", "kind", "target", "params", "reason", "requested_by", "requested_at", "state", "decided_by",
+                    "decided_at", "outcome")
+
+
+def _approval(r: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(_APPROVAL_FIELDS, r, strict=True)) | {"params": json.loads(r[3])}
+
+
 def _session(r: tuple[Any, ...]) -> Session:
     return Session(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]))
 
@@ -342,22 +350,12 @@ class Accounts:
         return self.store.write(op)
 
     def approvals(self, state: str | None = "pending", limit: int = 200) -> list[dict[str, Any]]:
-        rows = self.store.read().execute(
-            "SELECT id, kind, target, params, reason, requested_by, requested_at, state, decided_by, decided_at, outcome "
-            "FROM approvals WHERE (? IS NULL OR state = ?) ORDER BY id DESC LIMIT ?", (state, state, limit))
-        keys = ("id", "kind", "target", "params", "reason", "requested_by", "requested_at", "state", "decided_by",
-                "decided_at", "outcome")
-        return [dict(zip(keys, r, strict=True)) | {"params": json.loads(r[3])} for r in rows]
+        rows = self.store.read().execute(f"SELECT {', '.join(_APPROVAL_FIELDS)} FROM approvals "  # noqa: S608 (our names)
+                                         "WHERE (? IS NULL OR state = ?) ORDER BY id DESC LIMIT ?", (state, state, limit))
+        return [_approval(r) for r in rows]
 
     def approval(self, request_id: int) -> dict[str, Any] | None:
-        r = self.store.read().execute(
-            "SELECT id, kind, target, params, reason, requested_by, requested_at, state, decided_by, decided_at, outcome "
-            "FROM approvals WHERE id = ?", (request_id,)).fetchone()
-        if r is None:
-            return None
-        keys = ("id", "kind", "target", "params", "reason", "requested_by", "requested_at", "state", "decided_by",
-                "decided_at", "outcome")
-        return dict(zip(keys, r, strict=True)) | {"params": json.loads(r[3])}
+        return self.approval_in(self.store.read(), request_id)
 
     def decide(self, request_id: int, actor: str, approve: bool, check: Callable[[dict[str, Any]], None]) -> Future[dict[str, Any]]:
         """Approve or deny a pending request; the requester cannot decide their own (four eyes).
@@ -382,13 +380,11 @@ class Accounts:
 
         return self.store.write(op)
 
-    def approval_in(self, conn: sqlite3.Connection, request_id: int) -> dict[str, Any] | None:
-        r = conn.execute("SELECT id, kind, target, params, requested_by, state, reason FROM approvals WHERE id = ?",
+    @staticmethod
+    def approval_in(conn: sqlite3.Connection, request_id: int) -> dict[str, Any] | None:
+        r = conn.execute(f"SELECT {', '.join(_APPROVAL_FIELDS)} FROM approvals WHERE id = ?",  # noqa: S608 (our names)
                          (request_id,)).fetchone()
-        if r is None:
-            return None
-        return {"id": r[0], "kind": r[1], "target": r[2], "params": json.loads(r[3]), "requested_by": r[4], "state": r[5],
-                "reason": r[6]}
+        return None if r is None else _approval(r)
 
     def finish(self, request_id: int, outcome: str, failed: bool = False) -> Future[None]:
         def op(conn: sqlite3.Connection) -> None:

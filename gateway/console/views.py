@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..store import SqliteStore
+from ..store import SqliteStore, status_summary
 
 PAGE = 50
 MAX_PAGES = 200
@@ -50,21 +50,11 @@ def search(store: SqliteStore, *, partner: str = "", status: str = "", since: st
            number: str = "", amount: str = "", page: int = 0) -> tuple[list[dict[str, Any]], bool]:
     """One page of messages, newest first, and whether there are more."""
     where, args = ["1 = 1"], []
-    if partner:
-        where.append("i.partner = ?")
-        args.append(partner)
-    if number:
-        where.append("i.invoice_number = ?")
-        args.append(number)
-    if amount:
-        where.append("i.payable_amount = ?")
-        args.append(amount)
-    if since:
-        where.append("i.received_at >= ?")
-        args.append(since)
-    if until:
-        where.append("i.received_at < ?")
-        args.append(until)
+    for condition, value in (("i.partner = ?", partner), ("i.invoice_number = ?", number), ("i.payable_amount = ?", amount),
+                             ("i.received_at >= ?", since), ("i.received_at < ?", until)):
+        if value:
+            where.append(condition)
+            args.append(value)
     if status in _STATUS_SQL:
         where.append(_STATUS_SQL[status])
         if status in ("dead-letter", "delivered"):
@@ -80,16 +70,8 @@ def search(store: SqliteStore, *, partner: str = "", status: str = "", since: st
         states = set(r[9].split(",")) if r[9] else set()
         out.append({"message_id": r[0], "direction": r[1], "partner": r[2], "received_at": r[3],
                     "document_type": r[4].split(":")[-1], "invoice_number": r[5], "payable_amount": r[6],
-                    "currency": r[7], "status": summary(r[8], states)})
+                    "currency": r[7], "status": status_summary(r[8], states)})
     return out, len(rows) > PAGE
-
-
-def summary(quarantine_state: str | None, states: set[str]) -> str:
-    if quarantine_state in ("held", "rejected"):
-        return str(quarantine_state)
-    if "dead" in states:
-        return "dead-letter"
-    return "delivered" if states == {"delivered"} else "accepted"
 
 
 def dashboard(store: SqliteStore, now: datetime | None = None) -> dict[str, Any]:

@@ -24,10 +24,12 @@ import base64
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,12 +44,13 @@ from ..config import Config, ConsoleConfig
 from ..errors import GatewayError
 from ..lifecycle import expiring, inventory
 from ..model import PartnerStatus
+from ..opscli import trusted_certificates, unsealed_limit
 from ..partners import PartnerDirectory, editing, with_status
 from ..signature import SigningKey
 from ..store import SqliteStore
 from ..vault import Vault
 from . import passkeys, security, views
-from .accounts import ROLES, AccountError, Accounts, Session, User
+from .accounts import ROLES, USER_NAME, AccountError, Accounts, Session, User
 from .roles import APPROVAL_NEEDS, allowed
 
 log = logs.get("console")
@@ -963,17 +966,10 @@ class Console:
                                                        partner=q.get("partner", "").strip(), before=before))
         return self.render(request, "audit.html", {"rows": rows, "q": q, "report": None})
 
-    def _trusted(self) -> list[Any]:
-        from cryptography import x509
-
-        paths = ([self.config.signing.certificate] if self.config.signing else []) + list(self.config.operations.audit_trusted)
-        return [x509.load_pem_x509_certificate(p.read_bytes()) for p in paths]
-
     @page("audit.read")
     async def audit_verify(self, request: web.Request) -> web.Response:
-        ops = self.config.operations
-        limit = 2 * ops.audit_checkpoint_s + 120 if self.config.signing else None
-        report = await self.run(lambda: audit_mod.verify(self.store.audit_range(), self._trusted(), max_unsealed_s=limit))
+        report = await self.run(lambda: audit_mod.verify(self.store.audit_range(), trusted_certificates(self.config),
+                                                         max_unsealed_s=unsealed_limit(self.config)))
         await self.wait(self.store.audit(self.actor(request), "console.audit_verified", None, None,
                                          {"ok": report.ok, "records": report.records}))
         return self.render(request, "audit.html", {"rows": [], "q": {}, "report": report})
@@ -993,13 +989,7 @@ class Console:
 
         def build() -> tuple[bytes, int]:
             records = list(self.store.audit_range(first, last))
-            from datetime import UTC, datetime
-
-            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            lines = [json.dumps(audit_mod.export_header(records[0]["seq"] if records else None,
-                                                        records[-1]["seq"] if records else None, now))]
-            lines += [json.dumps(r, ensure_ascii=False) for r in records]
-            body = ("\n".join(lines) + "\n").encode()
+            body = audit_mod.export_text(records, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")).encode()
             return body + (json.dumps(audit_mod.export_seal(signer, body)) + "\n").encode(), len(records)
 
         body, n = await self.run(build)
@@ -1020,9 +1010,6 @@ class Console:
     async def user_add(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         name = str(form.get("name", "")).strip().lower()
-        import re
-
-        from .accounts import USER_NAME
         if not re.fullmatch(USER_NAME, name):
             request[CTX].error, request[CTX].status = "a user name is 2 to 40 lower-case letters, digits, '.', '_' or '-'", 400
             return await self.users(request)
