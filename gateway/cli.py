@@ -6,8 +6,10 @@
     einvoice-gateway partners add NAME --client-cert PEM | --smime-cert PEM --party-id ID [--party-id ID …] [--email ADDR …]
                                   [--signing-cert PEM …] [--signature-policy required|if-present|ignore] -c CONFIG
     einvoice-gateway partners edit NAME [--client-cert PEM …] [--signing-cert PEM …] [--smime-cert PEM …] [--remove-cert SPKI …]
-                                   [--party-id ID …] [--remove-party-id ID …] [--email ADDR …] [--signature-policy P] -c CONFIG
+                                   [--party-id ID …] [--remove-party-id ID …] [--email ADDR …] [--signature-policy P]
+                                   [--active-from DATE] [--retire-cert SPKI … --retire-at DATE] -c CONFIG
     einvoice-gateway partners list|show NAME|suspend NAME|resume NAME|remove NAME -c CONFIG
+    einvoice-gateway partners activate NAME --fingerprint SHA256 [--fingerprint …] -c CONFIG
         (add and edit also take [--rules PACK[,PACK…] | --no-rules] [--amount-ceiling CUR:AMOUNT …] [--endpoint URL|mailto:ADDR]
          [--smime-signed-only])
     einvoice-gateway quarantine list [--all] [--partner P] [--json] | show ID | release ID --reason R [--to DEST …]
@@ -94,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--smime-cert", action="append", default=[], help="add an S/MIME certificate (rollover)")
     ed.add_argument("--remove-cert", action="append", default=[], metavar="SPKI",
                     help="remove the client, signing or S/MIME certificate whose key SHA-256 starts with this (>= 16 hex digits)")
+    ed.add_argument("--active-from", metavar="DATE",
+                    help="the certificates this command adds are accepted from DATE (2027-01-31 or 2027-01-31T12:00:00Z)")
+    ed.add_argument("--retire-cert", action="append", default=[], metavar="SPKI",
+                    help="the certificate whose key SHA-256 starts with this stops being accepted at --retire-at "
+                         "(a rollover: old and new are accepted until then)")
+    ed.add_argument("--retire-at", metavar="DATE", help="when the --retire-cert certificates stop being accepted")
     ed.add_argument("--remove-email", action="append", default=[])
     ed.add_argument("--party-id", action="append", default=[])
     ed.add_argument("--remove-party-id", action="append", default=[])
@@ -119,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     for action in ("show", "suspend", "resume", "remove"):
         sp = with_config(psub.add_parser(action, help=f"{action} a partner"))
         sp.add_argument("name")
+    act = with_config(psub.add_parser("activate", help="activate a partner added in the console, once the partner has "
+                                      "confirmed each certificate's SHA-256 fingerprint by another channel"))
+    act.add_argument("name")
+    act.add_argument("--fingerprint", action="append", default=[], required=True,
+                     help="a certificate's SHA-256 fingerprint (or its key's), as read out by the partner; one per certificate")
 
     q = sub.add_parser("quarantine", help="invoices held for review (changed bank account, amount ceiling)")
     qsub = q.add_subparsers(dest="action", required=True)
@@ -218,8 +231,18 @@ def _chosen_rules(args: argparse.Namespace, cfg: config_mod.Config) -> tuple[str
 def _partners(args: argparse.Namespace) -> int:
     from .config import parse_email
     from .instance import current_user, register_partner
-    from .partners import editing, load_directory, parse_ceiling, parse_endpoint, parse_party_id, with_status
-    from .tls import email_addresses, expires_soon, inspect_certificate
+    from .partners import (
+        activated,
+        certificates_of,
+        editing,
+        instant_text,
+        load_directory,
+        parse_ceiling,
+        parse_endpoint,
+        parse_party_id,
+        with_status,
+    )
+    from .tls import cert_sha256, email_addresses, expires_soon
 
     cfg = config_mod.load(args.config)
     path = cfg.partners_file
@@ -267,21 +290,17 @@ def _partners(args: argparse.Namespace) -> int:
     if args.action == "show":
         partner = directory.get(args.name)
         assert partner is not None
-        shown: list[dict[str, object]] = []
-        for cert_path in partner.client_certs:
-            info = inspect_certificate(Path(cert_path), "client_certs")
-            shown.append({"path": cert_path, "spki_sha256": info.spki_sha256, "subject": info.subject,
-                          "not_after": info.not_after.isoformat(), "expires_within_30_days": expires_soon(info)})
-        signing: list[dict[str, object]] = []
-        for cert_path in partner.signing_certs:
-            info = inspect_certificate(Path(cert_path), "signing_certs")
-            signing.append({"path": cert_path, "spki_sha256": info.spki_sha256, "subject": info.subject,
-                            "not_after": info.not_after.isoformat()})
-        mail_certs: list[dict[str, object]] = []
-        for cert_path in partner.smime_certs:
-            info = inspect_certificate(Path(cert_path), "smime_certs")
-            mail_certs.append({"path": cert_path, "spki_sha256": info.spki_sha256, "subject": info.subject,
-                          "not_after": info.not_after.isoformat(), "addresses": sorted(email_addresses(info.cert))})
+        windows = {w.path: w for w in partner.windows}
+        listed: dict[str, list[dict[str, object]]] = {"client": [], "signing": [], "smime": []}
+        for purpose, cert_path, info in certificates_of(partner):
+            w = windows.get(cert_path)
+            listed[purpose].append({
+                "path": cert_path, "spki_sha256": info.spki_sha256, "sha256": cert_sha256(info.cert), "subject": info.subject,
+                "not_after": info.not_after.isoformat(), "expires_within_30_days": expires_soon(info),
+                **({"addresses": sorted(email_addresses(info.cert))} if purpose == "smime" else {}),
+                **({"accepted_from": instant_text(w.start)} if w and w.start else {}),
+                **({"accepted_until": instant_text(w.end)} if w and w.end else {})})
+        shown, signing, mail_certs = listed["client"], listed["signing"], listed["smime"]
         print(json.dumps({"name": partner.name, "status": partner.status.value, "verified_by": partner.verified_by,
                           "verified_at": partner.verified_at, "party_ids": sorted(partner.party_ids),
                           "emails": list(partner.emails), "client_certs": shown,
@@ -295,9 +314,15 @@ def _partners(args: argparse.Namespace) -> int:
         idx = next(i for i, p in enumerate(partners) if p.name == args.name)
         if args.action == "remove":
             del partners[idx]
+        elif args.action == "activate":
+            partners[idx] = activated(partners[idx], args.fingerprint, current_user())
+        elif partners[idx].status is PartnerStatus.PENDING:
+            raise ConfigError(f"partners {args.action}: {args.name!r} is pending activation; confirm its certificate "
+                              f"fingerprints with `partners activate {args.name} --fingerprint …`")
         else:
             partners[idx] = with_status(partners[idx], PartnerStatus.SUSPENDED if args.action == "suspend" else PartnerStatus.ACTIVE)
-    _audit_partner(cfg, args, {"remove": "partner.removed", "suspend": "partner.suspended"}.get(args.action, "partner.resumed"), {})
+    _audit_partner(cfg, args, {"remove": "partner.removed", "suspend": "partner.suspended",
+                               "activate": "partner.activated"}.get(args.action, "partner.resumed"), {})
     print(f"partner {args.name!r}: {args.action} done")
     return 0
 
@@ -319,24 +344,38 @@ def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] |
 
     from .config import parse_email
     from .instance import edit_partners
-    from .partners import parse_ceiling, parse_endpoint, parse_party_id
+    from .partners import certificates_of, parse_ceiling, parse_endpoint, parse_instant, parse_party_id, rollover
     from .tls import inspect_certificate
 
     add_emails = tuple(parse_email(e, f"--email[{i}]") for i, e in enumerate(args.email))
     drop_emails = {parse_email(e, f"--remove-email[{i}]") for i, e in enumerate(args.remove_email)}
     endpoint = parse_endpoint(args.endpoint, "--endpoint") if args.endpoint else None
-    for prefix in args.remove_cert:
-        if len(prefix) < 16:
-            raise ConfigError(f"--remove-cert: {prefix!r} is too short; give at least 16 hex digits of the key SHA-256")
     add_ids = {parse_party_id(v, f"--party-id[{i}]") for i, v in enumerate(args.party_id)}
     add_ceilings = dict(parse_ceiling(v, f"--amount-ceiling[{i}]") for i, v in enumerate(args.amount_ceiling))
     drop_ids = {parse_party_id(v, f"--remove-party-id[{i}]") for i, v in enumerate(args.remove_party_id)}
 
-    def keep(paths: tuple[str, ...]) -> list[str]:
-        return [p for p in paths if not any(inspect_certificate(Path(p), "certificate").spki_sha256.startswith(x.lower())
-                                            for x in args.remove_cert)]
+    start = parse_instant(args.active_from, "--active-from") if args.active_from else None
+    retire_at = parse_instant(args.retire_at, "--retire-at") if args.retire_at else None
+    if bool(args.retire_cert) != (retire_at is not None):
+        raise ConfigError("--retire-cert and --retire-at go together: which certificate (key SHA-256, >= 16 hex digits) "
+                          "stops being accepted, and when")
+    if start is not None and not (args.client_cert or args.signing_cert or args.smime_cert):
+        raise ConfigError("--active-from: it applies to the certificates this command adds; add one (--client-cert, "
+                          "--signing-cert, --smime-cert)")
 
-    def change(partners: list[Partner], store: Callable[[Path, str], str]) -> None:
+    def matching(p: Partner, prefixes: list[str], option: str) -> frozenset[str]:
+        keys = {info.spki_sha256 for _, _, info in certificates_of(p)}
+        found = set()
+        for prefix in prefixes:
+            if len(prefix) < 16:
+                raise ConfigError(f"{option}: {prefix!r} is too short; give at least 16 hex digits of the key SHA-256")
+            hits = {k for k in keys if k.startswith(prefix.lower())}
+            if not hits:
+                raise ConfigError(f"{option}: no registered certificate of {p.name!r} has a key SHA-256 starting {prefix!r}")
+            found |= hits
+        return frozenset(found)
+
+    def change(partners: list[Partner], store: Callable[[Path | bytes, str], str]) -> None:
         idx = next((i for i, p in enumerate(partners) if p.name == args.name), None)
         if idx is None:
             raise ConfigError(f"partners: no partner named {args.name!r}")
@@ -346,16 +385,16 @@ def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] |
             raise ConfigError(f"--remove-party-id: {sorted(unknown)[0]!r} is not registered for {p.name!r}")
         if drop_emails - set(p.emails):
             raise ConfigError(f"--remove-email: {sorted(drop_emails - set(p.emails))[0]!r} is not registered for {p.name!r}")
-        client = keep(p.client_certs) + [store(Path(c), "--client-cert") for c in args.client_cert]
-        signing = keep(p.signing_certs) + [store(Path(c), "--signing-cert") for c in args.signing_cert]
-        smime = keep(p.smime_certs) + [store(Path(c), "--smime-cert") for c in args.smime_cert]
-        if args.remove_cert and len(client) + len(signing) + len(smime) == len(p.client_certs) + len(p.signing_certs) + \
-                len(p.smime_certs) + len(args.client_cert) + len(args.signing_cert) + len(args.smime_cert):
-            raise ConfigError("--remove-cert: no registered certificate of this partner matches")
+        added = [(purpose, stored, inspect_certificate(Path(stored), option).spki_sha256)
+                 for purpose, option, paths in (("client", "--client-cert", args.client_cert),
+                                                ("signing", "--signing-cert", args.signing_cert),
+                                                ("smime", "--smime-cert", args.smime_cert))
+                 for stored in [store(Path(c), option) for c in paths]]
+        retire = dict.fromkeys(matching(p, args.retire_cert, "--retire-cert"), retire_at) if retire_at else {}
+        p = rollover(p, added, start, retire, matching(p, args.remove_cert, "--remove-cert"))
         partners[idx] = replace(
-            p, client_certs=tuple(client), signing_certs=tuple(signing), party_ids=frozenset((p.party_ids | add_ids) - drop_ids),
+            p, party_ids=frozenset((p.party_ids | add_ids) - drop_ids),
             emails=tuple(e for e in dict.fromkeys(p.emails + add_emails) if e not in drop_emails),
-            smime_certs=tuple(smime),
             smime_signed_only=p.smime_signed_only if args.smime_signed_only is None else args.smime_signed_only,
             signature_policy=SignaturePolicy(args.signature_policy) if args.signature_policy else p.signature_policy,
             rules=None if args.default_rules else rules if rules is not None else p.rules,

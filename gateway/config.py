@@ -126,6 +126,13 @@ class Reader:
             raise ConfigError(f"{self.key(name)}: must name at least one file")
         return tuple(self.file(name, v, i) for i, v in enumerate(values))
 
+    def entries(self, name: str) -> list[str | Reader]:
+        """A list whose items are strings or tables (each table a Reader with its own key path)."""
+        value = self._get(name, [], False)
+        if not isinstance(value, list) or not all(isinstance(v, (str, dict)) for v in value):
+            raise ConfigError(f"{self.key(name)}: expected a list of strings or tables")
+        return [v if isinstance(v, str) else Reader(v, f"{self.key(name)}[{i}]", self.base) for i, v in enumerate(value)]
+
     def table(self, name: str) -> Reader:
         return Reader(self._get(name, {}, False), self.key(name), self.base)
 

@@ -244,7 +244,8 @@ class PartnerSender(_HttpSender):
         if partner is None or not partner.endpoint:
             raise DeliveryFailed(f"partner {name!r} has no endpoint registered (partners edit {name} --endpoint URL)")
         if partner.status is not PartnerStatus.ACTIVE:
-            raise DeliveryFailed(f"partner {name!r} is suspended; retried until the horizon (partners resume {name})")
+            raise DeliveryFailed(f"partner {name!r} is {partner.status.value}; retried until the horizon "
+                                 f"({'partners resume' if partner.status is PartnerStatus.SUSPENDED else 'partners activate'} {name})")
         if partner.endpoint.startswith("mailto:"):
             return await self._mail(job, document, partner)
         headers = {"Content-Type": str(job.metadata.get("media_type") or "application/xml"),
@@ -261,8 +262,9 @@ class PartnerSender(_HttpSender):
         if mailer is None:
             raise DeliveryFailed(f"partner {partner.name!r} receives invoices by e-mail and there is no [smarthost] (or no "
                                  "[smtp] identity) to send them with; retried until the horizon")
+        now = datetime.now(UTC)
         certs = [c for c in self.partners.current.certificates.values() if c.spki_sha256 in partner.smime_spki
-                 and encryptable(c.cert)]
+                 and encryptable(c.cert) and partner.refusal(c.spki_sha256, now) is None]
         if not certs:
             raise DeliveryFailed(f"partner {partner.name!r} has no S/MIME certificate with an RSA key to encrypt to "
                                  f"(partners edit {partner.name} --smime-cert PEM)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib.resources import files
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import devpki
 from .errors import ConfigError
-from .model import Partner, SignaturePolicy
+from .model import Partner, PartnerStatus, SignaturePolicy
 from .partners import atomic_write, editing, new_partner
 from .tls import inspect_certificate, inspect_smime_certificate
 from .vault import write_key_file
@@ -102,7 +102,7 @@ PRODUCTION_EXAMPLE = dict(host="0.0.0.0",  # noqa: S104 (a server listens for pa
                           config_name="/etc/einvoice-gateway/config.toml", smtp_port=2525, mail_host="gateway.example.com")
 
 
-def store_certificate(partners_file: Path, name: str, cert: Path, option: str = "--client-cert") -> tuple[Path, bool]:
+def store_certificate(partners_file: Path, name: str, cert: Path | bytes, option: str = "--client-cert") -> tuple[Path, bool]:
     """Copy a partner certificate next to the partners file, named by partner, purpose and key hash.
     Returns the path and whether the file is new."""
     info = inspect_smime_certificate(cert, option) if option == "--smime-cert" else inspect_certificate(cert, option)
@@ -115,13 +115,15 @@ def store_certificate(partners_file: Path, name: str, cert: Path, option: str = 
     return stored, new
 
 
-def register_partner(partners_file: Path, name: str, certs: list[Path], party_ids: list[str], emails: list[str],
-                     verified_by: str, signing_certs: list[Path] | None = None,
+def register_partner(partners_file: Path, name: str, certs: Sequence[Path | bytes], party_ids: list[str], emails: list[str],
+                     verified_by: str, signing_certs: Sequence[Path | bytes] | None = None,
                      policy: SignaturePolicy = SignaturePolicy.IF_PRESENT, *, rules: tuple[str, ...] | None = None,
                      ceilings: tuple[tuple[str, Decimal], ...] = (), endpoint: str = "", sign_outbound: bool = False,
-                     smime_certs: list[Path] | None = None, smime_signed_only: bool = False) -> None:
-    """The `partners add` command: store the certificates and add the partner, atomically."""
-    def add(partners: list[Partner], store: Callable[[Path, str], str]) -> None:
+                     smime_certs: Sequence[Path | bytes] | None = None, smime_signed_only: bool = False,
+                     pending: bool = False) -> None:
+    """The `partners add` command: store the certificates and add the partner, atomically.  A
+    ``pending`` partner (added in the console) sends nothing until it is activated."""
+    def add(partners: list[Partner], store: Callable[[Path | bytes, str], str]) -> None:
         if any(p.name == name for p in partners):
             raise ConfigError(f"partners: a partner named {name!r} exists already (use a new name, or remove it first)")
         partner = new_partner(name, [store(c, "--client-cert") for c in certs], party_ids, emails, verified_by,
@@ -129,16 +131,19 @@ def register_partner(partners_file: Path, name: str, certs: list[Path], party_id
         partners.append(dataclasses.replace(partner, rules=rules, amount_ceilings=ceilings, endpoint=endpoint,
                                             sign_outbound=sign_outbound, smime_signed_only=smime_signed_only,
                                             smime_certs=tuple(store(c, "--smime-cert") for c in smime_certs or [])))
+        if pending:
+            partners[-1] = dataclasses.replace(partners[-1], status=PartnerStatus.PENDING, verified_by="", verified_at="")
 
     edit_partners(partners_file, name, add)
 
 
-def edit_partners(partners_file: Path, name: str, change: Callable[[list[Partner], Callable[[Path, str], str]], None]) -> None:
+def edit_partners(partners_file: Path, name: str,
+                  change: Callable[[list[Partner], Callable[[Path | bytes, str], str]], None]) -> None:
     """Apply `change` to the partner list under the file lock; `change` stores certificates through the
     callable it is given, and a refused edit leaves no stray certificate behind."""
     created: list[Path] = []
 
-    def store(cert: Path, option: str) -> str:
+    def store(cert: Path | bytes, option: str) -> str:
         target, new = store_certificate(partners_file, name, cert, option)
         if new:
             created.append(target)

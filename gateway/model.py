@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 
 from .errors import Detail, UnsupportedDocument
@@ -62,6 +63,26 @@ class DocumentType(enum.Enum):
 class PartnerStatus(enum.Enum):
     ACTIVE = "active"
     SUSPENDED = "suspended"
+    PENDING = "pending"  # registered, not yet activated: its certificate fingerprints are not confirmed out of band
+
+
+@dataclass(frozen=True, slots=True)
+class CertWindow:
+    """When a registered certificate is accepted, for a rollover: from ``start`` (the new certificate)
+    until ``end`` (the old one); either open.  Certificates without a window are accepted while registered."""
+
+    path: str
+    spki_sha256: str
+    start: datetime | None = None
+    end: datetime | None = None
+
+    def refusal(self, at: datetime) -> str | None:
+        """Why the certificate is not accepted at ``at`` (None: it is)."""
+        if self.start is not None and at < self.start:
+            return f"is registered from {self.start:%Y-%m-%dT%H:%M:%SZ} on (a certificate rollover) and is not accepted yet"
+        if self.end is not None and at >= self.end:
+            return f"was retired at {self.end:%Y-%m-%dT%H:%M:%SZ} (a certificate rollover); use the newer certificate"
+        return None
 
 
 class SignaturePolicy(enum.Enum):
@@ -103,6 +124,11 @@ class Partner:
     smime_certs: tuple[str, ...] = ()  # paths of the partner's S/MIME certificates (PEM): it signs with them, we encrypt to them
     smime_spki: frozenset[str] = frozenset()
     smime_signed_only: bool = False  # accept signed e-mail that is not encrypted (default: sign-then-encrypt required)
+    windows: tuple[CertWindow, ...] = ()  # acceptance windows of certificates in a rollover (any purpose)
+
+    def refusal(self, spki: str, at: datetime) -> str | None:
+        """Why the certificate with this key is not accepted at ``at`` (None: it is, as far as its window goes)."""
+        return next((w.refusal(at) for w in self.windows if w.spki_sha256 == spki), None)
 
 
 @dataclass(frozen=True, slots=True)

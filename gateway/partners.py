@@ -12,7 +12,7 @@ import fcntl
 import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -24,9 +24,9 @@ import tomli_w
 
 from .config import Reader, parse_email
 from .errors import ConfigError, Detail, Forbidden
-from .model import InvoiceFacts, Partner, PartnerStatus, PeerIdentity, SignaturePolicy, Syntax
+from .model import CertWindow, InvoiceFacts, Partner, PartnerStatus, PeerIdentity, SignaturePolicy, Syntax
 from .signature import TrustedSigner
-from .tls import CertInfo, encryptable, inspect_certificate, inspect_smime_certificate
+from .tls import CertInfo, cert_sha256, encryptable, inspect_certificate, inspect_smime_certificate
 from .ubl import identifier
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -54,6 +54,22 @@ def parse_endpoint(url: str, where: str) -> str:
         raise ConfigError(f"{where}: {url!r} is neither an https:// URL (e.g. https://gateway.partner.example/v1/invoices) "
                           "nor mailto:ADDRESS")
     return url
+
+
+def parse_instant(text: str, where: str) -> datetime:
+    """A moment in UTC: ``2027-01-31`` (midnight UTC) or ``2027-01-31T12:00:00Z``."""
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            return datetime.fromisoformat(text).replace(tzinfo=UTC)
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?Z", text):
+            return datetime.fromisoformat(text.removesuffix("Z")).replace(tzinfo=UTC)
+    except ValueError:
+        pass
+    raise ConfigError(f"{where}: {text!r} is not a date; write 2027-01-31 (midnight UTC) or 2027-01-31T12:00:00Z")
+
+
+def instant_text(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_party_id(text: str, where: str) -> str:
@@ -107,7 +123,7 @@ class PartnerDirectory:
     def get(self, name: str) -> Partner | None:
         return next((p for p in self.partners if p.name == name), None)
 
-    def gate(self, peer: PeerIdentity) -> Partner:
+    def gate(self, peer: PeerIdentity, at: datetime | None = None) -> Partner:
         """The cheap allowlist check, before any body byte is read."""
         partner = self.by_spki.get(peer.spki_sha256)
         if partner is None:
@@ -116,9 +132,13 @@ class PartnerDirectory:
                 f"(certificate key SHA-256 {peer.spki_sha256}); ask the operator to register it",
                 code="PARTNER_UNKNOWN",
             )
-        if partner.status is not PartnerStatus.ACTIVE:
-            raise Forbidden(f"trading partner {partner.name!r} is suspended; contact the operator", code="PARTNER_SUSPENDED")
+        admit(partner, peer.spki_sha256, at or datetime.now(UTC))
         return partner
+
+    def signers_for(self, name: str, at: datetime | None = None) -> list[TrustedSigner]:
+        """The partner's document-signing certificates accepted now (a retired or future one is left out)."""
+        partner, when = self.get(name), at or datetime.now(UTC)
+        return [s for s in self.signers.get(name, []) if partner is not None and partner.refusal(s.spki, when) is None]
 
     def authorize(self, partner: Partner, facts: InvoiceFacts) -> None:
         """The supplier inside the invoice must be the authenticated partner (SECURITY-TESTS.md I-01)."""
@@ -151,7 +171,38 @@ class PartnerDirectory:
             )
 
 
+def admit(partner: Partner, spki: str, at: datetime) -> None:
+    """An identified partner may send only while active, and only with a certificate in its window."""
+    if partner.status is PartnerStatus.PENDING:
+        raise Forbidden(f"trading partner {partner.name!r} is registered but not activated yet (its certificate "
+                        "fingerprint is being confirmed); contact the operator", code="PARTNER_PENDING")
+    if partner.status is not PartnerStatus.ACTIVE:
+        raise Forbidden(f"trading partner {partner.name!r} is suspended; contact the operator", code="PARTNER_SUSPENDED")
+    why = partner.refusal(spki, at)
+    if why is not None:
+        raise Forbidden(f"the certificate (key SHA-256 {spki}) of trading partner {partner.name!r} {why}",
+                        code="CERTIFICATE_NOT_ACTIVE")
+
+
 # --- the partners file -------------------------------------------------------------------------
+
+
+def _cert_files(r: Reader, name: str) -> list[tuple[Path, datetime | None, datetime | None]]:
+    """``["a.crt", {file = "b.crt", from = "2027-01-01", until = "2027-02-01"}]``: a path, or a path with
+    the window in which the certificate is accepted (a rollover)."""
+    out: list[tuple[Path, datetime | None, datetime | None]] = []
+    for i, item in enumerate(r.entries(name)):
+        if isinstance(item, str):
+            out.append((r.file(name, item, i), None, None))
+            continue
+        path = item.file("file")
+        start = parse_instant(item.string("from"), item.key("from")) if item.has("from") else None
+        end = parse_instant(item.string("until"), item.key("until")) if item.has("until") else None
+        item.done()
+        if start is not None and end is not None and end <= start:
+            raise ConfigError(f"{item.key('until')}: must be later than {item.key('from')}")
+        out.append((path, start, end))
+    return out
 
 
 def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
@@ -159,32 +210,31 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
     if not NAME.match(name):
         raise ConfigError(f"{r.key('name')}: {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     status_text = r.choice("status", tuple(s.value for s in PartnerStatus), "active")
-    cert_paths = r.files("client_certs")
-    spkis = []
-    for i, path in enumerate(cert_paths):
-        info = inspect_certificate(path, f"{r.key('client_certs')}[{i}]")
-        certs[info.spki_sha256] = info
-        spkis.append(info.spki_sha256)
+    windows: list[CertWindow] = []
+
+    def load(key: str, inspect: Callable[[Path, str], CertInfo]) -> list[tuple[str, str]]:
+        found = []
+        for i, (path, start, end) in enumerate(_cert_files(r, key)):
+            info = inspect(path, f"{r.key(key)}[{i}]")
+            certs[info.spki_sha256] = info
+            found.append((str(path), info.spki_sha256))
+            if start is not None or end is not None:
+                windows.append(CertWindow(str(path), info.spki_sha256, start, end))
+        return found
+
+    client = load("client_certs", inspect_certificate)
     ids = [parse_party_id(v, f"{r.key('party_ids')}[{i}]") for i, v in enumerate(r.str_list("party_ids", required=True))]
     if not ids:
         raise ConfigError(f"{r.key('party_ids')}: a partner needs at least one party identifier")
-    signing = []
-    for i, path in enumerate(r.files("signing_certs")):
-        info = inspect_certificate(path, f"{r.key('signing_certs')}[{i}]")
-        certs[info.spki_sha256] = info
-        signing.append((str(path), info.spki_sha256))
+    signing = load("signing_certs", inspect_certificate)
     policy = r.choice("signature_policy", tuple(s.value for s in SignaturePolicy), SignaturePolicy.IF_PRESENT.value)
     rules = tuple(r.str_list("rules")) if r.has("rules") else None
     ceilings = tuple(parse_ceiling(v, f"{r.key('amount_ceilings')}[{i}]") for i, v in enumerate(r.str_list("amount_ceilings")))
     if policy == SignaturePolicy.REQUIRED.value and not signing:
         raise ConfigError(f"{r.key('signature_policy')}: 'required' needs at least one entry in signing_certs")
     emails = [parse_email(e, f"{r.key('emails')}[{i}]") for i, e in enumerate(r.str_list("emails"))]
-    smime = []
-    for i, path in enumerate(r.files("smime_certs")):
-        info = inspect_smime_certificate(path, f"{r.key('smime_certs')}[{i}]")
-        certs[info.spki_sha256] = info
-        smime.append((str(path), info.spki_sha256))
-    if not cert_paths and not smime:
+    smime = load("smime_certs", inspect_smime_certificate)
+    if not client and not smime:
         raise ConfigError(f"{r.key('client_certs')}: a partner needs a client certificate (HTTPS) or an S/MIME certificate "
                           "(smime_certs, e-mail) that identifies it")
     endpoint = parse_endpoint(r.string("endpoint", ""), r.key("endpoint")) if r.has("endpoint") else ""
@@ -196,8 +246,8 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
         status=PartnerStatus(status_text),
         verified_by=r.string("verified_by", required=True),
         verified_at=r.string("verified_at", required=True),
-        client_spki=frozenset(spkis),
-        client_certs=tuple(str(p) for p in cert_paths),
+        client_spki=frozenset(s for _, s in client),
+        client_certs=tuple(p for p, _ in client),
         party_ids=frozenset(ids),
         emails=tuple(emails),
         signature_policy=SignaturePolicy(policy),
@@ -210,6 +260,7 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
         smime_certs=tuple(p for p, _ in smime),
         smime_spki=frozenset(s for _, s in smime),
         smime_signed_only=r.boolean("smime_signed_only", False),
+        windows=tuple(windows),
     )
     r.done()
     return partner
@@ -266,11 +317,18 @@ class PartnerBook:
 
 
 def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
-    def rel(x: str) -> str:
+    windows = {w.path: w for w in p.windows}
+
+    def rel(x: str) -> Any:
         try:
-            return str(Path(x).relative_to(base))
+            shown = str(Path(x).relative_to(base))
         except ValueError:
-            return x
+            shown = x
+        w = windows.get(x)
+        if w is None:
+            return shown
+        return {"file": shown, **({"from": instant_text(w.start)} if w.start else {}),
+                **({"until": instant_text(w.end)} if w.end else {})}
 
     return {
         "name": p.name,
@@ -333,6 +391,80 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+PURPOSES = {"client": "client_certs", "signing": "signing_certs", "smime": "smime_certs"}  # purpose → Partner field
+
+
+def certificates_of(p: Partner) -> list[tuple[str, str, CertInfo]]:
+    """(purpose, path, certificate) of every certificate the partner has registered."""
+    out = []
+    for purpose, field in PURPOSES.items():
+        inspect = inspect_smime_certificate if purpose == "smime" else inspect_certificate
+        out += [(purpose, path, inspect(Path(path), field)) for path in getattr(p, field)]
+    return out
+
+
+def fingerprint_matches(info: CertInfo, given: str) -> bool:
+    """Whether ``given`` (read out by the partner over another channel) is this certificate's SHA-256
+    fingerprint or its key's SHA-256, in full; colons, spaces and case do not matter."""
+    text = re.sub(r"[\s:]", "", given).lower()
+    return len(text) == 64 and text in (cert_sha256(info.cert), info.spki_sha256)
+
+
+def rollover(p: Partner, added: list[tuple[str, str, str]], start: datetime | None = None,
+             retire: dict[str, datetime] | None = None, remove: frozenset[str] = frozenset()) -> Partner:
+    """The partner with certificates ``added`` ((purpose, stored path, key SHA-256)), accepted from
+    ``start``; the certificates whose key is in ``retire`` accepted until the given moment (the overlap
+    of a rollover); those in ``remove`` gone at once."""
+    retire = retire or {}
+    current = certificates_of(p)
+    unknown = (set(retire) | remove) - {info.spki_sha256 for _, _, info in current}
+    if unknown:
+        raise ConfigError(f"partner {p.name!r} has no certificate with key SHA-256 {sorted(unknown)[0]}")
+    windows = {w.path: w for w in p.windows}
+    lists: dict[str, list[str]] = {purpose: [] for purpose in PURPOSES}
+    for purpose, path, info in current:
+        if info.spki_sha256 in remove:
+            windows.pop(path, None)
+            continue
+        lists[purpose].append(path)
+        if info.spki_sha256 in retire:
+            old = windows.get(path)
+            end = retire[info.spki_sha256]
+            if old is not None and old.start is not None and end <= old.start:
+                raise ConfigError(f"the retirement ({instant_text(end)}) must come after the certificate's start "
+                                  f"({instant_text(old.start)})")
+            windows[path] = CertWindow(path, info.spki_sha256, old.start if old else None, end)
+    for purpose, path, spki in added:
+        if path in lists[purpose]:
+            raise ConfigError(f"this {purpose} certificate (key SHA-256 {spki}) is registered for {p.name!r} already")
+        lists[purpose].append(path)
+        if start is not None:
+            windows[path] = CertWindow(path, spki, start, None)
+    kept = {path for paths in lists.values() for path in paths}
+    return replace(p, client_certs=tuple(lists["client"]), signing_certs=tuple(lists["signing"]),
+                   smime_certs=tuple(lists["smime"]), windows=tuple(w for path, w in windows.items() if path in kept))
+
+
+def unconfirmed(certs: list[CertInfo], fingerprints: list[str]) -> list[str]:
+    """What is wrong with the fingerprints confirmed out of band for ``certs``: each given one must be
+    one of the certificates', and every certificate must have one.  Empty: all confirmed."""
+    problems = [f"{f.strip()!r} is not the fingerprint of any of these certificates"
+                for f in fingerprints if f.strip() and not any(fingerprint_matches(c, f) for c in certs)]
+    problems += [f"the fingerprint of {c.subject} (key SHA-256 {c.spki_sha256[:16]}…) was not confirmed"
+                 for c in certs if not any(fingerprint_matches(c, f) for f in fingerprints)]
+    return problems
+
+
+def activated(p: Partner, fingerprints: list[str], by: str) -> Partner:
+    """A pending partner made active, once every certificate's fingerprint is confirmed out of band."""
+    if p.status is not PartnerStatus.PENDING:
+        raise ConfigError(f"partner {p.name!r} is {p.status.value}, not pending activation")
+    problems = unconfirmed([info for _, _, info in certificates_of(p)], fingerprints)
+    if problems:
+        raise ConfigError("activation refused: " + "; ".join(problems))
+    return replace(p, status=PartnerStatus.ACTIVE, verified_by=by, verified_at=instant_text(datetime.now(UTC)))
 
 
 def new_partner(name: str, cert_paths: list[str], party_ids: list[str], emails: list[str], verified_by: str,

@@ -171,7 +171,7 @@ class Pipeline:
         partner = directory.get(names[0])
         assert partner is not None
         if partner.status is not PartnerStatus.ACTIVE:
-            raise Forbidden(f"trading partner {partner.name!r} is suspended; nothing is sent to it",
+            raise Forbidden(f"trading partner {partner.name!r} is {partner.status.value}; nothing is sent to it",
                             code="RECIPIENT_SUSPENDED")
         if not partner.endpoint:
             raise Forbidden(f"trading partner {partner.name!r} has no endpoint to send invoices to; register one with "
@@ -216,7 +216,7 @@ class Pipeline:
                     code="SIGNATURE_REQUIRED",
                 )
             return None
-        return signature.verify(root, self.partners.current.signers.get(partner.name, []), found=found).as_json()
+        return signature.verify(root, self.partners.current.signers_for(partner.name), found=found).as_json()
 
     async def accept(self, msg: InboundMessage) -> Outcome:
         """Run the stages and return only after the invoice is durable (or was already)."""

@@ -44,8 +44,8 @@ from cryptography import x509
 
 from . import cms
 from .errors import Detail, Forbidden, GatewayError, LimitExceeded, Malformed, Rejected
-from .model import Partner, PartnerStatus
-from .partners import PartnerDirectory
+from .model import Partner
+from .partners import PartnerDirectory, admit
 from .revocation import Revocation, find_issuer
 from .tls import email_addresses, spki_sha256
 
@@ -328,9 +328,8 @@ def authenticate(opened: Opened, directory: PartnerDirectory, roots: Sequence[x5
         raise Forbidden("the message is signed with an S/MIME certificate that is not registered for any trading partner "
                         f"of this gateway (certificate key SHA-256 {spki}); ask the operator to register it",
                         code="PARTNER_UNKNOWN")
-    if partner.status is not PartnerStatus.ACTIVE:
-        raise Forbidden(f"trading partner {partner.name!r} is suspended; contact the operator", code="PARTNER_SUSPENDED")
     at = now or datetime.now(UTC)
+    admit(partner, spki, at)
     pinned = [directory.certificates[s].cert for s in partner.smime_spki if s in directory.certificates
               and directory.certificates[s].cert.issuer == directory.certificates[s].cert.subject]
     cms.check_signer(opened.verified, [*roots, *pinned], at)

@@ -357,6 +357,15 @@ class Store(abc.ABC):
     def discard(self, message_id: str, destination: str, actor: str, reason: str) -> Future[None]: ...
 
     @abc.abstractmethod
+    def seller_accounts(self, partner: str) -> list[dict[str, Any]]:
+        """The payee accounts seen for (or registered to) a partner, oldest first: account, state, first_seen, message_id."""
+
+    @abc.abstractmethod
+    def set_accounts(self, partner: str, known: list[str], blocked: list[str], actor: str, note: str) -> Future[None]:
+        """Register payee accounts as the partner's own (invoices naming them are not held) and block
+        others (invoices naming them are held), recorded in the audit log."""
+
+    @abc.abstractmethod
     def pending_by_destination(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
@@ -972,6 +981,22 @@ class SqliteStore(Store):
             _audit(conn, actor, "delivery.requeued" if requeue else "delivery.retried", partner, message_id,
                    {"destinations": affected, "reason": reason})
             return affected
+
+        return self._submit(op)
+
+    def seller_accounts(self, partner: str) -> list[dict[str, Any]]:
+        return [{"account": r[0], "state": r[1], "first_seen": r[2], "message_id": r[3]} for r in self._reader().execute(
+            "SELECT account, state, first_seen, message_id FROM seller_accounts WHERE partner = ? ORDER BY first_seen, account",
+            (partner,))]
+
+    def set_accounts(self, partner: str, known: list[str], blocked: list[str], actor: str, note: str) -> Future[None]:
+        def op(conn: sqlite3.Connection) -> None:
+            now = _now()
+            for account, state in [(a, "known") for a in known] + [(a, "rejected") for a in blocked]:
+                conn.execute("INSERT INTO seller_accounts VALUES (?,?,?,?,'') ON CONFLICT (partner, account) "
+                             "DO UPDATE SET state = excluded.state", (partner, account, state, now))
+            _audit(conn, actor, "account.registered", partner, None,
+                   {"known": [_masked(a) for a in known], "blocked": [_masked(a) for a in blocked], "note": note})
 
         return self._submit(op)
 

@@ -81,6 +81,11 @@ def spki_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
+def cert_sha256(cert: x509.Certificate) -> str:
+    """The certificate's SHA-256 fingerprint, as `openssl x509 -fingerprint -sha256` shows it (without colons)."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
 def spki_sha256_der(der: bytes) -> tuple[str, str]:
     """SPKI hash and subject (for logs) of a DER certificate taken from a TLS connection."""
     cert = x509.load_der_x509_certificate(der)
@@ -96,10 +101,12 @@ class CertInfo:
     cert: x509.Certificate
 
 
-def inspect_certificate(path: Path, where: str) -> CertInfo:
-    """Load a partner certificate and refuse what the TLS layer would refuse anyway."""
+def inspect_certificate(source: Path | bytes, where: str) -> CertInfo:
+    """Load a partner certificate (a file, or PEM bytes as pasted in the console) and refuse what the
+    TLS layer would refuse anyway."""
+    path = source if isinstance(source, Path) else "the certificate"
     try:
-        data = path.read_bytes()
+        data = source.read_bytes() if isinstance(source, Path) else source
         cert = x509.load_pem_x509_certificate(data)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{where}: {path} is not a PEM certificate ({exc})") from None
@@ -114,13 +121,14 @@ def inspect_certificate(path: Path, where: str) -> CertInfo:
     return CertInfo(spki_sha256(cert), cert.subject.rfc4514_string(), cert.not_valid_after_utc, data, cert)
 
 
-def inspect_smime_certificate(path: Path, where: str) -> CertInfo:
+def inspect_smime_certificate(source: Path | bytes, where: str) -> CertInfo:
     """A partner's (or the gateway's) S/MIME certificate: a usable certificate that may sign e-mail
     (KeyUsage digitalSignature or nonRepudiation, EKU emailProtection)."""
-    info = inspect_certificate(path, where)
+    info = inspect_certificate(source, where)
     problems = smime_problems(info.cert)
     if problems:
-        raise ConfigError(f"{where}: {path} is not an S/MIME certificate: {'; '.join(problems)}")
+        shown = source if isinstance(source, Path) else "the certificate"
+        raise ConfigError(f"{where}: {shown} is not an S/MIME certificate: {'; '.join(problems)}")
     return info
 
 

@@ -22,6 +22,9 @@ APPROVAL_NEEDS = {
     "quarantine.release": "messages.act",
     "deadletter.discard": "messages.act",
     "user.roles": "users.manage",
+    "partner.activate": "partners.manage",
+    "partner.certificates": "partners.manage",
+    "partner.bank": "partners.manage",
 }
 
 

@@ -28,7 +28,6 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
@@ -43,19 +42,20 @@ from .. import logs
 from ..config import Config, ConsoleConfig
 from ..errors import GatewayError
 from ..lifecycle import expiring, inventory
-from ..model import PartnerStatus
 from ..opscli import trusted_certificates, unsealed_limit
-from ..partners import PartnerDirectory, editing, with_status
+from ..partners import PartnerDirectory
 from ..signature import SigningKey
 from ..store import SqliteStore
 from ..vault import Vault
 from . import passkeys, security, views
 from .accounts import ROLES, USER_NAME, AccountError, Accounts, Session, User
+from .guard import CTX, PUBLIC, Context, Page, Refused, page, session_of, user_of
+from .partnerpages import KINDS as PARTNER_REQUESTS
+from .partnerpages import PartnerPages, describe
 from .roles import APPROVAL_NEEDS, allowed
 
 log = logs.get("console")
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 BOOTSTRAP_USER = "admin"
@@ -72,60 +72,6 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 HTMX_PATH = Path("node_modules") / "htmx.org" / "dist" / "htmx.min.js"
 HTMX_PLACES = (Path(__file__).resolve().parents[2], Path.cwd())
 HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"  # htmx.org 2.0.11 dist/htmx.min.js (package.json)
-
-
-class Refused(Exception):
-    """A request the console answers with an error page (status and a message for the person)."""
-
-    def __init__(self, status: int, message: str, audit: bool = True):
-        super().__init__(message)
-        self.status, self.message, self.audit = status, message, audit
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    permission: str | None  # None: any logged-in user
-    fresh: bool = False  # needs an authentication at most fresh_auth_s old
-    stage: str = "full"  # the session stage the handler serves (mfa pages serve "mfa"/"enroll")
-
-
-def page(permission: str | None = None, *, fresh: bool = False, stage: str = "full") -> Callable[[F], F]:
-    def mark(handler: F) -> F:
-        handler.console_page = Page(permission, fresh, stage)  # type: ignore[attr-defined]
-        return handler
-    return mark
-
-
-PUBLIC = Page(None, stage="none")
-
-
-@dataclass
-class Context:
-    """What the guard learnt about a request, and what a handler passes to the page it renders."""
-
-    session: Session | None = None
-    user: User | None = None
-    login_csrf: str = ""
-    error: str = ""
-    status: int = 200
-    codes: list[str] | None = None  # new recovery codes, shown once
-    created: dict[str, Any] | None = None  # a new account and its initial password, shown once
-
-
-CTX = web.RequestKey("console", Context)
-
-
-def _user(request: web.Request) -> User:
-    """The logged-in user (the guard lets a handler run only with one)."""
-    user = request[CTX].user
-    assert user is not None
-    return user
-
-
-def _session_of(request: web.Request) -> Session:
-    session = request[CTX].session
-    assert session is not None
-    return session
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -157,6 +103,7 @@ class Console:
         self.io = io
         self.vault = vault
         self.directory = directory
+        self.partner_pages = PartnerPages(self)
         self.signer = signer
         self.wake_outbox = wake_outbox
         self.rejections = rejections
@@ -207,9 +154,7 @@ class Console:
         r.add_post("/quarantine/{id}/reject", self.quarantine_reject)
         r.add_get("/approvals", self.approvals)
         r.add_post("/approvals/{id}/{decision}", self.decide)
-        r.add_get("/partners", self.partners)
-        r.add_get("/partners/{name}", self.partner)
-        r.add_post("/partners/{name}/{action}", self.partner_act)
+        self.partner_pages.routes(r)
         r.add_get("/audit", self.audit)
         r.add_post("/audit/verify", self.audit_verify)
         r.add_get("/audit/export", self.audit_export)
@@ -342,7 +287,7 @@ class Console:
                                           "address": request.remote or ""}))
 
     def actor(self, request: web.Request) -> str:
-        return f"console:{_user(request).name}"
+        return f"console:{user_of(request).name}"
 
     def render(self, request: web.Request, template: str, context: dict[str, Any], status: int = 200) -> web.Response:
         session: Session | None = request[CTX].session
@@ -480,15 +425,15 @@ class Console:
 
     @page(stage="mfa")
     async def mfa_page(self, request: web.Request) -> web.Response:
-        user: User = _user(request)
+        user: User = user_of(request)
         keys = await self.run(self.accounts.passkeys, user.name)
         return self.render(request, "mfa.html", {"error": request[CTX].error, "passkeys": bool(keys),
                                                  "recovery_left": await self.run(self.accounts.recovery_left, user.name)},
                            request[CTX].status)
 
     async def _second_factor_ok(self, request: web.Request, method: str) -> web.StreamResponse:
-        user: User = _user(request)
-        session: Session = _session_of(request)
+        user: User = user_of(request)
+        session: Session = session_of(request)
         await self.wait(self.accounts.succeeded(user.name, request.remote or "", method))
         return await self._new_session(request, user, "full", time.time(), session.id_hash)
 
@@ -504,8 +449,8 @@ class Console:
 
     @page(stage="mfa")
     async def mfa_totp(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
-        if _session_of(request).stage != "mfa" or user.locked():
+        user: User = user_of(request)
+        if session_of(request).stage != "mfa" or user.locked():
             raise Refused(403, "this account is locked; try again later")
         problem = await self._totp(user, str((await request.post()).get("code", "")))
         if problem is not None:
@@ -516,8 +461,8 @@ class Console:
 
     @page(stage="mfa")
     async def mfa_recovery(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
-        if _session_of(request).stage != "mfa" or user.locked():
+        user: User = user_of(request)
+        if session_of(request).stage != "mfa" or user.locked():
             raise Refused(403, "this account is locked; try again later")
         code = str((await request.post()).get("recovery_code", ""))
         if not await self.wait(self.accounts.spend_recovery(user.name, security.recovery_hash(code))):
@@ -544,20 +489,20 @@ class Console:
 
     @page(stage="mfa")
     async def passkey_login_options(self, request: web.Request) -> web.Response:
-        user: User = _user(request)
+        user: User = user_of(request)
         rp_id, _ = self._rp(request)
         ids = [base64.urlsafe_b64decode(k["credential_id"] + "==") for k in await self.run(self.accounts.passkeys, user.name)]
         if not ids:
             return web.json_response({"error": "you have no passkey yet; use your authenticator app's code"}, status=400)
         options, challenge = passkeys.authentication_options(rp_id, ids)
-        await self.wait(self.accounts.update_session(_session_of(request).id_hash, pending={
+        await self.wait(self.accounts.update_session(session_of(request).id_hash, pending={
             "challenge": base64.b64encode(challenge).decode(), "purpose": "login"}))
         return web.Response(text=options, content_type="application/json")
 
     @page(stage="mfa")
     async def passkey_login_verify(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
-        session: Session = _session_of(request)
+        user: User = user_of(request)
+        session: Session = session_of(request)
         rp_id, origin = self._rp(request)
         body = json.dumps(await self._json(request))
         try:
@@ -587,21 +532,21 @@ class Console:
 
     @page(fresh=True)
     async def passkey_register_options(self, request: web.Request) -> web.Response:
-        user: User = _user(request)
+        user: User = user_of(request)
         rp_id, _ = self._rp(request)
         body = await self._json(request)
         existing = [base64.urlsafe_b64decode(k["credential_id"] + "==") for k in await self.run(self.accounts.passkeys, user.name)]
         options, challenge = passkeys.registration_options(rp_id, "einvoice-gateway", user.name,
                                                            user.user_handle.encode(), existing)
         label = str(body.get("label") or "passkey")[:60]
-        await self.wait(self.accounts.update_session(_session_of(request).id_hash, pending={
+        await self.wait(self.accounts.update_session(session_of(request).id_hash, pending={
             "challenge": base64.b64encode(challenge).decode(), "purpose": "register", "label": label}))
         return web.Response(text=options, content_type="application/json")
 
     @page(fresh=True)
     async def passkey_register_verify(self, request: web.Request) -> web.Response:
-        user: User = _user(request)
-        session: Session = _session_of(request)
+        user: User = user_of(request)
+        session: Session = session_of(request)
         rp_id, origin = self._rp(request)
         body = json.dumps(await self._json(request))
         try:
@@ -619,7 +564,7 @@ class Console:
 
     @page()
     async def passkey_remove(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
+        user: User = user_of(request)
         if not await self.wait(self.accounts.remove_passkey(user.name, request.match_info["id"], self.actor(request))):
             raise Refused(404, "no such passkey of yours", audit=False)
         raise web.HTTPSeeOther("/console/account?done=passkey+removed")
@@ -628,8 +573,8 @@ class Console:
 
     @page(stage="mfa")
     async def enroll_page(self, request: web.Request) -> web.Response:
-        user: User = _user(request)
-        session: Session = _session_of(request)
+        user: User = user_of(request)
+        session: Session = session_of(request)
         if session.stage != "enroll":
             raise web.HTTPSeeOther("/console/mfa")
         secret = session.pending.get("totp_secret")
@@ -642,8 +587,8 @@ class Console:
 
     @page(stage="mfa")
     async def enroll(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
-        session: Session = _session_of(request)
+        user: User = user_of(request)
+        session: Session = session_of(request)
         secret = session.pending.get("totp_secret")
         if session.stage != "enroll" or not secret:
             raise web.HTTPSeeOther("/console/mfa")
@@ -662,11 +607,11 @@ class Console:
     @page()
     async def password_page(self, request: web.Request) -> web.Response:
         return self.render(request, "password.html", {"error": request[CTX].error,
-                                                      "forced": _user(request).must_change}, request[CTX].status)
+                                                      "forced": user_of(request).must_change}, request[CTX].status)
 
     @page()
     async def change_password(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
+        user: User = user_of(request)
         form = await request.post()
         current, new, confirm = (str(form.get(k, "")) for k in ("current", "new", "confirm"))
         problem = None
@@ -698,7 +643,7 @@ class Console:
 
     @page()
     async def reauth(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
+        user: User = user_of(request)
         form = await request.post()
         problem = None
         if not await self._check_password(user.password_hash, str(form.get("password", ""))):
@@ -711,7 +656,7 @@ class Console:
         if problem is not None:
             request[CTX].error, request[CTX].status = problem, 401
             return await self.reauth_page(request)
-        await self.wait(self.accounts.update_session(_session_of(request).id_hash, auth_at=time.time()))
+        await self.wait(self.accounts.update_session(session_of(request).id_hash, auth_at=time.time()))
         await self.wait(self.store.audit(self.actor(request), "console.reauthenticated", None, None, {}))
         raise web.HTTPSeeOther(_local(str(form.get("next", ""))))
 
@@ -862,12 +807,17 @@ class Console:
     @page("view")
     async def approvals(self, request: web.Request) -> web.Response:
         pending = await self.run(self.accounts.approvals, "pending")
+        for a in pending:
+            a["can_decide"] = allowed(user_of(request), APPROVAL_NEEDS.get(a["kind"], "users.manage"))
+            if a["kind"] in PARTNER_REQUESTS:
+                a["lines"] = describe(a)
+                a["confirm"] = await self.run(self.partner_pages.to_confirm, a)
         recent = [a for a in await self.run(self.accounts.approvals, None, 50) if a["state"] != "pending"]
         return self.render(request, "approvals.html", {"pending": pending, "recent": recent})
 
     @page("view", fresh=True)
     async def decide(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
+        user: User = user_of(request)
         decision = request.match_info["decision"]
         try:
             request_id = int(request.match_info["id"])
@@ -881,6 +831,16 @@ class Console:
             raise web.HTTPSeeOther("/console/approvals?done=withdrawn")
         if decision not in ("approve", "deny"):
             raise Refused(404, "no such decision", audit=False)
+        form = await request.post()
+        fingerprints = [str(v) for k, v in form.items() if k.startswith("fingerprint")]
+        how = str(form.get("confirmed_with", "")).strip()[:300]
+        pending = await self.run(self.accounts.approval, request_id)
+        if decision == "approve" and pending is not None and pending["kind"] in PARTNER_REQUESTS \
+                and pending["state"] == "pending" and pending["requested_by"] != self.actor(request):
+            try:
+                await self.run(self.partner_pages.confirm, pending, fingerprints, how)
+            except GatewayError as exc:
+                raise Refused(422, str(exc)) from None
 
         def check(found: dict[str, Any]) -> None:
             need = APPROVAL_NEEDS.get(found["kind"], "users.manage")
@@ -893,16 +853,18 @@ class Console:
         except AccountError as exc:
             raise Refused(403, str(exc)) from None
         if decision == "approve":
-            outcome, failed = await self._carry_out(found, self.actor(request))
+            outcome, failed = await self._carry_out(found, self.actor(request), fingerprints, how)
             await self.wait(self.accounts.finish(request_id, outcome, failed))
             if failed:
                 raise Refused(409, f"approved, but it could not be done: {outcome}", audit=False)
         raise web.HTTPSeeOther(f"/console/approvals?done={decision}d")
 
-    async def _carry_out(self, found: dict[str, Any], actor: str) -> tuple[str, bool]:
+    async def _carry_out(self, found: dict[str, Any], actor: str, fingerprints: list[str], how: str) -> tuple[str, bool]:
         p, kind = found["params"], found["kind"]
         note = f"{found['reason']} (requested by {found['requested_by']}, approved by {actor})".strip()
         try:
+            if kind in PARTNER_REQUESTS:
+                return await self.partner_pages.carry_out(found, actor, fingerprints, how), False
             if kind == "quarantine.release":
                 await self.wait(self.store.decide(p["message_id"], True, actor, note))
                 self.wake_outbox()
@@ -917,42 +879,6 @@ class Console:
         except GatewayError as exc:
             return str(exc), True
         return f"unknown request kind {kind}", True
-
-    @page("partners.read")
-    async def partners(self, request: web.Request) -> web.Response:
-        return self.render(request, "partners.html", {"partners": sorted(self.directory().partners, key=lambda p: p.name)})
-
-    @page("partners.read")
-    async def partner(self, request: web.Request) -> web.Response:
-        directory = self.directory()
-        found = directory.get(request.match_info["name"])
-        if found is None:
-            raise Refused(404, "no such partner", audit=False)
-        certs = [(purpose, spki, directory.certificates.get(spki)) for purpose, spkis in
-                 (("client (TLS)", found.client_spki), ("document signing", found.signing_spki), ("S/MIME", found.smime_spki))
-                 for spki in sorted(spkis)]
-        return self.render(request, "partner.html", {"p": found, "certs": certs})
-
-    @page("partners.manage", fresh=True)
-    async def partner_act(self, request: web.Request) -> web.StreamResponse:
-        name, action = request.match_info["name"], request.match_info["action"]
-        if action not in ("suspend", "resume"):
-            raise Refused(404, "no such action", audit=False)
-        reason = str((await request.post()).get("reason", "")).strip()[:500]
-
-        def edit() -> bool:
-            with editing(self.config.partners_file) as partners:
-                for i, p in enumerate(partners):
-                    if p.name == name:
-                        partners[i] = with_status(p, PartnerStatus.SUSPENDED if action == "suspend" else PartnerStatus.ACTIVE)
-                        return True
-            return False
-
-        if not await self.run(edit):
-            raise Refused(404, "no such partner", audit=False)
-        done = {"suspend": "suspended", "resume": "resumed"}[action]
-        await self.wait(self.store.audit(self.actor(request), f"partner.{done}", name, None, {"reason": reason}))
-        raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done={done}+(takes+effect+within+seconds)")
 
     @page("audit.read")
     async def audit(self, request: web.Request) -> web.Response:
@@ -1032,7 +958,7 @@ class Console:
     async def user_act(self, request: web.Request) -> web.StreamResponse:
         name, action = request.match_info["name"], request.match_info["action"]
         form = await request.post()
-        if name == _user(request).name and action in ("disable", "roles", "reset-mfa"):
+        if name == user_of(request).name and action in ("disable", "roles", "reset-mfa"):
             raise Refused(403, "you cannot do this to your own account; ask another administrator")
         try:
             if action == "disable":
@@ -1056,23 +982,23 @@ class Console:
 
     @page()
     async def account(self, request: web.Request) -> web.Response:
-        user: User = _user(request)
+        user: User = user_of(request)
         keys = await self.run(self.accounts.passkeys, user.name)
         sessions = await self.run(self.accounts.sessions, user.name)
         left = await self.run(self.accounts.recovery_left, user.name)
         return self.render(request, "account.html", {"passkeys": keys, "sessions": sessions, "recovery_left": left,
-                                                     "current": _session_of(request).id_hash, "codes": request[CTX].codes})
+                                                     "current": session_of(request).id_hash, "codes": request[CTX].codes})
 
     @page(fresh=True)
     async def new_recovery_codes(self, request: web.Request) -> web.Response:
         codes = security.new_recovery_codes()
-        await self.wait(self.accounts.replace_recovery(_user(request).name, [security.recovery_hash(c) for c in codes]))
+        await self.wait(self.accounts.replace_recovery(user_of(request).name, [security.recovery_hash(c) for c in codes]))
         request[CTX].codes = codes
         return await self.account(request)
 
     @page()
     async def revoke(self, request: web.Request) -> web.StreamResponse:
-        user: User = _user(request)
+        user: User = user_of(request)
         target = await self.run(self.accounts.session, request.match_info["id"])
         if target is None:
             raise Refused(404, "no such session", audit=False)
