@@ -30,7 +30,7 @@ from .errors import ConfigError, Conflict, Detail, GatewayError, StorageUnavaila
 from .model import AcceptedInvoice, Receipt
 
 T = TypeVar("T")
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 MAX_BATCH = 256  # operations per group commit
 BUSY_TIMEOUT_MS = 30_000  # other processes (CLI, other workers) holding the write lock
 # The writer waits for another process's write lock in short steps of its own: SQLite's busy
@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS invoices (
     direction       TEXT NOT NULL DEFAULT 'in' CHECK (direction IN ('in', 'out')),
     source_sha256   TEXT NOT NULL DEFAULT '',
     route           TEXT NOT NULL DEFAULT '',
+    status          TEXT NOT NULL DEFAULT 'accepted',  -- status_summary(), kept in step by restatus()
     UNIQUE (direction, partner, source_sha256),
     UNIQUE (direction, partner, kind, invoice_number, issue_date)
 );
@@ -140,6 +141,7 @@ CREATE INDEX IF NOT EXISTS invoices_amount ON invoices (payable_amount);
 CREATE INDEX IF NOT EXISTS deliveries_message_state ON deliveries (message_id, state);
 CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries (state, delivered_at);
 CREATE INDEX IF NOT EXISTS invoices_partner ON invoices (partner, received_at);
+CREATE INDEX IF NOT EXISTS invoices_status ON invoices (status, received_at);
 CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, seq);
 CREATE INDEX IF NOT EXISTS audit_action ON audit (action, seq);
 -- The console's accounts (gateway/console/accounts.py).
@@ -202,7 +204,8 @@ CREATE TABLE IF NOT EXISTS approvals (
 # Schema 2 → 3: the business-duplicate key becomes (partner, kind, number, issue date), and
 # deliveries may be held.  3 → 4: invoices have a direction (outbound ones are keyed by recipient)
 # and deliveries carry a claim lease.  4 → 5: audit records are hash-chained.  5 → 6: the console's
-# tables (new tables only).  SQLite changes constraints only by rebuilding the table.
+# tables (new tables only).  6 → 7: invoices keep their status summary (a column, filled once).
+# SQLite changes constraints only by rebuilding the table.
 def _rebuild(conn: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
     """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile);
     ``fill`` gives new columns an expression over the old row.
@@ -278,6 +281,27 @@ def _iso(epoch: float | None) -> str | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# status_summary() in SQL, for the messages named (or all): run in every transaction that changes a
+# message's quarantine or delivery state, so the console can filter by status through an index.
+_RESTATUS = """UPDATE invoices SET status = CASE
+    WHEN (SELECT state FROM quarantine q WHERE q.message_id = invoices.message_id) IN ('held', 'rejected')
+        THEN (SELECT state FROM quarantine q WHERE q.message_id = invoices.message_id)
+    WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = invoices.message_id AND d.state = 'dead') THEN 'dead-letter'
+    WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = invoices.message_id) AND NOT EXISTS (
+        SELECT 1 FROM deliveries d WHERE d.message_id = invoices.message_id AND d.state != 'delivered') THEN 'delivered'
+    ELSE 'accepted' END"""
+
+
+def restatus(conn: sqlite3.Connection, message_id: str | None) -> None:
+    if message_id is None:
+        conn.execute(_RESTATUS)
+    else:
+        conn.execute(_RESTATUS + " WHERE message_id = ?", (message_id,))
+
+
+SUMMARIES = ("accepted", "held", "delivered", "dead-letter", "rejected")
+
+
 def status_summary(quarantine_state: str | None, states: set[str]) -> str:
     """One word for a message: what its sender (or ERP) is told."""
     if quarantine_state in ("held", "rejected"):
@@ -337,7 +361,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def messages(self, *, direction: str | None = None, partner: str | None = None, status: str | None = None,
-                 since: str | None = None, until: str | None = None, limit: int = 100) -> list[dict[str, Any]]: ...
+                 since: str | None = None, until: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Messages newest first; ``status`` is the summary the sender sees (accepted, held, delivered,
+        dead-letter, rejected) or a delivery state (pending, dead: messages with such a delivery)."""
 
     @abc.abstractmethod
     def message(self, message_id: str) -> dict[str, Any] | None: ...
@@ -463,9 +489,13 @@ class SqliteStore(Store):
                     conn.execute("ALTER TABLE audit ADD COLUMN prev TEXT NOT NULL DEFAULT ''")
                     conn.execute("ALTER TABLE audit ADD COLUMN hash TEXT NOT NULL DEFAULT ''")
                     _chain_existing(conn)
+                if version < 7 and exists and "status" not in {r[1] for r in conn.execute("PRAGMA table_info(invoices)")}:
+                    conn.execute("ALTER TABLE invoices ADD COLUMN status TEXT NOT NULL DEFAULT 'accepted'")
                 for statement in _DDL.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                if version < 7 and exists:
+                    restatus(conn, None)
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 conn.execute("COMMIT")
             except BaseException:
@@ -639,13 +669,13 @@ class SqliteStore(Store):
             now_iso = _now()
             holds = list(invoice.holds) + (self._account_holds(conn, invoice, now_iso) if invoice.direction == "in" else [])
             conn.execute(
-                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (invoice.message_id, invoice.partner, invoice.sha256, invoice.received_at, f.document_type.label,
                  f.invoice_number, f.ubl_version, json.dumps(f.supplier_ids), json.dumps(f.customer_ids),
                  f.customization_id, f.profile_id, f.issue_date, invoice.size, invoice.key_id,
                  json.dumps(invoice.signature) if invoice.signature else None, invoice.media_type,
                  json.dumps(invoice.rules) if invoice.rules is not None else None, f.payable_amount, f.currency, f.kind,
-                 invoice.direction, source_sha256, invoice.route),
+                 invoice.direction, source_sha256, invoice.route, "held" if holds else "accepted"),
             )
             conn.execute("INSERT INTO blobs VALUES (?, ?)", (invoice.message_id, invoice.sealed))
             now = time.time()
@@ -774,6 +804,7 @@ class SqliteStore(Store):
             # with a release; a rejection keeps them under suspicion for good.
             conn.executemany("UPDATE seller_accounts SET state = ? WHERE partner = ? AND account = ? AND state = 'pending'",
                              [("known" if release else "rejected", row[0], a) for a in json.loads(row[2])])
+            restatus(conn, message_id)
             _audit(conn, actor, f"quarantine.{state}", row[0], message_id, {"note": note})
             return {"message_id": message_id, "partner": row[0], "state": state, "decided_by": actor, "decided_at": now}
 
@@ -878,6 +909,8 @@ class SqliteStore(Store):
                 (state, delivered_at, error, next_attempt_at, time.time(), job.message_id, job.destination,
                  state == "delivered", owner, owner),
             ).rowcount
+            if updated:
+                restatus(conn, job.message_id)
             if dead and updated:
                 _audit(conn, "gateway", "delivery.dead_letter", job.partner, job.message_id,
                        {"destination": job.destination, "attempts": job.attempts + 1, "error": error})
@@ -891,27 +924,18 @@ class SqliteStore(Store):
 
     def messages(self, *, direction: str | None = None, partner: str | None = None, status: str | None = None,
                  since: str | None = None, until: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Messages newest first; ``status`` is the summary the sender sees (accepted, held, delivered,
-        dead-letter, rejected) or a delivery state (pending, delivered, dead)."""
+        summary = status if status in SUMMARIES else None
+        state = status if status is not None and summary is None else None
         rows = self._reader().execute(
             "SELECT i.message_id, i.direction, i.partner, i.received_at, i.document_type, i.invoice_number, "
-            "i.payable_amount, i.currency, q.state, group_concat(d.state) FROM invoices i "
-            "LEFT JOIN quarantine q USING (message_id) LEFT JOIN deliveries d USING (message_id) "
+            "i.payable_amount, i.currency, i.status FROM invoices i "
             "WHERE (? IS NULL OR i.direction = ?) AND (? IS NULL OR i.partner = ?) AND (? IS NULL OR i.received_at >= ?) "
-            "AND (? IS NULL OR i.received_at < ?) GROUP BY i.message_id ORDER BY i.received_at DESC",
-            (direction, direction, partner, partner, since, since, until, until))
-        out = []
-        for r in rows:
-            states = set(r[9].split(",")) if r[9] else set()
-            summary = status_summary(r[8], states)
-            if status is not None and status != summary and status not in states:
-                continue
-            out.append({"message_id": r[0], "direction": r[1], "partner": r[2], "received_at": r[3],
-                        "document_type": r[4], "invoice_number": r[5], "payable_amount": r[6], "currency": r[7],
-                        "status": summary})
-            if len(out) >= limit:
-                break
-        return out
+            "AND (? IS NULL OR i.received_at < ?) AND (? IS NULL OR i.status = ?) AND (? IS NULL OR EXISTS ("
+            "SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id AND d.state = ?)) "
+            "ORDER BY i.received_at DESC LIMIT ?",
+            (direction, direction, partner, partner, since, since, until, until, summary, summary, state, state, limit))
+        return [{"message_id": r[0], "direction": r[1], "partner": r[2], "received_at": r[3], "document_type": r[4],
+                 "invoice_number": r[5], "payable_amount": r[6], "currency": r[7], "status": r[8]} for r in rows]
 
     def message(self, message_id: str) -> dict[str, Any] | None:
         """Everything an operator may see about one message (never its content): the timeline."""
@@ -977,6 +1001,7 @@ class SqliteStore(Store):
                 raise NotHeld(f"message {message_id} has no {want} delivery"
                               + (f" to {destination!r}" if destination else "") + (f" ({known})" if known else
                               " (no such message, or it has no deliveries)"), code="NOTHING_TO_RETRY")
+            restatus(conn, message_id)
             partner = conn.execute("SELECT partner FROM invoices WHERE message_id = ?", (message_id,)).fetchone()[0]
             _audit(conn, actor, "delivery.requeued" if requeue else "delivery.retried", partner, message_id,
                    {"destinations": affected, "reason": reason})
@@ -1009,6 +1034,7 @@ class SqliteStore(Store):
             if row is None:
                 raise NotHeld(f"message {message_id} has no dead-lettered delivery to {destination!r}",
                               code="NOTHING_TO_DISCARD")
+            restatus(conn, message_id)
             partner = conn.execute("SELECT partner FROM invoices WHERE message_id = ?", (message_id,)).fetchone()[0]
             _audit(conn, actor, "delivery.discarded", partner, message_id, {"destination": destination, "reason": reason})
 

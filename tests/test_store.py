@@ -160,3 +160,77 @@ def test_reopen_after_close_keeps_everything(tmp_path):
         assert (again.message_id, again.duplicate) == (inv.message_id, True)  # duplicates survive restarts
     finally:
         reopened.close()
+
+
+# --- the stored status summary (schema 7) --------------------------------------------------------------
+
+
+def stored_status(store: SqliteStore) -> dict[str, str]:
+    return dict(store.read().execute("SELECT message_id, status FROM invoices").fetchall())
+
+
+def computed_status(store: SqliteStore) -> dict[str, str]:
+    """What store.message() derives from the quarantine and delivery rows, message by message."""
+    return {mid: store.message(mid)["status"] for mid in stored_status(store)}  # type: ignore[index]
+
+
+def test_the_status_column_follows_every_change(store: SqliteStore) -> None:
+    from dataclasses import replace
+
+    plain, two, held, rejected, nowhere = (invoice(f"S-{n}") for n in range(5))
+    store.put(plain, ["erp"]).result(WAIT)
+    store.put(two, ["erp", "archive"]).result(WAIT)
+    store.put(replace(held, holds=("over the ceiling",)), ["erp"]).result(WAIT)
+    store.put(replace(rejected, holds=("over the ceiling",)), ["erp"]).result(WAIT)
+    store.put(nowhere, []).result(WAIT)
+    steps = [dict(stored_status(store))]
+
+    jobs = {(j.message_id, j.destination): j for j in store.claim("w", 2e9, {"erp": 10, "archive": 10}, 60).result(WAIT)}
+    store.record_delivery(jobs[plain.message_id, "erp"], delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None,
+                          error=None, owner="w").result(WAIT)
+    store.record_delivery(jobs[two.message_id, "erp"], delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None,
+                          error=None, owner="w").result(WAIT)
+    store.record_delivery(jobs[two.message_id, "archive"], delivered_at=None, next_attempt_at=None, error="refused",
+                          dead=True, owner="w").result(WAIT)
+    store.decide(held.message_id, True, "op", "checked").result(WAIT)
+    store.decide(rejected.message_id, False, "op", "fraud").result(WAIT)
+    steps.append(dict(stored_status(store)))
+    store.retry(two.message_id, "archive", "op", requeue=True, reason="fixed").result(WAIT)
+    steps.append(dict(stored_status(store)))
+
+    assert steps[0] == {plain.message_id: "accepted", two.message_id: "accepted", held.message_id: "held",
+                        rejected.message_id: "held", nowhere.message_id: "accepted"}
+    assert steps[1] == {plain.message_id: "delivered", two.message_id: "dead-letter", held.message_id: "accepted",
+                        rejected.message_id: "rejected", nowhere.message_id: "accepted"}
+    assert steps[2][two.message_id] == "accepted"
+    assert stored_status(store) == computed_status(store)
+    for status in ("accepted", "delivered", "rejected"):
+        assert {m["message_id"] for m in store.messages(status=status)} == {
+            mid for mid, s in stored_status(store).items() if s == status}
+    assert [m["message_id"] for m in store.messages(status="pending")] != []  # a delivery state still filters
+
+
+def test_a_schema_6_database_gets_its_status_column_filled(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    store = SqliteStore(tmp_path / "state")
+    try:
+        done, held = invoice("M-1"), invoice("M-2")
+        store.put(done, ["erp"]).result(WAIT)
+        store.put(replace(held, holds=("over the ceiling",)), ["erp"]).result(WAIT)
+        job = store.claim("w", 2e9, {"erp": 10}, 60).result(WAIT)[0]
+        store.record_delivery(job, delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None, error=None,
+                              owner="w").result(WAIT)
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "state" / "gateway.db") as conn:
+        conn.execute("DROP INDEX invoices_status")
+        conn.execute("ALTER TABLE invoices DROP COLUMN status")
+        conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    conn.close()
+    store = SqliteStore(tmp_path / "state")
+    try:
+        assert stored_status(store) == {done.message_id: "delivered", held.message_id: "held"}
+        assert stored_status(store) == computed_status(store)
+    finally:
+        store.close()

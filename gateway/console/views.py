@@ -11,25 +11,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..store import SqliteStore, status_summary
+from ..store import SUMMARIES, SqliteStore
 
 PAGE = 50
 MAX_PAGES = 200
 STATUSES = ("accepted", "held", "delivered", "dead-letter", "rejected")
 
-# The summary the sender sees, as SQL over one invoice row ``i`` (the same order as store._summary).
-_STATUS_SQL = {
-    "held": "EXISTS (SELECT 1 FROM quarantine q WHERE q.message_id = i.message_id AND q.state = 'held')",
-    "rejected": "EXISTS (SELECT 1 FROM quarantine q WHERE q.message_id = i.message_id AND q.state = 'rejected')",
-    "dead-letter": "i.message_id IN (SELECT d.message_id FROM deliveries d WHERE d.state = 'dead')",
-    "delivered": ("EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id) AND NOT EXISTS "
-                  "(SELECT 1 FROM deliveries d WHERE d.message_id = i.message_id AND d.state != 'delivered')"),
-}
 _SEARCH = ("SELECT i.message_id, i.direction, i.partner, i.received_at, i.document_type, i.invoice_number, "
-           "i.payable_amount, i.currency, (SELECT q.state FROM quarantine q WHERE q.message_id = i.message_id), "
-           "(SELECT group_concat(d.state) FROM deliveries d WHERE d.message_id = i.message_id) FROM invoices i")
-_NOT_QUARANTINED = ("NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.message_id = i.message_id "
-                    "AND q.state IN ('held', 'rejected'))")
+           "i.payable_amount, i.currency, i.status FROM invoices i")
 
 
 def _iso(t: datetime) -> str:
@@ -55,22 +44,15 @@ def search(store: SqliteStore, *, partner: str = "", status: str = "", since: st
         if value:
             where.append(condition)
             args.append(value)
-    if status in _STATUS_SQL:
-        where.append(_STATUS_SQL[status])
-        if status in ("dead-letter", "delivered"):
-            where.append(_NOT_QUARANTINED)
-    elif status == "accepted":
-        where.append(_NOT_QUARANTINED)
-        where.append(f"NOT ({_STATUS_SQL['dead-letter']}) AND NOT ({_STATUS_SQL['delivered']})")
+    if status in SUMMARIES:  # kept by the store in step with quarantine and deliveries
+        where.append("i.status = ?")
+        args.append(status)
     page = max(0, min(page, MAX_PAGES))
     sql = f"{_SEARCH} WHERE {' AND '.join(where)} ORDER BY i.received_at DESC LIMIT ? OFFSET ?"  # noqa: S608 (our fragments)
     rows = store.read().execute(sql, (*args, PAGE + 1, page * PAGE)).fetchall()
-    out = []
-    for r in rows[:PAGE]:
-        states = set(r[9].split(",")) if r[9] else set()
-        out.append({"message_id": r[0], "direction": r[1], "partner": r[2], "received_at": r[3],
-                    "document_type": r[4].split(":")[-1], "invoice_number": r[5], "payable_amount": r[6],
-                    "currency": r[7], "status": status_summary(r[8], states)})
+    out = [{"message_id": r[0], "direction": r[1], "partner": r[2], "received_at": r[3],
+            "document_type": r[4].split(":")[-1], "invoice_number": r[5], "payable_amount": r[6], "currency": r[7],
+            "status": r[8]} for r in rows[:PAGE]]
     return out, len(rows) > PAGE
 
 
