@@ -836,7 +836,8 @@ class Console:
         how = str(form.get("confirmed_with", "")).strip()[:300]
         pending = await self.run(self.accounts.approval, request_id)
         if decision == "approve" and pending is not None and pending["kind"] in PARTNER_REQUESTS \
-                and pending["state"] == "pending" and pending["requested_by"] != self.actor(request):
+                and pending["state"] == "pending" and pending["requested_by"] != self.actor(request) \
+                and allowed(user, APPROVAL_NEEDS[pending["kind"]]):
             try:
                 await self.run(self.partner_pages.confirm, pending, fingerprints, how)
             except GatewayError as exc:
