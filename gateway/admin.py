@@ -33,8 +33,10 @@ class AdminInbound:
         self.token = token
         self.started = time.monotonic()
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024, middlewares=[self._auth])
+    def app(self, max_body: int = 1024) -> web.Application:
+        """``max_body``: the largest request body read (the machine endpoints read none; the console's
+        forms, mounted below, need more, and aiohttp applies the outermost application's limit)."""
+        app = web.Application(client_max_size=max_body, middlewares=[self._auth])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)

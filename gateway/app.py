@@ -25,6 +25,7 @@ from . import logs, systemd
 from .admin import AdminInbound
 from .config import Config, Destination
 from .config import load as load_config
+from .console.web import MAX_BODY as CONSOLE_MAX_BODY
 from .console.web import Console
 from .delivery import Outbox, Sender, make_sender
 from .errors import ConfigError
@@ -395,11 +396,11 @@ class Gateway:
         cfg = self.config.admin
         token = cfg.token_file.read_text(encoding="utf-8").strip() if cfg.token_file is not None else None
         admin = AdminInbound(self.metrics, self.gauges, self.not_ready, self.store.counts, self.io_executor, token)
-        app = admin.app()
+        app = admin.app(CONSOLE_MAX_BODY if self.config.console.enabled else 1024)
         if self.config.console.enabled:
             self.console = Console(self.config, self.store, self.io_executor, lambda: self.parts.vault,
                                    lambda: self.parts.partners.current, lambda: self.parts.signer, self.outbox.wake.set,
-                                   self.metrics.refusals)
+                                   self.metrics.refusals, self.refresh_partners)
             app.add_subapp("/console/", self.console.app())
             app.router.add_get("/console", _to_console)
         ctx = None if cfg.loopback else admin_context(self.config.https.certificate, self.config.https.private_key)
@@ -441,17 +442,22 @@ class Gateway:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.partners_reload_s)
-            book, revocation = self.parts.partners, self.parts.revocation
-            try:
-                if await loop.run_in_executor(self.io_executor, book.refresh):
-                    log.info("partners.reloaded", partners=len(book.current.partners))
-            except ConfigError as exc:
-                log.error("partners.reload_failed", reason=str(exc), kept=len(book.current.partners))
+            revocation = self.parts.revocation
+            await self.refresh_partners()
             try:
                 if await loop.run_in_executor(self.io_executor, revocation.refresh):
                     log.info("revocation.reloaded", crls=len(revocation.status()))
             except ConfigError as exc:
                 log.error("revocation.reload_failed", reason=str(exc), kept="the CRLs loaded before")
+
+    async def refresh_partners(self) -> None:
+        """Re-read the partners file if it changed (the watch loop, and the console after it wrote it)."""
+        book = self.parts.partners
+        try:
+            if await asyncio.get_running_loop().run_in_executor(self.io_executor, book.refresh):
+                log.info("partners.reloaded", partners=len(book.current.partners))
+        except ConfigError as exc:
+            log.error("partners.reload_failed", reason=str(exc), kept=len(book.current.partners))
 
     async def reload(self, actor: str = "SIGHUP") -> bool:
         """Re-read the configuration, partners, certificates, keys and routes; connections and invoices

@@ -290,10 +290,9 @@ def _partners(args: argparse.Namespace) -> int:
     if args.action == "show":
         partner = directory.get(args.name)
         assert partner is not None
-        windows = {w.path: w for w in partner.windows}
         listed: dict[str, list[dict[str, object]]] = {"client": [], "signing": [], "smime": []}
         for purpose, cert_path, info in certificates_of(partner):
-            w = windows.get(cert_path)
+            w = partner.window(purpose, cert_path)
             listed[purpose].append({
                 "path": cert_path, "spki_sha256": info.spki_sha256, "sha256": cert_sha256(info.cert), "subject": info.subject,
                 "not_after": info.not_after.isoformat(), "expires_within_30_days": expires_soon(info),

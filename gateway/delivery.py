@@ -264,7 +264,7 @@ class PartnerSender(_HttpSender):
                                  "[smtp] identity) to send them with; retried until the horizon")
         now = datetime.now(UTC)
         certs = [c for c in self.partners.current.certificates.values() if c.spki_sha256 in partner.smime_spki
-                 and encryptable(c.cert) and partner.refusal(c.spki_sha256, now) is None]
+                 and encryptable(c.cert) and partner.refusal(c.spki_sha256, now, "smime") is None]
         if not certs:
             raise DeliveryFailed(f"partner {partner.name!r} has no S/MIME certificate with an RSA key to encrypt to "
                                  f"(partners edit {partner.name} --smime-cert PEM)")

@@ -15,7 +15,7 @@ from . import devpki
 from .errors import ConfigError
 from .model import Partner, PartnerStatus, SignaturePolicy
 from .partners import atomic_write, editing, new_partner
-from .tls import inspect_certificate, inspect_smime_certificate
+from .tls import cert_sha256, inspect_certificate, inspect_smime_certificate
 from .vault import write_key_file
 
 DEMO_PARTNER = "demo-supplier"
@@ -110,9 +110,12 @@ def store_certificate(partners_file: Path, name: str, cert: Path | bytes, option
     folder.mkdir(mode=0o755, exist_ok=True)
     kind = {"--signing-cert": "-signing", "--smime-cert": "-smime"}.get(option, "")
     stored = folder / f"{name}{kind}-{info.spki_sha256[:16]}.crt"
-    new = not stored.exists()
+    if stored.exists() and stored.read_bytes() != info.pem:  # another certificate on the same key (a renewal):
+        stored = stored.with_name(f"{stored.stem}-{cert_sha256(info.cert)[:8]}.crt")  # never overwrite the registered one
+    if stored.exists():
+        return stored, False
     atomic_write(stored, info.pem, mode=0o644)
-    return stored, new
+    return stored, True
 
 
 def register_partner(partners_file: Path, name: str, certs: Sequence[Path | bytes], party_ids: list[str], emails: list[str],

@@ -71,6 +71,7 @@ class CertWindow:
     """When a registered certificate is accepted, for a rollover: from ``start`` (the new certificate)
     until ``end`` (the old one); either open.  Certificates without a window are accepted while registered."""
 
+    purpose: str  # "client", "signing" or "smime": a window is the certificate's in that role only
     path: str
     spki_sha256: str
     start: datetime | None = None
@@ -124,11 +125,15 @@ class Partner:
     smime_certs: tuple[str, ...] = ()  # paths of the partner's S/MIME certificates (PEM): it signs with them, we encrypt to them
     smime_spki: frozenset[str] = frozenset()
     smime_signed_only: bool = False  # accept signed e-mail that is not encrypted (default: sign-then-encrypt required)
-    windows: tuple[CertWindow, ...] = ()  # acceptance windows of certificates in a rollover (any purpose)
+    windows: tuple[CertWindow, ...] = ()  # acceptance windows of certificates in a rollover
 
-    def refusal(self, spki: str, at: datetime) -> str | None:
-        """Why the certificate with this key is not accepted at ``at`` (None: it is, as far as its window goes)."""
-        return next((w.refusal(at) for w in self.windows if w.spki_sha256 == spki), None)
+    def refusal(self, spki: str, at: datetime, purpose: str) -> str | None:
+        """Why the certificate with this key is not accepted for ``purpose`` at ``at`` (None: it is, as
+        far as its window goes)."""
+        return next((w.refusal(at) for w in self.windows if w.spki_sha256 == spki and w.purpose == purpose), None)
+
+    def window(self, purpose: str, path: str) -> CertWindow | None:
+        return next((w for w in self.windows if w.purpose == purpose and w.path == path), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ from .tls import CertInfo, cert_sha256, encryptable, inspect_certificate, inspec
 from .ubl import identifier
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PURPOSES = {"client": "client_certs", "signing": "signing_certs", "smime": "smime_certs"}  # purpose → Partner field
+PURPOSE_OF = {field: purpose for purpose, field in PURPOSES.items()}
 _ID = re.compile(r"^(?:([^:\s]{1,32}):)?(\S(?:.{0,198}\S)?)$")
 
 
@@ -132,13 +134,13 @@ class PartnerDirectory:
                 f"(certificate key SHA-256 {peer.spki_sha256}); ask the operator to register it",
                 code="PARTNER_UNKNOWN",
             )
-        admit(partner, peer.spki_sha256, at or datetime.now(UTC))
+        admit(partner, peer.spki_sha256, at or datetime.now(UTC), "client")
         return partner
 
     def signers_for(self, name: str, at: datetime | None = None) -> list[TrustedSigner]:
         """The partner's document-signing certificates accepted now (a retired or future one is left out)."""
         partner, when = self.get(name), at or datetime.now(UTC)
-        return [s for s in self.signers.get(name, []) if partner is not None and partner.refusal(s.spki, when) is None]
+        return [s for s in self.signers.get(name, []) if partner is not None and partner.refusal(s.spki, when, "signing") is None]
 
     def authorize(self, partner: Partner, facts: InvoiceFacts) -> None:
         """The supplier inside the invoice must be the authenticated partner (SECURITY-TESTS.md I-01)."""
@@ -171,14 +173,14 @@ class PartnerDirectory:
             )
 
 
-def admit(partner: Partner, spki: str, at: datetime) -> None:
+def admit(partner: Partner, spki: str, at: datetime, purpose: str) -> None:
     """An identified partner may send only while active, and only with a certificate in its window."""
     if partner.status is PartnerStatus.PENDING:
         raise Forbidden(f"trading partner {partner.name!r} is registered but not activated yet (its certificate "
                         "fingerprint is being confirmed); contact the operator", code="PARTNER_PENDING")
     if partner.status is not PartnerStatus.ACTIVE:
         raise Forbidden(f"trading partner {partner.name!r} is suspended; contact the operator", code="PARTNER_SUSPENDED")
-    why = partner.refusal(spki, at)
+    why = partner.refusal(spki, at, purpose)
     if why is not None:
         raise Forbidden(f"the certificate (key SHA-256 {spki}) of trading partner {partner.name!r} {why}",
                         code="CERTIFICATE_NOT_ACTIVE")
@@ -219,7 +221,7 @@ def _load_partner(r: Reader, certs: dict[str, CertInfo]) -> Partner:
             certs[info.spki_sha256] = info
             found.append((str(path), info.spki_sha256))
             if start is not None or end is not None:
-                windows.append(CertWindow(str(path), info.spki_sha256, start, end))
+                windows.append(CertWindow(PURPOSE_OF[key], str(path), info.spki_sha256, start, end))
         return found
 
     client = load("client_certs", inspect_certificate)
@@ -317,14 +319,12 @@ class PartnerBook:
 
 
 def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
-    windows = {w.path: w for w in p.windows}
-
-    def rel(x: str) -> Any:
+    def rel(x: str, purpose: str = "") -> Any:
         try:
             shown = str(Path(x).relative_to(base))
         except ValueError:
             shown = x
-        w = windows.get(x)
+        w = p.window(purpose, x)
         if w is None:
             return shown
         return {"file": shown, **({"from": instant_text(w.start)} if w.start else {}),
@@ -335,16 +335,16 @@ def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
         "status": p.status.value,
         "verified_by": p.verified_by,
         "verified_at": p.verified_at,
-        "client_certs": [rel(c) for c in p.client_certs],
+        "client_certs": [rel(c, "client") for c in p.client_certs],
         "party_ids": sorted(p.party_ids),
         "emails": list(p.emails),
         "signature_policy": p.signature_policy.value,
-        "signing_certs": [rel(c) for c in p.signing_certs],
+        "signing_certs": [rel(c, "signing") for c in p.signing_certs],
         **({"rules": list(p.rules)} if p.rules is not None else {}),
         "amount_ceilings": [f"{c}:{v}" for c, v in p.amount_ceilings],
         **({"endpoint": p.endpoint} if p.endpoint else {}),
         **({"sign_outbound": True} if p.sign_outbound else {}),
-        **({"smime_certs": [rel(c) for c in p.smime_certs]} if p.smime_certs else {}),
+        **({"smime_certs": [rel(c, "smime") for c in p.smime_certs]} if p.smime_certs else {}),
         **({"smime_signed_only": True} if p.smime_signed_only else {}),
     }
 
@@ -393,7 +393,6 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
-PURPOSES = {"client": "client_certs", "signing": "signing_certs", "smime": "smime_certs"}  # purpose → Partner field
 
 
 def certificates_of(p: Partner) -> list[tuple[str, str, CertInfo]]:
@@ -422,29 +421,32 @@ def rollover(p: Partner, added: list[tuple[str, str, str]], start: datetime | No
     unknown = (set(retire) | remove) - {info.spki_sha256 for _, _, info in current}
     if unknown:
         raise ConfigError(f"partner {p.name!r} has no certificate with key SHA-256 {sorted(unknown)[0]}")
-    windows = {w.path: w for w in p.windows}
+    windows = {(w.purpose, w.path): w for w in p.windows}
     lists: dict[str, list[str]] = {purpose: [] for purpose in PURPOSES}
     for purpose, path, info in current:
         if info.spki_sha256 in remove:
-            windows.pop(path, None)
+            windows.pop((purpose, path), None)
             continue
         lists[purpose].append(path)
         if info.spki_sha256 in retire:
-            old = windows.get(path)
+            old = windows.get((purpose, path))
             end = retire[info.spki_sha256]
             if old is not None and old.start is not None and end <= old.start:
                 raise ConfigError(f"the retirement ({instant_text(end)}) must come after the certificate's start "
                                   f"({instant_text(old.start)})")
-            windows[path] = CertWindow(path, info.spki_sha256, old.start if old else None, end)
+            windows[purpose, path] = CertWindow(purpose, path, info.spki_sha256, old.start if old else None, end)
     for purpose, path, spki in added:
+        if any(info.spki_sha256 == spki for pu, _, info in current if pu == purpose) and path not in lists[purpose]:
+            raise ConfigError(f"a {purpose} certificate with this key (SHA-256 {spki}) is registered for {p.name!r} "
+                              "already; the gateway identifies partners by key, so a renewal on the same key needs no change")
         if path in lists[purpose]:
             raise ConfigError(f"this {purpose} certificate (key SHA-256 {spki}) is registered for {p.name!r} already")
         lists[purpose].append(path)
         if start is not None:
-            windows[path] = CertWindow(path, spki, start, None)
-    kept = {path for paths in lists.values() for path in paths}
+            windows[purpose, path] = CertWindow(purpose, path, spki, start, None)
+    kept = {(purpose, path) for purpose, paths in lists.items() for path in paths}
     return replace(p, client_certs=tuple(lists["client"]), signing_certs=tuple(lists["signing"]),
-                   smime_certs=tuple(lists["smime"]), windows=tuple(w for path, w in windows.items() if path in kept))
+                   smime_certs=tuple(lists["smime"]), windows=tuple(w for key, w in windows.items() if key in kept))
 
 
 def unconfirmed(certs: list[CertInfo], fingerprints: list[str]) -> list[str]:

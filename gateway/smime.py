@@ -329,7 +329,7 @@ def authenticate(opened: Opened, directory: PartnerDirectory, roots: Sequence[x5
                         f"of this gateway (certificate key SHA-256 {spki}); ask the operator to register it",
                         code="PARTNER_UNKNOWN")
     at = now or datetime.now(UTC)
-    admit(partner, spki, at)
+    admit(partner, spki, at, "smime")
     pinned = [directory.certificates[s].cert for s in partner.smime_spki if s in directory.certificates
               and directory.certificates[s].cert.issuer == directory.certificates[s].cert.subject]
     cms.check_signer(opened.verified, [*roots, *pinned], at)

@@ -334,7 +334,9 @@ class Accounts:
     # --- four-eyes approvals ---------------------------------------------------------------------
 
     def request(self, kind: str, target: str, params: dict[str, Any], reason: str, actor: str,
-                partner: str | None = None, message_id: str | None = None) -> Future[int]:
+                partner: str | None = None, message_id: str | None = None,
+                shown: dict[str, Any] | None = None) -> Future[int]:
+        """A four-eyes request; its audit record carries ``params``, or ``shown`` in their place."""
         def op(conn: sqlite3.Connection) -> int:
             if conn.execute("SELECT 1 FROM approvals WHERE kind = ? AND target = ? AND state = 'pending'",
                             (kind, target)).fetchone():
@@ -344,7 +346,7 @@ class Accounts:
                              "VALUES (?,?,?,?,?,?,'pending') RETURNING id",
                              (kind, target, json.dumps(params, sort_keys=True), reason, actor, _now())).fetchone()
             self.audit(conn, actor, "console.approval_requested", partner, message_id,
-                       {"request": r[0], "kind": kind, "target": target, "reason": reason} | params)
+                       {"request": r[0], "kind": kind, "target": target, "reason": reason} | (params if shown is None else shown))
             return int(r[0])
 
         return self.store.write(op)
@@ -372,7 +374,8 @@ class Accounts:
             state = "approved" if approve else "denied"
             conn.execute("UPDATE approvals SET state = ?, decided_by = ?, decided_at = ? WHERE id = ? AND state = 'pending'",
                          (state, actor, _now(), request_id))
-            self.audit(conn, actor, f"console.approval_{state}", found["params"].get("partner"),
+            partner = found["target"] if found["kind"].startswith("partner.") else found["params"].get("partner")
+            self.audit(conn, actor, f"console.approval_{state}", partner,
                        found["params"].get("message_id"),
                        {"request": request_id, "kind": found["kind"], "target": found["target"],
                         "requested_by": found["requested_by"]})

@@ -138,6 +138,11 @@ class PartnerPages:
             raise Refused(404, "no such partner", audit=False)
         return found
 
+    async def _changed(self) -> None:
+        """The console wrote the partners file: take it in now, so the next page shows the change."""
+        if self.c.partners_changed is not None:
+            await self.c.partners_changed()
+
     def _failed(self, request: web.Request, exc: ConfigError, status: int = 400) -> None:
         request[CTX].error, request[CTX].status = str(exc), status
 
@@ -157,10 +162,9 @@ class PartnerPages:
     async def partner(self, request: web.Request) -> web.Response:
         p = self._get(request.match_info["name"])
         now = datetime.now(UTC)
-        windows = {w.path: w for w in p.windows}
         certs = []
         for purpose, path, info in await self.c.run(certificates_of, p):
-            w = windows.get(path)
+            w = p.window(purpose, path)
             why = w.refusal(now) if w else None
             certs.append({"purpose": PURPOSE_LABEL[purpose], "info": info, "sha256": cert_sha256(info.cert),
                           "from": instant_text(w.start) if w and w.start else "", "until": instant_text(w.end) if w and w.end else "",
@@ -206,6 +210,7 @@ class PartnerPages:
                                  pending=True)
 
             await self.c.run(write)
+            await self._changed()
         except (ConfigError, ValueError) as exc:
             request[CTX].error = str(exc) if isinstance(exc, ConfigError) else "signature_policy: not a known policy"
             request[CTX].status = 400
@@ -249,6 +254,7 @@ class PartnerPages:
         except ConfigError as exc:
             self._failed(request, exc)
             return await self.partner(request)
+        await self._changed()
         await self.c.wait(self.c.store.audit(self.c.actor(request), "partner.edited", name, None,
                                              {"changed": changed, "party_ids": sorted(ids), "emails": list(emails),
                                               "endpoint": endpoint, "signature_policy": policy.value}))
@@ -261,9 +267,11 @@ class PartnerPages:
             raise Refused(404, "no such action", audit=False)
         p = self._get(name)
         reason = str((await request.post()).get("reason", "")).strip()[:500]
-        if action == "activate" or (action == "resume" and p.status is PartnerStatus.PENDING):
-            if p.status is not PartnerStatus.PENDING:
-                raise Refused(409, f"partner {name!r} is {p.status.value}, not pending activation", audit=False)
+        if (action == "activate") != (p.status is PartnerStatus.PENDING):
+            raise Refused(409, f"partner {name!r} is pending activation: request the activation (a second administrator "
+                          "confirms the certificate fingerprints with the partner)" if action != "activate" else
+                          f"partner {name!r} is {p.status.value}, not pending activation", audit=False)
+        if action == "activate":
             certs = [{"purpose": purpose, "subject": info.subject, "spki": info.spki_sha256}
                      for purpose, _, info in await self.c.run(certificates_of, p)]
             await self._request(request, "partner.activate", name, {"certificates": certs}, reason)
@@ -277,6 +285,7 @@ class PartnerPages:
                 partners[i] = with_status(partners[i], status)
 
         await self.c.run(write)
+        await self._changed()
         done = {"suspend": "suspended", "resume": "resumed"}[action]
         await self.c.wait(self.c.store.audit(self.c.actor(request), f"partner.{done}", name, None, {"reason": reason}))
         raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done={done}+(takes+effect+within+seconds)")
@@ -284,10 +293,13 @@ class PartnerPages:
     # --- four-eyes requests -------------------------------------------------------------------
 
     async def _request(self, request: web.Request, kind: str, name: str, params: dict[str, Any], reason: str) -> None:
+        """Record a four-eyes request; its audit record names the change without any fingerprint in
+        full (the approver must get those from the partner, not from the log)."""
         if not reason:
             raise Refused(400, "give a reason: the second administrator decides on it", audit=False)
         try:
-            await self.c.wait(self.c.accounts.request(kind, name, params, reason, self.c.actor(request), name))
+            await self.c.wait(self.c.accounts.request(kind, name, params, reason, self.c.actor(request), name,
+                                                      shown={"changes": describe({"kind": kind, "params": params})}))
         except AccountError as exc:
             raise Refused(409, str(exc), audit=False) from None
 
@@ -313,8 +325,8 @@ class PartnerPages:
                                  "addresses": sorted(email_addresses(info.cert)) if purpose == "smime" else []}
                 if str(form.get("start", "")).strip():
                     params["start"] = instant_text(parse_instant(str(form["start"]).strip(), "start"))
-            retire = [k for k in current if form.get(f"retire_{k}")]
-            remove = sorted(k for k in current if form.get(f"remove_{k}"))
+            retire = [k for k in current if form.get(f"retire_{k[:16]}")]  # the form names keys by a prefix only
+            remove = sorted(k for k in current if form.get(f"remove_{k[:16]}"))
             if retire:
                 text = str(form.get("retire_at", "")).strip()
                 if not text:
@@ -397,6 +409,7 @@ class PartnerPages:
                 partners[i] = activated(partners[i], fingerprints, by)
 
             await self.c.run(edit_partners, file, name, activate)
+            await self._changed()
             await self.c.wait(self.c.store.audit(actor, "partner.activated", name, None, detail | {"confirmed": how}))
             return "activated"
         if kind == "partner.certificates":
@@ -410,6 +423,7 @@ class PartnerPages:
                                        frozenset(p.get("remove", [])))
 
             await self.c.run(edit_partners, file, name, change)
+            await self._changed()
             await self.c.wait(self.c.store.audit(actor, "partner.certificates_changed", name, None, detail | {
                 "added": p["add"]["spki"] if p.get("add") else None, "start": p.get("start"), "retire": p.get("retire", {}),
                 "remove": p.get("remove", []), **({"confirmed": how} if p.get("add") else {})}))
@@ -423,6 +437,7 @@ class PartnerPages:
                     partners[i] = replace(partners[i], amount_ceilings=ceilings)
 
                 await self.c.run(edit_partners, file, name, set_ceilings)
+                await self._changed()
             await self.c.wait(self.c.store.set_accounts(name, p.get("known", []), p.get("blocked", []), actor,
                                                         f"{found['reason']} (request {found['id']}, requested by "
                                                         f"{found['requested_by']}, ceilings: {p.get('ceilings')})"))

@@ -64,6 +64,7 @@ SESSION_COOKIE = "egw_console"
 LOGIN_CSRF_COOKIE = "egw_login_csrf"
 PRE_LOGIN_S = 300.0  # a password-only session must finish its second factor within this time
 MAX_WAITING_HASHES = 4  # more concurrent password checks than this are refused (429), not queued
+MAX_BODY = 256 * 1024  # a form with a certificate or two; the admin listener's limit when the console is on
 TOUCH_EVERY_S = 30.0  # a session's last-seen time is written at most this often
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -95,7 +96,8 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
 class Console:
     def __init__(self, config: Config, store: SqliteStore, io: Executor, vault: Callable[[], Vault],
                  directory: Callable[[], PartnerDirectory], signer: Callable[[], SigningKey | None],
-                 wake_outbox: Callable[[], None], rejections: Callable[[], dict[str, float]]):
+                 wake_outbox: Callable[[], None], rejections: Callable[[], dict[str, float]],
+                 partners_changed: Callable[[], Awaitable[None]] | None = None):
         self.config = config
         self.cfg: ConsoleConfig = config.console
         self.store = store
@@ -107,6 +109,7 @@ class Console:
         self.signer = signer
         self.wake_outbox = wake_outbox
         self.rejections = rejections
+        self.partners_changed = partners_changed  # re-read the partners file now (the console just wrote it)
         self.hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-hash")
         self.waiting_hashes = 0
         self.limiter = security.RateLimiter(self.cfg.login_burst, self.cfg.login_every_s)
@@ -125,7 +128,7 @@ class Console:
     # --- plumbing --------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=256 * 1024, middlewares=[self._guard])
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
         r = app.router
         r.add_get("/static/{name}", self.static_file)
         r.add_get("/login", self.login_page)

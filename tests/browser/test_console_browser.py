@@ -522,3 +522,68 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
     for p in shots:
         assert png_size(p) == (1280, 800), p
         assert p.stat().st_size > 5_000, f"{p} looks empty"
+
+
+# --- partners: a certificate rollover under four eyes ---------------------------------------------------------------
+
+
+async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprint(console: Console, tmp_path: Path) -> None:
+    from gateway.instance import DEMO_PARTNER
+    from gateway.tls import cert_sha256, inspect_certificate
+
+    from ..test_fraud import post
+
+    new = console.running.issue_client("demo-next")
+    info = inspect_certificate(new.cert, "test")
+    spoken = ":".join(cert_sha256(info.cert)[i:i + 2] for i in range(0, 64, 2)).upper()  # as openssl prints it
+
+    def partner_session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(console.running.url, connector=aiohttp.TCPConnector(
+            ssl=console.running.ssl(new.cert, new.key)))
+
+    async with partner_session() as s:
+        code, reply, _ = await post(s, invoice("ROLL-0001"))
+    assert (code, reply["error"]) == (403, "PARTNER_UNKNOWN"), reply
+
+    page_a, _ann = await console.logged_in("admin", "ann")
+    await open_page(page_a, f"/console/partners/{DEMO_PARTNER}")
+    await page_a.fill("#new_pem", new.cert.read_text())
+    await page_a.fill("#cert-reason", "the partner's yearly certificate renewal")
+    resp = await submit(page_a, "form#partner-certificates")
+    assert await first_status(resp) == 303, await page_a.content()
+    await expect(page_a.locator("p.flash[data-request]")).to_contain_text("add a client (TLS) certificate")
+    [approval] = await approval_ids(page_a)
+    assert not await page_a.locator(f"tr[data-approval-id='{approval}'] form.approve").count()  # not for the requester
+
+    page_b, _bob = await console.logged_in("admin", "bob")
+    await open_page(page_b, "/console/approvals")
+    row = f"tr[data-approval-id='{approval}']"
+    await expect(page_b.locator(row)).to_contain_text("add a client (TLS) certificate")
+    await expect(page_b.locator(row)).not_to_contain_text(cert_sha256(info.cert)[:20])  # typed, not copied
+    await page_b.fill(f"#fp-{approval}-1", spoken.replace("A", "B", 1) if "A" in spoken else spoken.replace("0", "1", 1))
+    await page_b.fill(f"#how-{approval}", "phoned the partner's IT contact")
+    resp = await submit(page_b, f"{row} form.approve")
+    assert resp.status == 422 and "not the fingerprint" in await error_text(page_b)
+    assert await approval_ids(page_b) == [approval]  # still waiting
+
+    await open_page(page_b, "/console/approvals")
+    await page_b.fill(f"#fp-{approval}-1", spoken)
+    await page_b.fill(f"#how-{approval}", "phoned the partner's IT contact, 2026-11-21")
+    resp = await submit(page_b, f"{row} form.approve")
+    assert await first_status(resp) == 303, await page_b.content()
+    [record] = console.audit("partner.certificates_changed")
+    assert "bob" in record["actor"] and "ann" in str(record["detail"]) and record["detail"]["added"] == info.spki_sha256
+
+    async def accepted_with_new() -> bool:
+        async with partner_session() as s:
+            code, reply, _ = await post(s, invoice(f"ROLL-{len(console.audit('invoice.accepted')):04d}"))
+        return code == 202
+
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not await accepted_with_new():  # the daemon re-reads the partners file within seconds
+        assert asyncio.get_running_loop().time() < deadline, "the new certificate was never accepted"
+        await asyncio.sleep(0.2)
+    await open_page(page_b, f"/console/partners/{DEMO_PARTNER}")
+    await expect(page_b.locator(f"table#certificates tr[data-spki='{info.spki_sha256[:16]}']")).to_contain_text("accepted")
+    if os.environ.get("EGW_SCREENSHOTS") == "1":
+        await page_b.screenshot(path=str(ROOT / "docs" / "screenshots" / "partner.png"), full_page=False)
