@@ -154,7 +154,9 @@ class PartnerPages:
 
     @page("partners.manage")
     async def new_page(self, request: web.Request) -> web.Response:
-        return self.c.render(request, "partner_new.html", {"error": request[CTX].error, "form": {},
+        form = await request.post() if request.method == "POST" else {}
+        kept = {k: str(form.get(k, "")) for k in ("name", "party_ids", "emails", "endpoint", "signature_policy")}
+        return self.c.render(request, "partner_new.html", {"error": request[CTX].error, "form": kept,
                                                             "policies": [p.value for p in SignaturePolicy]},
                              request[CTX].status)
 
@@ -165,11 +167,11 @@ class PartnerPages:
         certs = []
         for purpose, path, info in await self.c.run(certificates_of, p):
             w = p.window(purpose, path)
-            why = w.refusal(now) if w else None
+            start, end = (w.start, w.end) if w else (None, None)
             certs.append({"purpose": PURPOSE_LABEL[purpose], "info": info, "sha256": cert_sha256(info.cert),
-                          "from": instant_text(w.start) if w and w.start else "", "until": instant_text(w.end) if w and w.end else "",
-                          "state": "expired" if info.not_after < now else "not yet accepted" if why and "not accepted yet" in why
-                          else "retired" if why else "accepted"})
+                          "from": instant_text(start) if start else "", "until": instant_text(end) if end else "",
+                          "state": "expired" if info.not_after < now else "not yet accepted" if start and now < start
+                          else "retired" if end and now >= end else "accepted"})
         waiting = [a | {"lines": describe(a)} for a in await self.c.run(self.c.accounts.approvals, "pending")
                    if a["kind"] in KINDS and a["target"] == p.name]
         accounts = await self.c.run(self.c.store.seller_accounts, p.name)
