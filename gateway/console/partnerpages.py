@@ -143,8 +143,10 @@ class PartnerPages:
         if self.c.partners_changed is not None:
             await self.c.partners_changed()
 
-    def _failed(self, request: web.Request, exc: ConfigError, status: int = 400) -> None:
-        request[CTX].error, request[CTX].status = str(exc), status
+    async def _again(self, request: web.Request, exc: ConfigError) -> web.Response:
+        """The partner's page again, with what was wrong in the form (400)."""
+        request[CTX].error, request[CTX].status = str(exc), 400
+        return await self.partner(request)
 
     # --- pages --------------------------------------------------------------------------------
 
@@ -235,11 +237,9 @@ class PartnerPages:
             endpoint = parse_endpoint(text, "endpoint") if text else ""
             policy = SignaturePolicy(str(form.get("signature_policy", "")))
         except ValueError:
-            self._failed(request, ConfigError("signature_policy: not a known policy"))
-            return await self.partner(request)
+            return await self._again(request, ConfigError("signature_policy: not a known policy"))
         except ConfigError as exc:
-            self._failed(request, exc)
-            return await self.partner(request)
+            return await self._again(request, exc)
         changed: list[str] = []
 
         def write() -> None:
@@ -254,8 +254,7 @@ class PartnerPages:
         try:
             await self.c.run(write)
         except ConfigError as exc:
-            self._failed(request, exc)
-            return await self.partner(request)
+            return await self._again(request, exc)
         await self._changed()
         await self.c.wait(self.c.store.audit(self.c.actor(request), "partner.edited", name, None,
                                              {"changed": changed, "party_ids": sorted(ids), "emails": list(emails),
@@ -344,8 +343,7 @@ class PartnerPages:
             if not (params["add"] or retire or remove):
                 raise ConfigError("nothing to change: add a certificate, or choose one to retire or remove")
         except ConfigError as exc:
-            self._failed(request, exc)
-            return await self.partner(request)
+            return await self._again(request, exc)
         await self._request(request, "partner.certificates", p.name, params, reason)
         raise web.HTTPSeeOther(f"/console/partners/{quote(p.name)}?done=certificate+change+requested:+a+second+"
                                "administrator+confirms+the+fingerprint+with+the+partner+and+approves")
@@ -368,8 +366,7 @@ class PartnerPages:
             if params["ceilings"] is None and not known and not blocked:
                 raise ConfigError("nothing to change")
         except ConfigError as exc:
-            self._failed(request, exc)
-            return await self.partner(request)
+            return await self._again(request, exc)
         await self._request(request, "partner.bank", p.name, params, reason)
         raise web.HTTPSeeOther(f"/console/partners/{quote(p.name)}?done=bank+settings+change+requested:+a+second+"
                                "administrator+must+approve+it")
