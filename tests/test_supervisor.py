@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -36,15 +38,27 @@ def served(tmp_path: Path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_port(port, proc)
-        deadline = time.monotonic() + 15
-        while len(children(proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        yield inst, proc
+        yield inst, proc, until_ready(proc)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         if proc.stdout and not proc.stdout.closed:
             proc.communicate(timeout=60)  # also closes the pipes
+
+
+def until_ready(proc: subprocess.Popen) -> str:
+    """The log output up to the supervisor's "every worker is ready" (a worker still starting when the
+    test sends SIGTERM would never log gateway.started).  Read from the pipe itself, unbuffered, so
+    ``communicate()`` later returns exactly the rest."""
+    assert proc.stdout is not None
+    fd, out = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + 30
+    while b'"supervisor.ready"' not in out:
+        assert time.monotonic() < deadline, f"the supervisor did not report ready within 30 s: {out.decode()}"
+        assert proc.poll() is None, f"serve exited early with {proc.returncode}: {out.decode()}"
+        if select.select([fd], [], [], 0.2)[0]:
+            out += os.read(fd, 65536)
+    return out.decode()
 
 
 async def post_many(inst: instance.Instance, bodies: list[bytes]) -> list[tuple[int, dict]]:
@@ -62,7 +76,7 @@ async def post_many(inst: instance.Instance, bodies: list[bytes]) -> list[tuple[
 
 
 def test_workers_share_one_store_and_stop_cleanly(served):
-    inst, proc = served
+    inst, proc, head = served
     assert len(children(proc.pid)) == 2
     same = asyncio.run(post_many(inst, [SAMPLE] * 30))
     assert {s for s, _ in same} == {202}
@@ -78,14 +92,14 @@ def test_workers_share_one_store_and_stop_cleanly(served):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
-    events = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert sum(e["event"] == "gateway.started" for e in events) == 2
+    events = [json.loads(line) for line in (head + out).splitlines() if line.strip()]
+    assert sum(e["event"] == "gateway.started" for e in events) == 2, [e["event"] for e in events]
     assert sum(e["event"] == "gateway.stopped" for e in events) == 2
     assert events[-1]["event"] == "supervisor.stopped"
 
 
 def test_a_dead_worker_is_replaced(served):
-    inst, proc = served
+    inst, proc, _ = served
     victim = children(proc.pid)[0]
     subprocess.run(["kill", "-9", str(victim)], check=True)
     deadline = time.monotonic() + 15
