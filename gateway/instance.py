@@ -14,8 +14,8 @@ from pathlib import Path
 from . import devpki
 from .errors import ConfigError
 from .model import Partner, PartnerStatus, SignaturePolicy
-from .partners import atomic_write, editing, new_partner
-from .tls import cert_sha256, inspect_certificate, inspect_smime_certificate
+from .partners import OPTION, atomic_write, editing, inspect_as, new_partner
+from .tls import cert_sha256
 from .vault import write_key_file
 
 DEMO_PARTNER = "demo-supplier"
@@ -105,7 +105,7 @@ PRODUCTION_EXAMPLE = dict(host="0.0.0.0",  # noqa: S104 (a server listens for pa
 def store_certificate(partners_file: Path, name: str, cert: Path | bytes, option: str = "--client-cert") -> tuple[Path, bool]:
     """Copy a partner certificate next to the partners file, named by partner, purpose and key hash.
     Returns the path and whether the file is new."""
-    info = inspect_smime_certificate(cert, option) if option == "--smime-cert" else inspect_certificate(cert, option)
+    info = inspect_as("smime" if option == OPTION["smime"] else "client", cert, option)
     folder = partners_file.parent / "partner-certs"
     folder.mkdir(mode=0o755, exist_ok=True)
     kind = {"--signing-cert": "-signing", "--smime-cert": "-smime"}.get(option, "")

@@ -32,6 +32,7 @@ from .ubl import identifier
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PURPOSES = {"client": "client_certs", "signing": "signing_certs", "smime": "smime_certs"}  # purpose → Partner field
 PURPOSE_OF = {field: purpose for purpose, field in PURPOSES.items()}
+OPTION = {"client": "--client-cert", "signing": "--signing-cert", "smime": "--smime-cert"}  # purpose → CLI option
 _ID = re.compile(r"^(?:([^:\s]{1,32}):)?(\S(?:.{0,198}\S)?)$")
 
 
@@ -319,7 +320,7 @@ class PartnerBook:
 
 
 def _as_toml(p: Partner, base: Path) -> dict[str, Any]:
-    def rel(x: str, purpose: str = "") -> Any:
+    def rel(x: str, purpose: str) -> Any:
         try:
             shown = str(Path(x).relative_to(base))
         except ValueError:
@@ -399,9 +400,13 @@ def certificates_of(p: Partner) -> list[tuple[str, str, CertInfo]]:
     """(purpose, path, certificate) of every certificate the partner has registered."""
     out = []
     for purpose, field in PURPOSES.items():
-        inspect = inspect_smime_certificate if purpose == "smime" else inspect_certificate
-        out += [(purpose, path, inspect(Path(path), field)) for path in getattr(p, field)]
+        out += [(purpose, path, inspect_as(purpose, Path(path), field)) for path in getattr(p, field)]
     return out
+
+
+def inspect_as(purpose: str, source: Path | bytes, where: str) -> CertInfo:
+    """A certificate checked for its purpose: an S/MIME one must also be usable for e-mail."""
+    return (inspect_smime_certificate if purpose == "smime" else inspect_certificate)(source, where)
 
 
 def fingerprint_matches(info: CertInfo, given: str) -> bool:

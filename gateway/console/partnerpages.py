@@ -35,10 +35,12 @@ from ..instance import edit_partners, register_partner
 from ..model import Partner, PartnerStatus, SignaturePolicy
 from ..partners import (
     NAME,
+    OPTION,
     PURPOSES,
     activated,
     certificates_of,
     editing,
+    inspect_as,
     instant_text,
     parse_ceiling,
     parse_endpoint,
@@ -48,7 +50,7 @@ from ..partners import (
     unconfirmed,
     with_status,
 )
-from ..tls import CertInfo, cert_sha256, email_addresses, inspect_certificate, inspect_smime_certificate
+from ..tls import CertInfo, cert_sha256, email_addresses
 from .accounts import AccountError
 from .guard import CTX, Refused, page
 
@@ -79,7 +81,7 @@ def _pem(form: MultiDictProxy[Any], key: str) -> bytes | None:
 
 
 def _inspect(purpose: str, pem: bytes) -> CertInfo:
-    info = (inspect_smime_certificate if purpose == "smime" else inspect_certificate)(pem, f"{PURPOSE_LABEL[purpose]} certificate")
+    info = inspect_as(purpose, pem, f"{PURPOSE_LABEL[purpose]} certificate")
     if info.not_after < datetime.now(UTC):
         raise ConfigError(f"{PURPOSE_LABEL[purpose]} certificate: {info.subject} expired on {info.not_after:%Y-%m-%d}")
     return info
@@ -206,7 +208,7 @@ class PartnerPages:
             if certs["smime"] is not None and not emails:
                 raise ConfigError("emails: a partner sending by e-mail needs the address(es) it sends from")
             policy = SignaturePolicy(str(form.get("signature_policy", SignaturePolicy.IF_PRESENT.value)))
-            client, signing, smime = ([c for c in (certs[k],) if c is not None] for k in ("client", "signing", "smime"))
+            client, signing, smime = ([c for c in (certs[k],) if c is not None] for k in PURPOSES)
 
             def write() -> None:
                 register_partner(self.c.config.partners_file, name, client, ids, emails, "", signing, policy,
@@ -380,8 +382,7 @@ class PartnerPages:
             return [info for _, _, info in certificates_of(p)] if p is not None else []
         if found["kind"] == "partner.certificates" and found["params"].get("add"):
             a = found["params"]["add"]
-            return [(inspect_smime_certificate if a["purpose"] == "smime" else inspect_certificate)(
-                a["pem"].encode(), f"{PURPOSE_LABEL[a['purpose']]} certificate")]
+            return [inspect_as(a["purpose"], a["pem"].encode(), f"{PURPOSE_LABEL[a['purpose']]} certificate")]
         return []
 
     def confirm(self, found: dict[str, Any], fingerprints: list[str], how: str) -> None:
@@ -415,8 +416,7 @@ class PartnerPages:
             def change(partners: list[Partner], store: Callable[..., str]) -> None:
                 i = self._index(partners, name)
                 a = p.get("add")
-                added = [(a["purpose"], store(a["pem"].encode(), "--smime-cert" if a["purpose"] == "smime" else
-                                              "--signing-cert" if a["purpose"] == "signing" else "--client-cert"), a["spki"])] if a else []
+                added = [(a["purpose"], store(a["pem"].encode(), OPTION[a["purpose"]]), a["spki"])] if a else []
                 partners[i] = rollover(partners[i], added, parse_instant(p["start"], "start") if p.get("start") else None,
                                        {k: parse_instant(v, "retire") for k, v in p.get("retire", {}).items()},
                                        frozenset(p.get("remove", [])))
