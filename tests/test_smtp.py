@@ -1008,6 +1008,26 @@ async def test_an_oversize_message_is_refused(running: Running) -> None:
 
 
 @shared
+async def test_a_line_over_1000_bytes_is_refused_and_the_session_goes_on(running: Running) -> None:
+    number = new_number("longline")
+    message = mail_headers() + b"Content-Type: text/plain\r\n\r\n" + number.encode() + b"\r\n" + b"q" * 999 + b"\r\n"
+    ctx = tls_context(running.inst)
+
+    def session() -> tuple[int, int]:
+        with connect(running) as s:
+            s.ehlo()
+            s.starttls(context=ctx)
+            s.ehlo()
+            s.mail(DEMO)
+            s.rcpt(GATEWAY)
+            code = s.data(message)[0]
+            return code, s.noop()[0]
+
+    assert await asyncio.to_thread(session) == (500, 250)
+    await not_delivered(running, number)
+
+
+@shared
 async def test_tls_below_1_2_is_refused(running: Running, caplog: pytest.LogCaptureFixture) -> None:
     def context(highest: ssl.TLSVersion) -> ssl.SSLContext:
         ctx = tls_context(running.inst)

@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from cryptography import x509
 
 from .. import cms, logs, smime
@@ -42,6 +42,7 @@ log = logs.get("inbound.smtp")
 
 AUTH_MECHANISMS = "LOGIN PLAIN".split()  # aiosmtpd's built-in ones, all switched off (no SMTP AUTH here)
 MAX_RECIPIENTS = 10
+MAX_LINE_BYTES = 1000  # a line of DATA with its CRLF (RFC 5321 4.5.3.1.6)
 MAX_DETAIL_LINES = 10
 # Refusals by code where the class alone does not say enough (RFC 3463 enhanced status codes).
 ENHANCED = {
@@ -76,8 +77,54 @@ def smtp_reply(exc: GatewayError) -> str:
     return "\r\n".join(f"{status}{'-' if i < len(lines) - 1 else ' '}{enhanced} {_line(t)}" for i, t in enumerate(lines))
 
 
+class DataRefused(Exception):
+    """The message of a DATA command broke a limit; its reply is sent after the whole transfer (RFC 5321 4.2.5)."""
+
+    def __init__(self, reply: str):
+        super().__init__(reply)
+        self.reply = reply
+
+
+async def read_data(reader: asyncio.StreamReader, max_bytes: int, max_line: int = MAX_LINE_BYTES) -> bytes:
+    """The message after a DATA command up to the lone dot, with the dots of dot-stuffed lines removed
+    (RFC 5321 4.5.2).
+
+    Read in blocks, not line by line: a 40 KB S/MIME message is some 550 lines, and reading them one
+    at a time cost about a millisecond of CPU per message.  The buffer is searched for ".\r\n"; one
+    that starts a line ends the data.  Past max_bytes nothing more is kept, but the transfer is read to
+    its end before :class:`DataRefused` (552, and 500 for a line over max_line bytes with its CRLF).
+    Raises ``asyncio.IncompleteReadError`` if the connection ends first."""
+    pieces: list[bytes] = []
+    size = 0
+    tail = b"\r\n"  # the last two bytes read (the DATA command's line end, at first)
+    while True:
+        try:
+            piece = await reader.readuntil(b".\r\n")
+        except asyncio.LimitOverrunError as exc:  # no ".\r\n" within the reader's limit: take what precedes it
+            piece = await reader.read(exc.consumed)
+        else:
+            if (tail + piece[:-3])[-2:] == b"\r\n":  # the dot starts a line: the end of the data
+                size += len(piece) - 3
+                pieces.append(piece[:-3])
+                break
+        size += len(piece)
+        tail = (tail + piece)[-2:]
+        if size > max_bytes:
+            pieces.clear()  # keep reading to the end, keep nothing
+        else:
+            pieces.append(piece)
+    if size > max_bytes:
+        raise DataRefused("552 5.3.4 Error: too much mail data")
+    content = b"".join(pieces)
+    if max(map(len, content.split(b"\r\n"))) > max_line - 2:
+        raise DataRefused(f"500 5.5.2 Line too long (at most {max_line} bytes with CRLF, RFC 5321 4.5.3.1.6)")
+    if content.startswith(b"."):
+        content = content[1:]
+    return content.replace(b"\r\n.", b"\r\n")
+
+
 class _Session(SMTP):
-    """aiosmtpd's SMTP with a cap on concurrent sessions."""
+    """aiosmtpd's SMTP with a cap on concurrent sessions and a faster DATA transfer."""
 
     def __init__(self, owner: SmtpInbound, **kwargs: Any):
         super().__init__(owner, **kwargs)
@@ -95,10 +142,37 @@ class _Session(SMTP):
         self._counted = True
         super().connection_made(transport)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the transfer read by :func:`read_data` (the checks and replies are its own)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
         # The transfer gets data_timeout_s from the DATA command on (aiosmtpd resets its timer per command only).
         self._reset_timeout(self.owner.cfg.data_timeout_s)
-        await super().smtp_DATA(arg)
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await read_data(self._reader, self.data_size_limit or self.owner.cfg.max_message_bytes)
+        except DataRefused as refused:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(refused.reply)
+            return
+        except asyncio.IncompleteReadError:  # the client went away mid-transfer
+            self._writer.close()
+            return
+        except asyncio.CancelledError:  # the connection was reset during DATA
+            self._writer.close()
+            raise
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     def connection_lost(self, error: Exception | None) -> None:
         if getattr(self, "_counted", False):
