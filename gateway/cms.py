@@ -223,7 +223,10 @@ class _GCMParameters(core.Sequence):  # type: ignore[misc]
 
 
 def _force(*values: Any) -> None:
-    """Parse these lazily-loaded asn1crypto values completely, so that hostile bytes fail here, inside a guard."""
+    """Parse these lazily-loaded asn1crypto values completely, so that hostile bytes fail here, inside a guard.
+
+    Only for small values (versions, algorithm identifiers): the native form of a Name costs about as
+    much as all the RSA work of a message, so names are compared as received (:func:`_issued_by`)."""
     for value in values:
         _ = value.native
 
@@ -252,8 +255,11 @@ def _load(der: bytes) -> Any:
     return info, oid
 
 
-def _names_match(a: Any, b: Any) -> bool:
-    return bool(a.dump() == b.dump() or a == b)
+def _issued_by(name: Any, cert: x509.Certificate) -> bool:
+    """Whether an issuer Name from the message is ``cert``'s issuer: the same DER, or failing that the
+    same name under RFC 5280 §7.1 comparison (a sender may re-encode the strings)."""
+    der = cert.issuer.public_bytes()
+    return bool(name.dump() == der or name == asn1_x509.Name.load(der))
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:
@@ -263,12 +269,11 @@ def _ski(cert: x509.Certificate) -> bytes | None:
         return None
 
 
-def _addresses(rid: Any, cert: x509.Certificate, parsed: Any) -> bool:
+def _addresses(rid: Any, cert: x509.Certificate) -> bool:
     """Whether a RecipientIdentifier/SignerIdentifier names ``cert`` (issuerAndSerialNumber or subjectKeyIdentifier)."""
     if rid.name == "issuer_and_serial_number":
         ias = rid.chosen
-        return bool(ias["serial_number"].native == cert.serial_number
-                    and _names_match(ias["issuer"], parsed["tbs_certificate"]["issuer"]))
+        return bool(ias["serial_number"].native == cert.serial_number and _issued_by(ias["issuer"], cert))
     ski = _ski(cert)
     return ski is not None and hmac.compare_digest(rid.chosen.native, ski)
 
@@ -398,7 +403,7 @@ def _decrypt(der: bytes, certificate: x509.Certificate, key: rsa.RSAPrivateKey) 
         candidates, unsupported = [], set()
         for ri in body["recipient_infos"]:
             if ri.name == "ktri":
-                _force(ri.chosen)  # force the full parse of what we may use
+                _force(ri.chosen["version"], ri.chosen["key_encryption_algorithm"])
                 candidates.append(ri.chosen)
             else:
                 unsupported.add(str(ri.name))
@@ -440,9 +445,8 @@ def _decrypt(der: bytes, certificate: x509.Certificate, key: rsa.RSAPrivateKey) 
         _malformed(f"the AES-CBC IV is {len(iv)} bytes; it must be 16", path)
 
     # 2. the recipient, then its key transport algorithm
-    parsed = _asn1_cert(certificate)
     with _parsing("RecipientInfo.rid"):
-        mine = [c for c in candidates if _addresses(c["rid"], certificate, parsed)]
+        mine = [c for c in candidates if _addresses(c["rid"], certificate)]
     if not mine:
         details = [Detail(f"this gateway's certificate: {_subject(certificate)}", path="RecipientInfo.rid")]
         if unsupported:
@@ -580,8 +584,8 @@ def _one_value(attrs: dict[str, list[Any]], oid: str, what: str, *, required: bo
     return found[0]["values"][0]
 
 
-def _load_certificates(sd: Any) -> list[tuple[x509.Certificate, Any]]:
-    out: list[tuple[x509.Certificate, Any]] = []
+def _load_certificates(sd: Any) -> list[x509.Certificate]:
+    out: list[x509.Certificate] = []
     seen: set[bytes] = set()
     if isinstance(sd["certificates"], core.Void):
         return out
@@ -594,11 +598,9 @@ def _load_certificates(sd: Any) -> list[tuple[x509.Certificate, Any]]:
         seen.add(der)
         try:
             cert = x509.load_der_x509_certificate(der)
-            parsed = asn1_x509.Certificate.load(der, strict=True)
-            _force(parsed["tbs_certificate"]["issuer"])
         except Exception:  # noqa: S112 - a member nobody can parse can neither be the signer nor chain to anything
             continue
-        out.append((cert, parsed))
+        out.append(cert)
     return out
 
 
@@ -648,7 +650,6 @@ def _verify(der: bytes, detached: bytes | None) -> Verified:
         si = signer_infos[0]
         _force(si["version"])
         sid = si["sid"]
-        _force(sid.chosen)
         digest_oid: str = si["digest_algorithm"]["algorithm"].dotted
         _force(si["digest_algorithm"])
         sig_alg = si["signature_algorithm"]
@@ -700,7 +701,7 @@ def _verify(der: bytes, detached: bytes | None) -> Verified:
 
     # 3. the signer's certificate, from the message itself
     with _parsing("SignerInfo.sid"):
-        matches = [cert for cert, parsed in bag if _addresses(sid, cert, parsed)]
+        matches = [cert for cert in bag if _addresses(sid, cert)]
     if not matches:
         _malformed("the signer's certificate must be included in the signature (SignedData.certificates)", "SignerInfo.sid")
     if len(matches) > 1:
@@ -735,7 +736,7 @@ def _verify(der: bytes, detached: bytes | None) -> Verified:
     except (InvalidSignature, ValueError, TypeError):
         raise CmsSignatureInvalid("the signature does not verify with the signer's certificate",
                                   [Detail("signature mismatch", path="SignerInfo.signature")]) from None
-    return Verified(content, signer, tuple(cert for cert, _ in bag), digest, scheme.name, signing_time)
+    return Verified(content, signer, tuple(bag), digest, scheme.name, signing_time)
 
 
 # -- check_signer --------------------------------------------------------------------------------------

@@ -176,12 +176,14 @@ def _security_type(headers: Message, where: str) -> tuple[str, str]:
         code="SMIME_STRUCTURE")
 
 
-def _multipart(body: bytes, boundary: str) -> list[bytes]:
+def _multipart(body: bytes, boundary: str, what: str = "multipart/signed") -> list[bytes]:
     """The parts of a multipart body, byte for byte (the first part's bytes are what was signed)."""
     delimiter = b"--" + boundary.encode("ascii", "replace")
-    lines = re.split(rb"(?:^|\r\n)" + re.escape(delimiter), body)
+    # A delimiter line starts the body or follows a CRLF (bytes.split: a regex built per boundary was
+    # compiled anew for every message).
+    lines = (b"\r\n" + body).split(b"\r\n" + delimiter)
     if len(lines) < 2:
-        raise SmimeMalformed("the multipart/signed body has no part delimited by its boundary")
+        raise SmimeMalformed(f"the {what} body has no part delimited by its boundary")
     parts, closed = [], False
     for chunk in lines[1:]:
         if chunk.startswith(b"--"):
@@ -192,7 +194,7 @@ def _multipart(body: bytes, boundary: str) -> list[bytes]:
             raise SmimeMalformed("a multipart boundary line is followed by other text")
         parts.append(chunk[newline + 2:])
     if not closed:
-        raise SmimeMalformed("the multipart/signed body has no closing boundary")
+        raise SmimeMalformed(f"the {what} body has no closing boundary")
     return parts
 
 
@@ -261,40 +263,59 @@ def _undecryptable() -> Undecryptable:
         "precise one")
 
 
-def _leaves(part: Message, depth: int = 0) -> list[Message]:
+def _leaves(entity: bytes, depth: int = 0) -> list[tuple[Message, bytes]]:
+    """The non-multipart entities of the signed content, each as (its headers, its body), in order.
+
+    Split by boundaries like the signature's own layer, with only the header blocks going through
+    email.parser (its line-by-line feed over the whole content cost more than all the cryptography)."""
     if depth > MAX_DEPTH:
         raise SmimeMalformed(f"the signed content nests multiparts deeper than {MAX_DEPTH} levels")
-    if part.get_content_maintype() == "multipart":
-        payload = part.get_payload()
-        if not isinstance(payload, list):
-            raise SmimeMalformed("a multipart entity of the signed content has no parts")
-        out = [leaf for p in payload if isinstance(p, Message) for leaf in _leaves(p, depth + 1)]
-        if len(out) > MAX_PARTS:
-            raise SmimeMalformed(f"the signed content has more than {MAX_PARTS} parts")
-        return out
-    return [part]
+    block, body = _split(entity)
+    headers = _headers(block)
+    if headers.get_content_maintype() != "multipart":
+        return [(headers, body)]
+    boundary = headers.get_boundary()
+    if not boundary:
+        raise SmimeMalformed(f"a {headers.get_content_type()} entity of the signed content has no boundary")
+    out = [leaf for part in _multipart(body, boundary, headers.get_content_type())
+           for leaf in _leaves(part, depth + 1)]
+    if len(out) > MAX_PARTS:
+        raise SmimeMalformed(f"the signed content has more than {MAX_PARTS} parts")
+    return out
+
+
+def _decoded(headers: Message, body: bytes) -> bytes:
+    """The body of the invoice part without its transfer encoding (RFC 2045 §6)."""
+    cte = str(headers.get("Content-Transfer-Encoding", "") or "7bit").strip().lower()
+    if cte == "base64":
+        return _b64(body, "invoice part")
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(body)
+    if cte in ("7bit", "8bit", "binary"):
+        return body
+    raise SmimeMalformed(f"the invoice part has Content-Transfer-Encoding {cte[:40]!r}; use base64, quoted-printable, "
+                         "7bit, 8bit or binary")
 
 
 def _invoice(content: bytes, max_bytes: int) -> tuple[bytes, str, str]:
-    entity = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(_crlf(content))
     xml, pdf = [], []
-    for leaf in _leaves(entity):
-        ctype, name = leaf.get_content_type(), str(leaf.get_filename() or "")
+    for headers, body in _leaves(_crlf(content)):
+        ctype, name = headers.get_content_type(), str(headers.get_filename() or "")
         if ctype in XML_TYPES or name.lower().endswith(".xml"):
-            xml.append((leaf, name))
+            xml.append((headers, body, name))
         elif ctype == PDF or name.lower().endswith(".pdf"):
-            pdf.append((leaf, name))
+            pdf.append((headers, body, name))
     found, media_type = (xml, "application/xml") if xml else (pdf, PDF)
     if not found:
         raise SmimeRefused("the signed content holds no invoice: attach it as application/xml (or text/xml, or a file "
                            "named *.xml), or a Factur-X PDF", code="SMIME_NO_INVOICE")
     if len(found) > 1:
         raise SmimeRefused(f"the signed content holds {len(found)} invoices; send one invoice per message (each gets "
-                           "its own answer)", [Detail(f"part {name or '(unnamed)'}") for _, name in found],
+                           "its own answer)", [Detail(f"part {name or '(unnamed)'}") for _, _, name in found],
                            code="SMIME_SEVERAL_INVOICES")
-    leaf, name = found[0]
-    data = leaf.get_payload(decode=True)
-    if not isinstance(data, bytes):
+    headers, body, name = found[0]
+    data = _decoded(headers, body)
+    if not data:
         raise SmimeMalformed("the invoice part has no content")
     if len(data) > max_bytes:
         raise LimitExceeded(f"the invoice of {len(data)} bytes exceeds the limit of {max_bytes} bytes", code="TOO_LARGE")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from asn1crypto import cms as asn1_cms
 from asn1crypto import core as asn1_core
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -267,6 +268,40 @@ def test_subject_key_identifiers(pki: Pki) -> None:
     assert v.signer == pki.keyid.cert
     cms.check_signer(v, [pki.ca], datetime.now(UTC))
     rejects("SMIME_WRONG_RECIPIENT", lambda: decrypt(pki, ossl_encrypt(pki.keyid, "-aes256", "-keyid")))
+
+
+def _renamed_issuer(der: bytes, where: Callable[[asn1_cms.ContentInfo], asn1_cms.IssuerAndSerialNumber],
+                    rename: Callable[[dict[str, str]], dict[str, str]], printable: bool) -> bytes:
+    """``der`` with the issuer of its recipient or signer identifier re-encoded from its native form
+    (the identifiers are not covered by any signature or tag, so the message stays valid)."""
+    info = asn1_cms.ContentInfo.load(der)
+    ias = where(info)
+    before = ias["issuer"].dump()
+    ias["issuer"] = asn1_x509.Name.build(rename(dict(ias["issuer"].native)), use_printable=printable)
+    assert ias["issuer"].dump() != before
+    out: bytes = info.dump(force=True)
+    return out
+
+
+def test_an_issuer_name_is_matched_as_a_name_not_only_as_bytes(pki: Pki) -> None:
+    """RFC 5280 §7.1: an identifier whose issuer a sender re-encoded (PrintableString for UTF8String,
+    other case) still names the certificate; another name does not."""
+    def recipient(info: asn1_cms.ContentInfo) -> asn1_cms.IssuerAndSerialNumber:
+        return info["content"]["recipient_infos"][0].chosen["rid"].chosen
+
+    def signer(info: asn1_cms.ContentInfo) -> asn1_cms.IssuerAndSerialNumber:
+        return info["content"]["signer_infos"][0]["sid"].chosen
+
+    same_name = (lambda n: n, True)
+    other_case = (lambda n: {k: v.upper() for k, v in n.items()}, False)
+    another = (lambda n: {**n, "common_name": n["common_name"] + " 2"}, False)
+    encrypted, signed = ossl_encrypt(pki.gw, "-aes-256-gcm"), ossl_sign(pki.rsa)
+    for rename, printable in (same_name, other_case):
+        assert decrypt(pki, _renamed_issuer(encrypted, recipient, rename, printable)).content == CONTENT
+        assert cms.verify(_renamed_issuer(signed, signer, rename, printable)).signer == pki.rsa.cert
+    rejects("SMIME_WRONG_RECIPIENT", lambda: decrypt(pki, _renamed_issuer(encrypted, recipient, *another)))
+    err = rejects("SMIME_MALFORMED", lambda: cms.verify(_renamed_issuer(signed, signer, *another)))
+    assert "signer's certificate must be included" in err.message
 
 
 def test_authenveloped_data_authenticates_its_auth_attrs(pki: Pki) -> None:
