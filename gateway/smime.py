@@ -110,6 +110,8 @@ def _headers(block: bytes) -> Message:
 def _crlf(raw: bytes) -> bytes:
     """MIME's canonical line end is CRLF (RFC 8551 3.1.1): SMTP delivers it; a decrypted entity or a
     file may have bare LFs, which become CRLF (what a conforming signer signed)."""
+    if raw.count(b"\n") == raw.count(b"\r\n"):  # canonical already, as SMTP delivers it (counting copies nothing)
+        return raw
     return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # (two replaces: a quarter of a regex's time)
 
 
@@ -198,10 +200,9 @@ def _multipart(body: bytes, boundary: str, what: str = "multipart/signed") -> li
     return parts
 
 
-def _cms(part: bytes, what: str) -> bytes:
-    headers, body = _split(part)
-    h = _headers(headers)
-    cte = str(h.get("Content-Transfer-Encoding", "") or "").strip().lower()
+def _cms(headers: Message, body: bytes, what: str) -> bytes:
+    """The DER of an entity whose headers and body are given."""
+    cte = str(headers.get("Content-Transfer-Encoding", "") or "").strip().lower()
     if cte == "base64":
         return _b64(body, what)
     if cte in ("binary",):
@@ -210,18 +211,21 @@ def _cms(part: bytes, what: str) -> bytes:
 
 
 def _open_signed(entity: bytes, where: str, *, allow_envelope: bool, identity: Identity,
-                 decrypted: cms.Decrypted | None = None) -> tuple[cms.Verified, cms.Decrypted | None]:
+                 decrypted: cms.Decrypted | None = None, headers: Message | None = None,
+                 ) -> tuple[cms.Verified, cms.Decrypted | None]:
     header_block, body = _split(entity)
-    headers = _headers(header_block)
+    if headers is None:
+        headers = _headers(header_block)
     kind, boundary = _security_type(headers, where)
+    der = b""
     if kind == "pkcs7":
-        der = _cms(entity, "application/pkcs7-mime body")
+        der = _cms(headers, body, "application/pkcs7-mime body")
         kind = "enveloped" if cms.content_type(der) != "signed-data" else "signed-data"
     if kind == "enveloped":
         if not allow_envelope:
             raise SmimeRefused(f"{where}: the decrypted content is encrypted again; sign the invoice, then encrypt it once",
                                code="SMIME_NOT_SIGNED")
-        der = _cms(entity, "application/pkcs7-mime body")
+        der = der or _cms(headers, body, "application/pkcs7-mime body")
         if cms.content_type(der) == "signed-data":
             raise SmimeRefused(f"{where}: smime-type says enveloped but the content is signed data", code="SMIME_STRUCTURE")
         try:
@@ -241,14 +245,15 @@ def _open_signed(entity: bytes, where: str, *, allow_envelope: bool, identity: I
                                    "certificate, then encrypt it", [Detail(exc.message)], code="SMIME_NOT_SIGNED") from None
             raise
     if kind == "signed-data":
-        return cms.verify(_cms(entity, "application/pkcs7-mime body")), decrypted
+        return cms.verify(der or _cms(headers, body, "application/pkcs7-mime body")), decrypted
     parts = _multipart(body, boundary)
     if len(parts) != 2:
         raise SmimeMalformed(f"a multipart/signed entity has exactly two parts (content, signature); this one has {len(parts)}")
-    signature_headers = _headers(_split(parts[1])[0])
+    signature_block, signature_body = _split(parts[1])
+    signature_headers = _headers(signature_block)
     if signature_headers.get_content_type() not in PKCS7_SIGNATURE:
         raise SmimeMalformed("the second part of multipart/signed must be application/pkcs7-signature")
-    return cms.verify(_cms(parts[1], "signature part"), detached=parts[0]), decrypted
+    return cms.verify(_cms(signature_headers, signature_body, "signature part"), detached=parts[0]), decrypted
 
 
 class Undecryptable(cms.CmsRejected):
@@ -329,7 +334,7 @@ def open_message(raw: bytes, identity: Identity, max_invoice_bytes: int) -> Open
         header_block, _ = _split(raw)
         headers = _headers(header_block)
         address = _from_address(headers)
-        verified, decrypted = _open_signed(raw, "the message", allow_envelope=True, identity=identity)
+        verified, decrypted = _open_signed(raw, "the message", allow_envelope=True, identity=identity, headers=headers)
         invoice, media_type, name = _invoice(verified.content, max_invoice_bytes)
         message_id = str(headers.get("Message-ID", "") or "")[:200]
     except GatewayError:

@@ -634,12 +634,13 @@ def test_signing_time_checks(pki: Pki) -> None:
 
 
 def _ca_cert(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-             path_length: int, eku: list[x509.ObjectIdentifier] | None = None) -> x509.Certificate:
+             path_length: int, eku: list[x509.ObjectIdentifier] | None = None,
+             not_after: datetime = NOW + timedelta(days=60)) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, issuer_key = issuer or (subject, key)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
                .serial_number(x509.random_serial_number())
-               .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=60))
+               .not_valid_before(NOW - timedelta(days=1)).not_valid_after(not_after)
                .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
@@ -660,15 +661,7 @@ def test_chain_through_an_intermediate_in_the_message(intermediate_eku: list[x50
     root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     root = _ca_cert("root", root_key, None, 1)
     mid = _ca_cert("intermediate", mid_key, (root.subject, root_key), 0, intermediate_eku)
-    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")]))
-            .issuer_name(mid.subject).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, True, False, False, False, False, False, False, False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.RFC822Name("billing@supplier.example")]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(mid_key.public_key()), critical=False)
-            .sign(mid_key, hashes.SHA256()))
+    leaf = _leaf_of(mid, mid_key, leaf_key)
     with_chain = cms.verify(cms.sign(CONTENT, leaf, leaf_key, chain=[mid]), CONTENT)
     if ok:
         cms.check_signer(with_chain, [root], datetime.now(UTC))
@@ -677,6 +670,35 @@ def test_chain_through_an_intermediate_in_the_message(intermediate_eku: list[x50
     without = cms.verify(cms.sign(CONTENT, leaf, leaf_key), CONTENT)
     err = rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(without, [root], datetime.now(UTC)))
     assert "trusted CA" in err.message
+
+
+def test_a_chain_built_before_counts_only_while_all_of_it_is_valid_and_for_the_same_roots() -> None:
+    """check_signer remembers chains it built (cms._Chains); what it remembers must never accept a
+    signer that building the chain anew would refuse: an intermediate that expired, or other roots."""
+    root_key, other_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    root, other_root = _ca_cert("root", root_key, None, 1), _ca_cert("root", other_key, None, 1)  # the same name
+    mid = _ca_cert("intermediate", mid_key, (root.subject, root_key), 0, not_after=NOW + timedelta(days=10))
+    leaf = _leaf_of(mid, mid_key, leaf_key)  # valid 30 days, longer than its issuer
+    signed = cms.verify(cms.sign(CONTENT, leaf, leaf_key, chain=[mid]), CONTENT)
+    for _ in range(2):  # built, then remembered
+        cms.check_signer(signed, [root], NOW)
+    err = rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(signed, [root], NOW + timedelta(days=11)))
+    assert "trusted CA" in err.message
+    rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(signed, [other_root], NOW))
+    cms.check_signer(signed, [root], NOW)
+    cms.check_signer(signed, [other_root, root], NOW)
+
+
+def _leaf_of(mid: x509.Certificate, mid_key: ec.EllipticCurvePrivateKey, leaf_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")]))
+            .issuer_name(mid.subject).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, True, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.RFC822Name("billing@supplier.example")]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(mid_key.public_key()), critical=False)
+            .sign(mid_key, hashes.SHA256()))
 
 
 def test_check_signer_needs_roots_and_an_aware_time(pki: Pki) -> None:

@@ -107,3 +107,30 @@ async def test_a_connection_that_ends_mid_transfer_raises_incomplete_read() -> N
     reader.feed_eof()
     with pytest.raises(asyncio.IncompleteReadError):
         await read_data(reader, 1 << 20)
+
+
+@pytest.mark.parametrize("arg", [
+    "<billing@supplier.example>", "<billing@supplier.example> SIZE=4096", " <a.b+c@x-y.example>  BODY=8BITMIME",
+    "<o'brien!#$%&*/=?^_`{|}~-@example.org>", "<UPPER@Example.ORG>",
+    # not the plain form: aiosmtpd's own parser decides
+    '<"quoted local"@example.org>', "<a..b@example.org>", "<.a@example.org>", "<a.@example.org>",
+    "<@relay.example:a@example.org>", "<a@[192.0.2.1]>", "<a@example.org", "a@example.org", "<>", "",
+    "<a@example..org>", "<a@-example.org>",
+    "<a@example.org> (comment) SIZE=1", "<a@example.org>\tSIZE=1", "<a b@example.org>", "<a@example.org>x",
+])
+def test_the_address_fast_path_agrees_with_aiosmtpd(arg: str) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from gateway.inbound.smtp import _Session
+
+    class Handler:
+        pass
+
+    async def both() -> tuple[object, object]:
+        ours = _Session.__new__(_Session)
+        ours.local_part_limit = 0
+        theirs = SMTP(Handler())
+        return ours._getaddr(arg), theirs._getaddr(arg)
+
+    ours, theirs = asyncio.run(both())
+    assert ours == theirs

@@ -43,6 +43,9 @@ log = logs.get("inbound.smtp")
 AUTH_MECHANISMS = "LOGIN PLAIN".split()  # aiosmtpd's built-in ones, all switched off (no SMTP AUTH here)
 MAX_RECIPIENTS = 10
 MAX_LINE_BYTES = 1000  # a line of DATA with its CRLF (RFC 5321 4.5.3.1.6)
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# <local@domain> with a dot-atom local part and a plain domain, then the parameters (RFC 5321 4.1.2)
+PLAIN_PATH = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*+(?!\()")
 MAX_DETAIL_LINES = 10
 # Refusals by code where the class alone does not say enough (RFC 3463 enhanced status codes).
 ENHANCED = {
@@ -173,6 +176,18 @@ class _Session(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The address of MAIL FROM / RCPT TO and the rest (the parameters).  The common <local@domain>
+        by a regular expression; anything else (quoted local parts, source routes, ...) by aiosmtpd's
+        own parser, which builds a class per call and cost 0.1 ms of CPU per command."""
+        match = PLAIN_PATH.match(arg)
+        if match is None:
+            return super()._getaddr(arg)
+        address = match.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, arg[match.end():]
 
     def connection_lost(self, error: Exception | None) -> None:
         if getattr(self, "_counted", False):
