@@ -795,35 +795,49 @@ _EE_POLICY = (ExtensionPolicy.webpki_defaults_ee()
               .require_present(x509.KeyUsage, Criticality.AGNOSTIC, _ku_signing)
               .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None))
 _CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_eku)
-CHAINS_REMEMBERED = 1024  # (leaf, intermediates, roots) combinations whose chain was built
+CHAINS_REMEMBERED = 1024  # (leaf, roots) pairs whose chain was built
+
+
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    intermediates: tuple[x509.Certificate, ...]  # between the leaf and the root, as path building found them
+    valid_from: datetime  # the period in which every certificate of the chain is valid
+    valid_until: datetime
 
 
 class _Chains:
-    """Chains built before: (leaf, intermediates offered, roots) -> the period in which every certificate
-    of the chain found is valid.  Path building is a pure function of those three and the time, and
-    time enters only through validity periods, so inside that period the same chain verifies again;
-    outside it (or for a combination not seen, or one that failed) the chain is built anew.  Saves
-    the path building (a quarter of the CPU of opening a message) for a partner's every message."""
+    """Chains built before: (leaf, roots) -> the chain found and the period in which all of it is valid.
+
+    Path building depends on the leaf, the roots, the certificates a message offers and the time, and
+    on the time only through validity periods.  So a message whose certificates include the same
+    intermediates, checked inside that period, has that same valid chain: it is accepted without
+    building it again (a quarter of the CPU of opening a message).  Anything else (another root set,
+    an intermediate missing, a time outside the period, a chain that failed) is built anew.  An entry
+    holds the chain only, never the rest of what a message carried, so its size is bounded."""
 
     def __init__(self, size: int):
         self._size = size
         self._lock = threading.Lock()  # the listener's stage threads share it
-        self._valid: OrderedDict[tuple[object, ...], tuple[datetime, datetime]] = OrderedDict()
+        self._chains: OrderedDict[tuple[object, ...], _Chain] = OrderedDict()
 
-    def known(self, key: tuple[object, ...], at: datetime) -> bool:
+    def known(self, leaf: x509.Certificate, roots: tuple[x509.Certificate, ...], offered: Sequence[x509.Certificate],
+              at: datetime) -> bool:
         with self._lock:
-            period = self._valid.get(key)
-            if period is not None:
-                self._valid.move_to_end(key)
-        return period is not None and period[0] <= at <= period[1]
+            chain = self._chains.get((leaf, roots))
+            if chain is not None:
+                self._chains.move_to_end((leaf, roots))
+        return (chain is not None and chain.valid_from <= at <= chain.valid_until
+                and all(c in offered for c in chain.intermediates))
 
-    def add(self, key: tuple[object, ...], chain: Sequence[x509.Certificate]) -> None:
-        period = (max(c.not_valid_before_utc for c in chain), min(c.not_valid_after_utc for c in chain))
+    def add(self, leaf: x509.Certificate, roots: tuple[x509.Certificate, ...], chain: Sequence[x509.Certificate]) -> None:
+        """``chain`` as the verifier returns it: the leaf, the intermediates, the root."""
+        entry = _Chain(tuple(chain[1:-1]), max(c.not_valid_before_utc for c in chain),
+                       min(c.not_valid_after_utc for c in chain))
         with self._lock:
-            self._valid[key] = period
-            self._valid.move_to_end(key)
-            while len(self._valid) > self._size:
-                self._valid.popitem(last=False)
+            self._chains[(leaf, roots)] = entry
+            self._chains.move_to_end((leaf, roots))
+            while len(self._chains) > self._size:
+                self._chains.popitem(last=False)
 
 
 _CHAINS = _Chains(CHAINS_REMEMBERED)
@@ -854,8 +868,8 @@ def check_signer(verified: Verified, roots: Sequence[x509.Certificate], at: date
     if not roots:
         raise CmsSignerCertInvalid("it is not issued by a trusted CA (no trusted roots are configured for this partner)")
     intermediates = [c for c in verified.certificates if c != signer]
-    key = (signer, tuple(intermediates), tuple(roots))
-    if _CHAINS.known(key, at):
+    anchors = tuple(roots)
+    if _CHAINS.known(signer, anchors, intermediates, at):
         return
     try:
         verifier = (PolicyBuilder().store(Store(list(roots))).time(at)
@@ -866,7 +880,7 @@ def check_signer(verified: Verified, roots: Sequence[x509.Certificate], at: date
         if "candidates exhausted" in reason:
             reason = "no chain to a trusted root through the certificates in the message"
         raise CmsSignerCertInvalid(f"it is not issued by a trusted CA ({reason})") from None
-    _CHAINS.add(key, chain)
+    _CHAINS.add(signer, anchors, chain)
 
 
 # -- sign ----------------------------------------------------------------------------------------------

@@ -282,8 +282,10 @@ def _leaves(entity: bytes, depth: int = 0) -> list[tuple[Message, bytes]]:
     boundary = headers.get_boundary()
     if not boundary:
         raise SmimeMalformed(f"a {headers.get_content_type()} entity of the signed content has no boundary")
-    out = [leaf for part in _multipart(body, boundary, headers.get_content_type())
-           for leaf in _leaves(part, depth + 1)]
+    parts = _multipart(body, boundary, headers.get_content_type())
+    if len(parts) > MAX_PARTS:
+        raise SmimeMalformed(f"the signed content has more than {MAX_PARTS} parts")
+    out = [leaf for part in parts for leaf in _leaves(part, depth + 1)]
     if len(out) > MAX_PARTS:
         raise SmimeMalformed(f"the signed content has more than {MAX_PARTS} parts")
     return out

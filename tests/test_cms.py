@@ -687,6 +687,13 @@ def test_a_chain_built_before_counts_only_while_all_of_it_is_valid_and_for_the_s
     rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(signed, [other_root], NOW))
     cms.check_signer(signed, [root], NOW)
     cms.check_signer(signed, [other_root, root], NOW)
+    without_mid = cms.verify(cms.sign(CONTENT, leaf, leaf_key), CONTENT)  # the chain needs the intermediate
+    rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(without_mid, [root], NOW))
+    # What a message carries beyond the chain is not kept (an entry's size is the chain's, whatever was sent).
+    extras = [_ca_cert(f"extra {i}", ec.generate_private_key(ec.SECP256R1()), None, 0) for i in range(5)]
+    padded = cms.verify(cms.sign(CONTENT, leaf, leaf_key, chain=[mid, *extras]), CONTENT)
+    cms.check_signer(padded, [root], NOW)
+    assert cms._CHAINS._chains[(leaf, (root,))].intermediates == (mid,)
 
 
 def _leaf_of(mid: x509.Certificate, mid_key: ec.EllipticCurvePrivateKey, leaf_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:

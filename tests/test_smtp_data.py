@@ -99,6 +99,21 @@ async def test_a_line_over_1000_bytes_is_refused_after_the_transfer(chunk: int) 
     very_long = [b"w" * 100_000]  # far over the reader's own buffer limit
     result, rest = await read(stuffed(very_long), chunk)
     assert isinstance(result, str) and result.startswith("500 ")
+    dotted = [b"." + b"d" * (MAX_LINE_BYTES - 3)]  # 998 + CRLF, sent as 999 + CRLF: the added dot is not counted
+    assert (await read(stuffed(dotted), chunk))[0] == dotted[0] + b"\r\n"
+
+
+def test_the_longest_line_is_found_in_any_window() -> None:
+    from gateway.inbound.smtp import _longest_line
+
+    rng = random.Random(2)
+    for _ in range(300):
+        lines = [b"a" * rng.choice((0, 1, 5, 70, 998, 999, 5000)) for _ in range(rng.randrange(0, 40))]
+        content = b"\r\n".join(lines) + rng.choice((b"", b"\r\n"))
+        window = rng.choice((16, 1000, 1024, 64 * 1024))
+        expected = max(map(len, content.split(b"\r\n")))
+        found = _longest_line(content, window)
+        assert found == expected if expected < window - 1 else found >= window - 1, (expected, found, window)
 
 
 async def test_a_connection_that_ends_mid_transfer_raises_incomplete_read() -> None:

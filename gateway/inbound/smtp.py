@@ -119,11 +119,26 @@ async def read_data(reader: asyncio.StreamReader, max_bytes: int, max_line: int 
     if size > max_bytes:
         raise DataRefused("552 5.3.4 Error: too much mail data")
     content = b"".join(pieces)
-    if max(map(len, content.split(b"\r\n"))) > max_line - 2:
-        raise DataRefused(f"500 5.5.2 Line too long (at most {max_line} bytes with CRLF, RFC 5321 4.5.3.1.6)")
     if content.startswith(b"."):
         content = content[1:]
-    return content.replace(b"\r\n.", b"\r\n")
+    content = content.replace(b"\r\n.", b"\r\n")
+    if _longest_line(content) > max_line - 2:  # (the limit does not count a dot added for transparency)
+        raise DataRefused(f"500 5.5.2 Line too long (at most {max_line} bytes with CRLF, RFC 5321 4.5.3.1.6)")
+    return content
+
+
+def _longest_line(content: bytes, window: int = 64 * 1024) -> int:
+    """The length of the longest line (CRLF not counted), or at least window - 1 if a line is that long.
+    At most ``window`` bytes are split at a time, so that a message of a million empty lines does not
+    become a million objects at once."""
+    longest, start = 0, 0
+    while start < len(content):
+        end = content.rfind(b"\r\n", start, start + window)
+        if end < 0:  # no line end in the window: the rest is one line
+            return max(longest, min(len(content) - start, window))
+        longest = max(longest, *map(len, content[start:end].split(b"\r\n")))
+        start = end + 2
+    return longest
 
 
 class _Session(SMTP):
