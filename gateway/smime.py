@@ -200,9 +200,13 @@ def _multipart(body: bytes, boundary: str, what: str = "multipart/signed") -> li
     return parts
 
 
+def _transfer_encoding(headers: Message, default: str = "") -> str:
+    return str(headers.get("Content-Transfer-Encoding", "") or default).strip().lower()
+
+
 def _cms(headers: Message, body: bytes, what: str) -> bytes:
     """The DER of an entity whose headers and body are given."""
-    cte = str(headers.get("Content-Transfer-Encoding", "") or "").strip().lower()
+    cte = _transfer_encoding(headers)
     if cte == "base64":
         return _b64(body, what)
     if cte in ("binary",):
@@ -293,7 +297,7 @@ def _leaves(entity: bytes, depth: int = 0) -> list[tuple[Message, bytes]]:
 
 def _decoded(headers: Message, body: bytes) -> bytes:
     """The body of the invoice part without its transfer encoding (RFC 2045 §6)."""
-    cte = str(headers.get("Content-Transfer-Encoding", "") or "7bit").strip().lower()
+    cte = _transfer_encoding(headers, "7bit")  # RFC 2045 §6.1: the default
     if cte == "base64":
         return _b64(body, "invoice part")
     if cte == "quoted-printable":

@@ -136,7 +136,7 @@ def _longest_line(content: bytes, window: int = 64 * 1024) -> int:
         end = content.rfind(b"\r\n", start, start + window)
         if end < 0:  # no line end in the window: the rest is one line
             return max(longest, min(len(content) - start, window))
-        longest = max(longest, *map(len, content[start:end].split(b"\r\n")))
+        longest = max(longest, max(map(len, content[start:end].split(b"\r\n"))))
         start = end + 2
     return longest
 
