@@ -310,6 +310,15 @@ def connect(r: Running) -> smtplib.SMTP:
     return smtplib.SMTP("127.0.0.1", smtp_port(r), timeout=30)
 
 
+def secured(r: Running) -> smtplib.SMTP:
+    """A session after EHLO, STARTTLS (the instance CA trusted) and EHLO again, as a partner's MTA opens it."""
+    s = connect(r)
+    s.ehlo()
+    s.starttls(context=tls_context(r.inst))
+    s.ehlo()
+    return s
+
+
 def current_partner(r: Running, name: str) -> Partner:
     """The running gateway's current view of a partner (after its last reload of the partners file)."""
     found = r.gw.parts.partners.current.get(name)
@@ -319,13 +328,9 @@ def current_partner(r: Running, name: str) -> Partner:
 
 async def send(r: Running, message: bytes, *, sender: str = DEMO, rcpt: str = GATEWAY) -> Reply:
     """One SMTP session: EHLO, STARTTLS, EHLO, MAIL, RCPT, DATA; the reply to DATA."""
-    ctx = tls_context(r.inst)
 
     def session() -> Reply:
-        with connect(r) as s:
-            s.ehlo()
-            s.starttls(context=ctx)
-            s.ehlo()
+        with secured(r) as s:
             assert s.mail(sender)[0] == 250
             assert s.rcpt(rcpt)[0] == 250
             text: bytes | str
@@ -963,13 +968,9 @@ async def test_mail_before_starttls_is_refused(running: Running) -> None:
 async def test_relaying_is_denied_and_data_impossible(world: World, running: Running) -> None:
     number = new_number("relay")
     message = world.signed_encrypted(invoice(number))
-    ctx = tls_context(running.inst)
 
     def session() -> tuple[tuple[int, bytes], int]:
-        with connect(running) as s:
-            s.ehlo()
-            s.starttls(context=ctx)
-            s.ehlo()
+        with secured(running) as s:
             s.mail(DEMO)
             rcpt = s.rcpt("someone@elsewhere.example")
             with pytest.raises(smtplib.SMTPDataError) as refused_data:
@@ -988,13 +989,9 @@ async def test_an_oversize_message_is_refused(running: Running) -> None:
     big = mail_headers() + b"Content-Type: text/plain\r\n\r\n" + number.encode() + b"\r\n" + \
         b"".join(b"x" * 76 + b"\r\n" for _ in range(100 * 1024 // 78))
     assert len(big) > 100_000
-    ctx = tls_context(running.inst)
 
     def session() -> tuple[int, int]:
-        with connect(running) as s:
-            s.ehlo()
-            s.starttls(context=ctx)
-            s.ehlo()
+        with secured(running) as s:
             with pytest.raises(smtplib.SMTPSenderRefused) as declared:  # MAIL FROM … SIZE=102400 (smtplib adds it)
                 s.sendmail(DEMO, [GATEWAY], big)
             s.rset()
@@ -1011,13 +1008,9 @@ async def test_an_oversize_message_is_refused(running: Running) -> None:
 async def test_a_line_over_1000_bytes_is_refused_and_the_session_goes_on(running: Running) -> None:
     number = new_number("longline")
     message = mail_headers() + b"Content-Type: text/plain\r\n\r\n" + number.encode() + b"\r\n" + b"q" * 999 + b"\r\n"
-    ctx = tls_context(running.inst)
 
     def session() -> tuple[int, int]:
-        with connect(running) as s:
-            s.ehlo()
-            s.starttls(context=ctx)
-            s.ehlo()
+        with secured(running) as s:
             s.mail(DEMO)
             s.rcpt(GATEWAY)
             code = s.data(message)[0]
