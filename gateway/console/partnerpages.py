@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
 from aiohttp import web
@@ -277,9 +277,9 @@ class PartnerPages:
         if action == "activate":
             certs = [{"purpose": purpose, "subject": info.subject, "spki": info.spki_sha256}
                      for purpose, _, info in await self.c.run(certificates_of, p)]
-            await self._request(request, "partner.activate", name, {"certificates": certs}, reason)
-            raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done=activation+requested:+a+second+administrator+"
-                                   "confirms+the+fingerprints+with+the+partner+and+approves")
+            await self._request(request, "partner.activate", name, {"certificates": certs}, reason,
+                                "activation+requested:+a+second+administrator+confirms+the+fingerprints+with+the+"
+                                "partner+and+approves")
         status = PartnerStatus.SUSPENDED if action == "suspend" else PartnerStatus.ACTIVE
 
         def write() -> None:
@@ -295,9 +295,11 @@ class PartnerPages:
 
     # --- four-eyes requests -------------------------------------------------------------------
 
-    async def _request(self, request: web.Request, kind: str, name: str, params: dict[str, Any], reason: str) -> None:
-        """Record a four-eyes request; its audit record names the change without any fingerprint in
-        full (the approver must get those from the partner, not from the log)."""
+    async def _request(self, request: web.Request, kind: str, name: str, params: dict[str, Any], reason: str,
+                       done: str) -> NoReturn:
+        """Record a four-eyes request, then back to the partner's page saying ``done``.  Its audit record
+        names the change without any fingerprint in full (the approver must get those from the partner,
+        not from the log)."""
         if not reason:
             raise Refused(400, "give a reason: the second administrator decides on it", audit=False)
         try:
@@ -305,6 +307,7 @@ class PartnerPages:
                                                       shown={"changes": describe({"kind": kind, "params": params})}))
         except AccountError as exc:
             raise Refused(409, str(exc), audit=False) from None
+        raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done={done}")
 
     @page("partners.manage", fresh=True)
     async def certificates(self, request: web.Request) -> web.StreamResponse:
@@ -346,9 +349,9 @@ class PartnerPages:
                 raise ConfigError("nothing to change: add a certificate, or choose one to retire or remove")
         except ConfigError as exc:
             return await self._again(request, exc)
-        await self._request(request, "partner.certificates", p.name, params, reason)
-        raise web.HTTPSeeOther(f"/console/partners/{quote(p.name)}?done=certificate+change+requested:+a+second+"
-                               "administrator+confirms+the+fingerprint+with+the+partner+and+approves")
+        await self._request(request, "partner.certificates", p.name, params, reason,
+                            "certificate+change+requested:+a+second+administrator+confirms+the+fingerprint+with+"
+                            "the+partner+and+approves")
 
     @page("partners.manage", fresh=True)
     async def bank(self, request: web.Request) -> web.StreamResponse:
@@ -369,9 +372,8 @@ class PartnerPages:
                 raise ConfigError("nothing to change")
         except ConfigError as exc:
             return await self._again(request, exc)
-        await self._request(request, "partner.bank", p.name, params, reason)
-        raise web.HTTPSeeOther(f"/console/partners/{quote(p.name)}?done=bank+settings+change+requested:+a+second+"
-                               "administrator+must+approve+it")
+        await self._request(request, "partner.bank", p.name, params, reason,
+                            "bank+settings+change+requested:+a+second+administrator+must+approve+it")
 
     # --- deciding and carrying out ------------------------------------------------------------
 
