@@ -72,11 +72,11 @@ for _path in (ROOT, ROOT / "benchmarks"):
 
 from throughput import cpu_seconds, free_port, make_invoice, tree_pids, wait_port  # noqa: E402
 
-from gateway import instance  # noqa: E402
-from gateway.audit import GENESIS, record_hash  # noqa: E402
-from gateway.console import views  # noqa: E402
-from gateway.store import SqliteStore, restatus  # noqa: E402
-from gateway.tls import client_context  # noqa: E402
+from gateway.console import views
+from gateway.operations import instance
+from gateway.operations.audit import GENESIS, record_hash
+from gateway.storage.sqlite import SqliteStore, restatus
+from gateway.tls import client_context
 
 TIME_LIMIT_S = 900.0  # the whole run
 READY_S = 60.0

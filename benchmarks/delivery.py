@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from erpstub import ErpStub  # noqa: E402
 from throughput import free_port, make_invoice, no_rules, wait_port  # noqa: E402
 
-from gateway import instance  # noqa: E402
-from gateway.tls import client_context  # noqa: E402
+from gateway.operations import instance
+from gateway.tls import client_context
 
 TIME_LIMIT_S = 600
 

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts  # noqa: E402
-from gateway.store import SqliteStore  # noqa: E402
+from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
+from gateway.storage.sqlite import SqliteStore
 
 CONCURRENCY = 16
 

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gateway import devpki  # noqa: E402
+from gateway import devpki
 
 MODES = ("normal", "down", "503", "commit-then-drop")
 MAX_SKEW_S = 300  # the replay window of the signature timestamp (the usual webhook choice, e.g. Stripe's 5 min)

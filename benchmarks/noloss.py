@@ -67,9 +67,9 @@ for _path in (ROOT, ROOT / "benchmarks"):
 
 from erpstub import ErpStub, Ledger  # noqa: E402
 
-from gateway import instance  # noqa: E402
-from gateway.demo import SAMPLE  # noqa: E402
-from gateway.tls import client_context  # noqa: E402
+from gateway.cli.demo import SAMPLE
+from gateway.operations import instance
+from gateway.tls import client_context
 
 TIME_LIMIT_S = 600.0
 DRAIN_S = 120.0

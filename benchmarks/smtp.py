@@ -60,10 +60,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from throughput import CLK_TCK, cpu_seconds, free_port, make_invoice, no_rules, peak_rss_mib, tree_pids  # noqa: E402
 
-from gateway import cms, config, instance, smime  # noqa: E402
-from gateway.app import smime_parts  # noqa: E402
-from gateway.partners import load_directory  # noqa: E402
-from gateway.tls import client_context, load_private_key  # noqa: E402
+from gateway.app.gateway import smime_parts
+from gateway.config import load as config
+from gateway.operations import instance
+from gateway.partners.directory import load_directory
+from gateway.smime import cms
+from gateway.smime import unwrap as smime
+from gateway.tls import client_context, load_private_key
 
 TIME_LIMIT_S = 600  # the whole load of one phase
 START_LIMIT_S = 120  # until every worker listens

@@ -36,10 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from lxml import etree  # noqa: E402
 
-from gateway import devpki, instance, signature  # noqa: E402
-from gateway.demo import SAMPLE  # noqa: E402
-from gateway.model import SignaturePolicy  # noqa: E402
-from gateway.tls import client_context  # noqa: E402
+from gateway import devpki
+from gateway.cli.demo import SAMPLE
+from gateway.model import SignaturePolicy
+from gateway.operations import instance
+from gateway.stages import signature
+from gateway.tls import client_context
 
 TIME_LIMIT_S = 600
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -26,17 +26,17 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from . import cii, fraud, pdf, signature, ubl
-from .config import OutboundConfig
+from .config.load import OutboundConfig
 from .errors import Detail, Forbidden, Rejected, Transient, UnsupportedDocument
 from .model import AcceptedInvoice, DocumentType, InboundMessage, InvoiceFacts, Partner, PartnerStatus, Receipt, SignaturePolicy, Syntax
-from .partners import PartnerBook
-from .routing import UNROUTED, Router
-from .rules import RuleEngine, RulesUnavailable
-from .schema import SchemaRegistry
-from .store import Store
+from .partners.directory import PartnerBook
+from .stages import cii, fraud, pdf, signature, ubl
+from .stages.routing import UNROUTED, Router
+from .stages.rules import RuleEngine, RulesUnavailable
+from .stages.schema import SchemaRegistry
+from .stages.xmlparse import XmlParser
+from .storage.sqlite import Store
 from .vault import Vault
-from .xmlparse import XmlParser
 
 PDF = "application/pdf"
 FRAUD_CODES = ("INVALID_IBAN", "DUPLICATE_CONFLICT")

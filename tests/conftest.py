@@ -19,9 +19,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import config as config_mod
-from gateway import devpki, instance, logs
-from gateway.app import Gateway
+from gateway import devpki, logs
+from gateway.app.gateway import Gateway
+from gateway.config import load as config_mod
+from gateway.operations import instance
 from gateway.tls import client_context
 
 ROOT = Path(__file__).resolve().parent.parent

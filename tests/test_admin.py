@@ -24,10 +24,13 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import app, cli, instance, logs
-from gateway import config as config_mod
-from gateway.app import Gateway
-from gateway.demo import SAMPLE, samples
+from gateway import logs
+from gateway.app import gateway as app
+from gateway.app.gateway import Gateway
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE, samples
+from gateway.config import load as config_mod
+from gateway.operations import instance
 from gateway.tls import client_context
 
 from .conftest import XML, Running

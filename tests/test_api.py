@@ -22,11 +22,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import config as config_mod
-from gateway import instance, logs
-from gateway.app import Gateway
-from gateway.demo import SAMPLE
+from gateway import logs
+from gateway.app.gateway import Gateway
+from gateway.cli.demo import SAMPLE
+from gateway.config import load as config_mod
 from gateway.errors import StorageUnavailable
+from gateway.operations import instance
 
 from .conftest import XML, Running
 

@@ -28,10 +28,12 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from gateway import audit, cli, devpki, instance
-from gateway.demo import SAMPLE
-from gateway.signature import SigningKey
-from gateway.store import SCHEMA_VERSION, SqliteStore
+from gateway import devpki
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE
+from gateway.operations import audit, instance
+from gateway.stages.signature import SigningKey
+from gateway.storage.sqlite import SCHEMA_VERSION, SqliteStore
 
 from .conftest import XML, serving
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import __version__, backup
+from gateway import __version__
 from gateway.errors import ConfigError
 from gateway.model import AcceptedInvoice
-from gateway.store import SCHEMA_VERSION, SqliteStore
+from gateway.operations import backup
+from gateway.storage.sqlite import SCHEMA_VERSION, SqliteStore
 from gateway.vault import KEY_BYTES, MasterKey, Vault
 from tests.test_store import WAIT, invoice
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import cli, logs
-from gateway.demo import SAMPLE
-from gateway.instance import Instance
+from gateway import logs
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE
+from gateway.operations.instance import Instance
 from gateway.vault import MasterKey, read_key_file
 
 from .conftest import XML, Running, serving

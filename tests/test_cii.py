@@ -25,14 +25,16 @@ import aiohttp
 import pytest
 from pypdf import PdfWriter
 
-from gateway import cii, instance, logs, pdf
-from gateway import config as config_mod
-from gateway.app import Gateway
-from gateway.config import DEFAULT_XML_LIMITS
-from gateway.demo import SAMPLE
+from gateway import logs
+from gateway.app.gateway import Gateway
+from gateway.cli.demo import SAMPLE
+from gateway.config import load as config_mod
+from gateway.config.load import DEFAULT_XML_LIMITS
 from gateway.errors import UnsupportedDocument
 from gateway.model import DocumentType
-from gateway.xmlparse import XmlParser
+from gateway.operations import instance
+from gateway.stages import cii, pdf
+from gateway.stages.xmlparse import XmlParser
 
 from .conftest import CORPUS, XML, Running
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import cli, devpki, instance
-from gateway.demo import SAMPLE, samples
-from gateway.partners import atomic_write, load_directory
+from gateway import devpki
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE, samples
+from gateway.operations import instance
+from gateway.partners.directory import atomic_write, load_directory
 from gateway.tls import client_context, inspect_certificate
 
 from .conftest import XML

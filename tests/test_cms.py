@@ -28,8 +28,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import cms, devpki
+from gateway import devpki
 from gateway.errors import Malformed, Rejected
+from gateway.smime import cms
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command line is the interop peer")
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import cli, devpki
-from gateway import config as config_mod
+from gateway import devpki
+from gateway.cli import main as cli
+from gateway.config import load as config_mod
 from gateway.errors import ConfigError
-from gateway.instance import DEMO_PARTNER
-from gateway.partners import load_directory
+from gateway.operations.instance import DEMO_PARTNER
+from gateway.partners.directory import load_directory
 
 
 def edit(inst, old: str, new: str) -> None:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config as config_mod
-from gateway import devpki, instance
-from gateway.config import DeliveryConfig, Destination, OutboundConfig, Route
+from gateway import devpki
+from gateway.config import load as config_mod
+from gateway.config.load import DeliveryConfig, Destination, OutboundConfig, Route
 from gateway.errors import ConfigError
+from gateway.operations import instance
 
 ERP_URL = "https://erp.example.internal/einvoices"
 

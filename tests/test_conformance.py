@@ -63,13 +63,14 @@ import aiohttp
 import pytest
 from lxml import etree
 
-from gateway import config as config_mod
-from gateway import devpki, instance, logs
-from gateway.app import Gateway, build
+from gateway import devpki, logs
+from gateway.app.gateway import Gateway, build
+from gateway.config import load as config_mod
 from gateway.errors import GatewayError
 from gateway.model import SignaturePolicy, Syntax
-from gateway.partners import editing
-from gateway.rules import BUILTIN, MAX_REPORTED, PackSpec, RuleEngine, builtin_pack
+from gateway.operations import instance
+from gateway.partners.directory import editing
+from gateway.stages.rules import BUILTIN, MAX_REPORTED, PackSpec, RuleEngine, builtin_pack
 from gateway.tls import client_context
 
 from .conftest import CII_RULES, CORPUS, XML, hold_placeholder_ibans, with_corpus_cii

@@ -40,12 +40,14 @@ from aiohttp.web_exceptions import NotAppKeyWarning
 from aiohttp.web_request import BaseRequest
 from yarl import URL
 
-from gateway import cli, instance, logs
+from gateway import logs
+from gateway.cli import main as cli
 from gateway.console import security, web
 from gateway.console.accounts import AccountError, Accounts
 from gateway.console.roles import APPROVAL_NEEDS, PERMISSIONS, allowed
-from gateway.instance import current_user
-from gateway.store import SqliteStore
+from gateway.operations import instance
+from gateway.operations.instance import current_user
+from gateway.storage.sqlite import SqliteStore
 
 from .conftest import Running, serving
 from .test_cli import free_port

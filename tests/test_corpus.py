@@ -39,12 +39,13 @@ import aiohttp
 import pytest
 from lxml import etree
 
-from gateway import config as config_mod
-from gateway import devpki, instance, logs
-from gateway.app import Gateway, Parts, build
+from gateway import devpki, logs
+from gateway.app.gateway import Gateway, Parts, build
+from gateway.config import load as config_mod
 from gateway.model import DocumentType, SignaturePolicy
-from gateway.partners import editing
-from gateway.rules import BUILTIN
+from gateway.operations import instance
+from gateway.partners.directory import editing
+from gateway.stages.rules import BUILTIN
 from gateway.tls import client_context
 
 from .conftest import CORPUS, XML, hold_placeholder_ibans

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from gateway import delivery
-from gateway.config import DeliveryConfig, Destination
-from gateway.delivery import DirectorySender, Outbox
-from gateway.demo import SAMPLE
+from gateway.cli.demo import SAMPLE
+from gateway.config.load import DeliveryConfig, Destination
+from gateway.delivery import outbox as delivery
+from gateway.delivery.outbox import DirectorySender, Outbox
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
-from gateway.store import SqliteStore
+from gateway.storage.sqlite import SqliteStore
 from gateway.vault import MasterKey, Vault
 
 HORIZON_S = 3600.0

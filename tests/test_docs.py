@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from gateway.instance import PRODUCTION_EXAMPLE, render_config
+from gateway.operations.instance import PRODUCTION_EXAMPLE, render_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -29,10 +29,13 @@ import aiohttp
 import pytest
 from lxml import etree
 
-from gateway import cli, devpki, fraud, instance, logs
-from gateway import config as config_mod
-from gateway.demo import SAMPLE, samples
-from gateway.partners import load_directory
+from gateway import devpki, logs
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE, samples
+from gateway.config import load as config_mod
+from gateway.operations import instance
+from gateway.partners.directory import load_directory
+from gateway.stages import fraud
 
 from .conftest import XML, Running, serving
 

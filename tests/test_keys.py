@@ -29,11 +29,14 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from gateway import audit, cli, logs, opscli
-from gateway import config as config_mod
-from gateway.demo import SAMPLE
-from gateway.instance import Instance
-from gateway.store import SqliteStore
+from gateway import logs
+from gateway.cli import main as cli
+from gateway.cli import ops as opscli
+from gateway.cli.demo import SAMPLE
+from gateway.config import load as config_mod
+from gateway.operations import audit
+from gateway.operations.instance import Instance
+from gateway.storage.sqlite import SqliteStore
 from gateway.vault import Vault, read_key_file
 
 from .conftest import XML, Running, serving

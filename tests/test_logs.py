@@ -9,8 +9,8 @@ import tomllib
 import pytest
 
 from gateway import logs
-from gateway.demo import SAMPLE
-from gateway.instance import DEMO_PARTNER
+from gateway.cli.demo import SAMPLE
+from gateway.operations.instance import DEMO_PARTNER
 
 from .conftest import XML
 

@@ -35,11 +35,14 @@ import pytest
 import tomli_w
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from gateway import cli, devpki, instance, mail
-from gateway import config as config_mod
-from gateway.demo import SAMPLE, samples
+from gateway import devpki
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE, samples
+from gateway.config import load as config_mod
+from gateway.delivery import smarthost as mail
 from gateway.errors import ConfigError
-from gateway.instance import DEMO_EMAIL, DEMO_PARTNER, Instance, register_partner
+from gateway.operations import instance
+from gateway.operations.instance import DEMO_EMAIL, DEMO_PARTNER, Instance, register_partner
 from gateway.tls import inspect_certificate
 
 from .conftest import XML, Running, serving

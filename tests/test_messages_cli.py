@@ -34,10 +34,12 @@ import pytest
 import tomli_w
 from aiohttp import web
 
-from gateway import cli, devpki, instance
-from gateway.demo import SAMPLE, samples
-from gateway.instance import Instance
-from gateway.partners import load_directory
+from gateway import devpki
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE, samples
+from gateway.operations import instance
+from gateway.operations.instance import Instance
+from gateway.partners.directory import load_directory
 from gateway.tls import client_context
 
 from .conftest import XML, serving

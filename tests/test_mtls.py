@@ -18,10 +18,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import devpki, instance, partners
-from gateway.demo import SAMPLE, samples
-from gateway.instance import DEMO_PARTNER
+from gateway import devpki
+from gateway.cli.demo import SAMPLE, samples
 from gateway.model import PartnerStatus
+from gateway.operations import instance
+from gateway.operations.instance import DEMO_PARTNER
+from gateway.partners import directory as partners
 from gateway.tls import client_context
 
 from .conftest import XML

@@ -31,13 +31,15 @@ import pytest
 import tomli_w
 from lxml import etree
 
-from gateway import config as config_mod
-from gateway import devpki, instance, logs, partners
-from gateway.app import Gateway
-from gateway.demo import SAMPLE, samples
+from gateway import devpki, logs
+from gateway.app.gateway import Gateway
+from gateway.cli.demo import SAMPLE, samples
+from gateway.config import load as config_mod
 from gateway.errors import ConfigError
-from gateway.instance import DEMO_PARTNER, DEMO_PARTY_IDS, Instance, register_partner
 from gateway.model import PartnerStatus, SignaturePolicy
+from gateway.operations import instance
+from gateway.operations.instance import DEMO_PARTNER, DEMO_PARTY_IDS, Instance, register_partner
+from gateway.partners import directory as partners
 from gateway.tls import client_context, inspect_certificate
 
 from .conftest import XML

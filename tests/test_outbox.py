@@ -28,11 +28,11 @@ import pytest
 from aiohttp import web
 
 from gateway import devpki, logs
-from gateway.config import DeliveryConfig, Destination
-from gateway.delivery import Breaker, DeliveryFailed, HttpsSender, Outbox, Sender, classify, signature_header
-from gateway.demo import SAMPLE
+from gateway.cli.demo import SAMPLE
+from gateway.config.load import DeliveryConfig, Destination
+from gateway.delivery.outbox import Breaker, DeliveryFailed, HttpsSender, Outbox, Sender, classify, signature_header
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
-from gateway.store import DeliveryJob, NotHeld, SqliteStore
+from gateway.storage.sqlite import DeliveryJob, NotHeld, SqliteStore
 from gateway.vault import MasterKey, Vault
 
 CFG = DeliveryConfig(horizon_s=3600.0)

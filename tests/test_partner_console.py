@@ -24,9 +24,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from gateway import devpki, instance, logs
+from gateway import devpki, logs
 from gateway.model import PartnerStatus
-from gateway.partners import load_directory
+from gateway.operations import instance
+from gateway.partners.directory import load_directory
 from gateway.tls import cert_sha256, inspect_certificate
 
 from .conftest import serving

@@ -26,8 +26,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import devpki, instance, logs
-from gateway.demo import SAMPLE
+from gateway import devpki, logs
+from gateway.cli.demo import SAMPLE
+from gateway.operations import instance
 from gateway.tls import client_context
 
 from .conftest import XML, Running, serving

@@ -22,10 +22,12 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from gateway import audit, devpki, instance, lifecycle, logs
-from gateway.demo import SAMPLE
-from gateway.lifecycle import CertEntry, ExpiryWarnings
-from gateway.store import SqliteStore
+from gateway import devpki, logs
+from gateway.cli.demo import SAMPLE
+from gateway.operations import audit, instance
+from gateway.operations import housekeeping as lifecycle
+from gateway.operations.housekeeping import CertEntry, ExpiryWarnings
+from gateway.storage.sqlite import SqliteStore
 
 from .conftest import XML, Running, serving
 

@@ -15,13 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import ConfigError, Forbidden, Transient
-from gateway.revocation import (
-    CertificateRevoked,
-    Revocation,
-    RevocationPolicy,
-    RevocationUnknown,
-    find_issuer,
-)
+from gateway.stages.revocation import CertificateRevoked, Revocation, RevocationPolicy, RevocationUnknown, find_issuer
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli, devpki, instance
+from gateway import devpki
+from gateway.cli import main as cli
 from gateway.errors import ConfigError, Forbidden
-from gateway.instance import DEMO_PARTNER
 from gateway.model import CertWindow, Partner, PartnerStatus, PeerIdentity
-from gateway.partners import (
+from gateway.operations import instance
+from gateway.operations.instance import DEMO_PARTNER
+from gateway.partners.directory import (
     _as_toml,
     activated,
     editing,
@@ -38,7 +40,7 @@ from gateway.partners import (
     unconfirmed,
     with_status,
 )
-from gateway.store import SqliteStore
+from gateway.storage.sqlite import SqliteStore
 from gateway.tls import CertInfo, cert_sha256, inspect_certificate, inspect_smime_certificate
 
 from .test_mtls import FOREIGN, OTHER_IDS, numbered, post

@@ -11,11 +11,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import cli, instance
-from gateway.config import Route
-from gateway.demo import SAMPLE
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE
+from gateway.config.load import Route
 from gateway.model import DocumentType, InvoiceFacts
-from gateway.routing import UNROUTED, Router, matches
+from gateway.operations import instance
+from gateway.stages.routing import UNROUTED, Router, matches
 
 from .conftest import XML, serving
 

@@ -26,13 +26,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import cli, devpki, instance
-from gateway import config as config_mod
-from gateway.app import build
-from gateway.demo import SAMPLE
+from gateway import devpki
+from gateway.app.gateway import build
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE
+from gateway.config import load as config_mod
 from gateway.errors import ConfigError
-from gateway.partners import editing
-from gateway.rules import builtin_pack
+from gateway.operations import instance
+from gateway.partners.directory import editing
+from gateway.stages.rules import builtin_pack
 
 from .conftest import CORPUS, XML, Running
 from .conftest import serving as conftest_serving

@@ -36,15 +36,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from gateway import devpki, instance
-from gateway.cli import main
-from gateway.config import DEFAULT_XML_LIMITS
-from gateway.demo import SAMPLE
+from gateway import devpki
+from gateway.cli.demo import SAMPLE
+from gateway.cli.main import main
+from gateway.config.load import DEFAULT_XML_LIMITS
 from gateway.errors import GatewayError
 from gateway.model import DocumentType, SignaturePolicy
-from gateway.partners import PartnerDirectory
-from gateway.schema import SchemaRegistry
-from gateway.signature import (
+from gateway.operations import instance
+from gateway.partners.directory import PartnerDirectory
+from gateway.stages.schema import SchemaRegistry
+from gateway.stages.signature import (
     CBC,
     DS,
     ENVELOPED,
@@ -58,8 +59,8 @@ from gateway.signature import (
     trusted,
     verify,
 )
-from gateway.ubl import read_facts
-from gateway.xmlparse import XmlParser
+from gateway.stages.ubl import read_facts
+from gateway.stages.xmlparse import XmlParser
 
 from .conftest import XML, Running
 

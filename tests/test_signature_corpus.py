@@ -22,9 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.model import SignaturePolicy
-from gateway.signature import DS, SignatureInvalid, trusted, verify
+from gateway.stages.signature import DS, SignatureInvalid, trusted, verify
 
 from .conftest import CORPUS, Running
 from .test_signature import CAC, CBC, DIGEST_MISMATCH, add_partner, bad_method, parse, post

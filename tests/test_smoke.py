@@ -1,4 +1,4 @@
-from gateway.demo import SAMPLE
+from gateway.cli.demo import SAMPLE
 
 from .conftest import XML
 

@@ -44,11 +44,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gateway import cli, devpki, instance, partners, smime
-from gateway.demo import SAMPLE
+from gateway import devpki
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE
 from gateway.errors import Rejected
 from gateway.inbound.smtp import SmtpInbound
 from gateway.model import Partner
+from gateway.operations import instance
+from gateway.partners import directory as partners
+from gateway.smime import unwrap as smime
 
 from .conftest import Running, serving
 

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.errors import Conflict, StorageUnavailable
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
-from gateway.store import MAX_BATCH, SqliteStore
+from gateway.storage.sqlite import MAX_BATCH, SqliteStore
 
 WAIT = 10  # seconds; a future that takes longer is a failure, not a hang
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import instance
-from gateway.demo import SAMPLE
+from gateway.cli.demo import SAMPLE
+from gateway.operations import instance
 from gateway.tls import client_context
 
 from .conftest import XML

@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import instance
+from gateway.operations import instance
 from gateway.tls import client_context
 
 from .test_cli import ENV, free_port

@@ -134,7 +134,7 @@ def test_notify_reload_watchdog_and_stop(service: dict[str, list[str]]) -> None:
 
 
 def test_stop_timeout_outlasts_the_daemons_own_grace(service: dict[str, list[str]]) -> None:
-    from gateway.supervisor import STOP_GRACE_S
+    from gateway.app.supervisor import STOP_GRACE_S
 
     # systemd's SIGKILL must not cut short the grace the supervisor gives its workers.
     assert seconds(one(service, "TimeoutStopSec")) >= STOP_GRACE_S + 10

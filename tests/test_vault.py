@@ -9,7 +9,7 @@ import uuid
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway import config as config_mod
+from gateway.config import load as config_mod
 from gateway.errors import ConfigError, VaultError
 from gateway.vault import KEY_BYTES, MAGIC, NONCE_BYTES, MasterKey, Vault, read_key_file, write_key_file
 

@@ -24,10 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from gateway.config import DEFAULT_MAX_ATTRIBUTES, DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, XmlLimits
-from gateway.demo import SAMPLE
+from gateway.cli.demo import SAMPLE
+from gateway.config.load import DEFAULT_MAX_ATTRIBUTES, DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, XmlLimits
 from gateway.errors import GatewayError
-from gateway.xmlparse import XmlParser
+from gateway.stages.xmlparse import XmlParser
 
 from .conftest import ROOT, XML
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import GatewayError
-from ..store import SqliteStore
+from ..storage.sqlite import SqliteStore
 
 ROLES = ("admin", "operator", "auditor")
 USER_NAME = r"[a-z][a-z0-9._-]{1,39}"

@@ -28,12 +28,11 @@ from urllib.parse import quote
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from ..config import parse_email
+from ..config.load import parse_email
 from ..errors import ConfigError
-from ..fraud import iban_valid, looks_like_iban, normalise
-from ..instance import edit_partners, register_partner
 from ..model import Partner, PartnerStatus, SignaturePolicy
-from ..partners import (
+from ..operations.instance import edit_partners, register_partner
+from ..partners.directory import (
     NAME,
     OPTION,
     PURPOSES,
@@ -50,6 +49,7 @@ from ..partners import (
     unconfirmed,
     with_status,
 )
+from ..stages.fraud import iban_valid, looks_like_iban, normalise
 from ..tls import CertInfo, cert_sha256, email_addresses
 from .accounts import AccountError
 from .guard import CTX, Refused, page

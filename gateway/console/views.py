@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..store import SUMMARIES, SqliteStore
+from ..storage.sqlite import SUMMARIES, SqliteStore
 
 PAGE = 50
 MAX_PAGES = 200

@@ -37,15 +37,15 @@ from urllib.parse import quote, urlsplit
 import jinja2
 from aiohttp import web
 
-from .. import audit as audit_mod
 from .. import logs
-from ..config import Config, ConsoleConfig
+from ..cli.ops import trusted_certificates, unsealed_limit
+from ..config.load import Config, ConsoleConfig
 from ..errors import GatewayError
-from ..lifecycle import expiring, inventory
-from ..opscli import trusted_certificates, unsealed_limit
-from ..partners import PartnerDirectory
-from ..signature import SigningKey
-from ..store import SqliteStore
+from ..operations import audit as audit_mod
+from ..operations.housekeeping import expiring, inventory
+from ..partners.directory import PartnerDirectory
+from ..stages.signature import SigningKey
+from ..storage.sqlite import SqliteStore
 from ..vault import Vault
 from . import passkeys, security, views
 from .accounts import ROLES, USER_NAME, AccountError, Accounts, Session, User

@@ -23,13 +23,13 @@ from aiohttp import web
 from cryptography import x509
 
 from .. import logs
-from ..config import HttpsConfig
+from ..config.load import HttpsConfig
 from ..errors import Forbidden, GatewayError, LimitExceeded, Malformed, Overloaded, Rejected, UnsupportedMediaType
 from ..model import InboundMessage, Partner, PeerIdentity
-from ..partners import PartnerBook
+from ..partners.directory import PartnerBook
 from ..pipeline import Pipeline
-from ..revocation import Revocation, RevocationUnknown
-from ..store import Store
+from ..stages.revocation import Revocation, RevocationUnknown
+from ..storage.sqlite import Store
 from ..tls import spki_sha256_der
 
 XML_MEDIA_TYPES = ("application/xml", "text/xml")

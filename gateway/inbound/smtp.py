@@ -26,15 +26,17 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from cryptography import x509
 
-from .. import cms, logs, smime
-from ..config import SmtpConfig
+from .. import logs
+from ..config.load import SmtpConfig
+from ..delivery.smarthost import Mailer
 from ..errors import Forbidden, GatewayError, LimitExceeded, Malformed, Rejected, UnsupportedMediaType
-from ..mail import Mailer
 from ..model import InboundMessage, Partner, PeerIdentity
-from ..partners import PartnerBook
+from ..partners.directory import PartnerBook
 from ..pipeline import Outcome, Pipeline
-from ..revocation import Revocation
-from ..store import Store
+from ..smime import cms
+from ..smime import unwrap as smime
+from ..stages.revocation import Revocation
+from ..storage.sqlite import Store
 from ..tls import encryptable, spki_sha256
 from .https import ByteBudget
 

@@ -21,10 +21,10 @@ from typing import Any
 from aiohttp import web
 
 from .. import logs
-from ..config import HttpsConfig, OutboundConfig
+from ..config.load import HttpsConfig, OutboundConfig
 from ..errors import Forbidden, LimitExceeded, Rejected, UnsupportedMediaType
 from ..pipeline import Pipeline
-from ..store import Store
+from ..storage.sqlite import Store
 from .https import PDF_MEDIA_TYPE, XML_MEDIA_TYPES, ByteBudget, _identity, answer_errors
 
 log = logs.get("inbound.outbound")

@@ -41,7 +41,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from gateway import cli, instance, logs
+from gateway import logs
+from gateway.cli import main as cli
+from gateway.operations import instance
 
 from ..conftest import Running, serving
 from ..test_cli import free_port

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from aiohttp.web_request import BaseRequest
 
-from gateway.demo import SAMPLE
+from gateway.cli.demo import SAMPLE
 
 from ..conftest import ROOT
 from ..test_fraud import IBAN_B, accepted, delivered, invoice
@@ -528,7 +528,7 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
 
 
 async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprint(console: Console, tmp_path: Path) -> None:
-    from gateway.instance import DEMO_PARTNER
+    from gateway.operations.instance import DEMO_PARTNER
     from gateway.tls import cert_sha256, inspect_certificate
 
     from ..test_fraud import post

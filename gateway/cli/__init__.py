@@ -1,0 +1,1 @@
+"""The `einvoice-gateway` command: one module per command group."""

@@ -1,0 +1,1 @@
+"""Configuration: the TOML file read into frozen, checked sections (every error names its key path)."""

