@@ -53,11 +53,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,8 +73,13 @@ from throughput import cpu_seconds, free_port, make_invoice, tree_pids, wait_por
 
 from gateway.console import views
 from gateway.operations import instance
-from gateway.operations.audit import GENESIS, record_hash
-from gateway.storage.sqlite import SqliteStore, restatus
+from gateway.storage.chain import GENESIS, record_hash
+from gateway.storage.sqlite.audit import SqliteAuditLog
+from gateway.storage.sqlite.engine import Engine
+from gateway.storage.sqlite.intake import earlier
+from gateway.storage.sqlite.quarantine import SqliteQuarantine
+from gateway.storage.sqlite.reports import SqliteReports
+from gateway.storage.sqlite.schema import restatus
 from gateway.tls import client_context
 
 TIME_LIMIT_S = 900.0  # the whole run
@@ -166,7 +170,7 @@ def fill(state_dir: Path, n: int, key_id: str, demo: str, rng: random.Random, sp
     """Write ``n`` inbound invoices with their deliveries, quarantine entries and audit records into the
     state database of a stopped instance (created with the gateway's own schema first)."""
     t_start = time.perf_counter()
-    SqliteStore(state_dir).close()  # the schema, as the daemon makes it
+    Engine(state_dir).close()  # the schema, as the daemon makes it
     partners = [demo] + [f"supplier-{k:03d}" for k in range(1, 40)]
     weights = [1 / (k + 1) for k in range(len(partners))]  # a few big senders, a long tail
     now = time.time() - 120
@@ -333,7 +337,7 @@ def rows_of(text: str) -> int:
 class PageSpec:
     name: str
     path: Callable[[int], str]  # the i-th request's path and query
-    call: Callable[[SqliteStore, int], Any]  # the page's queries, in this process (same i)
+    call: Callable[[ReadOnlyStore, int], Awaitable[Any]]  # the page's queries, in this process (same i)
     http: bool = True  # False: only its queries are run, in this process (a request would hold the daemon too long)
 
 
@@ -353,16 +357,16 @@ def page_specs(f: Filled, rng: random.Random) -> list[PageSpec]:
         first = datetime.now(UTC) - timedelta(days=starts[i % len(starts)] + 7)
         return first.strftime("%Y-%m-%d"), (first + timedelta(days=7)).strftime("%Y-%m-%d")
 
-    def search(i: int, **q: Any) -> Callable[[SqliteStore, int], Any]:
-        def run(store: SqliteStore, i: int) -> Any:
+    def search(i: int, **q: Any) -> Callable[[ReadOnlyStore, int], Awaitable[Any]]:
+        async def run(store: ReadOnlyStore, i: int) -> Any:
             args = {k: v(i) if callable(v) else v for k, v in q.items()}
             if "since" in args:
                 args["since"], args["until"] = (views.parse_day(d, "day") for d in week(i))
-            return views.search(store, **args)
+            return await views.search(store.reports, **args)
         return run
 
     return [
-        PageSpec("dashboard", lambda i: "/console/", lambda st, i: views.dashboard(st)),
+        PageSpec("dashboard", lambda i: "/console/", lambda st, i: st.reports.dashboard(datetime.now(UTC))),
         PageSpec("messages", lambda i: "/console/messages", search(0)),
         PageSpec("messages?partner", lambda i: f"/console/messages?partner={partner(i)}", search(0, partner=partner)),
         PageSpec("messages?status=dead-letter", lambda i: "/console/messages?status=dead-letter",
@@ -377,16 +381,16 @@ def page_specs(f: Filled, rng: random.Random) -> list[PageSpec]:
         PageSpec("messages?since&until (7 days)",
                  lambda i: "/console/messages?since={}&until={}".format(*week(i)), search(0, since=True)),
         PageSpec("messages?page=50", lambda i: "/console/messages?page=50", search(0, page=50)),
-        PageSpec("message detail", lambda i: f"/console/messages/{detail(i)}", lambda st, i: st.message(detail(i))),
-        PageSpec("dead-letters", lambda i: "/console/dead-letters", lambda st, i: st.dead_letters(limit=200)),
-        PageSpec("quarantine", lambda i: "/console/quarantine", lambda st, i: st.quarantined("held", limit=500)),
+        PageSpec("message detail", lambda i: f"/console/messages/{detail(i)}", lambda st, i: st.reports.message(detail(i))),
+        PageSpec("dead-letters", lambda i: "/console/dead-letters", lambda st, i: st.reports.dead_letters(limit=200)),
+        PageSpec("quarantine", lambda i: "/console/quarantine", lambda st, i: st.quarantine.held("held", limit=500)),
         PageSpec("quarantine entry", lambda i: f"/console/quarantine/{held(i)}",
-                 lambda st, i: st.quarantine_entry(held(i))),
-        PageSpec("audit", lambda i: "/console/audit", lambda st, i: views.audit_page(st)),
+                 lambda st, i: st.quarantine.entry(held(i))),
+        PageSpec("audit", lambda i: "/console/audit", lambda st, i: st.audit.page()),
         PageSpec("audit?action (common)", lambda i: "/console/audit?action=invoice.accepted",
-                 lambda st, i: views.audit_page(st, action="invoice.accepted")),
+                 lambda st, i: st.audit.page(action="invoice.accepted")),
         PageSpec("audit?action (rare)", lambda i: "/console/audit?action=quarantine.released",
-                 lambda st, i: views.audit_page(st, action="quarantine.released")),
+                 lambda st, i: st.audit.page(action="quarantine.released")),
     ]
 
 
@@ -439,19 +443,25 @@ class _Recording:
         return self.conn.execute(sql, params)
 
 
-class ReadOnlyStore(SqliteStore):
-    """The store's read side on a read-only connection (no migration, no writer thread)."""
+class ReadOnlyStore:
+    """The store's read side on a read-only, recording connection, run in this thread (no migration, no
+    writer thread): the same repositories as the daemon's, over an engine that only reads."""
 
-    def __init__(self, path: Path):  # noqa: D107 — deliberately not SqliteStore.__init__
+    def __init__(self, path: Path):
         self.path = path
-        self._local = threading.local()
         self.recording = _Recording(sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False))
-        self._local.conn = self.recording
+        engine: Any = self  # the repositories need only read()
+        self.reports, self.quarantine, self.audit = SqliteReports(engine), SqliteQuarantine(engine), SqliteAuditLog(engine)
+        self.loop = asyncio.new_event_loop()
 
-    def _reader(self) -> Any:
-        return self.recording
+    async def read(self, fn: Callable[[Any], Any]) -> Any:
+        return fn(self.recording)
+
+    def run(self, call: Callable[[ReadOnlyStore, int], Awaitable[Any]], i: int) -> Any:
+        return self.loop.run_until_complete(call(self, i))
 
     def close(self) -> None:
+        self.loop.close()
         self.recording.conn.close()
 
 
@@ -485,7 +495,7 @@ def diagnose(db: Path, specs: list[PageSpec], runs: int, cap_s: float,
             interrupted = False
             for i in range(runs):
                 store.recording.log = []
-                took = _capped(conn, cap_s, lambda spec=spec, i=i: spec.call(store, i))  # type: ignore[misc]
+                took = _capped(conn, cap_s, lambda spec=spec, i=i: store.run(spec.call, i))  # type: ignore[misc]
                 if took is None:
                     interrupted = True
                     break
@@ -513,14 +523,14 @@ def diagnose(db: Path, specs: list[PageSpec], runs: int, cap_s: float,
 
 def probe_duplicate_check(db: Path) -> dict[str, Any]:
     """What every accepted invoice costs the store's writer before anything else: the duplicate lookup
-    by content hash (``SqliteStore._earlier``), for a hash that is not there (a new invoice)."""
+    by content hash (``gateway.storage.sqlite.intake.earlier``), for a hash that is not there (a new invoice)."""
     store = ReadOnlyStore(db)
     conn = store.recording.conn
     try:
         times = []
         for _ in range(5):
             store.recording.log = []
-            took = _capped(conn, STATEMENT_CAP_S, lambda: SqliteStore._earlier(
+            took = _capped(conn, STATEMENT_CAP_S, lambda: earlier(
                 store.recording, instance.DEMO_PARTNER, secrets.token_hex(32), "in"))  # type: ignore[arg-type]
             if took is None:
                 break
@@ -845,7 +855,7 @@ def print_report(r: dict[str, Any]) -> None:
         line("", st)
         dc = r["duplicate_check"]
         took = f"{dc['ms']:.1f} ms" if dc["ms"] is not None else f"> {STATEMENT_CAP_S:g} s"
-        print(f"  the store's duplicate check for each new invoice (SqliteStore._earlier), in its writer thread: {took}")
+        print(f"  the store's duplicate check for each new invoice (storage.sqlite.intake.earlier), in its writer thread: {took}")
         print(f"    {dc['sql']}")
         for text in dc["plan"]:
             print(f"      {text}")

@@ -5,7 +5,7 @@ requests would) and must be durable before each call returns:
 
   file-per-blob   write temp file, fsync, rename, fsync folder; then its index row in SQLite
                   (WAL, synchronous=FULL) in a transaction of its own
-  sqlite-group    the gateway's SqliteStore.put: blob and index row in one transaction; a writer
+  sqlite-group    the gateway's SQLite intake put: blob and index row in one transaction; a writer
                   thread commits everything that queued while the previous fsync ran
 
     python benchmarks/durability.py --count 2000
@@ -14,6 +14,7 @@ requests would) and must be durable before each call returns:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sqlite3
 import statistics
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
-from gateway.storage.sqlite import SqliteStore
+from gateway.storage.sqlite.store import SqliteStore
 
 CONCURRENCY = 16
 
@@ -74,20 +75,24 @@ def file_per_blob(folder: Path, count: int, blob: bytes) -> list[float]:
 
 
 def sqlite_group(folder: Path, count: int, blob: bytes) -> list[float]:
-    store = SqliteStore(folder / "state")
+    async def run() -> list[float]:
+        store = SqliteStore(folder / "state")
+        slots = asyncio.Semaphore(CONCURRENCY)
 
-    def one(i: int) -> float:
-        t0 = time.perf_counter()
-        facts = InvoiceFacts(DocumentType.UBL_INVOICE, f"N-{i}", "2.1", ("x",), (), "", "", "2026-01-01")
-        inv = AcceptedInvoice(str(uuid.uuid4()), "p", f"{i:064x}", "2026-01-01T00:00:00Z", len(blob), facts, blob, "k")
-        store.put(inv, ["erp"]).result()
-        return time.perf_counter() - t0
+        async def one(i: int) -> float:
+            async with slots:
+                t0 = time.perf_counter()
+                facts = InvoiceFacts(DocumentType.UBL_INVOICE, f"N-{i}", "2.1", ("x",), (), "", "", "2026-01-01")
+                await store.intake.put(AcceptedInvoice(str(uuid.uuid4()), "p", f"{i:064x}", "2026-01-01T00:00:00Z",
+                                                       len(blob), facts, blob, "k", destinations=("erp",)))
+                return time.perf_counter() - t0
 
-    try:
-        with ThreadPoolExecutor(CONCURRENCY) as ex:
-            return list(ex.map(one, range(count)))
-    finally:
-        store.close()
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(count))))
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def report(name: str, lat: list[float], wall: float) -> None:

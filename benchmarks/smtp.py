@@ -60,12 +60,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from throughput import CLK_TCK, cpu_seconds, free_port, make_invoice, no_rules, peak_rss_mib, tree_pids  # noqa: E402
 
-from gateway.app.gateway import smime_parts
+from gateway.app.build import smime_parts
 from gateway.config import load as config
 from gateway.operations import instance
 from gateway.partners.directory import load_directory
 from gateway.smime import cms
 from gateway.smime import unwrap as smime
+from gateway.smime.compose import compose
+from gateway.smime.identity import Identity
 from gateway.tls import client_context, load_private_key
 
 TIME_LIMIT_S = 600  # the whole load of one phase
@@ -88,11 +90,11 @@ class Keys:
     gateway_cert: Path
 
 
-_built: tuple[smime.Identity, x509.Certificate] | None = None  # per build process
+_built: tuple[Identity, x509.Certificate] | None = None  # per build process
 
 
-def _load(keys: Keys) -> tuple[smime.Identity, x509.Certificate]:
-    demo = smime.Identity(x509.load_pem_x509_certificate(keys.demo_cert.read_bytes()),
+def _load(keys: Keys) -> tuple[Identity, x509.Certificate]:
+    demo = Identity(x509.load_pem_x509_certificate(keys.demo_cert.read_bytes()),
                           load_private_key(keys.demo_key.read_bytes()), instance.DEMO_EMAIL)
     return demo, x509.load_pem_x509_certificate(keys.gateway_cert.read_bytes())
 
@@ -106,7 +108,7 @@ def _build(job: tuple[int, int, str]) -> bytes:
     n, size, cipher = job
     assert _built is not None
     demo, gateway_cert = _built
-    return smime.compose([(make_invoice(n, size), "application/xml", "invoice.xml")], f"Invoice BENCH-{n:08d}\r\n",
+    return compose([(make_invoice(n, size), "application/xml", "invoice.xml")], f"Invoice BENCH-{n:08d}\r\n",
                          identity=demo, to=RECIPIENT, subject=f"Invoice BENCH-{n:08d}", recipient=gateway_cert,
                          cipher=cipher)
 

@@ -1,6 +1,6 @@
 """Prometheus metrics: counters and histograms the stages update, gauges read at scrape time.
 
-With several worker processes (gateway/supervisor.py) each process writes its counters to files
+With several worker processes (gateway/app/supervisor.py) each process writes its counters to files
 in ``<state_dir>/metrics`` (prometheus_client's multiprocess mode, chosen by the supervisor through
 PROMETHEUS_MULTIPROC_DIR before a worker imports this module); the admin listener of worker 0 adds
 them up.  Gauges (outbox depth, certificate expiry, …) are computed from shared state at each
@@ -10,7 +10,7 @@ scrape, so they are right whichever process answers.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -33,11 +33,11 @@ def prepare_directory(state_dir: Path) -> Path:
 
 
 class _Gauges(Collector):
-    def __init__(self, read: Callable[[], list[Gauge]]):
-        self.read = read
+    def __init__(self, gauges: list[Gauge]):
+        self.gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
-        for name, text, labels, samples in self.read():
+        for name, text, labels, samples in self.gauges:
             family = GaugeMetricFamily(name, text, labels=labels)
             for values, value in samples:
                 family.add_metric(values, value)
@@ -77,7 +77,7 @@ class Metrics:
             registry.register(_Forward(self.registry))
         return registry
 
-    def render(self, gauges: Callable[[], list[Gauge]]) -> bytes:
+    def render(self, gauges: list[Gauge]) -> bytes:
         """The text exposition: the counters plus the gauges."""
         registry = self._counters()
         registry.register(_Gauges(gauges))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from .errors import Detail, UnsupportedDocument
@@ -12,6 +12,13 @@ from .errors import Detail, UnsupportedDocument
 UBL_INVOICE_NS = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
 UBL_CREDIT_NOTE_NS = "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2"
 CII_NS = "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"
+STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"  # RFC 3339 in UTC with microseconds: how times are stored, sorted and compared as text
+
+
+def stamp(at: datetime | float | None = None) -> str:
+    """``at`` (a UTC datetime or epoch seconds; default now) in the STAMP form."""
+    when = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC) if isinstance(at, int | float) else at
+    return when.strftime(STAMP)
 
 
 class Syntax(enum.Enum):

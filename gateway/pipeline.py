@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from .config.load import OutboundConfig
+from .config.model import OutboundConfig
 from .errors import Detail, Forbidden, Rejected, Transient, UnsupportedDocument
 from .model import AcceptedInvoice, DocumentType, InboundMessage, InvoiceFacts, Partner, PartnerStatus, Receipt, SignaturePolicy, Syntax
 from .partners.directory import PartnerBook
@@ -35,7 +35,7 @@ from .stages.routing import UNROUTED, Router
 from .stages.rules import RuleEngine, RulesUnavailable
 from .stages.schema import SchemaRegistry
 from .stages.xmlparse import XmlParser
-from .storage.sqlite import Store
+from .storage.base import AuditLog, IntakeStore
 from .vault import Vault
 
 PDF = "application/pdf"
@@ -60,7 +60,7 @@ class Outcome:
 
 class Pipeline:
     def __init__(self, parser: XmlParser, schemas: SchemaRegistry, rules: RuleEngine, default_rules: tuple[str, ...],
-                 partners: PartnerBook, vault: Vault, store: Store, router: Router, executor: Executor,
+                 partners: PartnerBook, vault: Vault, intake: IntakeStore, audit: AuditLog, router: Router, executor: Executor,
                  max_xml_bytes: int, hold_invalid_iban: bool = False, outbound: OutboundConfig | None = None,
                  signer: signature.SigningKey | None = None, observe: Callable[[str, float], None] | None = None):
         self.parser = parser
@@ -69,7 +69,8 @@ class Pipeline:
         self.default_rules = default_rules
         self.partners = partners
         self.vault = vault
-        self.store = store
+        self.intake = intake
+        self.audit = audit
         self.router = router
         self.outbound = outbound
         self.signer = signer  # the gateway's document-signing key, for partners that want signed invoices
@@ -95,12 +96,8 @@ class Pipeline:
         with self._stage("schema"):
             return root, doc_type, self.schemas.validate(root, doc_type)
 
-    def check(self, msg: InboundMessage) -> AcceptedInvoice | Receipt:
-        """Every synchronous stage; returns the sealed invoice, or the receipt of an earlier identical one."""
-        sha256 = hashlib.sha256(msg.body).hexdigest()
-        earlier = self.store.find_accepted(msg.partner.name, sha256)
-        if earlier is not None:
-            return earlier
+    def check(self, msg: InboundMessage, sha256: str) -> AcceptedInvoice:
+        """Every synchronous stage; returns the sealed invoice."""
         root, doc_type, version = self.validated(msg.body, msg.media_type)
         with self._stage("signature"):
             verified = self.verify_signature(root, msg.partner)
@@ -121,16 +118,10 @@ class Pipeline:
                                tuple(holds + fraud.hold_reasons(msg.partner, facts)), destinations,
                                self.router.explain(msg.partner.name, facts))
 
-    def check_outbound(self, body: bytes, received_at: str, media_type: str) -> AcceptedInvoice | Receipt:
+    def check_outbound(self, body: bytes, sha256: str, received_at: str, media_type: str) -> AcceptedInvoice:
         """The stages for an invoice this business sends: validated like a received one, then
         addressed to the partner that the buyer identifiers name."""
         assert self.outbound is not None
-        sha256 = hashlib.sha256(body).hexdigest()
-        # First, as for received invoices: an ERP that lost a 202 and resends must get the same
-        # receipt, even if the recipient was suspended or edited since.
-        earlier = self.store.find_accepted(None, sha256, "out")
-        if earlier is not None:
-            return earlier
         root, doc_type, version = self.validated(body, media_type)
         facts = read_facts(root, doc_type, version)
         self._check_seller(facts)
@@ -220,31 +211,35 @@ class Pipeline:
 
     async def accept(self, msg: InboundMessage) -> Outcome:
         """Run the stages and return only after the invoice is durable (or was already)."""
-        loop = asyncio.get_running_loop()
+        sha256 = hashlib.sha256(msg.body).hexdigest()
         try:
-            result = await loop.run_in_executor(self.executor, self.check, msg)
-            if isinstance(result, Receipt):
-                return Outcome(result, None)
+            earlier = await self.intake.find_accepted(msg.partner.name, sha256)
+            if earlier is not None:
+                return Outcome(earlier, None)
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, self.check, msg, sha256)
             with self._stage("store"):
-                receipt = await asyncio.wrap_future(self.store.put(result, list(result.destinations)))
+                receipt = await self.intake.put(result)
         except Rejected as exc:
             # Every refusal is an audit record (code and content hash, never content); a fraud code by its own name.
             action = f"fraud.{exc.code.lower()}" if exc.code in FRAUD_CODES else "invoice.rejected"
-            await asyncio.wrap_future(self.store.audit("gateway", action, msg.partner.name, None, {
-                "transport": msg.peer.transport, "code": exc.code, "sha256": hashlib.sha256(msg.body).hexdigest()}))
+            await self.audit.append("gateway", action, msg.partner.name, None, {
+                "transport": msg.peer.transport, "code": exc.code, "sha256": sha256})
             raise
         return Outcome(receipt, None if receipt.duplicate else result)
 
     async def submit(self, body: bytes, received_at: str, media_type: str) -> Outcome:
         """``POST /v1/outbound``: the stages, then the durable write of the invoice and its delivery job."""
+        sha256 = hashlib.sha256(body).hexdigest()
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.executor, self.check_outbound, body, received_at,
-                                                                      media_type)
+            # First, as for received invoices: an ERP that lost a 202 and resends must get the same
+            # receipt, even if the recipient was suspended or edited since.
+            earlier = await self.intake.find_accepted(None, sha256, "out")
+            if earlier is not None:
+                return Outcome(earlier, None)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.check_outbound, body, sha256, received_at, media_type)
         except Rejected as exc:
-            await asyncio.wrap_future(self.store.audit("erp", "invoice.submission_rejected", None, None, {
-                "code": exc.code, "sha256": hashlib.sha256(body).hexdigest()}))
+            await self.audit.append("erp", "invoice.submission_rejected", None, None, {"code": exc.code, "sha256": sha256})
             raise
-        if isinstance(result, Receipt):
-            return Outcome(result, None)
-        receipt = await asyncio.wrap_future(self.store.put(result, list(result.destinations)))
+        receipt = await self.intake.put(result)
         return Outcome(receipt, None if receipt.duplicate else result)

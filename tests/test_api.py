@@ -107,7 +107,7 @@ async def test_identical_resend_is_duplicate_and_delivered_once(gateway, client)
     outbox = gateway.inst.delivery_folder
     assert sorted(p.name for p in outbox.iterdir()) == sorted(f"{first[1]['message_id']}.{x}" for x in ("json", "xml"))
     assert (outbox / f"{first[1]['message_id']}.xml").read_bytes() == SAMPLE
-    assert gateway.gw.store.counts() == {"invoices": 1, "deliveries_delivered": 1}
+    assert (await gateway.gw.store.reports.counts()) == {"invoices": 1, "deliveries_delivered": 1}
 
 
 async def test_concurrent_identical_posts_store_one(gateway, client):
@@ -116,7 +116,7 @@ async def test_concurrent_identical_posts_store_one(gateway, client):
     assert [r[0] for r in replies] == [202] * 50
     assert len({r[1]["message_id"] for r in replies}) == 1
     assert sum(r[1]["duplicate"] is False for r in replies) == 1
-    assert gateway.gw.store.counts() == {"invoices": 1, "deliveries_pending": 1}
+    assert (await gateway.gw.store.reports.counts()) == {"invoices": 1, "deliveries_pending": 1}
     assert db_rows(gateway) == {"invoices": 1, "blobs": 1, "deliveries": 1}
 
 
@@ -131,7 +131,7 @@ async def test_concurrent_distinct_invoices_are_all_delivered_intact(gateway, cl
     for body, message_id in zip(bodies, ids, strict=True):
         delivered = (gateway.inst.delivery_folder / f"{message_id}.xml").read_bytes()
         assert hashlib.sha256(delivered).hexdigest() == hashlib.sha256(body).hexdigest()
-    assert gateway.gw.store.counts() == {"invoices": 100, "deliveries_delivered": 100}
+    assert (await gateway.gw.store.reports.counts()) == {"invoices": 100, "deliveries_delivered": 100}
 
 
 async def test_same_number_other_content_is_409(gateway, client):
@@ -140,7 +140,7 @@ async def test_same_number_other_content_is_409(gateway, client):
     other = SAMPLE.replace(b"Sample invoice shipped", b"Corrected invoice shipped")
     status, body, _ = await post(s, other)
     assert (status, body["error"]) == (409, "DUPLICATE_CONFLICT"), body
-    assert gateway.gw.store.counts()["invoices"] == 1
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
 
 async def test_rejected_document_is_evaluated_afresh(gateway, client):
@@ -192,7 +192,7 @@ async def test_wrong_content_type_is_415(gateway, client, content_type):
 async def test_compressed_body_is_415(gateway, client):
     status, body, _ = await post(client(), gzip.compress(SAMPLE), {**XML, "Content-Encoding": "gzip"})
     assert (status, body["error"]) == (415, "UNSUPPORTED_ENCODING"), body
-    assert gateway.gw.store.counts()["invoices"] == 0
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 0
 
 
 SMALL = {"max_body_bytes": 8192}
@@ -226,22 +226,20 @@ async def test_body_over_limit_is_413(gateway, client):
     for body in (PADDED, chunked()):  # with a Content-Length, then chunked (no length)
         status, reply, _ = await post(s, body)
         assert (status, reply["error"]) == (413, "TOO_LARGE"), reply
-    assert gateway.gw.store.counts()["invoices"] == 0
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 0
     assert (await post(s, SAMPLE))[0] == 202  # under the limit: accepted
 
 
 def fail_put(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    def put(*_: Any) -> Future[Any]:
-        fut: Future[Any] = Future()
-        fut.set_exception(StorageUnavailable("the invoice could not be stored durably; retry later"))
-        return fut
+    async def put(*_: Any) -> Any:
+        raise StorageUnavailable("the invoice could not be stored durably; retry later")
 
-    monkeypatch.setattr(store, "put", put)
+    monkeypatch.setattr(store.intake, "put", put)
 
 
 def fail_commit(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The write itself runs (rows inserted), then SQLite fails before COMMIT."""
-    real = store._submit
+    real = store.engine.submit
 
     def submit(op: Any) -> Future[Any]:
         def failing(conn: sqlite3.Connection) -> Any:
@@ -250,7 +248,7 @@ def fail_commit(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
         return real(failing)
 
-    monkeypatch.setattr(store, "_submit", submit)
+    monkeypatch.setattr(store.engine, "submit", submit)
 
 
 @pytest.mark.parametrize("fault", [fail_put, fail_commit])

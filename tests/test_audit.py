@@ -17,7 +17,6 @@ import io
 import json
 import shutil
 import sqlite3
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE
 from gateway.operations import audit, instance
 from gateway.stages.signature import SigningKey
-from gateway.storage.sqlite import SCHEMA_VERSION, SqliteStore
+from gateway.storage.sqlite.schema import SCHEMA_VERSION
+from gateway.storage.sqlite.store import SqliteStore
 
 from .conftest import XML, serving
 
@@ -83,21 +83,22 @@ async def populate(inst: instance.Instance) -> list[str]:
                             text = await r.text()
                             assert r.status == 400 and "MALFORMED_XML" in text and CANARY in text, text
             deadline = asyncio.get_running_loop().time() + WAIT_S
-            while store.counts() != {"invoices": len(ids), "deliveries_delivered": len(ids)}:
-                assert asyncio.get_running_loop().time() < deadline, store.counts()
+            while (counts := await store.reports.counts()) != {"invoices": len(ids), "deliveries_delivered": len(ids)}:
+                assert asyncio.get_running_loop().time() < deadline, counts
                 await asyncio.sleep(0.02)
 
         await post_and_deliver(numbered(1), numbered(2), numbered(3, CANARY), rejected=MALFORMED)
         with contextlib.redirect_stdout(io.StringIO()) as out:  # the operator's checkpoint, beside the daemon
-            assert cli.main(["audit", "checkpoint", "-c", str(inst.config)]) == 0
+            # (the command runs an event loop of its own: in a thread, as another process would)
+            assert await asyncio.to_thread(cli.main, ["audit", "checkpoint", "-c", str(inst.config)]) == 0
         assert out.getvalue().startswith("checkpoint ")
         await post_and_deliver(numbered(4), numbered(5))
     # The daemon signed the head when it stopped; one more record is chained but not yet checkpointed.
     store = SqliteStore(inst.state_dir)
     try:
-        store.audit("pytest", "operator.note", None, None, {"why": "after the last checkpoint"}).result(WAIT_S)
+        await store.audit.append("pytest", "operator.note", None, None, {"why": "after the last checkpoint"})
     finally:
-        store.close()
+        await store.close()
     return ids
 
 
@@ -287,23 +288,19 @@ def test_a_checkpoint_over_a_checkpoint_is_not_written(state: State, capsys: pyt
     assert code == 0 and report["checkpoints"] == 3 and report["last_checkpoint"] == n - 1 and report["notes"] == []
 
 
-def test_records_written_by_the_cli_and_the_daemon_at_once_stay_one_chain(tmp_path: Path) -> None:
+async def test_records_written_by_the_cli_and_the_daemon_at_once_stay_one_chain(tmp_path: Path) -> None:
     """Two processes' writers (here: two stores on one database) append concurrently; the chain stays linear."""
     stores = [SqliteStore(tmp_path / "state") for _ in range(2)]
     try:
-        def write(i: int) -> None:
+        async def write(i: int) -> None:  # each store's own writer thread commits its records
             for n in range(40):
-                stores[i].audit(f"writer-{i}", "test.note", None, None, {"n": n}).result(WAIT_S)
+                await asyncio.wait_for(stores[i].audit.append(f"writer-{i}", "test.note", None, None, {"n": n}), WAIT_S)
 
-        threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        rows = list(stores[0].audit_range())
+        await asyncio.gather(write(0), write(1))
+        rows = await audit.read_chain(stores[0].audit)
     finally:
         for s in stores:
-            s.close()
+            await s.close()
     assert [r["seq"] for r in rows] == list(range(1, 81))
     report = audit.verify(rows, [])
     assert report.ok and report.records == 80, report.problem
@@ -725,30 +722,30 @@ def downgrade_to_schema_4(db: Path) -> None:
         assert [r[1] for r in conn.execute("PRAGMA table_info(audit)")] == list(FIELDS[:7])
 
 
-def test_an_unchained_schema_4_log_is_chained_when_opened(tmp_path: Path) -> None:
+async def test_an_unchained_schema_4_log_is_chained_when_opened(tmp_path: Path) -> None:
     folder = tmp_path / "state"
     store = SqliteStore(folder)
     try:
         for n in range(5):
-            store.audit(f"op-{n}", "test.note", "acme" if n % 2 else None, None, {"n": n, "text": "ü"}).result(WAIT_S)
+            await store.audit.append(f"op-{n}", "test.note", "acme" if n % 2 else None, None, {"n": n, "text": "ü"})
     finally:
-        store.close()
+        await store.close()
     downgrade_to_schema_4(folder / "gateway.db")
     with contextlib.closing(sqlite3.connect(folder / "gateway.db")) as conn:
         before = conn.execute("SELECT seq, at, actor, action, partner, message_id, detail FROM audit ORDER BY seq").fetchall()
 
     store = SqliteStore(folder)
     try:
-        rows = list(store.audit_range())
+        rows = await audit.read_chain(store.audit)
         assert [tuple(r[f] for f in FIELDS[:7]) for r in rows] == before  # nothing but the chain was added
         assert rows[0]["prev"] == audit.GENESIS and all(r["hash"] for r in rows)
         report = audit.verify(rows, [])
         assert report.ok and report.records == 5 and report.checkpoints == 0, report.problem
-        store.audit("op", "test.note", None, None, {"n": 5}).result(WAIT_S)  # new records join the chain
-        rows = list(store.audit_range())
+        await store.audit.append("op", "test.note", None, None, {"n": 5})  # new records join the chain
+        rows = await audit.read_chain(store.audit)
         assert rows[-1]["prev"] == rows[-2]["hash"] and audit.verify(rows, []).ok
     finally:
-        store.close()
+        await store.close()
     with contextlib.closing(sqlite3.connect(folder / "gateway.db")) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
 

@@ -81,12 +81,13 @@ async def post(session: aiohttp.ClientSession, body: bytes) -> tuple[int, str]:
 
 async def until_delivered(running: Running, n: int) -> None:
     async with asyncio.timeout(WAIT_S):
-        while running.gw.store.counts() != {"invoices": n, "deliveries_delivered": n}:
+        while await running.gw.store.reports.counts() != {"invoices": n, "deliveries_delivered": n}:
             await asyncio.sleep(0.02)
 
 
-def cli_out(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    code = cli.main(list(argv))
+async def cli_out(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The CLI in a thread: it runs its own event loop (the daemon's keeps serving meanwhile)."""
+    code = await asyncio.to_thread(cli.main, list(argv))
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return captured.out + captured.err
@@ -149,22 +150,22 @@ async def test_no_content_or_key_material_outside_the_encrypted_store(inst: Inst
             assert {"gateway.db", "gateway.db-wal", "config.toml", "partners.toml"} <= names, names
 
             # Operator commands beside the daemon: rotate, rewrap and retire re-seal the invoice in memory only.
-            outputs.append(cli_out(capsys, "messages", "show", message_id, "-c", str(inst.config)))
-            outputs.append(cli_out(capsys, "messages", "list", "-c", str(inst.config)))
-            outputs.append(cli_out(capsys, "keys", "rotate", "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "messages", "show", message_id, "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "messages", "list", "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "keys", "rotate", "-c", str(inst.config)))
             assert await running.gw.reload() is True
-            outputs.append(cli_out(capsys, "keys", "rewrap", "-c", str(inst.config)))
-            outputs.append(cli_out(capsys, "keys", "retire", inst.key_id, "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "keys", "rewrap", "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "keys", "retire", inst.key_id, "-c", str(inst.config)))
             key_files = sorted(keys_folder.iterdir())
             assert len(key_files) == 2
             keys = [read_key_file(p, "test") for p in key_files]
             assert sorted(p.suffix for p in key_files) == [".key", ".retired"]  # the old key, retired, and the new one
             assert master in keys and len({k.secret for k in keys}) == 2
-            outputs.append(cli_out(capsys, "audit", "checkpoint", "-c", str(inst.config)))
-            outputs.append(cli_out(capsys, "audit", "export", "-o", str(ops / "audit.jsonl"), "-c", str(inst.config)))
-            outputs.append(cli_out(capsys, "audit", "list", "--json", "-c", str(inst.config)))
-            outputs.append(cli_out(capsys, "backup", "create", str(ops / "backup"), "-c", str(inst.config)))
-            outputs.append(cli_out(capsys, "backup", "verify", "--deep", str(ops / "backup"), "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "audit", "checkpoint", "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "audit", "export", "-o", str(ops / "audit.jsonl"), "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "audit", "list", "--json", "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "backup", "create", str(ops / "backup"), "-c", str(inst.config)))
+            outputs.append(await cli_out(capsys, "backup", "verify", "--deep", str(ops / "backup"), "-c", str(inst.config)))
     finally:
         logs.configure("warning")
 

@@ -29,7 +29,7 @@ from gateway import logs
 from gateway.app.gateway import Gateway
 from gateway.cli.demo import SAMPLE
 from gateway.config import load as config_mod
-from gateway.config.load import DEFAULT_XML_LIMITS
+from gateway.config.model import DEFAULT_XML_LIMITS
 from gateway.errors import UnsupportedDocument
 from gateway.model import DocumentType
 from gateway.operations import instance
@@ -172,7 +172,7 @@ async def test_cii_from_a_partner_the_seller_is_not_registered_for(gateway, clie
     status, body = await post(s, INVOICE.read_bytes())
     assert (status, body["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), body
     assert "belong to another trading partner" in body["message"]
-    assert gateway.gw.store.counts().get("invoices", 0) == 0
+    assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
 
 
 async def test_cii_breaking_the_xsd_is_schema_invalid(gateway, client, seller):
@@ -213,7 +213,7 @@ async def test_factur_x_pdf_is_accepted_and_delivered_as_sent(gateway, client, s
         got = await r.json()
     assert (got["document_type"], got["invoice_number"]) == ("cii:CrossIndustryInvoice", "TOSL108")
 
-    stored = gateway.gw.parts.vault.open(gateway.gw.store.load_sealed(message_id), message_id, sent["sha256"])
+    stored = gateway.gw.parts.vault.open(await gateway.gw.store.outbox.load_sealed(message_id), message_id, sent["sha256"])
     assert stored == pdf
 
     await deliver_all(gateway)
@@ -236,7 +236,7 @@ async def test_the_same_invoice_as_xml_and_as_pdf_is_one_invoice(gateway, client
     assert (await post(s, INVOICE.read_bytes()))[0] == 202
     status, body = await post(s, make_pdf(("factur-x.xml", INVOICE.read_bytes())), PDF)
     assert (status, body["error"]) == (409, "DUPLICATE_CONFLICT"), body  # same seller, number and date; other bytes
-    assert gateway.gw.store.counts()["invoices"] == 1
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
 
 @pytest.mark.parametrize("attachments", [(), (("invoice.xml", b"<x/>"),)], ids=["no-attachment", "other-name"])
@@ -250,7 +250,7 @@ async def test_pdf_with_two_embedded_invoices(gateway, client, seller):
     status, body = await post(client(*seller), make_pdf(("factur-x.xml", xml), ("zugferd-invoice.xml", xml)), PDF)
     assert (status, body["error"]) == (422, "SEVERAL_EMBEDDED_INVOICES"), body
     assert sorted(d["message"] for d in body["details"]) == ["attachment 'factur-x.xml'", "attachment 'zugferd-invoice.xml'"]
-    assert gateway.gw.store.counts().get("invoices", 0) == 0
+    assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
 
 
 @pytest.mark.parametrize("body", [os.urandom(4096), SAMPLE, b"%PDF-1.7\n" + bytes(range(256)) * 8],

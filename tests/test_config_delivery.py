@@ -14,7 +14,7 @@ import pytest
 
 from gateway import devpki
 from gateway.config import load as config_mod
-from gateway.config.load import DeliveryConfig, Destination, OutboundConfig, Route
+from gateway.config.model import DeliveryConfig, Destination, OutboundConfig, Route
 from gateway.errors import ConfigError
 from gateway.operations import instance
 

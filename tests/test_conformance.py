@@ -394,7 +394,7 @@ async def run_corpus(inst: instance.Instance, engine: RuleEngine) -> Results:
             await gw.start()
         direct = asyncio.gather(*(loop.run_in_executor(pool, evaluate, engine, r) for r in ROWS if r.outcome not in ELSEWHERE))
         replies, findings = await asyncio.gather(asyncio.gather(*(post(*p) for p in plan)), direct)
-        stored = sum(gw.store.counts()["invoices"] for gw in gws)
+        stored = sum([(await gw.store.reports.counts())["invoices"] for gw in gws])
         packs = [f"{BUILTIN} {parts.rules.packs[BUILTIN].version}"]
     finally:
         pool.shutdown(wait=True)

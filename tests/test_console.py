@@ -3,7 +3,8 @@
 * ``security``: the password policy, argon2id hashing, TOTP checked against pyotp (an independent
   RFC 6238 implementation), recovery codes, the per-address rate limiter.
 * ``roles``: the permission matrix.
-* ``accounts``: users, factors spent once, lockout, sessions, four-eyes approvals, on a real SqliteStore.
+* ``store.accounts`` and ``store.approvals``: users, factors spent once, lockout, sessions, four-eyes approvals, on a
+  real SqliteStore.
 * HTTP: one gateway per module (``world``) with an admin listener on 127.0.0.1, a delivered, a
   dead-lettered and a held invoice (``populate`` from test_messages_cli, ``invoice`` from test_fraud),
   driven by an aiohttp client exactly as a browser would (cookies, ``Origin``, the form's ``csrf``).
@@ -24,7 +25,7 @@ import stat
 import time
 import tomllib
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,12 @@ from yarl import URL
 from gateway import logs
 from gateway.cli import main as cli
 from gateway.console import security, web
-from gateway.console.accounts import AccountError, Accounts
 from gateway.console.roles import APPROVAL_NEEDS, PERMISSIONS, allowed
 from gateway.operations import instance
 from gateway.operations.instance import current_user
-from gateway.storage.sqlite import SqliteStore
+from gateway.storage.base import AccountError, AccountStore, ApprovalStore
+from gateway.storage.records import Approval, Session
+from gateway.storage.sqlite.store import SqliteStore
 
 from .conftest import Running, serving
 from .test_cli import free_port
@@ -68,12 +70,13 @@ def password_hash() -> str:
     return security.hash_password(PASSWORD)
 
 
-async def wait(fut: Any) -> Any:
-    return await asyncio.wrap_future(fut)
+async def audit_records(store: SqliteStore, limit: int = 1_000_000) -> list[dict[str, Any]]:
+    """The newest audit records as dicts, ``detail`` parsed from its JSON text."""
+    return [r.as_json() | {"detail": json.loads(r.detail)} for r in await store.audit.newest(limit)]
 
 
-def audits(store: SqliteStore, action: str) -> list[dict[str, Any]]:
-    return [r for r in store.audit_records(1_000_000) if r["action"] == action]
+async def audits(store: SqliteStore, action: str) -> list[dict[str, Any]]:
+    return [r for r in await audit_records(store) if r["action"] == action]
 
 
 # --- 1. security.py ------------------------------------------------------------------------------------
@@ -303,191 +306,200 @@ def test_every_four_eyes_kind_has_a_second_person_role():
         assert any(need in perms for perms in PERMISSIONS.values()), kind
 
 
-# --- 3. accounts.py on a real store --------------------------------------------------------------------
+# --- 3. accounts and approvals on a real store ---------------------------------------------------------
 
 
-@pytest.fixture
-def accounts(tmp_path: Path) -> Iterator[Accounts]:
-    store = SqliteStore(tmp_path / "state")
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "state")
     try:
-        yield Accounts(store)
+        yield s
     finally:
-        store.close()
+        await s.close()
 
 
-def add(accounts: Accounts, name: str, roles: tuple[str, ...] = ("operator",)) -> None:
-    accounts.add_user(name, roles, False, password_hash(), "pytest").result(10)
+async def add(store: SqliteStore, name: str, roles: tuple[str, ...] = ("operator",)) -> None:
+    await store.accounts.add_user(name, roles, False, password_hash(), "pytest")
 
 
-def test_add_user_and_a_duplicate_is_refused(accounts):
-    add(accounts, "alice")
-    u = accounts.user("alice")
+async def test_add_user_and_a_duplicate_is_refused(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    u = await accounts.user("alice")
     assert u is not None
     assert (u.roles, u.content, u.state, u.must_change, u.enrolled, u.created_by) == (("operator",), False, "active", True,
                                                                                       False, "pytest")
     with pytest.raises(AccountError, match="exists already"):
-        accounts.add_user("alice", ("admin",), True, password_hash(), "pytest").result(10)
-    assert accounts.user("alice").roles == ("operator",)  # unchanged
-    assert [r["detail"]["user"] for r in audits(accounts.store, "user.added")] == ["alice"]
+        await accounts.add_user("alice", ("admin",), True, password_hash(), "pytest")
+    assert (await accounts.user("alice")).roles == ("operator",)  # unchanged
+    assert [r["detail"]["user"] for r in await audits(store, "user.added")] == ["alice"]
 
 
-def test_totp_step_is_spent_once(accounts):
-    add(accounts, "alice")
-    accounts.enroll_totp("alice", security.new_totp_secret(), 100, []).result(10)
-    assert accounts.spend_totp_step("alice", 100).result(10) is False  # the enrolment's own step
-    assert accounts.spend_totp_step("alice", 101).result(10) is True
-    assert accounts.spend_totp_step("alice", 101).result(10) is False  # the same step again
-    assert accounts.spend_totp_step("alice", 99).result(10) is False  # an earlier step
-    assert accounts.spend_totp_step("alice", 103).result(10) is True
-    assert accounts.spend_totp_step("alice", 102).result(10) is False
-    assert accounts.user("alice").totp_last_step == 103
+async def test_totp_step_is_spent_once(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    await accounts.enroll_totp("alice", security.new_totp_secret(), 100, [])
+    assert await accounts.spend_totp_step("alice", 100) is False  # the enrolment's own step
+    assert await accounts.spend_totp_step("alice", 101) is True
+    assert await accounts.spend_totp_step("alice", 101) is False  # the same step again
+    assert await accounts.spend_totp_step("alice", 99) is False  # an earlier step
+    assert await accounts.spend_totp_step("alice", 103) is True
+    assert await accounts.spend_totp_step("alice", 102) is False
+    assert (await accounts.user("alice")).totp_last_step == 103
 
 
-def test_recovery_code_is_spent_once(accounts):
-    add(accounts, "alice")
+async def test_recovery_code_is_spent_once(store):
+    accounts = store.accounts
+    await add(store, "alice")
     codes = security.new_recovery_codes()
-    accounts.enroll_totp("alice", security.new_totp_secret(), 1, [security.recovery_hash(c) for c in codes]).result(10)
-    assert accounts.recovery_left("alice") == 10
-    assert accounts.spend_recovery("alice", security.recovery_hash(codes[3].upper())).result(10)
-    assert not accounts.spend_recovery("alice", security.recovery_hash(codes[3])).result(10)
-    assert not accounts.spend_recovery("alice", security.recovery_hash("aaaaa-bbbbb")).result(10)
-    add(accounts, "bob")  # one user's code is not another's
-    assert not accounts.spend_recovery("bob", security.recovery_hash(codes[4])).result(10)
-    assert accounts.recovery_left("alice") == 9
+    await accounts.enroll_totp("alice", security.new_totp_secret(), 1, [security.recovery_hash(c) for c in codes])
+    assert await accounts.recovery_left("alice") == 10
+    assert await accounts.spend_recovery("alice", security.recovery_hash(codes[3].upper()))
+    assert not await accounts.spend_recovery("alice", security.recovery_hash(codes[3]))
+    assert not await accounts.spend_recovery("alice", security.recovery_hash("aaaaa-bbbbb"))
+    await add(store, "bob")  # one user's code is not another's
+    assert not await accounts.spend_recovery("bob", security.recovery_hash(codes[4]))
+    assert await accounts.recovery_left("alice") == 9
     # new codes replace the old ones
     fresh = security.new_recovery_codes()
-    accounts.replace_recovery("alice", [security.recovery_hash(c) for c in fresh]).result(10)
-    assert accounts.recovery_left("alice") == 10
-    assert not accounts.spend_recovery("alice", security.recovery_hash(codes[0])).result(10)
-    assert accounts.spend_recovery("alice", security.recovery_hash(fresh[0])).result(10)
+    await accounts.replace_recovery("alice", [security.recovery_hash(c) for c in fresh])
+    assert await accounts.recovery_left("alice") == 10
+    assert not await accounts.spend_recovery("alice", security.recovery_hash(codes[0]))
+    assert await accounts.spend_recovery("alice", security.recovery_hash(fresh[0]))
 
 
-def test_failures_lock_at_the_threshold_and_are_audited(accounts):
-    add(accounts, "alice")
-    assert [accounts.failed("alice", f, "192.0.2.7", 3, 600.0).result(10) for f in ("password", "totp")] == [False, False]
-    assert not accounts.user("alice").locked()
-    assert accounts.failed("alice", "recovery-code", "192.0.2.7", 3, 600.0).result(10) is True
-    u = accounts.user("alice")
+async def test_failures_lock_at_the_threshold_and_are_audited(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    assert [await accounts.failed("alice", f, "192.0.2.7", 3, 600.0) for f in ("password", "totp")] == [False, False]
+    assert not (await accounts.user("alice")).locked()
+    assert await accounts.failed("alice", "recovery-code", "192.0.2.7", 3, 600.0) is True
+    u = await accounts.user("alice")
     assert u.locked() and u.failures == 0 and 590 < u.locked_until - time.time() <= 600
     assert not u.locked(now=time.time() + 601)
-    failed = sorted(audits(accounts.store, "console.login_failed"), key=lambda r: r["seq"])
+    failed = sorted(await audits(store, "console.login_failed"), key=lambda r: r["seq"])
     assert [(r["actor"], r["detail"]["factor"], r["detail"]["failures"]) for r in failed] == [
         ("console:alice", "password", 1), ("console:alice", "totp", 2), ("console:alice", "recovery-code", 3)]
-    [locked] = audits(accounts.store, "console.user_locked")
+    [locked] = await audits(store, "console.user_locked")
     assert (locked["actor"], locked["detail"]["user"], locked["detail"]["minutes"], locked["detail"]["address"]) == \
         ("gateway", "alice", 10, "192.0.2.7")
-    accounts.unlock("alice", "cli:root").result(10)
-    assert not accounts.user("alice").locked()
+    await accounts.unlock("alice", "cli:root")
+    assert not (await accounts.user("alice")).locked()
     # a success resets the count of consecutive failures
-    accounts.failed("alice", "password", "192.0.2.7", 3, 600.0).result(10)
-    accounts.succeeded("alice", "192.0.2.7", "totp").result(10)
-    assert accounts.user("alice").failures == 0
+    await accounts.failed("alice", "password", "192.0.2.7", 3, 600.0)
+    await accounts.succeeded("alice", "192.0.2.7", "totp")
+    assert (await accounts.user("alice")).failures == 0
 
 
-def test_sessions_are_replaced_and_expire(accounts):
-    add(accounts, "alice")
-    accounts.open_session("pre", "alice", "mfa", "csrf1", "127.0.0.1", "agent", 0.0).result(10)
-    assert accounts.session("pre").stage == "mfa"
-    accounts.open_session("full", "alice", "full", "csrf2", "127.0.0.1", "x" * 500, time.time(), replaces="pre").result(10)
-    assert accounts.session("pre") is None  # rotation: the pre-login identifier is gone
-    s = accounts.session("full")
+async def test_sessions_are_replaced_and_expire(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    await accounts.open_session("pre", "alice", "mfa", "csrf1", "127.0.0.1", "agent", 0.0)
+    assert (await accounts.session("pre")).stage == "mfa"
+    await accounts.open_session("full", "alice", "full", "csrf2", "127.0.0.1", "x" * 500, time.time(), replaces="pre")
+    assert await accounts.session("pre") is None  # rotation: the pre-login identifier is gone
+    s = await accounts.session("full")
     assert (s.user, s.stage, s.csrf, len(s.agent)) == ("alice", "full", "csrf2", 200)
-    assert [x.id_hash for x in accounts.sessions("alice")] == ["full"]
+    assert [x.id_hash for x in await accounts.sessions("alice")] == ["full"]
     for id_hash, stage in (("idle", "full"), ("old-pre", "mfa"), ("new-pre", "enroll"), ("ancient", "full")):
-        accounts.open_session(id_hash, "alice", stage, "c", "127.0.0.1", "agent", 0.0).result(10)
+        await accounts.open_session(id_hash, "alice", stage, "c", "127.0.0.1", "agent", 0.0)
     now = time.time()
-    accounts.store.write(lambda c: c.executemany("UPDATE console_sessions SET seen_at = ?, created_at = ? WHERE id_hash = ?", [
-        (now - 1000, now - 1000, "idle"), (now - 10, now - 400, "old-pre"), (now - 10, now - 10, "new-pre"),
-        (now - 10, now - 40000, "ancient")])).result(10)
-    assert accounts.expire_sessions(now - 900, now - 28800, now - 300).result(10) == 3
-    assert {h for h in ("full", "idle", "old-pre", "new-pre", "ancient") if accounts.session(h)} == {"full", "new-pre"}
-    assert accounts.end_session("full", "console:alice", "logout").result(10) is True
-    assert accounts.end_session("full", "console:alice", "logout").result(10) is False
-    [ended] = audits(accounts.store, "console.session_logout")
+    await store.engine.write(lambda c: c.executemany(
+        "UPDATE console_sessions SET seen_at = ?, created_at = ? WHERE id_hash = ?", [
+            (now - 1000, now - 1000, "idle"), (now - 10, now - 400, "old-pre"), (now - 10, now - 10, "new-pre"),
+            (now - 10, now - 40000, "ancient")]))
+    assert await accounts.expire_sessions(now - 900, now - 28800, now - 300) == 3
+    assert {h for h in ("full", "idle", "old-pre", "new-pre", "ancient") if await accounts.session(h)} == {"full", "new-pre"}
+    assert await accounts.end_session("full", "console:alice", "logout") is True
+    assert await accounts.end_session("full", "console:alice", "logout") is False
+    [ended] = await audits(store, "console.session_logout")
     assert ended["detail"] == {"user": "alice", "session": "full"}
     # disabling a user ends their sessions
-    accounts.set_state("alice", "disabled", "cli:root").result(10)
-    assert accounts.session("new-pre") is None
+    await accounts.set_state("alice", "disabled", "cli:root")
+    assert await accounts.session("new-pre") is None
 
 
-def test_reset_mfa_forgets_every_factor(accounts):
-    add(accounts, "alice")
-    accounts.enroll_totp("alice", security.new_totp_secret(), 5, [security.recovery_hash("aaaaa-bbbbb")]).result(10)
-    accounts.open_session("s", "alice", "full", "c", "127.0.0.1", "a", time.time()).result(10)
-    accounts.reset_mfa("alice", "console:boss").result(10)
-    u = accounts.user("alice")
-    assert (u.enrolled, u.totp_last_step, accounts.recovery_left("alice"), accounts.session("s")) == (False, 0, 0, None)
-    [r] = audits(accounts.store, "user.mfa_reset")
+async def test_reset_mfa_forgets_every_factor(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    await accounts.enroll_totp("alice", security.new_totp_secret(), 5, [security.recovery_hash("aaaaa-bbbbb")])
+    await accounts.open_session("s", "alice", "full", "c", "127.0.0.1", "a", time.time())
+    await accounts.reset_mfa("alice", "console:boss")
+    u = await accounts.user("alice")
+    assert (u.enrolled, u.totp_last_step, await accounts.recovery_left("alice"), await accounts.session("s")) == \
+        (False, 0, 0, None)
+    [r] = await audits(store, "user.mfa_reset")
     assert (r["actor"], r["detail"]) == ("console:boss", {"user": "alice"})
 
 
-def test_approvals_need_a_second_person(accounts):
+async def test_approvals_need_a_second_person(store):
+    approvals = store.approvals
     params = {"message_id": "m1", "partner": "acme"}
-    rid = accounts.request("quarantine.release", "m1", params, "confirmed by phone", "console:alice", "acme", "m1").result(10)
+    rid = await approvals.request("quarantine.release", "m1", params, "confirmed by phone", "console:alice", "acme", "m1")
     with pytest.raises(AccountError, match="already waiting"):
-        accounts.request("quarantine.release", "m1", params, "again", "console:carol").result(10)
-    assert [a["id"] for a in accounts.approvals("pending")] == [rid]
+        await approvals.request("quarantine.release", "m1", params, "again", "console:carol")
+    assert [a.id for a in await approvals.requests("pending")] == [rid]
 
-    def anyone(found: dict[str, Any]) -> None:
+    def anyone(found: Approval) -> None:
         return None
 
     with pytest.raises(AccountError, match="second person"):
-        accounts.decide(rid, "console:alice", True, anyone).result(10)
+        await approvals.decide(rid, "console:alice", True, anyone)
 
-    def refuse(found: dict[str, Any]) -> None:
+    def refuse(found: Approval) -> None:
         raise AccountError("deciding needs messages.act")
 
     with pytest.raises(AccountError, match="messages.act"):
-        accounts.decide(rid, "console:auditor", True, refuse).result(10)
-    assert accounts.approval(rid)["state"] == "pending"
+        await approvals.decide(rid, "console:auditor", True, refuse)
+    assert (await approvals.get(rid)).state == "pending"
     with pytest.raises(AccountError, match="not a pending request of yours"):
-        accounts.withdraw(rid, "console:bob").result(10)
-    decided = accounts.decide(rid, "console:bob", True, anyone).result(10)
-    assert (decided["state"], decided["decided_by"], decided["requested_by"]) == ("approved", "console:bob", "console:alice")
-    accounts.finish(rid, "released").result(10)
-    a = accounts.approval(rid)
-    assert (a["state"], a["decided_by"], a["outcome"]) == ("approved", "console:bob", "released")
+        await approvals.withdraw(rid, "console:bob")
+    decided = await approvals.decide(rid, "console:bob", True, anyone)
+    assert (decided.state, decided.decided_by, decided.requested_by) == ("approved", "console:bob", "console:alice")
+    await approvals.finish(rid, "released")
+    a = await approvals.get(rid)
+    assert (a.state, a.decided_by, a.outcome) == ("approved", "console:bob", "released")
     with pytest.raises(AccountError, match="not waiting for a decision"):
-        accounts.decide(rid, "console:carol", False, anyone).result(10)
-    [rec] = audits(accounts.store, "console.approval_approved")
+        await approvals.decide(rid, "console:carol", False, anyone)
+    [rec] = await audits(store, "console.approval_approved")
     assert (rec["actor"], rec["message_id"], rec["detail"]["requested_by"]) == ("console:bob", "m1", "console:alice")
     # a new request for the same target once the first is decided; withdrawn by its requester
-    rid2 = accounts.request("quarantine.release", "m1", params, "once more", "console:alice").result(10)
-    accounts.withdraw(rid2, "console:alice").result(10)
-    assert accounts.approval(rid2)["state"] == "withdrawn"
+    rid2 = await approvals.request("quarantine.release", "m1", params, "once more", "console:alice")
+    await approvals.withdraw(rid2, "console:alice")
+    assert (await approvals.get(rid2)).state == "withdrawn"
     with pytest.raises(AccountError, match="it was withdrawn"):
-        accounts.decide(rid2, "console:bob", True, anyone).result(10)
+        await approvals.decide(rid2, "console:bob", True, anyone)
 
 
 # --- 4. the users CLI (no gateway running) ---------------------------------------------------------------
 
 
-def users_cli(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> tuple[int, str, str]:
+async def users_cli(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = cli.main(["users", *argv, "-c", str(config)])
+    code = await asyncio.to_thread(cli.main, ["users", *argv, "-c", str(config)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
-def test_users_cli(inst, capsys):
+async def test_users_cli(inst, capsys):
     cfg = inst.config
-    code, out, err = users_cli(capsys, cfg, "add", "carol", "--role", "operator", "--content", "--json")
+    code, out, err = await users_cli(capsys, cfg, "add", "carol", "--role", "operator", "--content", "--json")
     assert code == 0, err
     made = json.loads(out)
     assert (made["name"], made["roles"]) == ("carol", ["operator"]) and len(made["password"]) >= 16
-    code, out, err = users_cli(capsys, cfg, "add", "dave", "--role", "auditor")
+    code, out, err = await users_cli(capsys, cfg, "add", "dave", "--role", "auditor")
     assert code == 0, err
     assert out.startswith("dave: initial password ")
     dave_password = out.split()[3]
 
-    code, out, err = users_cli(capsys, cfg, "add", "carol", "--role", "admin")
+    code, out, err = await users_cli(capsys, cfg, "add", "carol", "--role", "admin")
     assert code == 2 and "exists already" in err
-    code, out, err = users_cli(capsys, cfg, "add", "Carol!", "--role", "admin")
+    code, out, err = await users_cli(capsys, cfg, "add", "Carol!", "--role", "admin")
     assert code == 2 and "is not a user name" in err
-    code, out, err = users_cli(capsys, cfg, "disable", "nobody")
+    code, out, err = await users_cli(capsys, cfg, "disable", "nobody")
     assert code == 2 and "no user 'nobody'" in err
 
-    code, out, err = users_cli(capsys, cfg, "list", "--json")
+    code, out, err = await users_cli(capsys, cfg, "list", "--json")
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)}
     assert set(rows) == {"carol", "dave"}
@@ -498,27 +510,27 @@ def test_users_cli(inst, capsys):
 
     store = SqliteStore(inst.state_dir)
     try:
-        acc = Accounts(store)
-        assert security.verify_password(acc.user("carol").password_hash, made["password"])
-        assert security.verify_password(acc.user("dave").password_hash, dave_password)
-        acc.enroll_totp("carol", security.new_totp_secret(), 1, [security.recovery_hash("aaaaa-bbbbb")]).result(10)
+        acc = store.accounts
+        assert security.verify_password((await acc.user("carol")).password_hash, made["password"])
+        assert security.verify_password((await acc.user("dave")).password_hash, dave_password)
+        await acc.enroll_totp("carol", security.new_totp_secret(), 1, [security.recovery_hash("aaaaa-bbbbb")])
         for _ in range(5):
-            acc.failed("carol", "password", "127.0.0.1", 5, 900.0).result(10)
-        assert acc.user("carol").locked()
+            await acc.failed("carol", "password", "127.0.0.1", 5, 900.0)
+        assert (await acc.user("carol")).locked()
     finally:
-        store.close()
+        await store.close()
 
     for action in ("disable", "enable", "reset-mfa", "unlock"):
-        code, out, err = users_cli(capsys, cfg, action, "carol")
+        code, out, err = await users_cli(capsys, cfg, action, "carol")
         assert (code, out.strip()) == (0, f"carol: {action} done"), err
-    code, out, err = users_cli(capsys, cfg, "reset-password", "carol", "--json")
+    code, out, err = await users_cli(capsys, cfg, "reset-password", "carol", "--json")
     assert code == 0, err
     reset = json.loads(out)
     assert reset["name"] == "carol" and reset["password"] != made["password"]
-    code, out, err = users_cli(capsys, cfg, "disable", "dave")
+    code, out, err = await users_cli(capsys, cfg, "disable", "dave")
     assert code == 0, err
 
-    code, out, err = users_cli(capsys, cfg, "list")
+    code, out, err = await users_cli(capsys, cfg, "list")
     assert code == 0, err
     lines = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
     assert lines["carol"][1:3] == ["operator +content", "active"]
@@ -528,12 +540,12 @@ def test_users_cli(inst, capsys):
 
     store = SqliteStore(inst.state_dir)
     try:
-        carol = Accounts(store).user("carol")
+        carol = await store.accounts.user("carol")
         assert (carol.enrolled, carol.locked(), carol.must_change, carol.state) == (False, False, True, "active")
         assert security.verify_password(carol.password_hash, reset["password"])
         assert not security.verify_password(carol.password_hash, made["password"])
         actor = f"cli:{current_user()}"
-        records = [r for r in store.audit_records(1000) if r["action"].startswith("user.")]
+        records = [r for r in await audit_records(store, 1000) if r["action"].startswith("user.")]
         got = sorted((r["seq"], r["action"], r["detail"].get("user")) for r in records if r["actor"] == actor)
         assert [(a, u) for _, a, u in got] == [
             ("user.added", "carol"), ("user.added", "dave"), ("user.disabled", "carol"), ("user.enabled", "carol"),
@@ -541,25 +553,25 @@ def test_users_cli(inst, capsys):
             ("user.disabled", "dave")]
         assert all(r["actor"] == actor for r in records)
     finally:
-        store.close()
+        await store.close()
     capsys.readouterr()
-    code = cli.main(["audit", "verify", "-c", str(cfg)])
+    code = await asyncio.to_thread(cli.main, ["audit", "verify", "-c", str(cfg)])
     out, err = capsys.readouterr()
     assert code == 0 and "audit log OK" in out, out + err  # every CLI change sealed into the chain
 
 
-def test_cli_password_reset_is_audited_as_a_reset_whoever_runs_it(inst, capsys, monkeypatch):
+async def test_cli_password_reset_is_audited_as_a_reset_whoever_runs_it(inst, capsys, monkeypatch):
     monkeypatch.delenv("SUDO_USER", raising=False)
     monkeypatch.setenv("USER", "erin")
-    code, _, err = users_cli(capsys, inst.config, "add", "erin", "--role", "operator")
+    code, _, err = await users_cli(capsys, inst.config, "add", "erin", "--role", "operator")
     assert code == 0, err
-    code, _, err = users_cli(capsys, inst.config, "reset-password", "erin")
+    code, _, err = await users_cli(capsys, inst.config, "reset-password", "erin")
     assert code == 0, err
     store = SqliteStore(inst.state_dir)
     try:
-        assert [r["actor"] for r in audits(store, "user.password_reset")] == ["cli:erin"]
+        assert [r["actor"] for r in await audits(store, "user.password_reset")] == ["cli:erin"]
     finally:
-        store.close()
+        await store.close()
 
 
 # --- 5. HTTP: the client -----------------------------------------------------------------------------------
@@ -666,8 +678,12 @@ class World:
         return self.running.gw.store
 
     @property
-    def accounts(self) -> Accounts:
-        return Accounts(self.store)
+    def accounts(self) -> AccountStore:
+        return self.store.accounts
+
+    @property
+    def approvals(self) -> ApprovalStore:
+        return self.store.approvals
 
     @property
     def base(self) -> str:
@@ -679,19 +695,19 @@ class World:
     async def person(self, name: str, *roles: str, content: bool = False) -> Person:
         """An account with a password, an enrolled authenticator and recovery codes, ready to log in."""
         acc = self.accounts
-        await wait(acc.add_user(name, roles, content, password_hash(), "pytest"))
+        await acc.add_user(name, roles, content, password_hash(), "pytest")
         p = Person(name, roles, security.new_totp_secret(), security.new_recovery_codes())
-        await wait(acc.enroll_totp(name, p.secret, 0, [security.recovery_hash(c) for c in p.codes]))
-        await wait(acc.set_password(name, password_hash(), "pytest", must_change=False))
+        await acc.enroll_totp(name, p.secret, 0, [security.recovery_hash(c) for c in p.codes])
+        await acc.set_password(name, password_hash(), "pytest", must_change=False)
         self.people[name] = p
         return p
 
-    def session_of(self, b: Browser) -> Any:
+    async def session_of(self, b: Browser) -> Session | None:
         token = b.cookie()
-        return None if token is None else self.accounts.session(security.token_hash(token))
+        return None if token is None else await self.accounts.session(security.token_hash(token))
 
     async def sql(self, query: str, *args: Any) -> int:
-        return int(await wait(self.store.write(lambda c: c.execute(query, args).rowcount)))
+        return int(await self.store.engine.write(lambda c: c.execute(query, args).rowcount))
 
 
 async def password_step(b: Browser, who: Person | str, password: str = PASSWORD, **kw: Any) -> Page:
@@ -801,7 +817,7 @@ async def test_post_without_csrf_is_refused_and_audited(world):
         page = await b.post("/console/login", {"username": p.name, "password": PASSWORD}, csrf=False)
         assert page.status == 403 and "CSRF" in page.error
         assert b.cookie() is None  # no session was opened
-        denied = [r for r in audits(world.store, "console.denied") if r["detail"]["path"] == "/console/login"]
+        denied = [r for r in await audits(world.store, "console.denied") if r["detail"]["path"] == "/console/login"]
         assert denied and denied[0]["actor"] == "console:anonymous@127.0.0.1" and "CSRF" in denied[0]["detail"]["reason"]
         # a wrong token is no better than none
         page = await b.post("/console/login", {"username": p.name, "password": PASSWORD, "csrf": "forged"}, csrf=False)
@@ -812,9 +828,9 @@ async def test_post_without_csrf_is_refused_and_audited(world):
         assert page.status == 403
         page = await b.post("/console/logout", {"csrf": security.new_token()}, csrf=False)
         assert page.status == 403
-        assert world.session_of(b) is not None  # nothing changed: still logged in
+        assert await world.session_of(b) is not None  # nothing changed: still logged in
         assert (await b.get("/console/")).path == "/console/"
-        mine = [r for r in audits(world.store, "console.denied") if r["actor"] == f"console:{p.name}"]
+        mine = [r for r in await audits(world.store, "console.denied") if r["actor"] == f"console:{p.name}"]
         assert len(mine) == 2 and all(r["detail"]["path"] == "/console/logout" for r in mine)
 
 
@@ -829,15 +845,15 @@ async def test_foreign_or_missing_origin_is_refused(world):
                         {"Origin": f"https://localhost:{world.running.gw.admin_port}"}):
             page = await b.post("/console/logout", headers=headers)
             assert page.status == 403 and "Origin" in page.error, headers
-        assert world.session_of(b) is not None
+        assert await world.session_of(b) is not None
         # the same request without Origin or Referer: refused too
         async with world.browser(origin=None) as bare:
             bare.jar.update_cookies({web.SESSION_COOKIE: token}, URL(world.base + "/console/"))
             bare.csrf = b.csrf
             page = await bare.post("/console/logout")
             assert page.status == 403 and "Origin" in page.error
-        assert world.session_of(b) is not None
-        denied = [r for r in audits(world.store, "console.denied") if r["actor"] == f"console:{p.name}"]
+        assert await world.session_of(b) is not None
+        denied = [r for r in await audits(world.store, "console.denied") if r["actor"] == f"console:{p.name}"]
         assert len(denied) == 5
         # a same-origin Referer (no Origin) is accepted: the check is not a blanket refusal
         async with world.browser(origin=None) as bare:
@@ -845,7 +861,7 @@ async def test_foreign_or_missing_origin_is_refused(world):
             bare.csrf = b.csrf
             page = await bare.post("/console/logout", headers={"Referer": world.base + "/console/"})
             assert page.path == "/console/login"
-        assert world.session_of(b) is None
+        assert await world.session_of(b) is None
 
 
 # --- 7. HTTP: sessions ---------------------------------------------------------------------------------------
@@ -862,7 +878,7 @@ async def test_session_cookie_flags_rotation_and_logout(world):
         assert "httponly" in attrs and attrs["samesite"].lower() == "samesite=strict" and attrs["path"] == "Path=/console/"
         assert "secure" not in attrs  # plain HTTP on loopback; Secure on HTTPS
         pre = b.cookie()
-        assert pre and world.session_of(b).stage == "mfa"
+        assert pre and (await world.session_of(b)).stage == "mfa"
 
         # the pre-login session reaches the second-factor pages only
         for path in ("/console/messages", "/console/", "/console/dead-letters", "/console/account"):
@@ -872,18 +888,18 @@ async def test_session_cookie_flags_rotation_and_logout(world):
         assert page.path == "/console/mfa" and not page.has("//table[@id='messages']")
         assert page.has("//form[@id='totp']//input[@name='code']") and page.has("//form[@id='recovery']//input[@name='recovery_code']")
         assert not page.has("//button[@id='passkey-login']")  # no passkey registered
-        before = world.store.message(world.ids["dead"])["deliveries"]
+        before = (await world.store.reports.message(world.ids["dead"])).deliveries
         page = await b.post("/console/dead-letters", {"item": f"{world.ids['dead']} erp-api", "reason": "x",
                                                       "action": "requeue"}, follow=False)
         assert (page.status, page.location) == (303, "/console/mfa")
-        assert world.store.message(world.ids["dead"])["deliveries"] == before  # nothing done
+        assert (await world.store.reports.message(world.ids["dead"])).deliveries == before  # nothing done
 
         page = await b.post("/console/mfa/totp", {"code": await p.code()}, follow=False)
         assert (page.status, page.location) == (303, "/console/")
         full = b.cookie()
         assert full and full != pre  # a new identifier after the second factor
-        assert world.accounts.session(security.token_hash(pre)) is None
-        assert world.session_of(b).stage == "full"
+        assert await world.accounts.session(security.token_hash(pre)) is None
+        assert (await world.session_of(b)).stage == "full"
         page = await b.get("/console/messages")
         assert page.status == 200 and page.has("//table[@id='messages']//tbody/tr[@data-message-id]")
         shown = set(page.xpath("//table[@id='messages']//tbody/tr/@data-message-id"))
@@ -892,8 +908,8 @@ async def test_session_cookie_flags_rotation_and_logout(world):
 
         page = await b.post("/console/logout", follow=False)
         assert (page.status, page.location) == (303, "/console/login")
-        assert world.accounts.session(security.token_hash(full)) is None
-        [ended] = [r for r in audits(world.store, "console.session_logout") if r["detail"]["user"] == p.name]
+        assert await world.accounts.session(security.token_hash(full)) is None
+        [ended] = [r for r in await audits(world.store, "console.session_logout") if r["detail"]["user"] == p.name]
         assert ended["actor"] == f"console:{p.name}"
     # the old cookie, replayed, is a stranger
     async with world.browser() as b:
@@ -909,13 +925,13 @@ async def test_idle_session_ends(world):
     p = await world.person("idler", "auditor")
     async with world.browser() as b:
         await login(b, p)
-        session = world.session_of(b)
+        session = await world.session_of(b)
         assert (await b.get("/console/audit")).status == 200
         assert await world.sql("UPDATE console_sessions SET seen_at = seen_at - 61 WHERE id_hash = ?", session.id_hash) == 1
         page = await b.get("/console/audit", follow=False)
         assert (page.status, page.location) == (303, "/console/login?next=/console/audit")
-        assert world.accounts.session(session.id_hash) is None
-        [expired] = [r for r in audits(world.store, "console.session_expired") if r["detail"]["user"] == p.name]
+        assert await world.accounts.session(session.id_hash) is None
+        [expired] = [r for r in await audits(world.store, "console.session_expired") if r["detail"]["user"] == p.name]
         assert expired["detail"]["session"] == session.id_hash[:12]
 
 
@@ -964,24 +980,24 @@ async def test_bootstrap_account_and_login_throttle(inst):
                 assert (page.status, page.path) == (200, "/console/"), page.error
                 assert not secret_file.exists()
                 assert (await b.get("/console/users")).status == 200
-                admin = Accounts(running.gw.store).user("admin")
+                admin = await running.gw.store.accounts.user("admin")
                 assert (admin.roles, admin.must_change, admin.enrolled, admin.created_by) == (("admin",), False, True, "gateway")
                 assert security.verify_password(admin.password_hash, "purple elephant dances")
-                [changed] = audits(running.gw.store, "user.password_changed")
+                [changed] = await audits(running.gw.store, "user.password_changed")
                 assert changed["actor"] == "console:admin"
                 # the next visit does not make another account
                 async with Browser(base) as other:
                     await other.get("/console/login")
-                    assert not secret_file.exists() and [u.name for u in Accounts(running.gw.store).users()] == ["admin"]
+                    assert not secret_file.exists() and [u.name for u in await running.gw.store.accounts.users()] == ["admin"]
                     # the address has used one of its three attempts; two more, then it must wait
                     for _ in range(2):
                         page = await other.post("/console/login", {"username": "admin", "password": "guessing wrong"})
                         assert page.status == 401
                     page = await other.post("/console/login", {"username": "admin", "password": "purple elephant dances"})
                     assert page.status == 429 and "too many" in page.error and other.cookie() is None
-                [throttled] = audits(running.gw.store, "console.login_throttled")
+                [throttled] = await audits(running.gw.store, "console.login_throttled")
                 assert throttled["actor"] == "console:anonymous@127.0.0.1"
-                assert Accounts(running.gw.store).user("admin").failures == 2  # a refused attempt is not a failure
+                assert (await running.gw.store.accounts.user("admin")).failures == 2  # a refused attempt is not a failure
     finally:
         logs.configure("warning")
 
@@ -1000,9 +1016,9 @@ async def test_lockout_after_five_failed_factors(world, capsys):
         assert page.status == 401 and "not valid" in page.error
         page = await b.post("/console/mfa/totp", {"code": wrong})  # the fifth failure, counted with the passwords
         assert page.status == 423 and "locked" in page.error
-        assert world.session_of(b) is None  # the half-done login ends
-    assert world.accounts.user(p.name).locked()
-    [locked] = [r for r in audits(world.store, "console.user_locked") if r["detail"]["user"] == p.name]
+        assert await world.session_of(b) is None  # the half-done login ends
+    assert (await world.accounts.user(p.name)).locked()
+    [locked] = [r for r in await audits(world.store, "console.user_locked") if r["detail"]["user"] == p.name]
     assert (locked["actor"], locked["detail"]["factor"], locked["detail"]["minutes"]) == ("gateway", "totp", 15)
     async with world.browser() as b:
         page = await password_step(b, p)  # even the right password
@@ -1011,7 +1027,7 @@ async def test_lockout_after_five_failed_factors(world, capsys):
         code = await asyncio.to_thread(cli.main, ["users", "unlock", p.name, "-c", str(world.inst.config)])
         out = capsys.readouterr().out
         assert (code, out.strip()) == (0, f"{p.name}: unlock done")
-        [unlocked] = [r for r in audits(world.store, "user.unlocked") if r["detail"]["user"] == p.name]
+        [unlocked] = [r for r in await audits(world.store, "user.unlocked") if r["detail"]["user"] == p.name]
         assert unlocked["actor"] == f"cli:{current_user()}"
         await login(b, p)
 
@@ -1054,9 +1070,9 @@ async def test_recovery_code_works_once(world):
         assert page.status == 401 and "used already" in page.error
         page = await b.post("/console/mfa/recovery", {"recovery_code": p.codes[1]})
         assert page.path == "/console/", page.error
-    methods = [r["detail"]["method"] for r in audits(world.store, "console.login") if r["actor"] == f"console:{p.name}"]
+    methods = [r["detail"]["method"] for r in await audits(world.store, "console.login") if r["actor"] == f"console:{p.name}"]
     assert methods == ["recovery-code", "recovery-code"]
-    assert world.accounts.recovery_left(p.name) == 8
+    assert await world.accounts.recovery_left(p.name) == 8
 
 
 # --- 9. HTTP: roles, four eyes, fresh authentication, content -------------------------------------------------
@@ -1067,7 +1083,7 @@ async def test_roles_over_http(world):
     auditor = await world.person("auditor1", "auditor")
     operator = await world.person("ops-dead", "operator")
     dead, held = world.ids["dead"], world.ids["held"]
-    held_state = world.store.quarantine_entry(held)["state"]
+    held_state = (await world.store.quarantine.entry(held)).state
     async with world.browser() as b:
         await login(b, auditor)
         page = await b.get("/console/dead-letters")
@@ -1084,10 +1100,10 @@ async def test_roles_over_http(world):
         assert page.has("//table[@id='accounts']") and not page.has("//form[@id='release']")
         page = await b.post(f"/console/quarantine/{world.ids['held']}/reject", {"note": "no"})
         assert page.status == 403
-    assert world.accounts.user("sneaky") is None
-    assert world.store.message(dead)["deliveries"][0]["state"] == "dead"
-    assert world.store.quarantine_entry(held)["state"] == held_state
-    denied = [r["detail"]["path"] for r in audits(world.store, "console.denied") if r["actor"] == "console:auditor1"]
+    assert await world.accounts.user("sneaky") is None
+    assert (await world.store.reports.message(dead)).deliveries[0].state == "dead"
+    assert (await world.store.quarantine.entry(held)).state == held_state
+    denied = [r["detail"]["path"] for r in await audits(world.store, "console.denied") if r["actor"] == "console:auditor1"]
     assert sorted(denied) == sorted(["/console/dead-letters", "/console/users", f"/console/quarantine/{world.ids['held']}/reject"])
 
     async with world.browser() as b:
@@ -1099,18 +1115,18 @@ async def test_roles_over_http(world):
         # discard is four-eyes: a request, nothing done yet
         page = await b.post("/console/dead-letters", {"item": f"{dead} erp-api", "reason": "sent by post", "action": "discard"})
         assert page.path == "/console/dead-letters" and "discard requested" in page.text
-        [req] = [a for a in world.accounts.approvals("pending") if a["kind"] == "deadletter.discard"]
-        assert (req["target"], req["requested_by"], req["reason"]) == (f"{dead} erp-api", "console:ops-dead", "sent by post")
-        assert world.store.message(dead)["deliveries"][0]["state"] == "dead"
+        [req] = [a for a in await world.approvals.requests("pending") if a.kind == "deadletter.discard"]
+        assert (req.target, req.requested_by, req.reason) == (f"{dead} erp-api", "console:ops-dead", "sent by post")
+        assert (await world.store.reports.message(dead)).deliveries[0].state == "dead"
         page = await b.get("/console/approvals")
-        assert page.has(f"//table[@id='approvals']//tr[@data-approval-id='{req['id']}']//form[@class='withdraw']")
-        page = await b.post(f"/console/approvals/{req['id']}/withdraw")
-        assert page.status == 200 and world.accounts.approval(req["id"])["state"] == "withdrawn"
+        assert page.has(f"//table[@id='approvals']//tr[@data-approval-id='{req.id}']//form[@class='withdraw']")
+        page = await b.post(f"/console/approvals/{req.id}/withdraw")
+        assert page.status == 200 and (await world.approvals.get(req.id)).state == "withdrawn"
         # requeue is done at once
         page = await b.post("/console/dead-letters", {"item": f"{dead} erp-api", "reason": "ERP fixed", "action": "requeue"})
         assert page.path == "/console/dead-letters" and "1 requeued" in page.text
-    assert world.store.message(dead)["deliveries"][0]["state"] != "dead"
-    [requeued] = [r for r in audits(world.store, "delivery.requeued") if r["message_id"] == dead]
+    assert (await world.store.reports.message(dead)).deliveries[0].state != "dead"
+    [requeued] = [r for r in await audits(world.store, "delivery.requeued") if r["message_id"] == dead]
     assert (requeued["actor"], requeued["detail"]["reason"]) == ("console:ops-dead", "ERP fixed")
 
 
@@ -1127,42 +1143,42 @@ async def test_four_eyes_release_with_fresh_authentication(world):
         assert page.has("//form[@id='release']//*[@name='note']") and page.has("//form[@id='reject']")
         page = await b.post(f"/console/quarantine/{held}/release", {"note": "account confirmed by phone"})
         assert page.path == f"/console/quarantine/{held}" and "second person" in page.text
-        [req] = [a for a in world.accounts.approvals("pending") if a["kind"] == "quarantine.release"]
-        assert (req["target"], req["requested_by"]) == (held, "console:ops1")
-        assert world.store.quarantine_entry(held)["state"] == "held"
+        [req] = [a for a in await world.approvals.requests("pending") if a.kind == "quarantine.release"]
+        assert (req.target, req.requested_by) == (held, "console:ops1")
+        assert (await world.store.quarantine.entry(held)).state == "held"
         page = await b.get("/console/approvals")
-        row = f"//table[@id='approvals']//tr[@data-approval-id='{req['id']}']"
+        row = f"//table[@id='approvals']//tr[@data-approval-id='{req.id}']"
         assert page.has(row) and not page.has(f"{row}//form[@class='approve']")  # not offered to the requester
-        page = await b.post(f"/console/approvals/{req['id']}/approve")
+        page = await b.post(f"/console/approvals/{req.id}/approve")
         assert page.status == 403 and "second person" in page.error
-        assert world.accounts.approval(req["id"])["state"] == "pending"
+        assert (await world.approvals.get(req.id)).state == "pending"
 
     async with world.browser() as b:
         await login(b, second)
         page = await b.get("/console/approvals")
-        assert page.has(f"//tr[@data-approval-id='{req['id']}']//form[@class='approve']")
+        assert page.has(f"//tr[@data-approval-id='{req.id}']//form[@class='approve']")
         # ten minutes after the login, approving needs the password and a code again
-        session = world.session_of(b)
+        session = await world.session_of(b)
         await world.sql("UPDATE console_sessions SET auth_at = auth_at - 600 WHERE id_hash = ?", session.id_hash)
-        page = await b.post(f"/console/approvals/{req['id']}/approve", follow=False,
+        page = await b.post(f"/console/approvals/{req.id}/approve", follow=False,
                             headers={"Referer": world.base + "/console/approvals"})
         assert page.status == 303 and page.location.startswith("/console/reauth?")
         assert parse_qs(urlsplit(page.location).query)["next"] == ["/console/approvals"]
-        assert world.accounts.approval(req["id"])["state"] == "pending"
+        assert (await world.approvals.get(req.id)).state == "pending"
         page = await b.get(page.location)
         assert page.has("//form[@id='reauth']//input[@name='password']") and page.has("//form[@id='reauth']//input[@name='code']")
         page = await b.post("/console/reauth", {"password": PASSWORD, "code": await second.code(), "next": "/console/approvals"})
         assert page.path == "/console/approvals", page.error
-        assert world.session_of(b).auth_at > time.time() - 60
-        page = await b.post(f"/console/approvals/{req['id']}/approve")
+        assert (await world.session_of(b)).auth_at > time.time() - 60
+        page = await b.post(f"/console/approvals/{req.id}/approve")
         assert page.path == "/console/approvals" and page.status == 200, page.error
-    decided = world.accounts.approval(req["id"])
-    assert (decided["state"], decided["decided_by"], decided["outcome"]) == ("approved", "console:ops2", "released")
-    entry = world.store.quarantine_entry(held)
-    assert (entry["state"], entry["decided_by"]) == ("released", "console:ops2")
-    [released] = [r for r in audits(world.store, "quarantine.released") if r["message_id"] == held]
+    decided = await world.approvals.get(req.id)
+    assert (decided.state, decided.decided_by, decided.outcome) == ("approved", "console:ops2", "released")
+    entry = await world.store.quarantine.entry(held)
+    assert (entry.state, entry.decided_by) == ("released", "console:ops2")
+    [released] = [r for r in await audits(world.store, "quarantine.released") if r["message_id"] == held]
     assert released["actor"] == "console:ops2" and "requested by console:ops1" in released["detail"]["note"]
-    assert [r["actor"] for r in audits(world.store, "console.reauthenticated")] == ["console:ops2"]
+    assert [r["actor"] for r in await audits(world.store, "console.reauthenticated")] == ["console:ops2"]
 
 
 @shared
@@ -1176,8 +1192,8 @@ async def test_content_view_needs_its_permission_and_is_audited(world):
         assert len(page.xpath("//ol[@id='timeline']/li")) >= 3 and not page.has("//form[@id='view-content']")
         page = await b.post(f"/console/messages/{mid}/content")
         assert page.status == 403 and not page.has("//pre[@id='content']") and "DEMO-2026-0001</" not in page.text
-    assert audits(world.store, "console.content_viewed") == []
-    assert [r["actor"] for r in audits(world.store, "console.denied") if r["detail"]["path"].endswith("/content")] == \
+    assert await audits(world.store, "console.content_viewed") == []
+    assert [r["actor"] for r in await audits(world.store, "console.denied") if r["detail"]["path"].endswith("/content")] == \
         ["console:no-content"]
     async with world.browser() as b:
         await login(b, reader)
@@ -1187,9 +1203,9 @@ async def test_content_view_needs_its_permission_and_is_audited(world):
         assert page.status == 200, page.error
         [content] = page.xpath("//pre[@id='content']/text()")
         assert content.lstrip().startswith("<?xml") and "<cbc:ID>DEMO-2026-0001</cbc:ID>" in content
-    [viewed] = audits(world.store, "console.content_viewed")
+    [viewed] = await audits(world.store, "console.content_viewed")
     assert (viewed["actor"], viewed["message_id"], viewed["partner"]) == ("console:reader", mid, "demo-supplier")
-    assert viewed["detail"]["sha256"] == world.store.message(mid)["sha256"]
+    assert viewed["detail"]["sha256"] == (await world.store.reports.message(mid)).sha256
 
 
 @shared
@@ -1215,7 +1231,7 @@ async def test_signed_audit_export_verifies_and_tampering_is_found(world, tmp_pa
     code = await asyncio.to_thread(cli.main, ["audit", "verify", "--file", str(export), "-c", str(world.inst.config)])
     out, err = capsys.readouterr()
     assert code == 0 and "audit log OK" in out, out + err
-    [exported] = [r for r in audits(world.store, "console.audit_exported") if r["actor"] == "console:auditor2"]
+    [exported] = [r for r in await audits(world.store, "console.audit_exported") if r["actor"] == "console:auditor2"]
     assert exported["detail"]["records"] == len(lines) - 2
 
     i = body.index(b'"action": "') + len(b'"action": "')  # one character of the first record changed
@@ -1238,7 +1254,7 @@ async def test_non_ascii_totp_code_is_a_wrong_code_over_http(world):
     async with world.browser() as b:
         await password_step(b, p)
         page = await b.post("/console/mfa/totp", {"code": "１２３４５６"})
-        assert world.accounts.user(p.name).failures == 1
+        assert (await world.accounts.user(p.name)).failures == 1
         assert page.status == 401 and "not valid" in page.error
 
 
@@ -1247,16 +1263,16 @@ async def test_approved_release_keeps_the_requesters_reason(world):
     async with aiohttp.ClientSession(world.running.url,
                                      connector=aiohttp.TCPConnector(ssl=world.running.ssl())) as s:
         held = await accepted(s, invoice("CONSOLE-0002", iban=IBAN_C), status="held")
-    rid = await wait(world.accounts.request("quarantine.release", held, {"message_id": held, "partner": DEMO},
-                                            "seller confirmed the new account by phone", "console:someone-else", DEMO, held))
+    rid = await world.approvals.request("quarantine.release", held, {"message_id": held, "partner": DEMO},
+                                        "seller confirmed the new account by phone", "console:someone-else", DEMO, held)
     approver = await world.person("ops-note", "operator")
     async with world.browser() as b:
         await login(b, approver)
         page = await b.post(f"/console/approvals/{rid}/approve")
         assert page.path == "/console/approvals", page.error
-    entry = world.store.quarantine_entry(held)
-    assert entry["state"] == "released"
-    assert "seller confirmed the new account by phone" in entry["note"]
+    entry = await world.store.quarantine.entry(held)
+    assert entry.state == "released"
+    assert "seller confirmed the new account by phone" in entry.note
 
 
 @shared

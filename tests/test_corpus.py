@@ -187,7 +187,7 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
         for gw in gws:
             await gw.start()
         replies = await asyncio.gather(*(post(*p) for p in plan))
-        stored = sum(gw.store.counts()["invoices"] for gw in gws)
+        stored = sum([(await gw.store.reports.counts())["invoices"] for gw in gws])
     finally:
         for s in sessions.values():
             await s.close()

@@ -7,7 +7,7 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from gateway.cli.demo import SAMPLE
-from gateway.config.load import DeliveryConfig, Destination
-from gateway.delivery import outbox as delivery
-from gateway.delivery.outbox import DirectorySender, Outbox
+from gateway.config.model import DeliveryConfig, Destination
+from gateway.delivery.folder import DirectorySender
+from gateway.delivery.outbox import Outbox
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
-from gateway.storage.sqlite import SqliteStore
+from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import MasterKey, Vault
 
 HORIZON_S = 3600.0
@@ -44,12 +44,12 @@ class Env:
     clock: Clock
     deliverer: Outbox
 
-    def accept(self, body: bytes = SAMPLE) -> str:
+    async def accept(self, body: bytes = SAMPLE) -> str:
         message_id, sha = str(uuid.uuid4()), hashlib.sha256(body).hexdigest()
         sealed, key_id = self.vault.seal(body, message_id, sha)
         facts = InvoiceFacts(DocumentType.UBL_INVOICE, message_id, "2.1", ("0088:1",), (), "urn:c", "urn:p", "2026-11-02")
-        self.store.put(AcceptedInvoice(message_id, "acme", sha, "2026-11-20T00:00:00.000000Z", len(body), facts, sealed,
-                                       key_id), ["erp"]).result(10)
+        await self.store.intake.put(AcceptedInvoice(message_id, "acme", sha, "2026-11-20T00:00:00.000000Z", len(body), facts,
+                                                     sealed, key_id, destinations=("erp",)))
         return message_id
 
     def sql(self, query: str, *args: Any) -> Any:
@@ -70,7 +70,7 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
     store = SqliteStore(tmp_path / "state")
     vault = Vault([MasterKey("k1", "", os.urandom(32))])
     outbox = tmp_path / "outbox"
@@ -78,11 +78,11 @@ def env(tmp_path: Path) -> Iterator[Env]:
     clock = Clock(0.0)
     executor = ThreadPoolExecutor(2)
     sender = DirectorySender(Destination("erp", "directory", outbox), executor)
-    deliverer = Outbox(store, vault, {"erp": sender}, CFG, executor, owner="test", clock=clock)
+    deliverer = Outbox(store.outbox, vault, {"erp": sender}, CFG, executor, owner="test", clock=clock)
     e = Env(store, vault, outbox, clock, deliverer)
     yield e
     executor.shutdown(wait=True)
-    store.close()
+    await store.close()
 
 
 def after_creation(env: Env, message_id: str, seconds: float = 1.0) -> None:
@@ -90,7 +90,7 @@ def after_creation(env: Env, message_id: str, seconds: float = 1.0) -> None:
 
 
 async def test_delivers_json_then_xml_atomically(env, monkeypatch):
-    mid = env.accept()
+    mid = await env.accept()
     after_creation(env, mid)
     renames: list[tuple[str, str]] = []
     real_replace = os.replace
@@ -99,7 +99,7 @@ async def test_delivers_json_then_xml_atomically(env, monkeypatch):
         renames.append((Path(src).name, Path(dst).name))
         real_replace(src, dst)
 
-    monkeypatch.setattr(delivery.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)  # as the folder sender (gateway/files.py) calls it
     assert await env.deliverer.run_once() == 1
     assert [dst for _, dst in renames] == [f"{mid}.json", f"{mid}.xml"]
     for src, dst in renames:  # written under a hidden, unique temporary name first
@@ -113,7 +113,7 @@ async def test_delivers_json_then_xml_atomically(env, monkeypatch):
 
 
 async def test_a_failed_write_leaves_no_partial_file(env, monkeypatch):
-    mid = env.accept()
+    mid = await env.accept()
     after_creation(env, mid)
     calls = []
     real_fsync = os.fsync
@@ -124,7 +124,7 @@ async def test_a_failed_write_leaves_no_partial_file(env, monkeypatch):
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 
-    monkeypatch.setattr(delivery.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     await env.deliverer.run_once()
     assert env.files() == [f"{mid}.json"]  # the sidecar may be there; no .xml, no .tmp
     job = env.job(mid)
@@ -159,7 +159,7 @@ def repair(outbox: Path) -> None:
 
 @pytest.mark.parametrize("damage", [break_missing, break_read_only, break_not_a_folder])
 async def test_unwritable_folder_is_retried_later(env, damage):
-    mid = env.accept()
+    mid = await env.accept()
     after_creation(env, mid)
     damage(env.outbox)
     for attempt in (1, 2):
@@ -178,13 +178,14 @@ async def test_unwritable_folder_is_retried_later(env, damage):
 
 
 async def test_past_the_horizon_is_dead_letter(env):
-    mid = env.accept()
+    mid = await env.accept()
     env.outbox.rmdir()
     after_creation(env, mid, HORIZON_S + 1)
     assert await env.deliverer.run_once() == 1
     job = env.job(mid)
     assert (job["state"], job["attempts"]) == ("dead", 1)
-    assert env.store.status(mid, "acme")["status"] == "dead-letter"
+    status = await env.store.intake.status(mid, "acme")
+    assert status is not None and status.status == "dead-letter"
     env.outbox.mkdir()
     env.clock.now += 10 * HORIZON_S
     assert await env.deliverer.run_once() == 0  # parked, never retried nor dropped
@@ -193,9 +194,11 @@ async def test_past_the_horizon_is_dead_letter(env):
 
 @pytest.mark.parametrize("offset", [0, 4, 5, 30, 60, -17, -1])
 async def test_tampered_blob_is_dead_letter_never_delivered(env, offset):
-    mid = env.accept()
+    mid = await env.accept()
     after_creation(env, mid)
-    sealed = bytearray(env.store.load_sealed(mid))
+    stored = await env.store.outbox.load_sealed(mid)
+    assert stored is not None
+    sealed = bytearray(stored)
     sealed[offset] ^= 0x01
     env.sql("UPDATE blobs SET sealed = ? WHERE message_id = ?", bytes(sealed), mid)
     assert await env.deliverer.run_once() == 1
@@ -206,7 +209,7 @@ async def test_tampered_blob_is_dead_letter_never_delivered(env, offset):
 
 
 async def test_redelivery_rewrites_the_same_names_with_the_same_bytes(env):
-    mid = env.accept()
+    mid = await env.accept()
     after_creation(env, mid)
     await env.deliverer.run_once()
     first = {name: ((env.outbox / name).read_bytes(), (env.outbox / name).stat().st_ino) for name in env.files()}

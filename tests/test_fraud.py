@@ -16,11 +16,12 @@ here from the sample stays EN 16931-valid (amounts are scaled together, so the t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import json
 import sqlite3
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,17 @@ async def accepted(s: aiohttp.ClientSession, body: bytes, status: str = "accepte
     return str(reply["message_id"])
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 3.0, what: str = "condition") -> None:
+async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 3.0, what: str = "condition") -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not check():
+    while not await holds(check()):
         if loop.time() > deadline:
             raise AssertionError(f"{what}: not true within {timeout} s")
         await asyncio.sleep(0.05)
+
+
+async def holds(outcome: bool | Awaitable[bool]) -> bool:
+    return await outcome if inspect.isawaitable(outcome) else outcome
 
 
 def outbox(inst: instance.Instance) -> Path:
@@ -131,8 +136,13 @@ async def wait_delivered(gateway: Running, message_id: str) -> None:
     await eventually(lambda: delivered(gateway.inst, message_id), 3.0, f"delivery of {message_id}")
 
 
-def audit(gateway: Running, action: str) -> list[dict[str, Any]]:
-    return [r for r in gateway.gw.store.audit_records() if r["action"] == action]
+async def audit(gateway: Running, action: str) -> list[dict[str, Any]]:
+    return [r.as_json() | {"detail": json.loads(r.detail)} for r in await gateway.gw.store.audit.newest() if r.action == action]
+
+
+async def delivered_status(gateway: Running, message_id: str) -> bool:
+    status = await gateway.gw.store.intake.status(message_id, DEMO)
+    return status is not None and status.status == "delivered"
 
 
 def account_states(gateway: Running, partner: str = DEMO) -> dict[str, str]:
@@ -221,8 +231,8 @@ async def test_wrong_iban_check_digits_is_refused_and_audited(gateway, client):
     assert status == 422, reply
     assert reply["error"] == "INVALID_IBAN"
     assert any(bad in d["message"] for d in reply["details"]), reply
-    assert gateway.gw.store.counts() == {"invoices": 0}
-    [record] = audit(gateway, "fraud.invalid_iban")
+    assert (await gateway.gw.store.reports.counts()) == {"invoices": 0}
+    [record] = await audit(gateway, "fraud.invalid_iban")
     assert (record["actor"], record["partner"], record["message_id"]) == ("gateway", DEMO, None)
     assert bad not in json.dumps(record)  # the audit log keeps no invoice content
     # the corrected invoice goes through; a proprietary (non-IBAN) account is not checked as an IBAN
@@ -244,7 +254,7 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     s = client()
     # The seller's first invoice: its account is recorded as known, and nothing is held.
     first = await accepted(s, invoice("ACC-0001"))
-    [seen] = audit(gateway, "account.first_seen")
+    [seen] = await audit(gateway, "account.first_seen")
     assert (seen["partner"], seen["message_id"]) == (DEMO, first)
     assert seen["detail"]["accounts"] == ["DE89…3000"]  # masked in the audit log
     assert account_states(gateway) == {IBAN_A: "known"}
@@ -264,7 +274,7 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     for word in ("account", "GB82", "payee", "never used"):
         assert word.lower() not in text.lower(), word
     assert account_states(gateway) == {IBAN_A: "known", IBAN_B: "pending"}
-    [record] = audit(gateway, "quarantine.held")
+    [record] = await audit(gateway, "quarantine.held")
     assert (record["message_id"], record["actor"]) == (held, "gateway")
     assert IBAN_B not in json.dumps(record) and "GB82…5432" in json.dumps(record, ensure_ascii=False)
 
@@ -304,13 +314,13 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     assert code == 0, err
     assert f"message {held} released by alice" in out
     await wait_delivered(gateway, held)
-    await eventually(lambda: gateway.gw.store.status(held, DEMO)["status"] == "delivered", 3.0, "status delivered")
+    await eventually(lambda: delivered_status(gateway, held), 3.0, "status delivered")
     state, _ = await get_status(s, held)
     assert state["status"] == "delivered"
     assert [d["status"] for d in state["deliveries"]] == ["delivered"]
     sidecar = json.loads((outbox(gateway.inst) / f"{held}.json").read_text())
     assert (sidecar["message_id"], sidecar["invoice_number"]) == (held, "ACC-0003")
-    [record] = audit(gateway, "quarantine.released")
+    [record] = await audit(gateway, "quarantine.released")
     assert (record["actor"], record["partner"], record["message_id"]) == ("alice", DEMO, held)
     assert record["detail"] == {"note": "confirmed by phone"}
     assert account_states(gateway)[IBAN_B] == "known"
@@ -335,7 +345,7 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     assert f"message {second} rejected by bob" in out
     state, _ = await get_status(s, second)
     assert (state["status"], state["deliveries"]) == ("rejected", [])
-    [record] = audit(gateway, "quarantine.rejected")
+    [record] = await audit(gateway, "quarantine.rejected")
     assert (record["actor"], record["message_id"]) == ("bob", second)
     code, reply, _ = await post(s, invoice("ACC-0005", iban=IBAN_B))
     assert (code, reply["message_id"], reply["status"], reply["duplicate"]) == (202, second, "rejected", True)
@@ -353,7 +363,7 @@ async def test_rejected_invoice_is_never_delivered_and_decided_once(gateway, cli
     assert code == 0, err
     state, _ = await get_status(s, held)
     assert state["status"] == "rejected"
-    assert gateway.gw.store.counts().get("deliveries_rejected") == 1
+    assert (await gateway.gw.store.reports.counts()).get("deliveries_rejected") == 1
     assert account_states(gateway) == {IBAN_A: "known", IBAN_C: "rejected"}
 
     # Deciding again, either way, fails with a clear message and changes nothing.
@@ -362,8 +372,8 @@ async def test_rejected_invoice_is_never_delivered_and_decided_once(gateway, cli
         assert code == 1
         assert out == ""
         assert f"message {held} was already rejected" in err
-    assert [r["actor"] for r in audit(gateway, "quarantine.rejected")] == ["carol"]
-    assert audit(gateway, "quarantine.released") == []
+    assert [r["actor"] for r in await audit(gateway, "quarantine.rejected")] == ["carol"]
+    assert await audit(gateway, "quarantine.released") == []
     # Unknown ids: exit 1 as well.
     for argv in (("release", "no-such-id", "--reason", "x"), ("show", "no-such-id")):
         code, _, err = await quarantine(capsys, gateway, *argv)
@@ -392,7 +402,7 @@ async def test_account_history_is_per_partner(gateway, client, capsys, tmp_path)
     theirs = await accepted(client(other.cert, other.key), invoice("PER-0001", iban=IBAN_B, doc=FOREIGN))
     assert account_states(gateway, "other") == {IBAN_B: "known"}
     assert account_states(gateway) == {IBAN_A: "known"}
-    assert [r["message_id"] for r in audit(gateway, "account.first_seen") if r["partner"] == "other"] == [theirs]
+    assert [r["message_id"] for r in await audit(gateway, "account.first_seen") if r["partner"] == "other"] == [theirs]
     await wait_delivered(gateway, theirs)  # (the same number from two sellers is no business duplicate either)
 
 
@@ -482,11 +492,11 @@ async def test_business_duplicate(gateway, client):
     assert reply["error"] == "DUPLICATE_CONFLICT"
     assert first in reply["message"]
     assert any(first in d["message"] for d in reply["details"])
-    [record] = audit(gateway, "fraud.duplicate_conflict")
+    [record] = await audit(gateway, "fraud.duplicate_conflict")
     assert (record["actor"], record["partner"], record["message_id"]) == ("gateway", DEMO, None)
     assert record["detail"]["transport"] == "https" and record["detail"]["code"] == "DUPLICATE_CONFLICT"
     assert set(record["detail"]) == {"transport", "code", "sha256"}  # a hash of the body, never the body
-    assert gateway.gw.store.counts()["invoices"] == 1
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
     # the identical bytes again: a duplicate receipt for the first message
     code, reply, _ = await post(s, original)
@@ -498,8 +508,8 @@ async def test_business_duplicate(gateway, client):
     code, reply, _ = await post(s, invoice("DUP-0001", iban=IBAN_B, note="Pay elsewhere."))
     assert (code, reply["error"]) == (409, "DUPLICATE_CONFLICT")
     assert account_states(gateway) == {IBAN_A: "known"}
-    assert len(audit(gateway, "fraud.duplicate_conflict")) == 2
-    assert audit(gateway, "quarantine.held") == []
+    assert len(await audit(gateway, "fraud.duplicate_conflict")) == 2
+    assert await audit(gateway, "quarantine.held") == []
     await wait_delivered(gateway, first)
     await wait_delivered(gateway, other_day)
 
@@ -515,8 +525,8 @@ async def test_business_duplicate_of_a_held_invoice(gateway, client):
     code, reply, _ = await post(s, invoice("HDUP-0002", iban=IBAN_B, note="Other content."))
     assert (code, reply["error"]) == (409, "DUPLICATE_CONFLICT")
     assert held in reply["message"]
-    assert gateway.gw.store.counts()["invoices"] == 2
-    assert len(gateway.gw.store.quarantined()) == 1
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 2
+    assert len(await gateway.gw.store.quarantine.held()) == 1
 
 
 async def test_business_duplicate_across_syntaxes(cii_inst, gateway, client, capsys, corpus):
@@ -539,7 +549,7 @@ async def test_business_duplicate_across_syntaxes(cii_inst, gateway, client, cap
     assert reply2["error"] == "DUPLICATE_CONFLICT" and reply["message_id"] in reply2["message"]
     # the same number on another date is fine
     await accepted(s, invoice("12115118", issue_date="2015-01-10"), status="held")  # another account than the CII one
-    assert len(audit(gateway, "fraud.duplicate_conflict")) == 1
+    assert len(await audit(gateway, "fraud.duplicate_conflict")) == 1
 
 
 # --- 5. partners CLI: rule packs and ceilings ---------------------------------------------------------------
@@ -617,4 +627,4 @@ async def test_default_rules_refuse_totals_that_do_not_add_up(gateway, client):
     code, reply, _ = await post(client(), broken)
     assert (code, reply["error"]) == (422, "RULES_FAILED"), reply
     assert any("BR-CO-16" in d["message"] for d in reply["details"]), reply
-    assert gateway.gw.store.counts() == {"invoices": 0}
+    assert (await gateway.gw.store.reports.counts()) == {"invoices": 0}

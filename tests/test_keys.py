@@ -19,8 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,17 @@ import pytest
 from cryptography import x509
 
 from gateway import logs
+from gateway.cli import common as clicommon
+from gateway.cli import keys as keyscli
 from gateway.cli import main as cli
-from gateway.cli import ops as opscli
 from gateway.cli.demo import SAMPLE
 from gateway.config import load as config_mod
+from gateway.config.model import Config
 from gateway.operations import audit
 from gateway.operations.instance import Instance
-from gateway.storage.sqlite import SqliteStore
+from gateway.storage.records import Resealed
+from gateway.storage.sqlite.keys import SqliteKeys
+from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import Vault, read_key_file
 
 from .conftest import XML, Running, serving
@@ -51,6 +54,8 @@ def numbered(n: int) -> bytes:
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """The command, in-process.  It runs an event loop of its own (asyncio.run): from an async test, call
+    the helpers below through asyncio.to_thread, as the CLI runs beside the daemon."""
     code = cli.main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -126,7 +131,7 @@ async def delivered(running: Running, sent: Sent) -> None:
     """Wait until everything sent was delivered, then compare the ERP inbox with what was sent."""
     store = running.gw.store
     async with asyncio.timeout(WAIT_S):
-        while store.counts() != {"invoices": len(sent.bodies), "deliveries_delivered": len(sent.bodies)}:
+        while await store.reports.counts() != {"invoices": len(sent.bodies), "deliveries_delivered": len(sent.bodies)}:
             await asyncio.sleep(0.02)
     for message_id, body in sent.bodies.items():
         assert (running.inst.delivery_folder / f"{message_id}.xml").read_bytes() == body
@@ -160,51 +165,52 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
     for n in range(3):
         await sent.post(s, numbered(n))
 
-    assert listed(capsys, inst) == [[old, configured_vault(inst).created(old), "3 object(s)", "current", str(inst.master_key)]]
+    assert await asyncio.to_thread(listed, capsys, inst) == [
+        [old, configured_vault(inst).created(old), "3 object(s)", "current", str(inst.master_key)]]
 
     # Rotate: a new 0600 key file in the keys folder, newest, so current for the next reader of the configuration.
-    new, path = rotate(capsys, inst, "--by", "alice")
+    new, path = await asyncio.to_thread(rotate, capsys, inst, "--by", "alice")
     assert path.parent == inst.root / "keys" and path.suffix == ".key" and path != inst.master_key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_key_file(path, "test").key_id == new != old
-    rows = listed(capsys, inst)
+    rows = await asyncio.to_thread(listed, capsys, inst)
     assert [(r[0], r[2], r[3]) for r in rows] == [(old, "3 object(s)", ""), (new, "0 object(s)", "current")]
 
     # The running daemon seals with the key it loaded until it reloads.
     await sent.post(s, numbered(3))
-    assert gw.store.key_usage() == {old: 4}
+    assert await gw.store.keys.usage() == {old: 4}
     assert await gw.reload("bob") is True
     await sent.post(s, numbered(4))
-    assert gw.store.key_usage() == {old: 4, new: 1}
+    assert await gw.store.keys.usage() == {old: 4, new: 1}
 
     # Retiring a key still needed, or the current key, is refused.
-    code, _, err = keys_cmd(capsys, inst, "retire", old)
+    code, _, err = await asyncio.to_thread(keys_cmd, capsys, inst, "retire", old)
     assert code == 2 and "4 stored object(s) still need" in err and "keys rewrap" in err
-    code, _, err = keys_cmd(capsys, inst, "retire", new)
+    code, _, err = await asyncio.to_thread(keys_cmd, capsys, inst, "retire", new)
     assert code == 2 and "is the current key" in err
-    code, _, err = keys_cmd(capsys, inst, "retire", "k-nonexistent")
+    code, _, err = await asyncio.to_thread(keys_cmd, capsys, inst, "retire", "k-nonexistent")
     assert code == 2 and "no configured key has the id" in err
     assert inst.master_key.is_file()
 
     # Rewrap: every object onto the new key; each still opens to what was sent.
-    code, out, err = keys_cmd(capsys, inst, "rewrap", "--by", "carol")
+    code, out, err = await asyncio.to_thread(keys_cmd, capsys, inst, "rewrap", "--by", "carol")
     assert code == 0, err
     assert out.startswith(f"4 object(s) re-sealed under {new}; no object needs an older key any more"), out
-    assert gw.store.key_usage() == {new: 5}
+    assert await gw.store.keys.usage() == {new: 5}
     assert assert_all_open(inst, sent) == {new: 5}
-    code, out, _ = keys_cmd(capsys, inst, "rewrap")  # nothing left to do
+    code, out, _ = await asyncio.to_thread(keys_cmd, capsys, inst, "rewrap")  # nothing left to do
     assert code == 0 and out.startswith(f"0 object(s) re-sealed under {new}"), out
     await delivered(gateway, sent)
 
     # Retire: the old file is renamed, no longer loaded; everything still opens, and the daemon reloads without it.
-    code, out, err = keys_cmd(capsys, inst, "retire", old)  # no --by: the current user
+    code, out, err = await asyncio.to_thread(keys_cmd, capsys, inst, "retire", old)  # no --by: the current user
     assert code == 0, err
     assert not inst.master_key.exists() and inst.master_key.with_suffix(".retired").is_file()
-    assert [r[0] for r in listed(capsys, inst)] == [new]
+    assert [r[0] for r in await asyncio.to_thread(listed, capsys, inst)] == [new]
     assert configured_vault(inst).key_ids == [new]
     assert await gw.reload("bob") is True
     await sent.post(s, numbered(5))
-    assert gw.store.key_usage() == {new: 6}
+    assert await gw.store.keys.usage() == {new: 6}
     assert assert_all_open(inst, sent) == {new: 6}
     await delivered(gateway, sent)
 
@@ -218,7 +224,8 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
     assert reloaded["key_id"] == new
     assert rewrapped == {"to": new, "from": [old], "objects": 4, "failed": 0}
     assert retired == {"key_id": old}
-    report = audit.verify(gw.store.audit_range(), [x509.load_pem_x509_certificate(inst.signing.cert.read_bytes())])
+    report = audit.verify(await audit.read_chain(gw.store.audit),
+                          [x509.load_pem_x509_certificate(inst.signing.cert.read_bytes())])
     assert report.ok, report.problem
 
 
@@ -226,10 +233,10 @@ async def test_rewrap_and_retire_leave_no_key_material_in_the_audit_log(gateway:
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     sent = Sent()
     await sent.post(client(), numbered(1))
-    new, path = rotate(capsys, gateway.inst)
+    new, path = await asyncio.to_thread(rotate, capsys, gateway.inst)
     assert await gateway.gw.reload() is True
-    assert keys_cmd(capsys, gateway.inst, "rewrap")[0] == 0
-    assert keys_cmd(capsys, gateway.inst, "retire", gateway.inst.key_id)[0] == 0
+    assert (await asyncio.to_thread(keys_cmd, capsys, gateway.inst, "rewrap"))[0] == 0
+    assert (await asyncio.to_thread(keys_cmd, capsys, gateway.inst, "retire", gateway.inst.key_id))[0] == 0
     secrets = [read_key_file(p, "test") for p in (path, gateway.inst.master_key.with_suffix(".retired"))]
     with contextlib.closing(sqlite3.connect(gateway.inst.state_dir / "gateway.db")) as conn:
         text = "\n".join(str(r) for r in conn.execute("SELECT * FROM audit"))
@@ -247,22 +254,27 @@ async def test_rotation_and_rewrap_while_invoices_are_accepted(gateway: Running,
     # Small rewrap batches: many short transactions interleaved with the daemon's writes.  After its first batch
     # the rewrap waits for five more arrivals, and the last 30 invoices are sent only once it has begun: the
     # rewrap and the arrivals overlap every time.
-    monkeypatch.setattr(opscli, "REWRAP_BATCH", 2)
+    monkeypatch.setattr(keyscli, "REWRAP_BATCH", 2)
     loop = asyncio.get_running_loop()
     began, five_more = asyncio.Event(), threading.Event()
     mark: list[int] = []
 
-    class Interleaved(SqliteStore):
-        def replace_sealed(self, rows: list[tuple[str, bytes, bytes, str]]) -> Future[int]:
-            fut = super().replace_sealed(rows)
+    class Interleaved(SqliteKeys):
+        async def replace_sealed(self, rows: Sequence[Resealed]) -> int:
+            n = await super().replace_sealed(rows)  # durable
             if not mark:
-                fut.result(WAIT_S)
                 mark.append(len(sent.bodies))
                 loop.call_soon_threadsafe(began.set)
-                assert five_more.wait(WAIT_S)
-            return fut
+                assert five_more.wait(WAIT_S)  # holds the command (its own thread and event loop), not the daemon
+            return n
 
-    monkeypatch.setattr(opscli, "SqliteStore", Interleaved)
+    def interleaved(cfg: Config) -> SqliteStore:
+        """The store the commands open: the instance's, its re-sealing interleaved as above."""
+        store = SqliteStore(cfg.state_dir)
+        store.keys = Interleaved(store.engine)
+        return store
+
+    monkeypatch.setattr(clicommon, "open_store", interleaved)
     total = 60
     sent = Sent()
     s = client()
@@ -314,11 +326,11 @@ async def test_rotation_and_rewrap_while_invoices_are_accepted(gateway: Running,
     # (in flight during the reload) moves with a final rewrap.
     usage = assert_all_open(inst, sent)
     assert set(usage) <= {inst.key_id, new} and usage.get(new, 0) >= total - 20
-    code, out, err = keys_cmd(capsys, inst, "rewrap", "--by", "rewrapper")
+    code, out, err = await asyncio.to_thread(keys_cmd, capsys, inst, "rewrap", "--by", "rewrapper")
     assert code == 0, err
     assert out.startswith(f"{usage.get(inst.key_id, 0)} object(s) re-sealed under {new}; no object needs"), out
     assert assert_all_open(inst, sent) == {new: total}
-    assert keys_cmd(capsys, inst, "retire", inst.key_id)[0] == 0
+    assert (await asyncio.to_thread(keys_cmd, capsys, inst, "retire", inst.key_id))[0] == 0
     assert assert_all_open(inst, sent) == {new: total}
     await delivered(gateway, sent)
 
@@ -328,8 +340,9 @@ async def test_rotation_and_rewrap_while_invoices_are_accepted(gateway: Running,
     assert [(r["action"], r["actor"]) for r in records if r["action"] != "invoice.accepted"] == [
         ("keys.rotated", "rotator"), ("config.reloaded", "reloader"), ("keys.rewrapped", "rewrapper"),
         ("keys.rewrapped", "rewrapper"), ("keys.retired", actor)]
-    report = audit.verify(gw.store.audit_range(), [x509.load_pem_x509_certificate(inst.signing.cert.read_bytes())])
-    assert report.ok and report.records == len(list(gw.store.audit_range())), report.problem
+    chain = await audit.read_chain(gw.store.audit)
+    report = audit.verify(chain, [x509.load_pem_x509_certificate(inst.signing.cert.read_bytes())])
+    assert report.ok and report.records == len(await audit.read_chain(gw.store.audit)), report.problem
 
 
 # --- refusals and edge cases -------------------------------------------------------------------------------
@@ -353,15 +366,15 @@ async def test_rewrap_before_the_daemon_reloads_is_refused(quiet: Running, capsy
     sent = Sent()
     async with aiohttp.ClientSession(quiet.url, connector=aiohttp.TCPConnector(ssl=quiet.ssl())) as s:
         message_id = await sent.post(s, numbered(1))
-    new, _ = rotate(capsys, quiet.inst)
-    code, _, err = keys_cmd(capsys, quiet.inst, "rewrap")  # the operator forgot the reload
+    new, _ = await asyncio.to_thread(rotate, capsys, quiet.inst)
+    code, _, err = await asyncio.to_thread(keys_cmd, capsys, quiet.inst, "rewrap")  # the operator forgot the reload
     assert code == 2 and "reload it first" in err and new in err, err
     await quiet.gw.outbox.run_once()
-    assert quiet.gw.store.counts() == {"invoices": 1, "deliveries_delivered": 1}
+    assert await quiet.gw.store.reports.counts() == {"invoices": 1, "deliveries_delivered": 1}
     assert (quiet.inst.delivery_folder / f"{message_id}.xml").read_bytes() == sent.bodies[message_id]
     assert await quiet.gw.reload() is True
-    assert keys_cmd(capsys, quiet.inst, "rewrap")[0] == 0
-    assert quiet.gw.store.key_usage() == {new: 1}
+    assert (await asyncio.to_thread(keys_cmd, capsys, quiet.inst, "rewrap"))[0] == 0
+    assert await quiet.gw.store.keys.usage() == {new: 1}
     assert assert_all_open(quiet.inst, sent)
 
 
@@ -372,7 +385,7 @@ class _Frozen(datetime):
 
 
 def test_two_rotations_in_one_second(inst: Instance, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(opscli, "datetime", _Frozen)
+    monkeypatch.setattr(keyscli, "datetime", _Frozen)
     first, _ = rotate(capsys, inst)
     code, _, err = keys_cmd(capsys, inst, "rotate")
     assert code in (0, 2), err
@@ -411,7 +424,7 @@ async def test_list_names_a_key_that_objects_need_and_no_file_holds(quiet: Runni
     sent = Sent()
     async with aiohttp.ClientSession(quiet.url, connector=aiohttp.TCPConnector(ssl=quiet.ssl())) as s:
         await sent.post(s, numbered(1))
-    rotate(capsys, quiet.inst)
+    await asyncio.to_thread(rotate, capsys, quiet.inst)
     quiet.inst.master_key.rename(quiet.inst.root / "master-1.key.away")  # lost, without a rewrap
-    rows = listed(capsys, quiet.inst)
+    rows = await asyncio.to_thread(listed, capsys, quiet.inst)
     assert [quiet.inst.key_id, "-", "1 object(s)", "MISSING: no configured key file holds this key"] in rows

@@ -253,15 +253,26 @@ async def post_invoice(running: Running, body: bytes = SAMPLE) -> str:
         return str(reply["message_id"])
 
 
-def delivery(running: Running, message_id: str) -> dict[str, Any]:
-    m = running.gw.store.message(message_id)
+async def delivery(running: Running, message_id: str) -> dict[str, Any]:
+    m = await running.gw.store.reports.message(message_id)
     assert m is not None
-    [d] = m["deliveries"]
-    return dict(d)
+    [d] = m.deliveries
+    return d.as_json()
 
 
-def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
-    code = cli.main(list(argv))
+async def delivery_when(running: Running, message_id: str, test: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """The message's one delivery once ``test`` holds for it (for ``eventually``)."""
+    d = await delivery(running, message_id)
+    return d if test(d) else None
+
+
+async def run_cli(*argv: str) -> int:
+    """The CLI from inside the test's event loop: in a thread, as it runs its own loop (asyncio.run)."""
+    return await asyncio.to_thread(cli.main, list(argv))
+
+
+async def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    code = await run_cli(*argv)
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out)
@@ -324,7 +335,7 @@ async def test_email_destination_receives_the_invoice_signed_and_encrypted(inst:
     configure(inst, relay.port, cipher=cipher, ap=ap)
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        await eventually(lambda: delivery(running, message_id)["state"] == "delivered", "the delivery")
+        await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
     [seen] = relay.seen
     assert (seen.mail_from, seen.rcpt_tos, seen.reply) == (GATEWAY_ADDRESS, [AP], "250 2.0.0 queued")
     assert seen.tls and seen.login == RELAY_USER and relay.logins == [(RELAY_USER, RELAY_PASSWORD)]
@@ -350,7 +361,7 @@ async def test_email_destination_cannot_be_read_with_another_key(inst: Instance,
     configure(inst, relay.port, cipher="aes-256-gcm")
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        await eventually(lambda: delivery(running, message_id)["state"] == "delivered", "the delivery")
+        await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
     [seen] = relay.seen
     assert SAMPLE[:200] not in seen.data and b"DEMO-2026-0001</cbc:ID>" not in seen.data
     (tmp_path / "mail.eml").write_bytes(seen.data)
@@ -367,12 +378,12 @@ async def test_reload_takes_a_new_smarthost_and_password(inst: Instance, relay: 
         second.password = "rotated-secret-4567"
         async with serving(inst, "info", quiet()) as running:
             first_id = await post_invoice(running)
-            await eventually(lambda: delivery(running, first_id)["state"] == "delivered", "the first delivery")
+            await eventually(lambda: delivery_when(running, first_id, lambda d: d["state"] == "delivered"), "the first delivery")
             secret_file(inst, "smarthost.password", second.password)
             rewrite_config(inst, lambda c: c["smarthost"].update(port=second.port))
             assert await running.gw.reload()
             second_id = await post_invoice(running, numbered(2))
-            await eventually(lambda: delivery(running, second_id)["state"] == "delivered", "the second delivery")
+            await eventually(lambda: delivery_when(running, second_id, lambda d: d["state"] == "delivered"), "the second delivery")
         assert [s.message["Message-ID"] for s in relay.seen] == [f"<{first_id}@{instance.MAIL_HOST}>"]
         assert [s.message["Message-ID"] for s in second.seen] == [f"<{second_id}@{instance.MAIL_HOST}>"]
         assert second.logins == [(RELAY_USER, "rotated-secret-4567")]
@@ -387,11 +398,11 @@ async def test_reload_takes_a_renewed_recipient_certificate(inst: Instance, rela
     configure(inst, relay.port, cipher="aes-256-gcm", ap=devpki.Issued(configured, old.key))
     async with serving(inst, "info", quiet()) as running:
         first_id = await post_invoice(running)
-        await eventually(lambda: delivery(running, first_id)["state"] == "delivered", "the first delivery")
+        await eventually(lambda: delivery_when(running, first_id, lambda d: d["state"] == "delivered"), "the first delivery")
         configured.write_bytes(new.cert.read_bytes())  # the mailbox's key is renewed; then SIGHUP
         assert await running.gw.reload()
         second_id = await post_invoice(running, numbered(2))
-        await eventually(lambda: delivery(running, second_id)["state"] == "delivered", "the second delivery")
+        await eventually(lambda: delivery_when(running, second_id, lambda d: d["state"] == "delivered"), "the second delivery")
     first, second = relay.seen
     assert attachments(open_with_openssl(first.data, old, inst.ca.cert, tmp_path / "first")[0])
     found = attachments(open_with_openssl(second.data, new, inst.ca.cert, tmp_path / "second")[0])  # the renewed key
@@ -407,17 +418,17 @@ async def test_relay_without_starttls_gets_nothing_in_clear(inst: Instance, rela
     configure(inst, relay.port, cipher="aes-256-gcm")
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        waiting = await eventually(lambda: (d := delivery(running, message_id))["attempts"] >= 2 and d, "two attempts")
+        waiting = await eventually(lambda: delivery_when(running, message_id, lambda d: d["attempts"] >= 2), "two attempts")
         assert waiting["state"] == "pending", waiting  # transient: retried, not dead-lettered
         assert relay.connections >= 2
         assert (relay.mail_commands, relay.seen, relay.logins) == (0, [], [])  # not a byte of the mail in clear
 
-        shown = cli_json(capsys, "messages", "show", message_id, "-c", str(inst.config))
+        shown = await cli_json(capsys, "messages", "show", message_id, "-c", str(inst.config))
         [d] = shown["deliveries"]
         assert d["state"] == "pending" and "STARTTLS" in d["last_error"], d
 
         relay.offer_tls = True
-        await eventually(lambda: delivery(running, message_id)["state"] == "delivered", "the delivery with TLS")
+        await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery with TLS")
     [seen] = relay.seen
     assert seen.tls and seen.rcpt_tos == [AP]
 
@@ -426,7 +437,7 @@ async def test_without_credentials_no_login_is_attempted(inst: Instance, relay: 
     configure(inst, relay.port, auth=False, cipher="aes-256-gcm")
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        await eventually(lambda: delivery(running, message_id)["state"] == "delivered", "the delivery")
+        await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
     [seen] = relay.seen
     assert seen.tls and seen.login is None and relay.logins == []
 
@@ -439,7 +450,7 @@ async def test_wrong_password_is_refused_by_the_relay_and_never_logged(inst: Ins
     log = quiet()
     async with serving(inst, "debug", log) as running:
         message_id = await post_invoice(running)
-        dead = await eventually(lambda: (d := delivery(running, message_id))["state"] == "dead" and d, "the dead letter")
+        dead = await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "dead"), "the dead letter")
     assert "535" in dead["last_error"], dead
     assert set(relay.logins) == {(RELAY_USER, RELAY_PASSWORD)} and relay.seen == []  # (PLAIN, then LOGIN)
     assert RELAY_PASSWORD not in log.getvalue() and RELAY_PASSWORD not in json.dumps(dead)
@@ -454,7 +465,7 @@ async def test_relay_with_a_certificate_from_another_ca_is_refused(inst: Instanc
     configure(inst, relay.port, cipher="aes-256-gcm")
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        waiting = await eventually(lambda: (d := delivery(running, message_id))["attempts"] >= 1 and d, "an attempt")
+        waiting = await eventually(lambda: delivery_when(running, message_id, lambda d: d["attempts"] >= 1), "an attempt")
     assert waiting["state"] == "pending" and waiting["last_error"], waiting
     assert (relay.mail_commands, relay.seen, relay.logins) == (0, [], [])
 
@@ -469,7 +480,7 @@ async def test_port_465_speaks_tls_from_the_first_byte(inst: Instance, tmp_path:
         configure(inst, relay.port, cipher="aes-256-gcm")
         async with serving(inst, "info", quiet()) as running:
             message_id = await post_invoice(running)
-            await eventually(lambda: delivery(running, message_id)["state"] == "delivered", "the delivery")
+            await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
         [seen] = relay.seen
         assert seen.rcpt_tos == [AP] and seen.login == RELAY_USER
     finally:
@@ -484,7 +495,7 @@ async def test_relay_451_is_retried_and_delivered_once_with_the_same_message_id(
     configure(inst, relay.port, cipher="aes-256-gcm")
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        done = await eventually(lambda: (d := delivery(running, message_id))["state"] == "delivered" and d, "the delivery")
+        done = await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
         await asyncio.sleep(0.5)  # several polls of the delivery loop: nothing more is sent
     assert done["attempts"] == 2
     first, second = relay.seen
@@ -499,7 +510,7 @@ async def test_relay_451_to_rcpt_is_retried(inst: Instance, relay: Relay) -> Non
     configure(inst, relay.port, cipher="aes-256-gcm")
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        done = await eventually(lambda: (d := delivery(running, message_id))["state"] == "delivered" and d, "the delivery")
+        done = await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
     assert done["attempts"] == 3 and len(relay.seen) == 1
 
 
@@ -509,8 +520,8 @@ async def test_relay_550_to_rcpt_is_dead_lettered_at_once(inst: Instance, relay:
     configure(inst, relay.port, cipher="aes-256-gcm")
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        await eventually(lambda: delivery(running, message_id)["state"] == "dead", "the dead letter")
-        [dead] = cli_json(capsys, "dead-letters", "-c", str(inst.config), "--json")
+        await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "dead"), "the dead letter")
+        [dead] = await cli_json(capsys, "dead-letters", "-c", str(inst.config), "--json")
     assert (dead["message_id"], dead["destination"], dead["attempts"]) == (message_id, "ap-mailbox", 1)
     assert "550" in dead["error"] and "mailbox unknown" in dead["error"] and AP in dead["error"], dead
     assert relay.seen == [] and relay.rcpt_replies == ["550 5.1.1 <ap@erp.example>: mailbox unknown"] * 4  # one try
@@ -522,8 +533,8 @@ async def test_relay_550_to_data_is_dead_lettered_at_once(inst: Instance, relay:
     configure(inst, relay.port, cipher="aes-256-gcm")
     async with serving(inst, "info", quiet()) as running:
         message_id = await post_invoice(running)
-        await eventually(lambda: delivery(running, message_id)["state"] == "dead", "the dead letter")
-        [dead] = cli_json(capsys, "dead-letters", "-c", str(inst.config), "--json")
+        await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "dead"), "the dead letter")
+        [dead] = await cli_json(capsys, "dead-letters", "-c", str(inst.config), "--json")
     assert dead["message_id"] == message_id and dead["attempts"] == 1
     assert "550" in dead["error"] and "refused by policy" in dead["error"], dead
     assert len(relay.seen) == 1
@@ -542,7 +553,7 @@ async def test_invoice_for_a_mailto_partner_is_mailed_to_it(inst: Instance, rela
         c["outbound"] = {"socket": "outbound.sock", "identities": [SELLER]}
 
     configure(inst, relay.port, extra=outbound)
-    assert cli.main(["partners", "edit", DEMO_PARTNER, "--endpoint", f"mailto:{DEMO_EMAIL}", "-c", str(inst.config)]) == 0
+    assert await run_cli("partners", "edit", DEMO_PARTNER, "--endpoint", f"mailto:{DEMO_EMAIL}", "-c", str(inst.config)) == 0
     capsys.readouterr()
     async with serving(inst, "info", quiet()) as running:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(inst.root / "outbound.sock"))) as s, \
@@ -550,7 +561,7 @@ async def test_invoice_for_a_mailto_partner_is_mailed_to_it(inst: Instance, rela
             reply = await r.json()
         assert r.status == 202 and reply["partner"] == DEMO_PARTNER, reply
         message_id = reply["message_id"]
-        await eventually(lambda: delivery(running, message_id)["state"] == "delivered", "the delivery")
+        await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
     [seen] = relay.seen
     assert (seen.mail_from, seen.rcpt_tos) == (GATEWAY_ADDRESS, [DEMO_EMAIL])
     assert seen.tls and seen.login == RELAY_USER
@@ -573,15 +584,15 @@ async def test_mailto_partner_gets_mail_encrypted_to_its_longest_lasting_certifi
         c["outbound"] = {"socket": "outbound.sock", "identities": [SELLER]}
 
     configure(inst, relay.port, extra=outbound)
-    assert cli.main(["partners", "edit", DEMO_PARTNER, "--endpoint", f"mailto:{DEMO_EMAIL}", "--smime-cert",
-                     str(renewed.cert), "-c", str(inst.config)]) == 0
+    assert await run_cli("partners", "edit", DEMO_PARTNER, "--endpoint", f"mailto:{DEMO_EMAIL}", "--smime-cert",
+                         str(renewed.cert), "-c", str(inst.config)) == 0
     capsys.readouterr()
     async with serving(inst, "info", quiet()) as running:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(inst.root / "outbound.sock"))) as s, \
                 s.post("http://gw/v1/outbound", data=TO_DEMO_PARTNER, headers=XML) as r:
             assert r.status == 202, await r.text()
             message_id = (await r.json())["message_id"]
-        await eventually(lambda: delivery(running, message_id)["state"] == "delivered", "the delivery")
+        await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
     [seen] = relay.seen
     content, _ = open_with_openssl(seen.data, renewed, inst.ca.cert, tmp_path / "opened")
     assert list(attachments(content).values()) == [("application/xml", TO_DEMO_PARTNER)]
@@ -674,7 +685,7 @@ async def test_accepted_mail_gets_a_signed_encrypted_reply(inst: Instance, relay
         message_id = text.removeprefix("2.0.0 Accepted as ").split()[0]
         await eventually(lambda: relay.seen, "the reply e-mail")
         await replies_settled(running)
-        assert running.gw.store.message(message_id) is not None
+        assert await running.gw.store.reports.message(message_id) is not None
     [seen] = relay.seen
     assert (seen.mail_from, seen.rcpt_tos) == (GATEWAY_ADDRESS, [DEMO_EMAIL])
     assert seen.tls and seen.login == RELAY_USER
@@ -692,7 +703,7 @@ async def test_reply_to_a_partner_without_an_rsa_key_is_signed_only(inst: Instan
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """An EC S/MIME certificate cannot be encrypted to: the reply is signed (multipart/signed), not encrypted."""
     ec_cert = devpki.issue(inst.ca, inst.root / "pki" / "clients", "demo-ec-smime", role="smime", emails=(DEMO_EMAIL,))
-    assert cli.main(["partners", "edit", DEMO_PARTNER, "--smime-cert", str(ec_cert.cert), "-c", str(inst.config)]) == 0
+    assert await run_cli("partners", "edit", DEMO_PARTNER, "--smime-cert", str(ec_cert.cert), "-c", str(inst.config)) == 0
     capsys.readouterr()
     configure(inst, relay.port)
     raw = smime_message(SAMPLE, ec_cert, DEMO_EMAIL, inst.smime.cert, tmp_path / "out", REPLY_TO)
@@ -719,7 +730,7 @@ async def test_rejected_mail_gets_a_reply_with_the_errors(inst: Instance, relay:
         assert code == 554 and f"{error}: " in text, text
         await eventually(lambda: relay.seen, "the reply e-mail")
         await replies_settled(running)
-        assert running.gw.store.messages() == []
+        assert await running.gw.store.reports.messages() == []
     [seen] = relay.seen
     assert seen.rcpt_tos == [DEMO_EMAIL] and seen.message["Subject"] == "Invoice rejected"
     assert seen.message.get_content_type() == "application/pkcs7-mime"

@@ -150,12 +150,18 @@ async def populate(inst: Instance) -> dict[str, str]:
                     s.post("http://gw/v1/outbound", data=SAMPLE, headers=XML) as r:
                 assert r.status == 202, await r.text()
                 ids["pending"] = (await r.json())["message_id"]
-            store = running.gw.store
+            reports = running.gw.store.reports
             deadline = asyncio.get_running_loop().time() + WAIT_S
-            while not (store.counts() == {"invoices": 4, "deliveries_delivered": 2, "deliveries_dead": 1,
-                                          "deliveries_pending": 1}
-                       and (store.message(ids["pending"]) or {})["deliveries"][0]["attempts"] >= 1):
-                assert asyncio.get_running_loop().time() < deadline, store.counts()
+
+            async def settled() -> bool:
+                if await reports.counts() != {"invoices": 4, "deliveries_delivered": 2, "deliveries_dead": 1,
+                                              "deliveries_pending": 1}:
+                    return False
+                pending = await reports.message(ids["pending"])
+                return pending is not None and pending.deliveries[0].attempts >= 1
+
+            while not await settled():
+                assert asyncio.get_running_loop().time() < deadline, await reports.counts()
                 await asyncio.sleep(0.05)
         return ids
     finally:

@@ -97,7 +97,7 @@ async def test_handshake_refused(gateway, client, tmp_path, kind):  # T-01…T-0
             await post(s, numbered(1))
     status, _ = await post(client(), numbered(2))  # the listener is alive: the demo partner gets through
     assert status == 202
-    assert gateway.gw.store.counts()["invoices"] == 1
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
 
 @pytest.mark.parametrize(("args", "with_cert", "ok"), [
@@ -135,7 +135,7 @@ async def test_ca_valid_but_unregistered_certificate(gateway, client):  # T-07; 
     assert (status, body["error"]) == (403, "PARTNER_UNKNOWN")
     status, body = await get(s, "00000000-0000-0000-0000-000000000000")
     assert (status, body["error"]) == (403, "PARTNER_UNKNOWN")
-    assert gateway.gw.store.counts()["invoices"] == 0
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 0
 
 
 async def test_suspended_partner_then_resumed(gateway, client):  # T-07 hot reload, both ways
@@ -171,7 +171,7 @@ async def test_supplier_ids_of_another_partner(gateway, client):  # I-01
         assert (status, reply["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), reply
     status, reply = await post(other_s, FOREIGN)  # positive control: its own invoice
     assert (status, reply["status"]) == (202, "accepted")
-    assert gateway.gw.store.counts()["invoices"] == 1
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
 
 async def test_status_only_for_the_sender(gateway, client):  # GET /v1/invoices/{id}

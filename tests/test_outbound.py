@@ -40,6 +40,7 @@ from gateway.model import PartnerStatus, SignaturePolicy
 from gateway.operations import instance
 from gateway.operations.instance import DEMO_PARTNER, DEMO_PARTY_IDS, Instance, register_partner
 from gateway.partners import directory as partners
+from gateway.storage.records import DeliveryRow, MessageSummary
 from gateway.tls import client_context, inspect_certificate
 
 from .conftest import XML
@@ -161,13 +162,13 @@ class Pair:
         _, st = await self.status(message_id)
         return st if st["status"] == "delivered" else None
 
-    async def delivered_at_b(self, n: int = 1) -> list[dict[str, Any]]:
+    async def delivered_at_b(self, n: int = 1) -> list[MessageSummary]:
         """B's messages once n of them reached B's ERP inbox folder."""
-        def check() -> list[dict[str, Any]] | None:
-            rows = self.b_gw.store.messages(status="delivered")
+        async def check() -> list[MessageSummary] | None:
+            rows = await self.b_gw.store.reports.messages(status="delivered")
             return rows if len(rows) >= n else None
 
-        rows: list[dict[str, Any]] = await eventually(check, f"{n} message(s) delivered at B")
+        rows: list[MessageSummary] = await eventually(check, f"{n} message(s) delivered at B")
         return rows
 
     async def stop_b(self) -> None:
@@ -229,19 +230,19 @@ async def test_submitted_invoice_is_signed_and_delivered_to_the_partner(pair: Pa
     assert [(d["destination"], d["status"], d["attempts"]) for d in st["deliveries"]] == [("partners", "delivered", 1)]
 
     [row] = await pair.delivered_at_b()
-    assert row["partner"] == "gateway-a" and row["direction"] == "in"
-    at_a, at_b = pair.ga.store.message(message_id), pair.b_gw.store.message(row["message_id"])
+    assert row.partner == "gateway-a" and row.direction == "in"
+    at_a, at_b = await pair.ga.store.reports.message(message_id), await pair.b_gw.store.reports.message(row.message_id)
     assert at_a is not None and at_b is not None
-    assert at_a["direction"] == "out" and at_a["partner"] == "buyer-b"
-    assert at_b["sha256"] == at_a["sha256"] != hashlib.sha256(SAMPLE).hexdigest()  # the signed document
+    assert at_a.direction == "out" and at_a.partner == "buyer-b"
+    assert at_b.sha256 == at_a.sha256 != hashlib.sha256(SAMPLE).hexdigest()  # the signed document
     # B verified A's signature against A's registered signing certificate (policy required: unsigned is refused)
-    assert at_b["signature"] is not None
-    assert at_b["signature"]["signer_spki_sha256"] == inspect_certificate(pair.a.signing.cert, "signing").spki_sha256
-    assert at_a["signature"] is not None and at_a["signature"]["signed_by_gateway"] is True
+    assert at_b.signature is not None
+    assert at_b.signature["signer_spki_sha256"] == inspect_certificate(pair.a.signing.cert, "signing").spki_sha256
+    assert at_a.signature is not None and at_a.signature["signed_by_gateway"] is True
 
-    received = pair.b.delivery_folder / f"{row['message_id']}.xml"
+    received = pair.b.delivery_folder / f"{row.message_id}.xml"
     document = received.read_bytes()
-    assert hashlib.sha256(document).hexdigest() == at_a["sha256"]
+    assert hashlib.sha256(document).hexdigest() == at_a.sha256
     [sig] = etree.fromstring(document).iterfind(f".//{{{DS}}}Signature")
     assert etree.QName(sig.getparent()).localname == "SignatureInformation"  # in the UBL extension slot
     if shutil.which("xmlsec1"):  # an independent verifier, trusting A's CA only
@@ -265,8 +266,8 @@ async def test_resubmission_is_the_same_message_and_reaches_the_partner_once(pai
     assert again["message_id"] == replies[0][1]["message_id"]
     assert again["duplicate"] is True and again["partner"] == "buyer-b"
     await asyncio.sleep(0.6)  # more than two polls of A's delivery loop
-    assert pair.ga.store.counts() == {"invoices": 1, "deliveries_delivered": 1}
-    assert pair.b_gw.store.counts() == {"invoices": 1, "deliveries_delivered": 1}
+    assert await pair.ga.store.reports.counts() == {"invoices": 1, "deliveries_delivered": 1}
+    assert await pair.b_gw.store.reports.counts() == {"invoices": 1, "deliveries_delivered": 1}
     assert len(list(pair.b.delivery_folder.glob("*.xml"))) == 1
 
 
@@ -277,11 +278,11 @@ async def test_partner_without_signing_gets_the_submitted_bytes(pair: Pair) -> N
     status, body = await pair.submit(SAMPLE)
     assert status == 202 and body["partner"] == "buyer-b", body
     [row] = await pair.delivered_at_b()
-    assert (pair.b.delivery_folder / f"{row['message_id']}.xml").read_bytes() == SAMPLE
-    at_a, at_b = pair.ga.store.message(body["message_id"]), pair.b_gw.store.message(row["message_id"])
+    assert (pair.b.delivery_folder / f"{row.message_id}.xml").read_bytes() == SAMPLE
+    at_a, at_b = await pair.ga.store.reports.message(body["message_id"]), await pair.b_gw.store.reports.message(row.message_id)
     assert at_a is not None and at_b is not None
-    assert at_a["sha256"] == at_b["sha256"] == hashlib.sha256(SAMPLE).hexdigest()
-    assert at_a["signature"] is None and at_b["signature"] is None
+    assert at_a.sha256 == at_b.sha256 == hashlib.sha256(SAMPLE).hexdigest()
+    assert at_a.signature is None and at_b.signature is None
 
 
 # --- the partner refuses, or is away --------------------------------------------------------------
@@ -292,10 +293,10 @@ async def test_unsigned_invoice_to_a_partner_requiring_signatures_is_dead_letter
     set_partner(pair.a.partners, "buyer-b", sign_outbound=False)
     assert pair.ga.parts.partners.refresh()
     _, body = await pair.submit(SAMPLE)
-    [dead] = await eventually(lambda: pair.ga.store.dead_letters(), "the dead letter")
-    assert dead["message_id"] == body["message_id"]
-    assert dead["error"].startswith("HTTP 422: SIGNATURE_REQUIRED: "), dead["error"]
-    assert pair.b_gw.store.counts() == {"invoices": 0}
+    [dead] = await eventually(lambda: pair.ga.store.reports.dead_letters(), "the dead letter")
+    assert dead.message_id == body["message_id"]
+    assert dead.error is not None and dead.error.startswith("HTTP 422: SIGNATURE_REQUIRED: "), dead.error
+    assert await pair.b_gw.store.reports.counts() == {"invoices": 0}
 
 
 async def test_partner_refusal_is_dead_lettered_with_its_code(pair: Pair) -> None:
@@ -303,24 +304,25 @@ async def test_partner_refusal_is_dead_lettered_with_its_code(pair: Pair) -> Non
     assert pair.b_gw.parts.partners.refresh()
     _, body = await pair.submit(SAMPLE)
     message_id = body["message_id"]
-    [dead] = await eventually(lambda: pair.ga.store.dead_letters(), "the dead letter")
-    assert dead["message_id"] == message_id
-    assert (dead["destination"], dead["partner"], dead["direction"], dead["attempts"]) == ("partners", "buyer-b", "out", 1)
-    assert "HTTP 403" in dead["error"] and "PARTNER_SUSPENDED" in dead["error"], dead["error"]
+    [dead] = await eventually(lambda: pair.ga.store.reports.dead_letters(), "the dead letter")
+    assert dead.message_id == message_id
+    assert (dead.destination, dead.partner, dead.direction, dead.attempts) == ("partners", "buyer-b", "out", 1)
+    assert dead.error is not None and "HTTP 403" in dead.error and "PARTNER_SUSPENDED" in dead.error, dead.error
     _, st = await pair.status(message_id)
     assert st["status"] == "dead-letter"
-    assert pair.b_gw.store.counts() == {"invoices": 0}
+    assert await pair.b_gw.store.reports.counts() == {"invoices": 0}
 
     # B takes A back; the operator requeues: the same signed document goes out and is taken
     set_partner(pair.b.partners, "gateway-a", status=PartnerStatus.ACTIVE)
     assert pair.b_gw.parts.partners.refresh()
-    assert pair.ga.store.retry(message_id, None, "pytest", requeue=True, reason="partner resumed us").result(5) == ["partners"]
+    assert await pair.ga.store.outbox.retry(message_id, None, "pytest", requeue=True,
+                                            reason="partner resumed us") == ["partners"]
     pair.ga.outbox.wake.set()
     [row] = await pair.delivered_at_b()
-    at_a, at_b = pair.ga.store.message(message_id), pair.b_gw.store.message(row["message_id"])
-    assert at_a is not None and at_b is not None and at_b["sha256"] == at_a["sha256"]
+    at_a, at_b = await pair.ga.store.reports.message(message_id), await pair.b_gw.store.reports.message(row.message_id)
+    assert at_a is not None and at_b is not None and at_b.sha256 == at_a.sha256
     await eventually(lambda: pair.delivered(message_id), "A's delivery after the requeue")
-    assert pair.ga.store.dead_letters() == []
+    assert await pair.ga.store.reports.dead_letters() == []
 
 
 async def test_partner_down_is_retried_until_it_is_back(pair: Pair) -> None:
@@ -328,23 +330,23 @@ async def test_partner_down_is_retried_until_it_is_back(pair: Pair) -> None:
     _, body = await pair.submit(SAMPLE)
     message_id = body["message_id"]
 
-    def retried() -> dict[str, Any] | None:
-        m = pair.ga.store.message(message_id)
+    async def retried() -> DeliveryRow | None:
+        m = await pair.ga.store.reports.message(message_id)
         assert m is not None
-        [d] = m["deliveries"]
-        assert d["state"] == "pending", d
-        return d if d["attempts"] >= 3 else None
+        [d] = m.deliveries
+        assert d.state == "pending", d
+        return d if d.attempts >= 3 else None
 
     waiting = await eventually(retried, "three failed attempts")
-    assert waiting["last_error"] and waiting["next_attempt_at"]
+    assert waiting.last_error and waiting.next_attempt_at
     _, st = await pair.status(message_id)
     assert st["status"] == "accepted" and st["deliveries"][0]["status"] == "pending"
 
     await pair.start_b()
     await pair.delivered_at_b()
     st = await eventually(lambda: pair.delivered(message_id), "A's delivery after B is back")
-    assert st["deliveries"][0]["attempts"] > waiting["attempts"]
-    assert pair.ga.store.dead_letters() == []
+    assert st["deliveries"][0]["attempts"] > waiting.attempts
+    assert await pair.ga.store.reports.dead_letters() == []
 
 
 # --- refusals at the ERP listener (A alone) ---------------------------------------------------------
@@ -424,8 +426,8 @@ async def test_refusal_stores_nothing(sender: Sender, case: str, make: Callable[
     got, reply = await sender.submit(body, headers)
     assert (got, reply["error"]) == (status, code), reply
     assert reply["message"] and isinstance(reply["details"], list)
-    assert sender.gw.store.messages() == []
-    assert sender.gw.store.counts() == {"invoices": 0}
+    assert await sender.gw.store.reports.messages() == []
+    assert await sender.gw.store.reports.counts() == {"invoices": 0}
 
 
 async def test_seller_refusal_names_what_was_found(sender: Sender) -> None:
@@ -441,7 +443,7 @@ async def test_same_number_with_other_content_is_409(sender: Sender) -> None:
     assert changed != SAMPLE
     status, reply = await sender.submit(changed)
     assert (status, reply["error"]) == (409, "DUPLICATE_CONFLICT"), reply
-    assert [m["message_id"] for m in sender.gw.store.messages()] == [first["message_id"]]
+    assert [m.message_id for m in await sender.gw.store.reports.messages()] == [first["message_id"]]
 
 
 @pytest.mark.parametrize("change", [{"status": PartnerStatus.SUSPENDED}, {"endpoint": ""}], ids=["suspended", "no endpoint"])
@@ -459,7 +461,7 @@ async def test_resubmission_after_the_recipient_changed_is_still_the_duplicate(s
 async def test_signing_partner_without_a_signing_key_is_503(sender: Sender) -> None:
     status, reply = await sender.submit(SAMPLE)
     assert (status, reply["error"]) == (503, "SIGNING_UNAVAILABLE"), reply
-    assert sender.gw.store.counts() == {"invoices": 0}
+    assert await sender.gw.store.reports.counts() == {"invoices": 0}
 
 
 async def test_outbound_status_shows_outbound_messages_only(sender: Sender) -> None:
@@ -549,6 +551,6 @@ async def test_tcp_listener_takes_allowlisted_erp_certificates_only(tmp_path: Pa
         async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(
                 ssl=client_context(a.ca.cert, other.cert, other.key))) as s, s.get(f"/v1/outbound/{body['message_id']}") as r:
             assert (r.status, (await r.json())["error"]) == (403, "SUBMITTER_UNKNOWN")
-        assert [m["message_id"] for m in gw.store.messages()] == [body["message_id"]]
+        assert [m.message_id for m in await gw.store.reports.messages()] == [body["message_id"]]
     finally:
         await gw.stop()

@@ -28,6 +28,7 @@ from gateway import devpki, logs
 from gateway.model import PartnerStatus
 from gateway.operations import instance
 from gateway.partners.directory import load_directory
+from gateway.storage.records import Approval
 from gateway.tls import cert_sha256, inspect_certificate
 
 from .conftest import serving
@@ -137,12 +138,12 @@ def new_partner_form(name: str, **fields: str) -> dict[str, str]:
             "signature_policy": "if-present"} | fields
 
 
-def pending_requests(world: PartnerWorld, kind: str, target: str) -> list[dict[str, Any]]:
-    return [a for a in world.accounts.approvals("pending") if a["kind"] == kind and a["target"] == target]
+async def pending_requests(world: PartnerWorld, kind: str, target: str) -> list[Approval]:
+    return [a for a in await world.approvals.requests("pending") if a.kind == kind and a.target == target]
 
 
-def denied(world: PartnerWorld, who: Person) -> list[dict[str, Any]]:
-    return sorted((r for r in audits(world.store, "console.denied") if r["actor"] == f"console:{who.name}"),
+async def denied(world: PartnerWorld, who: Person) -> list[dict[str, Any]]:
+    return sorted((r for r in await audits(world.store, "console.denied") if r["actor"] == f"console:{who.name}"),
                   key=lambda r: r["seq"])
 
 
@@ -185,7 +186,7 @@ async def test_add_by_upload_is_pending_shortened_and_refused_at_the_gate(world)
         assert p.client_spki == {spki(cert)} and p.party_ids == {"0088:5790000435975", "DE111111111"}
         assert p.emails == ("billing@acme.example",) and p.smime_certs == () and p.signing_certs == ()
         assert Path(p.client_certs[0]).parent == world.inst.root / "partner-certs"
-        [added] = [r for r in audits(world.store, "partner.added") if r["partner"] == "acme-upload"]
+        [added] = [r for r in await audits(world.store, "partner.added") if r["partner"] == "acme-upload"]
         assert added["actor"] == f"console:{admin.name}"
         assert added["detail"] == {"party_ids": ["0088:5790000435975", "DE111111111"], "status": "pending",
                                    "certificates": ["client"]}
@@ -221,7 +222,7 @@ async def test_add_by_pasting_three_certificates(world):
     assert p.status is PartnerStatus.PENDING
     assert (p.client_spki, p.signing_spki, p.smime_spki) == ({spki(client)}, {spki(signing)}, {spki(smime)})
     assert (p.endpoint, p.signature_policy.value) == ("mailto:invoices@pasted.example", "required")
-    [added] = [r for r in audits(world.store, "partner.added") if r["partner"] == "acme-pasted"]
+    [added] = [r for r in await audits(world.store, "partner.added") if r["partner"] == "acme-pasted"]
     assert added["detail"]["certificates"] == ["client", "signing", "smime"]
 
 
@@ -317,7 +318,7 @@ async def test_add_validation_errors_name_the_field_and_write_nothing(world, tmp
             assert page.status == 400 and says in page.error, (change, page.status, page.error)
             assert page.has("//form[@id='new-partner']"), change  # the form again, to correct
             assert world.snapshot() == before, change
-    assert [r for r in audits(world.store, "partner.added") if r["partner"] in ("acme-valid", DEMO, "new")] == []
+    assert [r for r in await audits(world.store, "partner.added") if r["partner"] in ("acme-valid", DEMO, "new")] == []
 
 
 # --- 3. activation: four eyes and the fingerprint -----------------------------------------------------------
@@ -337,34 +338,34 @@ async def test_activation_needs_a_second_admin_and_the_right_fingerprints(world)
         world.reload()
         page = await a.post("/console/partners/acme-act/activate", {"reason": ""})
         assert page.status == 400 and "give a reason" in page.error
-        assert pending_requests(world, "partner.activate", "acme-act") == []
+        assert await pending_requests(world, "partner.activate", "acme-act") == []
         page = await a.post("/console/partners/acme-act/activate", {"reason": "contract signed 2026-11-01"}, follow=False)
         assert page.status == 303 and "activation+requested" in page.location
-        [req] = pending_requests(world, "partner.activate", "acme-act")
-        assert (req["requested_by"], req["reason"]) == (f"console:{alice.name}", "contract signed 2026-11-01")
+        [req] = await pending_requests(world, "partner.activate", "acme-act")
+        assert (req.requested_by, req.reason) == (f"console:{alice.name}", "contract signed 2026-11-01")
         page = await a.post("/console/partners/acme-act/activate", {"reason": "again"})
         assert page.status == 409 and "already waiting" in page.error
         page = await a.get("/console/partners/acme-act")
-        assert page.has(f"//p[@data-request='{req['id']}']")
+        assert page.has(f"//p[@data-request='{req.id}']")
         # the requester cannot approve their own request, whatever they type
         page = await a.get("/console/approvals")
-        assert not page.has(f"//tr[@data-approval-id='{req['id']}']//form[@class='approve']")
-        page = await a.post(f"/console/approvals/{req['id']}/approve", {"fingerprint1": colon(client),
+        assert not page.has(f"//tr[@data-approval-id='{req.id}']//form[@class='approve']")
+        page = await a.post(f"/console/approvals/{req.id}/approve", {"fingerprint1": colon(client),
                                                                          "fingerprint2": colon(smime), "confirmed_with": "me"})
         assert page.status == 403 and "yourself" in page.error
-    assert world.accounts.approval(req["id"])["state"] == "pending"
+    assert (await world.approvals.get(req.id)).state == "pending"
 
     right = {"fingerprint1": colon(client), "fingerprint2": colon(smime), "confirmed_with": "phone, Jane Roe of acme"}
     async with world.browser() as o:
         await login(o, olga)
-        page = await o.post(f"/console/approvals/{req['id']}/approve", right)
+        page = await o.post(f"/console/approvals/{req.id}/approve", right)
         assert page.status == 403 and "partners.manage" in page.error
-    assert world.accounts.approval(req["id"])["state"] == "pending"
+    assert (await world.approvals.get(req.id)).state == "pending"
 
     async with world.browser() as bb:
         await login(bb, bob)
         page = await bb.get("/console/approvals")
-        form = f"//tr[@data-approval-id='{req['id']}']//form[@class='approve']"
+        form = f"//tr[@data-approval-id='{req.id}']//form[@class='approve']"
         assert page.has(f"{form}//input[@name='fingerprint1']") and page.has(f"{form}//input[@name='fingerprint2']")
         assert not page.has(f"{form}//input[@name='fingerprint3']") and page.has(f"{form}//input[@name='confirmed_with']")
         wrong = colon(client)[:-2] + ("00" if not colon(client).endswith("00") else "11")
@@ -377,28 +378,28 @@ async def test_activation_needs_a_second_admin_and_the_right_fingerprints(world)
              "is not the fingerprint of any of these certificates"),
             ({"fingerprint1": colon(client)[:47], "fingerprint2": colon(smime), "confirmed_with": "phone"}, "not approved"),
         ):
-            page = await bb.post(f"/console/approvals/{req['id']}/approve", fields)
+            page = await bb.post(f"/console/approvals/{req.id}/approve", fields)
             assert page.status == 422 and says in page.error, (fields, page.status, page.error)
-            assert world.accounts.approval(req["id"])["state"] == "pending"
+            assert (await world.approvals.get(req.id)).state == "pending"
             assert world.partner("acme-act").status is PartnerStatus.PENDING
         # the right ones, in either order, one as the key's SHA-256 in lower case
-        page = await bb.post(f"/console/approvals/{req['id']}/approve",
+        page = await bb.post(f"/console/approvals/{req.id}/approve",
                              right | {"fingerprint1": colon(smime), "fingerprint2": spki(client)}, follow=False)
         assert page.status == 303 and page.location.startswith("/console/approvals?done=approved"), page.error
-    decided = world.accounts.approval(req["id"])
-    assert (decided["state"], decided["decided_by"], decided["outcome"]) == ("approved", f"console:{bob.name}", "activated")
+    decided = await world.approvals.get(req.id)
+    assert (decided.state, decided.decided_by, decided.outcome) == ("approved", f"console:{bob.name}", "activated")
     p = world.partner("acme-act")
     assert p.status is PartnerStatus.ACTIVE
     assert p.verified_by.startswith(f"console:{bob.name}") and "phone, Jane Roe of acme" in p.verified_by
     assert f"requested by console:{alice.name}" in p.verified_by
     assert abs(datetime.strptime(p.verified_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=1)
-    [rec] = [r for r in audits(world.store, "partner.activated") if r["partner"] == "acme-act"]
+    [rec] = [r for r in await audits(world.store, "partner.activated") if r["partner"] == "acme-act"]
     assert rec["actor"] == f"console:{bob.name}"
-    assert (rec["detail"]["confirmed"], rec["detail"]["request"]) == ("phone, Jane Roe of acme", req["id"])
+    assert (rec["detail"]["confirmed"], rec["detail"]["request"]) == ("phone, Jane Roe of acme", req.id)
     # every refusal is on record, by whom and where
-    assert [r["detail"]["path"] for r in denied(world, alice)] == [f"/console/approvals/{req['id']}/approve"]
-    assert [r["detail"]["path"] for r in denied(world, olga)] == [f"/console/approvals/{req['id']}/approve"]
-    assert len(denied(world, bob)) == 6 and all("approve" in r["detail"]["path"] for r in denied(world, bob))
+    assert [r["detail"]["path"] for r in await denied(world, alice)] == [f"/console/approvals/{req.id}/approve"]
+    assert [r["detail"]["path"] for r in await denied(world, olga)] == [f"/console/approvals/{req.id}/approve"]
+    assert len(await denied(world, bob)) == 6 and all("approve" in r["detail"]["path"] for r in await denied(world, bob))
 
     world.reload()
     status, body = await tls_post(world, client, FOREIGN)  # its own invoice, now accepted
@@ -415,15 +416,15 @@ async def test_operator_is_refused_before_any_fingerprint_check(world):
         await add_pending(world, a, "acme-act-op", client, party_ids="0088:4000005000001")
         page = await a.post("/console/partners/acme-act-op/activate", {"reason": "new supplier"}, follow=False)
         assert page.status == 303
-    [req] = pending_requests(world, "partner.activate", "acme-act-op")
+    [req] = await pending_requests(world, "partner.activate", "acme-act-op")
     async with world.browser() as o:
         await login(o, olga)
         for fields in ({}, {"fingerprint1": "00" * 32, "confirmed_with": "phone"}):
-            page = await o.post(f"/console/approvals/{req['id']}/approve", fields)
+            page = await o.post(f"/console/approvals/{req.id}/approve", fields)
             assert page.status == 403 and "partners.manage" in page.error, (page.status, page.error)
             assert "CN=" not in page.error and spki(client)[:16] not in page.error
-    assert world.accounts.approval(req["id"])["state"] == "pending"
-    assert [r["detail"]["path"] for r in denied(world, olga)] == [f"/console/approvals/{req['id']}/approve"] * 2
+    assert (await world.approvals.get(req.id)).state == "pending"
+    assert [r["detail"]["path"] for r in await denied(world, olga)] == [f"/console/approvals/{req.id}/approve"] * 2
 
 
 @shared
@@ -492,31 +493,31 @@ async def test_certificate_rollover_and_removal_need_a_second_admin(world):
             assert page.status == 400 and says in page.error, (fields, page.status, page.error)
         page = await send(a, path, {"purpose": "client", "new_pem": pem(new)})
         assert page.status == 400 and "give a reason" in page.error
-        assert world.snapshot() == before and pending_requests(world, "partner.certificates", "roll") == []
+        assert world.snapshot() == before and await pending_requests(world, "partner.certificates", "roll") == []
 
         page = await send(a, path, {"purpose": "client", "start": start, f"retire_{spki(old)[:16]}": "on", "retire_at": retire,
                                     "reason": "the partner's new certificate"},
                           {"new_file": ("roll-new.crt", new.cert.read_bytes())}, follow=False)
         assert page.status == 303 and "certificate+change+requested" in page.location, page.error
-        [req] = pending_requests(world, "partner.certificates", "roll")
-        assert req["params"]["start"] == f"{start}T00:00:00Z"
-        assert req["params"]["retire"] == {spki(old): f"{retire}T00:00:00Z"}
+        [req] = await pending_requests(world, "partner.certificates", "roll")
+        assert req.params["start"] == f"{start}T00:00:00Z"
+        assert req.params["retire"] == {spki(old): f"{retire}T00:00:00Z"}
         assert world.snapshot() == before  # nothing changes before the approval
-        page = await a.post(f"/console/approvals/{req['id']}/approve", {"fingerprint1": colon(new), "confirmed_with": "me"})
+        page = await a.post(f"/console/approvals/{req.id}/approve", {"fingerprint1": colon(new), "confirmed_with": "me"})
         assert page.status == 403
 
     async with world.browser() as bb:
         await login(bb, bob)
         page = await bb.get("/console/approvals")
-        form = f"//tr[@data-approval-id='{req['id']}']//form[@class='approve']"
+        form = f"//tr[@data-approval-id='{req.id}']//form[@class='approve']"
         assert page.has(f"{form}//input[@name='fingerprint1']") and not page.has(f"{form}//input[@name='fingerprint2']")
-        page = await bb.post(f"/console/approvals/{req['id']}/approve", {"fingerprint1": colon(old), "confirmed_with": "phone"})
+        page = await bb.post(f"/console/approvals/{req.id}/approve", {"fingerprint1": colon(old), "confirmed_with": "phone"})
         assert page.status == 422 and "not approved" in page.error  # the old certificate's is not the new one's
-        page = await bb.post(f"/console/approvals/{req['id']}/approve", {"fingerprint1": colon(new),
+        page = await bb.post(f"/console/approvals/{req.id}/approve", {"fingerprint1": colon(new),
                                                                           "confirmed_with": "letter of 2026-11-02"},
                              follow=False)
         assert page.status == 303, page.error
-    assert world.accounts.approval(req["id"])["outcome"] == "certificates changed"
+    assert (await world.approvals.get(req.id)).outcome == "certificates changed"
     p = world.partner("roll")
     windows = {w.spki_sha256: (w.start, w.end) for w in p.windows}
     assert windows == {spki(new): (datetime.fromisoformat(start).replace(tzinfo=UTC), None),
@@ -524,7 +525,7 @@ async def test_certificate_rollover_and_removal_need_a_second_admin(world):
     assert p.client_spki == {spki(old), spki(new)}
     text = world.partners_file.read_text()
     assert f'from = "{start}T00:00:00Z"' in text and f'until = "{retire}T00:00:00Z"' in text
-    [rec] = [r for r in audits(world.store, "partner.certificates_changed") if r["partner"] == "roll"]
+    [rec] = [r for r in await audits(world.store, "partner.certificates_changed") if r["partner"] == "roll"]
     assert (rec["actor"], rec["detail"]["added"], rec["detail"]["confirmed"]) == \
         (f"console:{bob.name}", spki(new), "letter of 2026-11-02")
 
@@ -541,24 +542,24 @@ async def test_certificate_rollover_and_removal_need_a_second_admin(world):
         # removing needs no fingerprint, but still a second person
         page = await send(a, path, {f"remove_{spki(old)[:16]}": "on", "reason": "compromised key"}, follow=False)
         assert page.status == 303, page.error
-        [removal] = pending_requests(world, "partner.certificates", "roll")
-        page = await a.post(f"/console/approvals/{removal['id']}/approve")
+        [removal] = await pending_requests(world, "partner.certificates", "roll")
+        page = await a.post(f"/console/approvals/{removal.id}/approve")
         assert page.status == 403 and "yourself" in page.error
     assert world.partner("roll").client_spki == {spki(old), spki(new)}
     async with world.browser() as bb:
         await login(bb, bob)
         page = await bb.get("/console/approvals")
-        form = f"//tr[@data-approval-id='{removal['id']}']//form[@class='approve']"
+        form = f"//tr[@data-approval-id='{removal.id}']//form[@class='approve']"
         assert page.has(form) and not page.has(f"{form}//input[@name='fingerprint1']")
-        page = await bb.post(f"/console/approvals/{removal['id']}/approve", follow=False)
+        page = await bb.post(f"/console/approvals/{removal.id}/approve", follow=False)
         assert page.status == 303, page.error
     p = world.partner("roll")
     assert p.client_spki == {spki(new)} and [w.spki_sha256 for w in p.windows] == [spki(new)]
-    assert [r["actor"] for r in audits(world.store, "partner.certificates_changed") if r["partner"] == "roll"] == \
+    assert [r["actor"] for r in await audits(world.store, "partner.certificates_changed") if r["partner"] == "roll"] == \
         [f"console:{bob.name}"] * 2
     approve = "/console/approvals/{}/approve"
-    assert [r["detail"]["path"] for r in denied(world, alice)] == [approve.format(req["id"]), approve.format(removal["id"])]
-    assert [r["detail"]["path"] for r in denied(world, bob)] == [approve.format(req["id"])]  # the wrong fingerprint
+    assert [r["detail"]["path"] for r in await denied(world, alice)] == [approve.format(req.id), approve.format(removal.id)]
+    assert [r["detail"]["path"] for r in await denied(world, bob)] == [approve.format(req.id)]  # the wrong fingerprint
     world.reload()
     status, body = await tls_post(world, old, FOREIGN)
     assert (status, body["error"]) == (403, "PARTNER_UNKNOWN")
@@ -572,7 +573,7 @@ async def test_certificate_rollover_and_removal_need_a_second_admin(world):
 @shared
 async def test_bank_settings_need_a_second_admin(world):
     alice, bob = await world.staff("bank", "admin", "admin")
-    seen = {a["account"]: a["state"] for a in world.store.seller_accounts(DEMO)}
+    seen = {a.account: a.state for a in await world.store.quarantine.seller_accounts(DEMO)}
     assert seen == {IBAN_A: "known", IBAN_B: "pending"}
     path = f"/console/partners/{DEMO}/bank"
     spaced = " ".join(IBAN_C[i:i + 4] for i in range(0, len(IBAN_C), 4)).lower()
@@ -594,27 +595,27 @@ async def test_bank_settings_need_a_second_admin(world):
             assert page.status == 400 and says in page.error, (fields, page.status, page.error)
         page = await a.post(path, {"ceilings": "EUR:1000"})
         assert page.status == 400 and "give a reason" in page.error
-        assert world.snapshot() == before and pending_requests(world, "partner.bank", DEMO) == []
+        assert world.snapshot() == before and await pending_requests(world, "partner.bank", DEMO) == []
 
         page = await a.post(path, {"ceilings": "EUR:1000", "known": spaced, f"block_{IBAN_B}": "on",
                                    "reason": "bank letter of 2026-11-03"}, follow=False)
         assert page.status == 303 and "bank+settings+change+requested" in page.location, page.error
-        [req] = pending_requests(world, "partner.bank", DEMO)
-        assert req["params"] == {"ceilings": ["EUR:1000"], "known": [IBAN_C], "blocked": [IBAN_B]}
-        page = await a.post(f"/console/approvals/{req['id']}/approve")
+        [req] = await pending_requests(world, "partner.bank", DEMO)
+        assert req.params == {"ceilings": ["EUR:1000"], "known": [IBAN_C], "blocked": [IBAN_B]}
+        page = await a.post(f"/console/approvals/{req.id}/approve")
         assert page.status == 403
     assert world.partner(DEMO).amount_ceilings == ()
     async with world.browser() as bb:
         await login(bb, bob)
         page = await bb.get("/console/approvals")
-        assert not page.has(f"//tr[@data-approval-id='{req['id']}']//input[@name='fingerprint1']")
-        page = await bb.post(f"/console/approvals/{req['id']}/approve", follow=False)
+        assert not page.has(f"//tr[@data-approval-id='{req.id}']//input[@name='fingerprint1']")
+        page = await bb.post(f"/console/approvals/{req.id}/approve", follow=False)
         assert page.status == 303, page.error
-    assert world.accounts.approval(req["id"])["outcome"] == "bank settings changed"
+    assert (await world.approvals.get(req.id)).outcome == "bank settings changed"
     assert world.partner(DEMO).amount_ceilings == (("EUR", Decimal("1000")),)
-    assert {a["account"]: a["state"] for a in world.store.seller_accounts(DEMO)} == \
+    assert {a.account: a.state for a in await world.store.quarantine.seller_accounts(DEMO)} == \
         {IBAN_A: "known", IBAN_B: "rejected", IBAN_C: "known"}
-    [rec] = [r for r in audits(world.store, "account.registered") if r["actor"] == f"console:{bob.name}"]
+    [rec] = [r for r in await audits(world.store, "account.registered") if r["actor"] == f"console:{bob.name}"]
     assert rec["actor"] == f"console:{bob.name}" and rec["partner"] == DEMO
     assert len(rec["detail"]["known"]) == 1 and len(rec["detail"]["blocked"]) == 1
     assert f"requested by console:{alice.name}" in rec["detail"]["note"]
@@ -662,7 +663,7 @@ async def test_edit_is_direct_and_audited(world):
     assert p.emails == ("a@editme.example", "b@editme.example")
     assert (p.endpoint, p.signature_policy.value, p.status) == ("https://gw.editme.example/v1/invoices", "ignore",
                                                                 PartnerStatus.ACTIVE)
-    [rec] = [r for r in audits(world.store, "partner.edited") if r["partner"] == "editme"]
+    [rec] = [r for r in await audits(world.store, "partner.edited") if r["partner"] == "editme"]
     assert rec["actor"] == f"console:{alice.name}"
     assert sorted(rec["detail"]["changed"]) == ["emails", "endpoint", "party_ids", "signature_policy"]
 
@@ -695,10 +696,10 @@ async def test_auditor_and_operator_are_refused_every_partner_post(world):
             for path in PARTNER_POSTS:
                 page = await send(b, path, fields)
                 assert page.status == 403 and "does not allow" in page.error, (who.name, path, page.status)
-        assert [r["detail"]["path"] for r in denied(world, who)] == ["/console/partners/new", *PARTNER_POSTS]
-        assert all(r["detail"]["method"] == "POST" for r in denied(world, who)[1:])
+        assert [r["detail"]["path"] for r in await denied(world, who)] == ["/console/partners/new", *PARTNER_POSTS]
+        assert all(r["detail"]["method"] == "POST" for r in (await denied(world, who))[1:])
     assert world.snapshot() == before
-    assert [a for a in world.accounts.approvals("pending") if a["requested_by"] in {f"console:{p.name}" for p in people}] == []
+    assert [a for a in await world.approvals.requests("pending") if a.requested_by in {f"console:{p.name}" for p in people}] == []
     assert world.partner(DEMO).status is PartnerStatus.ACTIVE
 
 
@@ -716,14 +717,14 @@ async def test_partner_posts_need_fresh_authentication_and_csrf(world):
             assert page.status == 403 and "CSRF" in page.error, path
         page = await send(b, "/console/partners/new", fields | {"csrf": "forged"}, csrf=False)
         assert page.status == 403 and "CSRF" in page.error
-        assert [r["detail"]["path"] for r in denied(world, alice)] == [*PARTNER_POSTS, "/console/partners/new"]
-        assert all("CSRF" in r["detail"]["reason"] for r in denied(world, alice))
+        assert [r["detail"]["path"] for r in await denied(world, alice)] == [*PARTNER_POSTS, "/console/partners/new"]
+        assert all("CSRF" in r["detail"]["reason"] for r in await denied(world, alice))
 
         # ten minutes after the login: back to the password and a code
-        await world.sql("UPDATE console_sessions SET auth_at = auth_at - 600 WHERE id_hash = ?", world.session_of(b).id_hash)
+        await world.sql("UPDATE console_sessions SET auth_at = auth_at - 600 WHERE id_hash = ?", (await world.session_of(b)).id_hash)
         for path in PARTNER_POSTS:
             page = await send(b, path, fields, follow=False, headers={"Referer": world.base + f"/console/partners/{DEMO}"})
             assert page.status == 303 and page.location == f"/console/reauth?next=/console/partners/{DEMO}", (path, page.location)
     assert world.snapshot() == before
     assert world.partner("acme-fresh") is None
-    assert [a for a in world.accounts.approvals("pending") if a["requested_by"] == f"console:{alice.name}"] == []
+    assert [a for a in await world.approvals.requests("pending") if a.requested_by == f"console:{alice.name}"] == []

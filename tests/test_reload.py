@@ -156,9 +156,9 @@ async def test_new_destination_and_route_take_effect(inst, tmp_path):
         await wait_for(lambda: (second / f"{after['message_id']}.xml").exists(), what="delivery to the new destination")
         assert not (inst.delivery_folder / f"{after['message_id']}.xml").exists()
         assert not (second / f"{first['message_id']}.xml").exists()
-        message = r.gw.store.message(after["message_id"])
-        assert [d["destination"] for d in message["deliveries"]] == ["erp-two"]
-        audit = [a for a in r.gw.store.audit_records() if a["action"] == "config.reloaded"]
+        message = await r.gw.store.reports.message(after["message_id"])
+        assert message is not None and [d.destination for d in message.deliveries] == ["erp-two"]
+        audit = [a.as_json() | {"detail": json.loads(a.detail)} for a in await r.gw.store.audit.newest() if a.action == "config.reloaded"]
         assert audit and audit[0]["detail"]["destinations"] == ["erp-inbox", "erp-two"]
 
 
@@ -295,7 +295,7 @@ async def test_restart_only_change_is_named(inst):
         async with session_for(r) as s:
             status, reply = await post(s, SAMPLE)
         assert status == 202, reply
-        audit = [a for a in r.gw.store.audit_records() if a["action"] == "config.reloaded"]
+        audit = [a.as_json() | {"detail": json.loads(a.detail)} for a in await r.gw.store.audit.newest() if a.action == "config.reloaded"]
         assert audit[0]["detail"]["restart_needed"] == ["https.listen_host/listen_port"]
 
 

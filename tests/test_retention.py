@@ -15,7 +15,7 @@ import io
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -27,7 +27,7 @@ from gateway.cli.demo import SAMPLE
 from gateway.operations import audit, instance
 from gateway.operations import housekeeping as lifecycle
 from gateway.operations.housekeeping import CertEntry, ExpiryWarnings
-from gateway.storage.sqlite import SqliteStore
+from gateway.storage.sqlite.store import SqliteStore
 
 from .conftest import XML, Running, serving
 
@@ -82,17 +82,21 @@ async def post(s: aiohttp.ClientSession, body: bytes) -> tuple[int, dict]:
         return r.status, await r.json()
 
 
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not await predicate():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
 
 
-def delivery_states(store: SqliteStore, message_id: str) -> list[str]:
-    m = store.message(message_id)
-    return [] if m is None else [d["state"] for d in m["deliveries"]]
+async def delivery_states(store: SqliteStore, message_id: str) -> list[str]:
+    m = await store.reports.message(message_id)
+    return [] if m is None else [d.state for d in m.deliveries]
+
+
+async def all_delivered(store: SqliteStore, *message_ids: str) -> bool:
+    return all([await delivery_states(store, m) == ["delivered"] for m in message_ids])
 
 
 def rows(db: sqlite3.Connection, table: str, message_id: str) -> int:
@@ -117,10 +121,10 @@ async def accept_set(inst: instance.Instance) -> dict[str, str]:
         status, reply = await post(s, numbered("RET-held-2").replace(IBAN, OTHER_IBAN))
         assert status == 202 and reply["status"] == "held", reply
         ids["released"] = reply["message_id"]  # released below, then delivered
-        await asyncio.wrap_future(r.gw.store.decide(ids["released"], True, "test", "checked by phone"))
+        await r.gw.store.quarantine.decide(ids["released"], True, "test", "checked by phone")
         r.gw.outbox.wake.set()
         delivered = [v for k, v in ids.items() if k != "held"]
-        await until(lambda: all(delivery_states(r.gw.store, m) == ["delivered"] for m in delivered), what="deliveries")
+        await until(lambda: all_delivered(r.gw.store, *delivered), what="deliveries")
     return ids
 
 
@@ -150,9 +154,9 @@ async def test_store_expire_deletes_only_invoices_delivered_before_the_cutoff(in
         age(db, ids)
     store = SqliteStore(inst.state_dir)
     try:
-        expired = await asyncio.wrap_future(store.expire(ago(30), 500))
+        expired = await store.retention.expire(ago(30), 500)
         assert sorted(expired) == sorted([ids["old"], ids["released"]])
-        assert await asyncio.wrap_future(store.expire(ago(30), 500)) == []  # nothing twice
+        assert await store.retention.expire(ago(30), 500) == []  # nothing twice
 
         with contextlib.closing(sqlite3.connect(db_path)) as db:
             for name in ("old", "released"):
@@ -172,17 +176,17 @@ async def test_store_expire_deletes_only_invoices_delivered_before_the_cutoff(in
             [(detail,)] = db.execute("SELECT detail FROM audit WHERE action = 'invoice.expired' AND message_id = ?",
                                      (ids["old"],))
         assert json.loads(detail)["sha256"]
-        assert store.message(ids["old"]) is None
-        with pytest.raises(KeyError):
-            store.load_sealed(ids["old"])
-        assert store.status(ids["recent"], instance.DEMO_PARTNER)["status"] == "delivered"
+        assert await store.reports.message(ids["old"]) is None
+        assert await store.outbox.load_sealed(ids["old"]) is None  # no sealed content left (was: KeyError)
+        status = await store.intake.status(ids["recent"], instance.DEMO_PARTNER)
+        assert status is not None and status.status == "delivered"
 
         # The hash chain of the audit log is intact: expiry only appends.
         signing = x509.load_pem_x509_certificate(inst.signing.cert.read_bytes())
-        report = audit.verify(store.audit_range(), [signing])
+        report = audit.verify(await audit.read_chain(store.audit), [signing])
         assert report.ok, report.as_dict()
     finally:
-        store.close()
+        await store.close()
 
 
 async def test_store_expire_works_in_batches(inst):
@@ -192,16 +196,16 @@ async def test_store_expire_works_in_batches(inst):
             status, reply = await post(s, numbered(f"BATCH-{i}"))
             assert status == 202
             ids.append(reply["message_id"])
-        await until(lambda: all(delivery_states(r.gw.store, m) == ["delivered"] for m in ids), what="deliveries")
+        await until(lambda: all_delivered(r.gw.store, *ids), what="deliveries")
         with contextlib.closing(sqlite3.connect(inst.state_dir / "gateway.db")) as db:
             db.execute("UPDATE deliveries SET delivered_at = ?", (ago(10),))
             db.commit()
-        first = await asyncio.wrap_future(r.gw.store.expire(ago(5), 2))
-        second = await asyncio.wrap_future(r.gw.store.expire(ago(5), 2))
-        third = await asyncio.wrap_future(r.gw.store.expire(ago(5), 2))
+        first = await r.gw.store.retention.expire(ago(5), 2)
+        second = await r.gw.store.retention.expire(ago(5), 2)
+        third = await r.gw.store.retention.expire(ago(5), 2)
         assert (len(first), len(second), len(third)) == (2, 2, 1)
         assert sorted(first + second + third) == sorted(ids)
-        assert r.gw.store.counts()["invoices"] == 0
+        assert (await r.gw.store.reports.counts())["invoices"] == 0
 
 
 # --- gateway level --------------------------------------------------------------------------------------
@@ -214,14 +218,14 @@ async def test_expired_invoice_still_counts_as_a_duplicate(inst):
         assert status == 202 and not first["duplicate"], first
         status, held = await post(s, numbered("RET-HELD").replace(IBAN, OTHER_IBAN))
         assert status == 202 and held["status"] == "held", held
-        await until(lambda: delivery_states(r.gw.store, first["message_id"]) == ["delivered"], what="delivery")
+        await until(lambda: all_delivered(r.gw.store, first["message_id"]), what="delivery")
         await asyncio.sleep(1.0)  # past the retention period
 
         assert await r.gw.housekeeping.expire() == 1
         [deleted] = events(stream, "retention.deleted")
         assert deleted["invoices"] == 1
-        assert r.gw.store.message(first["message_id"]) is None
-        assert r.gw.store.message(held["message_id"]) is not None  # held for review: kept
+        assert await r.gw.store.reports.message(first["message_id"]) is None
+        assert await r.gw.store.reports.message(held["message_id"]) is not None  # held for review: kept
         async with s.get(f"/v1/invoices/{first['message_id']}") as resp:
             assert resp.status == 404
 
@@ -240,7 +244,7 @@ async def test_expired_invoice_still_counts_as_a_duplicate(inst):
         # A new number is a new invoice.
         status, fresh = await post(s, numbered("RET-NEW"))
         assert status == 202 and not fresh["duplicate"]
-        assert r.gw.store.counts()["invoices"] == 2  # the held one and the new one
+        assert (await r.gw.store.reports.counts())["invoices"] == 2  # the held one and the new one
 
 
 async def test_disabling_retention_by_reload_keeps_invoices(inst, monkeypatch):
@@ -249,11 +253,11 @@ async def test_disabling_retention_by_reload_keeps_invoices(inst, monkeypatch):
     async with running(inst) as (r, _stream, s):
         status, reply = await post(s, SAMPLE)
         assert status == 202
-        await until(lambda: delivery_states(r.gw.store, reply["message_id"]) == ["delivered"], what="delivery")
+        await until(lambda: all_delivered(r.gw.store, reply["message_id"]), what="delivery")
         inst.config.write_text(inst.config.read_text().replace("delete_after_days = 30\n", "delete_after_days = 0\n"))
         assert await r.gw.reload() is True
         await asyncio.sleep(1.5)  # several retention passes
-        assert r.gw.store.message(reply["message_id"]) is not None
+        assert await r.gw.store.reports.message(reply["message_id"]) is not None
 
 
 async def test_enabling_retention_by_reload_takes_effect(inst, monkeypatch):
@@ -261,15 +265,15 @@ async def test_enabling_retention_by_reload_takes_effect(inst, monkeypatch):
     async with running(inst) as (r, stream, s):
         status, reply = await post(s, SAMPLE)
         assert status == 202
-        await until(lambda: delivery_states(r.gw.store, reply["message_id"]) == ["delivered"], what="delivery")
+        await until(lambda: all_delivered(r.gw.store, reply["message_id"]), what="delivery")
         set_retention(inst, 0.00001)
         assert await r.gw.reload() is True
         deadline = time.monotonic() + 3
-        while r.gw.store.message(reply["message_id"]) is not None and not events(stream, "config.restart_needed") \
-                and time.monotonic() < deadline:
+        while await r.gw.store.reports.message(reply["message_id"]) is not None \
+                and not events(stream, "config.restart_needed") and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         # Either retention now runs, or the reload says that it needs a restart.
-        assert r.gw.store.message(reply["message_id"]) is None or events(stream, "config.restart_needed")
+        assert await r.gw.store.reports.message(reply["message_id"]) is None or events(stream, "config.restart_needed")
 
 
 # --- certificate expiry warnings ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import json
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,7 @@ from gateway.partners.directory import (
     unconfirmed,
     with_status,
 )
-from gateway.storage.sqlite import SqliteStore
+from gateway.storage.sqlite.store import SqliteStore
 from gateway.tls import CertInfo, cert_sha256, inspect_certificate, inspect_smime_certificate
 
 from .test_mtls import FOREIGN, OTHER_IDS, numbered, post
@@ -102,6 +103,18 @@ def openssl_fingerprint(cert: Path) -> str:
     label, _, value = out.partition("=")
     assert label.lower() == "sha256 fingerprint", out
     return value
+
+
+def audit_records(inst: instance.Instance, limit: int = 1000) -> list[dict[str, Any]]:
+    """The newest audit records (``detail`` parsed), read with a store of our own (a sync test has no loop)."""
+    async def read() -> list[dict[str, Any]]:
+        store = SqliteStore(inst.state_dir)
+        try:
+            return [r.as_json() | {"detail": json.loads(r.detail)} for r in await store.audit.newest(limit)]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def cli_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -397,12 +410,8 @@ def test_cli_rollover_with_active_from_and_retire(inst, tmp_path, capsys):
     assert (shown[old_k].get("accepted_from"), shown[old_k]["accepted_until"]) == (None, instant_text(PAST))
     assert (shown[new_k]["accepted_from"], shown[new_k].get("accepted_until")) == (instant_text(start), None)
 
-    store = SqliteStore(inst.state_dir)
-    try:
-        edits = sorted((r for r in store.audit_records(1000) if r["action"] == "partner.edited"), key=lambda r: r["seq"])
-        assert len(edits) == 2 and "retire_cert" in edits[-1]["detail"]["changed"]
-    finally:
-        store.close()
+    edits = sorted((r for r in audit_records(inst) if r["action"] == "partner.edited"), key=lambda r: r["seq"])
+    assert len(edits) == 2 and "retire_cert" in edits[-1]["detail"]["changed"]
 
 
 @pytest.mark.parametrize(("argv", "says"), [
@@ -485,12 +494,8 @@ def test_cli_activate_and_resume_of_a_pending_partner(inst, tmp_path, capsys):
     assert code == 2 and "is active, not pending activation" in err
     code, out, _ = cli_run(capsys, "partners", "show", "pend", "-c", cfg)
     assert json.loads(out)["status"] == "active"
-    store = SqliteStore(inst.state_dir)
-    try:
-        [rec] = [r for r in store.audit_records(1000) if r["action"] == "partner.activated"]
-        assert rec["partner"] == "pend"
-    finally:
-        store.close()
+    [rec] = [r for r in audit_records(inst) if r["action"] == "partner.activated"]
+    assert rec["partner"] == "pend"
 
 
 # --- 6. over the real mutual-TLS listener ------------------------------------------------------------
@@ -554,4 +559,4 @@ async def test_overlap_retirement_and_pending_over_mutual_tls(gateway, tmp_path,
     async with session_for(gateway, pend.cert, pend.key) as s:
         status, body = await post(s, FOREIGN)
         assert (status, body["error"]) == (403, "PARTNER_PENDING"), body
-    assert gateway.gw.store.counts()["invoices"] == 3
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 3

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE
-from gateway.config.load import Route
+from gateway.config.model import Route
 from gateway.model import DocumentType, InvoiceFacts
 from gateway.operations import instance
 from gateway.stages.routing import UNROUTED, Router, matches
@@ -140,8 +140,9 @@ def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def cli_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+async def cli_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """The CLI in a thread: it runs its own event loop (the test's keeps serving meanwhile)."""
+    code = await asyncio.to_thread(cli.main, list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -158,9 +159,9 @@ async def test_an_invoice_goes_to_its_routes_destination_only(inst: instance.Ins
             mid = str(routed["message_id"])
             assert files(a) == [f"{mid}.json", f"{mid}.xml"] and files(b) == []
             assert (a / f"{mid}.xml").read_bytes() == invoice("ROUTE-1")
-            shown = gw.gw.store.message(mid)
-            assert shown is not None and shown["route"] == "routes[0]"
-            assert [d["destination"] for d in shown["deliveries"]] == ["erp-a"]
+            shown = await gw.gw.store.reports.message(mid)
+            assert shown is not None and shown.route == "routes[0]"
+            assert [d.destination for d in shown.deliveries] == ["erp-a"]
 
             status, other = await post(s, invoice("ROUTE-2", other_buyer=True))
             assert (status, other["status"]) == (202, "accepted")
@@ -168,8 +169,8 @@ async def test_an_invoice_goes_to_its_routes_destination_only(inst: instance.Ins
             oid = str(other["message_id"])
             assert files(b) == [f"{oid}.json", f"{oid}.xml"]
             assert files(a) == [f"{mid}.json", f"{mid}.xml"]
-            shown = gw.gw.store.message(oid)
-            assert shown is not None and shown["route"] == "routing.default"
+            shown = await gw.gw.store.reports.message(oid)
+            assert shown is not None and shown.route == "routing.default"
 
 
 async def test_unrouted_invoice_is_held_until_released_to_a_destination(
@@ -185,32 +186,32 @@ async def test_unrouted_invoice_is_held_until_released_to_a_destination(
         assert "no routing rule" not in str(receipt)  # the sender is not told why
         assert await gw.gw.outbox.run_once() == 0
         assert files(a) == files(b) == []
-        shown = gw.gw.store.message(mid)
-        assert shown is not None and shown["route"] == "unrouted" and shown["deliveries"] == []
+        shown = await gw.gw.store.reports.message(mid)
+        assert shown is not None and shown.route == "unrouted" and shown.deliveries == ()
 
         capsys.readouterr()
-        code, out, _ = cli_run(capsys, "quarantine", "list", "-c", config)
+        code, out, _ = await cli_run(capsys, "quarantine", "list", "-c", config)
         assert code == 0
         [line] = [ln for ln in out.splitlines() if ln.startswith(mid)]
         assert "no routing rule matches" in line and "\theld\t" in line
 
-        code, out, err = cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "-c", config)
+        code, out, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "-c", config)
         assert code == 1 and "--to" in err and out == ""
-        assert [q["state"] for q in gw.gw.store.quarantined(None, message_id=mid)] == ["held"]  # nothing changed
+        assert [q.state for q in await gw.gw.store.quarantine.held(None) if q.message_id == mid] == ["held"]  # nothing changed
 
-        code, out, err = cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "nowhere", "-c", config)
+        code, out, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "nowhere", "-c", config)
         assert code == 2 and "--to: no destination named 'nowhere'" in err
 
-        code, out, err = cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "--by", "olga",
+        code, out, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "--by", "olga",
                                  "-c", config)
         assert code == 0, err
         assert f"message {mid} released by olga" in out
         assert await gw.gw.outbox.run_once() == 1
         assert files(b) == [f"{mid}.json", f"{mid}.xml"] and files(a) == []
-        shown = gw.gw.store.message(mid)
-        assert shown is not None and shown["status"] == "delivered"
-        assert [d["destination"] for d in shown["deliveries"]] == ["erp-b"]
-        assert shown["quarantine"]["state"] == "released" and shown["quarantine"]["decided_by"] == "olga"
+        shown = await gw.gw.store.reports.message(mid)
+        assert shown is not None and shown.status == "delivered"
+        assert [d.destination for d in shown.deliveries] == ["erp-b"]
+        assert shown.quarantine is not None and shown.quarantine.state == "released" and shown.quarantine.decided_by == "olga"
 
 
 async def test_release_without_to_follows_the_routes_configured_now(
@@ -225,7 +226,7 @@ async def test_release_without_to_follows_the_routes_configured_now(
         # The operator adds a route for this buyer; the release routes the invoice by it.
         inst.config.write_text(inst.config.read_text() + f'\n[[routes]]\nreceiver = "{BUYER}"\ndestinations = ["erp-a"]\n')
         capsys.readouterr()
-        code, _, err = cli_run(capsys, "quarantine", "release", mid, "--reason", "route added", "-c", str(inst.config))
+        code, _, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "route added", "-c", str(inst.config))
         assert code == 0, err
         assert await gw.gw.outbox.run_once() == 1
         assert files(a) == [f"{mid}.json", f"{mid}.xml"] and files(b) == []
@@ -235,14 +236,14 @@ async def test_release_to_overrides_the_route_of_an_invoice_held_for_another_rea
         inst: instance.Instance, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = configure(inst, f'[[routes]]\nreceiver = "{BUYER}"\ndestinations = ["erp-a"]\n', "[]")
     config = str(inst.config)
-    assert cli_run(capsys, "partners", "edit", "demo-supplier", "--amount-ceiling", "EUR:1", "-c", config)[0] == 0
+    assert (await cli_run(capsys, "partners", "edit", "demo-supplier", "--amount-ceiling", "EUR:1", "-c", config))[0] == 0
     async with serving(inst, "info", io.StringIO()) as gw:
         stop_delivery_loop()
         async with aiohttp.ClientSession(gw.url, connector=aiohttp.TCPConnector(ssl=gw.ssl())) as s:
             status, receipt = await post(s, invoice("CEILING-1"))
         assert (status, receipt["status"]) == (202, "held")  # routed to erp-a, held for the amount
         mid = str(receipt["message_id"])
-        code, _, err = cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "-c", config)
+        code, _, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "-c", config)
         assert code == 0, err
         assert await gw.gw.outbox.run_once() == 1
         assert files(a) == []

@@ -39,7 +39,7 @@ from lxml import etree
 from gateway import devpki
 from gateway.cli.demo import SAMPLE
 from gateway.cli.main import main
-from gateway.config.load import DEFAULT_XML_LIMITS
+from gateway.config.model import DEFAULT_XML_LIMITS
 from gateway.errors import GatewayError
 from gateway.model import DocumentType, SignaturePolicy
 from gateway.operations import instance
@@ -477,7 +477,7 @@ async def test_signature_policy_over_https(gateway: Running, client: Any, pki: P
     if detail is not None:
         signer = {"attacker": pki.attacker, "other": pki.other}.get(doc)
         assert reply["details"][0]["message"] == (detail.format(signer.spki) if signer else detail)
-    assert gateway.gw.store.counts()["invoices"] == 0
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 0
 
 
 # --- S-06 comments and CDATA -----------------------------------------------------------------------
@@ -923,7 +923,7 @@ async def test_attack_over_https_is_422_and_nothing_stored(gateway: Running, cli
     status, reply = await post(client(), body)
     assert (status, reply.get("error")) == (422, "SIGNATURE_INVALID"), reply
     assert reply["details"][0]["message"] == a.expect.format(attacker=pki.attacker.spki, port=canary)
-    assert gateway.gw.store.counts()["invoices"] == 0
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 0
 
 
 def test_signing_time_within_clock_skew_is_accepted(pki: Pki) -> None:

@@ -140,4 +140,4 @@ async def test_signed_corpus_invoices_over_https(corpus: Path, gateway: Running,
         status, reply = await post(client(sender.cert, sender.key), docs[path])
         assert (status, reply.get("error")) == (422, "SIGNATURE_INVALID"), (path, reply)
         assert reply["details"][0]["message"] == reason, path
-    assert gateway.gw.store.counts()["invoices"] == 0
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 0

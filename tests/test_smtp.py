@@ -53,6 +53,7 @@ from gateway.model import Partner
 from gateway.operations import instance
 from gateway.partners import directory as partners
 from gateway.smime import unwrap as smime
+from gateway.smime.identity import Identity
 
 from .conftest import Running, serving
 
@@ -222,6 +223,11 @@ def run_cli(*args: object) -> str:
     return out.getvalue()
 
 
+async def run_cli_aside(*args: object) -> str:
+    """``run_cli`` from inside the event loop: in a thread, as the CLI runs its own loop (asyncio.run)."""
+    return await asyncio.to_thread(run_cli, *args)
+
+
 def add_partner(config: Path, name: str, cert: Path, email: str, supplier: Supplier, *extra: str) -> None:
     ids = [a for i in supplier.party_ids for a in ("--party-id", i)]
     run_cli("partners", "add", name, "--smime-cert", cert, "--email", email, *ids, *extra, "-c", config)
@@ -365,37 +371,38 @@ async def accepted(r: Running, message: bytes, doc: bytes, partner: str = instan
     sidecar = json.loads((r.inst.delivery_folder / f"{reply.message_id}.json").read_bytes())
     assert (sidecar["message_id"], sidecar["partner"], sidecar["sha256"]) == (
         reply.message_id, partner, hashlib.sha256(doc).hexdigest())
-    stored = r.gw.store.message(reply.message_id)
-    assert stored is not None and stored["partner"] == partner
+    stored = await r.gw.store.reports.message(reply.message_id)
+    assert stored is not None and stored.partner == partner
     return reply.message_id
 
 
 async def not_delivered(r: Running, *numbers: str) -> None:
     """None of these invoice numbers was stored or delivered (after giving the outbox a moment)."""
     await asyncio.sleep(0.2)
-    stored = {m["invoice_number"] for m in r.gw.store.messages(limit=100_000)}
+    stored = {m.invoice_number for m in await r.gw.store.reports.messages(limit=100_000)}
     assert not stored & set(numbers)
     for path in r.inst.delivery_folder.iterdir():
         content = path.read_bytes()
         assert not any(n.encode() in content for n in numbers), f"{path.name} holds a refused invoice"
 
 
-def last_seq(r: Running) -> int:
-    rows = r.gw.store.audit_records(1)
-    return rows[0]["seq"] if rows else 0
+async def last_seq(r: Running) -> int:
+    rows = await r.gw.store.audit.newest(1)
+    return rows[0].seq if rows else 0
 
 
 async def refused(r: Running, message: bytes, code: str, enhanced: str | None, *numbers: str, status: int = 554) -> Reply:
     """Sent, refused with ``status enhanced CODE:``, audited as an smtp rejection, and nothing delivered.
     (``enhanced`` None: not checked here.)"""
-    before = last_seq(r)
+    before = await last_seq(r)
     reply = await send(r, message)
     assert (reply.code, reply.error) == (status, code), reply
     assert all(re.match(r"5\.\d+\.\d+ ", line) and line.startswith(f"{reply.enhanced} ") for line in reply.lines), reply
     if enhanced is not None:
         assert reply.enhanced == enhanced, reply
-    audits = [a for a in r.gw.store.audit_records(100) if a["seq"] > before and a["action"] == "invoice.rejected"]
-    assert [(a["detail"]["transport"], a["detail"]["code"]) for a in audits] == [("smtp", code)], audits
+    audits = [a for a in await r.gw.store.audit.newest(100) if a.seq > before and a.action == "invoice.rejected"]
+    details = [json.loads(a.detail) for a in audits]
+    assert [(d["transport"], d["code"]) for d in details] == [("smtp", code)], audits
     await not_delivered(r, *numbers)
     return reply
 
@@ -463,7 +470,7 @@ async def test_a_resent_message_gets_the_same_id_and_is_delivered_once(world: Wo
     third = await send(running, world.signed_encrypted(doc, "-aes256"))
     assert third.code == 250 and third.message_id == first, third
     await asyncio.sleep(0.3)
-    assert [m["message_id"] for m in running.gw.store.messages(limit=100_000) if m["invoice_number"] == number] == [first]
+    assert [m.message_id for m in await running.gw.store.reports.messages(limit=100_000) if m.invoice_number == number] == [first]
     holding = [p.name for p in running.inst.delivery_folder.glob("*.xml") if number.encode() in p.read_bytes()]
     assert holding == [f"{first}.xml"]
 
@@ -484,13 +491,13 @@ async def test_a_signed_only_partner_may_send_signed_without_encryption(world: W
     doc = invoice(number := new_number("signed-only"), SIGNED_ONLY)
     await accepted(running, sign(part(doc), world.signed_only, opaque=True, sender="billing@signed-only.example"), doc, name)
     # switched off with the CLI: the same kind of message is refused
-    run_cli("partners", "edit", name, "--no-smime-signed-only", "-c", config)
+    await run_cli_aside("partners", "edit", name, "--no-smime-signed-only", "-c", config)
     try:
         await wait_for(lambda: not current_partner(running, name).smime_signed_only)
         number = new_number("signed-only")
         await refused(running, message(number), "SMIME_NOT_ENCRYPTED", "5.7.1", number)
     finally:
-        run_cli("partners", "edit", name, "--smime-signed-only", "-c", config)
+        await run_cli_aside("partners", "edit", name, "--smime-signed-only", "-c", config)
         await wait_for(lambda: current_partner(running, name).smime_signed_only)
 
 
@@ -500,7 +507,7 @@ async def test_an_address_removed_with_the_cli_is_refused(world: World, running:
     for sender in (kept, dropped):
         doc = invoice(new_number("two"), TWO)
         await accepted(running, world.signed_encrypted(doc, signer=world.two_addresses, sender=sender), doc, name)
-    run_cli("partners", "edit", name, "--remove-email", dropped, "-c", world.inst.config)
+    await run_cli_aside("partners", "edit", name, "--remove-email", dropped, "-c", world.inst.config)
     await wait_for(lambda: current_partner(running, name).emails == (kept,))
     number = new_number("two")
     message = world.signed_encrypted(invoice(number, TWO), signer=world.two_addresses, sender=dropped)
@@ -511,7 +518,7 @@ async def test_an_address_removed_with_the_cli_is_refused(world: World, running:
 async def test_a_partner_registered_with_the_cli_while_running_is_accepted(world: World, running: Running) -> None:
     cert = devpki.issue(world.inst.ca, world.scratch, "late-smime", role="smime", emails=("ap@late.example",),
                         key_kind="rsa2048")
-    add_partner(world.inst.config, "late-supplier", cert.cert, "ap@late.example", LATE)
+    await asyncio.to_thread(add_partner, world.inst.config, "late-supplier", cert.cert, "ap@late.example", LATE)
     await wait_for(lambda: running.gw.parts.partners.current.get("late-supplier") is not None)
     doc = invoice(new_number("late"), LATE)
     message = encrypt(sign(part(doc), cert), world.gateway_cert, sender="ap@late.example")
@@ -886,7 +893,7 @@ async def test_a_suspended_partner_is_refused(world: World, running: Running) ->
     doc = invoice(new_number("before"), PAUSED)
     await accepted(running, world.signed_encrypted(doc, signer=world.paused, sender="billing@paused.example"), doc,
                    "paused-supplier")
-    run_cli("partners", "suspend", "paused-supplier", "-c", world.inst.config)
+    await run_cli_aside("partners", "suspend", "paused-supplier", "-c", world.inst.config)
     await wait_for(lambda: current_partner(running, "paused-supplier").status.value == "suspended")
     number = new_number("paused")
     message = world.signed_encrypted(invoice(number, PAUSED), signer=world.paused, sender="billing@paused.example")
@@ -916,7 +923,7 @@ async def test_smtp_rejections_are_in_the_audit_log(world: World, running: Runni
     doc = invoice(new_number("audit")).replace(b"<cbc:IssueDate>", b"<cbc:Bogus/><cbc:IssueDate>", 1)
     assert (await send(running, unsigned)).code == 554
     assert (await send(running, world.signed_encrypted(doc))).code == 554
-    rows = json.loads(run_cli("audit", "list", "--json", "--limit", "20", "-c", world.inst.config))
+    rows = json.loads(await run_cli_aside("audit", "list", "--json", "--limit", "20", "-c", world.inst.config))
     rejected = [r for r in rows if r["action"] == "invoice.rejected" and r["detail"].get("transport") == "smtp"]
     by_hash = {r["detail"]["sha256"]: r for r in rejected}
     assert by_hash[hashlib.sha256(unsigned).hexdigest()]["detail"]["code"] == "SMIME_NOT_SIGNED"
@@ -1140,7 +1147,7 @@ async def test_a_steady_data_transfer_may_outlast_the_command_timeout(quick: ins
 
 @dataclass(frozen=True)
 class Fuzz:
-    identity: smime.Identity
+    identity: Identity
     demo_cert: x509.Certificate
     invoice: bytes
     messages: tuple[bytes, ...]  # valid: GCM, CBC, opaque signed-only (one base64 body each), detached signed-only
@@ -1152,7 +1159,7 @@ class Fuzz:
 @pytest.fixture(scope="module")
 def fuzz(world: World) -> Fuzz:
     inst = world.inst
-    identity = smime.Identity(x509.load_pem_x509_certificate(inst.smime.cert.read_bytes()),
+    identity = Identity(x509.load_pem_x509_certificate(inst.smime.cert.read_bytes()),
                               serialization.load_pem_private_key(inst.smime.key.read_bytes(), None), GATEWAY)
     doc = invoice("SMTP-FUZZ-1")
     messages = (world.signed_encrypted(doc), world.signed_encrypted(doc, "-aes128"),

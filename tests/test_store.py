@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import sqlite3
 import threading
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.errors import Conflict, StorageUnavailable
-from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
-from gateway.storage.sqlite import MAX_BATCH, SqliteStore
+from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts, Receipt
+from gateway.storage.sqlite.engine import MAX_BATCH, Engine
+from gateway.storage.sqlite.store import SqliteStore
 
 WAIT = 10  # seconds; a future that takes longer is a failure, not a hang
 
@@ -29,11 +33,16 @@ def invoice(number: str, *, partner: str = "acme", content: str = "",
                            len(body), facts, b"sealed:" + body, "k1")
 
 
+async def put(store: SqliteStore, inv: AcceptedInvoice, *destinations: str) -> Receipt:
+    """The durable put, routed to ``destinations``; returns once it is durable (or fails within WAIT)."""
+    return await asyncio.wait_for(store.intake.put(replace(inv, destinations=destinations)), WAIT)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     s = SqliteStore(tmp_path / "state")
     yield s
-    s.close()
+    await s.close()
 
 
 def committed(store: SqliteStore, message_id: str) -> int:
@@ -45,41 +54,41 @@ def committed(store: SqliteStore, message_id: str) -> int:
         conn.close()
 
 
-def test_put_then_find_status_and_load(store):
+async def test_put_then_find_status_and_load(store: SqliteStore) -> None:
     inv = invoice("1")
-    receipt = store.put(inv, ["erp"]).result(WAIT)
-    assert committed(store, inv.message_id) == 1  # durable once the future resolved
+    receipt = await put(store, inv, "erp")
+    assert committed(store, inv.message_id) == 1  # durable once the put returned
     assert (receipt.message_id, receipt.status, receipt.sha256, receipt.duplicate) == (inv.message_id, "accepted", inv.sha256, False)
-    found = store.find_accepted("acme", inv.sha256)
+    found = await store.intake.find_accepted("acme", inv.sha256)
     assert found is not None and (found.message_id, found.duplicate) == (inv.message_id, True)
-    assert store.find_accepted("other", inv.sha256) is None
-    assert store.find_accepted("acme", "0" * 64) is None
-    status = store.status(inv.message_id, "acme")
-    assert status is not None and status["status"] == "accepted" and status["invoice_number"] == "1"
-    assert status["deliveries"] == [{"destination": "erp", "status": "pending", "attempts": 0, "delivered_at": None}]
-    assert store.status(inv.message_id, "other") is None  # another partner does not see it
-    assert store.status(str(uuid.uuid4()), "acme") is None
-    assert store.load_sealed(inv.message_id) == inv.sealed
-    assert store.counts() == {"invoices": 1, "deliveries_pending": 1}
+    assert await store.intake.find_accepted("other", inv.sha256) is None
+    assert await store.intake.find_accepted("acme", "0" * 64) is None
+    status = await store.intake.status(inv.message_id, "acme")
+    assert status is not None and status.status == "accepted" and status.invoice_number == "1"
+    assert status.as_json()["deliveries"] == [{"destination": "erp", "status": "pending", "attempts": 0, "delivered_at": None}]
+    assert await store.intake.status(inv.message_id, "other") is None  # another partner does not see it
+    assert await store.intake.status(str(uuid.uuid4()), "acme") is None
+    assert await store.outbox.load_sealed(inv.message_id) == inv.sealed
+    assert await store.reports.counts() == {"invoices": 1, "deliveries_pending": 1}
 
 
-def test_same_content_again_returns_the_first_receipt(store):
+async def test_same_content_again_returns_the_first_receipt(store: SqliteStore) -> None:
     first = invoice("1")
-    store.put(first, ["erp"]).result(WAIT)
-    again = store.put(invoice("1"), ["erp"]).result(WAIT)  # same bytes, new message id
+    await put(store, first, "erp")
+    again = await put(store, invoice("1"), "erp")  # same bytes, new message id
     assert (again.message_id, again.duplicate) == (first.message_id, True)
-    assert store.counts() == {"invoices": 1, "deliveries_pending": 1}
+    assert await store.reports.counts() == {"invoices": 1, "deliveries_pending": 1}
 
 
-def test_same_number_other_content_conflicts(store):
-    store.put(invoice("1"), ["erp"]).result(WAIT)
+async def test_same_number_other_content_conflicts(store: SqliteStore) -> None:
+    await put(store, invoice("1"), "erp")
     with pytest.raises(Conflict) as err:
-        store.put(invoice("1", content="changed"), ["erp"]).result(WAIT)
+        await put(store, invoice("1", content="changed"), "erp")
     assert err.value.code == "DUPLICATE_CONFLICT" and err.value.http_status == 409
     # The credit-note series, or another partner, may use the same number.
-    store.put(invoice("1", content="cn", doc_type=DocumentType.UBL_CREDIT_NOTE), ["erp"]).result(WAIT)
-    store.put(invoice("1", content="b", partner="beta"), ["erp"]).result(WAIT)
-    assert store.counts()["invoices"] == 3
+    await put(store, invoice("1", content="cn", doc_type=DocumentType.UBL_CREDIT_NOTE), "erp")
+    await put(store, invoice("1", content="b", partner="beta"), "erp")
+    assert (await store.reports.counts())["invoices"] == 3
 
 
 def hold_writer(store: SqliteStore) -> tuple[threading.Event, Future[Any]]:
@@ -90,139 +99,140 @@ def hold_writer(store: SqliteStore) -> tuple[threading.Event, Future[Any]]:
         inside.set()
         gate.wait(WAIT)
 
-    fut = store._submit(wait)
+    fut = store.engine.submit(wait)
     assert inside.wait(WAIT)
     return gate, fut
 
 
-def test_a_conflict_in_a_batch_spares_the_others(store):
+async def queued(store: SqliteStore, *invoices: AcceptedInvoice) -> list[asyncio.Task[Receipt]]:
+    """Puts (to "erp") submitted to the writer in this order; their tasks, not yet finished."""
+    tasks = [asyncio.create_task(store.intake.put(replace(x, destinations=("erp",)))) for x in invoices]
+    await asyncio.sleep(0)  # each task runs up to its submission to the writer's queue
+    assert not any(t.done() for t in tasks)
+    return tasks
+
+
+async def test_a_conflict_in_a_batch_spares_the_others(store: SqliteStore) -> None:
     gate, held = hold_writer(store)
     a, b, c = invoice("1"), invoice("1", content="changed"), invoice("2")
-    futures = [store.put(x, ["erp"]) for x in (a, b, c)]
+    futures = await queued(store, a, b, c)
     gate.set()
-    held.result(WAIT)
-    assert futures[0].result(WAIT).message_id == a.message_id
+    await asyncio.wait_for(asyncio.wrap_future(held), WAIT)
+    assert (await asyncio.wait_for(futures[0], WAIT)).message_id == a.message_id
     with pytest.raises(Conflict):
-        futures[1].result(WAIT)
-    assert futures[2].result(WAIT).message_id == c.message_id
+        await asyncio.wait_for(futures[1], WAIT)
+    assert (await asyncio.wait_for(futures[2], WAIT)).message_id == c.message_id
     assert [committed(store, x.message_id) for x in (a, b, c)] == [1, 0, 1]
 
 
-def test_group_commit(tmp_path, monkeypatch):
+async def test_group_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     commits: list[str] = []
-    real_connect = SqliteStore._connect
+    real_connect = Engine.connect
 
-    def connect(self: SqliteStore) -> sqlite3.Connection:
+    def connect(self: Engine) -> sqlite3.Connection:
         conn = real_connect(self)
         if threading.current_thread().name == "store-writer":
             conn.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
         return conn
 
-    monkeypatch.setattr(SqliteStore, "_connect", connect)
+    monkeypatch.setattr(Engine, "connect", connect)
     store = SqliteStore(tmp_path / "state")
     try:
         gate, held = hold_writer(store)
-        threads, per_thread = 8, 25
-        barrier = threading.Barrier(threads)
-
-        def submit(t: int) -> list[Future[Any]]:
-            barrier.wait(WAIT)
-            return [store.put(invoice(f"{t}-{i}"), ["erp"]) for i in range(per_thread)]
-
-        with ThreadPoolExecutor(threads) as pool:
-            futures = [f for fs in pool.map(submit, range(threads)) for f in fs]
+        tasks, per_task = 8, 25
+        futures = await queued(store, *(invoice(f"{t}-{i}") for t in range(tasks) for i in range(per_task)))
         gate.set()
-        held.result(WAIT)
-        receipts = [f.result(WAIT) for f in futures]
-        puts = threads * per_thread
+        await asyncio.wait_for(asyncio.wrap_future(held), WAIT)
+        receipts = await asyncio.wait_for(asyncio.gather(*futures), WAIT)
+        puts = tasks * per_task
         assert len({r.message_id for r in receipts}) == puts and not any(r.duplicate for r in receipts)
-        assert store.counts()["invoices"] == puts
+        assert (await store.reports.counts())["invoices"] == puts
         # The held transaction, then the queued puts in batches of at most MAX_BATCH.
         assert 1 <= len(commits) <= 1 + math.ceil(puts / MAX_BATCH) < puts
     finally:
-        store.close()
+        await store.close()
 
 
-def test_reopen_after_close_keeps_everything(tmp_path):
+async def test_reopen_after_close_keeps_everything(tmp_path: Path) -> None:
     inv = invoice("1")
     store = SqliteStore(tmp_path / "state")
-    store.put(inv, ["erp"]).result(WAIT)
-    store.close()
+    await put(store, inv, "erp")
+    await store.close()
     with pytest.raises(StorageUnavailable):
-        store.put(invoice("2"), ["erp"]).result(WAIT)  # closed: refused, not hung
+        await put(store, invoice("2"), "erp")  # closed: refused, not hung
     reopened = SqliteStore(tmp_path / "state")
     try:
-        found = reopened.find_accepted("acme", inv.sha256)
+        found = await reopened.intake.find_accepted("acme", inv.sha256)
         assert found is not None and found.message_id == inv.message_id
-        assert reopened.load_sealed(inv.message_id) == inv.sealed
-        assert reopened.counts() == {"invoices": 1, "deliveries_pending": 1}
-        again = reopened.put(invoice("1"), ["erp"]).result(WAIT)
+        assert await reopened.outbox.load_sealed(inv.message_id) == inv.sealed
+        assert await reopened.reports.counts() == {"invoices": 1, "deliveries_pending": 1}
+        again = await put(reopened, invoice("1"), "erp")
         assert (again.message_id, again.duplicate) == (inv.message_id, True)  # duplicates survive restarts
     finally:
-        reopened.close()
+        await reopened.close()
 
 
 # --- the stored status summary (schema 7) --------------------------------------------------------------
 
 
-def stored_status(store: SqliteStore) -> dict[str, str]:
-    return dict(store.read().execute("SELECT message_id, status FROM invoices").fetchall())
+async def stored_status(store: SqliteStore) -> dict[str, str]:
+    return await store.engine.read(lambda conn: dict(conn.execute("SELECT message_id, status FROM invoices").fetchall()))
 
 
-def computed_status(store: SqliteStore) -> dict[str, str]:
-    """What store.message() derives from the quarantine and delivery rows, message by message."""
-    return {mid: store.message(mid)["status"] for mid in stored_status(store)}  # type: ignore[index]
+async def computed_status(store: SqliteStore) -> dict[str, str]:
+    """What store.reports.message() derives from the quarantine and delivery rows, message by message."""
+    out = {}
+    for mid in await stored_status(store):
+        detail = await store.reports.message(mid)
+        assert detail is not None
+        out[mid] = detail.status
+    return out
 
 
-def test_the_status_column_follows_every_change(store: SqliteStore) -> None:
-    from dataclasses import replace
-
+async def test_the_status_column_follows_every_change(store: SqliteStore) -> None:
     plain, two, held, rejected, nowhere = (invoice(f"S-{n}") for n in range(5))
-    store.put(plain, ["erp"]).result(WAIT)
-    store.put(two, ["erp", "archive"]).result(WAIT)
-    store.put(replace(held, holds=("over the ceiling",)), ["erp"]).result(WAIT)
-    store.put(replace(rejected, holds=("over the ceiling",)), ["erp"]).result(WAIT)
-    store.put(nowhere, []).result(WAIT)
-    steps = [dict(stored_status(store))]
+    await put(store, plain, "erp")
+    await put(store, two, "erp", "archive")
+    await put(store, replace(held, holds=("over the ceiling",)), "erp")
+    await put(store, replace(rejected, holds=("over the ceiling",)), "erp")
+    await put(store, nowhere)
+    steps = [dict(await stored_status(store))]
 
-    jobs = {(j.message_id, j.destination): j for j in store.claim("w", 2e9, {"erp": 10, "archive": 10}, 60).result(WAIT)}
-    store.record_delivery(jobs[plain.message_id, "erp"], delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None,
-                          error=None, owner="w").result(WAIT)
-    store.record_delivery(jobs[two.message_id, "erp"], delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None,
-                          error=None, owner="w").result(WAIT)
-    store.record_delivery(jobs[two.message_id, "archive"], delivered_at=None, next_attempt_at=None, error="refused",
-                          dead=True, owner="w").result(WAIT)
-    store.decide(held.message_id, True, "op", "checked").result(WAIT)
-    store.decide(rejected.message_id, False, "op", "fraud").result(WAIT)
-    steps.append(dict(stored_status(store)))
-    store.retry(two.message_id, "archive", "op", requeue=True, reason="fixed").result(WAIT)
-    steps.append(dict(stored_status(store)))
+    jobs = {(j.message_id, j.destination): j for j in await store.outbox.claim("w", 2e9, {"erp": 10, "archive": 10}, 60)}
+    await store.outbox.record(jobs[plain.message_id, "erp"], delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None,
+                              error=None, owner="w")
+    await store.outbox.record(jobs[two.message_id, "erp"], delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None,
+                              error=None, owner="w")
+    await store.outbox.record(jobs[two.message_id, "archive"], delivered_at=None, next_attempt_at=None, error="refused",
+                              dead=True, owner="w")
+    await store.quarantine.decide(held.message_id, True, "op", "checked")
+    await store.quarantine.decide(rejected.message_id, False, "op", "fraud")
+    steps.append(dict(await stored_status(store)))
+    await store.outbox.retry(two.message_id, "archive", "op", requeue=True, reason="fixed")
+    steps.append(dict(await stored_status(store)))
 
     assert steps[0] == {plain.message_id: "accepted", two.message_id: "accepted", held.message_id: "held",
                         rejected.message_id: "held", nowhere.message_id: "accepted"}
     assert steps[1] == {plain.message_id: "delivered", two.message_id: "dead-letter", held.message_id: "accepted",
                         rejected.message_id: "rejected", nowhere.message_id: "accepted"}
     assert steps[2][two.message_id] == "accepted"
-    assert stored_status(store) == computed_status(store)
+    assert await stored_status(store) == await computed_status(store)
     for status in ("accepted", "delivered", "rejected"):
-        assert {m["message_id"] for m in store.messages(status=status)} == {
-            mid for mid, s in stored_status(store).items() if s == status}
-    assert [m["message_id"] for m in store.messages(status="pending")] != []  # a delivery state still filters
+        assert {m.message_id for m in await store.reports.messages(status=status)} == {
+            mid for mid, s in (await stored_status(store)).items() if s == status}
+    assert [m.message_id for m in await store.reports.messages(status="pending")] != []  # a delivery state still filters
 
 
-def test_a_schema_6_database_gets_its_status_column_filled(tmp_path: Path) -> None:
-    from dataclasses import replace
-
+async def test_a_schema_6_database_gets_its_status_column_filled(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "state")
     try:
         done, held = invoice("M-1"), invoice("M-2")
-        store.put(done, ["erp"]).result(WAIT)
-        store.put(replace(held, holds=("over the ceiling",)), ["erp"]).result(WAIT)
-        job = store.claim("w", 2e9, {"erp": 10}, 60).result(WAIT)[0]
-        store.record_delivery(job, delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None, error=None,
-                              owner="w").result(WAIT)
+        await put(store, done, "erp")
+        await put(store, replace(held, holds=("over the ceiling",)), "erp")
+        job = (await store.outbox.claim("w", 2e9, {"erp": 10}, 60))[0]
+        await store.outbox.record(job, delivered_at="2026-11-20T00:00:01Z", next_attempt_at=None, error=None, owner="w")
     finally:
-        store.close()
+        await store.close()
     with sqlite3.connect(tmp_path / "state" / "gateway.db") as conn:
         conn.execute("DROP INDEX invoices_status")
         conn.execute("ALTER TABLE invoices DROP COLUMN status")
@@ -230,7 +240,7 @@ def test_a_schema_6_database_gets_its_status_column_filled(tmp_path: Path) -> No
     conn.close()
     store = SqliteStore(tmp_path / "state")
     try:
-        assert stored_status(store) == {done.message_id: "delivered", held.message_id: "held"}
-        assert stored_status(store) == computed_status(store)
+        assert await stored_status(store) == {done.message_id: "delivered", held.message_id: "held"}
+        assert await stored_status(store) == await computed_status(store)
     finally:
-        store.close()
+        await store.close()

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from gateway.cli.demo import SAMPLE
-from gateway.config.load import DEFAULT_MAX_ATTRIBUTES, DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, XmlLimits
+from gateway.config.model import DEFAULT_MAX_ATTRIBUTES, DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, XmlLimits
 from gateway.errors import GatewayError
 from gateway.stages.xmlparse import XmlParser
 
@@ -323,7 +323,7 @@ async def test_listener_rejects_hostile_xml(gateway, client, canary, secret, cap
         assert (await r.json())["error"] == code
     assert SECRET not in text
     assert canary.hits == []
-    assert gateway.gw.store.counts()["invoices"] == 0
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 0
     logs = capfd.readouterr().out
     assert "invoice.rejected" in logs and SECRET not in logs
 

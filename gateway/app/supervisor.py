@@ -16,6 +16,7 @@ that systemd can act.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -27,11 +28,11 @@ import time
 from typing import Any
 
 from .. import logs, systemd
-from ..config.load import Config
 from ..config.load import load as load_config
+from ..config.model import Config
 from ..errors import ConfigError
 from ..metrics import MULTIPROC_ENV, prepare_directory
-from ..storage.sqlite import SqliteStore
+from ..storage.factory import open_store
 
 RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
@@ -93,7 +94,7 @@ class Worker:
 def supervise(config: Config, workers: int, backlog: int) -> int:
     # Create (or migrate) the database once, before several processes open it at the same moment:
     # switching a new database to WAL needs it to itself.
-    SqliteStore(config.state_dir).close()
+    asyncio.run(open_store(config).close())
     sock = listen(config.https.host, config.https.port, backlog)
     port = sock.getsockname()[1]
     smtp_sock = listen(config.smtp.host, config.smtp.port, backlog) if config.smtp is not None else None

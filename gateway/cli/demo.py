@@ -20,7 +20,8 @@ from .. import logs
 from ..app.gateway import Gateway
 from ..config import load as config_mod
 from ..operations import instance
-from ..smime import unwrap as smime
+from ..smime.compose import compose
+from ..smime.identity import Identity
 from ..tls import client_context, load_private_key
 
 SAMPLE = files("gateway").joinpath("samples/invoice.xml").read_bytes()
@@ -72,11 +73,11 @@ async def _wait_delivered(session: aiohttp.ClientSession, url: str, message_id: 
 
 async def _mail(inst: instance.Instance, port: int, body: bytes) -> str:
     """Send ``body`` as the demo partner would by e-mail: signed with its S/MIME key, encrypted to the gateway's."""
-    sender = smime.Identity(x509.load_pem_x509_certificate(inst.demo_smime.cert.read_bytes()),
+    sender = Identity(x509.load_pem_x509_certificate(inst.demo_smime.cert.read_bytes()),
                             load_private_key(inst.demo_smime.key.read_bytes()), instance.DEMO_EMAIL)
     gateway_cert = x509.load_pem_x509_certificate(inst.smime.cert.read_bytes())
     to = f"invoices@{instance.MAIL_HOST}"
-    message = smime.compose([(body, "application/xml", "invoice.xml")], "Invoice attached.", identity=sender, to=to,
+    message = compose([(body, "application/xml", "invoice.xml")], "Invoice attached.", identity=sender, to=to,
                             subject="Invoice DEMO-2026-0004", recipient=gateway_cert)
     try:
         _, reply = await aiosmtplib.send(message, sender=instance.DEMO_EMAIL, recipients=[to], hostname="127.0.0.1",

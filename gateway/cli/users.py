@@ -9,20 +9,22 @@ first login, and it enrols its second factor there.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 from typing import Any
 
-from ..config import load as config_mod
+from ..config.load import load
+from ..config.model import Config
 from ..console import security
-from ..console.accounts import ROLES, USER_NAME, AccountError, Accounts
+from ..console.roles import ROLES, USER_NAME
 from ..errors import ConfigError
-from ..operations.instance import current_user
-from ..storage.sqlite import SqliteStore
-from .ops import seal
+from ..operations.audit import seal
+from ..storage.base import AccountError, AccountStore
+from .common import current_user, opened, with_config
 
 
-def add_parsers(sub: Any, with_config: Any) -> None:
+def add_parsers(sub: Any) -> None:
     u = sub.add_parser("users", help="console accounts: add, list, disable, reset a second factor (audited)")
     usub = u.add_subparsers(dest="action", required=True)
     add = with_config(usub.add_parser("add", help="create an account; prints its initial password (change at first login)"))
@@ -42,28 +44,32 @@ def add_parsers(sub: Any, with_config: Any) -> None:
             sp.add_argument("--json", action="store_true")
 
 
-def create(accounts: Accounts, name: str, roles: tuple[str, ...], content: bool, actor: str) -> str:
-    """A new account with a random initial password (returned); used by `users add` and `init`."""
+async def create(accounts: AccountStore, name: str, roles: tuple[str, ...], content: bool, actor: str) -> str:
+    """A new account with a random initial password (returned)."""
     if not re.fullmatch(USER_NAME, name):
         raise ConfigError(f"users add: {name!r} is not a user name (2 to 40 lower-case letters, digits, '.', '_' or '-', "
                           "starting with a letter)")
     password = security.new_password()
-    accounts.add_user(name, roles, content, security.hash_password(password), actor).result()
+    await accounts.add_user(name, roles, content, security.hash_password(password), actor)
     return password
 
 
-def main(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
-    store = SqliteStore(cfg.state_dir)
-    accounts = Accounts(store)
-    actor = f"cli:{current_user()}"
+def run(args: argparse.Namespace) -> int:
     try:
+        return asyncio.run(_users(load(args.config), args))
+    except AccountError as exc:
+        raise ConfigError(f"users {args.action}: {exc}") from None
+
+
+async def _users(cfg: Config, args: argparse.Namespace) -> int:
+    actor = f"cli:{current_user()}"
+    async with opened(cfg) as store:
+        accounts = store.accounts
         if args.action == "list":
-            people = accounts.users()
             rows: list[dict[str, Any]] = [{"name": u.name, "roles": list(u.roles), "content": u.content, "state": u.state,
                      "locked": u.locked(), "second_factor": u.enrolled, "must_change_password": u.must_change,
-                     "passkeys": len(accounts.passkeys(u.name)), "created_at": u.created_at, "created_by": u.created_by}
-                    for u in people]
+                     "passkeys": len(await accounts.passkeys(u.name)), "created_at": u.created_at, "created_by": u.created_by}
+                    for u in await accounts.users()]
             if args.json:
                 print(json.dumps(rows, indent=2))
             for r in rows if not args.json else ():
@@ -73,29 +79,24 @@ def main(args: argparse.Namespace) -> int:
                       f"\t{'; '.join(flags)}")
             return 0
         if args.action == "add":
-            password = create(accounts, args.name, tuple(dict.fromkeys(args.role)), args.content, actor)
+            password = await create(accounts, args.name, tuple(dict.fromkeys(args.role)), args.content, actor)
         elif args.action == "reset-password":
-            if accounts.user(args.name) is None:
+            if await accounts.user(args.name) is None:
                 raise AccountError(f"no user {args.name!r} (see: einvoice-gateway users list)")
             password = security.new_password()
-            accounts.set_password(args.name, security.hash_password(password), actor, must_change=True).result()
+            await accounts.set_password(args.name, security.hash_password(password), actor, must_change=True)
         else:
             password = ""
-            {"disable": lambda: accounts.set_state(args.name, "disabled", actor),
-             "enable": lambda: accounts.set_state(args.name, "active", actor),
-             "reset-mfa": lambda: accounts.reset_mfa(args.name, actor),
-             "unlock": lambda: accounts.unlock(args.name, actor)}[args.action]().result()
-        seal(cfg, store)
-        if password and getattr(args, "json", False):
-            print(json.dumps({"name": args.name, "password": password,
-                              "roles": sorted(set(getattr(args, "role", []) or []))}))
-        elif password:
-            print(f"{args.name}: initial password {password}\n(hand it over in person; it must be changed at the first "
-                  "login, where the second factor is set up)")
-        else:
-            print(f"{args.name}: {args.action} done")
-        return 0
-    except AccountError as exc:
-        raise ConfigError(f"users {args.action}: {exc}") from None
-    finally:
-        store.close()
+            await {"disable": lambda: accounts.set_state(args.name, "disabled", actor),
+                   "enable": lambda: accounts.set_state(args.name, "active", actor),
+                   "reset-mfa": lambda: accounts.reset_mfa(args.name, actor),
+                   "unlock": lambda: accounts.unlock(args.name, actor)}[args.action]()
+        await seal(cfg, store.audit)
+    if password and getattr(args, "json", False):
+        print(json.dumps({"name": args.name, "password": password, "roles": sorted(set(getattr(args, "role", []) or []))}))
+    elif password:
+        print(f"{args.name}: initial password {password}\n(hand it over in person; it must be changed at the first "
+              "login, where the second factor is set up)")
+    else:
+        print(f"{args.name}: {args.action} done")
+    return 0

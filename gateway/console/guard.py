@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from .accounts import Session, User
+from ..storage.records import Session, User
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -18,8 +18,9 @@ What needs a second administrator (a four-eyes request, ``approvals``):
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -28,8 +29,8 @@ from urllib.parse import quote
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from ..config.load import parse_email
 from ..errors import ConfigError
+from ..identifiers import parse_email, parse_party_id
 from ..model import Partner, PartnerStatus, SignaturePolicy
 from ..operations.instance import edit_partners, register_partner
 from ..partners.directory import (
@@ -44,14 +45,14 @@ from ..partners.directory import (
     parse_ceiling,
     parse_endpoint,
     parse_instant,
-    parse_party_id,
     rollover,
     unconfirmed,
     with_status,
 )
 from ..stages.fraud import iban_valid, looks_like_iban, normalise
+from ..storage.base import AccountError
+from ..storage.records import Approval
 from ..tls import CertInfo, cert_sha256, email_addresses
-from .accounts import AccountError
 from .guard import CTX, Refused, page
 
 if TYPE_CHECKING:
@@ -96,9 +97,8 @@ def _account(text: str) -> str:
     return account
 
 
-def describe(found: dict[str, Any]) -> list[str]:
+def describe(kind: str, p: Mapping[str, Any]) -> list[str]:
     """What a partner request would change, line by line, for the approvals page."""
-    p, kind = found["params"], found["kind"]
     if kind == "partner.activate":
         return [f"activate: confirm the SHA-256 fingerprint of {len(p['certificates'])} certificate(s) with the partner"]
     if kind == "partner.certificates":
@@ -176,9 +176,9 @@ class PartnerPages:
                           "from": instant_text(start) if start else "", "until": instant_text(end) if end else "",
                           "state": "expired" if info.not_after < now else "not yet accepted" if start and now < start
                           else "retired" if end and now >= end else "accepted"})
-        waiting = [a | {"lines": describe(a)} for a in await self.c.run(self.c.accounts.approvals, "pending")
-                   if a["kind"] in KINDS and a["target"] == p.name]
-        accounts = await self.c.run(self.c.store.seller_accounts, p.name)
+        waiting = [dataclasses.asdict(a) | {"lines": describe(a.kind, a.params)}
+                   for a in await self.c.four_eyes.requests("pending") if a.kind in KINDS and a.target == p.name]
+        accounts = await self.c.store.quarantine.seller_accounts(p.name)
         return self.c.render(request, "partner.html", {
             "p": p, "certs": certs, "waiting": waiting, "accounts": accounts, "error": request[CTX].error,
             "purposes": PURPOSE_LABEL, "policies": [x.value for x in SignaturePolicy],
@@ -221,9 +221,9 @@ class PartnerPages:
             request[CTX].error = str(exc) if isinstance(exc, ConfigError) else "signature_policy: not a known policy"
             request[CTX].status = 400
             return await self.new_page(request)
-        await self.c.wait(self.c.store.audit(self.c.actor(request), "partner.added", name, None,
+        await self.c.store.audit.append(self.c.actor(request), "partner.added", name, None,
                                              {"party_ids": sorted(ids), "status": "pending",
-                                              "certificates": sorted(k for k, v in certs.items() if v is not None)}))
+                                              "certificates": sorted(k for k, v in certs.items() if v is not None)})
         raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done=added,+pending+activation:+request+it+below")
 
     @page("partners.manage", fresh=True)
@@ -258,9 +258,9 @@ class PartnerPages:
         except ConfigError as exc:
             return await self._again(request, exc)
         await self._changed()
-        await self.c.wait(self.c.store.audit(self.c.actor(request), "partner.edited", name, None,
+        await self.c.store.audit.append(self.c.actor(request), "partner.edited", name, None,
                                              {"changed": changed, "party_ids": sorted(ids), "emails": list(emails),
-                                              "endpoint": endpoint, "signature_policy": policy.value}))
+                                              "endpoint": endpoint, "signature_policy": policy.value})
         raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done=saved+(takes+effect+within+seconds)")
 
     @page("partners.manage", fresh=True)
@@ -290,7 +290,7 @@ class PartnerPages:
         await self.c.run(write)
         await self._changed()
         done = {"suspend": "suspended", "resume": "resumed"}[action]
-        await self.c.wait(self.c.store.audit(self.c.actor(request), f"partner.{done}", name, None, {"reason": reason}))
+        await self.c.store.audit.append(self.c.actor(request), f"partner.{done}", name, None, {"reason": reason})
         raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done={done}+(takes+effect+within+seconds)")
 
     # --- four-eyes requests -------------------------------------------------------------------
@@ -303,8 +303,8 @@ class PartnerPages:
         if not reason:
             raise Refused(400, "give a reason: the second administrator decides on it", audit=False)
         try:
-            await self.c.wait(self.c.accounts.request(kind, name, params, reason, self.c.actor(request), name,
-                                                      shown={"changes": describe({"kind": kind, "params": params})}))
+            await self.c.four_eyes.request(kind, name, params, reason, self.c.actor(request), name,
+                                           shown={"changes": describe(kind, params)})
         except AccountError as exc:
             raise Refused(409, str(exc), audit=False) from None
         raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done={done}")
@@ -358,7 +358,7 @@ class PartnerPages:
         p = self._get(request.match_info["name"])
         form = await request.post()
         reason = str(form.get("reason", "")).strip()[:500]
-        seen = [a["account"] for a in await self.c.run(self.c.store.seller_accounts, p.name)]
+        seen = [a.account for a in await self.c.store.quarantine.seller_accounts(p.name)]
         try:
             ceilings = [parse_ceiling(v, f"ceilings[{i}]") for i, v in enumerate(_lines(form, "ceilings"))]
             shown = [f"{c}:{v}" for c, v in sorted(dict(ceilings).items())]
@@ -377,17 +377,17 @@ class PartnerPages:
 
     # --- deciding and carrying out ------------------------------------------------------------
 
-    def to_confirm(self, found: dict[str, Any]) -> list[CertInfo]:
+    def to_confirm(self, found: Approval) -> list[CertInfo]:
         """The certificates whose fingerprints the approver must confirm with the partner."""
-        if found["kind"] == "partner.activate":
-            p = self.c.directory().get(found["target"])
+        if found.kind == "partner.activate":
+            p = self.c.directory().get(found.target)
             return [info for _, _, info in certificates_of(p)] if p is not None else []
-        if found["kind"] == "partner.certificates" and found["params"].get("add"):
-            a = found["params"]["add"]
+        if found.kind == "partner.certificates" and found.params.get("add"):
+            a = found.params["add"]
             return [inspect_as(a["purpose"], a["pem"].encode(), f"{PURPOSE_LABEL[a['purpose']]} certificate")]
         return []
 
-    def confirm(self, found: dict[str, Any], fingerprints: list[str], how: str) -> None:
+    def confirm(self, found: Approval, fingerprints: list[str], how: str) -> None:
         """Refuse an approval whose fingerprints do not match (nothing is decided then)."""
         certs = self.to_confirm(found)
         if not certs:
@@ -399,11 +399,11 @@ class PartnerPages:
             raise ConfigError("not approved: " + "; ".join(problems) + ". Ask the partner to read the fingerprint "
                               "out again (openssl x509 -noout -fingerprint -sha256 -in CERT)")
 
-    async def carry_out(self, found: dict[str, Any], actor: str, fingerprints: list[str], how: str) -> str:
+    async def carry_out(self, found: Approval, actor: str, fingerprints: list[str], how: str) -> str:
         """Do what an approved partner request asks; ConfigError when it cannot be done."""
-        kind, name, p = found["kind"], found["target"], found["params"]
-        by = f"{actor} (confirmed: {how}; requested by {found['requested_by']})"
-        detail: dict[str, Any] = {"request": found["id"], "requested_by": found["requested_by"]}
+        kind, name, p = found.kind, found.target, found.params
+        by = f"{actor} (confirmed: {how}; requested by {found.requested_by})"
+        detail: dict[str, Any] = {"request": found.id, "requested_by": found.requested_by}
         file = self.c.config.partners_file
         if kind == "partner.activate":
             def activate(partners: list[Partner], _store: Callable[..., str]) -> None:
@@ -412,7 +412,7 @@ class PartnerPages:
 
             await self.c.run(edit_partners, file, name, activate)
             await self._changed()
-            await self.c.wait(self.c.store.audit(actor, "partner.activated", name, None, detail | {"confirmed": how}))
+            await self.c.store.audit.append(actor, "partner.activated", name, None, detail | {"confirmed": how})
             return "activated"
         if kind == "partner.certificates":
             def change(partners: list[Partner], store: Callable[..., str]) -> None:
@@ -425,9 +425,9 @@ class PartnerPages:
 
             await self.c.run(edit_partners, file, name, change)
             await self._changed()
-            await self.c.wait(self.c.store.audit(actor, "partner.certificates_changed", name, None, detail | {
+            await self.c.store.audit.append(actor, "partner.certificates_changed", name, None, detail | {
                 "added": p["add"]["spki"] if p.get("add") else None, "start": p.get("start"), "retire": p.get("retire", {}),
-                "remove": p.get("remove", []), **({"confirmed": how} if p.get("add") else {})}))
+                "remove": p.get("remove", []), **({"confirmed": how} if p.get("add") else {})})
             return "certificates changed"
         if kind == "partner.bank":
             if p.get("ceilings") is not None:
@@ -439,9 +439,9 @@ class PartnerPages:
 
                 await self.c.run(edit_partners, file, name, set_ceilings)
                 await self._changed()
-            await self.c.wait(self.c.store.set_accounts(name, p.get("known", []), p.get("blocked", []), actor,
-                                                        f"{found['reason']} (request {found['id']}, requested by "
-                                                        f"{found['requested_by']}, ceilings: {p.get('ceilings')})"))
+            await self.c.store.quarantine.set_accounts(name, p.get("known", []), p.get("blocked", []), actor,
+                                                       f"{found.reason} (request {found.id}, requested by "
+                                                       f"{found.requested_by}, ceilings: {p.get('ceilings')})")
             return "bank settings changed"
         raise ConfigError(f"unknown request kind {kind}")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+ROLES = ("admin", "operator", "auditor")
+USER_NAME = r"[a-z][a-z0-9._-]{1,39}"  # a console account's name
 PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": frozenset({"view", "messages.read", "partners.read", "partners.manage", "users.read", "users.manage",
                         "audit.read"}),

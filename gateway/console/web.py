@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,21 +39,21 @@ import jinja2
 from aiohttp import web
 
 from .. import logs
-from ..cli.ops import trusted_certificates, unsealed_limit
-from ..config.load import Config, ConsoleConfig
+from ..config.model import Config, ConsoleConfig
 from ..errors import GatewayError
 from ..operations import audit as audit_mod
+from ..operations.audit import trusted_certificates, unsealed_limit
 from ..operations.housekeeping import expiring, inventory
 from ..partners.directory import PartnerDirectory
 from ..stages.signature import SigningKey
-from ..storage.sqlite import SqliteStore
+from ..storage.base import AccountError, Store
+from ..storage.records import Approval, MessageDetail, Session, User
 from ..vault import Vault
 from . import passkeys, security, views
-from .accounts import ROLES, USER_NAME, AccountError, Accounts, Session, User
 from .guard import CTX, PUBLIC, Context, Page, Refused, page, session_of, user_of
 from .partnerpages import KINDS as PARTNER_REQUESTS
 from .partnerpages import PartnerPages, describe
-from .roles import APPROVAL_NEEDS, allowed
+from .roles import APPROVAL_NEEDS, ROLES, USER_NAME, allowed
 
 log = logs.get("console")
 T = TypeVar("T")
@@ -94,14 +95,15 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
 
 
 class Console:
-    def __init__(self, config: Config, store: SqliteStore, io: Executor, vault: Callable[[], Vault],
+    def __init__(self, config: Config, store: Store, io: Executor, vault: Callable[[], Vault],
                  directory: Callable[[], PartnerDirectory], signer: Callable[[], SigningKey | None],
                  wake_outbox: Callable[[], None], rejections: Callable[[], dict[str, float]],
                  partners_changed: Callable[[], Awaitable[None]] | None = None):
         self.config = config
         self.cfg: ConsoleConfig = config.console
         self.store = store
-        self.accounts = Accounts(store)
+        self.accounts = store.accounts
+        self.four_eyes = store.approvals
         self.io = io
         self.vault = vault
         self.directory = directory
@@ -175,10 +177,6 @@ class Console:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
-    @staticmethod
-    async def wait(fut: Any) -> Any:
-        return await asyncio.wrap_future(fut)
-
     def _headers(self, response: web.StreamResponse) -> None:
         h = response.headers
         h["Content-Security-Policy"] = CSP
@@ -230,7 +228,7 @@ class Console:
         session = await self._session(request)
         ctx = request[CTX]
         ctx.session = session
-        ctx.user = None if session is None else await self.run(self.accounts.user, session.user)
+        ctx.user = None if session is None else await self.accounts.user(session.user)
         if request.method == "POST":
             if not self._same_origin(request):
                 raise Refused(403, "this request did not come from the console's own pages (Origin check); "
@@ -268,16 +266,16 @@ class Console:
         if not token or len(token) > 100:
             return None
         key = security.token_hash(token)
-        session = await self.run(self.accounts.session, key)
+        session = await self.accounts.session(key)
         if session is None:
             return None
         now = time.time()
         limit = PRE_LOGIN_S if session.stage != "full" else self.cfg.idle_timeout_s
         if now - session.seen_at > limit or now - session.created_at > self.cfg.absolute_timeout_s:
-            await self.wait(self.accounts.end_session(key, f"console:{session.user}", "expired"))
+            await self.accounts.end_session(key, f"console:{session.user}", "expired")
             return None
         if now - session.seen_at > TOUCH_EVERY_S:
-            await self.wait(self.accounts.touch(key, now))
+            await self.accounts.touch(key, now)
         return session
 
     async def _denied(self, request: web.Request, why: str) -> None:
@@ -285,9 +283,9 @@ class Console:
         if user is None and not self._first_this_minute(f"denied:{request.remote}"):
             return  # anonymous refusals: one record a minute per address, so a flood cannot fill the log
         actor = f"console:{user.name}" if user is not None else f"console:anonymous@{request.remote}"
-        await self.wait(self.store.audit(actor, "console.denied", None, None,
+        await self.store.audit.append(actor, "console.denied", None, None,
                                          {"method": request.method, "path": request.path, "reason": why,
-                                          "address": request.remote or ""}))
+                                          "address": request.remote or ""})
 
     def actor(self, request: web.Request) -> str:
         return f"console:{user_of(request).name}"
@@ -309,9 +307,9 @@ class Console:
     async def _new_session(self, request: web.Request, user: User, stage: str, auth_at: float,
                            replaces: str | None) -> web.Response:
         token = security.new_token()
-        await self.wait(self.accounts.open_session(security.token_hash(token), user.name, stage, security.new_token(),
+        await self.accounts.open_session(security.token_hash(token), user.name, stage, security.new_token(),
                                                    request.remote or "", request.headers.get("User-Agent", ""),
-                                                   auth_at, replaces=replaces))
+                                                   auth_at, replaces=replaces)
         target = {"mfa": "/console/mfa", "enroll": "/console/enroll"}.get(stage, "/console/")
         if stage == "full" and user.must_change:
             target = "/console/password"
@@ -329,29 +327,32 @@ class Console:
     # --- login: password, then a second factor ---------------------------------------------------
 
     async def login_page(self, request: web.Request) -> web.Response:
-        await self.run(self._bootstrap)
+        await self._bootstrap()
         return self._login_form(request, "", 200)
 
     @property
     def bootstrap_file(self) -> Path:
         return self.config.state_dir / BOOTSTRAP_FILE
 
-    def _bootstrap(self) -> None:
+    async def _bootstrap(self) -> None:
         """With no account at all, the first visit creates ``admin`` with a random password in a file
         only the service user can read; the password must be changed at the first login."""
-        if self.accounts.users():
+        if await self.accounts.users():
             return
         password = security.new_password()
+        digest = await asyncio.get_running_loop().run_in_executor(self.hashing, security.hash_password, password)
         try:
-            self.accounts.add_user(BOOTSTRAP_USER, ("admin",), False, security.hash_password(password),
-                                   "gateway").result()
+            await self.accounts.add_user(BOOTSTRAP_USER, ("admin",), False, digest, "gateway")
         except AccountError:
             return  # another request made it a moment ago
+        await self.run(self._write_bootstrap, password)
+        log.warning("console.bootstrap_account", user=BOOTSTRAP_USER, password_file=str(self.bootstrap_file),
+                    hint="log in with it, then choose your own password and set up a second factor")
+
+    def _write_bootstrap(self, password: str) -> None:
         fd = os.open(self.bootstrap_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(password + "\n")
-        log.warning("console.bootstrap_account", user=BOOTSTRAP_USER, password_file=str(self.bootstrap_file),
-                    hint="log in with it, then choose your own password and set up a second factor")
 
     def _login_form(self, request: web.Request, error: str, status: int) -> web.Response:
         token = request.cookies.get(LOGIN_CSRF_COOKIE) or security.new_token()
@@ -376,8 +377,8 @@ class Console:
         if self.limiter.allow(address):
             return
         if self._first_this_minute(f"throttled:{address}"):  # one record a minute per address, not one per attempt
-            await self.wait(self.store.audit(f"console:anonymous@{address}", "console.login_throttled", None, None,
-                                             {"address": address}))
+            await self.store.audit.append(f"console:anonymous@{address}", "console.login_throttled", None, None,
+                                             {"address": address})
             log.warning("console.login_throttled", address=address)
         raise Refused(429, "too many login attempts from your address; wait a minute and try again", audit=False)
 
@@ -396,10 +397,10 @@ class Console:
         name, password = str(form.get("username", "")).strip().lower(), str(form.get("password", ""))
         if len(password) > security.MAX_PASSWORD_CHARS * 4 or len(name) > 64:
             return self._login_form(request, "wrong user name or password", 401)
-        user = await self.run(self.accounts.user, name)
+        user = await self.accounts.user(name)
         if user is not None and user.locked():
-            await self.wait(self.store.audit(f"console:{name}", "console.login_refused", None, None,
-                                             {"reason": "locked", "address": request.remote or ""}))
+            await self.store.audit.append(f"console:{name}", "console.login_refused", None, None,
+                                             {"reason": "locked", "address": request.remote or ""})
             return self._login_form(request, "this account is locked after repeated failed logins; try again later "
                                     "or ask an administrator to unlock it", 423)
         ok = await self._check_password(user.password_hash if user else None, password)
@@ -407,37 +408,37 @@ class Console:
             if user is not None:
                 await self._failed(request, user, "password")
             else:
-                await self.wait(self.store.audit(f"console:anonymous@{request.remote}", "console.login_failed", None, None,
-                                                 {"user": name[:64], "factor": "password", "address": request.remote or ""}))
+                await self.store.audit.append(f"console:anonymous@{request.remote}", "console.login_failed", None, None,
+                                                 {"user": name[:64], "factor": "password", "address": request.remote or ""})
             return self._login_form(request, "wrong user name or password", 401)
         earlier = request[CTX].session
         return await self._new_session(request, user, "mfa" if user.enrolled else "enroll", 0.0,
                                        earlier.id_hash if earlier is not None else None)
 
     async def _failed(self, request: web.Request, user: User, factor: str) -> None:
-        locked = await self.wait(self.accounts.failed(user.name, factor, request.remote or "", self.cfg.lockout_after,
-                                                      self.cfg.lockout_s))
+        locked = await self.accounts.failed(user.name, factor, request.remote or "", self.cfg.lockout_after,
+                                                      self.cfg.lockout_s)
         if locked:
             log.warning("console.user_locked", user=user.name, factor=factor, address=request.remote,
                         minutes=round(self.cfg.lockout_s / 60))
             session: Session | None = request[CTX].session
             if session is not None and session.stage != "full":
-                await self.wait(self.accounts.end_session(session.id_hash))
+                await self.accounts.end_session(session.id_hash)
             raise Refused(423, "this account is locked after repeated failed attempts; try again later or ask an "
                           "administrator to unlock it", audit=False)
 
     @page(stage="mfa")
     async def mfa_page(self, request: web.Request) -> web.Response:
         user: User = user_of(request)
-        keys = await self.run(self.accounts.passkeys, user.name)
+        keys = await self.accounts.passkeys(user.name)
         return self.render(request, "mfa.html", {"error": request[CTX].error, "passkeys": bool(keys),
-                                                 "recovery_left": await self.run(self.accounts.recovery_left, user.name)},
+                                                 "recovery_left": await self.accounts.recovery_left(user.name)},
                            request[CTX].status)
 
     async def _second_factor_ok(self, request: web.Request, method: str) -> web.StreamResponse:
         user: User = user_of(request)
         session: Session = session_of(request)
-        await self.wait(self.accounts.succeeded(user.name, request.remote or "", method))
+        await self.accounts.succeeded(user.name, request.remote or "", method)
         return await self._new_session(request, user, "full", time.time(), session.id_hash)
 
     async def _totp(self, user: User, code: str) -> str | None:
@@ -446,7 +447,7 @@ class Console:
         step = security.totp_step(user.totp_secret, code)
         if step is None:
             return "that code is not valid; check your authenticator app's clock"
-        if step <= user.totp_last_step or not await self.wait(self.accounts.spend_totp_step(user.name, step)):
+        if step <= user.totp_last_step or not await self.accounts.spend_totp_step(user.name, step):
             return "that code was already used; wait for the next one"
         return None
 
@@ -468,7 +469,7 @@ class Console:
         if session_of(request).stage != "mfa" or user.locked():
             raise Refused(403, "this account is locked; try again later")
         code = str((await request.post()).get("recovery_code", ""))
-        if not await self.wait(self.accounts.spend_recovery(user.name, security.recovery_hash(code))):
+        if not await self.accounts.spend_recovery(user.name, security.recovery_hash(code)):
             await self._failed(request, user, "recovery-code")
             request[CTX].error, request[CTX].status = "that recovery code is not valid or was used already", 401
             return await self.mfa_page(request)
@@ -494,12 +495,12 @@ class Console:
     async def passkey_login_options(self, request: web.Request) -> web.Response:
         user: User = user_of(request)
         rp_id, _ = self._rp(request)
-        ids = [base64.urlsafe_b64decode(k["credential_id"] + "==") for k in await self.run(self.accounts.passkeys, user.name)]
+        ids = [base64.urlsafe_b64decode(k.credential_id + "==") for k in await self.accounts.passkeys(user.name)]
         if not ids:
             return web.json_response({"error": "you have no passkey yet; use your authenticator app's code"}, status=400)
         options, challenge = passkeys.authentication_options(rp_id, ids)
-        await self.wait(self.accounts.update_session(session_of(request).id_hash, pending={
-            "challenge": base64.b64encode(challenge).decode(), "purpose": "login"}))
+        await self.accounts.update_session(session_of(request).id_hash, pending={
+            "challenge": base64.b64encode(challenge).decode(), "purpose": "login"})
         return web.Response(text=options, content_type="application/json")
 
     @page(stage="mfa")
@@ -512,16 +513,16 @@ class Console:
             if session.pending.get("purpose") != "login":
                 raise passkeys.PasskeyError("no passkey login was started; reload the page")
             cred = base64.urlsafe_b64encode(passkeys.credential_id_of(body)).decode().rstrip("=")
-            stored = await self.run(self.accounts.passkey, cred)
-            if stored is None or stored[0] != user.name:
+            stored = await self.accounts.passkey(cred)
+            if stored is None or stored.user != user.name:
                 raise passkeys.PasskeyError("this passkey is not registered for your account")
             count = passkeys.verify_authentication(body, base64.b64decode(session.pending["challenge"]), rp_id, origin,
-                                                   stored[1], stored[2])
+                                                   stored.public_key, stored.sign_count)
         except passkeys.PasskeyError as exc:
-            await self.wait(self.accounts.update_session(session.id_hash, pending={}))
+            await self.accounts.update_session(session.id_hash, pending={})
             await self._failed_json(request, user, "passkey")
             return web.json_response({"error": str(exc)}, status=401)
-        await self.wait(self.accounts.used_passkey(cred, count))
+        await self.accounts.used_passkey(cred, count)
         redirect = await self._second_factor_ok(request, "passkey")
         response = web.json_response({"next": redirect.headers["Location"]})
         response.cookies.update(redirect.cookies)
@@ -538,12 +539,12 @@ class Console:
         user: User = user_of(request)
         rp_id, _ = self._rp(request)
         body = await self._json(request)
-        existing = [base64.urlsafe_b64decode(k["credential_id"] + "==") for k in await self.run(self.accounts.passkeys, user.name)]
+        existing = [base64.urlsafe_b64decode(k.credential_id + "==") for k in await self.accounts.passkeys(user.name)]
         options, challenge = passkeys.registration_options(rp_id, "einvoice-gateway", user.name,
                                                            user.user_handle.encode(), existing)
         label = str(body.get("label") or "passkey")[:60]
-        await self.wait(self.accounts.update_session(session_of(request).id_hash, pending={
-            "challenge": base64.b64encode(challenge).decode(), "purpose": "register", "label": label}))
+        await self.accounts.update_session(session_of(request).id_hash, pending={
+            "challenge": base64.b64encode(challenge).decode(), "purpose": "register", "label": label})
         return web.Response(text=options, content_type="application/json")
 
     @page(fresh=True)
@@ -559,16 +560,16 @@ class Console:
         except passkeys.PasskeyError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         finally:
-            await self.wait(self.accounts.update_session(session.id_hash, pending={}))
+            await self.accounts.update_session(session.id_hash, pending={})
         cred = base64.urlsafe_b64encode(new.credential_id).decode().rstrip("=")
-        await self.wait(self.accounts.add_passkey(user.name, cred, new.public_key, new.sign_count,
-                                                  session.pending.get("label", "passkey"), new.aaguid))
+        await self.accounts.add_passkey(user.name, cred, new.public_key, new.sign_count,
+                                                  session.pending.get("label", "passkey"), new.aaguid)
         return web.json_response({"next": "/console/account?done=passkey+added"})
 
     @page()
     async def passkey_remove(self, request: web.Request) -> web.StreamResponse:
         user: User = user_of(request)
-        if not await self.wait(self.accounts.remove_passkey(user.name, request.match_info["id"], self.actor(request))):
+        if not await self.accounts.remove_passkey(user.name, request.match_info["id"], self.actor(request)):
             raise Refused(404, "no such passkey of yours", audit=False)
         raise web.HTTPSeeOther("/console/account?done=passkey+removed")
 
@@ -583,7 +584,7 @@ class Console:
         secret = session.pending.get("totp_secret")
         if not secret:
             secret = security.new_totp_secret()
-            await self.wait(self.accounts.update_session(session.id_hash, pending={"totp_secret": secret}))
+            await self.accounts.update_session(session.id_hash, pending={"totp_secret": secret})
         uri = security.otpauth_uri(secret, user.name, "einvoice-gateway")
         return self.render(request, "enroll.html", {"secret": secret, "uri": uri, "qr": _qr(uri),
                                                     "error": request[CTX].error}, request[CTX].status)
@@ -601,7 +602,7 @@ class Console:
             request[CTX].error, request[CTX].status = "that code does not match; check the secret and your clock", 401
             return await self.enroll_page(request)
         codes = security.new_recovery_codes()
-        await self.wait(self.accounts.enroll_totp(user.name, secret, step, [security.recovery_hash(c) for c in codes]))
+        await self.accounts.enroll_totp(user.name, secret, step, [security.recovery_hash(c) for c in codes])
         redirect = await self._second_factor_ok(request, "totp-enrolment")
         response = self.render(request, "recovery.html", {"codes": codes, "next": redirect.headers["Location"]})
         response.cookies.update(redirect.cookies)
@@ -634,7 +635,7 @@ class Console:
             request[CTX].error, request[CTX].status = problem, 400
             return await self.password_page(request)
         digest = await asyncio.get_running_loop().run_in_executor(self.hashing, security.hash_password, new)
-        await self.wait(self.accounts.set_password(user.name, digest, self.actor(request), must_change=False))
+        await self.accounts.set_password(user.name, digest, self.actor(request), must_change=False)
         if user.name == BOOTSTRAP_USER:
             self.bootstrap_file.unlink(missing_ok=True)
         raise web.HTTPSeeOther("/console/?done=password+changed")
@@ -659,14 +660,14 @@ class Console:
         if problem is not None:
             request[CTX].error, request[CTX].status = problem, 401
             return await self.reauth_page(request)
-        await self.wait(self.accounts.update_session(session_of(request).id_hash, auth_at=time.time()))
-        await self.wait(self.store.audit(self.actor(request), "console.reauthenticated", None, None, {}))
+        await self.accounts.update_session(session_of(request).id_hash, auth_at=time.time())
+        await self.store.audit.append(self.actor(request), "console.reauthenticated", None, None, {})
         raise web.HTTPSeeOther(_local(str(form.get("next", ""))))
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         session: Session | None = request[CTX].session
         if session is not None:
-            await self.wait(self.accounts.end_session(session.id_hash, f"console:{session.user}", "logout"))
+            await self.accounts.end_session(session.id_hash, f"console:{session.user}", "logout")
         response = web.Response(status=303, headers={"Location": "/console/login"})
         response.del_cookie(SESSION_COOKIE, path="/console/")
         return response
@@ -675,7 +676,7 @@ class Console:
 
     @page("view")
     async def dashboard(self, request: web.Request) -> web.Response:
-        data = await self.run(views.dashboard, self.store)
+        data = await self.store.reports.dashboard(datetime.now(UTC))
         certs = await self.run(inventory, self.config, self.directory())
         soon = expiring(certs, 90)
         buckets = {d: sum(1 for _, left in soon if left < d) for d in (90, 30, 7)}
@@ -693,9 +694,9 @@ class Console:
             since, until = views.parse_day(q.get("since", ""), "from"), views.parse_day(q.get("until", ""), "until")
             if q.get("status") and q["status"] not in views.STATUSES:
                 raise ValueError(f"status: one of {', '.join(views.STATUSES)}")
-            rows, more = await self.run(lambda: views.search(
-                self.store, partner=q.get("partner", "").strip(), status=q.get("status", ""), since=since, until=until,
-                number=q.get("number", "").strip(), amount=q.get("amount", "").strip(), page=page_no))
+            rows, more = await views.search(
+                self.store.reports, partner=q.get("partner", "").strip(), status=q.get("status", ""), since=since,
+                until=until, number=q.get("number", "").strip(), amount=q.get("amount", "").strip(), page=page_no)
         except ValueError as exc:
             error, page_no = str(exc), 0
         context = {"rows": rows, "more": more, "q": q, "page_no": page_no, "statuses": views.STATUSES, "error": error,
@@ -706,7 +707,7 @@ class Console:
 
     @page("messages.read")
     async def message(self, request: web.Request) -> web.Response:
-        found = await self.run(self.store.message, request.match_info["id"])
+        found = await self.store.reports.message(request.match_info["id"])
         if found is None:
             raise Refused(404, "no such message (it may have been deleted by retention)", audit=False)
         return self.render(request, "message.html", {"m": found, "timeline": _timeline(found)})
@@ -714,20 +715,22 @@ class Console:
     @page("content", fresh=True)
     async def content(self, request: web.Request) -> web.Response:
         message_id = request.match_info["id"]
-        found = await self.run(self.store.message, message_id)
+        found = await self.store.reports.message(message_id)
         if found is None:
             raise Refused(404, "no such message", audit=False)
-        sealed = await self.run(self.store.load_sealed, message_id)
-        body = await self.run(self.vault().open, sealed, message_id, found["sha256"])
-        await self.wait(self.store.audit(self.actor(request), "console.content_viewed", found["partner"], message_id,
-                                         {"sha256": found["sha256"]}))
-        text = body.decode("utf-8", "replace") if found["media_type"].endswith("xml") else \
-            f"({found['media_type']}, {len(body)} bytes; not shown as text)"
+        sealed = await self.store.outbox.load_sealed(message_id)
+        if sealed is None:
+            raise Refused(404, "the stored content of this message is missing", audit=False)
+        body = await self.run(self.vault().open, sealed, message_id, found.sha256)
+        await self.store.audit.append(self.actor(request), "console.content_viewed", found.partner, message_id,
+                                      {"sha256": found.sha256})
+        text = body.decode("utf-8", "replace") if found.media_type.endswith("xml") else \
+            f"({found.media_type}, {len(body)} bytes; not shown as text)"
         return self.render(request, "content.html", {"m": found, "text": text})
 
     @page("messages.read")
     async def dead_letters(self, request: web.Request) -> web.Response:
-        rows = await self.run(lambda: self.store.dead_letters(partner=request.query.get("partner") or None, limit=200))
+        rows = await self.store.reports.dead_letters(partner=request.query.get("partner") or None, limit=200)
         return self.render(request, "dead_letters.html", {"rows": rows})
 
     @page("messages.act")
@@ -746,11 +749,11 @@ class Console:
         for message_id, destination in items:
             try:
                 if action == "requeue":
-                    await self.wait(self.store.retry(message_id, destination, self.actor(request), requeue=True, reason=reason))
+                    await self.store.outbox.retry(message_id, destination, self.actor(request), requeue=True, reason=reason)
                 elif action == "discard":
-                    await self.wait(self.accounts.request("deadletter.discard", f"{message_id} {destination}",
+                    await self.four_eyes.request("deadletter.discard", f"{message_id} {destination}",
                                                           {"message_id": message_id, "destination": destination},
-                                                          reason, self.actor(request)))
+                                                          reason, self.actor(request))
                 else:
                     raise Refused(400, "unknown action", audit=False)
                 done += 1
@@ -765,16 +768,16 @@ class Console:
 
     @page("messages.read")
     async def quarantine(self, request: web.Request) -> web.Response:
-        rows = await self.run(lambda: self.store.quarantined("held", limit=500))
+        rows = await self.store.quarantine.held("held", limit=500)
         return self.render(request, "quarantine.html", {"rows": rows})
 
     @page("messages.read")
     async def quarantine_entry(self, request: web.Request) -> web.Response:
-        entry = await self.run(self.store.quarantine_entry, request.match_info["id"])
+        entry = await self.store.quarantine.entry(request.match_info["id"])
         if entry is None:
             raise Refused(404, "no such quarantined message", audit=False)
-        waiting = [a for a in await self.run(self.accounts.approvals, "pending")
-                   if a["kind"] == "quarantine.release" and a["target"] == entry["message_id"]]
+        waiting = [a for a in await self.four_eyes.requests("pending")
+                   if a.kind == "quarantine.release" and a.target == entry.message_id]
         return self.render(request, "quarantine_entry.html", {"e": entry, "waiting": waiting})
 
     @page("messages.act")
@@ -784,13 +787,13 @@ class Console:
         if not note:
             raise Refused(400, "say why the invoice may be released (for example: account confirmed by phone with ...)",
                           audit=False)
-        entry = await self.run(self.store.quarantine_entry, message_id)
-        if entry is None or entry["state"] != "held":
+        entry = await self.store.quarantine.entry(message_id)
+        if entry is None or entry.state != "held":
             raise Refused(409, "this invoice is not held (any more)", audit=False)
         try:
-            await self.wait(self.accounts.request("quarantine.release", message_id, {"message_id": message_id,
-                                                  "partner": entry["partner"]}, note, self.actor(request),
-                                                  entry["partner"], message_id))
+            await self.four_eyes.request("quarantine.release", message_id, {"message_id": message_id,
+                                                  "partner": entry.partner}, note, self.actor(request),
+                                                  entry.partner, message_id)
         except AccountError as exc:
             raise Refused(409, str(exc), audit=False) from None
         raise web.HTTPSeeOther(f"/console/quarantine/{message_id}?done=release+requested:+a+second+person+must+approve+it")
@@ -802,20 +805,20 @@ class Console:
         if not note:
             raise Refused(400, "say why the invoice is rejected", audit=False)
         try:
-            await self.wait(self.store.decide(message_id, False, self.actor(request), note))
+            await self.store.quarantine.decide(message_id, False, self.actor(request), note)
         except GatewayError as exc:
             raise Refused(409, str(exc), audit=False) from None
         raise web.HTTPSeeOther("/console/quarantine?done=rejected")
 
     @page("view")
     async def approvals(self, request: web.Request) -> web.Response:
-        pending = await self.run(self.accounts.approvals, "pending")
-        for a in pending:
-            a["can_decide"] = allowed(user_of(request), APPROVAL_NEEDS.get(a["kind"], "users.manage"))
-            if a["kind"] in PARTNER_REQUESTS:
-                a["lines"] = describe(a)
-                a["confirm"] = await self.run(self.partner_pages.to_confirm, a)
-        recent = [a for a in await self.run(self.accounts.approvals, None, 50) if a["state"] != "pending"]
+        pending = []
+        for a in await self.four_eyes.requests("pending"):
+            shown = dataclasses.asdict(a) | {"can_decide": allowed(user_of(request), APPROVAL_NEEDS.get(a.kind, "users.manage"))}
+            if a.kind in PARTNER_REQUESTS:
+                shown |= {"lines": describe(a.kind, a.params), "confirm": await self.run(self.partner_pages.to_confirm, a)}
+            pending.append(shown)
+        recent = [a for a in await self.four_eyes.requests(None, 50) if a.state != "pending"]
         return self.render(request, "approvals.html", {"pending": pending, "recent": recent})
 
     @page("view", fresh=True)
@@ -828,7 +831,7 @@ class Console:
             raise Refused(404, "no such request", audit=False) from None
         if decision == "withdraw":
             try:
-                await self.wait(self.accounts.withdraw(request_id, self.actor(request)))
+                await self.four_eyes.withdraw(request_id, self.actor(request))
             except AccountError as exc:
                 raise Refused(409, str(exc), audit=False) from None
             raise web.HTTPSeeOther("/console/approvals?done=withdrawn")
@@ -837,48 +840,48 @@ class Console:
         form = await request.post()
         fingerprints = [str(v) for k, v in form.items() if k.startswith("fingerprint")]
         how = str(form.get("confirmed_with", "")).strip()[:300]
-        pending = await self.run(self.accounts.approval, request_id)
-        if decision == "approve" and pending is not None and pending["kind"] in PARTNER_REQUESTS \
-                and pending["state"] == "pending" and pending["requested_by"] != self.actor(request) \
-                and allowed(user, APPROVAL_NEEDS[pending["kind"]]):
+        pending = await self.four_eyes.get(request_id)
+        if decision == "approve" and pending is not None and pending.kind in PARTNER_REQUESTS \
+                and pending.state == "pending" and pending.requested_by != self.actor(request) \
+                and allowed(user, APPROVAL_NEEDS[pending.kind]):
             try:
                 await self.run(self.partner_pages.confirm, pending, fingerprints, how)
             except GatewayError as exc:
                 raise Refused(422, str(exc)) from None
 
-        def check(found: dict[str, Any]) -> None:
-            need = APPROVAL_NEEDS.get(found["kind"], "users.manage")
+        def check(found: Approval) -> None:
+            need = APPROVAL_NEEDS.get(found.kind, "users.manage")
             if not allowed(user, need):
-                raise AccountError(f"deciding a {found['kind']} request needs the permission {need}, which your role "
+                raise AccountError(f"deciding a {found.kind} request needs the permission {need}, which your role "
                                    "does not have")
 
         try:
-            found = await self.wait(self.accounts.decide(request_id, self.actor(request), decision == "approve", check))
+            found = await self.four_eyes.decide(request_id, self.actor(request), decision == "approve", check)
         except AccountError as exc:
             raise Refused(403, str(exc)) from None
         if decision == "approve":
             outcome, failed = await self._carry_out(found, self.actor(request), fingerprints, how)
-            await self.wait(self.accounts.finish(request_id, outcome, failed))
+            await self.four_eyes.finish(request_id, outcome, failed)
             if failed:
                 raise Refused(409, f"approved, but it could not be done: {outcome}", audit=False)
         raise web.HTTPSeeOther(f"/console/approvals?done={decision}d")
 
-    async def _carry_out(self, found: dict[str, Any], actor: str, fingerprints: list[str], how: str) -> tuple[str, bool]:
-        p, kind = found["params"], found["kind"]
-        note = f"{found['reason']} (requested by {found['requested_by']}, approved by {actor})".strip()
+    async def _carry_out(self, found: Approval, actor: str, fingerprints: list[str], how: str) -> tuple[str, bool]:
+        p, kind = found.params, found.kind
+        note = f"{found.reason} (requested by {found.requested_by}, approved by {actor})".strip()
         try:
             if kind in PARTNER_REQUESTS:
                 return await self.partner_pages.carry_out(found, actor, fingerprints, how), False
             if kind == "quarantine.release":
-                await self.wait(self.store.decide(p["message_id"], True, actor, note))
+                await self.store.quarantine.decide(p["message_id"], True, actor, note)
                 self.wake_outbox()
                 return "released", False
             if kind == "deadletter.discard":
-                await self.wait(self.store.discard(p["message_id"], p["destination"], actor, note))
+                await self.store.outbox.discard(p["message_id"], p["destination"], actor, note)
                 return "discarded", False
             if kind == "user.roles":
-                await self.wait(self.accounts.set_roles(found["target"], tuple(p["roles"]), bool(p["content"]), actor,
-                                                        {"requested_by": found["requested_by"], "request": found["id"]}))
+                await self.accounts.set_roles(found.target, tuple(p["roles"]), bool(p["content"]), actor,
+                                              {"requested_by": found.requested_by, "request": found.id})
                 return "roles changed", False
         except GatewayError as exc:
             return str(exc), True
@@ -891,17 +894,17 @@ class Console:
             before = int(q["before"]) if q.get("before") else None
         except ValueError:
             before = None
-        rows = await self.run(lambda: views.audit_page(self.store, actor=q.get("actor", "").strip(),
-                                                       action=q.get("action", "").strip(),
-                                                       partner=q.get("partner", "").strip(), before=before))
+        rows = await self.store.audit.page(actor=q.get("actor", "").strip(), action=q.get("action", "").strip(),
+                                           partner=q.get("partner", "").strip(), before=before)
         return self.render(request, "audit.html", {"rows": rows, "q": q, "report": None})
 
     @page("audit.read")
     async def audit_verify(self, request: web.Request) -> web.Response:
-        report = await self.run(lambda: audit_mod.verify(self.store.audit_range(), trusted_certificates(self.config),
+        records = await audit_mod.read_chain(self.store.audit)
+        report = await self.run(lambda: audit_mod.verify(records, trusted_certificates(self.config),
                                                          max_unsealed_s=unsealed_limit(self.config)))
-        await self.wait(self.store.audit(self.actor(request), "console.audit_verified", None, None,
-                                         {"ok": report.ok, "records": report.records}))
+        await self.store.audit.append(self.actor(request), "console.audit_verified", None, None,
+                                         {"ok": report.ok, "records": report.records})
         return self.render(request, "audit.html", {"rows": [], "q": {}, "report": report})
 
     @page("audit.export")
@@ -917,21 +920,22 @@ class Console:
         if signer is None:
             raise Refused(409, "a signed export needs the [signing] key, which is not configured", audit=False)
 
-        def build() -> tuple[bytes, int]:
-            records = list(self.store.audit_range(first, last))
-            body = audit_mod.export_text(records, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")).encode()
-            return body + (json.dumps(audit_mod.export_seal(signer, body)) + "\n").encode(), len(records)
+        records = await audit_mod.read_chain(self.store.audit, first, last)
 
-        body, n = await self.run(build)
-        await self.wait(self.store.audit(self.actor(request), "console.audit_exported", None, None,
-                                         {"from": first, "to": last, "records": n}))
+        def build() -> bytes:
+            body = audit_mod.export_text(records, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")).encode()
+            return body + (json.dumps(audit_mod.export_seal(signer, body)) + "\n").encode()
+
+        body, n = await self.run(build), len(records)
+        await self.store.audit.append(self.actor(request), "console.audit_exported", None, None,
+                                         {"from": first, "to": last, "records": n})
         return web.Response(body=body, content_type="application/x-ndjson", headers={
             "Content-Disposition": f'attachment; filename="audit-{first or 1}-{last or "head"}.jsonl"'})
 
     @page("users.read")
     async def users(self, request: web.Request) -> web.Response:
-        people = await self.run(self.accounts.users)
-        sessions = await self.run(self.accounts.sessions, None)
+        people = await self.accounts.users()
+        sessions = await self.accounts.sessions(None)
         return self.render(request, "users.html", {"people": people, "roles": ROLES, "sessions": sessions,
                                                    "error": request[CTX].error, "created": request[CTX].created},
                            request[CTX].status)
@@ -947,14 +951,14 @@ class Console:
         password = security.new_password()
         digest = await asyncio.get_running_loop().run_in_executor(self.hashing, security.hash_password, password)
         try:
-            await self.wait(self.accounts.add_user(name, (), False, digest, self.actor(request)))
+            await self.accounts.add_user(name, (), False, digest, self.actor(request))
         except AccountError as exc:
             request[CTX].error, request[CTX].status = str(exc), 409
             return await self.users(request)
         roles = tuple(r for r in ROLES if form.get(f"role_{r}"))
         if roles or form.get("content"):
-            await self.wait(self.accounts.request("user.roles", name, {"roles": list(roles), "content": bool(form.get("content"))},
-                                                  "new account", self.actor(request)))
+            await self.four_eyes.request("user.roles", name, {"roles": list(roles), "content": bool(form.get("content"))},
+                                                  "new account", self.actor(request))
         request[CTX].created = {"name": name, "password": password, "requested": roles}
         return await self.users(request)
 
@@ -966,17 +970,17 @@ class Console:
             raise Refused(403, "you cannot do this to your own account; ask another administrator")
         try:
             if action == "disable":
-                await self.wait(self.accounts.set_state(name, "disabled", self.actor(request)))
+                await self.accounts.set_state(name, "disabled", self.actor(request))
             elif action == "enable":
-                await self.wait(self.accounts.set_state(name, "active", self.actor(request)))
+                await self.accounts.set_state(name, "active", self.actor(request))
             elif action == "unlock":
-                await self.wait(self.accounts.unlock(name, self.actor(request)))
+                await self.accounts.unlock(name, self.actor(request))
             elif action == "reset-mfa":
-                await self.wait(self.accounts.reset_mfa(name, self.actor(request)))
+                await self.accounts.reset_mfa(name, self.actor(request))
             elif action == "roles":
                 roles = [r for r in ROLES if form.get(f"role_{r}")]
-                await self.wait(self.accounts.request("user.roles", name, {"roles": roles, "content": bool(form.get("content"))},
-                                                      str(form.get("reason", "")).strip()[:500], self.actor(request)))
+                await self.four_eyes.request("user.roles", name, {"roles": roles, "content": bool(form.get("content"))},
+                                                      str(form.get("reason", "")).strip()[:500], self.actor(request))
             else:
                 raise Refused(404, "no such action", audit=False)
         except AccountError as exc:
@@ -987,28 +991,28 @@ class Console:
     @page()
     async def account(self, request: web.Request) -> web.Response:
         user: User = user_of(request)
-        keys = await self.run(self.accounts.passkeys, user.name)
-        sessions = await self.run(self.accounts.sessions, user.name)
-        left = await self.run(self.accounts.recovery_left, user.name)
+        keys = await self.accounts.passkeys(user.name)
+        sessions = await self.accounts.sessions(user.name)
+        left = await self.accounts.recovery_left(user.name)
         return self.render(request, "account.html", {"passkeys": keys, "sessions": sessions, "recovery_left": left,
                                                      "current": session_of(request).id_hash, "codes": request[CTX].codes})
 
     @page(fresh=True)
     async def new_recovery_codes(self, request: web.Request) -> web.Response:
         codes = security.new_recovery_codes()
-        await self.wait(self.accounts.replace_recovery(user_of(request).name, [security.recovery_hash(c) for c in codes]))
+        await self.accounts.replace_recovery(user_of(request).name, [security.recovery_hash(c) for c in codes])
         request[CTX].codes = codes
         return await self.account(request)
 
     @page()
     async def revoke(self, request: web.Request) -> web.StreamResponse:
         user: User = user_of(request)
-        target = await self.run(self.accounts.session, request.match_info["id"])
+        target = await self.accounts.session(request.match_info["id"])
         if target is None:
             raise Refused(404, "no such session", audit=False)
         if target.user != user.name and not allowed(user, "users.manage"):
             raise Refused(403, "only administrators may end other people's sessions")
-        await self.wait(self.accounts.end_session(target.id_hash, self.actor(request), "revoked"))
+        await self.accounts.end_session(target.id_hash, self.actor(request), "revoked")
         back = "/console/users" if target.user != user.name else "/console/account"
         raise web.HTTPSeeOther(f"{back}?done=session+ended")
 
@@ -1020,28 +1024,28 @@ def _local(target: str | None) -> str:
     return target
 
 
-def _timeline(m: dict[str, Any]) -> list[dict[str, Any]]:
+def _timeline(m: MessageDetail) -> list[dict[str, Any]]:
     """The message's history as steps a person reads: received, validated, stored, routed, delivered."""
-    steps = [{"at": m["received_at"], "what": "received", "detail": f"from {m['partner']} ({m['size']} bytes, {m['media_type']})"}]
-    rules = m.get("rules")
-    steps.append({"at": m["received_at"], "what": "validated",
+    steps = [{"at": m.received_at, "what": "received", "detail": f"from {m.partner} ({m.size} bytes, {m.media_type})"}]
+    rules = m.rules
+    steps.append({"at": m.received_at, "what": "validated",
                   "detail": "schema" + (f" and rules {', '.join(rules.get('packs', []))}" if isinstance(rules, dict)
-                                        and rules.get("packs") else "") + (", signature verified" if m.get("signature") else "")})
-    steps.append({"at": m["received_at"], "what": "stored", "detail": f"encrypted under key {m['key_id']}"})
-    if m.get("route"):
-        steps.append({"at": m["received_at"], "what": "routed", "detail": f"route {m['route']}"})
-    for h in m["history"]:
-        if h["action"] in ("invoice.accepted", "invoice.submitted"):
+                                        and rules.get("packs") else "") + (", signature verified" if m.signature else "")})
+    steps.append({"at": m.received_at, "what": "stored", "detail": f"encrypted under key {m.key_id}"})
+    if m.route:
+        steps.append({"at": m.received_at, "what": "routed", "detail": f"route {m.route}"})
+    for h in m.history:
+        if h.action in ("invoice.accepted", "invoice.submitted"):
             continue
-        detail = ", ".join(f"{k}: {v}" for k, v in h["detail"].items() if v not in (None, "", [])) if isinstance(h["detail"], dict) else ""
-        steps.append({"at": h["at"], "what": h["action"], "detail": f"{h['actor']}; {detail}".strip("; ")})
-    for d in m["deliveries"]:
-        if d["delivered_at"]:
-            steps.append({"at": d["delivered_at"], "what": "delivered", "detail": f"to {d['destination']} after "
-                          f"{d['attempts']} attempt(s)"})
-        elif d["last_error"]:
-            steps.append({"at": d["updated_at"] or "", "what": f"delivery {d['state']}",
-                          "detail": f"to {d['destination']}: {d['last_error']} ({d['attempts']} attempt(s))"})
+        detail = ", ".join(f"{k}: {v}" for k, v in h.detail.items() if v not in (None, "", [])) if isinstance(h.detail, dict) else ""
+        steps.append({"at": h.at, "what": h.action, "detail": f"{h.actor}; {detail}".strip("; ")})
+    for d in m.deliveries:
+        if d.delivered_at:
+            steps.append({"at": d.delivered_at, "what": "delivered", "detail": f"to {d.destination} after "
+                          f"{d.attempts} attempt(s)"})
+        elif d.last_error:
+            steps.append({"at": d.updated_at or "", "what": f"delivery {d.state}",
+                          "detail": f"to {d.destination}: {d.last_error} ({d.attempts} attempt(s))"})
     return sorted(steps, key=lambda s: s["at"] or "")
 
 

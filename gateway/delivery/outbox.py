@@ -1,7 +1,7 @@
 """Delivery: the outbox worker that takes stored invoices to their destinations, exactly once in effect.
 
-    store.claim() ─▶ open the sealed object ─▶ Sender.send() ─▶ delivered | retry later | dead letter
-                                                                      └─▶ store.record_delivery()
+    outbox.claim() ─▶ open the sealed object ─▶ Sender.send() ─▶ delivered | retry later | dead letter
+                                                                       └─▶ outbox.record()
 
 Jobs were written in the transaction that accepted the invoice.  This worker claims due jobs with a
 lease (a node that dies leaves them to others when the lease lapses; the same node gives its own
@@ -19,283 +19,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
-import json
-import os
 import random
 import socket
-import ssl
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-import aiohttp
+from typing import Any
 
 from .. import logs
-from ..config.load import DeliveryConfig, Destination
+from ..config.model import DeliveryConfig
 from ..errors import VaultError
-from ..model import Partner, PartnerStatus
-from ..partners.directory import PartnerBook
-from ..storage.sqlite import DeliveryJob, Store
-from ..tls import client_context, encryptable
+from ..model import stamp
+from ..storage.base import OutboxStore
+from ..storage.records import DeliveryJob
 from ..vault import Vault
-
-if TYPE_CHECKING:
-    from .smarthost import Mailer
+from .sender import DeliveryFailed, Sender
 
 STOP_LOOP_WAIT_S = 5.0  # at shutdown, for a claim transaction under way
 POLL_S = 0.25  # also woken at once after each acceptance in this process (other workers: by polling)
-MAX_ERROR_CHARS = 300  # of a reason kept with a job (an ERP's error body, an exception)
-MAX_REPLY_BYTES = 16_384  # read of a destination's reply body, for the reason of a refusal
 
 log = logs.get("delivery")
-
-
-class DeliveryFailed(Exception):
-    """An attempt that did not deliver.  ``permanent``: retrying cannot help (dead-letter now)."""
-
-    def __init__(self, error: str, *, permanent: bool = False, retry_after: float | None = None):
-        super().__init__(error)
-        self.error = error[:MAX_ERROR_CHARS]
-        self.permanent = permanent
-        self.retry_after = retry_after
-
-
-class Sender(Protocol):
-    name: str
-    concurrency: int
-
-    async def send(self, job: DeliveryJob, document: bytes) -> str:
-        """Deliver or raise DeliveryFailed; returns a short note for the log (e.g. "HTTP 201")."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class DirectorySender:
-    """Writes ``<message_id>.json`` then ``<message_id>.xml`` (``.pdf`` for a Factur-X PDF) into an ERP's inbox folder.
-
-    Each file is written under a dot-name, fsynced and renamed into place, then the folder is
-    fsynced: a reader sees a whole file or none.  The document appears last, so when it is
-    there its sidecar is too.  A redelivery after a crash rewrites the same names with the same bytes.
-    """
-
-    def __init__(self, dest: Destination, executor: Executor):
-        assert dest.path is not None
-        self.name = dest.name
-        self.concurrency = dest.concurrency
-        self.folder = dest.path
-        self.executor = executor
-
-    def _write(self, name: str, data: bytes) -> None:
-        tmp = self.folder / f".{name}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        os.fchmod(fd, 0o640)  # readable by the ERP's group even under the service's UMask=0077
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.folder / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def write(self, message_id: str, document: bytes, metadata: dict[str, object]) -> None:
-        self._write(f"{message_id}.json", json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n")
-        self._write(f"{message_id}.{'pdf' if metadata.get('media_type') == 'application/pdf' else 'xml'}", document)
-        _fsync_dir(self.folder)
-
-    async def send(self, job: DeliveryJob, document: bytes) -> str:
-        try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, self.write, job.message_id, document,
-                                                             job.metadata)
-        except OSError as exc:
-            raise DeliveryFailed(f"cannot write to {self.folder}: {exc.strerror or exc}") from exc
-        return "written"
-
-    async def close(self) -> None:
-        pass
-
-
-def signature_header(key: bytes, timestamp: int, message_id: str, body: bytes) -> str:
-    """``v1=<hex>``: HMAC-SHA256 over "<timestamp>.<message id>.<body>", so that an ERP can check the
-    origin, refuse stale replays (the timestamp) and trust the idempotency key (the message id)."""
-    mac = hmac.new(key, f"{timestamp}.{message_id}.".encode(), hashlib.sha256)
-    mac.update(body)
-    return f"v1={mac.hexdigest()}"
-
-
-def classify(status: int, retry_after: str | None, reply: str) -> DeliveryFailed | None:
-    """None for success (2xx); otherwise whether the refusal is worth retrying."""
-    if 200 <= status < 300:
-        return None
-    reason = f"HTTP {status}" + (f": {reply.strip()}" if reply.strip() else "")
-    if status in (408, 429) or status >= 500:
-        after = None
-        if retry_after and retry_after.strip().isdigit():
-            after = float(retry_after.strip())
-        return DeliveryFailed(reason, retry_after=after)
-    if 300 <= status < 400:
-        return DeliveryFailed(f"{reason} (redirects are not followed; correct the destination's url)", permanent=True)
-    return DeliveryFailed(reason, permanent=True)
-
-
-class _HttpSender:
-    """What the ERP and partner senders share: one TLS session pool, bounded replies, error mapping."""
-
-    def __init__(self, dest: Destination):
-        self.name = dest.name
-        self.concurrency = dest.concurrency
-        self.dest = dest
-        self.ssl = client_context(dest.ca, dest.client_certificate, dest.client_key)
-        self.timeout = aiohttp.ClientTimeout(total=dest.timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self.ssl, limit=self.concurrency), timeout=self.timeout)
-        return self._session
-
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-        try:
-            async with self.session().post(url, data=body, headers=headers, allow_redirects=False) as resp:
-                reply = await resp.content.read(MAX_REPLY_BYTES)
-                failure = classify(resp.status, resp.headers.get("Retry-After"), self.reason(reply))
-                if failure is not None:
-                    raise failure
-                return resp.status, reply.decode("utf-8", "replace")
-        except DeliveryFailed:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
-            text = str(exc) or exc.__class__.__name__
-            raise DeliveryFailed(f"{exc.__class__.__name__}: {text}") from exc
-
-    @staticmethod
-    def reason(reply: bytes) -> str:
-        return reply.decode("utf-8", "replace").replace("\n", " ")[:MAX_ERROR_CHARS]
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-class HttpsSender(_HttpSender):
-    """POSTs the invoice to an ERP endpoint: the document as the body, the facts in headers, an
-    HMAC signature header, optionally a bearer token and a client certificate."""
-
-    def __init__(self, dest: Destination, clock: Callable[[], float] = time.time):
-        super().__init__(dest)
-        assert dest.hmac_key_file is not None
-        self.key = dest.hmac_key_file.read_bytes()
-        self.token = dest.bearer_token_file.read_text(encoding="utf-8").strip() if dest.bearer_token_file else None
-        self.clock = clock
-
-    def headers(self, job: DeliveryJob, document: bytes) -> dict[str, str]:
-        ts = int(self.clock())
-        meta = job.metadata
-        headers = {
-            "Content-Type": str(meta.get("media_type") or "application/xml"),
-            "Idempotency-Key": job.message_id,
-            "X-Einvoice-Message-Id": job.message_id,
-            "X-Einvoice-Partner": job.partner,
-            "X-Einvoice-Direction": str(meta.get("direction", "in")),
-            "X-Einvoice-Sha256": job.sha256,
-            "X-Einvoice-Document-Type": str(meta.get("document_type", "")),
-            "X-Einvoice-Timestamp": str(ts),
-            "X-Einvoice-Signature": signature_header(self.key, ts, job.message_id, document),
-        }
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return headers
-
-    async def send(self, job: DeliveryJob, document: bytes) -> str:
-        status, _ = await self.post(self.dest.url, document, self.headers(job, document))
-        return f"HTTP {status}"
-
-
-class PartnerSender(_HttpSender):
-    """POSTs an invoice to a trading partner's registered endpoint over mutual TLS (another
-    einvoice-gateway answers 202 with its receipt, and a resend of the same bytes with the same
-    receipt, so a retry never books twice there either)."""
-
-    def __init__(self, dest: Destination, partners: PartnerBook, mailer: Callable[[], Mailer | None] = lambda: None):
-        super().__init__(dest)
-        self.partners = partners
-        self.mailer = mailer  # the current one, for partners whose endpoint is mailto: (None: no [smarthost])
-
-    async def send(self, job: DeliveryJob, document: bytes) -> str:
-        name = self.dest.partner or job.partner
-        partner = self.partners.current.get(name)
-        if partner is None or not partner.endpoint:
-            raise DeliveryFailed(f"partner {name!r} has no endpoint registered (partners edit {name} --endpoint URL)")
-        if partner.status is not PartnerStatus.ACTIVE:
-            raise DeliveryFailed(f"partner {name!r} is {partner.status.value}; retried until the horizon "
-                                 f"({'partners resume' if partner.status is PartnerStatus.SUSPENDED else 'partners activate'} {name})")
-        if partner.endpoint.startswith("mailto:"):
-            return await self._mail(job, document, partner)
-        headers = {"Content-Type": str(job.metadata.get("media_type") or "application/xml"),
-                   "Idempotency-Key": job.message_id}
-        status, reply = await self.post(partner.endpoint, document, headers)
-        try:
-            receipt = json.loads(reply)
-            return f"HTTP {status} {receipt.get('status', '')} message_id={receipt.get('message_id', '')}"
-        except (ValueError, AttributeError):
-            return f"HTTP {status}"
-
-    async def _mail(self, job: DeliveryJob, document: bytes, partner: Partner) -> str:
-        mailer = self.mailer()
-        if mailer is None:
-            raise DeliveryFailed(f"partner {partner.name!r} receives invoices by e-mail and there is no [smarthost] (or no "
-                                 "[smtp] identity) to send them with; retried until the horizon")
-        now = datetime.now(UTC)
-        certs = [c for c in self.partners.current.certificates.values() if c.spki_sha256 in partner.smime_spki
-                 and encryptable(c.cert) and partner.refusal(c.spki_sha256, now, "smime") is None]
-        if not certs:
-            raise DeliveryFailed(f"partner {partner.name!r} has no S/MIME certificate with an RSA key to encrypt to "
-                                 f"(partners edit {partner.name} --smime-cert PEM)")
-        newest = max(certs, key=lambda c: c.not_after)  # during a rollover, the certificate that lasts longest
-        if newest.not_after < datetime.now(UTC):
-            raise DeliveryFailed(f"partner {partner.name!r}: its S/MIME certificate expired on {newest.not_after.date()}; "
-                                 f"register its new one (partners edit {partner.name} --smime-cert PEM)")
-        return await mailer.send_invoice(job, document, partner.endpoint.removeprefix("mailto:"), newest.cert, "aes-256-gcm")
-
-    @staticmethod
-    def reason(reply: bytes) -> str:
-        """Another gateway's refusal, condensed: its code, message and first details."""
-        try:
-            body = json.loads(reply)
-            details = "; ".join(str(d.get("message", "")) for d in body.get("details", [])[:3])
-            return f"{body['error']}: {body['message']}" + (f" ({details})" if details else "")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return _HttpSender.reason(reply)
-
-
-def make_sender(dest: Destination, partners: PartnerBook, executor: Executor,
-                mailer: Callable[[], Mailer | None] = lambda: None) -> Sender:
-    if dest.type == "directory":
-        return DirectorySender(dest, executor)
-    if dest.type == "https":
-        return HttpsSender(dest)
-    if dest.type == "email":
-        from .smarthost import EmailSender  # (smarthost.py builds on this module)
-
-        return EmailSender(dest, mailer)
-    return PartnerSender(dest, partners, mailer)
 
 
 def backoff(attempts: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
@@ -340,7 +84,7 @@ class Breaker:
 
 
 class Outbox:
-    def __init__(self, store: Store, vault: Vault, senders: dict[str, Sender], cfg: DeliveryConfig, executor: Executor,
+    def __init__(self, store: OutboxStore, vault: Vault, senders: dict[str, Sender], cfg: DeliveryConfig, executor: Executor,
                  *, owner: str | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
                  on_outcome: Callable[[str, str], None] = lambda destination, outcome: None):
@@ -372,10 +116,10 @@ class Outbox:
 
     async def run(self) -> None:
         self._run_task = asyncio.current_task()
-        released = await asyncio.wrap_future(self.store.release(self.owner))
+        released = await self.store.release(self.owner)
         if released:
             log.info("delivery.resumed", jobs=released, owner=self.owner)
-        depth = await asyncio.get_running_loop().run_in_executor(self.executor, self.store.pending_by_destination)
+        depth = await self.store.pending_by_destination()
         for name, jobs in sorted(depth.items()):
             if name not in self.senders:  # never claimed, so never dead-lettered either: say so loudly
                 log.error("delivery.unknown_destination", destination=name, jobs=jobs,
@@ -401,11 +145,10 @@ class Outbox:
         wanted = {k: v for k, v in self._wanted().items() if v > 0}
         if not wanted:
             return 0
-        loop = asyncio.get_running_loop()
         now = self.clock()
-        if not await loop.run_in_executor(self.executor, self.store.due_deliveries, now, 1):
+        if not await self.store.due(now, 1):
             return 0  # nothing due: no write transaction just to find that out
-        jobs = await asyncio.wrap_future(self.store.claim(self.owner, now, wanted, self.cfg.lease_s))
+        jobs = await self.store.claim(self.owner, now, wanted, self.cfg.lease_s)
         for job in jobs:
             self.in_flight[job.destination] += 1
             task = asyncio.create_task(self._attempt(job), name=f"deliver {job.message_id} to {job.destination}")
@@ -443,15 +186,17 @@ class Outbox:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await asyncio.wrap_future(self.store.release(self.owner))
+            await self.store.release(self.owner)
         for sender in self.senders.values():
             await sender.close()
 
-    def _open(self, job: DeliveryJob) -> bytes:
-        try:
-            sealed = self.store.load_sealed(job.message_id)
-        except KeyError:
-            raise VaultError("the stored object is missing") from None
+    async def _open(self, job: DeliveryJob) -> bytes:
+        sealed = await self.store.load_sealed(job.message_id)
+        if sealed is None:
+            raise VaultError("the stored object is missing")
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._unseal, sealed, job)
+
+    def _unseal(self, sealed: bytes, job: DeliveryJob) -> bytes:
         document = self.vault.open(sealed, job.message_id, job.sha256)
         if hashlib.sha256(document).hexdigest() != job.sha256:
             raise VaultError("cannot open sealed object")
@@ -462,7 +207,7 @@ class Outbox:
         breaker = self.breakers[job.destination]
         try:
             try:
-                document = await asyncio.get_running_loop().run_in_executor(self.executor, self._open, job)
+                document = await self._open(job)
                 note = await self.senders[job.destination].send(job, document)
             except VaultError:
                 # Corruption at rest (SECURITY-TESTS.md D-09): retrying cannot help; park it loudly.
@@ -480,7 +225,7 @@ class Outbox:
             if breaker.success():
                 bound.info("delivery.breaker_closed")
             self.on_outcome(job.destination, "delivered")
-            await self._record(job, delivered_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+            await self._record(job, delivered_at=stamp())
             bound.info("delivery.delivered", attempts=job.attempts + 1, result=note,
                        latency_s=round(self.clock() - job.created_at, 3))
         finally:
@@ -510,5 +255,5 @@ class Outbox:
 
     async def _record(self, job: DeliveryJob, *, delivered_at: str | None = None, error: str | None = None,
                       next_attempt_at: float | None = None, dead: bool = False) -> None:
-        await asyncio.wrap_future(self.store.record_delivery(
-            job, delivered_at=delivered_at, next_attempt_at=next_attempt_at, error=error, dead=dead, owner=self.owner))
+        await self.store.record(job, delivered_at=delivered_at, next_attempt_at=next_attempt_at, error=error, dead=dead,
+                                owner=self.owner)

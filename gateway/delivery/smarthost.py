@@ -2,7 +2,7 @@
 
 Used by ``type = "email"`` destinations, by partners whose endpoint is ``mailto:`` (invoices the
 ERP submits), and by the SMTP listener's reply e-mails.  Each message is built afresh
-(gateway/smime.py: signed with the gateway's S/MIME key, then encrypted to the recipient); its
+(gateway/smime/compose.py: signed with the gateway's S/MIME key, then encrypted to the recipient); its
 Message-ID is derived from the gateway's message id, so a resend after a crash can be recognised
 by the receiving side as the same message.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -19,12 +18,12 @@ import aiosmtplib
 from cryptography import x509
 
 from .. import logs
-from ..config.load import Destination, SmarthostConfig
-from ..errors import ConfigError
-from ..smime import unwrap as smime
-from ..storage.sqlite import DeliveryJob
-from ..tls import client_context, encryptable
-from .outbox import DeliveryFailed
+from ..config.model import SmarthostConfig
+from ..smime.compose import compose
+from ..smime.identity import Identity
+from ..storage.records import DeliveryJob
+from ..tls import client_context
+from .sender import DeliveryFailed
 
 log = logs.get("mail")
 IMPLICIT_TLS_PORT = 465  # submissions port with TLS from the first byte; any other port must offer STARTTLS
@@ -63,19 +62,18 @@ class Mailer:
     """The smarthost and the gateway's S/MIME identity: what it takes to send signed, encrypted mail."""
 
     smarthost: Smarthost
-    identity: smime.Identity
+    identity: Identity
     executor: Executor
 
     async def send_invoice(self, job: DeliveryJob, document: bytes, to: str, recipient: x509.Certificate,
                            cipher: str) -> str:
-        meta = job.metadata
-        media_type = str(meta.get("media_type") or "application/xml")
-        number = str(meta.get("invoice_number") or job.message_id)
+        media_type = job.facts.media_type or "application/xml"
+        number = job.facts.invoice_number or job.message_id
         name = f"{_safe(number)}.{'pdf' if media_type == 'application/pdf' else 'xml'}"
         text = (f"Invoice {number}, sent by einvoice-gateway.\r\nMessage id: {job.message_id}\r\n"
                 f"SHA-256 of the attached document: {job.sha256}\r\n")
         message = await asyncio.get_running_loop().run_in_executor(
-            self.executor, lambda: smime.compose([(document, media_type, name)], text, identity=self.identity, to=to,
+            self.executor, lambda: compose([(document, media_type, name)], text, identity=self.identity, to=to,
                                                  subject=f"Invoice {number}", recipient=recipient, cipher=cipher,
                                                  message_id=job.message_id))
         return await self.smarthost.send(self.identity.address, [to], message)
@@ -83,27 +81,3 @@ class Mailer:
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80] or "invoice"
-
-
-class EmailSender:
-    """A ``type = "email"`` destination: each invoice as an S/MIME message to one mailbox."""
-
-    def __init__(self, dest: Destination, mailer: Callable[[], Mailer | None]):
-        assert dest.recipient_certificate is not None
-        self.name = dest.name
-        self.concurrency = dest.concurrency
-        self.dest = dest
-        self.mailer = mailer
-        self.recipient = x509.load_pem_x509_certificate(dest.recipient_certificate.read_bytes())
-        if not encryptable(self.recipient):
-            raise ConfigError(f"destinations: {dest.name!r}: recipient_certificate has no RSA key of 2048 bits or more; mail "
-                             "cannot be encrypted to it")
-
-    async def send(self, job: DeliveryJob, document: bytes) -> str:
-        mailer = self.mailer()
-        if mailer is None:  # the configuration requires [smtp] and [smarthost] with an e-mail destination
-            raise DeliveryFailed("there is no [smarthost] to send e-mail through")
-        return await mailer.send_invoice(job, document, self.dest.to, self.recipient, self.dest.cipher)
-
-    async def close(self) -> None:
-        pass

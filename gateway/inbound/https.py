@@ -15,7 +15,6 @@ import asyncio
 import functools
 import ssl
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,13 +22,13 @@ from aiohttp import web
 from cryptography import x509
 
 from .. import logs
-from ..config.load import HttpsConfig
+from ..config.model import HttpsConfig
 from ..errors import Forbidden, GatewayError, LimitExceeded, Malformed, Overloaded, Rejected, UnsupportedMediaType
 from ..model import InboundMessage, Partner, PeerIdentity
 from ..partners.directory import PartnerBook
 from ..pipeline import Pipeline
 from ..stages.revocation import Revocation, RevocationUnknown
-from ..storage.sqlite import Store
+from ..storage.base import Store
 from ..tls import spki_sha256_der
 
 XML_MEDIA_TYPES = ("application/xml", "text/xml")
@@ -107,7 +106,7 @@ class ByteBudget:
 
 class HttpsInbound:
     def __init__(self, cfg: HttpsConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
-                 on_accepted: Callable[[], None], io_executor: Executor,
+                 on_accepted: Callable[[], None],
                  count: Callable[[str, str, str], None] = lambda transport, outcome, code: None,
                  revocation: Revocation | None = None):
         self.cfg = cfg
@@ -117,7 +116,6 @@ class HttpsInbound:
         self.partners = partners
         self.store = store
         self.on_accepted = on_accepted
-        self.io_executor = io_executor  # status reads: not behind invoices on the stage threads
         self.budget = ByteBudget(cfg.max_in_flight_bytes)
 
     def app(self) -> web.Application:
@@ -208,8 +206,8 @@ class HttpsInbound:
     async def _refused(self, code: str, peer: PeerIdentity | None, partner: Partner | None) -> None:
         """Count and audit a refusal that happened before the pipeline (identity, headers, size, time)."""
         self.count("https", "rejected", code)
-        await asyncio.wrap_future(self.store.audit("gateway", "invoice.rejected", partner.name if partner else None, None, {
-            "transport": "https", "code": code, **({"peer_spki": peer.spki_sha256, "peer": peer.subject} if peer else {})}))
+        await self.store.audit.append("gateway", "invoice.rejected", partner.name if partner else None, None, {
+            "transport": "https", "code": code, **({"peer_spki": peer.spki_sha256, "peer": peer.subject} if peer else {})})
 
     def _check_headers(self, request: web.Request) -> None:
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -232,13 +230,10 @@ class HttpsInbound:
     async def get_invoice(self, request: web.Request) -> web.Response:
         _, partner = self._authenticate(request)
         message_id = request.match_info["message_id"]
-        status: dict[str, Any] | None = None
-        if len(message_id) <= 64:
-            status = await asyncio.get_running_loop().run_in_executor(
-                self.io_executor, self.store.status, message_id, partner.name)
+        status = await self.store.intake.status(message_id, partner.name) if len(message_id) <= 64 else None
         if status is None:
             return web.json_response(
                 {"error": "NOT_FOUND", "message": "no message with this id was received from you", "details": []},
                 status=404,
             )
-        return web.json_response(status)
+        return web.json_response(status.as_json())

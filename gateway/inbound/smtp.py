@@ -2,7 +2,7 @@
 
     EHLO → STARTTLS (required before MAIL: plaintext commands get 530) → MAIL → RCPT (only the
     configured gateway addresses: no relaying) → DATA (SIZE advertised and enforced) →
-      open the S/MIME message (gateway/smime.py) → authenticate the signer → the same pipeline as
+      open the S/MIME message (gateway/smime/unwrap.py) → authenticate the signer → the same pipeline as
       HTTPS → 250 only after the invoice is durable; 5xx with an enhanced status code and the
       HTTPS API's error code for a permanent refusal; 4xx for a transient one.
 
@@ -27,7 +27,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from cryptography import x509
 
 from .. import logs
-from ..config.load import SmtpConfig
+from ..config.model import SmtpConfig
 from ..delivery.smarthost import Mailer
 from ..errors import Forbidden, GatewayError, LimitExceeded, Malformed, Rejected, UnsupportedMediaType
 from ..model import InboundMessage, Partner, PeerIdentity
@@ -35,8 +35,10 @@ from ..partners.directory import PartnerBook
 from ..pipeline import Outcome, Pipeline
 from ..smime import cms
 from ..smime import unwrap as smime
+from ..smime.compose import compose
+from ..smime.identity import Identity
 from ..stages.revocation import Revocation
-from ..storage.sqlite import Store
+from ..storage.base import Store
 from ..tls import encryptable, spki_sha256
 from .https import ByteBudget
 
@@ -215,7 +217,7 @@ class _Session(SMTP):
 
 class SmtpInbound:
     def __init__(self, cfg: SmtpConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
-                 identity: smime.Identity, roots: Sequence[x509.Certificate], revocation: Revocation | None,
+                 identity: Identity, roots: Sequence[x509.Certificate], revocation: Revocation | None,
                  tls: ssl.SSLContext, executor: Executor, max_invoice_bytes: int, max_in_flight_bytes: int,
                  on_accepted: Callable[[], None], mailer: Mailer | None = None,
                  count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
@@ -230,7 +232,7 @@ class SmtpInbound:
         self.replies: set[asyncio.Task[None]] = set()
         self.reconfigure(cfg, pipeline, partners, identity, roots, revocation, tls, mailer)
 
-    def reconfigure(self, cfg: SmtpConfig, pipeline: Pipeline, partners: PartnerBook, identity: smime.Identity,
+    def reconfigure(self, cfg: SmtpConfig, pipeline: Pipeline, partners: PartnerBook, identity: Identity,
                     roots: Sequence[x509.Certificate], revocation: Revocation | None, tls: ssl.SSLContext,
                     mailer: Mailer | None) -> None:
         """At start and at each reload: the next message uses these (one being processed keeps its own)."""
@@ -296,9 +298,8 @@ class SmtpInbound:
             bound.info("invoice.rejected", code=exc.code, reason=exc.message, details=len(exc.details))
             self.count("smtp", "rejected", exc.code)
             if not piped:
-                await asyncio.wrap_future(self.store.audit("gateway", "invoice.rejected", partner.name if partner else None,
-                                                           None, {"transport": "smtp", "code": exc.code,
-                                                                  "sha256": hashlib.sha256(raw).hexdigest()}))
+                await self.store.audit.append("gateway", "invoice.rejected", partner.name if partner else None, None,
+                                              {"transport": "smtp", "code": exc.code, "sha256": hashlib.sha256(raw).hexdigest()})
             if partner is not None and opened is not None:
                 self._reply(partner, opened, "rejected", exc.as_json())
             return smtp_reply(exc)
@@ -351,7 +352,7 @@ class SmtpInbound:
                 "The attached outcome.json lists the details (the same JSON as the HTTPS API answers).\r\n")
         try:
             message = await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: smime.compose([(report, "application/json", "outcome.json")], text,
+                self.executor, lambda: compose([(report, "application/json", "outcome.json")], text,
                                                      identity=mailer.identity, to=opened.from_address,
                                                      subject=f"Invoice {outcome}", recipient=recipient,
                                                      cipher=self.cfg.reply_cipher, in_reply_to=opened.message_id,

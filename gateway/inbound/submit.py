@@ -14,17 +14,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 
 from .. import logs
-from ..config.load import HttpsConfig, OutboundConfig
+from ..config.model import HttpsConfig, OutboundConfig
 from ..errors import Forbidden, LimitExceeded, Rejected, UnsupportedMediaType
 from ..pipeline import Pipeline
-from ..storage.sqlite import Store
+from ..storage.base import Store
 from .https import PDF_MEDIA_TYPE, XML_MEDIA_TYPES, ByteBudget, _identity, answer_errors
 
 log = logs.get("inbound.outbound")
@@ -32,7 +30,7 @@ log = logs.get("inbound.outbound")
 
 class SubmitInbound:
     def __init__(self, cfg: OutboundConfig, limits: HttpsConfig, pipeline: Pipeline, store: Store,
-                 on_accepted: Callable[[], None], io_executor: Executor,
+                 on_accepted: Callable[[], None],
                  count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
         self.cfg = cfg
         self.count = count  # (transport, outcome, code): the metrics counter
@@ -40,7 +38,6 @@ class SubmitInbound:
         self.pipeline = pipeline
         self.store = store
         self.on_accepted = on_accepted
-        self.io_executor = io_executor
         self.budget = ByteBudget(limits.max_in_flight_bytes)
 
     def app(self) -> web.Application:
@@ -100,19 +97,15 @@ class SubmitInbound:
             self.on_accepted()
             self.count("outbound", "accepted", "OK")
         else:  # the same bytes were submitted before: the same message, and the same recipient
-            earlier = await asyncio.get_running_loop().run_in_executor(
-                self.io_executor, self.store.status, receipt.message_id, None, "out")
-            partner = earlier["partner"] if earlier else None
+            earlier = await self.store.intake.status(receipt.message_id, None, "out")
+            partner = earlier.partner if earlier else None
             log.info("outbound.duplicate", message_id=receipt.message_id, partner=partner)
         return web.json_response({**receipt.as_json(), "partner": partner}, status=202)
 
     async def get(self, request: web.Request) -> web.Response:
         message_id = request.match_info["message_id"]
-        status: dict[str, Any] | None = None
-        if len(message_id) <= 64:
-            status = await asyncio.get_running_loop().run_in_executor(
-                self.io_executor, self.store.status, message_id, None, "out")
+        status = await self.store.intake.status(message_id, None, "out") if len(message_id) <= 64 else None
         if status is None:
             return web.json_response(
                 {"error": "NOT_FOUND", "message": "no outbound message with this id", "details": []}, status=404)
-        return web.json_response(status)
+        return web.json_response(status.as_json())

@@ -23,8 +23,8 @@ READY_STORE_TIMEOUT_S = 2.0  # /readyz fails when the store does not answer a re
 
 
 class AdminInbound:
-    def __init__(self, metrics: Metrics, gauges: Callable[[], list[Gauge]], ready: Callable[[], str | None],
-                 store_ping: Callable[[], object], executor: Executor, token: str | None):
+    def __init__(self, metrics: Metrics, gauges: Callable[[], Awaitable[list[Gauge]]], ready: Callable[[], str | None],
+                 store_ping: Callable[[], Awaitable[object]], executor: Executor, token: str | None):
         self.metrics = metrics
         self.gauges = gauges
         self.ready = ready  # None when ready, else why not
@@ -64,8 +64,7 @@ class AdminInbound:
         reason = self.ready()
         if reason is None:
             try:
-                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.executor, self.store_ping),
-                                       READY_STORE_TIMEOUT_S)
+                await asyncio.wait_for(self.store_ping(), READY_STORE_TIMEOUT_S)
             except Exception as exc:  # any failure of the store means: do not send traffic here
                 reason = f"the store does not answer ({exc.__class__.__name__})"
         body = {"status": "ready" if reason is None else "not ready", "at": datetime.now(UTC).isoformat()}
@@ -74,6 +73,7 @@ class AdminInbound:
         return web.json_response(body, status=200 if reason is None else 503)
 
     async def metrics_page(self, _request: web.Request) -> web.Response:
-        text = await asyncio.get_running_loop().run_in_executor(self.executor, self.metrics.render, self.gauges)
+        gauges = await self.gauges()
+        text = await asyncio.get_running_loop().run_in_executor(self.executor, self.metrics.render, gauges)
         return web.Response(body=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})

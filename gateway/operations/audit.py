@@ -26,21 +26,19 @@ from typing import Any
 
 from cryptography import x509
 
+from ..config.model import Config
 from ..stages.signature import SigningKey, verify_raw_signature
+from ..storage.base import AuditLog
+from ..storage.chain import CHECKPOINT, FIELDS, GENESIS, record_hash
 from ..tls import spki_sha256
 
-GENESIS = "0" * 64  # the ``prev`` of the first record
-CHECKPOINT = "audit.checkpoint"
 EXPORT_FORMAT = "einvoice-gateway-audit/1"
-FIELDS = ("seq", "at", "actor", "action", "partner", "message_id", "detail", "prev")
 
 
-def record_hash(record: dict[str, Any]) -> str:
-    """SHA-256 over the canonical JSON of the record's fields (``detail`` as its stored JSON text)."""
-    detail = record["detail"]
-    canonical = [record["seq"], record["at"], record["actor"], record["action"], record["partner"], record["message_id"],
-                 detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True), record["prev"]]
-    return hashlib.sha256(json.dumps(canonical, ensure_ascii=True, separators=(",", ":")).encode()).hexdigest()
+async def read_chain(log: AuditLog, first: int | None = None, last: int | None = None, since: str | None = None,
+                     until: str | None = None) -> list[dict[str, Any]]:
+    """Records ``first``..``last`` (or by time) in chain order, as ``verify`` and ``export_text`` read them."""
+    return [r.as_chain() async for r in log.records(first, last, since, until)]
 
 
 def checkpoint_statement(through_seq: int, head_hash: str) -> bytes:
@@ -254,3 +252,38 @@ def check_seal(body: bytes, seal: dict[str, Any], trusted: Sequence[x509.Certifi
     if not verify_raw_signature(cert, _seal_statement(digest), signature):
         return "the export's seal has an invalid signature"
     return None
+
+
+# --- what an instance trusts, and sealing from the CLI ---------------------------------------------
+
+def trusted_certificates(cfg: Config) -> list[x509.Certificate]:
+    """The certificates whose audit checkpoints and export seals are accepted: the current signing key's
+    and the earlier ones of audit.trusted_certificates."""
+    paths = ([cfg.signing.certificate] if cfg.signing else []) + list(cfg.operations.audit_trusted)
+    return [x509.load_pem_x509_certificate(p.read_bytes()) for p in paths]
+
+
+def unsealed_limit(cfg: Config) -> float | None:
+    """The daemon seals the head every checkpoint_interval_s; a longer unsealed stretch means
+    checkpoints were removed (allowing for one missed interval and a slow shutdown)."""
+    return 2 * cfg.operations.audit_checkpoint_s + 120 if cfg.signing else None
+
+
+def signer_of(cfg: Config) -> SigningKey | None:
+    if cfg.signing is None:
+        return None
+    return SigningKey.load(cfg.signing.certificate.read_bytes(), cfg.signing.private_key.read_bytes())
+
+
+async def seal(cfg: Config, log: AuditLog) -> None:
+    """A signed checkpoint over the audit chain's head, now (a change made from the CLI is sealed at once:
+    the daemon may be stopped)."""
+    signer = signer_of(cfg)
+    if signer is not None:
+        await log.checkpoint(lambda seq, head: checkpoint_detail(signer, seq, head))
+
+
+async def record(cfg: Config, log: AuditLog, actor: str, action: str, partner: str | None, detail: dict[str, Any]) -> None:
+    """An administrative audit record, sealed at once by a signed checkpoint."""
+    await log.append(actor, action, partner, None, detail)
+    await seal(cfg, log)

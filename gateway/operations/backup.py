@@ -1,10 +1,10 @@
-"""Online backup and restore of the gateway's state (the one SQLite database).
+"""Online backup and restore of the gateway's state.
 
 A backup is a folder (mode 0700) holding exactly two files (mode 0600)::
 
-    gateway.db      a consistent snapshot of <state_dir>/gateway.db, made with SQLite's online
-                    backup API while the daemon runs (one read transaction: other processes keep
-                    writing); rollback-journal mode, so it is one self-contained file
+    gateway.db      a consistent snapshot of <state_dir>/gateway.db, made while the daemon runs
+                    (gateway/storage/sqlite/backup.py: SQLite's online backup API, one read
+                    transaction, other processes keep writing); one self-contained file
     manifest.json   written last and atomically: a backup without it is incomplete
 
 The manifest (``format`` ``einvoice-gateway-backup/1``) records when and by which gateway version
@@ -28,123 +28,120 @@ import hashlib
 import json
 import os
 import secrets
-import sqlite3
-from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError, VaultError
-from ..partners.directory import atomic_write
-from ..storage.sqlite import SCHEMA_VERSION
+from ..files import atomic_write, fsync_path, private
+from ..storage.base import SnapshotError, Snapshots
 from ..vault import Vault
 
 FORMAT = "einvoice-gateway-backup/1"
-DB = "gateway.db"
 MANIFEST = "manifest.json"
 KEYS_NOTE = "not included: back up the vault key files separately; without them these invoices cannot be opened"
-_COUNTS = {
-    "invoices": "SELECT count(*) FROM invoices",
-    "blobs": "SELECT count(*) FROM blobs",
-    "deliveries": "SELECT count(*) FROM deliveries",
-    "audit": "SELECT count(*) FROM audit",
-}
 
 
-def create(state_dir: Path, dest: Path) -> dict[str, Any]:
-    """Snapshot ``state_dir``'s database into the new (or empty) folder ``dest``; returns the manifest."""
-    live = state_dir / DB
-    if not live.is_file():
-        raise ConfigError(f"backup: there is no {DB} in {state_dir}; name the gateway's state folder (state_dir)")
+def create(snapshots: Snapshots, state_dir: Path, dest: Path) -> dict[str, Any]:
+    """Snapshot ``state_dir``'s state into the new (or empty) folder ``dest``; returns the manifest."""
+    if snapshots.live(state_dir) is None:
+        raise ConfigError(f"backup: there is no {' '.join(snapshots.files)} in {state_dir}; name the gateway's state folder "
+                          "(state_dir)")
     made = _new_folder(dest, "backup", "name a new folder for each backup")
     try:
-        snapshot = dest / DB
-        open(snapshot, "xb", opener=_private).close()  # 0600 before SQLite writes to it
+        for name in snapshots.files:
+            open(dest / name, "xb", opener=private).close()  # 0600 before anything is written to it
         try:
-            with closing(_open_ro(live, snapshot=False)) as src, closing(sqlite3.connect(snapshot)) as dst:
-                src.backup(dst)  # all pages in one step: one read transaction, a consistent snapshot
-                dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
-            _fsync(snapshot)
-            problems, facts = _inspect(snapshot)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"backup: could not copy {live} ({exc}); check that it is the gateway's database and retry") from exc
+            snapshots.snapshot(state_dir, dest)
+        except SnapshotError as exc:
+            raise ConfigError(f"backup: could not copy the state in {state_dir} ({exc}); check that it is the gateway's "
+                              "state folder and retry") from exc
+        for name in snapshots.files:
+            fsync_path(dest / name)
+        problems, facts = snapshots.inspect(dest)
         if problems:
-            raise ConfigError(f"backup: the snapshot of {live} is damaged ({'; '.join(problems[:3])}); stop the gateway, "
+            raise ConfigError(f"backup: the snapshot of {state_dir} is damaged ({'; '.join(problems[:3])}); stop the gateway, "
                               "check the database with `sqlite3 gateway.db 'PRAGMA integrity_check'`, or restore an earlier backup")
-        size, digest = _size_and_hash(snapshot)
+        files = {}
+        for name in snapshots.files:
+            size, digest = _size_and_hash(dest / name)
+            files[name] = {"size": size, "sha256": digest}
         manifest = {"format": FORMAT, "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    "gateway_version": __version__, "master_keys": KEYS_NOTE, **facts,
-                    "files": {DB: {"size": size, "sha256": digest}}}
+                    "gateway_version": __version__, "master_keys": KEYS_NOTE, **facts, "files": files}
         atomic_write(dest / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
         return manifest
     except BaseException:
-        for name in (DB, f"{DB}-journal", f"{DB}-wal", f"{DB}-shm"):
-            (dest / name).unlink(missing_ok=True)
+        for name in snapshots.files:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                (dest / f"{name}{suffix}").unlink(missing_ok=True)
         if made:
             dest.rmdir()
         raise
 
 
-def verify(src: Path, vault: Vault | None = None) -> list[str]:
+def verify(snapshots: Snapshots, src: Path, vault: Vault | None = None) -> list[str]:
     """What is wrong with the backup in ``src`` (empty: nothing).  With a vault, every sealed invoice
     must open; problems name message ids, never content."""
-    return _verify(src, vault)[1]
+    return _verify(snapshots, src, vault)[1]
 
 
-def restore(src: Path, state_dir: Path) -> dict[str, Any]:
+def restore(snapshots: Snapshots, src: Path, state_dir: Path) -> dict[str, Any]:
     """Copy a verified backup into the empty (or new) ``state_dir``; returns its manifest."""
-    manifest, problems = _verify(src, None)
+    manifest, problems = _verify(snapshots, src, None)
     if manifest is None or problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ConfigError(f"restore: the backup in {src} does not verify, nothing was restored: {'; '.join(problems[:5])}{more}; "
                           "restore another backup")
-    if int(manifest["schema_version"]) > SCHEMA_VERSION:
+    if int(manifest["schema_version"]) > snapshots.schema_version:
         raise ConfigError(f"restore: the backup has schema {manifest['schema_version']}, newer than this gateway "
-                          f"({SCHEMA_VERSION}); restore it with the gateway version that made it ({manifest.get('gateway_version')})")
+                          f"({snapshots.schema_version}); restore it with the gateway version that made it "
+                          f"({manifest.get('gateway_version')})")
     made = _new_folder(state_dir, "restore", "restore into a new or empty folder (move the current state aside first)")
-    tmp = state_dir / f".{DB}.{secrets.token_hex(4)}.tmp"
+    placed: list[Path] = []
     try:
-        digest = hashlib.sha256()
-        with (src / DB).open("rb") as fin, open(tmp, "xb", opener=_private) as fout:
-            while chunk := fin.read(1 << 20):
-                digest.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        if digest.hexdigest() != manifest["files"][DB]["sha256"]:
-            raise ConfigError(f"restore: {src / DB} changed while it was being restored; nothing was restored, try again")
-        os.replace(tmp, state_dir / DB)
+        for name in snapshots.files:
+            tmp = state_dir / f".{name}.{secrets.token_hex(4)}.tmp"
+            placed.append(tmp)
+            digest = hashlib.sha256()
+            with (src / name).open("rb") as fin, open(tmp, "xb", opener=private) as fout:
+                while chunk := fin.read(1 << 20):
+                    digest.update(chunk)
+                    fout.write(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+            if digest.hexdigest() != manifest["files"][name]["sha256"]:
+                raise ConfigError(f"restore: {src / name} changed while it was being restored; nothing was restored, try again")
+        for tmp, name in zip(placed, snapshots.files, strict=True):
+            os.replace(tmp, state_dir / name)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in placed:
+            tmp.unlink(missing_ok=True)
         if made:
             state_dir.rmdir()
         raise
-    _fsync_dir(state_dir)
+    fsync_path(state_dir)
     return manifest
 
 
-def _verify(src: Path, vault: Vault | None) -> tuple[dict[str, Any] | None, list[str]]:
+def _verify(snapshots: Snapshots, src: Path, vault: Vault | None) -> tuple[dict[str, Any] | None, list[str]]:
     manifest, problems = _read_manifest(src)
     if manifest is None:
         return None, problems
-    problems += _check_files(src, manifest)
-    if not (src / DB).is_file():
+    problems += _check_files(snapshots, src, manifest)
+    if not all((src / name).is_file() for name in snapshots.files):
         return manifest, problems
-    try:
-        found, facts = _inspect(src / DB)
-        problems += found
-        for key, actual in facts.items():
-            claimed = manifest.get(key)
-            if isinstance(actual, dict) and isinstance(claimed, dict):
-                problems += [f"the manifest has {key}.{sub} = {claimed.get(sub)!r}, the database {actual.get(sub)!r}"
-                             for sub in sorted(actual.keys() | claimed.keys()) if claimed.get(sub) != actual.get(sub)]
-            elif claimed != actual:
-                problems.append(f"the manifest has {key} = {claimed!r}, the database {actual!r}")
-        if vault is not None and facts:
-            problems += _check_sealed(src / DB, vault)
-    except sqlite3.Error as exc:
-        problems.append(f"{DB} is damaged, or not a gateway database ({exc})")
+    found, facts = snapshots.inspect(src)
+    problems += found
+    for key, actual in facts.items():
+        claimed = manifest.get(key)
+        if isinstance(actual, dict) and isinstance(claimed, dict):
+            problems += [f"the manifest has {key}.{sub} = {claimed.get(sub)!r}, the database {actual.get(sub)!r}"
+                         for sub in sorted(actual.keys() | claimed.keys()) if claimed.get(sub) != actual.get(sub)]
+        elif claimed != actual:
+            problems.append(f"the manifest has {key} = {claimed!r}, the database {actual!r}")
+    if vault is not None and facts:
+        problems += _check_sealed(snapshots, src, vault, facts["key_ids"])
     return manifest, problems
 
 
@@ -164,72 +161,51 @@ def _read_manifest(src: Path) -> tuple[dict[str, Any] | None, list[str]]:
     return manifest, []
 
 
-def _check_files(src: Path, manifest: dict[str, Any]) -> list[str]:
+def _check_files(snapshots: Snapshots, src: Path, manifest: dict[str, Any]) -> list[str]:
     listed = manifest.get("files")
     if not isinstance(listed, dict):
         return [f"{MANIFEST} lists no files"]
+    expected = set(snapshots.files)
     present = {p.name for p in src.iterdir()} - {MANIFEST}
-    problems = [f"unexpected file {name!r} in the backup folder" for name in sorted(present - {DB})]
-    problems += [f"the manifest lists {name!r}, which is not part of a backup" for name in sorted(set(listed) - {DB})]
-    entry = listed.get(DB)
-    if DB not in present:
-        problems.append(f"{DB} is missing")
-    elif not isinstance(entry, dict):
-        problems.append(f"{DB} is not listed in the manifest")
-    else:
+    problems = [f"unexpected file {name!r} in the backup folder" for name in sorted(present - expected)]
+    problems += [f"the manifest lists {name!r}, which is not part of a backup" for name in sorted(set(listed) - expected)]
+    for name in snapshots.files:
+        entry = listed.get(name)
+        if name not in present:
+            problems.append(f"{name} is missing")
+            continue
+        if not isinstance(entry, dict):
+            problems.append(f"{name} is not listed in the manifest")
+            continue
         try:
-            size, digest = _size_and_hash(src / DB)
+            size, digest = _size_and_hash(src / name)
         except OSError as exc:
-            return [*problems, f"{DB} cannot be read ({exc})"]
+            problems.append(f"{name} cannot be read ({exc})")
+            continue
         if entry.get("size") != size:
-            problems.append(f"{DB} has {size} bytes, the manifest says {entry.get('size')!r}")
+            problems.append(f"{name} has {size} bytes, the manifest says {entry.get('size')!r}")
         if entry.get("sha256") != digest:
-            problems.append(f"{DB} does not match the SHA-256 in the manifest (damaged or changed)")
+            problems.append(f"{name} does not match the SHA-256 in the manifest (damaged or changed)")
     return problems
 
 
-def _inspect(db: Path) -> tuple[list[str], dict[str, Any]]:
-    """Integrity-check a snapshot (read only) and read what the manifest records about it."""
-    with closing(_open_ro(db)) as conn:
-        check = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
-        if check != ["ok"]:
-            return [f"{DB} fails PRAGMA integrity_check: {line}" for line in check[:10]], {}
-        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if version is None:
-            return [f"{DB} has no schema version: it is not a gateway database"], {}
-        return [], {
-            "schema_version": int(version[0]),
-            "counts": {name: int(conn.execute(sql).fetchone()[0]) for name, sql in _COUNTS.items()},
-            "key_ids": dict(conn.execute("SELECT key_id, count(*) FROM invoices GROUP BY key_id ORDER BY key_id").fetchall()),
-            "last_audit_seq": conn.execute("SELECT max(seq) FROM audit").fetchone()[0],
-        }
-
-
-def _check_sealed(db: Path, vault: Vault) -> list[str]:
+def _check_sealed(snapshots: Snapshots, src: Path, vault: Vault, needed: dict[str, int]) -> list[str]:
     """Open every sealed invoice; name (by message id) each that does not, and each key the vault lacks."""
-    with closing(_open_ro(db)) as conn:
-        needed = dict(conn.execute("SELECT key_id, count(*) FROM invoices GROUP BY key_id").fetchall())
-        lacking = sorted(set(needed) - set(vault.key_ids))
-        problems = [f"master key {k!r} (needed by {needed[k]} invoices) is not in the vault: add its key file to vault.keys"
-                    for k in lacking]
-        rows = conn.execute("SELECT i.message_id, i.sha256, i.key_id, b.sealed FROM invoices i LEFT JOIN blobs b "
-                            "USING (message_id) ORDER BY i.message_id")
-        for message_id, sha256, key_id, sealed in rows:
+    lacking = sorted(set(needed) - set(vault.key_ids))
+    problems = [f"master key {k!r} (needed by {needed[k]} invoices) is not in the vault: add its key file to vault.keys"
+                for k in lacking]
+    try:
+        for message_id, sha256, key_id, sealed in snapshots.sealed(src):
             if sealed is None:
                 problems.append(f"message {message_id}: its sealed content is missing")
             elif key_id not in lacking:
                 try:
-                    vault.open(bytes(sealed), message_id, sha256)
+                    vault.open(sealed, message_id, sha256)
                 except VaultError:
                     problems.append(f"message {message_id}: its sealed content does not open (damaged, or sealed under another key)")
+    except SnapshotError as exc:
+        problems.append(f"the backup's database is damaged, or not a gateway database ({exc})")
     return problems
-
-
-def _open_ro(db: Path, *, snapshot: bool = True) -> sqlite3.Connection:
-    """Read only.  A snapshot is a finished file: ``immutable`` also keeps SQLite from creating a -wal or
-    -shm beside it (a damaged header could ask for one); the live database is read through its WAL."""
-    query = "?mode=ro&immutable=1" if snapshot else "?mode=ro"
-    return sqlite3.connect(db.resolve().as_uri() + query, uri=True, timeout=30)
 
 
 def _new_folder(path: Path, verb: str, hint: str) -> bool:
@@ -241,27 +217,10 @@ def _new_folder(path: Path, verb: str, hint: str) -> bool:
         return False
     path.mkdir(mode=0o700, parents=True)
     path.chmod(0o700)  # whatever the umask
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return True
-
-
-def _private(path: str, flags: int) -> int:
-    """``open(..., opener=_private)``: a new file is mode 0600 from its first moment."""
-    return os.open(path, flags, 0o600)
 
 
 def _size_and_hash(path: Path) -> tuple[int, str]:
     with path.open("rb") as fh:
         return os.fstat(fh.fileno()).st_size, hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)  # a folder opens O_RDONLY too; fsync makes its entries durable

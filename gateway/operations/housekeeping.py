@@ -19,10 +19,12 @@ from typing import Any
 from cryptography import x509
 
 from .. import logs
-from ..config.load import Config
+from ..clock import Clock, SystemClock, now
+from ..config.model import Config
+from ..model import stamp
 from ..partners.directory import PartnerDirectory
 from ..stages.signature import SigningKey
-from ..storage.sqlite import Store
+from ..storage.base import Store
 from ..tls import spki_sha256
 from . import audit
 
@@ -103,8 +105,9 @@ class ExpiryWarnings:
 
 class Housekeeping:
     def __init__(self, config: Config, store: Store, executor: Executor, directory: Callable[[], PartnerDirectory],
-                 signer: Callable[[], SigningKey | None], warnings: ExpiryWarnings):
+                 signer: Callable[[], SigningKey | None], warnings: ExpiryWarnings, clock: Clock | None = None):
         self.config = config
+        self.clock = clock or SystemClock()
         self.store = store
         self.executor = executor
         self.directory = directory  # the current partner directory (it changes on reload)
@@ -117,10 +120,9 @@ class Housekeeping:
         jobs: list[tuple[float, Callable[[], Any]]] = [(EXPIRY_CHECK_S, self.check_expiry),
                                                         (ops.audit_checkpoint_s, self.checkpoint),
                                                         (RETENTION_CHECK_S, self.expire)]
-        loop = asyncio.get_running_loop()
-        due = [loop.time()] * len(jobs)
+        due = [self.clock.monotonic()] * len(jobs)
         while True:
-            now = loop.time()
+            now = self.clock.monotonic()
             for i, (every, job) in enumerate(jobs):
                 if now >= due[i]:
                     due[i] = now + every
@@ -128,28 +130,26 @@ class Housekeeping:
                         await job()
                     except Exception:  # housekeeping must outlive a failing store; it tries again next time
                         log.exception("housekeeping.failed", job=job.__name__)
-            await asyncio.sleep(max(0.05, min(due) - loop.time()))
+            await self.clock.sleep(max(0.05, min(due) - self.clock.monotonic()))
 
     async def check_expiry(self) -> None:
         entries = await asyncio.get_running_loop().run_in_executor(
             self.executor, inventory, self.config, self.directory())
-        self.warnings.check(entries)
+        self.warnings.check(entries, now(self.clock))
 
     async def checkpoint(self) -> int | None:
         signer = self.signer()
         if signer is None:
             return None
-        return await asyncio.wrap_future(self.store.audit_checkpoint(
-            lambda seq, head: audit.checkpoint_detail(signer, seq, head)))
+        return await self.store.audit.checkpoint(lambda seq, head: audit.checkpoint_detail(signer, seq, head))
 
     async def expire(self) -> int:
         if self.config.operations.retention_days <= 0:  # 0: keep them
             return 0
-        cutoff = (datetime.now(UTC) - timedelta(days=self.config.operations.retention_days)).strftime(
-            "%Y-%m-%dT%H:%M:%S.%fZ")
+        cutoff = stamp(now(self.clock) - timedelta(days=self.config.operations.retention_days))
         total = 0
         while True:
-            ids = await asyncio.wrap_future(self.store.expire(cutoff, RETENTION_BATCH))
+            ids = await self.store.retention.expire(cutoff, RETENTION_BATCH)
             total += len(ids)
             if len(ids) < RETENTION_BATCH:
                 break

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .. import devpki
 from ..errors import ConfigError
+from ..files import atomic_write
 from ..model import Partner, PartnerStatus, SignaturePolicy
-from ..partners.directory import OPTION, atomic_write, editing, inspect_as, new_partner
+from ..partners.directory import OPTION, editing, inspect_as, new_partner
 from ..tls import cert_sha256
 from ..vault import write_key_file
 

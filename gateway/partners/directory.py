@@ -7,9 +7,7 @@ A file that fails to load keeps the previous allowlist in force (and says why in
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator
@@ -22,18 +20,18 @@ from typing import Any
 
 import tomli_w
 
-from ..config.load import Reader, parse_email
+from ..config.reader import Reader
 from ..errors import ConfigError, Detail, Forbidden
+from ..files import atomic_write
+from ..identifiers import parse_email, parse_party_id
 from ..model import CertWindow, InvoiceFacts, Partner, PartnerStatus, PeerIdentity, SignaturePolicy, Syntax
 from ..stages.signature import TrustedSigner
-from ..stages.ubl import identifier
 from ..tls import CertInfo, cert_sha256, encryptable, inspect_certificate, inspect_smime_certificate
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PURPOSES = {"client": "client_certs", "signing": "signing_certs", "smime": "smime_certs"}  # purpose → Partner field
 PURPOSE_OF = {field: purpose for purpose, field in PURPOSES.items()}
 OPTION = {"client": "--client-cert", "signing": "--signing-cert", "smime": "--smime-cert"}  # purpose → CLI option
-_ID = re.compile(r"^(?:([^:\s]{1,32}):)?(\S(?:.{0,198}\S)?)$")
 
 
 def parse_ceiling(text: str, where: str) -> tuple[str, Decimal]:
@@ -73,14 +71,6 @@ def parse_instant(text: str, where: str) -> datetime:
 
 def instant_text(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_party_id(text: str, where: str) -> str:
-    """``scheme:value`` or a bare value, normalised exactly as identifiers read from invoices."""
-    m = _ID.match(text.strip())
-    if not m or any(ord(c) < 32 for c in text):
-        raise ConfigError(f"{where}: {text!r} is not an identifier (write scheme:value, e.g. 0088:5790000435975)")
-    return identifier(m.group(1), m.group(2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,33 +357,6 @@ def editing(path: Path) -> Iterator[list[Partner]]:
         finally:
             check.unlink()
         atomic_write(path, text.encode())
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file so that readers see the old or the new content, never a mix, and it survives a crash."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with contextlib.suppress(FileNotFoundError):  # an edit by root keeps the file readable by the service
-            st = path.stat()
-            os.fchmod(fd, st.st_mode & 0o7777)
-            if os.geteuid() == 0:
-                os.fchown(fd, st.st_uid, st.st_gid)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 
 
 def certificates_of(p: Partner) -> list[tuple[str, str, CertInfo]]:

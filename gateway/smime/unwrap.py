@@ -1,4 +1,4 @@
-"""S/MIME messages: open what partners send (MIME → CMS → one invoice) and make what the gateway sends.
+"""Opening S/MIME messages partners send: MIME → CMS → one invoice, and who signed it.
 
 Opening a received message, each step refusing with a typed error before the next one runs:
 
@@ -11,7 +11,7 @@ Opening a received message, each step refusing with a typed error before the nex
 3. enveloped → decrypted with the gateway's key; the entity inside must be signed (step 2 again,
    without a second envelope).  Unsigned content is refused, also when it decrypted fine (M-02,
    M-04: CBC decrypts flipped bytes into garbage that only the signature catches);
-4. signed → the CMS SignedData verifies (gateway/cms.py); from here on only the signed bytes count;
+4. signed → the CMS SignedData verifies (gateway/smime/cms.py); from here on only the signed bytes count;
 5. the signed entity holds exactly one invoice: one XML part (``application/xml``, ``text/xml``,
    or a part named ``*.xml``), or, with no XML part, one PDF (Factur-X).  Other parts (a covering
    note, a PDF rendering next to the XML) are ignored.  No invoice → ``SMIME_NO_INVOICE``; several
@@ -33,12 +33,10 @@ import email.parser
 import email.policy
 import email.utils
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.message import EmailMessage, Message
-from typing import Any
+from email.message import Message
 
 from cryptography import x509
 
@@ -48,6 +46,7 @@ from ..partners.directory import PartnerDirectory, admit
 from ..stages.revocation import Revocation, find_issuer
 from ..tls import email_addresses, spki_sha256
 from . import cms
+from .identity import Identity
 
 PKCS7_MIME = ("application/pkcs7-mime", "application/x-pkcs7-mime")
 PKCS7_SIGNATURE = ("application/pkcs7-signature", "application/x-pkcs7-signature")
@@ -77,18 +76,6 @@ class Opened:
     message_id: str  # the Message-ID header, for logs and the reply's In-Reply-To
     verified: cms.Verified
     decrypted: cms.Decrypted | None  # None: signed only, not encrypted
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """The gateway's S/MIME certificate and key: partners encrypt to it, the gateway signs with it."""
-
-    certificate: x509.Certificate
-    key: Any  # an RSA private key (decryption needs key transport)
-    address: str  # the From of the gateway's own mail
-
-
-# --- receiving ---------------------------------------------------------------------------------------
 
 
 def _split(raw: bytes) -> tuple[bytes, bytes]:
@@ -378,59 +365,3 @@ def authenticate(opened: Opened, directory: PartnerDirectory, roots: Sequence[x5
         raise Forbidden("the message is signed but not encrypted; encrypt it to the gateway's S/MIME certificate after "
                         "signing", code="SMIME_NOT_ENCRYPTED")
     return partner
-
-
-# --- sending -----------------------------------------------------------------------------------------
-
-
-def _entity(message: Message) -> bytes:
-    return message.as_bytes(policy=email.policy.SMTP)
-
-
-def compose(parts: Sequence[tuple[bytes, str, str]], text: str, *, identity: Identity, to: str, subject: str,
-            recipient: x509.Certificate | None, cipher: str = "aes-256-gcm", in_reply_to: str = "",
-            message_id: str = "", auto_reply: bool = False) -> bytes:
-    """A new message: ``text`` and the attachments ``parts`` ((content, media type, file name)),
-    signed with the gateway's key (multipart/signed, SHA-256), then encrypted to ``recipient``.
-
-    Built afresh from the gateway's own bytes: nothing of a received MIME tree is forwarded (EFAIL)."""
-    inner = EmailMessage(policy=email.policy.SMTP)
-    inner.set_content(text)
-    for content, media_type, filename in parts:
-        maintype, _, subtype = media_type.partition("/")
-        inner.add_attachment(content, maintype=maintype, subtype=subtype, filename=filename, cte="base64")
-    signed_content = _entity(inner)
-    signature = cms.sign(signed_content, identity.certificate, identity.key, detached=True)
-    boundary = f"signed-{uuid.uuid4().hex}"
-    signed = (f'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; micalg=sha-256;\r\n'
-              f' boundary="{boundary}"\r\n\r\n'
-              f"This is a signed message.\r\n--{boundary}\r\n").encode() + signed_content + (
-        f"\r\n--{boundary}\r\nContent-Type: application/pkcs7-signature; name=smime.p7s\r\n"
-        "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=smime.p7s\r\n\r\n").encode() + \
-        _wrap(signature) + f"\r\n--{boundary}--\r\n".encode()
-    if recipient is None:
-        body, top = signed, b""
-    else:
-        der = cms.encrypt(signed, recipient, cipher=cipher)
-        kind = "authEnveloped-data" if cipher.endswith("gcm") else "enveloped-data"
-        top = (f"Content-Type: application/pkcs7-mime; smime-type={kind}; name=smime.p7m\r\n"
-               "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=smime.p7m\r\n").encode()
-        body = b"\r\n" + _wrap(der) + b"\r\n"
-    domain = identity.address.split("@")[1]
-    msgid = f"<{message_id}@{domain}>" if message_id else email.utils.make_msgid(domain=domain)
-    head = (f"From: {identity.address}\r\nTo: {to}\r\nSubject: {_header_text(subject)}\r\n"
-            f"Date: {email.utils.formatdate(usegmt=True)}\r\nMessage-ID: {msgid}\r\n"
-            + (f"In-Reply-To: {_header_text(in_reply_to)}\r\n" if in_reply_to else "")
-            + ("Auto-Submitted: auto-replied\r\n" if auto_reply else "")  # RFC 3834: no auto-answer to it
-            + "MIME-Version: 1.0\r\n").encode()
-    return head + (top + body if recipient is not None else signed)
-
-
-def _header_text(text: str) -> str:
-    return re.sub(r"[\r\n\x00-\x1f\x7f-\U0010ffff]", " ", text)[:200]
-
-
-def _wrap(der: bytes) -> bytes:
-    encoded = base64.b64encode(der)
-    return b"\r\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
-

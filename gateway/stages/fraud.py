@@ -1,9 +1,9 @@
 """Checks against the invoice frauds businesses actually suffer, on facts already bound to the partner.
 
 * A payee account that fails the IBAN check digits (ISO 13616, mod 97) is rejected outright.
-* A payee account the seller has never used before is *held* for review (decided in the store's
-  transaction, against the accounts recorded for that partner); a new seller's first accounts are
-  recorded and flagged, not held.
+* A payee account the seller has never used before is *held* for review (``payee_history``,
+  decided inside the store's write transaction against the accounts recorded for that partner); a
+  new seller's first accounts are recorded and flagged, not held.
 * A payable amount over the partner's ceiling, or in a currency it has no ceiling for, is held.
 
 Held invoices are stored and acknowledged ("held for review", no reason given to the sender) but
@@ -13,7 +13,10 @@ not delivered until an operator releases them (`einvoice-gateway quarantine …`
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from ..errors import Detail, Rejected
 from ..model import InvoiceFacts, Partner
@@ -71,3 +74,35 @@ def hold_reasons(partner: Partner, facts: InvoiceFacts) -> list[str]:
     if amount > ceilings[facts.currency]:
         return [f"payable amount {amount} {facts.currency} is over the ceiling {ceilings[facts.currency]}"]
     return []
+
+
+def masked(account: str) -> str:
+    """Enough of an account for an operator to recognise it in a log line; not the whole number."""
+    return account if len(account) <= 8 else f"{account[:4]}…{account[-4:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class PayeeHistory:
+    """What the payee accounts of one invoice change in its seller's history."""
+
+    new: tuple[tuple[str, str], ...] = ()  # (account, state) to record: known for a new seller, pending otherwise
+    holds: tuple[str, ...] = ()  # reasons to hold the invoice
+    audit: tuple[tuple[str, dict[str, Any]], ...] = ()  # (action, detail) records
+
+
+def payee_history(accounts: tuple[str, ...], history: Mapping[str, str]) -> PayeeHistory:
+    """Compare the payee accounts with the seller's history (account → known | pending | rejected).
+
+    A seller's first accounts become its known ones (flagged in the audit log, not held); after
+    that, an account that is not known holds the invoice until someone decides."""
+    if not accounts:
+        return PayeeHistory()
+    first = not history
+    new = tuple((a, "known" if first else "pending") for a in accounts if a not in history)
+    if first:
+        return PayeeHistory(new, audit=(("account.first_seen", {"accounts": [masked(a) for a, _ in new]}),))
+    unknown = [a for a in accounts if history.get(a, "pending") != "known"]
+    if not unknown:
+        return PayeeHistory(new)
+    return PayeeHistory(new, tuple(f"payee account {masked(a)} was never used by this seller before" for a in unknown),
+                        (("account.changed", {"accounts": [masked(a) for a in unknown]}),))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.load import Route
+from ..config.model import Route
 from ..model import InvoiceFacts
 
 UNROUTED = "no routing rule matches this invoice and routing.default is empty"

@@ -33,6 +33,7 @@ from typing import Any
 from lxml import etree
 
 from .. import logs
+from ..config.model import Config
 from ..errors import ConfigError, Detail, Rejected, Transient
 from ..model import Syntax
 
@@ -213,6 +214,11 @@ class _Child:
 
 class _Died(Exception):
     pass
+
+
+def rule_specs(config: Config) -> list[PackSpec]:
+    return [PackSpec(p.name, p.version, {s: path for s, path in ((Syntax.UBL, p.ubl), (Syntax.CII, p.cii)) if path})
+            for p in config.rule_packs]
 
 
 class RuleEngine:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from ..config.load import SchemaSet
+from ..config.model import SchemaSet
 from ..errors import ConfigError, Detail, SchemaInvalid, UnsupportedDocument
 from ..model import DocumentType
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from lxml import etree
 
 from ..errors import UnsupportedDocument
+from ..identifiers import identifier
 from ..model import DocumentType, InvoiceFacts
 
 NS = {
@@ -35,13 +36,6 @@ _FIELD = {
 }
 _ACCOUNTS = etree.XPath("/*/cac:PaymentMeans/cac:PayeeFinancialAccount/cbc:ID", namespaces=NS)  # BT-84
 _PAYABLE = etree.XPath("/*/cac:LegalMonetaryTotal/cbc:PayableAmount", namespaces=NS)  # BT-115
-
-
-def identifier(scheme: str | None, value: str) -> str:
-    """The canonical ``scheme:value`` form (or the bare value when no scheme is given)."""
-    value = value.strip()
-    scheme = (scheme or "").strip()
-    return f"{scheme}:{value}" if scheme else value
 
 
 def ids_of(elements: list[etree._Element], *, schemes: bool = True) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from ..config.load import XmlLimits
+from ..config.model import XmlLimits
 from ..errors import Detail, LimitExceeded, Malformed
 
 XINCLUDE_NAMESPACES = ("http://www.w3.org/2001/XInclude", "http://www.w3.org/2003/XInclude")

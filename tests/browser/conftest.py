@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -44,6 +45,7 @@ from aiohttp import web
 from gateway import logs
 from gateway.cli import main as cli
 from gateway.operations import instance
+from gateway.storage.base import Store
 
 from ..conftest import Running, serving
 from ..test_cli import free_port
@@ -338,10 +340,16 @@ async def add_authenticator(page: Page) -> VirtualAuthenticator:
 # --- the running console ---------------------------------------------------------------------------------
 
 
-async def eventually(check: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = WAIT_S) -> None:
+    """Wait until ``check()`` is true (a check that reads the store is a coroutine function)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not check():
+
+    async def true() -> bool:
+        result = check()
+        return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+    while not await true():
         assert loop.time() < deadline, f"{what}: not true within {timeout} s"
         await asyncio.sleep(0.05)
 
@@ -362,15 +370,15 @@ class Console:
         return f"http://localhost:{self.running.gw.admin_port}"
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         return self.running.gw.store
 
-    def audit(self, action: str | None = None, *, actor: str | None = None,
-              message_id: str | None = None) -> list[dict[str, Any]]:
-        """Audit records, newest first, filtered (``actor``: a substring of the actor)."""
-        return [r for r in self.store.audit_records(limit=10_000)
-                if (action is None or r["action"] == action) and (actor is None or actor in (r["actor"] or ""))
-                and (message_id is None or r["message_id"] == message_id)]
+    async def audit(self, action: str | None = None, *, actor: str | None = None,
+                    message_id: str | None = None) -> list[dict[str, Any]]:
+        """Audit records, newest first, filtered (``actor``: a substring of the actor); ``detail`` parsed."""
+        return [r.as_json() | {"detail": json.loads(r.detail)} for r in await self.store.audit.newest(10_000)
+                if (action is None or r.action == action) and (actor is None or actor in (r.actor or ""))
+                and (message_id is None or r.message_id == message_id)]
 
     async def cli(self, *argv: str) -> tuple[int, str]:
         """``gateway.cli.main`` with ``-c CONFIG``, in a thread (the gateway keeps serving); its stdout."""

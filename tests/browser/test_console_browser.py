@@ -80,13 +80,14 @@ async def held_invoice(console: Console, number: str = "HELD-0001") -> str:
         return await accepted(s, invoice(number, iban=IBAN_B), status="held")
 
 
-def quarantine_state(console: Console, message_id: str) -> str:
-    [entry] = console.store.quarantined(None, message_id=message_id)
-    return str(entry["state"])
+async def quarantine_state(console: Console, message_id: str) -> str:
+    entry = await console.store.quarantine.entry(message_id)
+    assert entry is not None, message_id
+    return str(entry.state)
 
 
-def denied(console: Console, user: User) -> int:
-    return len(console.audit("console.denied", actor=user.name))
+async def denied(console: Console, user: User) -> int:
+    return len(await console.audit("console.denied", actor=user.name))
 
 
 async def approval_ids(page: Page) -> list[str]:
@@ -173,9 +174,9 @@ async def test_login_with_password_then_totp(console: Console) -> None:
     resp = await open_page(page, "/console/messages")
     assert resp.status == 200
     await expect(page.locator("table#messages")).to_be_visible()
-    logins = console.audit("console.login", actor="alice")
+    logins = await console.audit("console.login", actor="alice")
     assert logins and logins[0]["detail"]["method"] == "totp", logins
-    assert console.audit("console.mfa_enrolled", actor="alice")
+    assert await console.audit("console.mfa_enrolled", actor="alice")
 
 
 async def test_a_browser_login_raises_no_warnings(console: Console, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,7 +205,7 @@ async def test_reused_totp_code_is_refused(console: Console) -> None:
     assert on_mfa(page)
     resp = await enter_totp(page, bob, bob.code_at(bob.last_step - 1))  # an earlier step: refused the same way
     assert resp.status == 401 and "already used" in await error_text(page)
-    assert len(console.audit("console.login_failed", actor="bob")) == 2
+    assert len(await console.audit("console.login_failed", actor="bob")) == 2
     await page.goto("/console/")
     assert path_of(page) in ("/console/login", "/console/mfa")
 
@@ -219,7 +220,7 @@ async def test_reused_totp_code_is_refused(console: Console) -> None:
     resp = await enter_recovery(page, bob.recovery_codes[0])
     assert resp.status == 401 and await error_text(page)
     assert on_mfa(page)
-    assert len(console.audit("console.login", actor="bob")) == 2  # the enrolment's and the recovery code's
+    assert len(await console.audit("console.login", actor="bob")) == 2  # the enrolment's and the recovery code's
 
 
 async def test_lockout_after_five_failures(console: Console) -> None:
@@ -234,8 +235,8 @@ async def test_lockout_after_five_failures(console: Console) -> None:
         if i < 4:
             assert resp.status == 401 and WRONG in text, (i, resp.status, text)
     assert statuses[4] in (401, 423), statuses
-    assert len(console.audit("console.login_failed", actor="carol")) == 5
-    [lock] = console.audit("console.user_locked")
+    assert len(await console.audit("console.login_failed", actor="carol")) == 5
+    [lock] = await console.audit("console.user_locked")
     assert lock["detail"]["user"] == "carol", lock
 
     # Locked: even the right password is refused, and no session is made.
@@ -245,13 +246,13 @@ async def test_lockout_after_five_failures(console: Console) -> None:
     assert "egw_console" not in {c["name"] for c in await page.context.cookies()}
     await page.goto("/console/enroll")
     assert path_of(page) == "/console/login"
-    assert len(console.audit("console.login_failed", actor="carol")) == 5  # a refusal while locked is no new failure
-    assert console.audit("console.login_refused", actor="carol")
+    assert len(await console.audit("console.login_failed", actor="carol")) == 5  # a refusal while locked is no new failure
+    assert await console.audit("console.login_refused", actor="carol")
 
     # Break-glass unlock through the CLI (audited): the right password works again.
     code, out = await console.cli("users", "unlock", "carol")
     assert code == 0, out
-    assert [r for r in console.audit() if r["actor"].startswith("cli:") and "carol" in str(r)], "unlock not audited"
+    assert [r for r in await console.audit() if r["actor"].startswith("cli:") and "carol" in str(r)], "unlock not audited"
     resp = await sign_in(page, "carol", carol.password)
     assert resp.ok and path_of(page) == "/console/enroll"
 
@@ -278,7 +279,10 @@ async def test_passkey_registration_and_login(console: Console) -> None:
     [cred] = creds
     assert cred["rpId"] == "localhost" and cred["isResidentCredential"] is True, cred
     # The gateway stored it too (not only the authenticator): audited, listed, and offered at the next login.
-    await eventually(lambda: bool(console.audit("console.passkey_added", actor="dave")), "passkey registration audited", 10.0)
+    async def passkey_audited() -> bool:
+        return bool(await console.audit("console.passkey_added", actor="dave"))
+
+    await eventually(passkey_audited, "passkey registration audited", 10.0)
     await expect(page.locator("#passkey-error")).to_be_hidden()
     await open_page(page, "/console/account")
     await expect(page.locator("table#passkeys tbody tr form")).to_have_count(1)
@@ -293,7 +297,7 @@ async def test_passkey_registration_and_login(console: Console) -> None:
     await expect(page.locator("h1")).to_have_text("Dashboard")
     [after] = await authenticator.credentials()
     assert after["signCount"] > cred["signCount"]  # the authenticator really signed the login challenge
-    login_record = console.audit("console.login", actor="dave")[0]
+    login_record = (await console.audit("console.login", actor="dave"))[0]
     assert "passkey" in login_record["detail"]["method"], login_record
     resp = await open_page(page, "/console/messages")
     assert resp.status == 200
@@ -321,17 +325,17 @@ async def test_forged_posts_are_refused_and_change_nothing(console: Console, att
 
     status, body = await console.replay(page, url, forged, origin=origin)
     assert status == 403, (status, body)
-    assert quarantine_state(console, held) == "held"
-    assert console.audit("quarantine.rejected") == []
-    assert denied(console, erin) == 1
+    assert await quarantine_state(console, held) == "held"
+    assert await console.audit("quarantine.rejected") == []
+    assert await denied(console, erin) == 1
     resp = await open_page(page, "/console/")  # the session itself is untouched
     assert resp.status == 200 and path_of(page) == "/console/"
 
     # The same request with the token and the console's own Origin goes through: only those were missing.
     status, body = await console.replay(page, url, fields)
     assert status in (200, 303), (status, body)
-    assert quarantine_state(console, held) == "rejected"
-    [record] = console.audit("quarantine.rejected")
+    assert await quarantine_state(console, held) == "rejected"
+    [record] = await console.audit("quarantine.rejected")
     assert "erin" in record["actor"] and record["message_id"] == held
 
 
@@ -381,13 +385,13 @@ async def test_auditor_cannot_change_anything(console: Console) -> None:
         assert "role" in await error_text(page), url
         refusals += 1
 
-    assert quarantine_state(console, held) == "held"
+    assert await quarantine_state(console, held) == "held"
     assert not delivered(console.inst, held)
     assert await approval_ids(operator) == [approval]  # still waiting for a second person
-    assert [r["action"] for r in console.audit() if r["action"].startswith("quarantine.")] == ["quarantine.held"]
+    assert [r["action"] for r in await console.audit() if r["action"].startswith("quarantine.")] == ["quarantine.held"]
     code, out = await console.cli("users", "list", "--json")
     assert code == 0 and "mallory" not in out, out
-    assert denied(console, grace) == refusals
+    assert await denied(console, grace) == refusals
 
 
 # --- four eyes --------------------------------------------------------------------------------------------------
@@ -401,7 +405,7 @@ async def test_quarantine_release_needs_a_second_person(console: Console) -> Non
     await open_page(page_a, f"/console/quarantine/{held}")
     await expect(page_a.locator("table#accounts")).to_contain_text("GB82")  # the new account, for the reviewer
     await request_release(page_a, held, "confirmed by phone with the supplier")
-    assert quarantine_state(console, held) == "held"  # only a request so far
+    assert await quarantine_state(console, held) == "held"  # only a request so far
     [approval] = await approval_ids(page_a)
 
     # The requester cannot approve their own request (the page offers no approve button; the POST is refused).
@@ -411,8 +415,8 @@ async def test_quarantine_release_needs_a_second_person(console: Console) -> Non
     else:
         resp = await browser_post(page_a, f"/console/approvals/{approval}/approve", {"csrf": await csrf_token(page_a)})
     assert resp.status == 403 and "second person" in await error_text(page_a)
-    assert quarantine_state(console, held) == "held"
-    assert denied(console, heidi) == 1
+    assert await quarantine_state(console, held) == "held"
+    assert await denied(console, heidi) == 1
     await asyncio.sleep(0.6)  # more than two passes of the delivery loop
     assert not delivered(console.inst, held)
 
@@ -422,10 +426,18 @@ async def test_quarantine_release_needs_a_second_person(console: Console) -> Non
     resp = await submit(page_b, f"tr[data-approval-id='{approval}'] form.approve")
     assert resp.ok and await first_status(resp) == 303, f"{resp.status}: {await page_b.content()}"
     assert await approval_ids(page_b) == []
-    await eventually(lambda: quarantine_state(console, held) == "released", "released")
+    async def released() -> bool:
+        return await quarantine_state(console, held) == "released"
+
+    async def status_delivered() -> bool:
+        status = await console.store.intake.status(held, None)
+        assert status is not None, held
+        return status.status == "delivered"
+
+    await eventually(released, "released")
     await eventually(lambda: delivered(console.inst, held), "delivered to the ERP inbox")
-    await eventually(lambda: console.store.status(held, None)["status"] == "delivered", "status delivered")
-    [record] = console.audit("quarantine.released", message_id=held)
+    await eventually(status_delivered, "status delivered")
+    [record] = await console.audit("quarantine.released", message_id=held)
     assert "ivan" in record["actor"] and "heidi" not in record["actor"], record
     assert "heidi" in str(record["detail"]), record  # who asked is on record too
 
@@ -440,7 +452,15 @@ async def test_dead_letter_requeue_reaches_the_erp(inst, start_console: StartCon
         "destinations": [https_destination(i, erp.url)], "routing": {"default": ["erp-api"]}}))
     async with console.mtls() as s:
         mid = await accepted(s, SAMPLE)
-    await eventually(lambda: [d["message_id"] for d in console.store.dead_letters()] == [mid], "dead-lettered")
+    async def dead_lettered() -> bool:
+        return [d.message_id for d in await console.store.reports.dead_letters()] == [mid]
+
+    async def redelivered() -> bool:
+        found = await console.store.reports.message(mid)
+        assert found is not None, mid
+        return found.deliveries[0].state == "delivered"
+
+    await eventually(dead_lettered, "dead-lettered")
     assert len(erp.seen) == 1
 
     page, judy = await console.logged_in("operator", "judy")
@@ -456,10 +476,10 @@ async def test_dead_letter_requeue_reaches_the_erp(inst, start_console: StartCon
     assert resp is not None and resp.ok and await first_status(resp) in (200, 303), await page.content()
 
     await erp.until(lambda: len(erp.seen) >= 2, WAIT_S)
-    await eventually(lambda: console.store.message(mid)["deliveries"][0]["state"] == "delivered", "delivered")
+    await eventually(redelivered, "delivered")
     last = erp.seen[-1]
     assert last.body == SAMPLE and last.headers["Idempotency-Key"] == mid
-    [record] = console.audit("delivery.requeued", message_id=mid)
+    [record] = await console.audit("delivery.requeued", message_id=mid)
     assert "judy" in record["actor"] and record["detail"]["reason"] == "cost centre mapping fixed in the ERP"
     await open_page(page, "/console/dead-letters")
     await expect(page.locator("table#dead-letters tbody tr[data-message-id]")).to_have_count(0)
@@ -488,7 +508,10 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
         dead = await accepted(s, REFUSED_DOC)
         held = await accepted(s, invoice("DEMO-2026-0042", iban=IBAN_B), status="held")
     inbox = console.inst.delivery_folder  # the erp-inbox destination
-    await eventually(lambda: (inbox / f"{ok}.xml").exists() and len(console.store.dead_letters()) == 1, "delivered and dead")
+    async def delivered_and_dead() -> bool:
+        return (inbox / f"{ok}.xml").exists() and len(await console.store.reports.dead_letters()) == 1
+
+    await eventually(delivered_and_dead, "delivered and dead")
 
     shots: list[Path] = []
 
@@ -571,12 +594,12 @@ async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprin
     await page_b.fill(f"#how-{approval}", "phoned the partner's IT contact, 2026-11-21")
     resp = await submit(page_b, f"{row} form.approve")
     assert await first_status(resp) == 303, await page_b.content()
-    [record] = console.audit("partner.certificates_changed")
+    [record] = await console.audit("partner.certificates_changed")
     assert "bob" in record["actor"] and "ann" in str(record["detail"]) and record["detail"]["added"] == info.spki_sha256
 
     async def accepted_with_new() -> bool:
         async with partner_session() as s:
-            code, reply, _ = await post(s, invoice(f"ROLL-{len(console.audit('invoice.accepted')):04d}"))
+            code, reply, _ = await post(s, invoice(f"ROLL-{len(await console.audit('invoice.accepted')):04d}"))
         return code == 202
 
     deadline = asyncio.get_running_loop().time() + WAIT_S
