@@ -43,7 +43,10 @@ from yarl import URL
 
 from gateway import logs
 from gateway.cli import main as cli
-from gateway.console import security, web
+from gateway.console import security
+from gateway.console.app import CSP
+from gateway.console.guard import LOGIN_CSRF_COOKIE, SESSION_COOKIE
+from gateway.console.login import BOOTSTRAP_FILE
 from gateway.console.roles import APPROVAL_NEEDS, PERMISSIONS, allowed
 from gateway.operations import instance
 from gateway.operations.instance import current_user
@@ -61,7 +64,7 @@ shared = pytest.mark.asyncio(loop_scope="module")  # runs against the module's o
 PASSWORD = "correct horse battery staple"  # every test account's password (one argon2 hash for all)
 SPEC_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
             "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-SECURITY_HEADERS = {"Content-Security-Policy": web.CSP, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
                     "Cache-Control": "no-store", "Referrer-Policy": "same-origin"}
 
 
@@ -83,7 +86,7 @@ async def audits(store: SqliteStore, action: str) -> list[dict[str, Any]]:
 
 
 def test_csp_is_the_contract_s():
-    assert web.CSP == SPEC_CSP
+    assert CSP == SPEC_CSP
 
 
 @pytest.mark.parametrize("password, user, rule", [
@@ -642,7 +645,7 @@ class Browser:
         async with self.s.post(self.base + path, data=form, allow_redirects=follow, **kw) as r:
             return await self._page(r)
 
-    def cookie(self, name: str = web.SESSION_COOKIE) -> str | None:
+    def cookie(self, name: str = SESSION_COOKIE) -> str | None:
         found = self.jar.filter_cookies(URL(self.base + "/console/")).get(name)
         return None if found is None else found.value
 
@@ -803,7 +806,7 @@ async def test_host_not_allowed_is_421(world):
             page = await b.get("/console/login")
             assert page.status == 421, host
             assert "answers only to" in page.error
-            assert b.cookie(web.LOGIN_CSRF_COOKIE) is None  # nothing was set up for that name
+            assert b.cookie(LOGIN_CSRF_COOKIE) is None  # nothing was set up for that name
     for host in (f"localhost:{world.running.gw.admin_port}", f"127.0.0.1:{world.running.gw.admin_port}"):
         async with world.browser(host=host) as b:
             assert (await b.get("/console/login")).status == 200, host
@@ -848,7 +851,7 @@ async def test_foreign_or_missing_origin_is_refused(world):
         assert await world.session_of(b) is not None
         # the same request without Origin or Referer: refused too
         async with world.browser(origin=None) as bare:
-            bare.jar.update_cookies({web.SESSION_COOKIE: token}, URL(world.base + "/console/"))
+            bare.jar.update_cookies({SESSION_COOKIE: token}, URL(world.base + "/console/"))
             bare.csrf = b.csrf
             page = await bare.post("/console/logout")
             assert page.status == 403 and "Origin" in page.error
@@ -857,7 +860,7 @@ async def test_foreign_or_missing_origin_is_refused(world):
         assert len(denied) == 5
         # a same-origin Referer (no Origin) is accepted: the check is not a blanket refusal
         async with world.browser(origin=None) as bare:
-            bare.jar.update_cookies({web.SESSION_COOKIE: token}, URL(world.base + "/console/"))
+            bare.jar.update_cookies({SESSION_COOKIE: token}, URL(world.base + "/console/"))
             bare.csrf = b.csrf
             page = await bare.post("/console/logout", headers={"Referer": world.base + "/console/"})
             assert page.path == "/console/login"
@@ -873,7 +876,7 @@ async def test_session_cookie_flags_rotation_and_logout(world):
     async with world.browser() as b:
         page = await password_step(b, p, follow=False)
         assert (page.status, page.location) == (303, "/console/mfa")
-        [cookie] = [c for c in page.headers.getall("Set-Cookie") if c.startswith(f"{web.SESSION_COOKIE}=")]
+        [cookie] = [c for c in page.headers.getall("Set-Cookie") if c.startswith(f"{SESSION_COOKIE}=")]
         attrs = {a.strip().split("=")[0].lower(): a.strip() for a in cookie.split(";")[1:]}
         assert "httponly" in attrs and attrs["samesite"].lower() == "samesite=strict" and attrs["path"] == "Path=/console/"
         assert "secure" not in attrs  # plain HTTP on loopback; Secure on HTTPS
@@ -913,7 +916,7 @@ async def test_session_cookie_flags_rotation_and_logout(world):
         assert ended["actor"] == f"console:{p.name}"
     # the old cookie, replayed, is a stranger
     async with world.browser() as b:
-        b.jar.update_cookies({web.SESSION_COOKIE: full}, URL(world.base + "/console/"))
+        b.jar.update_cookies({SESSION_COOKIE: full}, URL(world.base + "/console/"))
         page = await b.get("/console/messages", follow=False)
         assert (page.status, page.location) == (303, "/console/login?next=/console/messages")
         page = await b.get("/console/messages")
@@ -942,7 +945,7 @@ async def test_bootstrap_account_and_login_throttle(inst):
     # three login attempts per address, then one a minute (checked at the end)
     rewrite(inst.config, rules={"processes": 1}, console={"login_burst": 3, "login_every_s": 60.0})
     set_admin(inst, free_port())
-    secret_file = inst.state_dir / web.BOOTSTRAP_FILE
+    secret_file = inst.state_dir / BOOTSTRAP_FILE
     try:
         async with serving(inst, "warning", io.StringIO()) as running:
             base = f"http://localhost:{running.gw.admin_port}"
@@ -1220,7 +1223,7 @@ async def test_signed_audit_export_verifies_and_tampering_is_found(world, tmp_pa
         async with b.s.get(world.base + "/console/audit/export") as r:
             assert r.status == 200 and r.content_type == "application/x-ndjson"
             assert r.headers["Content-Disposition"].startswith("attachment; ")
-            assert r.headers["Content-Security-Policy"] == web.CSP
+            assert r.headers["Content-Security-Policy"] == CSP
             body = await r.read()
     lines = body.decode().splitlines()
     assert json.loads(lines[0])["format"] and json.loads(lines[-1])["format"] == "einvoice-gateway-audit-seal/1"

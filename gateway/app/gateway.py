@@ -21,8 +21,8 @@ from .. import logs
 from ..clock import Clock, SystemClock
 from ..config.load import load as load_config
 from ..config.model import Config, Destination
-from ..console.web import MAX_BODY as CONSOLE_MAX_BODY
-from ..console.web import Console
+from ..console.app import MAX_BODY as CONSOLE_MAX_BODY
+from ..console.app import Console
 from ..delivery.outbox import Outbox
 from ..delivery.registry import make_sender
 from ..delivery.sender import Sender

@@ -1,6 +1,7 @@
-"""What the console's guard (``web.Console._guard``) knows of a request, and how a page handler
+"""What the console's guard (``app.Console._guard``) knows of a request, and how a page handler
 declares what it needs: ``@page(permission, fresh=…, stage=…)``.  Handlers raise ``Refused`` for an
-error page the person can act on."""
+error page the person can act on, and read a passkey ceremony's request with ``relying_party`` and
+``json_body``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from aiohttp import web
 from ..storage.records import Session, User
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+SESSION_COOKIE = "egw_console"  # the session token (the store keeps its SHA-256)
+LOGIN_CSRF_COOKIE = "egw_login_csrf"  # before login: the double-submit CSRF token
 
 
 class Refused(Exception):
@@ -67,3 +71,20 @@ def session_of(request: web.Request) -> Session:
     session = request[CTX].session
     assert session is not None
     return session
+
+
+def relying_party(request: web.Request) -> tuple[str, str]:
+    """The WebAuthn relying party id and origin: the host name the console was opened by."""
+    host = (request.host or "").rsplit(":", 1)[0].strip("[]")
+    if not host or host.replace(".", "").isdigit() or ":" in host:
+        raise Refused(400, f"passkeys need the console opened by a name, not an address: use "
+                      f"{request.scheme}://localhost:{request.url.port}/console/ (or the host's name)", audit=False)
+    return host, f"{request.scheme}://{request.host}"
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise Refused(400, "the request body is not JSON", audit=False) from None
+    return body if isinstance(body, dict) else {}

@@ -2,7 +2,7 @@
 
 - Passwords are hashed with argon2id (``argon2-cffi``).  Hashing is deliberately slow and memory
   hungry, so callers run it in a dedicated one-thread executor behind a per-address rate limit
-  (gateway/console/web.py): a login flood queues there, not in front of invoice intake.
+  (gateway/console/app.py): a login flood queues there, not in front of invoice intake.
 - TOTP is RFC 6238 as every authenticator app implements it (HMAC-SHA-1, 30 s steps, 6 digits).
   HMAC-SHA-1 is not the broken use of SHA-1 (collisions do not matter to an HMAC); apps do not
   support anything else.  ``totp_step`` returns the step a code matched so the caller can refuse

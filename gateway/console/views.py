@@ -1,6 +1,6 @@
 """What the console's message pages read, shaped for the templates (queries: gateway/storage, Reports).
 
-Nothing here returns invoice content (that is ``Console.content``).
+Nothing here returns invoice content (that is ``messages.MessagePages.content``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The operators' listener: ``/healthz``, ``/readyz`` and Prometheus ``/metrics`` (and the web console
-under ``/console/``, gateway/console/web.py).
+under ``/console/``, gateway/console/app.py).
 
 Loopback by default and then unauthenticated (like any local metrics port).  Bound to another
 address it needs ``admin.token_file`` (configuration refuses otherwise) and is served over HTTPS

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 from aiohttp import web
@@ -53,10 +53,8 @@ from ..stages.fraud import iban_valid, looks_like_iban, normalise
 from ..storage.base import AccountError
 from ..storage.records import Approval
 from ..tls import CertInfo, cert_sha256, email_addresses
+from .context import ConsoleContext
 from .guard import CTX, Refused, page
-
-if TYPE_CHECKING:
-    from .web import Console
 
 MAX_PEM = 64 * 1024  # one certificate, pasted or uploaded
 MAX_LINES = 50  # identifiers, addresses, accounts or ceilings in one form field
@@ -121,7 +119,7 @@ def describe(kind: str, p: Mapping[str, Any]) -> list[str]:
 class PartnerPages:
     """Handlers for ``/console/partners…``, and the partner requests' confirmation and execution."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: ConsoleContext):
         self.c = console
 
     def routes(self, r: web.UrlDispatcher) -> None:
@@ -177,7 +175,7 @@ class PartnerPages:
                           "state": "expired" if info.not_after < now else "not yet accepted" if start and now < start
                           else "retired" if end and now >= end else "accepted"})
         waiting = [dataclasses.asdict(a) | {"lines": describe(a.kind, a.params)}
-                   for a in await self.c.four_eyes.requests("pending") if a.kind in KINDS and a.target == p.name]
+                   for a in await self.c.store.approvals.requests("pending") if a.kind in KINDS and a.target == p.name]
         accounts = await self.c.store.quarantine.seller_accounts(p.name)
         return self.c.render(request, "partner.html", {
             "p": p, "certs": certs, "waiting": waiting, "accounts": accounts, "error": request[CTX].error,
@@ -303,8 +301,8 @@ class PartnerPages:
         if not reason:
             raise Refused(400, "give a reason: the second administrator decides on it", audit=False)
         try:
-            await self.c.four_eyes.request(kind, name, params, reason, self.c.actor(request), name,
-                                           shown={"changes": describe(kind, params)})
+            await self.c.store.approvals.request(kind, name, params, reason, self.c.actor(request), name,
+                                                 shown={"changes": describe(kind, params)})
         except AccountError as exc:
             raise Refused(409, str(exc), audit=False) from None
         raise web.HTTPSeeOther(f"/console/partners/{quote(name)}?done={done}")
