@@ -13,7 +13,8 @@
     │   └── Conflict                  409  same seller and invoice number, different content
     ├── Transient                     the sender should retry later; nothing was stored
     │   ├── StorageUnavailable        503  the durable write failed
-    │   └── Overloaded                503  too many bytes in flight
+    │   ├── Overloaded                503  too many bytes in flight
+    │   └── InternalError             500  a fault of the gateway itself (logged with its traceback)
     ├── ConfigError                   start-up and CLI: names the exact key path
     └── VaultError                    one opaque error for every failure to open a sealed object
 
@@ -121,6 +122,16 @@ class StorageUnavailable(Transient):
 
 class Overloaded(Transient):
     code = "OVERLOADED"
+
+
+class InternalError(Transient):
+    """What the sender is told of a fault of the gateway itself: nothing about it, but to retry."""
+
+    code = "INTERNAL_ERROR"
+    http_status = 500
+
+    def __init__(self, message: str = "the gateway failed to process the request; retry later"):
+        super().__init__(message)
 
 
 class ConfigError(GatewayError):

@@ -1,45 +1,67 @@
-"""accept(): the stages in order, cheapest first.  No I/O here but the store's.
+"""The intake path: the stages in order, cheapest first.  No I/O here but the store's.
 
-    gate(peer) → duplicate? → [PDF: extract] → parse → document type → XSD → signature → facts
-      → authorize → IBAN check → business rules → hold reasons → route → seal → durable put (business
-        duplicate, payee-account history and quarantine are decided inside the store's transaction)
+    gate(peer) → [S/MIME: decrypt, verify, authenticate the signer] → duplicate? → [PDF: extract]
+      → parse → document type → XSD → signature → facts → authorize → IBAN check → business rules
+      → hold reasons → route → seal → durable put (business duplicate, payee-account history and
+        quarantine are decided inside the store's transaction, gateway/stages/admission.py)
 
-submit() is the same for an invoice the ERP sends out (``POST /v1/outbound``): the seller must be
+``submit()`` is the same for an invoice the ERP sends out (``POST /v1/outbound``): the seller must be
 this business, the buyer a registered partner with an endpoint; it is signed when that partner's
 policy asks for it, and routed to the partner.
 
-The transport has already run ``gate`` (before reading the body); everything from hashing to
-sealing is synchronous work run on a stage thread, so the event loop never blocks on it (the
+A transport opens an ``attempt`` for each submission and runs its own checks inside it (the HTTPS
+listener gates the peer before reading the body); whatever is refused inside is recorded in the
+audit log here, once, and nowhere else.  Everything from opening the mail to sealing is
+synchronous work run in one hop on a stage thread, so the event loop never blocks on it (the
 business rules run in a rules process; the stage thread waits for it without holding the GIL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from cryptography import x509
 from lxml import etree
 
 from .config.model import OutboundConfig
-from .errors import Detail, Forbidden, Rejected, Transient, UnsupportedDocument
-from .model import AcceptedInvoice, DocumentType, InboundMessage, InvoiceFacts, Partner, PartnerStatus, Receipt, SignaturePolicy, Syntax
+from .errors import Detail, Forbidden, Rejected, StorageUnavailable, Transient, UnsupportedDocument
+from .model import (
+    AcceptedInvoice,
+    DocumentType,
+    InboundMessage,
+    InvoiceFacts,
+    Partner,
+    PartnerStatus,
+    PeerIdentity,
+    Receipt,
+    SignaturePolicy,
+    Syntax,
+)
 from .partners.directory import PartnerBook
+from .smime import unwrap
+from .smime.identity import Identity
 from .stages import cii, fraud, pdf, signature, ubl
+from .stages.revocation import Revocation
 from .stages.routing import UNROUTED, Router
 from .stages.rules import RuleEngine, RulesUnavailable
 from .stages.schema import SchemaRegistry
 from .stages.xmlparse import XmlParser
 from .storage.base import AuditLog, IntakeStore
+from .tls import spki_sha256
 from .vault import Vault
 
 PDF = "application/pdf"
 FRAUD_CODES = ("INVALID_IBAN", "DUPLICATE_CONFLICT")
+LOOKUP_TIMEOUT_S = 30.0  # a stage thread waits this long for the store's duplicate lookup
 
 
 class SigningUnavailable(Transient):
@@ -58,11 +80,35 @@ class Outcome:
     accepted: AcceptedInvoice | None  # None for a duplicate
 
 
+@dataclass
+class Submission:
+    """What is known of one submission while it goes through the stages: a refusal is recorded with it.
+
+    The transport fills in what it proves (the peer, the partner); the stages add the rest (the
+    S/MIME stage: the signer, the partner and the opened message; every stage: the content's hash)."""
+
+    transport: str  # https, smtp, or erp (an invoice the ERP submits for sending)
+    peer: PeerIdentity | None = None
+    partner: Partner | None = None
+    sha256: str | None = None  # of the content refused: the invoice once known, else what was received
+    letter: unwrap.Opened | None = None  # the S/MIME message it came in, once opened and verified
+
+
+@dataclass(frozen=True, slots=True)
+class MailIdentity:
+    """What the S/MIME stage needs: the gateway's key (to decrypt) and the CAs partners' certificates chain to."""
+
+    identity: Identity
+    roots: Sequence[x509.Certificate]
+    revocation: Revocation | None
+
+
 class Pipeline:
     def __init__(self, parser: XmlParser, schemas: SchemaRegistry, rules: RuleEngine, default_rules: tuple[str, ...],
                  partners: PartnerBook, vault: Vault, intake: IntakeStore, audit: AuditLog, router: Router, executor: Executor,
                  max_xml_bytes: int, hold_invalid_iban: bool = False, outbound: OutboundConfig | None = None,
-                 signer: signature.SigningKey | None = None, observe: Callable[[str, float], None] | None = None):
+                 signer: signature.SigningKey | None = None, observe: Callable[[str, float], None] | None = None,
+                 mail: MailIdentity | None = None):
         self.parser = parser
         self.schemas = schemas
         self.rules = rules
@@ -78,6 +124,7 @@ class Pipeline:
         self.max_xml_bytes = max_xml_bytes  # of an invoice embedded in a PDF, once extracted
         self.hold_invalid_iban = hold_invalid_iban  # fraud.invalid_iban = "hold"
         self.observe = observe or (lambda stage, seconds: None)  # per-stage latency (the metrics histogram)
+        self.mail = mail  # the S/MIME stage's keys ([smtp]); None: no mail is taken
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -209,37 +256,92 @@ class Pipeline:
             return None
         return signature.verify(root, self.partners.current.signers_for(partner.name), found=found).as_json()
 
-    async def accept(self, msg: InboundMessage) -> Outcome:
-        """Run the stages and return only after the invoice is durable (or was already)."""
-        sha256 = hashlib.sha256(msg.body).hexdigest()
-        try:
-            earlier = await self.intake.find_accepted(msg.partner.name, sha256)
-            if earlier is not None:
-                return Outcome(earlier, None)
-            result = await asyncio.get_running_loop().run_in_executor(self.executor, self.check, msg, sha256)
-            with self._stage("store"):
-                receipt = await self.intake.put(result)
-        except Rejected as exc:
-            # Every refusal is an audit record (code and content hash, never content); a fraud code by its own name.
-            action = f"fraud.{exc.code.lower()}" if exc.code in FRAUD_CODES else "invoice.rejected"
-            await self.audit.append("gateway", action, msg.partner.name, None, {
-                "transport": msg.peer.transport, "code": exc.code, "sha256": sha256})
-            raise
-        return Outcome(receipt, None if receipt.duplicate else result)
+    # --- submissions: the stages in one hop, refusals recorded here ------------------------------------
 
-    async def submit(self, body: bytes, received_at: str, media_type: str) -> Outcome:
-        """``POST /v1/outbound``: the stages, then the durable write of the invoice and its delivery job."""
-        sha256 = hashlib.sha256(body).hexdigest()
+    @contextlib.asynccontextmanager
+    async def attempt(self, transport: str) -> AsyncIterator[Submission]:
+        """One submission: whatever is refused inside the block (by the transport's checks or the stages)
+        is recorded in the audit log once, then raised on to the transport's reply."""
+        submission = Submission(transport)
         try:
-            # First, as for received invoices: an ERP that lost a 202 and resends must get the same
-            # receipt, even if the recipient was suspended or edited since.
-            earlier = await self.intake.find_accepted(None, sha256, "out")
-            if earlier is not None:
-                return Outcome(earlier, None)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.check_outbound, body, sha256, received_at, media_type)
+            yield submission
         except Rejected as exc:
-            await self.audit.append("erp", "invoice.submission_rejected", None, None, {"code": exc.code, "sha256": sha256})
+            await self._refused(submission, exc)
             raise
-        receipt = await self.intake.put(result)
-        return Outcome(receipt, None if receipt.duplicate else result)
+
+    async def _refused(self, sub: Submission, exc: Rejected) -> None:
+        """The audit record of a refusal: its code, and what was refused by its hash (never content), or, when
+        nothing was read yet, by the key of the certificate that presented it.  A fraud code by its own name."""
+        if sub.transport == "erp":
+            await self.audit.append("erp", "invoice.submission_rejected", None, None, {"code": exc.code, "sha256": sub.sha256})
+            return
+        detail: dict[str, object] = {"transport": sub.transport, "code": exc.code}
+        if sub.sha256 is not None:
+            detail["sha256"] = sub.sha256
+        elif sub.peer is not None:
+            detail |= {"peer_spki": sub.peer.spki_sha256, "peer": sub.peer.subject}
+        action = f"fraud.{exc.code.lower()}" if exc.code in FRAUD_CODES else "invoice.rejected"
+        await self.audit.append("gateway", action, sub.partner.name if sub.partner else None, None, detail)
+
+    async def accept(self, sub: Submission, received: bytes, received_at: str, media_type: str = "application/xml") -> Outcome:
+        """Run the stages on a received invoice (or, from the SMTP listener, on the S/MIME message it came
+        in) and return only after it is durable, or was already."""
+        return await self._checked_then_stored(self._stages, sub, received, received_at, media_type)
+
+    async def submit(self, sub: Submission, body: bytes, received_at: str, media_type: str) -> Outcome:
+        """``POST /v1/outbound``: the stages, then the durable write of the invoice and its delivery job."""
+        return await self._checked_then_stored(self._outbound_stages, sub, body, received_at, media_type)
+
+    async def _checked_then_stored(self, stages: Callable[..., AcceptedInvoice | Receipt], sub: Submission, data: bytes,
+                                   received_at: str, media_type: str) -> Outcome:
+        """The synchronous stages in one hop to a stage thread, then the durable put."""
+        loop = asyncio.get_running_loop()
+        checked = await loop.run_in_executor(self.executor, stages, sub, data, received_at, media_type, loop)
+        if isinstance(checked, Receipt):
+            return Outcome(checked, None)
+        with self._stage("store"):
+            receipt = await self.intake.put(checked)
+        return Outcome(receipt, None if receipt.duplicate else checked)
+
+    def _stages(self, sub: Submission, received: bytes, received_at: str, media_type: str,
+                loop: asyncio.AbstractEventLoop) -> AcceptedInvoice | Receipt:
+        body = received
+        if sub.transport == "smtp":
+            with self._stage("smime"):
+                body, media_type = self.open_mail(sub, received)
+        sub.sha256 = hashlib.sha256(body).hexdigest()
+        assert sub.partner is not None and sub.peer is not None
+        earlier = self._earlier(loop, sub.partner.name, sub.sha256, "in")
+        if earlier is not None:
+            return earlier
+        return self.check(InboundMessage(body, sub.peer, sub.partner, received_at, media_type), sub.sha256)
+
+    def open_mail(self, sub: Submission, raw: bytes) -> tuple[bytes, str]:
+        """The S/MIME stage: decrypt, verify and unpack the message, and authenticate its signer as a
+        partner; the invoice inside and its media type."""
+        if self.mail is None:
+            raise Transient("this gateway takes no e-mail ([smtp] is not configured)")
+        sub.letter = unwrap.open_message(raw, self.mail.identity, self.max_xml_bytes)
+        sub.partner = unwrap.authenticate(sub.letter, self.partners.current, self.mail.roots, self.mail.revocation)
+        signer = sub.letter.verified.signer
+        sub.peer = PeerIdentity(spki_sha256(signer), signer.subject.rfc4514_string(), "smtp")
+        return sub.letter.invoice, sub.letter.media_type
+
+    def _earlier(self, loop: asyncio.AbstractEventLoop, partner: str | None, sha256: str, direction: str) -> Receipt | None:
+        """The receipt of identical content stored before, asked from a stage thread (the store is the loop's)."""
+        lookup = asyncio.run_coroutine_threadsafe(self.intake.find_accepted(partner, sha256, direction), loop)
+        try:
+            return lookup.result(LOOKUP_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            lookup.cancel()
+            raise StorageUnavailable("the store did not answer; retry later") from None
+
+    def _outbound_stages(self, sub: Submission, body: bytes, received_at: str, media_type: str,
+                         loop: asyncio.AbstractEventLoop) -> AcceptedInvoice | Receipt:
+        sub.sha256 = hashlib.sha256(body).hexdigest()
+        # First, as for received invoices: an ERP that lost a 202 and resends must get the same
+        # receipt, even if the recipient was suspended or edited since.
+        earlier = self._earlier(loop, None, sub.sha256, "out")
+        if earlier is not None:
+            return earlier
+        return self.check_outbound(body, sub.sha256, received_at, media_type)

@@ -81,6 +81,10 @@ def spki_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
+def der_of(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
 def cert_sha256(cert: x509.Certificate) -> str:
     """The certificate's SHA-256 fingerprint, as `openssl x509 -fingerprint -sha256` shows it (without colons)."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()

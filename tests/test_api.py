@@ -277,3 +277,20 @@ async def test_unknown_route_is_json_error(gateway, client, method, path, status
         assert r.content_type == "application/json"
         body = await r.json()
     assert body["error"] == code and isinstance(body["details"], list)
+
+
+async def test_every_refusal_is_one_audit_record(gateway: Running, client) -> None:
+    """The pipeline records each refusal once, whoever refused it: the listener before reading the body (the
+    certificate's key names what was refused) or a stage after (the content's hash does)."""
+    s = client()
+    bad_xml = b"<Invoice><unclosed></Invoice>"
+    for headers, body in (({"Content-Type": "text/plain"}, SAMPLE), ({**XML, "Content-Encoding": "gzip"}, gzip.compress(SAMPLE)),
+                          (XML, bad_xml)):
+        async with s.post("/v1/invoices", data=body, headers=headers) as r:
+            assert r.status in (400, 415)
+    refused = [r for r in await gateway.gw.store.audit.newest(100) if r.action == "invoice.rejected"][::-1]
+    details = [json.loads(r.detail) for r in refused]
+    assert [d["code"] for d in details] == ["UNSUPPORTED_MEDIA_TYPE", "UNSUPPORTED_ENCODING", "MALFORMED_XML"]
+    assert all(r.partner == instance.DEMO_PARTNER and r.actor == "gateway" for r in refused)
+    assert set(details[0]) == set(details[1]) == {"transport", "code", "peer_spki", "peer"}
+    assert details[2] == {"transport": "https", "code": "MALFORMED_XML", "sha256": hashlib.sha256(bad_xml).hexdigest()}

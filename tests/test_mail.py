@@ -43,6 +43,7 @@ from gateway.delivery import smarthost as mail
 from gateway.errors import ConfigError
 from gateway.operations import instance
 from gateway.operations.instance import DEMO_EMAIL, DEMO_PARTNER, Instance, register_partner
+from gateway.storage.records import REPLIES
 from gateway.tls import inspect_certificate
 
 from .conftest import XML, Running, serving
@@ -650,10 +651,13 @@ async def send_to_listener(running: Running, sender: str, raw: bytes) -> tuple[i
 
 
 async def replies_settled(running: Running) -> None:
-    """The listener's reply e-mails are all sent (or none was started), then a little more time."""
+    """The listener's reply e-mails are all sent (or none was queued), then a little more time."""
     assert running.gw.smtp is not None
-    smtp = running.gw.smtp
-    await eventually(lambda: not smtp.replies, "the reply e-mails")
+
+    async def none_waiting() -> bool:
+        return REPLIES not in await running.gw.store.outbox.pending_by_destination()
+
+    await eventually(none_waiting, "the reply e-mails")
     await asyncio.sleep(0.3)
 
 
@@ -738,6 +742,25 @@ async def test_rejected_mail_gets_a_reply_with_the_errors(inst: Instance, relay:
     assert (report["outcome"], report["error"], report["in_reply_to"]) == ("rejected", error, REPLY_TO), report
     assert report["message"] and report["message"] in " ".join(text.split()), (report, text)
     assert report["details"] and all(d["message"] for d in report["details"]), report
+
+
+async def test_a_reply_waits_in_the_outbox_across_a_restart(inst: Instance, relay: Relay, tmp_path: Path) -> None:
+    """Replies are durable: queued before the SMTP answer, one the relay refused is sent after the gateway restarted."""
+    configure(inst, relay.port)
+    relay.data_replies = ["451 4.3.0 queue full, try again later"] * 50
+    raw = smime_message(SAMPLE, inst.demo_smime, DEMO_EMAIL, inst.smime.cert, tmp_path / "out", REPLY_TO)
+    async with serving(inst, "info", quiet()) as running:
+        code, text = await send_to_listener(running, DEMO_EMAIL, raw)
+        assert code == 250, text
+        await eventually(lambda: relay.seen, "an attempt to send the reply")
+    assert relay.delivered == []
+    relay.data_replies.clear()
+    async with serving(inst, "info", quiet()) as running:
+        await eventually(lambda: relay.delivered, "the reply e-mail, after the restart")
+        await replies_settled(running)
+    [sent] = relay.delivered
+    assert {s.message["Message-ID"] for s in relay.seen} == {sent.message["Message-ID"]}  # the same reply each time
+    assert read_reply(sent, inst, tmp_path / "reply")["outcome"] == "accepted"
 
 
 async def test_mail_signed_by_a_stranger_gets_no_reply(inst: Instance, relay: Relay, tmp_path: Path) -> None:

@@ -48,10 +48,10 @@ from gateway import devpki
 from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE
 from gateway.errors import Rejected
-from gateway.inbound.smtp import SmtpInbound
 from gateway.model import Partner
 from gateway.operations import instance
 from gateway.partners import directory as partners
+from gateway.pipeline import MailIdentity, Pipeline, Submission
 from gateway.smime import unwrap as smime
 from gateway.smime.identity import Identity
 
@@ -1153,7 +1153,7 @@ class Fuzz:
     messages: tuple[bytes, ...]  # valid: GCM, CBC, opaque signed-only (one base64 body each), detached signed-only
     signed_der: bytes  # a valid detached signature (for truncations)
     enveloped_der: bytes
-    owner: types.SimpleNamespace  # stands in for SmtpInbound in SmtpInbound._open
+    owner: types.SimpleNamespace  # stands in for the Pipeline in Pipeline.open_mail (the S/MIME stage)
 
 
 @pytest.fixture(scope="module")
@@ -1171,8 +1171,8 @@ def fuzz(world: World) -> Fuzz:
     signature_part = signed[signed.index(b"application/pkcs7-signature", signed.index(b"\r\n\r\n")):]
     signature = base64.b64decode(signature_part.split(b"\r\n\r\n")[1])
     enveloped = base64.b64decode(messages[0].split(b"\r\n\r\n", 1)[1])
-    owner = types.SimpleNamespace(identity=identity, max_invoice_bytes=1 << 20, roots=[
-        x509.load_pem_x509_certificate(inst.ca.cert.read_bytes())], revocation=None,
+    owner = types.SimpleNamespace(max_xml_bytes=1 << 20, mail=MailIdentity(
+        identity, [x509.load_pem_x509_certificate(inst.ca.cert.read_bytes())], None),
         partners=types.SimpleNamespace(current=partners.load_directory(inst.partners)))
     return Fuzz(identity, x509.load_pem_x509_certificate(world.demo.cert.read_bytes()), doc, messages, signature,
                 enveloped, owner)
@@ -1182,8 +1182,8 @@ FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_
 
 
 def open_through_the_listener(f: Fuzz, raw: bytes) -> tuple[list[smime.Opened], Partner | None]:
-    """SmtpInbound._open (open_message, then authenticate) with a spy on authenticate: what reached it,
-    and the partner it returned.  Only Rejected may come out."""
+    """The S/MIME stage (Pipeline.open_mail: open_message, then authenticate) with a spy on authenticate:
+    what reached it, and the partner it found.  Only Rejected may come out."""
     reached: list[smime.Opened] = []
     real = smime.authenticate
 
@@ -1193,7 +1193,9 @@ def open_through_the_listener(f: Fuzz, raw: bytes) -> tuple[list[smime.Opened], 
 
     with mock.patch.object(smime, "authenticate", spy):
         try:
-            _, found = SmtpInbound._open(f.owner, raw)  # type: ignore[arg-type]
+            submission = Submission("smtp")
+            Pipeline.open_mail(f.owner, submission, raw)  # type: ignore[arg-type]
+            found = submission.partner
         except Rejected as exc:
             event(exc.code)  # (--hypothesis-show-statistics: how deep the examples got)
             return reached, None

@@ -25,6 +25,7 @@ from ..console.app import MAX_BODY as CONSOLE_MAX_BODY
 from ..console.app import Console
 from ..delivery.outbox import Outbox
 from ..delivery.registry import make_sender
+from ..delivery.replies import ReplySender
 from ..delivery.sender import Sender
 from ..delivery.smarthost import Mailer, Smarthost
 from ..errors import ConfigError
@@ -34,7 +35,7 @@ from ..inbound.submit import SubmitInbound
 from ..metrics import Gauge, Metrics
 from ..operations.admin import AdminInbound
 from ..operations.housekeeping import ExpiryWarnings, Housekeeping, inventory
-from ..pipeline import Pipeline
+from ..pipeline import MailIdentity, Pipeline
 from ..stages.routing import Router
 from ..stages.rules import RuleEngine
 from ..storage.factory import open_store
@@ -85,7 +86,8 @@ class Gateway:
         self.mailer = self._mailer(config, self.parts)
         self._sender_stamps: dict[str, tuple[Destination, tuple[tuple[int, int, int] | None, ...]]] = {}
         self.outbox = Outbox(self.store.outbox, self.parts.vault, self._senders(config, {}), config.delivery, self.io_executor,
-                             on_outcome=self.metrics.delivery)
+                             on_outcome=self.metrics.delivery,
+                             replies=ReplySender(lambda: self.mailer) if config.smtp is not None else None)
         self.pipeline = self._pipeline(config, self.parts)
         self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.outbox.wake.set,
                                   count=self.metrics.invoice, revocation=self.parts.revocation)
@@ -112,7 +114,8 @@ class Gateway:
         return Pipeline(parts.parser, parts.schemas, parts.rules, config.rules_default, parts.partners, parts.vault,
                         self.store.intake, self.store.audit, Router(config.routes, config.routing_default), self.executor,
                         config.https.max_body_bytes, config.invalid_iban == "hold", config.outbound, parts.signer,
-                        observe=self.metrics.stage)
+                        observe=self.metrics.stage, mail=MailIdentity(parts.smime, parts.smime_roots, parts.revocation)
+                        if parts.smime is not None else None)
 
     def _senders(self, config: Config, old: dict[str, Sender]) -> dict[str, Sender]:
         """A sender per destination; one whose destination and files (keys, certificates, tokens) are
@@ -129,10 +132,9 @@ class Gateway:
     def _smtp(self, config: Config, parts: Parts) -> SmtpInbound | None:
         if config.smtp is None or parts.smime is None:
             return None
-        return SmtpInbound(config.smtp, self.pipeline, parts.partners, self.store, parts.smime, parts.smime_roots,
-                           parts.revocation, admin_context(config.https.certificate, config.https.private_key),
-                           self.executor, config.https.max_body_bytes, config.https.max_in_flight_bytes,
-                           self.outbox.wake.set, self.mailer, count=self.metrics.invoice)
+        return SmtpInbound(config.smtp, self.pipeline, self.store, parts.vault,
+                           admin_context(config.https.certificate, config.https.private_key), config.https.max_in_flight_bytes,
+                           self.outbox.wake.set, replies=self.mailer is not None, count=self.metrics.invoice)
 
     def _server_tls(self) -> ssl.SSLContext:
         cfg = self.config.https
@@ -324,9 +326,8 @@ class Gateway:
             if self.submit is not None:
                 self.submit.pipeline = self.pipeline
             if self.smtp is not None and parts.smime is not None and config.smtp is not None:
-                self.smtp.reconfigure(config.smtp, self.pipeline, parts.partners, parts.smime, parts.smime_roots,
-                                      parts.revocation, admin_context(config.https.certificate, config.https.private_key),
-                                      self.mailer)
+                self.smtp.reconfigure(config.smtp, self.pipeline, parts.vault,
+                                      admin_context(config.https.certificate, config.https.private_key), self.mailer is not None)
             self.housekeeping.config = config
             self._tls = self._server_tls()
             if not keep_rules:  # evaluations still running on the old engine get their time limit first

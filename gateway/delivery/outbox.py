@@ -32,8 +32,9 @@ from ..config.model import DeliveryConfig
 from ..errors import VaultError
 from ..model import stamp
 from ..storage.base import OutboxStore
-from ..storage.records import DeliveryJob
+from ..storage.records import Job, NoticeJob
 from ..vault import Vault
+from .replies import ReplySender
 from .sender import DeliveryFailed, Sender
 
 STOP_LOOP_WAIT_S = 5.0  # at shutdown, for a claim transaction under way
@@ -87,8 +88,10 @@ class Outbox:
     def __init__(self, store: OutboxStore, vault: Vault, senders: dict[str, Sender], cfg: DeliveryConfig, executor: Executor,
                  *, owner: str | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 on_outcome: Callable[[str, str], None] = lambda destination, outcome: None):
+                 on_outcome: Callable[[str, str], None] = lambda destination, outcome: None,
+                 replies: ReplySender | None = None):
         self.store = store
+        self.replies = replies  # sends the notices (the SMTP listener's replies); None: they wait
         self.on_outcome = on_outcome  # (destination, delivered | retry | dead_letter): the metrics counter
         self.vault = vault
         self.senders = senders
@@ -98,8 +101,9 @@ class Outbox:
         self.clock = clock  # wall time: schedules are stored and outlive the process
         self.monotonic = monotonic  # breakers live in memory only
         self.wake = asyncio.Event()
-        self.breakers = {name: Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s, cfg.retry_cap_s) for name in senders}
-        self.in_flight: dict[str, int] = dict.fromkeys(senders, 0)
+        self.breakers = {name: Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s, cfg.retry_cap_s)
+                         for name in self._lanes()}
+        self.in_flight: dict[str, int] = dict.fromkeys(self._lanes(), 0)
         self._tasks: set[asyncio.Task[None]] = set()
         self._run_task: asyncio.Task[Any] | None = None
         self._stopping = False
@@ -108,7 +112,7 @@ class Outbox:
         """Take a reloaded configuration; attempts in flight finish with the sender they started with.
         Returns the senders no longer used, for the caller to close once those attempts are done."""
         old, self.senders, self.cfg, self.vault = self.senders, senders, cfg, vault
-        for name in senders:
+        for name in self._lanes():
             self.breakers.setdefault(name, Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s, cfg.retry_cap_s))
             self.in_flight.setdefault(name, 0)
         self.wake.set()
@@ -121,7 +125,7 @@ class Outbox:
             log.info("delivery.resumed", jobs=released, owner=self.owner)
         depth = await self.store.pending_by_destination()
         for name, jobs in sorted(depth.items()):
-            if name not in self.senders:  # never claimed, so never dead-lettered either: say so loudly
+            if name not in self._lanes():  # never claimed, so never dead-lettered either: say so loudly
                 log.error("delivery.unknown_destination", destination=name, jobs=jobs,
                           reason="jobs wait for a destination that is no longer configured; add it back to deliver them")
         while not self._stopping:
@@ -137,8 +141,13 @@ class Outbox:
 
     def _wanted(self) -> dict[str, int]:
         now = self.monotonic()
-        return {name: self.breakers[name].slots(now, s.concurrency) - self.in_flight[name]
-                for name, s in self.senders.items()}
+        return {name: self.breakers[name].slots(now, concurrency) - self.in_flight[name]
+                for name, concurrency in self._lanes().items()}
+
+    def _lanes(self) -> dict[str, int]:
+        """Each destination the outbox sends to, and how many attempts it may have in flight."""
+        lanes = {name: s.concurrency for name, s in self.senders.items()}
+        return lanes | ({self.replies.name: self.replies.concurrency} if self.replies is not None else {})
 
     async def fill(self) -> int:
         """Claim what the free slots allow and start delivering it; returns how many started."""
@@ -189,26 +198,34 @@ class Outbox:
             await self.store.release(self.owner)
         for sender in self.senders.values():
             await sender.close()
+        if self.replies is not None:
+            await self.replies.close()
 
-    async def _open(self, job: DeliveryJob) -> bytes:
+    async def _open(self, job: Job) -> bytes:
         sealed = await self.store.load_sealed(job.message_id)
         if sealed is None:
             raise VaultError("the stored object is missing")
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._unseal, sealed, job)
 
-    def _unseal(self, sealed: bytes, job: DeliveryJob) -> bytes:
+    def _unseal(self, sealed: bytes, job: Job) -> bytes:
         document = self.vault.open(sealed, job.message_id, job.sha256)
         if hashlib.sha256(document).hexdigest() != job.sha256:
             raise VaultError("cannot open sealed object")
         return document
 
-    async def _attempt(self, job: DeliveryJob) -> None:
+    async def _send(self, job: Job, document: bytes) -> str:
+        if isinstance(job, NoticeJob):
+            assert self.replies is not None  # (claimed only when there is a reply sender)
+            return await self.replies.send(job, document)
+        return await self.senders[job.destination].send(job, document)
+
+    async def _attempt(self, job: Job) -> None:
         bound = log.bind(message_id=job.message_id, partner=job.partner, destination=job.destination)
         breaker = self.breakers[job.destination]
         try:
             try:
                 document = await self._open(job)
-                note = await self.senders[job.destination].send(job, document)
+                note = await self._send(job, document)
             except VaultError:
                 # Corruption at rest (SECURITY-TESTS.md D-09): retrying cannot help; park it loudly.
                 bound.error("delivery.dead_letter", reason="STORED_OBJECT_UNREADABLE", attempts=job.attempts + 1)
@@ -231,7 +248,7 @@ class Outbox:
         finally:
             self.in_flight[job.destination] -= 1
 
-    async def _failed(self, job: DeliveryJob, exc: DeliveryFailed, bound: Any) -> None:
+    async def _failed(self, job: Job, exc: DeliveryFailed, bound: Any) -> None:
         now = self.clock()
         if exc.permanent:
             bound.error("delivery.dead_letter", reason="REFUSED", attempts=job.attempts + 1, error=exc.error)
@@ -253,7 +270,7 @@ class Outbox:
         self.on_outcome(job.destination, "retry")
         await self._record(job, error=exc.error, next_attempt_at=now + delay)
 
-    async def _record(self, job: DeliveryJob, *, delivered_at: str | None = None, error: str | None = None,
+    async def _record(self, job: Job, *, delivered_at: str | None = None, error: str | None = None,
                       next_attempt_at: float | None = None, dead: bool = False) -> None:
         await self.store.record(job, delivered_at=delivered_at, next_attempt_at=next_attempt_at, error=error, dead=dead,
                                 owner=self.owner)

@@ -2,13 +2,14 @@
 
     EHLO → STARTTLS (required before MAIL: plaintext commands get 530) → MAIL → RCPT (only the
     configured gateway addresses: no relaying) → DATA (SIZE advertised and enforced) →
-      open the S/MIME message (gateway/smime/unwrap.py) → authenticate the signer → the same pipeline as
-      HTTPS → 250 only after the invoice is durable; 5xx with an enhanced status code and the
-      HTTPS API's error code for a permanent refusal; 4xx for a transient one.
+      the pipeline: its S/MIME stage opens the message and authenticates the signer, then the same
+      stages as HTTPS → 250 only after the invoice is durable; 5xx with an enhanced status code and
+      the HTTPS API's error code for a permanent refusal; 4xx for a transient one (``smtp_reply``
+      is the one place errors become SMTP replies).
 
 Client certificates are not asked for: the S/MIME signature is the identity.  A refused message
 is never bounced to the envelope sender (backscatter): the SMTP reply is the answer, and a signed
-reply e-mail goes to a partner only once its signature proved who it is.
+reply e-mail goes to a partner, through the durable outbox, only once its signature proved who it is.
 """
 
 from __future__ import annotations
@@ -18,29 +19,23 @@ import hashlib
 import json
 import re
 import ssl
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
-from cryptography import x509
 
 from .. import logs
 from ..config.model import SmtpConfig
-from ..delivery.smarthost import Mailer
-from ..errors import Forbidden, GatewayError, LimitExceeded, Malformed, Rejected, UnsupportedMediaType
-from ..model import InboundMessage, Partner, PeerIdentity
-from ..partners.directory import PartnerBook
-from ..pipeline import Outcome, Pipeline
+from ..errors import Forbidden, GatewayError, InternalError, LimitExceeded, Malformed, Rejected, UnsupportedMediaType
+from ..model import stamp
+from ..pipeline import Outcome, Pipeline, Submission
 from ..smime import cms
-from ..smime import unwrap as smime
-from ..smime.compose import compose
-from ..smime.identity import Identity
-from ..stages.revocation import Revocation
 from ..storage.base import Store
-from ..tls import encryptable, spki_sha256
-from .https import ByteBudget
+from ..storage.records import Notice
+from ..tls import der_of, encryptable
+from ..vault import Vault
+from .http import ByteBudget
 
 log = logs.get("inbound.smtp")
 
@@ -216,30 +211,24 @@ class _Session(SMTP):
 
 
 class SmtpInbound:
-    def __init__(self, cfg: SmtpConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
-                 identity: Identity, roots: Sequence[x509.Certificate], revocation: Revocation | None,
-                 tls: ssl.SSLContext, executor: Executor, max_invoice_bytes: int, max_in_flight_bytes: int,
-                 on_accepted: Callable[[], None], mailer: Mailer | None = None,
+    def __init__(self, cfg: SmtpConfig, pipeline: Pipeline, store: Store, vault: Vault, tls: ssl.SSLContext,
+                 max_in_flight_bytes: int, on_accepted: Callable[[], None], replies: bool = False,
                  count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
         self.store = store
-        self.executor = executor  # decryption and signature checks run on the stage threads
-        self.max_invoice_bytes = max_invoice_bytes
         self.budget = ByteBudget(max_in_flight_bytes)
-        self.on_accepted = on_accepted
+        self.on_accepted = on_accepted  # wakes the outbox: an invoice to deliver, or a reply to send
         self.count = count
         self.sessions = 0
         self.inflight = 0  # messages being processed after DATA (stop waits for them)
-        self.replies: set[asyncio.Task[None]] = set()
-        self.reconfigure(cfg, pipeline, partners, identity, roots, revocation, tls, mailer)
+        self.reconfigure(cfg, pipeline, vault, tls, replies)
 
-    def reconfigure(self, cfg: SmtpConfig, pipeline: Pipeline, partners: PartnerBook, identity: Identity,
-                    roots: Sequence[x509.Certificate], revocation: Revocation | None, tls: ssl.SSLContext,
-                    mailer: Mailer | None) -> None:
-        """At start and at each reload: the next message uses these (one being processed keeps its own)."""
-        self.cfg, self.pipeline, self.partners, self.identity = cfg, pipeline, partners, identity
-        self.roots, self.revocation, self.addresses = list(roots), revocation, frozenset(cfg.addresses)
+    def reconfigure(self, cfg: SmtpConfig, pipeline: Pipeline, vault: Vault, tls: ssl.SSLContext, replies: bool) -> None:
+        """At start and at each reload: the next message uses these (one being processed keeps its own).
+        ``replies``: reply e-mails can be sent (there is a smarthost); they go out if smtp.replies asks."""
+        self.cfg, self.pipeline, self.vault = cfg, pipeline, vault
+        self.addresses = frozenset(cfg.addresses)
         self.tls = tls  # each new session's STARTTLS takes the current one
-        self.mailer = mailer if cfg.replies else None
+        self.replies = replies and cfg.replies
 
     def protocol(self) -> SMTP:
         """A protocol instance per connection (the asyncio server's factory)."""
@@ -274,51 +263,33 @@ class SmtpInbound:
         # Processing gets its own data_timeout_s after the transfer (the timer closes the connection when it fires).
         server._reset_timeout(self.cfg.data_timeout_s)
         raw = envelope.original_content or b""
-        received_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         bound = log.bind(transport="smtp", peer=session.peer[0] if isinstance(session.peer, tuple) else None,
                          size=len(raw))
-        partner: Partner | None = None
-        opened: smime.Opened | None = None
-        piped = False
+        sub: Submission | None = None
         self.inflight += 1
         try:
-            await self.budget.acquire(len(raw))
-            try:
-                letter, sender = await asyncio.get_running_loop().run_in_executor(self.executor, self._open, raw)
-                opened, partner = letter, sender  # (for the reply to a refusal)
-                bound = bound.bind(partner=sender.name, sender=letter.from_address)
-                signer = letter.verified.signer
-                peer = PeerIdentity(spki_sha256(signer), signer.subject.rfc4514_string(), "smtp")
-                piped = True
-                outcome = await self.pipeline.accept(
-                    InboundMessage(letter.invoice, peer, sender, received_at, letter.media_type))
-            finally:
-                await self.budget.release(len(raw))
+            async with self.pipeline.attempt("smtp") as sub:
+                sub.sha256 = hashlib.sha256(raw).hexdigest()
+                async with self.budget.reserved(len(raw)):
+                    outcome = await self.pipeline.accept(sub, raw, stamp())
         except Rejected as exc:
+            bound = _sender(bound, sub)
             bound.info("invoice.rejected", code=exc.code, reason=exc.message, details=len(exc.details))
             self.count("smtp", "rejected", exc.code)
-            if not piped:
-                await self.store.audit.append("gateway", "invoice.rejected", partner.name if partner else None, None,
-                                              {"transport": "smtp", "code": exc.code, "sha256": hashlib.sha256(raw).hexdigest()})
-            if partner is not None and opened is not None:
-                self._reply(partner, opened, "rejected", exc.as_json())
+            await self._reply(sub, "rejected", exc.as_json())
             return smtp_reply(exc)
         except GatewayError as exc:
-            bound.warning("invoice.deferred", code=exc.code, reason=exc.message)
+            _sender(bound, sub).warning("invoice.deferred", code=exc.code, reason=exc.message)
             self.count("smtp", "deferred", exc.code)
             return smtp_reply(exc)
         except Exception:
             bound.exception("smtp.internal_error")
-            return "451 4.3.0 INTERNAL_ERROR: the gateway failed to process the message; retry later"
+            return smtp_reply(InternalError("the gateway failed to process the message; retry later"))
         finally:
             self.inflight -= 1
-        return self._accepted(outcome, sender, letter, bound)
+        return await self._accepted(outcome, sub, _sender(bound, sub))
 
-    def _open(self, raw: bytes) -> tuple[smime.Opened, Partner]:
-        opened = smime.open_message(raw, self.identity, self.max_invoice_bytes)
-        return opened, smime.authenticate(opened, self.partners.current, self.roots, self.revocation)
-
-    def _accepted(self, outcome: Outcome, partner: Partner, opened: smime.Opened, bound: Any) -> str:
+    async def _accepted(self, outcome: Outcome, sub: Submission, bound: Any) -> str:
         receipt = outcome.receipt
         if outcome.accepted is None:
             bound.info("invoice.duplicate", message_id=receipt.message_id, code="DUPLICATE", sha256=receipt.sha256)
@@ -326,58 +297,45 @@ class SmtpInbound:
         else:
             bound.info("invoice.accepted", message_id=receipt.message_id, code="HELD" if receipt.status == "held" else
                        "ACCEPTED", sha256=receipt.sha256, invoice_number=outcome.accepted.facts.invoice_number,
-                       encrypted=opened.decrypted.cipher if opened.decrypted else None)
+                       encrypted=sub.letter.decrypted.cipher if sub.letter and sub.letter.decrypted else None)
             self.on_accepted()
             self.count("smtp", "held" if receipt.status == "held" else "accepted", "OK")
-        self._reply(partner, opened, "accepted", receipt.as_json())
+        await self._reply(sub, "accepted", receipt.as_json(), receipt.message_id)
         duplicate = " (a duplicate of an earlier message)" if receipt.duplicate else ""
         return f"250 2.0.0 Accepted as {receipt.message_id}{duplicate}"
 
     # --- reply e-mails ----------------------------------------------------------------------------
 
-    def _reply(self, partner: Partner, opened: smime.Opened, outcome: str, body: dict[str, Any]) -> None:
-        """A signed (and, when the partner's certificate allows, encrypted) reply, sent in the background."""
-        if self.mailer is None:
+    async def _reply(self, sub: Submission | None, outcome: str, body: dict[str, Any], message_id: str | None = None) -> None:
+        """A signed (and, when the partner's certificate allows, encrypted) reply e-mail, queued in the durable
+        outbox (gateway/delivery/replies.py sends it).  Only to a partner whose signature proved who it is:
+        a refused stranger gets the SMTP reply alone (no backscatter)."""
+        if not self.replies or sub is None or sub.partner is None or sub.letter is None:
             return
-        task = asyncio.create_task(self._send_reply(partner, opened, outcome, body), name="smtp-reply")
-        self.replies.add(task)
-        task.add_done_callback(self.replies.discard)
-
-    async def _send_reply(self, partner: Partner, opened: smime.Opened, outcome: str, body: dict[str, Any]) -> None:
-        assert self.mailer is not None
-        mailer = self.mailer
-        recipient = opened.verified.signer if encryptable(opened.verified.signer) else None
-        report = json.dumps({"outcome": outcome, "in_reply_to": opened.message_id, **body}, indent=2).encode()
-        text = (f"Your invoice message {opened.message_id or ''} was {outcome} by einvoice-gateway.\r\n"
-                "The attached outcome.json lists the details (the same JSON as the HTTPS API answers).\r\n")
+        letter = sub.letter
+        report = json.dumps({"outcome": outcome, "in_reply_to": letter.message_id, **body}, indent=2).encode()
+        notice_id, sha256 = str(uuid.uuid4()), hashlib.sha256(report).hexdigest()
+        sealed, key_id = self.vault.seal(report, notice_id, sha256)
+        signer = letter.verified.signer
+        notice = Notice(notice_id, sub.partner.name, message_id, letter.from_address, letter.message_id, outcome,
+                        der_of(signer) if encryptable(signer) else None, self.cfg.reply_cipher, sealed, sha256, key_id)
         try:
-            message = await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: compose([(report, "application/json", "outcome.json")], text,
-                                                     identity=mailer.identity, to=opened.from_address,
-                                                     subject=f"Invoice {outcome}", recipient=recipient,
-                                                     cipher=self.cfg.reply_cipher, in_reply_to=opened.message_id,
-                                                     auto_reply=True))
-            for attempt, pause in enumerate((0.0, 30.0, 300.0)):
-                await asyncio.sleep(pause)
-                try:
-                    await mailer.smarthost.send(mailer.identity.address, [opened.from_address], message)
-                    log.info("smtp.reply_sent", partner=partner.name, to=opened.from_address, outcome=outcome)
-                    return
-                except Exception as exc:  # DeliveryFailed, or anything else: logged, never raised into the loop
-                    log.warning("smtp.reply_failed", partner=partner.name, attempt=attempt + 1, reason=str(exc)[:300])
-                    if getattr(exc, "permanent", False):
-                        return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("smtp.reply_failed", partner=partner.name)
+            await self.store.outbox.enqueue(notice)
+        except GatewayError as exc:  # the SMTP reply stands; only the reply e-mail is lost
+            log.error("smtp.reply_not_queued", partner=sub.partner.name, reason=exc.message)
+            return
+        self.on_accepted()
 
     async def stop(self, grace_s: float) -> None:
-        """After the listener closed: let messages being processed get their answer, then drop pending replies."""
+        """After the listener closed: let messages being processed get their answer."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         while self.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for task in list(self.replies):
-            task.cancel()
-        await asyncio.gather(*self.replies, return_exceptions=True)
+
+
+def _sender(bound: Any, sub: Submission | None) -> Any:
+    """The log context, with who sent it once the S/MIME stage proved it."""
+    if sub is None or sub.partner is None or sub.letter is None:
+        return bound
+    return bound.bind(partner=sub.partner.name, sender=sub.letter.from_address)

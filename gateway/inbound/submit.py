@@ -6,24 +6,33 @@
 
 Separate from the partner listener: a Unix socket (access by file permissions), or TCP with mutual
 TLS where the ERP's client certificate must chain to ``outbound.client_ca`` and its key be one of
-``outbound.client_spki``.  Errors have the partner API's shape (``reply_for``).
+``outbound.client_spki``.  Errors have the partner API's shape (``reply_for``, gateway/inbound/http.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import ssl
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 from aiohttp import web
 
 from .. import logs
 from ..config.model import HttpsConfig, OutboundConfig
-from ..errors import Forbidden, LimitExceeded, Rejected, UnsupportedMediaType
+from ..errors import Forbidden, Rejected, UnsupportedMediaType
+from ..model import stamp
 from ..pipeline import Pipeline
 from ..storage.base import Store
-from .https import PDF_MEDIA_TYPE, XML_MEDIA_TYPES, ByteBudget, _identity, answer_errors
+from .http import (
+    PDF_MEDIA_TYPE,
+    XML_MEDIA_TYPES,
+    ByteBudget,
+    HttpRefusal,
+    answer_errors,
+    certificate_identity,
+    client_certificate,
+    media_type_of,
+    read_body,
+    too_large,
+)
 
 log = logs.get("inbound.outbound")
 
@@ -59,34 +68,29 @@ class SubmitInbound:
         """On TCP, the ERP's certificate key must be allowlisted; on the Unix socket the file mode decides."""
         if self.cfg.socket is not None:
             return
-        transport = request.transport
-        sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
-        der = sslobj.getpeercert(binary_form=True) if isinstance(sslobj, ssl.SSLObject) else None
-        spki = _identity(der)[0] if der else None
+        der = client_certificate(request)
+        spki = certificate_identity(der)[0] if der else None
         if spki not in self.cfg.client_spki:
             raise Forbidden("this client certificate may not submit invoices for sending "
                             f"(certificate key SHA-256 {spki}); list it in outbound.client_spki", code="SUBMITTER_UNKNOWN")
 
     async def post(self, request: web.Request) -> web.Response:
-        received_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        received_at = stamp()
         if request.content_type not in (*XML_MEDIA_TYPES, PDF_MEDIA_TYPE):
             raise UnsupportedMediaType(f"Content-Type {request.content_type!r} is not accepted; send application/xml "
                                        "(or a Factur-X PDF as application/pdf)", code="UNSUPPORTED_MEDIA_TYPE")
         reserve = request.content_length if request.content_length is not None else self.limits.max_body_bytes
         if reserve > self.limits.max_body_bytes:
-            raise LimitExceeded(f"the body of {reserve} bytes exceeds the limit of {self.limits.max_body_bytes} bytes")
-        await self.budget.acquire(reserve)
-        try:
-            body = await asyncio.wait_for(request.read(), self.limits.read_timeout_s)
-            media_type = PDF_MEDIA_TYPE if request.content_type == PDF_MEDIA_TYPE else "application/xml"
+            raise too_large(self.limits.max_body_bytes, reserve)
+        async with self.budget.reserved(reserve):
+            body = await read_body(request, self.limits.max_body_bytes, self.limits.read_timeout_s)
             try:
-                outcome = await self.pipeline.submit(body, received_at, media_type)
+                async with self.pipeline.attempt("erp") as sub:
+                    outcome = await self.pipeline.submit(sub, body, received_at, media_type_of(request))
             except Rejected as exc:
                 log.info("outbound.rejected", code=exc.code, status=exc.http_status, reason=exc.message)
                 self.count("outbound", "rejected", exc.code)
                 raise
-        finally:
-            await self.budget.release(reserve)
         receipt = outcome.receipt
         partner: str | None = None
         if outcome.accepted is not None:
@@ -106,6 +110,5 @@ class SubmitInbound:
         message_id = request.match_info["message_id"]
         status = await self.store.intake.status(message_id, None, "out") if len(message_id) <= 64 else None
         if status is None:
-            return web.json_response(
-                {"error": "NOT_FOUND", "message": "no outbound message with this id", "details": []}, status=404)
+            raise HttpRefusal(404, "no outbound message with this id")
         return web.json_response(status.as_json())

@@ -32,10 +32,11 @@ from .records import (
     Dashboard,
     DeadLetter,
     Decision,
-    DeliveryJob,
     InvoiceStatus,
+    Job,
     MessageDetail,
     MessageSummary,
+    Notice,
     OutboxDepth,
     Passkey,
     QuarantineEntry,
@@ -75,18 +76,23 @@ class IntakeStore(Protocol):
 
 
 class OutboxStore(Protocol):
-    async def due(self, now: float, limit: int) -> list[DeliveryJob]:
+    async def due(self, now: float, limit: int) -> list[Job]:
         """Due jobs that nobody holds; a read, for a cheap "anything to do?" before ``claim``."""
 
-    async def claim(self, owner: str, now: float, wanted: Mapping[str, int], lease_s: float) -> list[DeliveryJob]:
-        """Take up to ``wanted[destination]`` due jobs per destination for ``owner`` until now + lease_s."""
+    async def claim(self, owner: str, now: float, wanted: Mapping[str, int], lease_s: float) -> list[Job]:
+        """Take up to ``wanted[destination]`` due jobs per destination for ``owner`` until now + lease_s
+        (destination REPLIES: the notices)."""
+
+    async def enqueue(self, notice: Notice) -> None:
+        """A notice to send (an SMTP reply), durable once this returns."""
 
     async def release(self, owner: str) -> int:
         """Give back every job ``owner`` holds (it stopped, or restarted after a crash)."""
 
-    async def load_sealed(self, message_id: str) -> bytes | None: ...
+    async def load_sealed(self, message_id: str) -> bytes | None:
+        """The sealed content of an invoice, or of a notice still to be sent."""
 
-    async def record(self, job: DeliveryJob, *, delivered_at: str | None, next_attempt_at: float | None,
+    async def record(self, job: Job, *, delivered_at: str | None, next_attempt_at: float | None,
                      error: str | None, dead: bool = False, owner: str | None = None) -> None:
         """The outcome of one attempt.  A success always counts; a failure only from the job's
         holder (a node whose lease lapsed must not push back a job another node now delivers)."""

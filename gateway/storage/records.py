@@ -16,6 +16,9 @@ from typing import Any
 
 # What a message's sender (or ERP) is told, in one word; kept in the invoices' status column.
 SUMMARIES = ("accepted", "held", "delivered", "dead-letter", "rejected")
+# The outbox's destination for notices (the SMTP listener's replies): no configured destination can
+# have this name (names start with a letter or digit).
+REPLIES = "@smtp-replies"
 # What the sender is told about a quarantined invoice: that it is held, or rejected after review;
 # never why (the reasons would tell a fraudster what to change).
 SENDER_STATUS = {"held": "held", "rejected": "rejected", "released": "accepted"}
@@ -383,3 +386,42 @@ class Approval:
     decided_by: str | None
     decided_at: str | None
     outcome: str | None
+
+
+# --- notices: mail the gateway sends about a submission (the SMTP listener's replies) -------------
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A reply to be sent through the outbox: sealed like an invoice (its details may quote one)."""
+
+    id: str
+    partner: str
+    message_id: str | None  # the invoice it answers, when one was stored
+    to: str  # the address the reply goes to
+    in_reply_to: str  # the Message-ID it answers
+    outcome: str  # accepted | rejected
+    certificate: bytes | None = field(repr=False)  # DER of the certificate to encrypt to (None: signed only)
+    cipher: str
+    sealed: bytes = field(repr=False)
+    sha256: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeJob:
+    """A claimed (or due) notice: what the reply sender needs besides the sealed body."""
+
+    message_id: str  # the notice's id (its sealed body is opened under it)
+    destination: str
+    attempts: int
+    created_at: float
+    partner: str
+    sha256: str
+    to: str
+    in_reply_to: str
+    outcome: str
+    certificate: bytes | None = field(repr=False)
+    cipher: str
+
+
+Job = DeliveryJob | NoticeJob

@@ -23,7 +23,7 @@ from gateway.errors import Conflict, StorageUnavailable
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts, stamp
 from gateway.storage.base import AccountError, NotHeld, Store
 from gateway.storage.chain import CHECKPOINT, GENESIS, record_hash
-from gateway.storage.records import Resealed
+from gateway.storage.records import REPLIES, Notice, NoticeJob, Resealed
 from gateway.storage.sqlite.store import SqliteStore
 
 Opener = Callable[[], Store]
@@ -591,3 +591,46 @@ async def test_the_stored_status_follows_every_change(store: Store, step: str) -
 async def _deliver(store: Store) -> None:
     [job] = await store.outbox.claim("a", 2e9, {"erp": 1}, 60)
     await store.outbox.record(job, delivered_at=stamp(), next_attempt_at=None, error=None, owner="a")
+
+
+# --- notices (the SMTP listener's replies) -----------------------------------------------------------
+
+def notice(outcome: str = "accepted", message_id: str | None = None) -> Notice:
+    body = json.dumps({"outcome": outcome}).encode()
+    return Notice(str(uuid.uuid4()), "acme", message_id, "billing@acme.example", "<m-1@acme.example>", outcome,
+                  b"DER", "aes-256-gcm", b"sealed:" + body, hashlib.sha256(body).hexdigest(), "k1")
+
+
+async def test_notices_go_through_the_outbox(store: Store) -> None:
+    sent, failing = notice(), notice("rejected")
+    await store.outbox.enqueue(sent)
+    await store.outbox.enqueue(failing)
+    assert await store.outbox.pending_by_destination() == {REPLIES: 2}
+    assert (await store.outbox.depth()).jobs == 2 and await store.keys.usage() == {"k1": 2}
+    assert await store.outbox.load_sealed(sent.id) == sent.sealed
+    jobs = await store.outbox.claim("a", 2e9, {REPLIES: 10, "erp": 10}, 60)
+    assert {(j.message_id, j.destination) for j in jobs} == {(sent.id, REPLIES), (failing.id, REPLIES)}
+    assert await store.outbox.claim("b", 2e9, {REPLIES: 10}, 60) == []  # leased to "a"
+    by_id = {j.message_id: j for j in jobs}
+    job = by_id[sent.id]
+    assert isinstance(job, NoticeJob) and (job.to, job.in_reply_to, job.outcome, job.certificate, job.cipher) == (
+        "billing@acme.example", "<m-1@acme.example>", "accepted", b"DER", "aes-256-gcm")
+    await store.outbox.record(job, delivered_at="2026-01-01T00:00:00.000000Z", next_attempt_at=None, error=None, owner="a")
+    await store.outbox.record(by_id[failing.id], delivered_at=None, next_attempt_at=2e9 + 30, error="relay down", owner="a")
+    assert await store.outbox.load_sealed(sent.id) is None  # sent: its sealed body is gone
+    assert await store.keys.usage() == {"k1": 1}
+    assert [j.message_id for j in await store.outbox.due(2e9 + 30, 10)] == [failing.id]
+    [again] = await store.outbox.claim("b", 2e9 + 30, {REPLIES: 10}, 60)
+    await store.outbox.record(again, delivered_at=None, next_attempt_at=None, error="refused", dead=True, owner="b")
+    assert await store.outbox.pending_by_destination() == {} and await store.keys.usage() == {}
+    assert await store.reports.dead_letters() == []  # the operators' dead letters are invoices
+    assert await store.retention.expire("2026-01-02T00:00:00.000000Z", 10) == []
+    await store.outbox.enqueue(sent)  # (the same id again: only if the sent one was deleted by retention)
+
+
+async def test_a_released_notice_lease_is_claimed_again(store: Store) -> None:
+    waiting = notice()
+    await store.outbox.enqueue(waiting)
+    await store.outbox.claim("a", 2e9, {REPLIES: 1}, 60)
+    assert await store.outbox.release("a") == 1
+    assert [j.message_id for j in await store.outbox.claim("b", 2e9, {REPLIES: 1}, 60)] == [waiting.id]

@@ -16,8 +16,10 @@ class SqliteKeys:
         self.engine = engine
 
     async def usage(self) -> dict[str, int]:
+        """Stored invoices and notices still to be sent (a sent one keeps no sealed content), by key."""
         return await self.engine.read(lambda conn: dict(conn.execute(
-            "SELECT key_id, count(*) FROM invoices GROUP BY key_id").fetchall()))
+            "SELECT key_id, count(*) FROM (SELECT key_id FROM invoices UNION ALL SELECT key_id FROM notices "
+            "WHERE state = 'pending') GROUP BY key_id").fetchall()))
 
     async def sealed_under(self, key_ids: Sequence[str], limit: int) -> list[SealedObject]:
         marks = ",".join("?" * len(key_ids))

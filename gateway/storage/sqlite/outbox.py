@@ -1,4 +1,7 @@
-"""The outbox in SQLite: delivery jobs written with their invoice, claimed with a lease, recorded once."""
+"""The outbox in SQLite: delivery jobs written with their invoice, claimed with a lease, recorded once.
+
+Notices (the SMTP listener's replies) wait in their own table and are claimed, leased and recorded
+the same way, under the destination REPLIES."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..base import NotHeld
-from ..records import DeliveryJob, DocumentFacts, OutboxDepth
+from ..records import REPLIES, DeliveryJob, DocumentFacts, Job, Notice, NoticeJob, OutboxDepth
 from .audit import append
 from .engine import Engine
 from .schema import restatus
@@ -28,6 +31,14 @@ def _job(r: tuple[Any, ...]) -> DeliveryJob:
     return DeliveryJob(r[0], r[1], r[2], r[3], r[4], r[5], facts)
 
 
+_NOTICE_SELECT = ("SELECT id, attempts, created_at, partner, sha256, recipient, in_reply_to, outcome, certificate, cipher "
+                  "FROM notices ")
+
+
+def _notice(r: tuple[Any, ...]) -> NoticeJob:
+    return NoticeJob(r[0], REPLIES, r[1], r[2], r[3], r[4], r[5], r[6], r[7], None if r[8] is None else bytes(r[8]), r[9])
+
+
 def partner_of(conn: sqlite3.Connection, message_id: str) -> str:
     return str(conn.execute("SELECT partner FROM invoices WHERE message_id = ?", (message_id,)).fetchone()[0])
 
@@ -36,16 +47,42 @@ class SqliteOutbox:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    async def due(self, now: float, limit: int) -> list[DeliveryJob]:
-        return await self.engine.read(lambda conn: [_job(r) for r in conn.execute(
-            _JOB_SELECT + "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND "
-            "(d.lease_until IS NULL OR d.lease_until <= ?) ORDER BY d.next_attempt_at LIMIT ?", (now, now, limit))])
+    async def due(self, now: float, limit: int) -> list[Job]:
+        def read(conn: sqlite3.Connection) -> list[Job]:
+            jobs: list[Job] = [_job(r) for r in conn.execute(
+                _JOB_SELECT + "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND "
+                "(d.lease_until IS NULL OR d.lease_until <= ?) ORDER BY d.next_attempt_at LIMIT ?", (now, now, limit))]
+            if len(jobs) < limit:
+                jobs += [_notice(r) for r in conn.execute(
+                    _NOTICE_SELECT + "WHERE state = 'pending' AND next_attempt_at <= ? AND (lease_until IS NULL OR "
+                    "lease_until <= ?) ORDER BY next_attempt_at LIMIT ?", (now, now, limit - len(jobs)))]
+            return jobs
 
-    async def claim(self, owner: str, now: float, wanted: Mapping[str, int], lease_s: float) -> list[DeliveryJob]:
-        def op(conn: sqlite3.Connection) -> list[DeliveryJob]:
-            jobs: list[DeliveryJob] = []
+        return await self.engine.read(read)
+
+    async def enqueue(self, notice: Notice) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute("INSERT INTO notices (id, partner, message_id, recipient, in_reply_to, outcome, certificate, cipher, "
+                         "sealed, sha256, key_id, state, created_at, next_attempt_at, updated_at) "
+                         "VALUES (?,?,?,?,?,?,?,?,?,?,?,'pending',?,?,?)",
+                         (notice.id, notice.partner, notice.message_id, notice.to, notice.in_reply_to, notice.outcome,
+                          notice.certificate, notice.cipher, notice.sealed, notice.sha256, notice.key_id, now, now, now))
+
+        await self.engine.write(op)
+
+    async def claim(self, owner: str, now: float, wanted: Mapping[str, int], lease_s: float) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            jobs: list[Job] = []
             for destination, n in wanted.items():
                 if n <= 0:
+                    continue
+                if destination == REPLIES:
+                    jobs += [_notice(r) for r in conn.execute(
+                        "UPDATE notices SET lease_owner = ?, lease_until = ? WHERE id IN (SELECT id FROM notices WHERE "
+                        "state = 'pending' AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until <= ?) "
+                        "ORDER BY next_attempt_at LIMIT ?) RETURNING id, attempts, created_at, partner, sha256, recipient, "
+                        "in_reply_to, outcome, certificate, cipher", (owner, now + lease_s, now, now, n)).fetchall()]
                     continue
                 keys = conn.execute(
                     "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE rowid IN ("
@@ -60,17 +97,22 @@ class SqliteOutbox:
         return await self.engine.write(op)
 
     async def release(self, owner: str) -> int:
-        return await self.engine.write(lambda conn: conn.execute(
-            "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)).rowcount)
+        return await self.engine.write(lambda conn: sum(conn.execute(
+            f"UPDATE {table} SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)).rowcount  # noqa: S608
+            for table in ("deliveries", "notices")))
 
     async def load_sealed(self, message_id: str) -> bytes | None:
         row = await self.engine.read(lambda conn: conn.execute(
-            "SELECT sealed FROM blobs WHERE message_id = ?", (message_id,)).fetchone())
+            "SELECT sealed FROM blobs WHERE message_id = ? UNION ALL SELECT sealed FROM notices WHERE id = ? AND "
+            "state = 'pending' LIMIT 1", (message_id, message_id)).fetchone())
         return None if row is None else bytes(row[0])
 
-    async def record(self, job: DeliveryJob, *, delivered_at: str | None, next_attempt_at: float | None,
+    async def record(self, job: Job, *, delivered_at: str | None, next_attempt_at: float | None,
                      error: str | None, dead: bool = False, owner: str | None = None) -> None:
         state = "delivered" if delivered_at else "dead" if dead else "pending"
+        if isinstance(job, NoticeJob):
+            await self.engine.write(lambda conn: _record_notice(conn, job, state, delivered_at, next_attempt_at, error, owner))
+            return
 
         def op(conn: sqlite3.Connection) -> None:
             updated = conn.execute(
@@ -95,11 +137,13 @@ class SqliteOutbox:
 
     async def pending_by_destination(self) -> dict[str, int]:
         return await self.engine.read(lambda conn: dict(conn.execute(
-            "SELECT destination, count(*) FROM deliveries WHERE state = 'pending' GROUP BY destination").fetchall()))
+            "SELECT destination, count(*) FROM deliveries WHERE state = 'pending' GROUP BY destination UNION ALL "
+            "SELECT ?, count(*) FROM notices WHERE state = 'pending' HAVING count(*) > 0", (REPLIES,)).fetchall()))
 
     async def depth(self) -> OutboxDepth:
         n, oldest = await self.engine.read(lambda conn: conn.execute(
-            "SELECT count(*), min(created_at) FROM deliveries WHERE state = 'pending'").fetchone())
+            "SELECT count(*), min(created_at) FROM (SELECT created_at FROM deliveries WHERE state = 'pending' "
+            "UNION ALL SELECT created_at FROM notices WHERE state = 'pending')").fetchone())
         return OutboxDepth(int(n), oldest)
 
     async def retry(self, message_id: str, destination: str | None, actor: str, *, requeue: bool = False,
@@ -143,3 +187,14 @@ class SqliteOutbox:
                    {"destination": destination, "reason": reason})
 
         await self.engine.write(op)
+
+
+def _record_notice(conn: sqlite3.Connection, job: NoticeJob, state: str, delivered_at: str | None,
+                   next_attempt_at: float | None, error: str | None, owner: str | None) -> None:
+    """A notice's attempt, by the same rule as a delivery's; once it is sent or given up, its sealed body goes."""
+    conn.execute(
+        "UPDATE notices SET state = ?, attempts = attempts + 1, delivered_at = ?, last_error = ?, "
+        "next_attempt_at = COALESCE(?, next_attempt_at), lease_owner = NULL, lease_until = NULL, updated_at = ?, "
+        "sealed = CASE WHEN ? = 'pending' THEN sealed ELSE X'' END "
+        "WHERE id = ? AND state = 'pending' AND (? OR ? IS NULL OR lease_owner IS NULL OR lease_owner = ?)",
+        (state, delivered_at, error, next_attempt_at, time.time(), state, job.message_id, state == "delivered", owner, owner))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime
 
 from ...model import stamp
 from .audit import append
@@ -27,6 +28,13 @@ class SqliteRetention:
                 for table in ("blobs", "deliveries", "quarantine", "invoices"):
                     conn.execute(f"DELETE FROM {table} WHERE message_id = ?", (message_id,))  # noqa: S608
                 append(conn, actor, "invoice.expired", row[0], message_id, {"sha256": row[1]})
+            # Notices sent (or given up) as long ago: their sealed body went when they were; the rest goes now.
+            conn.execute("DELETE FROM notices WHERE (state = 'delivered' AND delivered_at < ?) OR (state = 'dead' AND "
+                         "updated_at < ?)", (delivered_before, _epoch(delivered_before)))
             return ids
 
         return await self.engine.write(op)
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from ...errors import ConfigError
 from ..chain import FIELDS, GENESIS, record_hash
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -159,6 +159,31 @@ CREATE TABLE IF NOT EXISTS console_sessions (
     agent       TEXT NOT NULL,
     pending     TEXT NOT NULL DEFAULT '{}'  -- a WebAuthn challenge, a TOTP secret being enrolled
 );
+-- Notices: mail the gateway sends about a submission (the SMTP listener's replies), through the outbox.
+-- Sealed like invoices (a refusal's details may quote one), the sealed body dropped once sent.
+CREATE TABLE IF NOT EXISTS notices (
+    id              TEXT PRIMARY KEY,
+    partner         TEXT NOT NULL,
+    message_id      TEXT,              -- the invoice it answers, when one was stored
+    recipient       TEXT NOT NULL,     -- the address it goes to
+    in_reply_to     TEXT NOT NULL,
+    outcome         TEXT NOT NULL,
+    certificate     BLOB,              -- DER of the certificate to encrypt to (NULL: signed only)
+    cipher          TEXT NOT NULL,
+    sealed          BLOB NOT NULL,
+    sha256          TEXT NOT NULL,
+    key_id          TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT,
+    delivered_at    TEXT,
+    lease_owner     TEXT,
+    lease_until     REAL,
+    updated_at      REAL
+);
+CREATE INDEX IF NOT EXISTS notices_due ON notices (state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS approvals (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     kind          TEXT NOT NULL,
@@ -176,7 +201,8 @@ CREATE TABLE IF NOT EXISTS approvals (
 # Schema 2 → 3: the business-duplicate key becomes (partner, kind, number, issue date), and
 # deliveries may be held.  3 → 4: invoices have a direction (outbound ones are keyed by recipient)
 # and deliveries carry a claim lease.  4 → 5: audit records are hash-chained.  5 → 6: the console's
-# tables (new tables only).  6 → 7: invoices keep their status summary (a column, filled once).
+# tables (new tables only).  6 → 7: invoices keep their status summary (a column, filled once).  7 → 8:
+# notices, the SMTP listener's replies through the outbox (a new table only).
 # SQLite changes constraints only by rebuilding the table.
 def _rebuild(conn: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
     """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile);

@@ -1,0 +1,124 @@
+"""What the HTTP listeners share: the one error → reply function, the client's identity, bounded bodies.
+
+Every error a listener answers is JSON ``{error, message, details[]}`` with the status of its class
+(gateway/errors.py); ``reply_for`` is the one place errors become HTTP replies, and ``answer_errors``
+(a middleware body) turns the framework's own refusals and any fault into such errors first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from .. import logs
+from ..errors import GatewayError, InternalError, LimitExceeded, Malformed, Overloaded
+from ..tls import spki_sha256_der
+
+XML_MEDIA_TYPES = ("application/xml", "text/xml")
+PDF_MEDIA_TYPE = "application/pdf"  # Factur-X / ZUGFeRD: the CII invoice embedded in a PDF/A-3
+BUDGET_WAIT_S = 5.0  # how long an upload may wait for in-flight byte budget before a 503
+
+log = logs.get("inbound.http")
+
+
+class BodyTimeout(Malformed):
+    code = "BODY_TIMEOUT"
+    http_status = 408
+
+
+class HttpRefusal(GatewayError):
+    """A refusal of the HTTP layer itself (no such route, method not allowed), as a JSON error."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason, code={404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(status, "HTTP_ERROR"))
+        self.http_status = status
+
+
+def reply_for(exc: GatewayError) -> web.Response:
+    """The one place errors become HTTP replies."""
+    headers = {"Retry-After": "30"} if exc.http_status == 503 else None
+    return web.json_response(exc.as_json(), status=exc.http_status, headers=headers)
+
+
+async def answer_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                        max_body_bytes: int) -> web.StreamResponse:
+    """A listener's middleware: whatever the handler raises is answered by ``reply_for``."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return reply_for(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return reply_for(too_large(max_body_bytes))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return reply_for(HttpRefusal(exc.status, exc.reason))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("request.internal_error", path=request.path)
+        return reply_for(InternalError())
+
+
+def too_large(limit: int, size: int | None = None) -> LimitExceeded:
+    what = f"the body of {size} bytes" if size is not None else "the body"
+    return LimitExceeded(f"{what} exceeds the limit of {limit} bytes", code="TOO_LARGE")
+
+
+@functools.lru_cache(maxsize=4096)
+def certificate_identity(der: bytes) -> tuple[str, str]:
+    """(SPKI SHA-256, subject) of a client certificate, remembered: keep-alive clients present the same one."""
+    return spki_sha256_der(der)
+
+
+def client_certificate(request: web.Request) -> bytes | None:
+    """The DER of the certificate the client presented in the TLS handshake, if any."""
+    transport = request.transport
+    sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = sslobj.getpeercert(binary_form=True) if isinstance(sslobj, ssl.SSLObject) else None
+    return der or None
+
+
+def media_type_of(request: web.Request) -> str:
+    """What the stages read the body as: a Factur-X PDF, or XML."""
+    return PDF_MEDIA_TYPE if request.content_type == PDF_MEDIA_TYPE else "application/xml"
+
+
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, within the size limit and the time limit, or the error the sender gets."""
+    try:
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(max_bytes) from None
+    except TimeoutError:
+        raise BodyTimeout(f"the body did not arrive within {timeout_s:.0f} s") from None
+
+
+class ByteBudget:
+    """Bounds the bytes of request bodies held in memory at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reserved(self, n: int) -> AsyncIterator[None]:
+        """``n`` bytes of the budget while the block runs; Overloaded (503) after waiting BUDGET_WAIT_S."""
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.limit), BUDGET_WAIT_S)
+            except TimeoutError:
+                raise Overloaded("the gateway is busy receiving other invoices; retry shortly") from None
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= n
+                self._cond.notify_all()
