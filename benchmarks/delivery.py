@@ -38,6 +38,7 @@ from erpstub import ErpStub  # noqa: E402
 from throughput import free_port, make_invoice, no_rules, wait_port  # noqa: E402
 
 from gateway.operations import instance
+from gateway.partners.edit import edit_partners
 from gateway.tls import client_context
 
 TIME_LIMIT_S = 600
@@ -91,7 +92,7 @@ async def main() -> None:
         await stub.start()
         configure(inst, stub, key_file, args.workers, args.destination_concurrency)
         if args.no_rules:
-            instance.edit_partners(inst.partners, instance.DEMO_PARTNER, no_rules)
+            edit_partners(inst.partners, instance.DEMO_PARTNER, no_rules)
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(inst.config)],
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
         try:

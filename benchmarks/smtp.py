@@ -63,7 +63,8 @@ from throughput import CLK_TCK, cpu_seconds, free_port, make_invoice, no_rules, 
 from gateway.app.build import smime_parts
 from gateway.config import load as config
 from gateway.operations import instance
-from gateway.partners.directory import load_directory
+from gateway.partners.book import load_directory
+from gateway.partners.edit import edit_partners
 from gateway.smime import cms
 from gateway.smime import unwrap as smime
 from gateway.smime.compose import compose
@@ -148,7 +149,7 @@ def configure(inst: instance.Instance, args: argparse.Namespace) -> None:
     text = text[:smtp] + re.sub(r"\nlisten_port = \d+\n", "\nlisten_port = 0\n", text[smtp:], count=1)
     inst.config.write_text(text)
     if args.no_rules:
-        instance.edit_partners(inst.partners, instance.DEMO_PARTNER, no_rules)
+        edit_partners(inst.partners, instance.DEMO_PARTNER, no_rules)
 
 
 @dataclass

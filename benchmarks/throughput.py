@@ -40,6 +40,7 @@ from gateway import devpki
 from gateway.cli.demo import SAMPLE
 from gateway.model import SignaturePolicy
 from gateway.operations import instance
+from gateway.partners.edit import edit_partners
 from gateway.stages import signature
 from gateway.tls import client_context
 
@@ -161,11 +162,11 @@ async def main() -> None:
                 partners[0] = dataclasses.replace(p, signing_certs=(store(issued.cert, "--signing-cert"),),
                                                   signature_policy=SignaturePolicy.REQUIRED)
 
-            instance.edit_partners(inst.partners, instance.DEMO_PARTNER, require)
+            edit_partners(inst.partners, instance.DEMO_PARTNER, require)
         text = inst.config.read_text().replace("workers = 0", f"workers = {args.workers}", 1)
         inst.config.write_text(text.replace("[rules]\n", f"[rules]\nprocesses = {args.rules_processes}\n", 1))
         if args.no_rules:
-            instance.edit_partners(inst.partners, instance.DEMO_PARTNER, no_rules)
+            edit_partners(inst.partners, instance.DEMO_PARTNER, no_rules)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(inst.config)], env=env,
                                 stdout=subprocess.DEVNULL)

@@ -46,7 +46,7 @@ from .model import (
     SignaturePolicy,
     Syntax,
 )
-from .partners.directory import PartnerBook
+from .partners.book import PartnerBook
 from .smime import unwrap
 from .smime.identity import Identity
 from .stages import cii, fraud, pdf, signature, ubl

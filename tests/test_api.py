@@ -28,6 +28,7 @@ from gateway.cli.demo import SAMPLE
 from gateway.config import load as config_mod
 from gateway.errors import StorageUnavailable
 from gateway.operations import instance
+from gateway.partners.edit import register_partner
 
 from .conftest import XML, Running
 
@@ -168,7 +169,7 @@ async def test_status_for_the_sender_only(gateway, client):
     assert after["status"] == "delivered" and after["deliveries"][0]["status"] == "delivered"
 
     other = gateway.issue_client("other")
-    instance.register_partner(gateway.inst.partners, "other", [other.cert], ["0088:9999999999999"], [], "test")
+    register_partner(gateway.inst.partners, "other", [other.cert], ["0088:9999999999999"], [], "test")
     assert gateway.gw.parts.partners.refresh()
     for session, path in ((client(other.cert, other.key), url), (s, f"/v1/invoices/{uuid.uuid4()}"), (s, "/v1/invoices/" + "x" * 65)):
         async with session.get(path) as r:

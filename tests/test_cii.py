@@ -33,6 +33,7 @@ from gateway.config.model import DEFAULT_XML_LIMITS
 from gateway.errors import UnsupportedDocument
 from gateway.model import DocumentType
 from gateway.operations import instance
+from gateway.partners.edit import register_partner
 from gateway.stages import cii, pdf
 from gateway.stages.xmlparse import XmlParser
 
@@ -64,7 +65,7 @@ async def gateway(cii_inst: instance.Instance) -> AsyncIterator[Running]:
 def seller(gateway: Running) -> tuple[Path, Path]:
     """A partner registered with the supplier identifiers of INVOICE; returns its client cert and key."""
     issued = gateway.issue_client(SELLER)
-    instance.register_partner(gateway.inst.partners, SELLER, [issued.cert], SELLER_IDS, [], "test")
+    register_partner(gateway.inst.partners, SELLER, [issued.cert], SELLER_IDS, [], "test")
     assert gateway.gw.parts.partners.refresh()
     return issued.cert, issued.key
 
@@ -167,7 +168,7 @@ async def test_cii_from_a_partner_the_seller_is_not_registered_for(gateway, clie
     assert "found '0088:1238764941386'" in [d["message"] for d in body["details"]]
 
     issued = gateway.issue_client(SELLER)  # once the seller is someone else's, it says so
-    instance.register_partner(gateway.inst.partners, SELLER, [issued.cert], SELLER_IDS, [], "test")
+    register_partner(gateway.inst.partners, SELLER, [issued.cert], SELLER_IDS, [], "test")
     assert gateway.gw.parts.partners.refresh()
     status, body = await post(s, INVOICE.read_bytes())
     assert (status, body["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), body

@@ -19,8 +19,9 @@ import pytest
 from gateway import devpki
 from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE, samples
+from gateway.files import atomic_write
 from gateway.operations import instance
-from gateway.partners.directory import atomic_write, load_directory
+from gateway.partners.book import load_directory
 from gateway.tls import client_context, inspect_certificate
 
 from .conftest import XML

@@ -9,7 +9,7 @@ from gateway.cli import main as cli
 from gateway.config import load as config_mod
 from gateway.errors import ConfigError
 from gateway.operations.instance import DEMO_PARTNER
-from gateway.partners.directory import load_directory
+from gateway.partners.book import load_directory
 
 
 def edit(inst, old: str, new: str) -> None:

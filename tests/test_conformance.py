@@ -69,7 +69,8 @@ from gateway.config import load as config_mod
 from gateway.errors import GatewayError
 from gateway.model import SignaturePolicy, Syntax
 from gateway.operations import instance
-from gateway.partners.directory import editing
+from gateway.partners.book import editing
+from gateway.partners.edit import register_partner
 from gateway.stages.rules import BUILTIN, MAX_REPORTED, PackSpec, RuleEngine, builtin_pack
 from gateway.tls import client_context
 
@@ -358,7 +359,7 @@ async def run_corpus(inst: instance.Instance, engine: RuleEngine) -> Results:
         certs[name] = devpki.issue(inst.ca, inst.root / "pki" / "clients", name, role="client")
         # Signatures are tests/test_signature_corpus.py's business; here they must not stop a document before the rules.
         policy = SignaturePolicy.IGNORE if name in signed else SignaturePolicy.IF_PRESENT
-        instance.register_partner(inst.partners, name, [certs[name].cert], ids, [], "test", policy=policy)  # rules.default
+        register_partner(inst.partners, name, [certs[name].cert], ids, [], "test", policy=policy)  # rules.default
 
     used: list[set[tuple[str, str]]] = []
     plan: list[tuple[Row, str, int]] = []  # document, sending partner, slot

@@ -43,13 +43,13 @@ from yarl import URL
 
 from gateway import logs
 from gateway.cli import main as cli
+from gateway.cli.common import current_user
 from gateway.console import security
 from gateway.console.app import CSP
 from gateway.console.guard import LOGIN_CSRF_COOKIE, SESSION_COOKIE
 from gateway.console.login import BOOTSTRAP_FILE
 from gateway.console.roles import APPROVAL_NEEDS, PERMISSIONS, allowed
 from gateway.operations import instance
-from gateway.operations.instance import current_user
 from gateway.storage.base import AccountError, AccountStore, ApprovalStore
 from gateway.storage.records import Approval, Session
 from gateway.storage.sqlite.store import SqliteStore

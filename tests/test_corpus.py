@@ -44,7 +44,8 @@ from gateway.app.gateway import Gateway, Parts, build
 from gateway.config import load as config_mod
 from gateway.model import DocumentType, SignaturePolicy
 from gateway.operations import instance
-from gateway.partners.directory import editing
+from gateway.partners.book import editing
+from gateway.partners.edit import register_partner
 from gateway.stages.rules import BUILTIN
 from gateway.tls import client_context
 
@@ -154,7 +155,7 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
         certs[name] = devpki.issue(inst.ca, inst.root / "pki" / "clients", name, role="client")
         policy = SignaturePolicy.IGNORE if name in signed_partners else SignaturePolicy.IF_PRESENT
         rules = () if outcomes[name] == {XSD_ONLY} else None  # (): `partners add --no-rules`; None: rules.default
-        instance.register_partner(inst.partners, name, [certs[name].cert], ids, [], "test", policy=policy, rules=rules)
+        register_partner(inst.partners, name, [certs[name].cert], ids, [], "test", policy=policy, rules=rules)
 
     used: list[set[tuple[str, str, str]]] = []
     plan: list[tuple[Doc, str, int]] = []  # document, sending partner, slot

@@ -35,7 +35,7 @@ from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE, samples
 from gateway.config import load as config_mod
 from gateway.operations import instance
-from gateway.partners.directory import load_directory
+from gateway.partners.book import load_directory
 from gateway.stages import fraud
 
 from .conftest import XML, Running, serving

@@ -42,7 +42,8 @@ from gateway.config import load as config_mod
 from gateway.delivery import smarthost as mail
 from gateway.errors import ConfigError
 from gateway.operations import instance
-from gateway.operations.instance import DEMO_EMAIL, DEMO_PARTNER, Instance, register_partner
+from gateway.operations.instance import DEMO_EMAIL, DEMO_PARTNER, Instance
+from gateway.partners.edit import register_partner
 from gateway.storage.records import REPLIES
 from gateway.tls import inspect_certificate
 

@@ -39,7 +39,8 @@ from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE, samples
 from gateway.operations import instance
 from gateway.operations.instance import Instance
-from gateway.partners.directory import load_directory
+from gateway.partners.book import load_directory
+from gateway.partners.edit import register_partner
 from gateway.tls import client_context
 
 from .conftest import XML, serving
@@ -134,8 +135,8 @@ async def populate(inst: Instance) -> dict[str, str]:
         })
         acme = devpki.issue(inst.ca, inst.root / "pki" / "clients", "acme", role="client")
         buyer = devpki.issue(inst.ca, inst.root / "pki" / "clients", "buyer", role="client")
-        instance.register_partner(inst.partners, "acme", [acme.cert], FOREIGN_IDS, [], "pytest")
-        instance.register_partner(inst.partners, "buyer", [buyer.cert], [BUYER], [], "pytest",
+        register_partner(inst.partners, "acme", [acme.cert], FOREIGN_IDS, [], "pytest")
+        register_partner(inst.partners, "buyer", [buyer.cert], [BUYER], [], "pytest",
                                   endpoint=f"https://127.0.0.1:{closed.getsockname()[1]}/v1/invoices")
         ids: dict[str, str] = {}
         async with serving(inst, "warning") as running:

@@ -21,9 +21,9 @@ import pytest
 from gateway import devpki
 from gateway.cli.demo import SAMPLE, samples
 from gateway.model import PartnerStatus
-from gateway.operations import instance
 from gateway.operations.instance import DEMO_PARTNER
-from gateway.partners import directory as partners
+from gateway.partners.book import editing
+from gateway.partners.edit import register_partner, store_certificate, with_status
 from gateway.tls import client_context
 
 from .conftest import XML
@@ -49,12 +49,12 @@ async def get(session: aiohttp.ClientSession, message_id: str) -> tuple[int, dic
 
 
 def register(gateway, name: str, cert: devpki.Issued, ids: list[str]) -> None:
-    instance.register_partner(gateway.inst.partners, name, [cert.cert], ids, [f"billing@{name}.example"], "pytest")
+    register_partner(gateway.inst.partners, name, [cert.cert], ids, [f"billing@{name}.example"], "pytest")
     gateway.gw.parts.partners.refresh()  # what the daemon does every reload_interval_s
 
 
 def edit_demo(gateway, change) -> None:
-    with partners.editing(gateway.inst.partners) as ps:
+    with editing(gateway.inst.partners) as ps:
         ps[:] = [change(p) if p.name == DEMO_PARTNER else p for p in ps]
     gateway.gw.parts.partners.refresh()
 
@@ -140,17 +140,17 @@ async def test_ca_valid_but_unregistered_certificate(gateway, client):  # T-07; 
 
 async def test_suspended_partner_then_resumed(gateway, client):  # T-07 hot reload, both ways
     s = client()
-    edit_demo(gateway, lambda p: partners.with_status(p, PartnerStatus.SUSPENDED))
+    edit_demo(gateway, lambda p: with_status(p, PartnerStatus.SUSPENDED))
     status, body = await post(s, numbered(1))
     assert (status, body["error"]) == (403, "PARTNER_SUSPENDED")
-    edit_demo(gateway, lambda p: partners.with_status(p, PartnerStatus.ACTIVE))
+    edit_demo(gateway, lambda p: with_status(p, PartnerStatus.ACTIVE))
     status, body = await post(s, numbered(1))
     assert (status, body["status"]) == (202, "accepted")
 
 
 async def test_certificate_rotation(gateway, client):  # T-07: overlap, then the old key is removed
     new = gateway.issue_client("demo-supplier-next")
-    stored, _ = instance.store_certificate(gateway.inst.partners, DEMO_PARTNER, new.cert)
+    stored, _ = store_certificate(gateway.inst.partners, DEMO_PARTNER, new.cert)
     edit_demo(gateway, lambda p: replace(p, client_certs=(*p.client_certs, str(stored))))
     old_s, new_s = client(), client(new.cert, new.key)
     assert (await post(old_s, numbered(1)))[0] == 202

@@ -38,8 +38,9 @@ from gateway.config import load as config_mod
 from gateway.errors import ConfigError
 from gateway.model import PartnerStatus, SignaturePolicy
 from gateway.operations import instance
-from gateway.operations.instance import DEMO_PARTNER, DEMO_PARTY_IDS, Instance, register_partner
-from gateway.partners import directory as partners
+from gateway.operations.instance import DEMO_PARTNER, DEMO_PARTY_IDS, Instance
+from gateway.partners.book import editing
+from gateway.partners.edit import register_partner
 from gateway.storage.records import DeliveryRow, MessageSummary
 from gateway.tls import client_context, inspect_certificate
 
@@ -124,14 +125,14 @@ def make_receiver(b: Instance, a: Instance, a_client: devpki.Issued) -> None:
         c.setdefault("rules", {})["processes"] = 1
 
     rewrite_config(b.config, change)
-    with partners.editing(b.partners) as ps:
+    with editing(b.partners) as ps:
         ps[:] = [p for p in ps if p.name != DEMO_PARTNER]
     register_partner(b.partners, "gateway-a", [a_client.cert], list(DEMO_PARTY_IDS), [], "pytest", [a.signing.cert],
                      SignaturePolicy.REQUIRED)
 
 
 def set_partner(book_file: Path, name: str, **changes: Any) -> None:
-    with partners.editing(book_file) as ps:
+    with editing(book_file) as ps:
         ps[:] = [dataclasses.replace(p, **changes) if p.name == name else p for p in ps]
 
 

@@ -27,7 +27,8 @@ import pytest_asyncio
 from gateway import devpki, logs
 from gateway.model import PartnerStatus
 from gateway.operations import instance
-from gateway.partners.directory import load_directory
+from gateway.partners.book import load_directory
+from gateway.partners.edit import register_partner
 from gateway.storage.records import Approval
 from gateway.tls import cert_sha256, inspect_certificate
 
@@ -63,7 +64,7 @@ class PartnerWorld(World):
 
     def register(self, name: str, cert: devpki.Issued, ids: list[str]) -> None:
         """An active partner, as `partners add` makes one."""
-        instance.register_partner(self.partners_file, name, [cert.cert], ids, [], "pytest")
+        register_partner(self.partners_file, name, [cert.cert], ids, [], "pytest")
         self.reload()
 
     async def staff(self, prefix: str, *roles: str) -> list[Person]:

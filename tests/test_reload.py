@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway import devpki, logs
 from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
+from gateway.partners.edit import register_partner
 from gateway.tls import client_context
 
 from .conftest import XML, Running, serving
@@ -258,7 +259,7 @@ async def test_new_partner_ca_takes_effect_on_reload(inst, tmp_path):
     """https.client_ca is part of the reloaded TLS context: a partner whose CA is added can connect."""
     ca2 = devpki.make_ca(tmp_path / "ca2", "ca2", cn="second partner CA")
     newco = devpki.issue(ca2, tmp_path / "ca2", "newco", role="client")
-    instance.register_partner(inst.partners, "newco", [newco.cert], FOREIGN_IDS, [], verified_by="test")
+    register_partner(inst.partners, "newco", [newco.cert], FOREIGN_IDS, [], verified_by="test")
     async with running(inst) as (r, _stream):
         await wait_for(lambda: r.gw.parts.partners.current.get("newco") is not None, what="the partners file reload")
         with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):

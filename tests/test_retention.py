@@ -27,6 +27,7 @@ from gateway.cli.demo import SAMPLE
 from gateway.operations import audit, instance
 from gateway.operations import housekeeping as lifecycle
 from gateway.operations.housekeeping import CertEntry, ExpiryWarnings
+from gateway.partners.edit import register_partner
 from gateway.storage.sqlite.store import SqliteStore
 
 from .conftest import XML, Running, serving
@@ -320,7 +321,7 @@ def test_expiry_warnings_once_per_threshold():
 async def test_housekeeping_warns_of_an_expiring_partner_certificate(inst, tmp_path):
     soon = devpki.issue(inst.ca, tmp_path / "soon", "soon", role="client",
                         not_after=datetime.now(UTC) + timedelta(days=5))
-    instance.register_partner(inst.partners, "soon-co", [soon.cert], ["0088:4000009000001"], [], verified_by="test")
+    register_partner(inst.partners, "soon-co", [soon.cert], ["0088:4000009000001"], [], verified_by="test")
     async with running(inst) as (r, stream, _s):
         await r.gw.housekeeping.check_expiry()
         await r.gw.housekeeping.check_expiry()

@@ -25,22 +25,13 @@ import pytest
 
 from gateway import devpki
 from gateway.cli import main as cli
+from gateway.cli.common import current_user
 from gateway.errors import ConfigError, Forbidden
 from gateway.model import CertWindow, Partner, PartnerStatus, PeerIdentity
 from gateway.operations import instance
 from gateway.operations.instance import DEMO_PARTNER
-from gateway.partners.directory import (
-    _as_toml,
-    activated,
-    editing,
-    fingerprint_matches,
-    instant_text,
-    load_directory,
-    parse_instant,
-    rollover,
-    unconfirmed,
-    with_status,
-)
+from gateway.partners.book import _as_toml, editing, instant_text, load_directory, parse_instant
+from gateway.partners.edit import activated, fingerprint_matches, register_partner, rollover, unconfirmed, with_status
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.tls import CertInfo, cert_sha256, inspect_certificate, inspect_smime_certificate
 
@@ -465,7 +456,7 @@ def test_refused_renewal_with_the_same_key_leaves_the_registered_file_alone(inst
 def test_cli_activate_and_resume_of_a_pending_partner(inst, tmp_path, capsys):
     cfg = str(inst.config)
     cert = devpki.issue(inst.ca, tmp_path, "pend", role="client")
-    instance.register_partner(inst.partners, "pend", [cert.cert], OTHER_IDS, [], "", pending=True)
+    register_partner(inst.partners, "pend", [cert.cert], OTHER_IDS, [], "", pending=True)
 
     def state() -> Partner:
         p = load_directory(inst.partners).get("pend")
@@ -488,7 +479,7 @@ def test_cli_activate_and_resume_of_a_pending_partner(inst, tmp_path, capsys):
     code, out, err = cli_run(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
     assert code == 0 and "activate done" in out, err
     p = state()
-    assert (p.status, p.verified_by) == (PartnerStatus.ACTIVE, instance.current_user())
+    assert (p.status, p.verified_by) == (PartnerStatus.ACTIVE, current_user())
     assert load_directory(inst.partners).gate(peer(cert)).name == "pend"
     code, _, err = cli_run(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
     assert code == 2 and "is active, not pending activation" in err
@@ -553,7 +544,7 @@ async def test_overlap_retirement_and_pending_over_mutual_tls(gateway, tmp_path,
 
     # a pending partner (added in the console) is known but sends nothing
     pend = gateway.issue_client("pend")
-    await asyncio.to_thread(instance.register_partner, gateway.inst.partners, "pend", [pend.cert], OTHER_IDS, [], "",
+    await asyncio.to_thread(register_partner, gateway.inst.partners, "pend", [pend.cert], OTHER_IDS, [], "",
                             pending=True)
     await wait_for(lambda: book.current.get("pend") is not None, what="the daemon to pick up the pending partner")
     async with session_for(gateway, pend.cert, pend.key) as s:

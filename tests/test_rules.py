@@ -33,7 +33,8 @@ from gateway.cli.demo import SAMPLE
 from gateway.config import load as config_mod
 from gateway.errors import ConfigError
 from gateway.operations import instance
-from gateway.partners.directory import editing
+from gateway.partners.book import editing
+from gateway.partners.edit import register_partner
 from gateway.stages.rules import builtin_pack
 
 from .conftest import CORPUS, XML, Running
@@ -102,7 +103,7 @@ def configure(inst: instance.Instance, *, default: list[str] | None = None, time
 
 def add_partner(inst: instance.Instance, name: str, ids: list[str], rules: tuple[str, ...] | None = None) -> devpki.Issued:
     cert = devpki.issue(inst.ca, inst.root / "pki" / "clients", name, role="client")
-    instance.register_partner(inst.partners, name, [cert.cert], ids, [], "test", rules=rules)
+    register_partner(inst.partners, name, [cert.cert], ids, [], "test", rules=rules)
     return cert
 
 

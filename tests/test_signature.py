@@ -44,6 +44,7 @@ from gateway.errors import GatewayError
 from gateway.model import DocumentType, SignaturePolicy
 from gateway.operations import instance
 from gateway.partners.directory import PartnerDirectory
+from gateway.partners.edit import edit_partners, register_partner
 from gateway.stages.schema import SchemaRegistry
 from gateway.stages.signature import (
     CBC,
@@ -295,7 +296,7 @@ async def set_signing(running: Running, name: str, policy: SignaturePolicy, sign
         partners[i] = replace(partners[i], signature_policy=policy,
                               signing_certs=tuple(store(s.cert_path, "--signing-cert") for s in signers))
 
-    await asyncio.to_thread(instance.edit_partners, running.inst.partners, name, change)
+    await asyncio.to_thread(edit_partners, running.inst.partners, name, change)
     want = {s.spki for s in signers}
     await reload_partners(running, lambda d: (p := d.get(name)) is not None and p.signature_policy is policy
                           and p.signing_spki == want)
@@ -304,7 +305,7 @@ async def set_signing(running: Running, name: str, policy: SignaturePolicy, sign
 async def add_partner(running: Running, name: str, party_ids: list[str], signing: list[Path],
                       policy: SignaturePolicy = SignaturePolicy.IF_PRESENT) -> devpki.Issued:
     client = await asyncio.to_thread(running.issue_client, name)
-    await asyncio.to_thread(instance.register_partner, running.inst.partners, name, [client.cert], party_ids, [], "test",
+    await asyncio.to_thread(register_partner, running.inst.partners, name, [client.cert], party_ids, [], "test",
                             signing, policy)
     await reload_partners(running, lambda d: d.get(name) is not None)
     return client

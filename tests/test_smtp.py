@@ -50,7 +50,7 @@ from gateway.cli.demo import SAMPLE
 from gateway.errors import Rejected
 from gateway.model import Partner
 from gateway.operations import instance
-from gateway.partners import directory as partners
+from gateway.partners.book import load_directory
 from gateway.pipeline import MailIdentity, Pipeline, Submission
 from gateway.smime import unwrap as smime
 from gateway.smime.identity import Identity
@@ -1173,7 +1173,7 @@ def fuzz(world: World) -> Fuzz:
     enveloped = base64.b64decode(messages[0].split(b"\r\n\r\n", 1)[1])
     owner = types.SimpleNamespace(max_xml_bytes=1 << 20, mail=MailIdentity(
         identity, [x509.load_pem_x509_certificate(inst.ca.cert.read_bytes())], None),
-        partners=types.SimpleNamespace(current=partners.load_directory(inst.partners)))
+        partners=types.SimpleNamespace(current=load_directory(inst.partners)))
     return Fuzz(identity, x509.load_pem_x509_certificate(world.demo.cert.read_bytes()), doc, messages, signature,
                 enveloped, owner)
 

@@ -13,7 +13,7 @@ from cryptography import x509
 from ..config.model import Config
 from ..errors import ConfigError
 from ..model import Syntax
-from ..partners.directory import PartnerBook
+from ..partners.book import PartnerBook
 from ..smime.identity import Identity
 from ..stages.revocation import Revocation, RevocationPolicy
 from ..stages.rules import RuleEngine, rule_specs

@@ -21,20 +21,9 @@ from ..identifiers import parse_email, parse_party_id
 from ..model import Partner, PartnerStatus, SignaturePolicy
 from ..operations.audit import record
 from ..operations.housekeeping import expiring, inventory
-from ..operations.instance import edit_partners, register_partner
-from ..partners.directory import (
-    PartnerDirectory,
-    activated,
-    certificates_of,
-    editing,
-    instant_text,
-    load_directory,
-    parse_ceiling,
-    parse_endpoint,
-    parse_instant,
-    rollover,
-    with_status,
-)
+from ..partners.book import editing, instant_text, load_directory, parse_ceiling, parse_endpoint, parse_instant
+from ..partners.directory import PartnerDirectory
+from ..partners.edit import activated, certificates_of, edit_partners, register_partner, rollover, with_status
 from ..stages.revocation import Revocation, RevocationPolicy
 from ..stages.rules import merge, rule_specs
 from ..tls import ca_certificates, cert_sha256, email_addresses, expires_soon, inspect_certificate

@@ -32,19 +32,14 @@ from multidict import MultiDictProxy
 from ..errors import ConfigError
 from ..identifiers import parse_email, parse_party_id
 from ..model import Partner, PartnerStatus, SignaturePolicy
-from ..operations.instance import edit_partners, register_partner
-from ..partners.directory import (
-    NAME,
+from ..partners.book import NAME, PURPOSES, editing, instant_text, parse_ceiling, parse_endpoint, parse_instant
+from ..partners.edit import (
     OPTION,
-    PURPOSES,
     activated,
     certificates_of,
-    editing,
+    edit_partners,
     inspect_as,
-    instant_text,
-    parse_ceiling,
-    parse_endpoint,
-    parse_instant,
+    register_partner,
     rollover,
     unconfirmed,
     with_status,

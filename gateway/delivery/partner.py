@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from ..config.model import Destination
 from ..model import Partner, PartnerStatus
-from ..partners.directory import PartnerBook
+from ..partners.book import PartnerBook
 from ..storage.records import DeliveryJob
 from ..tls import encryptable
 from .sender import DeliveryFailed

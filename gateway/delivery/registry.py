@@ -6,7 +6,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from ..config.model import Destination
-from ..partners.directory import PartnerBook
+from ..partners.book import PartnerBook
 from .email import EmailSender
 from .folder import DirectorySender
 from .partner import PartnerSender

@@ -22,7 +22,7 @@ from .. import logs
 from ..config.model import HttpsConfig
 from ..errors import Forbidden, GatewayError, Rejected, UnsupportedMediaType
 from ..model import PeerIdentity, stamp
-from ..partners.directory import PartnerBook
+from ..partners.book import PartnerBook
 from ..pipeline import Outcome, Pipeline
 from ..stages.revocation import Revocation, RevocationUnknown
 from ..storage.base import Store

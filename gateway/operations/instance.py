@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import shutil
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from importlib.resources import files
 from pathlib import Path
 
 from .. import devpki
 from ..errors import ConfigError
 from ..files import atomic_write
-from ..model import Partner, PartnerStatus, SignaturePolicy
-from ..partners.directory import OPTION, editing, inspect_as, new_partner
-from ..tls import cert_sha256
+from ..partners.edit import register_partner
 from ..vault import write_key_file
 
 DEMO_PARTNER = "demo-supplier"
@@ -103,65 +97,6 @@ PRODUCTION_EXAMPLE = dict(host="0.0.0.0",  # noqa: S104 (a server listens for pa
                           config_name="/etc/einvoice-gateway/config.toml", smtp_port=2525, mail_host="gateway.example.com")
 
 
-def store_certificate(partners_file: Path, name: str, cert: Path | bytes, option: str = "--client-cert") -> tuple[Path, bool]:
-    """Copy a partner certificate next to the partners file, named by partner, purpose and key hash.
-    Returns the path and whether the file is new."""
-    info = inspect_as("smime" if option == OPTION["smime"] else "client", cert, option)
-    folder = partners_file.parent / "partner-certs"
-    folder.mkdir(mode=0o755, exist_ok=True)
-    kind = {"--signing-cert": "-signing", "--smime-cert": "-smime"}.get(option, "")
-    stored = folder / f"{name}{kind}-{info.spki_sha256[:16]}.crt"
-    if stored.exists() and stored.read_bytes() != info.pem:  # another certificate on the same key (a renewal):
-        stored = stored.with_name(f"{stored.stem}-{cert_sha256(info.cert)[:8]}.crt")  # never overwrite the registered one
-    if stored.exists():
-        return stored, False
-    atomic_write(stored, info.pem, mode=0o644)
-    return stored, True
-
-
-def register_partner(partners_file: Path, name: str, certs: Sequence[Path | bytes], party_ids: list[str], emails: list[str],
-                     verified_by: str, signing_certs: Sequence[Path | bytes] | None = None,
-                     policy: SignaturePolicy = SignaturePolicy.IF_PRESENT, *, rules: tuple[str, ...] | None = None,
-                     ceilings: tuple[tuple[str, Decimal], ...] = (), endpoint: str = "", sign_outbound: bool = False,
-                     smime_certs: Sequence[Path | bytes] | None = None, smime_signed_only: bool = False,
-                     pending: bool = False) -> None:
-    """The `partners add` command: store the certificates and add the partner, atomically.  A
-    ``pending`` partner (added in the console) sends nothing until it is activated."""
-    def add(partners: list[Partner], store: Callable[[Path | bytes, str], str]) -> None:
-        if any(p.name == name for p in partners):
-            raise ConfigError(f"partners: a partner named {name!r} exists already (use a new name, or remove it first)")
-        partner = new_partner(name, [store(c, "--client-cert") for c in certs], party_ids, emails, verified_by,
-                              [store(c, "--signing-cert") for c in signing_certs or []], policy)
-        partners.append(dataclasses.replace(partner, rules=rules, amount_ceilings=ceilings, endpoint=endpoint,
-                                            sign_outbound=sign_outbound, smime_signed_only=smime_signed_only,
-                                            smime_certs=tuple(store(c, "--smime-cert") for c in smime_certs or [])))
-        if pending:
-            partners[-1] = dataclasses.replace(partners[-1], status=PartnerStatus.PENDING, verified_by="", verified_at="")
-
-    edit_partners(partners_file, name, add)
-
-
-def edit_partners(partners_file: Path, name: str,
-                  change: Callable[[list[Partner], Callable[[Path | bytes, str], str]], None]) -> None:
-    """Apply `change` to the partner list under the file lock; `change` stores certificates through the
-    callable it is given, and a refused edit leaves no stray certificate behind."""
-    created: list[Path] = []
-
-    def store(cert: Path | bytes, option: str) -> str:
-        target, new = store_certificate(partners_file, name, cert, option)
-        if new:
-            created.append(target)
-        return str(target)
-
-    try:
-        with editing(partners_file) as partners:
-            change(partners, store)
-    except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
-        raise
-
-
 def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
     root = root.resolve()
     if root.exists() and any(root.iterdir()):
@@ -196,7 +131,3 @@ def init(root: Path, *, host: str = "127.0.0.1", port: int = 8443) -> Instance:
 def remove(root: Path) -> None:
     if root.exists():
         shutil.rmtree(root)
-
-
-def current_user() -> str:
-    return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
