@@ -73,9 +73,8 @@ from gateway.partners.book import editing
 from gateway.partners.edit import register_partner
 from gateway.stages.rules import BUILTIN, MAX_REPORTED, PackSpec, RuleEngine, builtin_pack
 from gateway.tls import client_context
-
-from .conftest import CII_RULES, CORPUS, XML, hold_placeholder_ibans, with_corpus_cii
-from .test_corpus import partner_groups
+from tests.conftest import CII_RULES, CORPUS, XML, hold_placeholder_ibans, with_corpus_cii
+from tests.test_corpus import partner_groups
 
 PROCESSES = 2  # rules processes per engine (the one here and the gateways' one)
 REFERENCE_VERSION = "1.3.16"  # the version of the manifest's en16931_1.3.16_actual column
@@ -85,7 +84,7 @@ RULE_INVALID = "rule-invalid"
 NOT_FIRED_DOC = "rule-not-fired(full-doc)"
 COMPLETE = (*VALID, XSD_ONLY, RULE_INVALID, NOT_FIRED_DOC)
 FRAGMENTS = ("rule-invalid(fragment)", "rule-warning(fragment)", "rule-not-fired(fragment)")
-# Checked elsewhere: schema and parser rejects in tests/test_corpus.py, signatures in tests/test_signature_corpus.py.
+# Checked elsewhere: schema and parser rejects in tests/test_corpus.py, signatures in tests/stages/test_signature_corpus.py.
 ELSEWHERE = ("xsd-invalid", "not-well-formed", "not-xml", "n/a(companion-file)")
 DOC_TYPES = {"Invoice": Syntax.UBL, "CreditNote": Syntax.UBL, "DebitNote": Syntax.UBL, "CII": Syntax.CII}
 EN16931_RULE = re.compile(r"^(BR-|UBL-|CII-)")
@@ -357,7 +356,7 @@ async def run_corpus(inst: instance.Instance, engine: RuleEngine) -> Results:
     certs = {}
     for name, ids in sorted(ids_of.items()):
         certs[name] = devpki.issue(inst.ca, inst.root / "pki" / "clients", name, role="client")
-        # Signatures are tests/test_signature_corpus.py's business; here they must not stop a document before the rules.
+        # Signatures are tests/stages/test_signature_corpus.py's business; here they must not stop a document before the rules.
         policy = SignaturePolicy.IGNORE if name in signed else SignaturePolicy.IF_PRESENT
         register_partner(inst.partners, name, [certs[name].cert], ids, [], "test", policy=policy)  # rules.default
 
@@ -439,7 +438,7 @@ def table(results: Results) -> str:
     for c, o in keys:
         total = sum(counts[(c, o, v)] for v in ("pass", "fail", "elsewhere"))
         if counts[(c, o, "elsewhere")]:
-            lines.append(f"{c:<9} {o:<26} {total:>5}   (tests/test_corpus.py, tests/test_signature_corpus.py)")
+            lines.append(f"{c:<9} {o:<26} {total:>5}   (tests/test_corpus.py, tests/stages/test_signature_corpus.py)")
         else:
             lines.append(f"{c:<9} {o:<26} {total:>5} {counts[(c, o, 'pass')]:>5} {counts[(c, o, 'fail')]:>5}")
     lines.append(f"{'total':<36} {len(ROWS):>5} {sum(v for k, v in counts.items() if k[2] == 'pass'):>5} "

@@ -15,7 +15,7 @@ How one instance takes every valid document:
   milliseconds because the schemas are compiled once.
 * Signed documents (the OASIS examples with RSA-SHA1, the Colombian DIAN ones edited after
   signing) are about the schema and the binding here, so their partners use the ``ignore``
-  signature policy; tests/test_signature_corpus.py checks the same documents with signatures checked.
+  signature policy; tests/stages/test_signature_corpus.py checks the same documents with signatures checked.
 * Business rules are on by default (pack ``en16931``).  ``valid`` and ``valid-with-warnings``
   documents pass them, and their partners keep the default, so each receipt names the pack that ran.
   ``valid-xsd-only`` documents (OASIS examples, Colombian DIAN) are generic or national UBL that
@@ -48,8 +48,7 @@ from gateway.partners.book import editing
 from gateway.partners.edit import register_partner
 from gateway.stages.rules import BUILTIN
 from gateway.tls import client_context
-
-from .conftest import CORPUS, XML, hold_placeholder_ibans
+from tests.conftest import CORPUS, XML, hold_placeholder_ibans
 
 NS = {
     "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",

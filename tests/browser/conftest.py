@@ -46,11 +46,10 @@ from gateway import logs
 from gateway.cli import main as cli
 from gateway.operations import instance
 from gateway.storage.base import Store
-
-from ..conftest import Running, serving
-from ..test_cli import free_port
-from ..test_outbox import Erp
-from ..test_systemd_notify import set_admin
+from tests.cli.test_main import free_port
+from tests.conftest import Running, serving
+from tests.delivery.test_outbox import Erp
+from tests.test_systemd import set_admin
 
 try:  # not in the project's test extras everywhere; required under CI=true
     import pyotp

@@ -24,11 +24,7 @@ import pytest
 from aiohttp.web_request import BaseRequest
 
 from gateway.cli.demo import SAMPLE
-
-from ..conftest import ROOT
-from ..test_fraud import IBAN_B, accepted, delivered, invoice
-from ..test_messages_cli import REFUSED_BUYER, REFUSED_DOC, rewrite_config
-from .conftest import (
+from tests.browser.conftest import (
     MISSING,
     WAIT_S,
     Console,
@@ -60,6 +56,9 @@ from .conftest import (
     sign_in,
     submit,
 )
+from tests.cli.test_messages import REFUSED_BUYER, REFUSED_DOC, rewrite_config
+from tests.conftest import ROOT
+from tests.stages.test_fraud import IBAN_B, accepted, delivered, invoice
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
@@ -553,8 +552,7 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
 async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprint(console: Console, tmp_path: Path) -> None:
     from gateway.operations.instance import DEMO_PARTNER
     from gateway.tls import cert_sha256, inspect_certificate
-
-    from ..test_fraud import post
+    from tests.stages.test_fraud import post
 
     new = console.running.issue_client("demo-next")
     info = inspect_certificate(new.cert, "test")

@@ -1,0 +1,433 @@
+"""The operator commands over a stopped gateway's store: messages, dead-letters, and the sending side of partners.
+
+``populated`` runs a real instance once per module (mutual-TLS listener, Unix-socket ERP listener,
+delivery loop) until its store holds one message in each state an operator meets:
+
+* ``delivered``: the sample from the demo partner, written to the ERP inbox folder;
+* ``foreign``: an invoice from a second partner (``acme``), delivered as well;
+* ``dead``: an invoice the routes send to an https ERP endpoint that answers 422 (dead-lettered at once);
+* ``pending``: an invoice the ERP submitted for partner ``buyer``, whose endpoint refuses connections
+  (retried later: pending, one attempt made).
+
+Each test works on its own copy of that stopped instance, so commands that change the store
+(retry, requeue) do not leak into other tests.  ``cli.main`` runs in-process; argparse errors are
+``SystemExit(2)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import ssl
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import tomli_w
+from aiohttp import web
+
+from gateway import devpki
+from gateway.cli import main as cli
+from gateway.cli.demo import SAMPLE, samples
+from gateway.operations import instance
+from gateway.operations.instance import Instance
+from gateway.partners.book import load_directory
+from gateway.partners.edit import register_partner
+from gateway.tls import client_context
+from tests.conftest import XML, serving
+
+SELLER = "0088:4000001000006"
+BUYER = "0088:4000002000005"
+FOREIGN = dict(samples())["invoice from another supplier"]
+FOREIGN_IDS = ["0088:4000009000001", "FR12345678901"]
+ERP_REFUSAL = "cost centre missing"
+# Another invoice of the demo partner, for a buyer that the routes send to the refusing ERP endpoint.
+REFUSED_BUYER = "0088:4000003000004"
+REFUSED_DOC = SAMPLE.replace(b">DEMO-2026-0001</cbc:ID>", b">DEMO-2026-0009</cbc:ID>").replace(
+    b">4000002000005<", b">4000003000004<")
+assert REFUSED_DOC.count(b"DEMO-2026-0009") == 1 and REFUSED_DOC.count(b"4000003000004") == 1
+WAIT_S = 15.0
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """An argparse refusal: exit 2, and its message on stderr."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+# --- the populated instance -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Populated:
+    root: Path
+    ids: dict[str, str]  # delivered, foreign, dead, pending → message id
+
+
+@dataclass(frozen=True)
+class State:
+    config: str
+    root: Path
+    ids: dict[str, str]
+
+
+def rewrite_config(path: Path, data: dict[str, Any]) -> None:
+    current = tomllib.loads(path.read_text(encoding="utf-8"))
+    current.setdefault("rules", {})["processes"] = 1
+    current["destinations"] += data.pop("destinations")
+    current.update(data)
+    path.write_text(tomli_w.dumps(current), encoding="utf-8")
+
+
+async def refusing_erp(inst: Instance) -> web.AppRunner:
+    """An https ERP endpoint (the instance's own server certificate) that refuses every invoice with 422."""
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=422, text=ERP_REFUSAL)
+
+    app = web.Application()
+    app.router.add_post("/invoices", refuse)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(inst.server.cert, inst.server.key)
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    return runner
+
+
+async def populate(inst: Instance) -> dict[str, str]:
+    erp = await refusing_erp(inst)
+    closed = socket.socket()  # bound, never listening: connections to it are refused
+    closed.bind(("127.0.0.1", 0))
+    try:
+        erp_port = erp.addresses[0][1]
+        hmac_key = inst.root / "keys" / "erp-api.hmac"
+        fd = os.open(hmac_key, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, os.urandom(32))
+        os.close(fd)
+        # Relative paths only: each test copies the instance folder elsewhere.
+        rewrite_config(inst.config, {
+            "destinations": [
+                {"name": "erp-api", "type": "https", "url": f"https://127.0.0.1:{erp_port}/invoices",
+                 "hmac_key_file": "keys/erp-api.hmac", "ca": "pki/ca.crt"},
+                {"name": "partners", "type": "partner", "ca": "pki/ca.crt",
+                 "client_certificate": "pki/clients/demo-supplier.crt", "client_key": "pki/clients/demo-supplier.key"}],
+            "routes": [{"receiver": REFUSED_BUYER, "destinations": ["erp-api"]}],
+            "routing": {"default": ["erp-inbox"]},
+            "outbound": {"socket": "outbound.sock", "identities": [SELLER]},
+        })
+        acme = devpki.issue(inst.ca, inst.root / "pki" / "clients", "acme", role="client")
+        buyer = devpki.issue(inst.ca, inst.root / "pki" / "clients", "buyer", role="client")
+        register_partner(inst.partners, "acme", [acme.cert], FOREIGN_IDS, [], "pytest")
+        register_partner(inst.partners, "buyer", [buyer.cert], [BUYER], [], "pytest",
+                                  endpoint=f"https://127.0.0.1:{closed.getsockname()[1]}/v1/invoices")
+        ids: dict[str, str] = {}
+        async with serving(inst, "warning") as running:
+            for key, body, cert in (("delivered", SAMPLE, inst.demo_client), ("dead", REFUSED_DOC, inst.demo_client),
+                                    ("foreign", FOREIGN, acme)):
+                ctx = client_context(inst.ca.cert, cert.cert, cert.key)
+                async with aiohttp.ClientSession(running.url, connector=aiohttp.TCPConnector(ssl=ctx)) as s, \
+                        s.post("/v1/invoices", data=body, headers=XML) as r:
+                    assert r.status == 202, await r.text()
+                    ids[key] = (await r.json())["message_id"]
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(inst.root / "outbound.sock"))) as s, \
+                    s.post("http://gw/v1/outbound", data=SAMPLE, headers=XML) as r:
+                assert r.status == 202, await r.text()
+                ids["pending"] = (await r.json())["message_id"]
+            reports = running.gw.store.reports
+            deadline = asyncio.get_running_loop().time() + WAIT_S
+
+            async def settled() -> bool:
+                if await reports.counts() != {"invoices": 4, "deliveries_delivered": 2, "deliveries_dead": 1,
+                                              "deliveries_pending": 1}:
+                    return False
+                pending = await reports.message(ids["pending"])
+                return pending is not None and pending.deliveries[0].attempts >= 1
+
+            while not await settled():
+                assert asyncio.get_running_loop().time() < deadline, await reports.counts()
+                await asyncio.sleep(0.05)
+        return ids
+    finally:
+        closed.close()
+        await erp.cleanup()
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory: pytest.TempPathFactory) -> Populated:
+    inst = instance.init(tmp_path_factory.mktemp("messages") / "gw", port=0)
+    ids = asyncio.run(populate(inst))
+    return Populated(inst.root, ids)
+
+
+@pytest.fixture
+def state(populated: Populated, tmp_path: Path) -> Iterator[State]:
+    root = tmp_path / "gw"
+    shutil.copytree(populated.root, root, ignore=shutil.ignore_patterns("*.sock"))
+    yield State(str(root / "config.toml"), root, populated.ids)
+
+
+def listed(capsys: pytest.CaptureFixture[str], state: State, *args: str) -> list[dict[str, Any]]:
+    code, out, err = run(capsys, "messages", "list", "--json", *args, "-c", state.config)
+    assert code == 0, err
+    rows: list[dict[str, Any]] = json.loads(out)
+    return rows
+
+
+def show(capsys: pytest.CaptureFixture[str], state: State, key: str) -> dict[str, Any]:
+    code, out, err = run(capsys, "messages", "show", state.ids[key], "-c", state.config)
+    assert code == 0, err
+    detail: dict[str, Any] = json.loads(out)
+    return detail
+
+
+# --- messages list ------------------------------------------------------------------------------------
+
+
+def test_list_is_one_tab_separated_line_per_message(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "messages", "list", "-c", state.config)
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert all(len(fields) == 8 for fields in lines), out
+    by_id = {f[0]: (f[1], f[3], f[4], f[5]) for f in lines}
+    ids = state.ids
+    assert by_id == {
+        ids["delivered"]: ("in", "demo-supplier", "delivered", "ubl:Invoice"),
+        ids["dead"]: ("in", "demo-supplier", "dead-letter", "ubl:Invoice"),
+        ids["foreign"]: ("in", "acme", "delivered", "ubl:Invoice"),
+        ids["pending"]: ("out", "buyer", "accepted", "ubl:Invoice"),
+    }
+    received = [f[2] for f in lines]
+    assert received == sorted(received, reverse=True)  # newest first
+    assert {f[6] for f in lines} == {"DEMO-2026-0001", "DEMO-2026-0009", "DEMO-2026-0003"}
+
+
+def test_list_json(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = listed(capsys, state)
+    assert sorted(r["message_id"] for r in rows) == sorted(state.ids.values())
+    pending = next(r for r in rows if r["message_id"] == state.ids["pending"])
+    assert (pending["direction"], pending["partner"], pending["status"], pending["invoice_number"]) == \
+        ("out", "buyer", "accepted", "DEMO-2026-0001")
+
+
+TOMORROW = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+FILTERS: list[tuple[list[str], set[str]]] = [
+    (["--partner", "acme"], {"foreign"}),
+    (["--partner", "demo-supplier"], {"delivered", "dead"}),
+    (["--partner", "nobody"], set()),
+    (["--status", "delivered"], {"delivered", "foreign"}),
+    (["--status", "dead-letter"], {"dead"}),
+    (["--status", "dead"], {"dead"}),
+    (["--status", "pending"], {"pending"}),
+    (["--direction", "out"], {"pending"}),
+    (["--direction", "in"], {"delivered", "dead", "foreign"}),
+    (["--direction", "in", "--status", "delivered", "--partner", "demo-supplier"], {"delivered"}),
+    (["--since", "2000-01-01"], {"delivered", "dead", "foreign", "pending"}),
+    (["--until", "2000-01-01"], set()),
+    (["--since", TOMORROW], set()),
+    (["--until", f"{TOMORROW}T00:00:00Z"], {"delivered", "dead", "foreign", "pending"}),
+    (["--limit", "1"], {"pending"}),  # the newest: submitted last
+    (["--limit", "1", "--direction", "in"], {"foreign"}),
+]
+
+
+@pytest.mark.parametrize("args,expected", FILTERS, ids=[" ".join(a) for a, _ in FILTERS])
+def test_list_filters(state: State, capsys: pytest.CaptureFixture[str], args: list[str], expected: set[str]) -> None:
+    assert {r["message_id"] for r in listed(capsys, state, *args)} == {state.ids[k] for k in expected}
+
+
+def test_since_is_inclusive_and_until_exclusive(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = listed(capsys, state)  # newest first
+    ids = [r["message_id"] for r in rows]
+    for i, row in enumerate(rows):
+        assert [r["message_id"] for r in listed(capsys, state, "--since", row["received_at"])] == ids[: i + 1]
+        assert [r["message_id"] for r in listed(capsys, state, "--until", row["received_at"])] == ids[i + 1 :]
+
+
+@pytest.mark.parametrize("command", [["messages", "list", "--since"], ["messages", "list", "--until"],
+                                     ["dead-letters", "--since"]])
+def test_bad_date_is_a_usage_error(state: State, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    err = usage_error(capsys, *command, "last tuesday", "-c", state.config)
+    assert "'last tuesday' is not a date" in err
+
+
+# --- messages show ------------------------------------------------------------------------------------
+
+
+def test_show_has_deliveries_and_history(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "messages", "show", state.ids["dead"], "-c", state.config)
+    assert code == 0, err
+    dead = json.loads(out)
+    assert (dead["message_id"], dead["direction"], dead["partner"], dead["status"]) == \
+        (state.ids["dead"], "in", "demo-supplier", "dead-letter")
+    assert dead["customer_ids"][0] == REFUSED_BUYER
+    [delivery] = dead["deliveries"]
+    assert (delivery["destination"], delivery["state"], delivery["attempts"]) == ("erp-api", "dead", 1)
+    assert delivery["last_error"] == f"HTTP 422: {ERP_REFUSAL}"
+    assert [h["action"] for h in dead["history"]] == ["invoice.accepted", "delivery.dead_letter"]
+    assert dead["history"][1]["detail"]["destination"] == "erp-api"
+    assert "Demo Buyer BV" not in out and "Voorbeeldstraat" not in out  # never the content
+
+    pending = show(capsys, state, "pending")
+    assert (pending["direction"], pending["partner"], pending["route"]) == ("out", "buyer", "outbound")
+    [delivery] = pending["deliveries"]
+    assert (delivery["destination"], delivery["state"]) == ("partners", "pending")
+    assert delivery["attempts"] >= 1 and delivery["last_error"] and delivery["next_attempt_at"]
+
+
+def test_show_unknown_message(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "messages", "show", "00000000-0000-4000-8000-000000000000", "-c", state.config)
+    assert (code, out) == (1, "")
+    assert "no message 00000000-0000-4000-8000-000000000000" in err
+
+
+# --- retry and requeue ----------------------------------------------------------------------------------
+
+
+def test_retry_makes_a_waiting_delivery_due_now(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    before = show(capsys, state, "pending")["deliveries"][0]
+    code, out, err = run(capsys, "messages", "retry", state.ids["pending"], "--by", "alice", "-c", state.config)
+    assert code == 0, err
+    assert "due now for partners" in out
+    after = show(capsys, state, "pending")
+    [delivery] = after["deliveries"]
+    assert delivery["state"] == "pending" and delivery["attempts"] == before["attempts"]
+    assert delivery["next_attempt_at"] <= datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    [retried] = [h for h in after["history"] if h["action"] == "delivery.retried"]
+    assert retried["actor"] == "alice" and retried["detail"]["destinations"] == ["partners"]
+
+
+@pytest.mark.parametrize("key", ["delivered", "dead"])
+def test_retry_without_a_waiting_delivery_fails(state: State, capsys: pytest.CaptureFixture[str], key: str) -> None:
+    code, out, err = run(capsys, "messages", "retry", state.ids[key], "-c", state.config)
+    assert (code, out) == (1, "")
+    assert "no waiting" in err
+    assert [h["action"] for h in show(capsys, state, key)["history"] if h["action"].startswith("delivery.re")] == []
+
+
+def test_requeue_puts_a_dead_letter_back(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "messages", "requeue", state.ids["dead"], "--reason", "ERP cost centre fixed",
+                         "--by", "bob", "-c", state.config)
+    assert code == 0, err
+    assert "requeued for erp-api" in out
+    after = show(capsys, state, "dead")
+    [delivery] = after["deliveries"]
+    assert (delivery["state"], delivery["attempts"]) == ("pending", 0)
+    assert after["status"] == "accepted"
+    requeued = after["history"][-1]
+    assert (requeued["action"], requeued["actor"]) == ("delivery.requeued", "bob")
+    assert requeued["detail"] == {"destinations": ["erp-api"], "reason": "ERP cost centre fixed"}
+    code, out, _ = run(capsys, "dead-letters", "-c", state.config)
+    assert (code, out) == (0, "")
+
+
+def test_requeue_needs_a_reason(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(capsys, "messages", "requeue", state.ids["dead"], "-c", state.config)
+    assert "--reason" in err
+    assert show(capsys, state, "dead")["deliveries"][0]["state"] == "dead"
+
+
+def test_requeue_without_a_dead_letter_fails(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "messages", "requeue", state.ids["pending"], "--reason", "why not", "-c", state.config)
+    assert code == 1
+    assert "no dead-lettered delivery" in err
+
+
+# --- dead-letters -------------------------------------------------------------------------------------
+
+
+def test_dead_letters_lists_the_refused_delivery(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "dead-letters", "-c", state.config)
+    assert code == 0, err
+    [line] = out.splitlines()
+    fields = line.split("\t")
+    assert fields[:4] == [state.ids["dead"], "erp-api", "demo-supplier", "DEMO-2026-0009"]
+    assert fields[4].startswith("dead since ") and fields[5] == "attempts 1"
+    assert fields[6] == f"HTTP 422: {ERP_REFUSAL}"
+
+    code, out, _ = run(capsys, "dead-letters", "--json", "-c", state.config)
+    [row] = json.loads(out)
+    assert (row["message_id"], row["destination"], row["direction"], row["error"]) == \
+        (state.ids["dead"], "erp-api", "in", f"HTTP 422: {ERP_REFUSAL}")
+
+
+@pytest.mark.parametrize("args,found", [
+    (["--destination", "erp-api"], True),
+    (["--destination", "erp-inbox"], False),
+    (["--destination", "partners"], False),
+    (["--partner", "demo-supplier"], True),
+    (["--partner", "acme"], False),
+    (["--since", "2000-01-01"], True),
+    (["--since", TOMORROW], False),
+])
+def test_dead_letters_filters(state: State, capsys: pytest.CaptureFixture[str], args: list[str], found: bool) -> None:
+    code, out, err = run(capsys, "dead-letters", "--json", *args, "-c", state.config)
+    assert code == 0, err
+    assert [r["message_id"] for r in json.loads(out)] == ([state.ids["dead"]] if found else [])
+
+
+# --- partners: endpoint and signing of outbound invoices ---------------------------------------------------
+
+
+def partner_json(capsys: pytest.CaptureFixture[str], inst: Instance, name: str) -> dict[str, Any]:
+    code, out, err = run(capsys, "partners", "show", name, "-c", str(inst.config))
+    assert code == 0, err
+    shown: dict[str, Any] = json.loads(out)
+    return shown
+
+
+def test_partner_endpoint_and_outbound_signing(inst: Instance, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = str(inst.config)
+    cert = devpki.issue(inst.ca, tmp_path / "pki", "buyer", role="client").cert
+    code, _, err = run(capsys, "partners", "add", "buyer", "--client-cert", str(cert), "--party-id", BUYER,
+                       "--endpoint", "https://x.example/v1/invoices", "--sign-outbound", "-c", cfg)
+    assert code == 0, err
+    shown = partner_json(capsys, inst, "buyer")
+    assert (shown["endpoint"], shown["sign_outbound"]) == ("https://x.example/v1/invoices", True)
+
+    code, _, err = run(capsys, "partners", "edit", "buyer", "--no-sign-outbound", "-c", cfg)
+    assert code == 0, err
+    shown = partner_json(capsys, inst, "buyer")
+    assert (shown["endpoint"], shown["sign_outbound"]) == ("https://x.example/v1/invoices", False)
+
+    code, _, err = run(capsys, "partners", "edit", "buyer", "--endpoint", "https://y.example:8443/v1/invoices",
+                       "--sign-outbound", "-c", cfg)
+    assert code == 0, err
+    partner = load_directory(inst.partners).get("buyer")
+    assert partner is not None
+    assert (partner.endpoint, partner.sign_outbound) == ("https://y.example:8443/v1/invoices", True)
+
+    demo = partner_json(capsys, inst, instance.DEMO_PARTNER)  # registered without: neither
+    assert (demo["endpoint"], demo["sign_outbound"]) == (None, False)
+
+
+@pytest.mark.parametrize("action", ["add", "edit"])
+@pytest.mark.parametrize("url", ["http://x", "http://x.example/v1/invoices", "ftp://x.example/", "https://"])
+def test_endpoint_must_be_https(inst: Instance, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str,
+                                url: str) -> None:
+    before = inst.partners.read_bytes()
+    if action == "add":
+        cert = devpki.issue(inst.ca, tmp_path / "pki", "buyer", role="client").cert
+        argv = ["partners", "add", "buyer", "--client-cert", str(cert), "--party-id", BUYER, "--endpoint", url]
+    else:
+        argv = ["partners", "edit", instance.DEMO_PARTNER, "--endpoint", url]
+    code, out, err = run(capsys, *argv, "-c", str(inst.config))
+    assert (code, out) == (2, "")
+    assert "--endpoint" in err and "is neither an https:// URL" in err and "nor mailto:ADDRESS" in err
+    assert inst.partners.read_bytes() == before

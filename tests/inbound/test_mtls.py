@@ -1,0 +1,204 @@
+"""Transport identity (SECURITY-TESTS.md §A T-01…T-07, and I-01 for the supplier binding).
+
+Certificates are made at test time with gateway.devpki.  openssl and curl run as asyncio
+subprocesses: the gateway serves from the same event loop as the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import ssl
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway import devpki
+from gateway.cli.demo import SAMPLE, samples
+from gateway.model import PartnerStatus
+from gateway.operations.instance import DEMO_PARTNER
+from gateway.partners.book import editing
+from gateway.partners.edit import register_partner, store_certificate, with_status
+from gateway.tls import client_context
+from tests.conftest import XML
+
+HANDSHAKE_FAILED = (aiohttp.ClientConnectorError, aiohttp.ClientOSError, ssl.SSLError)
+OTHER_IDS = ["0088:4000009000001", "FR12345678901"]
+FOREIGN = dict(samples())["invoice from another supplier"]  # the sample with OTHER_IDS as the supplier
+
+
+def numbered(n: int, doc: bytes = SAMPLE) -> bytes:
+    assert b">DEMO-2026-0001</cbc:ID>" in doc
+    return doc.replace(b">DEMO-2026-0001</cbc:ID>", f">MT-{n:04d}</cbc:ID>".encode(), 1)
+
+
+async def post(session: aiohttp.ClientSession, body: bytes) -> tuple[int, dict]:
+    async with session.post("/v1/invoices", data=body, headers=XML) as r:
+        return r.status, await r.json()
+
+
+async def get(session: aiohttp.ClientSession, message_id: str) -> tuple[int, dict]:
+    async with session.get(f"/v1/invoices/{message_id}") as r:
+        return r.status, await r.json()
+
+
+def register(gateway, name: str, cert: devpki.Issued, ids: list[str]) -> None:
+    register_partner(gateway.inst.partners, name, [cert.cert], ids, [f"billing@{name}.example"], "pytest")
+    gateway.gw.parts.partners.refresh()  # what the daemon does every reload_interval_s
+
+
+def edit_demo(gateway, change) -> None:
+    with editing(gateway.inst.partners) as ps:
+        ps[:] = [change(p) if p.name == DEMO_PARTNER else p for p in ps]
+    gateway.gw.parts.partners.refresh()
+
+
+async def run(*argv: str, timeout: float = 20) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+# --- handshake refusals (T-01…T-03) --------------------------------------------------------------
+
+
+def refused_cert(gateway, tmp_path: Path, kind: str) -> devpki.Issued:
+    now, day = datetime.now(UTC), timedelta(days=1)
+    if kind == "foreign CA":  # T-02: same CN as the demo partner, from a CA the gateway does not trust
+        evil = devpki.make_ca(tmp_path / "evil", "evil-ca")
+        return devpki.issue(evil, tmp_path / "evil", "evil", role="client", cn=f"{DEMO_PARTNER} (demo partner)")
+    if kind == "expired":  # T-03
+        return gateway.issue_client("expired", not_before=now - 400 * day, not_after=now - 30 * day)
+    return gateway.issue_client("early", not_before=now + 30 * day, not_after=now + 400 * day)  # T-03 not yet valid
+
+
+@pytest.mark.parametrize("kind", ["no certificate", "foreign CA", "expired", "not yet valid"])
+async def test_handshake_refused(gateway, client, tmp_path, kind):  # T-01…T-03
+    ctx = client_context(gateway.inst.ca.cert)
+    if kind != "no certificate":
+        cert = refused_cert(gateway, tmp_path, kind)
+        register(gateway, "refused", cert, ["0088:4000008000002"])  # even a registered key is refused in the handshake
+        assert gateway.gw.parts.partners.current.get("refused") is not None
+        ctx = client_context(gateway.inst.ca.cert, cert.cert, cert.key)
+    async with aiohttp.ClientSession(gateway.url, connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        with pytest.raises(HANDSHAKE_FAILED):
+            await post(s, numbered(1))
+    status, _ = await post(client(), numbered(2))  # the listener is alive: the demo partner gets through
+    assert status == 202
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
+
+
+@pytest.mark.parametrize(("args", "with_cert", "ok"), [
+    (["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"], True, False),
+    (["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"], True, False),
+    (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA256"], True, False),  # CBC (the dev server key is EC P-256)
+    (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA"], True, False),
+    (["-tls1_2"], False, False),  # no client certificate
+    (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"], True, True),
+    (["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"], True, True),
+    (["-tls1_3"], True, True),
+], ids=["tls1.0", "tls1.1", "cbc-sha256", "cbc-sha1", "tls1.2-no-cert", "aes-gcm", "chacha20", "tls1.3"])
+async def test_openssl_s_client(gateway, args, with_cert, ok):  # T-01, T-06
+    inst = gateway.inst
+    cert = ["-cert", str(inst.demo_client.cert), "-key", str(inst.demo_client.key)] if with_cert else []
+    rc, out, err = await run("openssl", "s_client", "-connect", f"127.0.0.1:{gateway.gw.port}", "-CAfile", str(inst.ca.cert),
+                             *cert, *args, timeout=10)
+    out += err
+    if ok:
+        assert rc == 0, out
+        cipher = args[args.index("-cipher") + 1] if "-cipher" in args else r"TLS_\S+"
+        assert re.search(rf"New, TLSv1\.[23], Cipher is {cipher}\n", out), out
+        assert "Verify return code: 0 (ok)" in out
+    else:  # the server hung up on us (not a refusal by the local openssl)
+        assert rc != 0 and "unexpected eof while reading" in out, out
+
+
+# --- allowlist: partner identity is the registered key (T-07, I-01) --------------------------------
+
+
+async def test_ca_valid_but_unregistered_certificate(gateway, client):  # T-07; same CN as the demo partner (T-02)
+    stranger = gateway.issue_client("stranger", cn=f"{DEMO_PARTNER} (demo partner)")
+    s = client(stranger.cert, stranger.key)
+    status, body = await post(s, SAMPLE)
+    assert (status, body["error"]) == (403, "PARTNER_UNKNOWN")
+    status, body = await get(s, "00000000-0000-0000-0000-000000000000")
+    assert (status, body["error"]) == (403, "PARTNER_UNKNOWN")
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 0
+
+
+async def test_suspended_partner_then_resumed(gateway, client):  # T-07 hot reload, both ways
+    s = client()
+    edit_demo(gateway, lambda p: with_status(p, PartnerStatus.SUSPENDED))
+    status, body = await post(s, numbered(1))
+    assert (status, body["error"]) == (403, "PARTNER_SUSPENDED")
+    edit_demo(gateway, lambda p: with_status(p, PartnerStatus.ACTIVE))
+    status, body = await post(s, numbered(1))
+    assert (status, body["status"]) == (202, "accepted")
+
+
+async def test_certificate_rotation(gateway, client):  # T-07: overlap, then the old key is removed
+    new = gateway.issue_client("demo-supplier-next")
+    stored, _ = store_certificate(gateway.inst.partners, DEMO_PARTNER, new.cert)
+    edit_demo(gateway, lambda p: replace(p, client_certs=(*p.client_certs, str(stored))))
+    old_s, new_s = client(), client(new.cert, new.key)
+    assert (await post(old_s, numbered(1)))[0] == 202
+    assert (await post(new_s, numbered(2)))[0] == 202
+    edit_demo(gateway, lambda p: replace(p, client_certs=(str(stored),)))
+    status, body = await post(old_s, numbered(3))
+    assert (status, body["error"]) == (403, "PARTNER_UNKNOWN")
+    assert (await post(new_s, numbered(3)))[0] == 202
+
+
+async def test_supplier_ids_of_another_partner(gateway, client):  # I-01
+    other = gateway.issue_client("other")
+    register(gateway, "other", other, OTHER_IDS)
+    demo_s, other_s = client(), client(other.cert, other.key)
+    mixed = numbered(1).replace(b"<cbc:CompanyID>DE123456789<", b"<cbc:CompanyID>FR12345678901<")  # one foreign id
+    for session, body in ((demo_s, FOREIGN), (demo_s, mixed), (other_s, SAMPLE)):
+        status, reply = await post(session, body)
+        assert (status, reply["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), reply
+    status, reply = await post(other_s, FOREIGN)  # positive control: its own invoice
+    assert (status, reply["status"]) == (202, "accepted")
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
+
+
+async def test_status_only_for_the_sender(gateway, client):  # GET /v1/invoices/{id}
+    other = gateway.issue_client("other")
+    register(gateway, "other", other, OTHER_IDS)
+    status, receipt = await post(client(), SAMPLE)
+    assert status == 202
+    status, body = await get(client(), receipt["message_id"])
+    assert (status, body["message_id"], body["invoice_number"]) == (200, receipt["message_id"], "DEMO-2026-0001")
+    status, body = await get(client(other.cert, other.key), receipt["message_id"])
+    assert (status, body["error"]) == (404, "NOT_FOUND")
+    assert receipt["message_id"] not in json.dumps(body)
+
+
+# --- an independent client -------------------------------------------------------------------------
+
+
+async def test_curl(gateway, tmp_path: Path):  # T-01 with curl, with and without a client certificate
+    inst = gateway.inst
+    invoice = tmp_path / "invoice.xml"
+    invoice.write_bytes(SAMPLE)
+    common = ["curl", "-sS", "--max-time", "15", "--cacert", str(inst.ca.cert), "-H", "Content-Type: application/xml",
+              "--data-binary", f"@{invoice}", "-w", "\n%{http_code}", f"{gateway.url}/v1/invoices"]
+    rc, out, err = await run(*common, "--cert", str(inst.demo_client.cert), "--key", str(inst.demo_client.key))
+    body, code = out.rsplit("\n", 1)
+    assert (rc, code) == (0, "202"), out + err
+    reply = json.loads(body)
+    assert reply["status"] == "accepted" and reply["duplicate"] is False
+    assert reply["sha256"] == hashlib.sha256(SAMPLE).hexdigest()
+    rc, out, err = await run(*common)  # no client certificate: no HTTP reply at all
+    assert rc != 0 and out == "\n000", out + err
