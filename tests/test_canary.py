@@ -29,7 +29,7 @@ from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE
 from gateway.operations.instance import Instance
 from gateway.vault import MasterKey, read_key_file
-from tests.conftest import XML, Running, serving
+from tests.helpers import XML, Running, serving
 
 NOTE_CANARY = "CANARY-note-8e41d7c0a9b2"  # BT-22 invoice note
 ITEM_CANARY = "CANARY-item-57fa03c6d1e8"  # BT-153 item name

@@ -73,8 +73,8 @@ from gateway.partners.book import editing
 from gateway.partners.edit import register_partner
 from gateway.stages.rules import BUILTIN, MAX_REPORTED, PackSpec, RuleEngine, builtin_pack
 from gateway.tls import client_context
-from tests.conftest import CII_RULES, CORPUS, XML, hold_placeholder_ibans, with_corpus_cii
-from tests.test_corpus import partner_groups
+from tests.helpers import CII_RULES, CORPUS, XML, hold_placeholder_ibans, with_corpus_cii
+from tests.helpers.corpus import partner_groups
 
 PROCESSES = 2  # rules processes per engine (the one here and the gateways' one)
 REFERENCE_VERSION = "1.3.16"  # the version of the manifest's en16931_1.3.16_actual column
@@ -348,7 +348,7 @@ async def run_corpus(inst: instance.Instance, engine: RuleEngine) -> Results:
     sent = [r for r in ROWS if r.outcome in COMPLETE]
     with editing(inst.partners) as partners:
         partners.clear()  # the demo partner owns DE123456789, which corpus suppliers use too
-    owner = partner_groups(sent)  # type: ignore[arg-type]  # it reads only .ids
+    owner = partner_groups(d.ids for d in sent)
     ids_of: dict[str, list[str]] = {}
     for i, name in owner.items():
         ids_of.setdefault(name, []).append(i)

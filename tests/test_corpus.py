@@ -48,7 +48,8 @@ from gateway.partners.book import editing
 from gateway.partners.edit import register_partner
 from gateway.stages.rules import BUILTIN
 from gateway.tls import client_context
-from tests.conftest import CORPUS, XML, hold_placeholder_ibans
+from tests.helpers import CORPUS, XML, hold_placeholder_ibans
+from tests.helpers.corpus import partner_groups
 
 NS = {
     "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
@@ -110,22 +111,6 @@ def params(select: Any) -> list[Any]:
     return chosen if DOCS else [pytest.param(None, id="corpus-missing")]
 
 
-def partner_groups(docs: list[Doc]) -> dict[str, str]:
-    """identifier -> partner name; identifiers that ever appear together belong to one partner."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            x = parent[x]
-        return x
-
-    for d in docs:
-        for i in d.ids:
-            parent[find(i)] = find(d.ids[0])
-    roots = sorted({find(i) for i in parent})
-    return {i: f"p{roots.index(find(i)):03d}" for i in parent}
-
-
 @dataclasses.dataclass
 class CorpusRun:
     replies: dict[str, tuple[int, dict[str, Any]]]
@@ -137,7 +122,7 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
     with editing(inst.partners) as partners:
         partners.clear()
     valid = [d for d in DOCS if d.ids]
-    owner = partner_groups(valid)
+    owner = partner_groups(d.ids for d in valid)
     ids_of: dict[str, list[str]] = {}
     for i, name in owner.items():
         ids_of.setdefault(name, []).append(i)

@@ -11,7 +11,7 @@ import pytest
 from gateway import logs
 from gateway.cli.demo import SAMPLE
 from gateway.operations.instance import DEMO_PARTNER
-from tests.conftest import XML
+from tests.helpers import XML
 
 CANARY = "CANARY7f3a9c2e51d0"
 NOTE = b"<cbc:Note>Sample invoice shipped with einvoice-gateway.</cbc:Note>"

@@ -1,5 +1,5 @@
 from gateway.cli.demo import SAMPLE
-from tests.conftest import XML
+from tests.helpers import XML
 
 
 async def test_valid_sample_is_accepted_and_delivered(gateway, client):

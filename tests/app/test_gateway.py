@@ -31,9 +31,8 @@ from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
 from gateway.tls import client_context
-from tests.cli.test_main import FOREIGN, FOREIGN_IDS
-from tests.conftest import XML, Running, serving
-from tests.test_systemd import Daemon, NotifySocket, make_instance
+from tests.helpers import FOREIGN, FOREIGN_IDS, XML, Running, serving
+from tests.helpers.daemon import Daemon, NotifySocket, make_instance
 
 NUMBER = b"DEMO-2026-0001</cbc:ID>"
 assert SAMPLE.count(NUMBER) == 1

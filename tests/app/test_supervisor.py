@@ -12,14 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
-from gateway.tls import client_context
-from tests.cli.test_main import ENV, free_port, wait_for_port
-from tests.conftest import XML
+from tests.helpers import ENV, free_port, wait_for_port
+from tests.helpers.daemon import post_many
 
 
 def children(pid: int) -> list[int]:
@@ -58,20 +56,6 @@ def until_ready(proc: subprocess.Popen) -> str:
         if select.select([fd], [], [], 0.2)[0]:
             out += os.read(fd, 65536)
     return out.decode()
-
-
-async def post_many(inst: instance.Instance, bodies: list[bytes]) -> list[tuple[int, dict]]:
-    """All at once, each on its own connection, so the kernel spreads them over the workers."""
-    ctx = client_context(inst.ca.cert, inst.demo_client.cert, inst.demo_client.key)
-    async with aiohttp.ClientSession(inst.https_url, connector=aiohttp.TCPConnector(ssl=ctx, limit=len(bodies))) as s:
-
-        async def one(body: bytes) -> tuple[int, dict]:
-            async with s.post("/v1/invoices", data=body, headers=XML) as r:
-                return r.status, await r.json()
-
-        replies = await asyncio.gather(*(one(b) for b in bodies))
-    await asyncio.sleep(0.1)  # let the TLS transports finish closing
-    return replies
 
 
 def test_workers_share_one_store_and_stop_cleanly(served):

@@ -24,7 +24,8 @@ import pytest
 from aiohttp.web_request import BaseRequest
 
 from gateway.cli.demo import SAMPLE
-from tests.browser.conftest import (
+from tests.helpers import ROOT, eventually
+from tests.helpers.browser import (
     MISSING,
     WAIT_S,
     Console,
@@ -40,7 +41,6 @@ from tests.browser.conftest import (
     enter_recovery,
     enter_totp,
     error_text,
-    eventually,
     expect,
     first_status,
     form_of,
@@ -56,9 +56,8 @@ from tests.browser.conftest import (
     sign_in,
     submit,
 )
-from tests.cli.test_messages import REFUSED_BUYER, REFUSED_DOC, rewrite_config
-from tests.conftest import ROOT
-from tests.stages.test_fraud import IBAN_B, accepted, delivered, invoice
+from tests.helpers.invoices import IBAN_B, accepted, delivered, invoice
+from tests.helpers.messages import REFUSED_BUYER, REFUSED_DOC, merge_config
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
@@ -447,7 +446,7 @@ async def test_quarantine_release_needs_a_second_person(console: Console) -> Non
 async def test_dead_letter_requeue_reaches_the_erp(inst, start_console: StartConsole, start_erp: StartErp) -> None:
     erp = await start_erp(inst)
     erp.default = (422, "cost centre missing", {})  # a refusal: dead-lettered at once
-    console = await start_console(lambda i: rewrite_config(i.config, {
+    console = await start_console(lambda i: merge_config(i.config, {
         "destinations": [https_destination(i, erp.url)], "routing": {"default": ["erp-api"]}}))
     async with console.mtls() as s:
         mid = await accepted(s, SAMPLE)
@@ -499,7 +498,7 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
     folder.mkdir(parents=True, exist_ok=True)
     erp = await start_erp(inst)
     erp.default = (422, "cost centre missing", {})
-    console = await start_console(lambda i: rewrite_config(i.config, {
+    console = await start_console(lambda i: merge_config(i.config, {
         "destinations": [https_destination(i, erp.url)], "routes": [{"receiver": REFUSED_BUYER, "destinations": ["erp-api"]}],
         "routing": {"default": ["erp-inbox"]}}))
     async with console.mtls() as s:
@@ -552,7 +551,7 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
 async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprint(console: Console, tmp_path: Path) -> None:
     from gateway.operations.instance import DEMO_PARTNER
     from gateway.tls import cert_sha256, inspect_certificate
-    from tests.stages.test_fraud import post
+    from tests.helpers import post
 
     new = console.running.issue_client("demo-next")
     info = inspect_certificate(new.cert, "test")
@@ -563,7 +562,7 @@ async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprin
             ssl=console.running.ssl(new.cert, new.key)))
 
     async with partner_session() as s:
-        code, reply, _ = await post(s, invoice("ROLL-0001"))
+        code, reply = await post(s, invoice("ROLL-0001"))
     assert (code, reply["error"]) == (403, "PARTNER_UNKNOWN"), reply
 
     page_a, _ann = await console.logged_in("admin", "ann")
@@ -597,7 +596,7 @@ async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprin
 
     async def accepted_with_new() -> bool:
         async with partner_session() as s:
-            code, reply, _ = await post(s, invoice(f"ROLL-{len(await console.audit('invoice.accepted')):04d}"))
+            code, reply = await post(s, invoice(f"ROLL-{len(await console.audit('invoice.accepted')):04d}"))
         return code == 202
 
     deadline = asyncio.get_running_loop().time() + WAIT_S

@@ -41,7 +41,7 @@ from gateway.storage.records import Resealed
 from gateway.storage.sqlite.keys import SqliteKeys
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import Vault, read_key_file
-from tests.conftest import XML, Running, serving
+from tests.helpers import XML, Running, serving
 
 NUMBER = b"DEMO-2026-0001</cbc:ID>"
 assert SAMPLE.count(NUMBER) == 1

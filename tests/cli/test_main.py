@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -18,18 +15,14 @@ import pytest
 
 from gateway import devpki
 from gateway.cli import main as cli
-from gateway.cli.demo import SAMPLE, samples
+from gateway.cli.demo import SAMPLE
 from gateway.files import atomic_write
 from gateway.operations import instance
 from gateway.partners.book import load_directory
 from gateway.tls import client_context, inspect_certificate
-from tests.conftest import XML
+from tests.helpers import ENV, FOREIGN, FOREIGN_IDS, XML, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-# The bundled "invoice from another supplier": supplier ids that no partner of a fresh instance owns.
-FOREIGN = samples()[2][1]
-FOREIGN_IDS = ["0088:4000009000001", "FR12345678901"]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -177,35 +170,6 @@ async def test_invalid_partners_file_keeps_old_directory(gateway, client, log_st
 
 
 # --- serve and demo as real processes ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free port whose neighbours +2 and +3 (the admin and SMTP listeners init derives) are free too."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            for other in (port + 2, port + 3):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", other))
-        except (OSError, OverflowError):
-            continue
-        return port
-    raise OSError("no free block of ports")
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited early with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
 async def post_sample(inst: instance.Instance) -> tuple[int, dict]:

@@ -4,13 +4,12 @@ One gateway for the module (``world``), with the admin listener and the mutual-T
 partner has sent two invoices (one payee account known, one new and held).  The daemon's periodic
 re-read of the partners file is slowed to an hour here, and tests call ``reload()`` (what the watcher
 calls) when they need the console to see a change, so that what the console shows before a reload is
-deterministic.  Each test logs in its own accounts (``test_console.World.person``); forms are posted
+deterministic.  Each test logs in its own accounts (``tests.helpers.console.World.person``); forms are posted
 as a browser posts them: multipart where the page's form is, with the page's CSRF token and Origin.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import subprocess
@@ -31,12 +30,10 @@ from gateway.partners.book import load_directory
 from gateway.partners.edit import register_partner
 from gateway.storage.records import Approval
 from gateway.tls import cert_sha256, inspect_certificate
-from tests.cli.test_main import free_port
-from tests.conftest import serving
-from tests.console.test_app import Browser, Page, Person, World, audits, login, rewrite
-from tests.inbound.test_mtls import FOREIGN, OTHER_IDS, post
-from tests.stages.test_fraud import DEMO, IBAN_A, IBAN_B, IBAN_C, accepted, invoice
-from tests.test_systemd import set_admin
+from tests.helpers import FOREIGN, FOREIGN_IDS, free_port, post, serving
+from tests.helpers.console import Browser, Page, Person, World, audits, login, set_options
+from tests.helpers.daemon import set_admin
+from tests.helpers.invoices import DEMO, IBAN_A, IBAN_B, IBAN_C, accepted, invoice
 
 shared = pytest.mark.asyncio(loop_scope="module")
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -78,7 +75,7 @@ class PartnerWorld(World):
 
 def make_instance(folder: Path) -> instance.Instance:
     inst = instance.init(folder / "gw", port=0)
-    rewrite(inst.config, console={"login_burst": 1000}, partners={"reload_interval_s": 3600.0})
+    set_options(inst.config, console={"login_burst": 1000}, partners={"reload_interval_s": 3600.0})
     set_admin(inst, free_port())
     return inst
 
@@ -148,11 +145,9 @@ async def denied(world: PartnerWorld, who: Person) -> list[dict[str, Any]]:
 
 
 async def tls_post(world: PartnerWorld, cert: devpki.Issued, body: bytes) -> tuple[int, dict[str, Any]]:
-    ctx = world.running.ssl(cert.cert, cert.key)
-    async with aiohttp.ClientSession(world.running.url, connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-        result = await post(s, body)
-    await asyncio.sleep(0.05)  # let the TLS transport finish closing
-    return result
+    async with world.running.session(cert.cert, cert.key) as s:
+        status, answer = await post(s, body)
+    return status, answer
 
 
 async def add_pending(world: PartnerWorld, b: Browser, name: str, cert: devpki.Issued, **fields: str) -> None:
@@ -332,7 +327,7 @@ async def test_activation_needs_a_second_admin_and_the_right_fingerprints(world)
     async with world.browser() as a:
         await login(a, alice)
         page = await send(a, "/console/partners/new", new_partner_form(
-            "acme-act", party_ids="\n".join(OTHER_IDS), emails="billing@act.example", client_pem=pem(client),
+            "acme-act", party_ids="\n".join(FOREIGN_IDS), emails="billing@act.example", client_pem=pem(client),
             smime_pem=pem(smime)), follow=False)
         assert page.status == 303, page.error
         world.reload()

@@ -46,7 +46,7 @@ from gateway.operations.instance import DEMO_EMAIL, DEMO_PARTNER, Instance
 from gateway.partners.edit import register_partner
 from gateway.storage.records import REPLIES
 from gateway.tls import inspect_certificate
-from tests.conftest import XML, Running, serving
+from tests.helpers import XML, Running, serving
 
 WAIT_S = 15.0
 GATEWAY_ADDRESS = f"invoices@{instance.MAIL_HOST}"

@@ -38,13 +38,11 @@ from gateway.storage.base import NotHeld
 from gateway.storage.records import DeliveryJob
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import MasterKey, Vault
+from tests.helpers.erp import HANG, Erp
 
 CFG = DeliveryConfig(horizon_s=3600.0)
 NUMBER = b"DEMO-2026-0001</cbc:ID>"
 assert SAMPLE.count(NUMBER) == 1
-HANG = -1  # a reply "status" that never answers (until the test ends)
-
-Reply = tuple[int, str, dict[str, str]]
 
 
 class Clock:
@@ -56,60 +54,6 @@ class Clock:
 
 
 # --- the fake ERP ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Seen:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    peer_cn: str | None  # the client certificate's common name, when one was presented
-
-
-@dataclass
-class Erp:
-    """An HTTPS endpoint that records requests and answers ``script`` in order, then ``default``."""
-
-    url: str = ""
-    script: list[Reply] = field(default_factory=list)
-    default: Reply = (200, "booked", {})
-    seen: list[Seen] = field(default_factory=list)
-    gate: asyncio.Event | None = None  # when set up, every request waits here before it is answered
-    active: int = 0
-    peak: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    hang: asyncio.Event = field(default_factory=asyncio.Event)  # set at teardown: lets HANG replies end
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        cert = ssl_object.getpeercert() if ssl_object is not None else None
-        cn = next((v for rdn in cert["subject"] for k, v in rdn if k == "commonName"), None) if cert else None
-        self.seen.append(Seen(request.path, dict(request.headers), body, cn))
-        self.active += 1
-        self.peak = max(self.peak, self.active)
-        self.changed.set()
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            status, text, headers = self.script.pop(0) if self.script else self.default
-            if status == HANG:
-                await self.hang.wait()
-                status = 200
-            return web.Response(status=status, text=text or None, headers=headers)
-        finally:
-            self.active -= 1
-            self.changed.set()
-
-    async def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                self.changed.clear()
-                await self.changed.wait()
-
-    @property
-    def keys(self) -> list[str]:
-        return [s.headers["Idempotency-Key"] for s in self.seen]
 
 
 @dataclass(frozen=True)
@@ -347,7 +291,6 @@ async def test_every_attempt_carries_the_same_idempotency_key(env: Env, start_er
     assert erp.keys == [mid, mid, mid]
     assert [s.headers["X-Einvoice-Message-Id"] for s in erp.seen] == [mid] * 3
     assert all(s.body == env.body(mid) for s in erp.seen)
-
 
 
 async def test_a_sender_error_outside_the_known_ones_is_still_recorded(env: Env, start_erp: StartErp) -> None:

@@ -29,7 +29,7 @@ from gateway.config import load as config_mod
 from gateway.errors import StorageUnavailable
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
-from tests.conftest import XML, Running
+from tests.helpers import XML, Running
 
 NUMBER = b"DEMO-2026-0001</cbc:ID>"
 assert SAMPLE.count(NUMBER) == 1

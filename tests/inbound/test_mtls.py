@@ -25,7 +25,7 @@ from gateway.operations.instance import DEMO_PARTNER
 from gateway.partners.book import editing
 from gateway.partners.edit import register_partner, store_certificate, with_status
 from gateway.tls import client_context
-from tests.conftest import XML
+from tests.helpers import XML
 
 HANDSHAKE_FAILED = (aiohttp.ClientConnectorError, aiohttp.ClientOSError, ssl.SSLError)
 OTHER_IDS = ["0088:4000009000001", "FR12345678901"]

@@ -54,7 +54,7 @@ from gateway.partners.book import load_directory
 from gateway.pipeline import MailIdentity, Pipeline, Submission
 from gateway.smime import unwrap as smime
 from gateway.smime.identity import Identity
-from tests.conftest import Running, serving
+from tests.helpers import Running, serving
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl cms is the independent S/MIME peer")
 shared = pytest.mark.asyncio(loop_scope="module")  # runs against the module's one gateway

@@ -43,7 +43,7 @@ from gateway.partners.book import editing
 from gateway.partners.edit import register_partner
 from gateway.storage.records import DeliveryRow, MessageSummary
 from gateway.tls import client_context, inspect_certificate
-from tests.conftest import XML
+from tests.helpers import XML
 
 SELLER = "0088:4000001000006"  # the sample's supplier: "this business" for A
 BUYER = "0088:4000002000005"  # the sample's buyer: partner buyer-b at A

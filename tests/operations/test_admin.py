@@ -32,10 +32,8 @@ from gateway.cli.demo import SAMPLE, samples
 from gateway.config import load as config_mod
 from gateway.operations import instance
 from gateway.tls import client_context
-from tests.app.test_supervisor import post_many
-from tests.cli.test_main import free_port
-from tests.conftest import XML, Running
-from tests.test_systemd import Daemon, make_instance, set_admin
+from tests.helpers import XML, Running, free_port
+from tests.helpers.daemon import Daemon, make_instance, post_many, set_admin
 
 NUMBER = b"DEMO-2026-0001</cbc:ID>"
 SCHEMA_INVALID = samples()[1][1]

@@ -34,7 +34,7 @@ from gateway.operations import audit, instance
 from gateway.stages.signature import SigningKey
 from gateway.storage.sqlite.schema import SCHEMA_VERSION
 from gateway.storage.sqlite.store import SqliteStore
-from tests.conftest import XML, serving
+from tests.helpers import XML, serving
 
 CANARY = "AUDITCANARY-3f9d20c1b7e4"
 NUMBER = b"DEMO-2026-0001</cbc:ID>"

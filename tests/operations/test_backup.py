@@ -24,7 +24,7 @@ from gateway.storage.sqlite.backup import SqliteSnapshots
 from gateway.storage.sqlite.schema import SCHEMA_VERSION
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import KEY_BYTES, MasterKey, Vault
-from tests.storage.sqlite.test_store import WAIT, invoice
+from tests.helpers.records import WAIT, accepted_invoice
 
 OLD, NEW = (MasterKey(kid, "", os.urandom(KEY_BYTES)) for kid in ("k-old", "k-new"))
 CANARY = "CANARY-backup-5e0c"
@@ -33,7 +33,7 @@ SNAPSHOTS = SqliteSnapshots()
 
 def sealed(vault: Vault, number: str, partner: str = "acme", holds: tuple[str, ...] = ()) -> tuple[AcceptedInvoice, bytes]:
     """test_store's invoice, sealed for real by ``vault``; with the document it holds."""
-    inv = replace(invoice(number, partner=partner, content=CANARY), holds=holds)
+    inv = replace(accepted_invoice(number, partner=partner, content=CANARY), holds=holds)
     body = inv.sealed.removeprefix(b"sealed:")  # test_store.invoice puts a placeholder around the document
     assert hashlib.sha256(body).hexdigest() == inv.sha256
     blob, key_id = vault.seal(body, inv.message_id, inv.sha256)

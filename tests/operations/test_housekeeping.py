@@ -29,7 +29,7 @@ from gateway.operations import housekeeping as lifecycle
 from gateway.operations.housekeeping import CertEntry, ExpiryWarnings
 from gateway.partners.edit import register_partner
 from gateway.storage.sqlite.store import SqliteStore
-from tests.conftest import XML, Running, serving
+from tests.helpers import XML, Running, serving
 
 NUMBER = b"DEMO-2026-0001</cbc:ID>"
 IBAN = b"DE89370400440532013000"

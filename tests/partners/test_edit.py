@@ -34,8 +34,7 @@ from gateway.partners.book import _as_toml, editing, instant_text, load_director
 from gateway.partners.edit import activated, fingerprint_matches, register_partner, rollover, unconfirmed, with_status
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.tls import CertInfo, cert_sha256, inspect_certificate, inspect_smime_certificate
-from tests.app.test_gateway import session_for, wait_for
-from tests.inbound.test_mtls import FOREIGN, OTHER_IDS, numbered, post
+from tests.helpers import FOREIGN, FOREIGN_IDS, eventually, numbered, post
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 DAY = timedelta(days=1)
@@ -455,7 +454,7 @@ def test_refused_renewal_with_the_same_key_leaves_the_registered_file_alone(inst
 def test_cli_activate_and_resume_of_a_pending_partner(inst, tmp_path, capsys):
     cfg = str(inst.config)
     cert = devpki.issue(inst.ca, tmp_path, "pend", role="client")
-    register_partner(inst.partners, "pend", [cert.cert], OTHER_IDS, [], "", pending=True)
+    register_partner(inst.partners, "pend", [cert.cert], FOREIGN_IDS, [], "", pending=True)
 
     def state() -> Partner:
         p = load_directory(inst.partners).get("pend")
@@ -517,11 +516,11 @@ async def test_overlap_retirement_and_pending_over_mutual_tls(gateway, tmp_path,
                                    "--active-from", instant_text(PAST), "--retire-cert", old_k[:20],
                                    "--retire-at", instant_text(NOW + DAY), "-c", cfg)
     assert code == 0, err
-    await wait_for(lambda: len(demo().windows) == 2, what="the daemon to re-read the partners file")
-    async with session_for(gateway) as s_old, session_for(gateway, new.cert, new.key) as s_new:
-        status, body = await post(s_old, numbered(1))
+    await eventually(lambda: len(demo().windows) == 2, what="the daemon to re-read the partners file")
+    async with gateway.session() as s_old, gateway.session(new.cert, new.key) as s_new:
+        status, body = await post(s_old, numbered("MT-0001"))
         assert (status, body["status"]) == (202, "accepted"), body
-        status, body = await post(s_new, numbered(2))
+        status, body = await post(s_new, numbered("MT-0002"))
         assert (status, body["status"]) == (202, "accepted"), body
 
     # the old one retired a minute ago, a third accepted only from next month
@@ -529,24 +528,24 @@ async def test_overlap_retirement_and_pending_over_mutual_tls(gateway, tmp_path,
                                    "--retire-at", instant_text(NOW - timedelta(minutes=1)), "--client-cert", str(later.cert),
                                    "--active-from", instant_text(FUTURE), "-c", cfg)
     assert code == 0, err
-    await wait_for(lambda: len(demo().windows) == 3, what="the daemon to re-read the partners file")
-    async with session_for(gateway) as s_old, session_for(gateway, new.cert, new.key) as s_new, \
-            session_for(gateway, later.cert, later.key) as s_later:
-        status, body = await post(s_old, numbered(3))
+    await eventually(lambda: len(demo().windows) == 3, what="the daemon to re-read the partners file")
+    async with gateway.session() as s_old, gateway.session(new.cert, new.key) as s_new, \
+            gateway.session(later.cert, later.key) as s_later:
+        status, body = await post(s_old, numbered("MT-0003"))
         assert (status, body["error"]) == (403, "CERTIFICATE_NOT_ACTIVE"), body
         assert "was retired at" in body["message"] and old_k in body["message"]
-        status, body = await post(s_later, numbered(4))
+        status, body = await post(s_later, numbered("MT-0004"))
         assert (status, body["error"]) == (403, "CERTIFICATE_NOT_ACTIVE"), body
         assert "not accepted yet" in body["message"]
-        status, body = await post(s_new, numbered(5))
+        status, body = await post(s_new, numbered("MT-0005"))
         assert (status, body["status"]) == (202, "accepted"), body
 
     # a pending partner (added in the console) is known but sends nothing
     pend = gateway.issue_client("pend")
-    await asyncio.to_thread(register_partner, gateway.inst.partners, "pend", [pend.cert], OTHER_IDS, [], "",
+    await asyncio.to_thread(register_partner, gateway.inst.partners, "pend", [pend.cert], FOREIGN_IDS, [], "",
                             pending=True)
-    await wait_for(lambda: book.current.get("pend") is not None, what="the daemon to pick up the pending partner")
-    async with session_for(gateway, pend.cert, pend.key) as s:
+    await eventually(lambda: book.current.get("pend") is not None, what="the daemon to pick up the pending partner")
+    async with gateway.session(pend.cert, pend.key) as s:
         status, body = await post(s, FOREIGN)
         assert (status, body["error"]) == (403, "PARTNER_PENDING"), body
     assert (await gateway.gw.store.reports.counts())["invoices"] == 3

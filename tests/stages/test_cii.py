@@ -36,7 +36,7 @@ from gateway.operations import instance
 from gateway.partners.edit import register_partner
 from gateway.stages import cii, pdf
 from gateway.stages.xmlparse import XmlParser
-from tests.conftest import CORPUS, XML, Running
+from tests.helpers import CORPUS, XML, Running
 
 PDF = {"Content-Type": "application/pdf"}
 EXAMPLES = CORPUS / "invoices" / "valid" / "en16931" / "cii-examples"

@@ -28,27 +28,18 @@ from typing import Any
 
 import aiohttp
 import pytest
-from lxml import etree
 
 from gateway import devpki, logs
 from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE, samples
-from gateway.config import load as config_mod
 from gateway.operations import instance
 from gateway.partners.book import load_directory
 from gateway.stages import fraud
-from tests.conftest import XML, Running, serving
+from tests.helpers import XML, Running, serving
+from tests.helpers.invoices import DEMO, IBAN_A, IBAN_B, IBAN_C, accepted, delivered, invoice, outbox
 
-NS = {
-    "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
-    "cac": "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2",
-}
-IBAN_A = "DE89370400440532013000"  # the sample's own payee account
-IBAN_B = "GB82WEST12345698765432"
-IBAN_C = "NL91ABNA0417164300"
 assert SAMPLE.count(IBAN_A.encode()) == 1
 HELD_MESSAGE = "accepted and held for review before delivery"
-DEMO = instance.DEMO_PARTNER
 # The bundled "invoice from another supplier" and its supplier identifiers (no partner owns them).
 FOREIGN = samples()[2][1]
 FOREIGN_IDS = ["0088:4000009000001", "FR12345678901"]
@@ -56,36 +47,6 @@ CII_EXAMPLE = Path("invoices/valid/en16931/cii-examples/CII_example1.xml")  # se
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-def invoice(number: str, *, iban: str = IBAN_A, issue_date: str | None = None, note: str | None = None,
-            scale: str | None = None, currency: str | None = None, doc: bytes = SAMPLE) -> bytes:
-    """The sample invoice with another number (and payment id), payee account, issue date, note,
-    amounts or currency, edited with lxml so that it stays schema- and EN 16931-valid: every amount
-    is multiplied by ``scale`` (quantities are unchanged, so line and document totals still add up)."""
-    root = etree.fromstring(doc)
-
-    def one(path: str) -> Any:
-        [el] = root.xpath(path, namespaces=NS)
-        return el
-
-    one("/*/cbc:ID").text = number
-    one("/*/cac:PaymentMeans/cbc:PaymentID").text = number
-    one("/*/cac:PaymentMeans/cac:PayeeFinancialAccount/cbc:ID").text = iban
-    if issue_date is not None:
-        one("/*/cbc:IssueDate").text = issue_date
-    if note is not None:
-        one("/*/cbc:Note").text = note
-    amounts = root.xpath("//*[@currencyID]")
-    assert amounts, "the sample has no amounts"
-    if scale is not None:
-        for el in amounts:
-            el.text = str((Decimal(el.text) * Decimal(scale)).quantize(Decimal("0.01")))
-    if currency is not None:
-        one("/*/cbc:DocumentCurrencyCode").text = currency
-        for el in amounts:
-            el.set("currencyID", currency)
-    return etree.tostring(root.getroottree(), xml_declaration=True, encoding="UTF-8")
 
 
 async def post(s: aiohttp.ClientSession, body: bytes) -> tuple[int, dict[str, Any], str]:
@@ -102,12 +63,6 @@ async def get_status(s: aiohttp.ClientSession, message_id: str) -> tuple[dict[st
         return json.loads(text), text
 
 
-async def accepted(s: aiohttp.ClientSession, body: bytes, status: str = "accepted") -> str:
-    code, reply, _ = await post(s, body)
-    assert (code, reply.get("status"), reply.get("duplicate")) == (202, status, False), reply
-    return str(reply["message_id"])
-
-
 async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 3.0, what: str = "condition") -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -119,16 +74,6 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
 
 async def holds(outcome: bool | Awaitable[bool]) -> bool:
     return await outcome if inspect.isawaitable(outcome) else outcome
-
-
-def outbox(inst: instance.Instance) -> Path:
-    """The folder of the directory destination, as the instance's configuration names it."""
-    [dest] = config_mod.load(inst.config).destinations
-    return dest.path
-
-
-def delivered(inst: instance.Instance, message_id: str) -> bool:
-    return (outbox(inst) / f"{message_id}.xml").exists()
 
 
 async def wait_delivered(gateway: Running, message_id: str) -> None:

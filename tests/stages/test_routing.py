@@ -17,7 +17,7 @@ from gateway.config.model import Route
 from gateway.model import DocumentType, InvoiceFacts
 from gateway.operations import instance
 from gateway.stages.routing import UNROUTED, Router, matches
-from tests.conftest import XML, serving
+from tests.helpers import XML, serving
 
 FACTS = InvoiceFacts(DocumentType.UBL_INVOICE, "INV-1", "2.1", ("0088:4000001000006",),
                      ("0088:4000002000005", "NL123456789B01"), "urn:cust:1", "urn:prof:1", "2026-11-02")

@@ -36,8 +36,8 @@ from gateway.operations import instance
 from gateway.partners.book import editing
 from gateway.partners.edit import register_partner
 from gateway.stages.rules import builtin_pack
-from tests.conftest import CORPUS, XML, Running
-from tests.conftest import serving as conftest_serving
+from tests.helpers import CORPUS, XML, Running
+from tests.helpers import serving as conftest_serving
 
 NUMBER = b"DEMO-2026-0001</cbc:ID>"
 PAYABLE = b'<cbc:PayableAmount currencyID="EUR">1250.00</cbc:PayableAmount>'

@@ -39,12 +39,10 @@ from lxml import etree
 from gateway import devpki
 from gateway.cli.demo import SAMPLE
 from gateway.cli.main import main
-from gateway.config.model import DEFAULT_XML_LIMITS
 from gateway.errors import GatewayError
 from gateway.model import DocumentType, SignaturePolicy
 from gateway.operations import instance
-from gateway.partners.directory import PartnerDirectory
-from gateway.partners.edit import edit_partners, register_partner
+from gateway.partners.edit import edit_partners
 from gateway.stages.schema import SchemaRegistry
 from gateway.stages.signature import (
     CBC,
@@ -61,11 +59,10 @@ from gateway.stages.signature import (
     verify,
 )
 from gateway.stages.ubl import read_facts
-from gateway.stages.xmlparse import XmlParser
-from tests.conftest import XML, Running
+from tests.helpers import XML, Running
+from tests.helpers.signatures import CAC, DIGEST_MISMATCH, PARSER, add_signing_partner, bad_method, parse, reload_partners
 
 INV = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
-CAC = "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2"
 NS = {"ds": DS, "xades": XADES, "ext": EXT, "cac": CAC, "cbc": CBC}
 EXC = "http://www.w3.org/2001/10/xml-exc-c14n#"
 SHA256, SHA1 = "http://www.w3.org/2001/04/xmlenc#sha256", "http://www.w3.org/2000/09/xmldsig#sha1"
@@ -79,12 +76,10 @@ DEMO = instance.DEMO_PARTNER
 XSD_INVOICE_ID = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2:Invoice"
 XSD_PROPS_ID = "http://uri.etsi.org/01903/v1.3.2#:SignedProperties"
 
-DIGEST_MISMATCH = "digest mismatch for reference '': the signed content was changed"
 NOT_IN_SLOT = ("ds:Signature must sit in the UBL extension slot "
                "(ext:UBLExtensions/ext:UBLExtension/ext:ExtensionContent/…) or directly under the root")
 ONLY_WHOLE = "a reference may only cover the whole document, this signature's XAdES SignedProperties or its KeyInfo"
 NOT_REGISTERED = "the signer's certificate (key SHA-256 {}) is not registered for this partner"
-PARSER = XmlParser(DEFAULT_XML_LIMITS)
 
 
 # --- keys, trees and an independent signer ----------------------------------------------------------
@@ -148,10 +143,6 @@ def q(ns: str, local: str) -> str:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def parse(data: bytes) -> etree._Element:
-    return PARSER.parse(data).root
 
 
 def dump(root: etree._Element) -> bytes:
@@ -278,17 +269,6 @@ def canary() -> Iterator[int]:
 # --- HTTPS helpers -----------------------------------------------------------------------------------
 
 
-async def reload_partners(running: Running, ready: Callable[[PartnerDirectory], bool]) -> None:
-    """Make the running gateway take the edited partners file now (it polls), and wait until it has."""
-    book = running.gw.parts.partners
-    for _ in range(200):
-        await asyncio.to_thread(book.refresh)
-        if ready(book.current):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the gateway did not pick up the partners file")
-
-
 async def set_signing(running: Running, name: str, policy: SignaturePolicy, signers: list[Signer]) -> None:
     def change(partners: list[Any], store: Callable[[Path, str], str]) -> None:
         i = next(i for i, p in enumerate(partners) if p.name == name)
@@ -299,15 +279,6 @@ async def set_signing(running: Running, name: str, policy: SignaturePolicy, sign
     want = {s.spki for s in signers}
     await reload_partners(running, lambda d: (p := d.get(name)) is not None and p.signature_policy is policy
                           and p.signing_spki == want)
-
-
-async def add_partner(running: Running, name: str, party_ids: list[str], signing: list[Path],
-                      policy: SignaturePolicy = SignaturePolicy.IF_PRESENT) -> devpki.Issued:
-    client = await asyncio.to_thread(running.issue_client, name)
-    await asyncio.to_thread(register_partner, running.inst.partners, name, [client.cert], party_ids, [], "test",
-                            signing, policy)
-    await reload_partners(running, lambda d: d.get(name) is not None)
-    return client
 
 
 async def post(session: Any, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -458,7 +429,7 @@ POLICY_CASES = [
                          ids=[f"{c[0].value}-{c[1]}" for c in POLICY_CASES])
 async def test_signature_policy_over_https(gateway: Running, client: Any, pki: Pki, policy: SignaturePolicy, doc: str,
                                            status: int, code: str | None, detail: str | None) -> None:
-    await add_partner(gateway, "other-supplier", ["0088:4000009000001"], [pki.other.cert_path])
+    await add_signing_partner(gateway, "other-supplier", ["0088:4000009000001"], [pki.other.cert_path])
     await set_signing(gateway, DEMO, policy, [pki.ec])
 
     def body() -> bytes:
@@ -548,10 +519,6 @@ def attack(case: str, expect: str, signer: str = "ec", https: bool = False) -> C
         return build
 
     return register
-
-
-def bad_method(uri: str) -> str:
-    return f"signature method {uri!r} is not allowed (RSA-SHA256/384/512 or ECDSA-SHA256/384/512 only)"
 
 
 def set_method(root: etree._Element, uri: str) -> None:
@@ -883,8 +850,6 @@ def no_signed_info(pki: Pki, port: int) -> etree._Element:
     si = one(root, "//ds:SignedInfo")
     si.getparent().remove(si)
     return root
-
-
 
 
 @attack("S-10 empty DigestValue", DIGEST_MISMATCH)

@@ -24,9 +24,9 @@ from lxml import etree
 
 from gateway.cli.main import main
 from gateway.model import SignaturePolicy
-from gateway.stages.signature import DS, SignatureInvalid, trusted, verify
-from tests.conftest import CORPUS, Running
-from tests.stages.test_signature import CAC, CBC, DIGEST_MISMATCH, add_partner, bad_method, parse, post
+from gateway.stages.signature import CBC, DS, SignatureInvalid, trusted, verify
+from tests.helpers import CORPUS, Running, post
+from tests.helpers.signatures import CAC, DIGEST_MISMATCH, add_signing_partner, bad_method, parse
 
 DIAN = "invoices/valid/ph-ubl/dian-co-signed/"
 OASIS = "invoices/valid/oasis-ubl/signed/UBL-Invoice-2.0-Enveloped.xml"
@@ -131,8 +131,8 @@ async def test_signed_corpus_invoices_over_https(corpus: Path, gateway: Running,
     assert len(certs) == 1  # one signer for all of them
     pem = await asyncio.to_thread(write_pem, certs.pop(), tmp_path / "dian.pem")
     dian_ids = list(dict.fromkeys(i for p in DIAN_INVOICES for i in supplier_ids(roots[p])))
-    dian = await add_partner(gateway, "dian", dian_ids, [pem], SignaturePolicy.IF_PRESENT)
-    oasis = await add_partner(gateway, "oasis", supplier_ids(roots[OASIS]), [])
+    dian = await add_signing_partner(gateway, "dian", dian_ids, [pem], SignaturePolicy.IF_PRESENT)
+    oasis = await add_signing_partner(gateway, "oasis", supplier_ids(roots[OASIS]), [])
 
     expected = [(dian, p, DIGEST_MISMATCH) for p in DIAN_INVOICES] + [(oasis, OASIS, bad_method(RSA_SHA1))]
     for sender, path, reason in expected:

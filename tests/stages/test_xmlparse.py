@@ -28,7 +28,7 @@ from gateway.cli.demo import SAMPLE
 from gateway.config.model import DEFAULT_MAX_ATTRIBUTES, DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, XmlLimits
 from gateway.errors import GatewayError
 from gateway.stages.xmlparse import XmlParser
-from tests.conftest import ROOT, XML
+from tests.helpers import ROOT, XML
 
 PARSER = XmlParser(XmlLimits(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_ATTRIBUTES))
 STATUS = {"MALFORMED_XML": 400, "DTD_FORBIDDEN": 400, "XINCLUDE_FORBIDDEN": 400, "XML_LIMIT_EXCEEDED": 413}
@@ -286,7 +286,13 @@ def test_parser_never_opens_a_local_file(tmp_path, decl):
 def test_parameter_entity_to_dev_zero_is_refused_fast():
     """X-02/G6: a 90-byte body naming an endless file must not pin a parser thread (run in a child, killed at 5 s)."""
     doc = '<!DOCTYPE Invoice [<!ENTITY % p SYSTEM "file:///dev/zero"> %p;]><Invoice/>'
-    script = ("import sys; from tests.test_xmlparse import outcome; print(outcome(sys.argv[1].encode()))")
+    script = ("import sys\n"
+              "from gateway.config.model import DEFAULT_MAX_ATTRIBUTES, DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, XmlLimits\n"
+              "from gateway.errors import GatewayError\n"
+              "from gateway.stages.xmlparse import XmlParser\n"
+              "parser = XmlParser(XmlLimits(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_ATTRIBUTES))\n"
+              "try:\n    parser.parse(sys.argv[1].encode())\nexcept GatewayError as exc:\n    print(exc.code)\n"
+              "else:\n    print('ACCEPTED')\n")
     try:
         run = subprocess.run([sys.executable, "-c", script, doc], cwd=ROOT, capture_output=True, text=True, timeout=5)
     except subprocess.TimeoutExpired:

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import Conflict, StorageUnavailable
-from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts, stamp
+from gateway.model import DocumentType, stamp
 from gateway.storage.base import AccountError, NotHeld, Store
 from gateway.storage.chain import CHECKPOINT, GENESIS, record_hash
 from gateway.storage.records import REPLIES, Notice, NoticeJob, Resealed
 from gateway.storage.sqlite.store import SqliteStore
+from tests.helpers.records import accepted_invoice
 
 Opener = Callable[[], Store]
 
@@ -49,17 +50,6 @@ async def store(opener: Opener) -> AsyncIterator[Store]:
     await s.close()
 
 
-def invoice(number: str, *, partner: str = "acme", content: str = "", destinations: tuple[str, ...] = ("erp",),
-            kind: DocumentType = DocumentType.UBL_INVOICE, direction: str = "in", accounts: tuple[str, ...] = (),
-            holds: tuple[str, ...] = (), issue_date: str = "2026-11-02", amount: str = "100.00") -> AcceptedInvoice:
-    body = f"<Invoice>{number}{content}</Invoice>".encode()
-    facts = InvoiceFacts(kind, number, "2.1", ("0088:1",), ("0088:2",), "urn:c", "urn:p", issue_date, accounts,
-                         amount, "EUR", credit_note=kind is DocumentType.UBL_CREDIT_NOTE)
-    return AcceptedInvoice(str(uuid.uuid4()), partner, hashlib.sha256(body).hexdigest(), stamp(), len(body), facts,
-                           b"sealed:" + body, "k1", accounts=accounts, holds=holds, destinations=destinations,
-                           route="routing.default", direction=direction)
-
-
 async def audit_of(store: Store, action: str) -> list[dict[str, object]]:
     return [json.loads(r.detail) | {"partner": r.partner, "message_id": r.message_id, "actor": r.actor}
             for r in await store.audit.newest(10_000) if r.action == action]
@@ -68,7 +58,7 @@ async def audit_of(store: Store, action: str) -> list[dict[str, object]]:
 # --- intake ----------------------------------------------------------------------------------------
 
 async def test_put_then_find_and_status(store: Store) -> None:
-    inv = invoice("1")
+    inv = accepted_invoice("1")
     receipt = await store.intake.put(inv)
     assert (receipt.message_id, receipt.status, receipt.sha256, receipt.duplicate) == (inv.message_id, "accepted",
                                                                                         inv.sha256, False)
@@ -92,27 +82,27 @@ async def test_put_then_find_and_status(store: Store) -> None:
 
 
 async def test_same_content_again_is_the_first_receipt(store: Store) -> None:
-    first = invoice("1")
+    first = accepted_invoice("1")
     await store.intake.put(first)
-    again = await store.intake.put(invoice("1"))  # the same bytes under a new message id
+    again = await store.intake.put(accepted_invoice("1"))  # the same bytes under a new message id
     assert (again.message_id, again.duplicate) == (first.message_id, True)
     assert await store.reports.counts() == {"invoices": 1, "deliveries_pending": 1}
 
 
 async def test_same_number_with_other_content_conflicts(store: Store) -> None:
-    await store.intake.put(invoice("1"))
+    await store.intake.put(accepted_invoice("1"))
     with pytest.raises(Conflict) as refused:
-        await store.intake.put(invoice("1", content="changed"))
+        await store.intake.put(accepted_invoice("1", content="changed"))
     assert refused.value.code == "DUPLICATE_CONFLICT" and refused.value.http_status == 409
     # The credit-note series, another issue date, or another partner may use the same number.
-    await store.intake.put(invoice("1", content="cn", kind=DocumentType.UBL_CREDIT_NOTE))
-    await store.intake.put(invoice("1", content="d", issue_date="2026-11-03"))
-    await store.intake.put(invoice("1", content="b", partner="beta"))
+    await store.intake.put(accepted_invoice("1", content="cn", kind=DocumentType.UBL_CREDIT_NOTE))
+    await store.intake.put(accepted_invoice("1", content="d", issue_date="2026-11-03"))
+    await store.intake.put(accepted_invoice("1", content="b", partner="beta"))
     assert (await store.reports.counts())["invoices"] == 4
 
 
 async def test_outbound_duplicates_match_whoever_they_were_for(store: Store) -> None:
-    submitted = invoice("O-1", partner="beta", direction="out")
+    submitted = accepted_invoice("O-1", partner="beta", direction="out")
     signed = replace(submitted, sha256=hashlib.sha256(b"signed").hexdigest(), source_sha256=submitted.sha256)
     await store.intake.put(signed)
     again = await store.intake.find_accepted(None, submitted.sha256, "out")
@@ -120,7 +110,7 @@ async def test_outbound_duplicates_match_whoever_they_were_for(store: Store) -> 
     assert await store.intake.find_accepted(None, submitted.sha256, "in") is None
     status = await store.intake.status(submitted.message_id, None, "out")
     assert status is not None and status.partner == "beta" and "partner" in status.as_json()
-    assert (await store.intake.put(replace(invoice("O-1", partner="gamma", direction="out"), sha256=signed.sha256,
+    assert (await store.intake.put(replace(accepted_invoice("O-1", partner="gamma", direction="out"), sha256=signed.sha256,
                                            source_sha256=submitted.sha256))).duplicate
 
 
@@ -128,12 +118,12 @@ async def test_two_writers_racing_on_one_invoice_store_it_once(opener: Opener) -
     """As two worker processes (or nodes) would: separate stores on one state, the same content at once."""
     a, b = opener(), opener()
     try:
-        contenders = [invoice("R-1") for _ in range(6)]
+        contenders = [accepted_invoice("R-1") for _ in range(6)]
         receipts = await asyncio.gather(*(s.intake.put(inv) for s, inv in zip([a, b] * 3, contenders, strict=True)))
         winners = {r.message_id for r in receipts}
         assert len(winners) == 1 and sum(not r.duplicate for r in receipts) == 1
         assert (await a.reports.counts())["invoices"] == 1
-        numbered = [invoice("R-2", content=str(i)) for i in range(6)]  # one number, six contents
+        numbered = [accepted_invoice("R-2", content=str(i)) for i in range(6)]  # one number, six contents
         outcomes = await asyncio.gather(*(s.intake.put(inv) for s, inv in zip([a, b] * 3, numbered, strict=True)),
                                         return_exceptions=True)
         assert sum(isinstance(o, Conflict) for o in outcomes) == 5
@@ -144,7 +134,7 @@ async def test_two_writers_racing_on_one_invoice_store_it_once(opener: Opener) -
 
 
 async def test_a_refused_put_spares_the_others_written_with_it(store: Store) -> None:
-    batch = [invoice("B-1"), invoice("B-1", content="other"), invoice("B-2")]
+    batch = [accepted_invoice("B-1"), accepted_invoice("B-1", content="other"), accepted_invoice("B-2")]
     outcomes = await asyncio.gather(*(store.intake.put(x) for x in batch), return_exceptions=True)
     assert not isinstance(outcomes[0], BaseException) and isinstance(outcomes[1], Conflict)
     assert not isinstance(outcomes[2], BaseException)
@@ -152,7 +142,7 @@ async def test_a_refused_put_spares_the_others_written_with_it(store: Store) -> 
 
 
 async def test_hold_reasons_hold_the_invoice(store: Store) -> None:
-    inv = invoice("H-1", holds=("payable amount 100.00 EUR is over the ceiling 50",))
+    inv = accepted_invoice("H-1", holds=("payable amount 100.00 EUR is over the ceiling 50",))
     receipt = await store.intake.put(inv)
     assert receipt.status == "held" and receipt.as_json()["message"] == "accepted and held for review before delivery"
     status = await store.intake.status(inv.message_id, "acme")
@@ -164,13 +154,13 @@ async def test_hold_reasons_hold_the_invoice(store: Store) -> None:
 
 
 async def test_payee_accounts_are_learned_then_guarded(store: Store) -> None:
-    first = await store.intake.put(invoice("P-1", accounts=("DE02120300000000202051",)))
+    first = await store.intake.put(accepted_invoice("P-1", accounts=("DE02120300000000202051",)))
     assert first.status == "accepted"  # a new seller's first accounts become its known ones
     assert [(a.account, a.state) for a in await store.quarantine.seller_accounts("acme")] == [
         ("DE02120300000000202051", "known")]
-    same = await store.intake.put(invoice("P-2", accounts=("DE02120300000000202051",)))
+    same = await store.intake.put(accepted_invoice("P-2", accounts=("DE02120300000000202051",)))
     assert same.status == "accepted"
-    changed = invoice("P-3", accounts=("DE89370400440532013000",))
+    changed = accepted_invoice("P-3", accounts=("DE89370400440532013000",))
     held = await store.intake.put(changed)
     assert held.status == "held"
     [entry] = await store.quarantine.held()
@@ -178,14 +168,14 @@ async def test_payee_accounts_are_learned_then_guarded(store: Store) -> None:
         "payee account DE89…3000 was never used by this seller before",)
     [changes] = await audit_of(store, "account.changed")
     assert changes["accounts"] == ["DE89…3000"]  # masked, never the whole number
-    other = await store.intake.put(invoice("P-1", partner="beta", content="b", accounts=("DE89370400440532013000",)))
+    other = await store.intake.put(accepted_invoice("P-1", partner="beta", content="b", accounts=("DE89370400440532013000",)))
     assert other.status == "accepted"  # every seller has its own history
 
 
 # --- quarantine ------------------------------------------------------------------------------------
 
 async def test_release_and_reject(store: Store) -> None:
-    released, rejected = invoice("Q-1", holds=("x",)), invoice("Q-2", holds=("x",))
+    released, rejected = accepted_invoice("Q-1", holds=("x",)), accepted_invoice("Q-2", holds=("x",))
     await store.intake.put(released)
     await store.intake.put(rejected)
     assert [e.message_id for e in await store.quarantine.held()] == [released.message_id, rejected.message_id]
@@ -205,7 +195,7 @@ async def test_release_and_reject(store: Store) -> None:
 
 
 async def test_an_unrouted_hold_is_released_only_to_a_named_destination(store: Store) -> None:
-    nowhere = invoice("U-1", destinations=(), holds=("no routing rule matches this invoice",))
+    nowhere = accepted_invoice("U-1", destinations=(), holds=("no routing rule matches this invoice",))
     await store.intake.put(nowhere)
     with pytest.raises(NotHeld) as refused:
         await store.quarantine.decide(nowhere.message_id, True, "op", "route it")
@@ -216,8 +206,8 @@ async def test_an_unrouted_hold_is_released_only_to_a_named_destination(store: S
 
 
 async def test_a_release_makes_the_new_account_known_and_a_rejection_blocks_it(store: Store) -> None:
-    await store.intake.put(invoice("A-1", accounts=("DE02120300000000202051",)))
-    one, two = (invoice(n, accounts=(a,)) for n, a in (("A-2", "DE89370400440532013000"), ("A-3", "GB82WEST12345698765432")))
+    await store.intake.put(accepted_invoice("A-1", accounts=("DE02120300000000202051",)))
+    one, two = (accepted_invoice(n, accounts=(a,)) for n, a in (("A-2", "DE89370400440532013000"), ("A-3", "GB82WEST12345698765432")))
     await store.intake.put(one)
     await store.intake.put(two)
     await store.quarantine.decide(one.message_id, True, "op", "confirmed")
@@ -225,13 +215,13 @@ async def test_a_release_makes_the_new_account_known_and_a_rejection_blocks_it(s
     states = {a.account: a.state for a in await store.quarantine.seller_accounts("acme")}
     assert states == {"DE02120300000000202051": "known", "DE89370400440532013000": "known",
                       "GB82WEST12345698765432": "rejected"}
-    entry = await store.intake.put(invoice("A-4", accounts=("GB82WEST12345698765432",)))
+    entry = await store.intake.put(accepted_invoice("A-4", accounts=("GB82WEST12345698765432",)))
     assert entry.status == "held"  # a rejected account holds every invoice naming it
 
 
 async def test_entry_shows_the_seller_history(store: Store) -> None:
-    await store.intake.put(invoice("E-1", accounts=("DE02120300000000202051",)))
-    held = invoice("E-2", accounts=("DE89370400440532013000",))
+    await store.intake.put(accepted_invoice("E-1", accounts=("DE02120300000000202051",)))
+    held = accepted_invoice("E-2", accounts=("DE89370400440532013000",))
     await store.intake.put(held)
     entry = await store.quarantine.entry(held.message_id)
     assert entry is not None and entry.accounts is not None
@@ -248,14 +238,14 @@ async def test_registered_and_blocked_accounts(store: Store) -> None:
     [record] = await audit_of(store, "account.registered")
     assert record == {"known": ["DE02…2051"], "blocked": ["DE89…3000"], "note": "letter", "partner": "acme",
                       "message_id": None, "actor": "admin"}
-    assert (await store.intake.put(invoice("K-1", accounts=("DE02120300000000202051",)))).status == "accepted"
-    assert (await store.intake.put(invoice("K-2", accounts=("DE89370400440532013000",)))).status == "held"
+    assert (await store.intake.put(accepted_invoice("K-1", accounts=("DE02120300000000202051",)))).status == "accepted"
+    assert (await store.intake.put(accepted_invoice("K-2", accounts=("DE89370400440532013000",)))).status == "held"
 
 
 # --- the outbox ------------------------------------------------------------------------------------
 
 async def test_claims_lease_jobs_to_one_owner(store: Store) -> None:
-    invs = [invoice(f"C-{i}", destinations=("erp", "archive")) for i in range(3)]
+    invs = [accepted_invoice(f"C-{i}", destinations=("erp", "archive")) for i in range(3)]
     for inv in invs:
         await store.intake.put(inv)
     now = 2e9
@@ -277,7 +267,7 @@ async def test_two_claimers_racing_take_each_job_once(opener: Opener) -> None:
     a, b = opener(), opener()
     try:
         for i in range(20):
-            await a.intake.put(invoice(f"X-{i}"))
+            await a.intake.put(accepted_invoice(f"X-{i}"))
         rounds = await asyncio.gather(*(s.outbox.claim(f"node-{k}", 2e9, {"erp": 3}, 60)
                                         for k, s in enumerate([a, b] * 5)))
         taken = [j.message_id for jobs in rounds for j in jobs]
@@ -288,7 +278,7 @@ async def test_two_claimers_racing_take_each_job_once(opener: Opener) -> None:
 
 
 async def test_outcomes_are_recorded_once_and_only_by_the_holder(store: Store) -> None:
-    ok, retry, dead = invoice("D-1"), invoice("D-2"), invoice("D-3")
+    ok, retry, dead = accepted_invoice("D-1"), accepted_invoice("D-2"), accepted_invoice("D-3")
     for inv in (ok, retry, dead):
         await store.intake.put(inv)
     jobs = {j.message_id: j for j in await store.outbox.claim("a", 2e9, {"erp": 10}, 60)}
@@ -317,7 +307,7 @@ async def test_outcomes_are_recorded_once_and_only_by_the_holder(store: Store) -
 
 
 async def test_retry_requeue_and_discard(store: Store) -> None:
-    waiting, dead = invoice("R-1"), invoice("R-2")
+    waiting, dead = accepted_invoice("R-1"), accepted_invoice("R-2")
     await store.intake.put(waiting)
     await store.intake.put(dead)
     jobs = {j.message_id: j for j in await store.outbox.claim("a", 2e9, {"erp": 10}, 60)}
@@ -383,7 +373,7 @@ async def test_audit_pages_and_time_ranges(store: Store) -> None:
 # --- sealed objects and keys -----------------------------------------------------------------------
 
 async def test_objects_move_to_another_key(store: Store) -> None:
-    old, other = invoice("K-1"), replace(invoice("K-2"), key_id="k0")
+    old, other = accepted_invoice("K-1"), replace(accepted_invoice("K-2"), key_id="k0")
     await store.intake.put(old)
     await store.intake.put(other)
     assert await store.keys.usage() == {"k1": 1, "k0": 1}
@@ -403,7 +393,8 @@ async def test_objects_move_to_another_key(store: Store) -> None:
 # --- reports ---------------------------------------------------------------------------------------
 
 async def test_message_lists_and_detail(store: Store) -> None:
-    inbound, held, out = invoice("M-1"), invoice("M-2", holds=("x",), partner="beta"), invoice("M-3", direction="out")
+    inbound, held = accepted_invoice("M-1"), accepted_invoice("M-2", holds=("x",), partner="beta")
+    out = accepted_invoice("M-3", direction="out")
     for inv in (inbound, held, out):
         await store.intake.put(inv)
     assert [m.message_id for m in await store.reports.messages()] == [out.message_id, held.message_id, inbound.message_id]
@@ -427,7 +418,7 @@ async def test_message_lists_and_detail(store: Store) -> None:
 
 
 async def test_dashboard_counts(store: Store) -> None:
-    for inv in (invoice("S-1"), invoice("S-2", holds=("x",))):
+    for inv in (accepted_invoice("S-1"), accepted_invoice("S-2", holds=("x",))):
         await store.intake.put(inv)
     [job] = await store.outbox.claim("a", 2e9, {"erp": 10}, 60)
     await store.outbox.record(job, delivered_at=stamp(), next_attempt_at=None, error=None, owner="a")
@@ -439,7 +430,7 @@ async def test_dashboard_counts(store: Store) -> None:
 # --- retention -------------------------------------------------------------------------------------
 
 async def test_retention_deletes_delivered_invoices_and_keeps_refusing_them(store: Store) -> None:
-    done, waiting = invoice("T-1"), invoice("T-2")
+    done, waiting = accepted_invoice("T-1"), accepted_invoice("T-2")
     await store.intake.put(done)
     await store.intake.put(waiting)
     jobs = {j.message_id: j for j in await store.outbox.claim("a", 2e9, {"erp": 10}, 60)}
@@ -448,10 +439,10 @@ async def test_retention_deletes_delivered_invoices_and_keeps_refusing_them(stor
     assert await store.retention.expire("2026-01-02T00:00:00.000000Z", 100) == [done.message_id]
     assert await store.retention.expire("2026-01-02T00:00:00.000000Z", 100) == []
     assert await store.reports.message(done.message_id) is None and await store.outbox.load_sealed(done.message_id) is None
-    again = await store.intake.put(invoice("T-1"))
+    again = await store.intake.put(accepted_invoice("T-1"))
     assert (again.message_id, again.status, again.duplicate) == (done.message_id, "delivered", True)
     with pytest.raises(Conflict):
-        await store.intake.put(invoice("T-1", content="new content, old number"))
+        await store.intake.put(accepted_invoice("T-1", content="new content, old number"))
     [expired] = await audit_of(store, "invoice.expired")
     assert expired["actor"] == "retention" and expired["sha256"] == done.sha256
 
@@ -556,17 +547,17 @@ async def test_four_eyes_requests(store: Store) -> None:
 
 async def test_what_was_stored_survives_a_reopen_and_a_closed_store_refuses(opener: Opener) -> None:
     first = opener()
-    inv = invoice("L-1")
+    inv = accepted_invoice("L-1")
     await first.intake.put(inv)
     await first.close()
     with pytest.raises(StorageUnavailable):
-        await first.intake.put(invoice("L-2"))  # refused, not hung
+        await first.intake.put(accepted_invoice("L-2"))  # refused, not hung
     again = opener()
     try:
         found = await again.intake.find_accepted("acme", inv.sha256)
         assert found is not None and found.message_id == inv.message_id
         assert await again.outbox.load_sealed(inv.message_id) == inv.sealed
-        assert (await again.intake.put(invoice("L-1"))).duplicate
+        assert (await again.intake.put(accepted_invoice("L-1"))).duplicate
     finally:
         await again.close()
 
@@ -574,7 +565,7 @@ async def test_what_was_stored_survives_a_reopen_and_a_closed_store_refuses(open
 @pytest.mark.parametrize("step", ["put", "record", "decide"])
 async def test_the_stored_status_follows_every_change(store: Store, step: str) -> None:
     """Every change keeps the message's summary (what its sender is told) the same in lists and detail."""
-    inv = invoice(f"F-{step}", holds=("x",) if step == "decide" else ())
+    inv = accepted_invoice(f"F-{step}", holds=("x",) if step == "decide" else ())
     await store.intake.put(inv)
     changes: dict[str, Callable[[], Awaitable[object]]] = {
         "put": lambda: asyncio.sleep(0),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import sqlite3
 import threading
@@ -17,20 +16,10 @@ from typing import Any
 import pytest
 
 from gateway.errors import Conflict, StorageUnavailable
-from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts, Receipt
+from gateway.model import AcceptedInvoice, DocumentType, Receipt
 from gateway.storage.sqlite.engine import MAX_BATCH, Engine
 from gateway.storage.sqlite.store import SqliteStore
-
-WAIT = 10  # seconds; a future that takes longer is a failure, not a hang
-
-
-def invoice(number: str, *, partner: str = "acme", content: str = "",
-            doc_type: DocumentType = DocumentType.UBL_INVOICE) -> AcceptedInvoice:
-    body = f"<Invoice>{number}{content}</Invoice>".encode()
-    facts = InvoiceFacts(doc_type, number, "2.1", ("0088:1",), ("0088:2",), "urn:c", "urn:p", "2026-11-02",
-                         credit_note=doc_type is DocumentType.UBL_CREDIT_NOTE)
-    return AcceptedInvoice(str(uuid.uuid4()), partner, hashlib.sha256(body).hexdigest(), "2026-11-20T00:00:00.000000Z",
-                           len(body), facts, b"sealed:" + body, "k1")
+from tests.helpers.records import WAIT, accepted_invoice
 
 
 async def put(store: SqliteStore, inv: AcceptedInvoice, *destinations: str) -> Receipt:
@@ -55,7 +44,7 @@ def committed(store: SqliteStore, message_id: str) -> int:
 
 
 async def test_put_then_find_status_and_load(store: SqliteStore) -> None:
-    inv = invoice("1")
+    inv = accepted_invoice("1")
     receipt = await put(store, inv, "erp")
     assert committed(store, inv.message_id) == 1  # durable once the put returned
     assert (receipt.message_id, receipt.status, receipt.sha256, receipt.duplicate) == (inv.message_id, "accepted", inv.sha256, False)
@@ -73,21 +62,21 @@ async def test_put_then_find_status_and_load(store: SqliteStore) -> None:
 
 
 async def test_same_content_again_returns_the_first_receipt(store: SqliteStore) -> None:
-    first = invoice("1")
+    first = accepted_invoice("1")
     await put(store, first, "erp")
-    again = await put(store, invoice("1"), "erp")  # same bytes, new message id
+    again = await put(store, accepted_invoice("1"), "erp")  # same bytes, new message id
     assert (again.message_id, again.duplicate) == (first.message_id, True)
     assert await store.reports.counts() == {"invoices": 1, "deliveries_pending": 1}
 
 
 async def test_same_number_other_content_conflicts(store: SqliteStore) -> None:
-    await put(store, invoice("1"), "erp")
+    await put(store, accepted_invoice("1"), "erp")
     with pytest.raises(Conflict) as err:
-        await put(store, invoice("1", content="changed"), "erp")
+        await put(store, accepted_invoice("1", content="changed"), "erp")
     assert err.value.code == "DUPLICATE_CONFLICT" and err.value.http_status == 409
     # The credit-note series, or another partner, may use the same number.
-    await put(store, invoice("1", content="cn", doc_type=DocumentType.UBL_CREDIT_NOTE), "erp")
-    await put(store, invoice("1", content="b", partner="beta"), "erp")
+    await put(store, accepted_invoice("1", content="cn", kind=DocumentType.UBL_CREDIT_NOTE), "erp")
+    await put(store, accepted_invoice("1", content="b", partner="beta"), "erp")
     assert (await store.reports.counts())["invoices"] == 3
 
 
@@ -114,7 +103,7 @@ async def queued(store: SqliteStore, *invoices: AcceptedInvoice) -> list[asyncio
 
 async def test_a_conflict_in_a_batch_spares_the_others(store: SqliteStore) -> None:
     gate, held = hold_writer(store)
-    a, b, c = invoice("1"), invoice("1", content="changed"), invoice("2")
+    a, b, c = accepted_invoice("1"), accepted_invoice("1", content="changed"), accepted_invoice("2")
     futures = await queued(store, a, b, c)
     gate.set()
     await asyncio.wait_for(asyncio.wrap_future(held), WAIT)
@@ -140,7 +129,7 @@ async def test_group_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     try:
         gate, held = hold_writer(store)
         tasks, per_task = 8, 25
-        futures = await queued(store, *(invoice(f"{t}-{i}") for t in range(tasks) for i in range(per_task)))
+        futures = await queued(store, *(accepted_invoice(f"{t}-{i}") for t in range(tasks) for i in range(per_task)))
         gate.set()
         await asyncio.wait_for(asyncio.wrap_future(held), WAIT)
         receipts = await asyncio.wait_for(asyncio.gather(*futures), WAIT)
@@ -154,19 +143,19 @@ async def test_group_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 async def test_reopen_after_close_keeps_everything(tmp_path: Path) -> None:
-    inv = invoice("1")
+    inv = accepted_invoice("1")
     store = SqliteStore(tmp_path / "state")
     await put(store, inv, "erp")
     await store.close()
     with pytest.raises(StorageUnavailable):
-        await put(store, invoice("2"), "erp")  # closed: refused, not hung
+        await put(store, accepted_invoice("2"), "erp")  # closed: refused, not hung
     reopened = SqliteStore(tmp_path / "state")
     try:
         found = await reopened.intake.find_accepted("acme", inv.sha256)
         assert found is not None and found.message_id == inv.message_id
         assert await reopened.outbox.load_sealed(inv.message_id) == inv.sealed
         assert await reopened.reports.counts() == {"invoices": 1, "deliveries_pending": 1}
-        again = await put(reopened, invoice("1"), "erp")
+        again = await put(reopened, accepted_invoice("1"), "erp")
         assert (again.message_id, again.duplicate) == (inv.message_id, True)  # duplicates survive restarts
     finally:
         await reopened.close()
@@ -190,7 +179,7 @@ async def computed_status(store: SqliteStore) -> dict[str, str]:
 
 
 async def test_the_status_column_follows_every_change(store: SqliteStore) -> None:
-    plain, two, held, rejected, nowhere = (invoice(f"S-{n}") for n in range(5))
+    plain, two, held, rejected, nowhere = (accepted_invoice(f"S-{n}") for n in range(5))
     await put(store, plain, "erp")
     await put(store, two, "erp", "archive")
     await put(store, replace(held, holds=("over the ceiling",)), "erp")
@@ -226,7 +215,7 @@ async def test_the_status_column_follows_every_change(store: SqliteStore) -> Non
 async def test_a_schema_6_database_gets_its_status_column_filled(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "state")
     try:
-        done, held = invoice("M-1"), invoice("M-2")
+        done, held = accepted_invoice("M-1"), accepted_invoice("M-2")
         await put(store, done, "erp")
         await put(store, replace(held, holds=("over the ceiling",)), "erp")
         job = (await store.outbox.claim("w", 2e9, {"erp": 10}, 60))[0]

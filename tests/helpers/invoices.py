@@ -1,0 +1,78 @@
+"""Invoices made from the sample for the fraud checks (payee accounts, amounts, currencies), sent and followed."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from lxml import etree
+
+from gateway.cli.demo import SAMPLE
+from gateway.config import load as config_mod
+from gateway.operations import instance
+from tests.helpers import post
+
+NS = {
+    "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
+    "cac": "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2",
+}
+
+
+IBAN_A = "DE89370400440532013000"  # the sample's own payee account
+
+
+IBAN_B = "GB82WEST12345698765432"
+
+
+IBAN_C = "NL91ABNA0417164300"
+
+
+DEMO = instance.DEMO_PARTNER
+
+
+def invoice(number: str, *, iban: str = IBAN_A, issue_date: str | None = None, note: str | None = None,
+            scale: str | None = None, currency: str | None = None, doc: bytes = SAMPLE) -> bytes:
+    """The sample invoice with another number (and payment id), payee account, issue date, note,
+    amounts or currency, edited with lxml so that it stays schema- and EN 16931-valid: every amount
+    is multiplied by ``scale`` (quantities are unchanged, so line and document totals still add up)."""
+    root = etree.fromstring(doc)
+
+    def one(path: str) -> Any:
+        [el] = root.xpath(path, namespaces=NS)
+        return el
+
+    one("/*/cbc:ID").text = number
+    one("/*/cac:PaymentMeans/cbc:PaymentID").text = number
+    one("/*/cac:PaymentMeans/cac:PayeeFinancialAccount/cbc:ID").text = iban
+    if issue_date is not None:
+        one("/*/cbc:IssueDate").text = issue_date
+    if note is not None:
+        one("/*/cbc:Note").text = note
+    amounts = root.xpath("//*[@currencyID]")
+    assert amounts, "the sample has no amounts"
+    if scale is not None:
+        for el in amounts:
+            el.text = str((Decimal(el.text) * Decimal(scale)).quantize(Decimal("0.01")))
+    if currency is not None:
+        one("/*/cbc:DocumentCurrencyCode").text = currency
+        for el in amounts:
+            el.set("currencyID", currency)
+    return etree.tostring(root.getroottree(), xml_declaration=True, encoding="UTF-8")
+
+
+async def accepted(s: aiohttp.ClientSession, body: bytes, status: str = "accepted") -> str:
+    code, reply = await post(s, body)
+    assert (code, reply.get("status"), reply.get("duplicate")) == (202, status, False), reply
+    return str(reply["message_id"])
+
+
+def outbox(inst: instance.Instance) -> Path:
+    """The folder of the directory destination, as the instance's configuration names it."""
+    [dest] = config_mod.load(inst.config).destinations
+    return dest.path
+
+
+def delivered(inst: instance.Instance, message_id: str) -> bool:
+    return (outbox(inst) / f"{message_id}.xml").exists()
