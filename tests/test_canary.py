@@ -12,12 +12,10 @@ nowhere, including in a body that was rejected (whose error reply names it, by d
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
 import json
-import socket
 import tempfile
 from pathlib import Path
 
@@ -25,11 +23,11 @@ import aiohttp
 import pytest
 
 from gateway import logs
-from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE
 from gateway.operations.instance import Instance
 from gateway.vault import MasterKey, read_key_file
-from tests.helpers import XML, Running, serving
+from tests.helpers import eventually, free_port, numbered, post, run_cli, serving
+from tests.helpers.daemon import set_admin
 
 NOTE_CANARY = "CANARY-note-8e41d7c0a9b2"  # BT-22 invoice note
 ITEM_CANARY = "CANARY-item-57fa03c6d1e8"  # BT-153 item name
@@ -37,8 +35,8 @@ REJECTED_CANARY = "CANARY-rejected-0b9c4e2f"  # in a body that fails the schema:
 NOTE = b"<cbc:Note>Sample invoice shipped with einvoice-gateway.</cbc:Note>"
 ITEM = b"<cbc:Name>Pallet of invoice paper</cbc:Name>"
 assert SAMPLE.count(NOTE) == 1 and SAMPLE.count(ITEM) == 1
-DOC = SAMPLE.replace(NOTE, f"<cbc:Note>{NOTE_CANARY}</cbc:Note>".encode()).replace(
-    ITEM, f"<cbc:Name>{ITEM_CANARY}</cbc:Name>".encode()).replace(b"DEMO-2026-0001</cbc:ID>", b"CANARY-0001</cbc:ID>")
+DOC = numbered("CANARY-0001", SAMPLE.replace(NOTE, f"<cbc:Note>{NOTE_CANARY}</cbc:Note>".encode()).replace(
+    ITEM, f"<cbc:Name>{ITEM_CANARY}</cbc:Name>".encode()))
 REJECTED = SAMPLE.replace(b"<cbc:IssueDate>2026-11-02<", f"<cbc:IssueDate>{REJECTED_CANARY}<".encode(), 1)
 WAIT_S = 15.0
 
@@ -73,36 +71,12 @@ def in_text(text: str, wanted: dict[str, bytes]) -> list[str]:
     return [name for name, needle in wanted.items() if needle in data]
 
 
-async def post(session: aiohttp.ClientSession, body: bytes) -> tuple[int, str]:
-    async with session.post("/v1/invoices", data=body, headers=XML) as r:
-        return r.status, await r.text()
-
-
-async def until_delivered(running: Running, n: int) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while await running.gw.store.reports.counts() != {"invoices": n, "deliveries_delivered": n}:
-            await asyncio.sleep(0.02)
-
-
 async def cli_out(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     """The CLI in a thread: it runs its own event loop (the daemon's keeps serving meanwhile)."""
-    code = await asyncio.to_thread(cli.main, list(argv))
+    code = await run_cli(*argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return captured.out + captured.err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def enable_admin(inst: Instance) -> None:
-    """The loopback admin listener (off in an instance made with port 0), for /metrics."""
-    text = inst.config.read_text()
-    assert text.count("listen_port = 0\n# token_file") == 1
-    inst.config.write_text(text.replace("listen_port = 0\n# token_file", f"listen_port = {free_port()}\n# token_file"))
 
 
 @pytest.fixture
@@ -117,7 +91,7 @@ def private_tmp(inst: Instance, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 async def test_no_content_or_key_material_outside_the_encrypted_store(inst: Instance, private_tmp: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    enable_admin(inst)
+    set_admin(inst, free_port())  # the loopback admin listener (off in an instance made with port 0), for /metrics
     ops = tmp_path / "ops"  # beside the instance (the inst fixture is tmp_path / "gw")
     ops.mkdir()
     stream = io.StringIO()
@@ -126,13 +100,17 @@ async def test_no_content_or_key_material_outside_the_encrypted_store(inst: Inst
     outputs: list[str] = []
     try:
         async with serving(inst, "debug", stream) as running:
-            async with aiohttp.ClientSession(running.url, connector=aiohttp.TCPConnector(ssl=running.ssl())) as s:
-                status, text = await post(s, DOC)
-                assert status == 202, text
-                message_id = json.loads(text)["message_id"]
-                status, text = await post(s, REJECTED)
-                assert status == 422 and REJECTED_CANARY in text, text  # the premise: the reply names it
-            await until_delivered(running, 1)
+            async with running.session() as s:
+                answer = await post(s, DOC)
+                assert answer.status == 202, answer.text
+                message_id = json.loads(answer.text)["message_id"]
+                answer = await post(s, REJECTED)
+                assert answer.status == 422 and REJECTED_CANARY in answer.text, answer.text  # the premise: the reply names it
+
+            async def all_delivered() -> bool:
+                return await running.gw.store.reports.counts() == {"invoices": 1, "deliveries_delivered": 1}
+
+            await eventually(all_delivered, "the invoice to be delivered", WAIT_S)
             delivered = (inst.delivery_folder / f"{message_id}.xml").read_bytes()
             assert delivered == DOC and NOTE_CANARY.encode() in delivered  # the premise: it is in the ERP inbox
 

@@ -63,18 +63,17 @@ import aiohttp
 import pytest
 from lxml import etree
 
-from gateway import devpki, logs
+from gateway import logs
 from gateway.app.gateway import Gateway, build
 from gateway.config import load as config_mod
 from gateway.errors import GatewayError
 from gateway.model import SignaturePolicy, Syntax
 from gateway.operations import instance
 from gateway.partners.book import editing
-from gateway.partners.edit import register_partner
 from gateway.stages.rules import BUILTIN, MAX_REPORTED, PackSpec, RuleEngine, builtin_pack
 from gateway.tls import client_context
-from tests.helpers import CII_RULES, CORPUS, XML, hold_placeholder_ibans, with_corpus_cii
-from tests.helpers.corpus import partner_groups
+from tests.helpers import CII_RULES, CORPUS, add_partner, hold_placeholder_ibans, post, with_corpus_cii
+from tests.helpers.corpus import NS, partner_groups, supplier_ids
 
 PROCESSES = 2  # rules processes per engine (the one here and the gateways' one)
 REFERENCE_VERSION = "1.3.16"  # the version of the manifest's en16931_1.3.16_actual column
@@ -91,21 +90,6 @@ EN16931_RULE = re.compile(r"^(BR-|UBL-|CII-)")
 DETAIL_RULE = re.compile(r"^\[([^\]]+)\]")  # "[BR-CO-15] text"
 FREE_TEXT = re.compile(r"^EN16931 errors(; XRechnung rules (pass|fail))?$")
 
-NS = {
-    "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
-    "cac": "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2",
-    "rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
-    "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100",
-}
-_UBL_PARTY = "/*/cac:AccountingSupplierParty/cac:Party/"
-_CII_SELLER = "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction/ram:ApplicableHeaderTradeAgreement/ram:SellerTradeParty/"
-# EN 16931 BT-29, BT-30, BT-31/32, BT-34: scheme:value (tax registrations bare, as UBL writes them).
-SCHEMED_IDS = etree.XPath(" | ".join(
-    [_UBL_PARTY + p for p in ("cbc:EndpointID", "cac:PartyIdentification/cbc:ID", "cac:PartyTaxScheme/cbc:CompanyID",
-                              "cac:PartyLegalEntity/cbc:CompanyID")]
-    + [_CII_SELLER + p for p in ("ram:ID", "ram:GlobalID", "ram:SpecifiedLegalOrganization/ram:ID",
-                                 "ram:URIUniversalCommunication/ram:URIID")]), namespaces=NS)
-BARE_IDS = etree.XPath(_CII_SELLER + "ram:SpecifiedTaxRegistration/ram:ID", namespaces=NS)
 NUMBER = etree.XPath("string(/*/cbc:ID | /rsm:CrossIndustryInvoice/rsm:ExchangedDocument/ram:ID)", namespaces=NS)
 SIGNED = etree.XPath("boolean(//ds:Signature)", namespaces={"ds": "http://www.w3.org/2000/09/xmldsig#"})
 PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
@@ -162,18 +146,6 @@ def parse_actual(text: str) -> dict[str, set[str]]:
         flag, _, rules = part.partition(":")
         out[flag.strip()] = set(rules.split(","))
     return out
-
-
-def supplier_ids(root: etree._Element) -> tuple[str, ...]:
-    out: dict[str, None] = {}
-    for el in SCHEMED_IDS(root):
-        value, scheme = el.xpath("string()").strip(), (el.get("schemeID") or "").strip()
-        if value:
-            out[f"{scheme}:{value}" if scheme else value] = None
-    for el in BARE_IDS(root):
-        if value := el.xpath("string()").strip():
-            out[value] = None
-    return tuple(out)
 
 
 def load_manifest() -> list[Row]:
@@ -355,10 +327,9 @@ async def run_corpus(inst: instance.Instance, engine: RuleEngine) -> Results:
     signed = {owner[r.ids[0]] for r in sent if r.ids and r.signed}
     certs = {}
     for name, ids in sorted(ids_of.items()):
-        certs[name] = devpki.issue(inst.ca, inst.root / "pki" / "clients", name, role="client")
         # Signatures are tests/stages/test_signature_corpus.py's business; here they must not stop a document before the rules.
         policy = SignaturePolicy.IGNORE if name in signed else SignaturePolicy.IF_PRESENT
-        register_partner(inst.partners, name, [certs[name].cert], ids, [], "test", policy=policy)  # rules.default
+        certs[name] = add_partner(inst, name, ids, policy=policy)  # rules.default
 
     used: list[set[tuple[str, str]]] = []
     plan: list[tuple[Row, str, int]] = []  # document, sending partner, slot
@@ -381,11 +352,10 @@ async def run_corpus(inst: instance.Instance, engine: RuleEngine) -> Results:
     sessions = {n: aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(inst.ca.cert, c.cert, c.key)))
                 for n, c in certs.items()}
 
-    async def post(r: Row, partner: str, slot: int) -> Reply:
+    async def send(r: Row, partner: str, slot: int) -> Reply:
         url = f"https://127.0.0.1:{gws[slot].port}/v1/invoices"
-        async with sessions[partner].post(url, data=(CORPUS / r.path).read_bytes(), headers=XML) as resp:
-            body = await resp.json() if resp.content_type == "application/json" else {"raw": await resp.text()}
-            return resp.status, body
+        answer = await post(sessions[partner], (CORPUS / r.path).read_bytes(), path=url)
+        return answer.status, answer.json if answer.json is not None else {"raw": answer.text}
 
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=PROCESSES, thread_name_prefix="conformance")
@@ -393,7 +363,7 @@ async def run_corpus(inst: instance.Instance, engine: RuleEngine) -> Results:
         for gw in gws:
             await gw.start()
         direct = asyncio.gather(*(loop.run_in_executor(pool, evaluate, engine, r) for r in ROWS if r.outcome not in ELSEWHERE))
-        replies, findings = await asyncio.gather(asyncio.gather(*(post(*p) for p in plan)), direct)
+        replies, findings = await asyncio.gather(asyncio.gather(*(send(*p) for p in plan)), direct)
         stored = sum([(await gw.store.reports.counts())["invoices"] for gw in gws])
         packs = [f"{BUILTIN} {parts.rules.packs[BUILTIN].version}"]
     finally:

@@ -39,26 +39,17 @@ import aiohttp
 import pytest
 from lxml import etree
 
-from gateway import devpki, logs
+from gateway import logs
 from gateway.app.gateway import Gateway, Parts, build
 from gateway.config import load as config_mod
 from gateway.model import DocumentType, SignaturePolicy
 from gateway.operations import instance
 from gateway.partners.book import editing
-from gateway.partners.edit import register_partner
 from gateway.stages.rules import BUILTIN
 from gateway.tls import client_context
-from tests.helpers import CORPUS, XML, hold_placeholder_ibans
-from tests.helpers.corpus import partner_groups
+from tests.helpers import CORPUS, add_partner, hold_placeholder_ibans, post
+from tests.helpers.corpus import NS, partner_groups, supplier_ids
 
-NS = {
-    "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
-    "cac": "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2",
-}
-_PARTY = "/*/cac:AccountingSupplierParty/cac:Party/"
-SUPPLIER_IDS = etree.XPath(" | ".join(_PARTY + p for p in (
-    "cbc:EndpointID", "cac:PartyIdentification/cbc:ID", "cac:PartyTaxScheme/cbc:CompanyID", "cac:PartyLegalEntity/cbc:CompanyID",
-)), namespaces=NS)
 NUMBER = etree.XPath("string(/*/cbc:ID)", namespaces=NS)
 SIGNED = etree.XPath("boolean(//ds:Signature)", namespaces={"ds": "http://www.w3.org/2000/09/xmldsig#"})
 VALID = ("valid", "valid-with-warnings", "valid-xsd-only")
@@ -74,16 +65,6 @@ class Doc:
     number: str = ""
     ids: tuple[str, ...] = ()
     signed: bool = False
-
-
-def supplier_ids(root: etree._Element) -> tuple[str, ...]:
-    out: dict[str, None] = {}
-    for el in SUPPLIER_IDS(root):
-        value = el.xpath("string()").strip()
-        if value:
-            scheme = (el.get("schemeID") or "").strip()
-            out[f"{scheme}:{value}" if scheme else value] = None
-    return tuple(out)
 
 
 def load_manifest() -> list[Doc]:
@@ -136,10 +117,9 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
     mixed = sorted(n for n, o in outcomes.items() if XSD_ONLY in o and len(o) > 1)
     assert not mixed, f"partners with both valid-xsd-only and EN 16931 documents: {mixed}"
     for name, ids in sorted(ids_of.items()):
-        certs[name] = devpki.issue(inst.ca, inst.root / "pki" / "clients", name, role="client")
         policy = SignaturePolicy.IGNORE if name in signed_partners else SignaturePolicy.IF_PRESENT
         rules = () if outcomes[name] == {XSD_ONLY} else None  # (): `partners add --no-rules`; None: rules.default
-        register_partner(inst.partners, name, [certs[name].cert], ids, [], "test", policy=policy, rules=rules)
+        certs[name] = add_partner(inst, name, ids, policy=policy, rules=rules)
 
     used: list[set[tuple[str, str, str]]] = []
     plan: list[tuple[Doc, str, int]] = []  # document, sending partner, slot
@@ -162,16 +142,15 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
     sessions = {n: aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(inst.ca.cert, c.cert, c.key)))
                 for n, c in certs.items()}
 
-    async def post(d: Doc, partner: str, slot: int) -> tuple[int, dict[str, Any]]:
+    async def send(d: Doc, partner: str, slot: int) -> tuple[int, dict[str, Any]]:
         url = f"https://127.0.0.1:{gws[slot].port}/v1/invoices"
-        async with sessions[partner].post(url, data=(CORPUS / d.path).read_bytes(), headers=XML) as r:
-            body = await r.json() if r.content_type == "application/json" else {"raw": await r.text()}
-            return r.status, body
+        answer = await post(sessions[partner], (CORPUS / d.path).read_bytes(), path=url)
+        return answer.status, answer.json if answer.json is not None else {"raw": answer.text}
 
     try:
         for gw in gws:
             await gw.start()
-        replies = await asyncio.gather(*(post(*p) for p in plan))
+        replies = await asyncio.gather(*(send(*p) for p in plan))
         stored = sum([(await gw.store.reports.counts())["invoices"] for gw in gws])
     finally:
         for s in sessions.values():

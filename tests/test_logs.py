@@ -11,7 +11,7 @@ import pytest
 from gateway import logs
 from gateway.cli.demo import SAMPLE
 from gateway.operations.instance import DEMO_PARTNER
-from tests.helpers import XML
+from tests.helpers import post
 
 CANARY = "CANARY7f3a9c2e51d0"
 NOTE = b"<cbc:Note>Sample invoice shipped with einvoice-gateway.</cbc:Note>"
@@ -33,12 +33,11 @@ async def test_no_content_or_secrets_in_logs(gateway, client, log_stream):
     session = client()
     replies = {}
     for name, body, expected in (("accepted", ACCEPTED, 202), ("schema", SCHEMA_INVALID, 422), ("malformed", NOT_WELL_FORMED, 400)):
-        async with session.post("/v1/invoices", data=body, headers=XML) as r:
-            text = await r.text()
-            assert r.status == expected, text
-            replies[name] = json.loads(text)
-            if name != "accepted":
-                assert CANARY in text  # the premise: the error itself carries the canary
+        answer = await post(session, body)
+        assert answer.status == expected, answer.text
+        replies[name] = json.loads(answer.text)
+        if name != "accepted":
+            assert CANARY in answer.text  # the premise: the error itself carries the canary
 
     text = log_stream.getvalue()
     assert CANARY not in text
@@ -114,8 +113,7 @@ def test_configured_output_is_json_and_redacted():
     ],
 )
 async def test_other_rejections_keep_content_out_of_logs(gateway, client, log_stream, body, code):
-    async with client().post("/v1/invoices", data=body, headers=XML) as r:
-        reply = await r.json()
+    reply = (await post(client(), body)).json
     assert reply["error"] == code and CANARY in json.dumps(reply)  # the partner is told what was wrong
     events = [json.loads(line) for line in log_stream.getvalue().splitlines()]
     assert [e["code"] for e in events if e["event"] == "invoice.rejected"] == [code]

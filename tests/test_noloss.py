@@ -17,7 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is a folder of scripts, not a package
 
 from erpstub import ErpStub, Ledger, Post, signed_headers  # noqa: E402

@@ -5,7 +5,8 @@ READY=1 only once the HTTPS listener answers; WATCHDOG=1 at half of WATCHDOG_USE
 RELOADING=1 (with MONOTONIC_USEC) then READY=1; SIGTERM gives STOPPING=1 and exit 0.  Every message
 comes from the main process (systemd's default NotifyAccess=main ignores the others).
 
-``Daemon`` and ``NotifySocket`` are reused by test_reload.py and test_admin.py.
+``Daemon`` and ``NotifySocket`` are in tests/helpers/daemon.py (tests/app/test_gateway.py and
+tests/operations/test_admin.py use them too).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "einvoice-gateway.service"
 SYSUSERS = SYSTEMD / "einvoice-gateway.sysusers"

@@ -31,15 +31,8 @@ from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
 from gateway.tls import client_context
-from tests.helpers import FOREIGN, FOREIGN_IDS, XML, Running, serving
+from tests.helpers import FOREIGN, FOREIGN_IDS, FakeClock, Running, audit_of, eventually, numbered, post, serving
 from tests.helpers.daemon import Daemon, NotifySocket, make_instance
-
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
-assert SAMPLE.count(NUMBER) == 1
-
-
-def numbered(tag: str, doc: bytes = SAMPLE) -> bytes:
-    return doc.replace(NUMBER, f"{tag}</cbc:ID>".encode())
 
 
 def events(stream: io.StringIO, name: str) -> list[dict]:
@@ -53,33 +46,13 @@ def events(stream: io.StringIO, name: str) -> list[dict]:
 
 
 @contextlib.asynccontextmanager
-async def running(inst: instance.Instance) -> AsyncIterator[tuple[Running, io.StringIO]]:
+async def running(inst: instance.Instance, clock: FakeClock | None = None) -> AsyncIterator[tuple[Running, io.StringIO]]:
     stream = io.StringIO()
     try:
-        async with serving(inst, "debug", stream) as r:
+        async with serving(inst, "debug", stream, clock=clock) as r:
             yield r, stream
     finally:
         logs.configure("debug")
-
-
-async def post(session: aiohttp.ClientSession, body: bytes) -> tuple[int, dict]:
-    async with session.post("/v1/invoices", data=body, headers=XML) as r:
-        return r.status, await r.json()
-
-
-@contextlib.asynccontextmanager
-async def session_for(r: Running, cert: Path | None = None, key: Path | None = None) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(r.url, connector=aiohttp.TCPConnector(ssl=r.ssl(cert, key))) as s:
-        yield s
-    await asyncio.sleep(0.05)  # let the TLS transports finish closing
-
-
-async def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # --- (1) an invalid edit is refused; the running configuration stays -------------------------------------
@@ -111,7 +84,7 @@ EDITS = [_unknown_key, _missing_certificate, _garbage_certificate, _route_to_now
 
 async def test_invalid_edit_is_refused_and_the_old_config_stays(inst):
     good = inst.config.read_text()
-    async with running(inst) as (r, stream), session_for(r) as s:
+    async with running(inst) as (r, stream), r.session() as s:
         before = r.gw.config
         for n, edit in enumerate(EDITS, 1):
             text, named = edit(good, inst)
@@ -138,10 +111,10 @@ async def test_new_destination_and_route_take_effect(inst, tmp_path):
     second = tmp_path / "erp-two"
     second.mkdir()
     async with running(inst) as (r, stream):
-        async with session_for(r) as s:
+        async with r.session() as s:
             status, first = await post(s, numbered("RELOAD-BEFORE"))
             assert status == 202, first
-            await wait_for(lambda: (inst.delivery_folder / f"{first['message_id']}.xml").exists(), what="first delivery")
+            await eventually(lambda: (inst.delivery_folder / f"{first['message_id']}.xml").exists(), "first delivery")
 
             inst.config.write_text(inst.config.read_text() + (
                 f'\n[[destinations]]\nname = "erp-two"\ntype = "directory"\npath = "{second}"\n'
@@ -152,13 +125,13 @@ async def test_new_destination_and_route_take_effect(inst, tmp_path):
 
             status, after = await post(s, numbered("RELOAD-AFTER"))
             assert status == 202, after
-        await wait_for(lambda: (second / f"{after['message_id']}.xml").exists(), what="delivery to the new destination")
+        await eventually(lambda: (second / f"{after['message_id']}.xml").exists(), "delivery to the new destination")
         assert not (inst.delivery_folder / f"{after['message_id']}.xml").exists()
         assert not (second / f"{first['message_id']}.xml").exists()
         message = await r.gw.store.reports.message(after["message_id"])
         assert message is not None and [d.destination for d in message.deliveries] == ["erp-two"]
-        audit = [a.as_json() | {"detail": json.loads(a.detail)} for a in await r.gw.store.audit.newest() if a.action == "config.reloaded"]
-        assert audit and audit[0]["detail"]["destinations"] == ["erp-inbox", "erp-two"]
+        audit = await audit_of(r.gw.store, "config.reloaded")
+        assert audit and audit[-1]["detail"]["destinations"] == ["erp-inbox", "erp-two"]
 
 
 # --- (3) a new server certificate; a new partner CA -----------------------------------------------------
@@ -258,20 +231,22 @@ async def test_new_partner_ca_takes_effect_on_reload(inst, tmp_path):
     ca2 = devpki.make_ca(tmp_path / "ca2", "ca2", cn="second partner CA")
     newco = devpki.issue(ca2, tmp_path / "ca2", "newco", role="client")
     register_partner(inst.partners, "newco", [newco.cert], FOREIGN_IDS, [], verified_by="test")
-    async with running(inst) as (r, _stream):
-        await wait_for(lambda: r.gw.parts.partners.current.get("newco") is not None, what="the partners file reload")
+    clock = FakeClock()
+    async with running(inst, clock) as (r, _stream):
+        await clock.advance(r.gw.config.partners_reload_s)  # a tick of the partners file watch, without waiting for it
+        assert r.gw.parts.partners.current.get("newco") is not None, "the partners file reload"
         with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
-            async with session_for(r, newco.cert, newco.key) as s:
+            async with r.session(newco.cert, newco.key) as s:
                 await post(s, FOREIGN)
 
         text = inst.config.read_text()
         assert 'client_ca = ["pki/ca.crt"]' in text
         inst.config.write_text(text.replace('client_ca = ["pki/ca.crt"]', f'client_ca = ["pki/ca.crt", "{ca2.cert}"]', 1))
         assert await r.gw.reload() is True
-        async with session_for(r, newco.cert, newco.key) as s:
+        async with r.session(newco.cert, newco.key) as s:
             status, reply = await post(s, FOREIGN)
         assert status == 202, reply
-        async with session_for(r) as s:  # the first CA's partners still get in
+        async with r.session() as s:  # the first CA's partners still get in
             status, reply = await post(s, SAMPLE)
         assert status == 202, reply
 
@@ -291,11 +266,11 @@ async def test_restart_only_change_is_named(inst):
         assert warning["settings"] == ["https.listen_host/listen_port"]
         assert warning["level"] == "warning"
         assert r.gw.port == port  # still listening where it was
-        async with session_for(r) as s:
+        async with r.session() as s:
             status, reply = await post(s, SAMPLE)
         assert status == 202, reply
-        audit = [a.as_json() | {"detail": json.loads(a.detail)} for a in await r.gw.store.audit.newest() if a.action == "config.reloaded"]
-        assert audit[0]["detail"]["restart_needed"] == ["https.listen_host/listen_port"]
+        audit = await audit_of(r.gw.store, "config.reloaded")
+        assert audit[-1]["detail"]["restart_needed"] == ["https.listen_host/listen_port"]
 
 
 

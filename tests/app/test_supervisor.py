@@ -16,21 +16,15 @@ import pytest
 
 from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
-from tests.helpers import ENV, free_port, wait_for_port
-from tests.helpers.daemon import post_many
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+from tests.helpers import ENV, free_port, numbered, wait_for_port
+from tests.helpers.daemon import children, post_many, set_workers
 
 
 @pytest.fixture
 def served(tmp_path: Path):
     port = free_port()
     inst = instance.init(tmp_path / "gw", port=port)
-    text = inst.config.read_text().replace("workers = 0", "workers = 2")
-    assert "workers = 2" in text
-    inst.config.write_text(text)
+    set_workers(inst, 2)
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(inst.config)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -65,7 +59,7 @@ def test_workers_share_one_store_and_stop_cleanly(served):
     assert {s for s, _ in same} == {202}
     assert len({r["message_id"] for _, r in same}) == 1  # one acceptance across both processes
     assert sum(not r["duplicate"] for _, r in same) == 1
-    distinct = [SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", f"W-{i}</cbc:ID>".encode()) for i in range(20)]
+    distinct = [numbered(f"W-{i}") for i in range(20)]
     replies = asyncio.run(post_many(inst, distinct))
     assert [s for s, _ in replies] == [202] * 20
     deadline = time.monotonic() + 10  # worker 0 delivers what both accepted

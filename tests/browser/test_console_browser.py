@@ -24,7 +24,7 @@ import pytest
 from aiohttp.web_request import BaseRequest
 
 from gateway.cli.demo import SAMPLE
-from tests.helpers import ROOT, eventually
+from tests.helpers import ROOT, eventually, post
 from tests.helpers.browser import (
     MISSING,
     WAIT_S,
@@ -73,7 +73,7 @@ EVIL = "http://evil.example"
 
 async def held_invoice(console: Console, number: str = "HELD-0001") -> str:
     """An invoice held for review: the demo partner's usual account first, then a new one."""
-    async with console.mtls() as s:
+    async with console.running.session() as s:
         await accepted(s, invoice(f"{number}-K"))
         return await accepted(s, invoice(number, iban=IBAN_B), status="held")
 
@@ -268,12 +268,7 @@ async def test_passkey_registration_and_login(console: Console) -> None:
     await expect(page.locator("table#passkeys tbody tr form")).to_have_count(0)
     await page.locator("button#passkey-register").click()
     await reauth_if_asked(page, dave)
-    creds: list[dict[str, Any]] = []
-    for _ in range(100):  # at most 10 s
-        creds = await authenticator.credentials()
-        if creds:
-            break
-        await page.wait_for_timeout(100)
+    creds: list[dict[str, Any]] = await eventually(authenticator.credentials, "a credential in the authenticator", 10.0)
     [cred] = creds
     assert cred["rpId"] == "localhost" and cred["isResidentCredential"] is True, cred
     # The gateway stored it too (not only the authenticator): audited, listed, and offered at the next login.
@@ -448,7 +443,7 @@ async def test_dead_letter_requeue_reaches_the_erp(inst, start_console: StartCon
     erp.default = (422, "cost centre missing", {})  # a refusal: dead-lettered at once
     console = await start_console(lambda i: merge_config(i.config, {
         "destinations": [https_destination(i, erp.url)], "routing": {"default": ["erp-api"]}}))
-    async with console.mtls() as s:
+    async with console.running.session() as s:
         mid = await accepted(s, SAMPLE)
     async def dead_lettered() -> bool:
         return [d.message_id for d in await console.store.reports.dead_letters()] == [mid]
@@ -501,7 +496,7 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
     console = await start_console(lambda i: merge_config(i.config, {
         "destinations": [https_destination(i, erp.url)], "routes": [{"receiver": REFUSED_BUYER, "destinations": ["erp-api"]}],
         "routing": {"default": ["erp-inbox"]}}))
-    async with console.mtls() as s:
+    async with console.running.session() as s:
         ok = await accepted(s, SAMPLE)
         dead = await accepted(s, REFUSED_DOC)
         held = await accepted(s, invoice("DEMO-2026-0042", iban=IBAN_B), status="held")
@@ -551,17 +546,12 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
 async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprint(console: Console, tmp_path: Path) -> None:
     from gateway.operations.instance import DEMO_PARTNER
     from gateway.tls import cert_sha256, inspect_certificate
-    from tests.helpers import post
 
     new = console.running.issue_client("demo-next")
     info = inspect_certificate(new.cert, "test")
     spoken = ":".join(cert_sha256(info.cert)[i:i + 2] for i in range(0, 64, 2)).upper()  # as openssl prints it
 
-    def partner_session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(console.running.url, connector=aiohttp.TCPConnector(
-            ssl=console.running.ssl(new.cert, new.key)))
-
-    async with partner_session() as s:
+    async with console.running.session(new.cert, new.key) as s:
         code, reply = await post(s, invoice("ROLL-0001"))
     assert (code, reply["error"]) == (403, "PARTNER_UNKNOWN"), reply
 
@@ -595,14 +585,12 @@ async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprin
     assert "bob" in record["actor"] and "ann" in str(record["detail"]) and record["detail"]["added"] == info.spki_sha256
 
     async def accepted_with_new() -> bool:
-        async with partner_session() as s:
+        async with console.running.session(new.cert, new.key) as s:
             code, reply = await post(s, invoice(f"ROLL-{len(await console.audit('invoice.accepted')):04d}"))
         return code == 202
 
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not await accepted_with_new():  # the daemon re-reads the partners file within seconds
-        assert asyncio.get_running_loop().time() < deadline, "the new certificate was never accepted"
-        await asyncio.sleep(0.2)
+    # the daemon re-reads the partners file within seconds
+    await eventually(accepted_with_new, "the new certificate to be accepted", WAIT_S)
     await open_page(page_b, f"/console/partners/{DEMO_PARTNER}")
     await expect(page_b.locator(f"table#certificates tr[data-spki='{info.spki_sha256[:16]}']")).to_contain_text("accepted")
     if os.environ.get("EGW_SCREENSHOTS") == "1":

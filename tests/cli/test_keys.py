@@ -32,7 +32,6 @@ from gateway import logs
 from gateway.cli import common as clicommon
 from gateway.cli import keys as keyscli
 from gateway.cli import main as cli
-from gateway.cli.demo import SAMPLE
 from gateway.config import load as config_mod
 from gateway.config.model import Config
 from gateway.operations import audit
@@ -41,27 +40,13 @@ from gateway.storage.records import Resealed
 from gateway.storage.sqlite.keys import SqliteKeys
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import Vault, read_key_file
-from tests.helpers import XML, Running, serving
+from tests.helpers import Running, eventually, numbered, post, run_command, serving
 
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
-assert SAMPLE.count(NUMBER) == 1
 WAIT_S = 20.0
 
 
-def numbered(n: int) -> bytes:
-    return SAMPLE.replace(NUMBER, f"KEYS-{n:05d}</cbc:ID>".encode())
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """The command, in-process.  It runs an event loop of its own (asyncio.run): from an async test, call
-    the helpers below through asyncio.to_thread, as the CLI runs beside the daemon."""
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def keys_cmd(capsys: pytest.CaptureFixture[str], inst: Instance, *argv: str) -> tuple[int, str, str]:
-    return run(capsys, "keys", *argv, "-c", str(inst.config))
+    return run_command(capsys, "keys", *argv, "-c", str(inst.config))
 
 
 def listed(capsys: pytest.CaptureFixture[str], inst: Instance) -> list[list[str]]:
@@ -93,9 +78,8 @@ class Sent:
     bodies: dict[str, bytes] = dataclasses.field(default_factory=dict)  # message id → document
 
     async def post(self, session: aiohttp.ClientSession, body: bytes) -> str:
-        async with session.post("/v1/invoices", data=body, headers=XML) as r:
-            reply = await r.json()
-            assert r.status == 202, reply
+        status, reply = await post(session, body)
+        assert status == 202, reply
         assert reply["sha256"] == hashlib.sha256(body).hexdigest() and reply["duplicate"] is False
         self.bodies[reply["message_id"]] = body
         return str(reply["message_id"])
@@ -129,14 +113,18 @@ def assert_all_open(inst: Instance, sent: Sent) -> dict[str, int]:
 async def delivered(running: Running, sent: Sent) -> None:
     """Wait until everything sent was delivered, then compare the ERP inbox with what was sent."""
     store = running.gw.store
-    async with asyncio.timeout(WAIT_S):
-        while await store.reports.counts() != {"invoices": len(sent.bodies), "deliveries_delivered": len(sent.bodies)}:
-            await asyncio.sleep(0.02)
+
+    async def all_delivered() -> bool:
+        return await store.reports.counts() == {"invoices": len(sent.bodies), "deliveries_delivered": len(sent.bodies)}
+
+    await eventually(all_delivered, "everything sent to be delivered", WAIT_S)
     for message_id, body in sent.bodies.items():
         assert (running.inst.delivery_folder / f"{message_id}.xml").read_bytes() == body
 
 
 def audit_rows(inst: Instance, *actions: str) -> list[dict[str, Any]]:
+    """The audit records of several actions in one sequence (tests.helpers.audit_of reads one action through
+    the store), read with a connection of our own."""
     with contextlib.closing(sqlite3.connect(inst.state_dir / "gateway.db")) as conn:
         rows = [dict(zip(("seq", "actor", "action", "detail"), r, strict=True)) | {"detail": json.loads(r[3])}
                 for r in conn.execute("SELECT seq, actor, action, detail FROM audit ORDER BY seq")]
@@ -162,7 +150,7 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
     sent = Sent()
     s = client()
     for n in range(3):
-        await sent.post(s, numbered(n))
+        await sent.post(s, numbered(f"KEYS-{n:05d}"))
 
     assert await asyncio.to_thread(listed, capsys, inst) == [
         [old, configured_vault(inst).created(old), "3 object(s)", "current", str(inst.master_key)]]
@@ -176,10 +164,10 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
     assert [(r[0], r[2], r[3]) for r in rows] == [(old, "3 object(s)", ""), (new, "0 object(s)", "current")]
 
     # The running daemon seals with the key it loaded until it reloads.
-    await sent.post(s, numbered(3))
+    await sent.post(s, numbered("KEYS-00003"))
     assert await gw.store.keys.usage() == {old: 4}
     assert await gw.reload("bob") is True
-    await sent.post(s, numbered(4))
+    await sent.post(s, numbered("KEYS-00004"))
     assert await gw.store.keys.usage() == {old: 4, new: 1}
 
     # Retiring a key still needed, or the current key, is refused.
@@ -208,7 +196,7 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
     assert [r[0] for r in await asyncio.to_thread(listed, capsys, inst)] == [new]
     assert configured_vault(inst).key_ids == [new]
     assert await gw.reload("bob") is True
-    await sent.post(s, numbered(5))
+    await sent.post(s, numbered("KEYS-00005"))
     assert await gw.store.keys.usage() == {new: 6}
     assert assert_all_open(inst, sent) == {new: 6}
     await delivered(gateway, sent)
@@ -231,7 +219,7 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
 async def test_rewrap_and_retire_leave_no_key_material_in_the_audit_log(gateway: Running, client,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     sent = Sent()
-    await sent.post(client(), numbered(1))
+    await sent.post(client(), numbered("KEYS-00001"))
     new, path = await asyncio.to_thread(rotate, capsys, gateway.inst)
     assert await gateway.gw.reload() is True
     assert (await asyncio.to_thread(keys_cmd, capsys, gateway.inst, "rewrap"))[0] == 0
@@ -285,7 +273,7 @@ async def test_rotation_and_rewrap_while_invoices_are_accepted(gateway: Running,
         if n >= 30:
             await began.wait()
         async with gate:
-            await sent.post(s, numbered(n))
+            await sent.post(s, numbered(f"KEYS-{n:05d}"))
         arrived.append(time.monotonic())
         if mark and len(sent.bodies) >= mark[0] + 5:
             five_more.set()
@@ -363,8 +351,8 @@ async def quiet(inst: Instance) -> AsyncIterator[Running]:
 async def test_rewrap_before_the_daemon_reloads_is_refused(quiet: Running, capsys: pytest.CaptureFixture[str]) -> None:
     """Re-sealed under a key the daemon has not loaded, pending invoices could not be delivered: refused."""
     sent = Sent()
-    async with aiohttp.ClientSession(quiet.url, connector=aiohttp.TCPConnector(ssl=quiet.ssl())) as s:
-        message_id = await sent.post(s, numbered(1))
+    async with quiet.session() as s:
+        message_id = await sent.post(s, numbered("KEYS-00001"))
     new, _ = await asyncio.to_thread(rotate, capsys, quiet.inst)
     code, _, err = await asyncio.to_thread(keys_cmd, capsys, quiet.inst, "rewrap")  # the operator forgot the reload
     assert code == 2 and "reload it first" in err and new in err, err
@@ -421,8 +409,8 @@ def test_rewrap_refuses_an_unknown_key(inst: Instance, capsys: pytest.CaptureFix
 
 async def test_list_names_a_key_that_objects_need_and_no_file_holds(quiet: Running, capsys: pytest.CaptureFixture[str]) -> None:
     sent = Sent()
-    async with aiohttp.ClientSession(quiet.url, connector=aiohttp.TCPConnector(ssl=quiet.ssl())) as s:
-        await sent.post(s, numbered(1))
+    async with quiet.session() as s:
+        await sent.post(s, numbered("KEYS-00001"))
     await asyncio.to_thread(rotate, capsys, quiet.inst)
     quiet.inst.master_key.rename(quiet.inst.root / "master-1.key.away")  # lost, without a rewrap
     rows = await asyncio.to_thread(listed, capsys, quiet.inst)

@@ -10,32 +10,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from gateway import devpki
-from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE
 from gateway.files import atomic_write
 from gateway.operations import instance
 from gateway.partners.book import load_directory
-from gateway.tls import client_context, inspect_certificate
-from tests.helpers import ENV, FOREIGN, FOREIGN_IDS, XML, free_port, wait_for_port
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
+from gateway.tls import inspect_certificate
+from tests.helpers import ENV, FOREIGN, FOREIGN_IDS, eventually, free_port, post, run_cli, run_command, wait_for_port
+from tests.helpers.daemon import post_many
 
 # --- init -----------------------------------------------------------------------------------------
 
 
 def test_init_json(tmp_path, capsys):
-    code, out, _ = run(capsys, "init", str(tmp_path / "gw"), "--port", "18443", "--json")
+    code, out, _ = run_command(capsys, "init", str(tmp_path / "gw"), "--port", "18443", "--json")
     assert code == 0
     info = json.loads(out)  # the whole output is one JSON object
     assert info["https_url"] == "https://127.0.0.1:18443"
@@ -47,14 +37,14 @@ def test_init_json(tmp_path, capsys):
     assert Path(info["delivery_folder"]).is_dir()
     for name in ("master_key_file", "ca_key", "demo_partner_client_key"):
         assert Path(info[name]).stat().st_mode & 0o777 == 0o600, name
-    assert run(capsys, "check-config", "-c", info["config_file"])[0] == 0
+    assert run_command(capsys, "check-config", "-c", info["config_file"])[0] == 0
 
 
 def test_init_refuses_non_empty_dir(tmp_path, capsys):
     target = tmp_path / "gw"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    code, out, err = run(capsys, "init", str(target), "--json")
+    code, out, err = run_command(capsys, "init", str(target), "--json")
     assert code == 2 and out == ""
     assert "not empty" in err
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
@@ -66,16 +56,16 @@ def test_init_refuses_non_empty_dir(tmp_path, capsys):
 def test_partners_lifecycle(inst, tmp_path, capsys):
     cfg = str(inst.config)
     cert = devpki.issue(inst.ca, tmp_path / "acme-pki", "acme", role="client").cert
-    code, _, err = run(capsys, "partners", "add", "acme", "--client-cert", str(cert), "--party-id", "0088:123",
+    code, _, err = run_command(capsys, "partners", "add", "acme", "--client-cert", str(cert), "--party-id", "0088:123",
                        "--party-id", "DE999", "--email", "a@b.example", "-c", cfg)
     assert code == 0, err
 
-    code, out, _ = run(capsys, "partners", "list", "-c", cfg)
+    code, out, _ = run_command(capsys, "partners", "list", "-c", cfg)
     assert code == 0
     assert "acme\tactive\t1 cert(s)\t0088:123, DE999" in out.splitlines()
     assert any(line.startswith("demo-supplier\tactive") for line in out.splitlines())
 
-    code, out, _ = run(capsys, "partners", "show", "acme", "-c", cfg)
+    code, out, _ = run_command(capsys, "partners", "show", "acme", "-c", cfg)
     shown = json.loads(out)
     assert code == 0
     assert (shown["name"], shown["status"]) == ("acme", "active")
@@ -85,20 +75,20 @@ def test_partners_lifecycle(inst, tmp_path, capsys):
     assert Path(stored["path"]).is_file() and Path(stored["path"]).parent == inst.root / "partner-certs"
 
     def status() -> str:
-        return json.loads(run(capsys, "partners", "show", "acme", "-c", cfg)[1])["status"]
+        return json.loads(run_command(capsys, "partners", "show", "acme", "-c", cfg)[1])["status"]
 
-    assert run(capsys, "partners", "suspend", "acme", "-c", cfg)[0] == 0
+    assert run_command(capsys, "partners", "suspend", "acme", "-c", cfg)[0] == 0
     assert status() == "suspended"
-    assert "acme\tsuspended" in run(capsys, "partners", "list", "-c", cfg)[1]
-    assert run(capsys, "partners", "resume", "acme", "-c", cfg)[0] == 0
+    assert "acme\tsuspended" in run_command(capsys, "partners", "list", "-c", cfg)[1]
+    assert run_command(capsys, "partners", "resume", "acme", "-c", cfg)[0] == 0
     assert status() == "active"
 
-    code, _, err = run(capsys, "partners", "add", "acme", "--client-cert", str(cert), "--party-id", "0088:777", "-c", cfg)
+    code, _, err = run_command(capsys, "partners", "add", "acme", "--client-cert", str(cert), "--party-id", "0088:777", "-c", cfg)
     assert code == 2 and "exists already" in err
 
-    assert run(capsys, "partners", "remove", "acme", "-c", cfg)[0] == 0
-    assert "acme" not in run(capsys, "partners", "list", "-c", cfg)[1]
-    code, _, err = run(capsys, "partners", "show", "acme", "-c", cfg)
+    assert run_command(capsys, "partners", "remove", "acme", "-c", cfg)[0] == 0
+    assert "acme" not in run_command(capsys, "partners", "list", "-c", cfg)[1]
+    code, _, err = run_command(capsys, "partners", "show", "acme", "-c", cfg)
     assert code == 2 and "no partner named 'acme'" in err
     assert [p.name for p in load_directory(inst.partners).partners] == ["demo-supplier"]
 
@@ -107,7 +97,7 @@ def test_partners_lifecycle(inst, tmp_path, capsys):
 def test_partners_add_refuses_identifier_of_another_partner(inst, tmp_path, capsys, party_id):
     before = inst.partners.read_bytes()
     cert = devpki.issue(inst.ca, tmp_path / "rival-pki", "rival", role="client").cert
-    code, _, err = run(capsys, "partners", "add", "rival", "--client-cert", str(cert), "--party-id", "0088:555",
+    code, _, err = run_command(capsys, "partners", "add", "rival", "--client-cert", str(cert), "--party-id", "0088:555",
                        "--party-id", party_id, "-c", str(inst.config))
     assert code == 2
     assert "already registered for partner 'demo-supplier'" in err
@@ -116,18 +106,13 @@ def test_partners_add_refuses_identifier_of_another_partner(inst, tmp_path, caps
 
 def test_partners_add_refuses_certificate_of_another_partner(inst, capsys):
     before = inst.partners.read_bytes()
-    code, _, err = run(capsys, "partners", "add", "clone", "--client-cert", str(inst.demo_client.cert),
+    code, _, err = run_command(capsys, "partners", "add", "clone", "--client-cert", str(inst.demo_client.cert),
                        "--party-id", "0088:555", "-c", str(inst.config))
     assert code == 2 and "demo-supplier" in err
     assert inst.partners.read_bytes() == before
 
 
 # --- hot reload in a running gateway ----------------------------------------------------------------
-
-
-async def post(session: aiohttp.ClientSession, body: bytes) -> tuple[int, dict]:
-    async with session.post("/v1/invoices", data=body, headers=XML) as r:
-        return r.status, await r.json()
 
 
 async def test_added_partner_takes_effect_without_restart(gateway, client):
@@ -138,14 +123,10 @@ async def test_added_partner_takes_effect_without_restart(gateway, client):
     argv = ["partners", "add", "newco", "--client-cert", str(newco.cert), "-c", str(gateway.inst.config)]
     for pid in FOREIGN_IDS:
         argv += ["--party-id", pid]
-    assert await asyncio.to_thread(cli.main, argv) == 0
+    assert await run_cli(*argv) == 0
 
     book = gateway.gw.parts.partners
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 3.0
-    while book.current.get("newco") is None and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    assert book.current.get("newco") is not None, "the running gateway did not pick up the new partner within 3 s"
+    await eventually(lambda: book.current.get("newco") is not None, "the running gateway to pick up the new partner", 3.0)
 
     status, reply = await post(client(newco.cert, newco.key), FOREIGN)
     assert status == 202, reply
@@ -159,23 +140,13 @@ async def test_invalid_partners_file_keeps_old_directory(gateway, client, log_st
     broken = b"[[partners]]\nname = 'broken'\n"  # lacks every required key
     await asyncio.to_thread(atomic_write, gateway.inst.partners, broken)
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 3.0
-    while "partners.reload_failed" not in log_stream.getvalue() and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    assert "partners.reload_failed" in log_stream.getvalue()
+    await eventually(lambda: "partners.reload_failed" in log_stream.getvalue(), "partners.reload_failed in the log", 3.0)
     assert book.current is before
     status, reply = await post(client(), SAMPLE)
     assert status == 202, reply
 
 
 # --- serve and demo as real processes ---------------------------------------------------------------
-
-
-async def post_sample(inst: instance.Instance) -> tuple[int, dict]:
-    ctx = client_context(inst.ca.cert, inst.demo_client.cert, inst.demo_client.key)
-    async with aiohttp.ClientSession(inst.https_url, connector=aiohttp.TCPConnector(ssl=ctx)) as session:
-        return await post(session, SAMPLE)
 
 
 def test_serve_subprocess(tmp_path):
@@ -185,7 +156,7 @@ def test_serve_subprocess(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         wait_for_port(port, proc)
-        status, reply = asyncio.run(post_sample(inst))
+        [(status, reply)] = asyncio.run(post_many(inst, [SAMPLE]))
         assert status == 202, reply
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

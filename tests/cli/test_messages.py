@@ -32,13 +32,8 @@ from gateway.cli import main as cli
 from gateway.operations import instance
 from gateway.operations.instance import Instance
 from gateway.partners.book import load_directory
+from tests.helpers import run_command
 from tests.helpers.messages import BUYER, ERP_REFUSAL, REFUSED_BUYER, populate
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -80,14 +75,14 @@ def state(populated: Populated, tmp_path: Path) -> Iterator[State]:
 
 
 def listed(capsys: pytest.CaptureFixture[str], state: State, *args: str) -> list[dict[str, Any]]:
-    code, out, err = run(capsys, "messages", "list", "--json", *args, "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "list", "--json", *args, "-c", state.config)
     assert code == 0, err
     rows: list[dict[str, Any]] = json.loads(out)
     return rows
 
 
 def show(capsys: pytest.CaptureFixture[str], state: State, key: str) -> dict[str, Any]:
-    code, out, err = run(capsys, "messages", "show", state.ids[key], "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "show", state.ids[key], "-c", state.config)
     assert code == 0, err
     detail: dict[str, Any] = json.loads(out)
     return detail
@@ -97,7 +92,7 @@ def show(capsys: pytest.CaptureFixture[str], state: State, key: str) -> dict[str
 
 
 def test_list_is_one_tab_separated_line_per_message(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "messages", "list", "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "list", "-c", state.config)
     assert code == 0, err
     lines = [line.split("\t") for line in out.splitlines()]
     assert all(len(fields) == 8 for fields in lines), out
@@ -167,7 +162,7 @@ def test_bad_date_is_a_usage_error(state: State, capsys: pytest.CaptureFixture[s
 
 
 def test_show_has_deliveries_and_history(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "messages", "show", state.ids["dead"], "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "show", state.ids["dead"], "-c", state.config)
     assert code == 0, err
     dead = json.loads(out)
     assert (dead["message_id"], dead["direction"], dead["partner"], dead["status"]) == \
@@ -188,7 +183,7 @@ def test_show_has_deliveries_and_history(state: State, capsys: pytest.CaptureFix
 
 
 def test_show_unknown_message(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "messages", "show", "00000000-0000-4000-8000-000000000000", "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "show", "00000000-0000-4000-8000-000000000000", "-c", state.config)
     assert (code, out) == (1, "")
     assert "no message 00000000-0000-4000-8000-000000000000" in err
 
@@ -198,7 +193,7 @@ def test_show_unknown_message(state: State, capsys: pytest.CaptureFixture[str]) 
 
 def test_retry_makes_a_waiting_delivery_due_now(state: State, capsys: pytest.CaptureFixture[str]) -> None:
     before = show(capsys, state, "pending")["deliveries"][0]
-    code, out, err = run(capsys, "messages", "retry", state.ids["pending"], "--by", "alice", "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "retry", state.ids["pending"], "--by", "alice", "-c", state.config)
     assert code == 0, err
     assert "due now for partners" in out
     after = show(capsys, state, "pending")
@@ -211,14 +206,14 @@ def test_retry_makes_a_waiting_delivery_due_now(state: State, capsys: pytest.Cap
 
 @pytest.mark.parametrize("key", ["delivered", "dead"])
 def test_retry_without_a_waiting_delivery_fails(state: State, capsys: pytest.CaptureFixture[str], key: str) -> None:
-    code, out, err = run(capsys, "messages", "retry", state.ids[key], "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "retry", state.ids[key], "-c", state.config)
     assert (code, out) == (1, "")
     assert "no waiting" in err
     assert [h["action"] for h in show(capsys, state, key)["history"] if h["action"].startswith("delivery.re")] == []
 
 
 def test_requeue_puts_a_dead_letter_back(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "messages", "requeue", state.ids["dead"], "--reason", "ERP cost centre fixed",
+    code, out, err = run_command(capsys, "messages", "requeue", state.ids["dead"], "--reason", "ERP cost centre fixed",
                          "--by", "bob", "-c", state.config)
     assert code == 0, err
     assert "requeued for erp-api" in out
@@ -229,7 +224,7 @@ def test_requeue_puts_a_dead_letter_back(state: State, capsys: pytest.CaptureFix
     requeued = after["history"][-1]
     assert (requeued["action"], requeued["actor"]) == ("delivery.requeued", "bob")
     assert requeued["detail"] == {"destinations": ["erp-api"], "reason": "ERP cost centre fixed"}
-    code, out, _ = run(capsys, "dead-letters", "-c", state.config)
+    code, out, _ = run_command(capsys, "dead-letters", "-c", state.config)
     assert (code, out) == (0, "")
 
 
@@ -240,7 +235,7 @@ def test_requeue_needs_a_reason(state: State, capsys: pytest.CaptureFixture[str]
 
 
 def test_requeue_without_a_dead_letter_fails(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "messages", "requeue", state.ids["pending"], "--reason", "why not", "-c", state.config)
+    code, _, err = run_command(capsys, "messages", "requeue", state.ids["pending"], "--reason", "why not", "-c", state.config)
     assert code == 1
     assert "no dead-lettered delivery" in err
 
@@ -249,7 +244,7 @@ def test_requeue_without_a_dead_letter_fails(state: State, capsys: pytest.Captur
 
 
 def test_dead_letters_lists_the_refused_delivery(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "dead-letters", "-c", state.config)
+    code, out, err = run_command(capsys, "dead-letters", "-c", state.config)
     assert code == 0, err
     [line] = out.splitlines()
     fields = line.split("\t")
@@ -257,7 +252,7 @@ def test_dead_letters_lists_the_refused_delivery(state: State, capsys: pytest.Ca
     assert fields[4].startswith("dead since ") and fields[5] == "attempts 1"
     assert fields[6] == f"HTTP 422: {ERP_REFUSAL}"
 
-    code, out, _ = run(capsys, "dead-letters", "--json", "-c", state.config)
+    code, out, _ = run_command(capsys, "dead-letters", "--json", "-c", state.config)
     [row] = json.loads(out)
     assert (row["message_id"], row["destination"], row["direction"], row["error"]) == \
         (state.ids["dead"], "erp-api", "in", f"HTTP 422: {ERP_REFUSAL}")
@@ -273,7 +268,7 @@ def test_dead_letters_lists_the_refused_delivery(state: State, capsys: pytest.Ca
     (["--since", TOMORROW], False),
 ])
 def test_dead_letters_filters(state: State, capsys: pytest.CaptureFixture[str], args: list[str], found: bool) -> None:
-    code, out, err = run(capsys, "dead-letters", "--json", *args, "-c", state.config)
+    code, out, err = run_command(capsys, "dead-letters", "--json", *args, "-c", state.config)
     assert code == 0, err
     assert [r["message_id"] for r in json.loads(out)] == ([state.ids["dead"]] if found else [])
 
@@ -282,7 +277,7 @@ def test_dead_letters_filters(state: State, capsys: pytest.CaptureFixture[str], 
 
 
 def partner_json(capsys: pytest.CaptureFixture[str], inst: Instance, name: str) -> dict[str, Any]:
-    code, out, err = run(capsys, "partners", "show", name, "-c", str(inst.config))
+    code, out, err = run_command(capsys, "partners", "show", name, "-c", str(inst.config))
     assert code == 0, err
     shown: dict[str, Any] = json.loads(out)
     return shown
@@ -291,18 +286,18 @@ def partner_json(capsys: pytest.CaptureFixture[str], inst: Instance, name: str) 
 def test_partner_endpoint_and_outbound_signing(inst: Instance, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = str(inst.config)
     cert = devpki.issue(inst.ca, tmp_path / "pki", "buyer", role="client").cert
-    code, _, err = run(capsys, "partners", "add", "buyer", "--client-cert", str(cert), "--party-id", BUYER,
+    code, _, err = run_command(capsys, "partners", "add", "buyer", "--client-cert", str(cert), "--party-id", BUYER,
                        "--endpoint", "https://x.example/v1/invoices", "--sign-outbound", "-c", cfg)
     assert code == 0, err
     shown = partner_json(capsys, inst, "buyer")
     assert (shown["endpoint"], shown["sign_outbound"]) == ("https://x.example/v1/invoices", True)
 
-    code, _, err = run(capsys, "partners", "edit", "buyer", "--no-sign-outbound", "-c", cfg)
+    code, _, err = run_command(capsys, "partners", "edit", "buyer", "--no-sign-outbound", "-c", cfg)
     assert code == 0, err
     shown = partner_json(capsys, inst, "buyer")
     assert (shown["endpoint"], shown["sign_outbound"]) == ("https://x.example/v1/invoices", False)
 
-    code, _, err = run(capsys, "partners", "edit", "buyer", "--endpoint", "https://y.example:8443/v1/invoices",
+    code, _, err = run_command(capsys, "partners", "edit", "buyer", "--endpoint", "https://y.example:8443/v1/invoices",
                        "--sign-outbound", "-c", cfg)
     assert code == 0, err
     partner = load_directory(inst.partners).get("buyer")
@@ -323,7 +318,7 @@ def test_endpoint_must_be_https(inst: Instance, tmp_path: Path, capsys: pytest.C
         argv = ["partners", "add", "buyer", "--client-cert", str(cert), "--party-id", BUYER, "--endpoint", url]
     else:
         argv = ["partners", "edit", instance.DEMO_PARTNER, "--endpoint", url]
-    code, out, err = run(capsys, *argv, "-c", str(inst.config))
+    code, out, err = run_command(capsys, *argv, "-c", str(inst.config))
     assert (code, out) == (2, "")
     assert "--endpoint" in err and "is neither an https:// URL" in err and "nor mailto:ADDRESS" in err
     assert inst.partners.read_bytes() == before

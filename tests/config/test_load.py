@@ -10,18 +10,13 @@ from gateway.config import load as config_mod
 from gateway.errors import ConfigError
 from gateway.operations.instance import DEMO_PARTNER
 from gateway.partners.book import load_directory
+from tests.helpers import config_error
 
 
 def edit(inst, old: str, new: str) -> None:
     text = inst.config.read_text()
     assert old in text, old
     inst.config.write_text(text.replace(old, new, 1))
-
-
-def error_of(inst) -> str:
-    with pytest.raises(ConfigError) as err:
-        config_mod.load(inst.config)
-    return err.value.message
 
 
 def test_instance_config_loads(inst):
@@ -67,12 +62,12 @@ def test_instance_config_loads(inst):
 )
 def test_error_names_key_path(inst, old, new, expected):
     edit(inst, old, new)
-    assert error_of(inst).startswith(expected)
+    assert config_error(inst.config).startswith(expected)
 
 
 def test_invalid_toml(inst):
     inst.config.write_text(inst.config.read_text() + "\n[https\n")
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert str(inst.config) in msg and "not valid TOML" in msg
 
 

@@ -15,8 +15,8 @@ import pytest
 from gateway import devpki
 from gateway.config import load as config_mod
 from gateway.config.model import DeliveryConfig, Destination, OutboundConfig, Route
-from gateway.errors import ConfigError
 from gateway.operations import instance
+from tests.helpers import config_error
 
 ERP_URL = "https://erp.example.internal/einvoices"
 
@@ -49,12 +49,6 @@ def set_default(inst: instance.Instance, value: str) -> None:
     inst.config.write_text(text.replace("[routing]\n", f"[routing]\ndefault = {value}\n"))
 
 
-def error_of(inst: instance.Instance) -> str:
-    with pytest.raises(ConfigError) as err:
-        config_mod.load(inst.config)
-    return err.value.message
-
-
 def https_dest(name: str = "erp-api", url: str = ERP_URL, hmac: str | None = "keys/erp.hmac", **extra: str) -> str:
     lines = [f'name = "{name}"', 'type = "https"', f'url = "{url}"']
     if hmac is not None:
@@ -76,12 +70,12 @@ PARTNER_TLS = dict(client_certificate="pki/gw-client.crt", client_key="pki/gw-cl
 
 def test_email_destination_needs_its_mailbox(inst: instance.Instance) -> None:
     append(inst, '[[destinations]]\nname = "mail"\ntype = "email"\n')
-    assert error_of(inst) == "destinations[1].to: missing (required)"
+    assert config_error(inst.config) == "destinations[1].to: missing (required)"
 
 
 def test_unknown_destination_type(inst: instance.Instance) -> None:
     append(inst, '[[destinations]]\nname = "x"\ntype = "ftp"\n')
-    assert error_of(inst) == "destinations[1].type: 'ftp' is not one of directory, https, partner, email"
+    assert config_error(inst.config) == "destinations[1].type: 'ftp' is not one of directory, https, partner, email"
 
 
 @pytest.mark.parametrize("url", ["http://erp.example/in", "erp.example/in", "https://", "https://erp example/in",
@@ -89,28 +83,28 @@ def test_unknown_destination_type(inst: instance.Instance) -> None:
 def test_https_url_must_be_https(inst: instance.Instance, url: str) -> None:
     secret(inst, "erp.hmac")
     append(inst, https_dest(url=url))
-    assert error_of(inst) == f"destinations[1].url: {url!r} is not an https:// URL"
+    assert config_error(inst.config) == f"destinations[1].url: {url!r} is not an https:// URL"
 
 
 def test_https_url_is_required(inst: instance.Instance) -> None:
     append(inst, '[[destinations]]\nname = "erp-api"\ntype = "https"\nhmac_key_file = "keys/erp.hmac"\n')
-    assert error_of(inst) == "destinations[1].url: missing (required)"
+    assert config_error(inst.config) == "destinations[1].url: missing (required)"
 
 
 def test_hmac_key_file_is_required(inst: instance.Instance) -> None:
     append(inst, https_dest(hmac=None))
-    assert error_of(inst) == "destinations[1].hmac_key_file: missing (required)"
+    assert config_error(inst.config) == "destinations[1].hmac_key_file: missing (required)"
 
 
 def test_hmac_key_file_must_exist(inst: instance.Instance) -> None:
     append(inst, https_dest())
-    assert error_of(inst).startswith("destinations[1].hmac_key_file: file not found")
+    assert config_error(inst.config).startswith("destinations[1].hmac_key_file: file not found")
 
 
 def test_hmac_key_shorter_than_32_bytes(inst: instance.Instance) -> None:
     secret(inst, "erp.hmac", b"k" * 31)
     append(inst, https_dest())
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert msg.startswith("destinations[1].hmac_key_file: the key must be at least 32 bytes")
 
 
@@ -125,7 +119,7 @@ def test_hmac_key_of_32_bytes_is_enough(inst: instance.Instance) -> None:
 def test_hmac_key_readable_by_others(inst: instance.Instance, mode: int) -> None:
     key = secret(inst, "erp.hmac", mode=mode)
     append(inst, https_dest())
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert msg.startswith("destinations[1].hmac_key_file:")
     assert f"(mode {mode:04o})" in msg and f"chmod 600 {key}" in msg
 
@@ -134,7 +128,7 @@ def test_bearer_token_readable_by_group(inst: instance.Instance) -> None:
     secret(inst, "erp.hmac")
     token = secret(inst, "erp.token", b"token", mode=0o640)
     append(inst, https_dest(bearer_token_file="keys/erp.token"))
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert msg.startswith("destinations[1].bearer_token_file:") and f"chmod 600 {token}" in msg
 
 
@@ -142,45 +136,45 @@ def test_client_certificate_without_client_key(inst: instance.Instance) -> None:
     client_cert(inst)
     secret(inst, "erp.hmac")
     append(inst, https_dest(client_certificate="pki/gw-client.crt"))
-    assert error_of(inst) == "destinations[1].client_key: give client_certificate and client_key together"
+    assert config_error(inst.config) == "destinations[1].client_key: give client_certificate and client_key together"
 
 
 def test_client_key_without_client_certificate(inst: instance.Instance) -> None:
     client_cert(inst)
     append(inst, partner_dest(client_key="pki/gw-client.key"))
-    assert error_of(inst) == "destinations[1].client_key: give client_certificate and client_key together"
+    assert config_error(inst.config) == "destinations[1].client_key: give client_certificate and client_key together"
 
 
 def test_client_key_readable_by_group(inst: instance.Instance) -> None:
     cert = client_cert(inst)
     cert.key.chmod(0o640)
     append(inst, partner_dest(**PARTNER_TLS))
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert msg.startswith("destinations[1].client_key:") and "chmod 600" in msg
 
 
 def test_partner_destination_needs_a_client_certificate(inst: instance.Instance) -> None:
     append(inst, partner_dest())
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert msg.startswith("destinations[1].client_certificate: missing (required)")
 
 
 def test_duplicate_destination_names(inst: instance.Instance) -> None:
     (inst.root / "other").mkdir()
     append(inst, '[[destinations]]\nname = "erp-inbox"\ntype = "directory"\npath = "other"\n')
-    assert error_of(inst) == "destinations[1].name: duplicate destination name 'erp-inbox'"
+    assert config_error(inst.config) == "destinations[1].name: duplicate destination name 'erp-inbox'"
 
 
 @pytest.mark.parametrize("name", ["erp inbox", "-erp", "", "e" * 65, "erp/inbox"])
 def test_destination_name_must_be_plain(inst: instance.Instance, name: str) -> None:
     append(inst, f'[[destinations]]\nname = "{name}"\ntype = "directory"\npath = "outbox"\n')
-    assert error_of(inst).startswith("destinations[1].name:")
+    assert config_error(inst.config).startswith("destinations[1].name:")
 
 
 def test_destination_unknown_key(inst: instance.Instance) -> None:
     secret(inst, "erp.hmac")
     append(inst, https_dest(hmac_key="keys/erp.hmac"))
-    assert error_of(inst) == "destinations[1].hmac_key: unknown key (check the spelling)"
+    assert config_error(inst.config) == "destinations[1].hmac_key: unknown key (check the spelling)"
 
 
 # --- [[routes]] and [routing] -----------------------------------------------------------------------------
@@ -189,25 +183,25 @@ def test_destination_unknown_key(inst: instance.Instance) -> None:
 def test_route_naming_an_unknown_destination(inst: instance.Instance) -> None:
     append(inst, '[[routes]]\ndestinations = ["erp-inbox"]\npartner = "a"\n\n'
                  '[[routes]]\ndestinations = ["erp-inbox", "nope"]\n')
-    assert error_of(inst) == "routes[1].destinations[1]: no destination is named 'nope'"
+    assert config_error(inst.config) == "routes[1].destinations[1]: no destination is named 'nope'"
 
 
 def test_route_needs_destinations(inst: instance.Instance) -> None:
     append(inst, "[[routes]]\ndestinations = []\n")
-    assert error_of(inst) == "routes[0].destinations: a route needs at least one destination"
+    assert config_error(inst.config) == "routes[0].destinations: a route needs at least one destination"
     inst.config.write_text(inst.config.read_text().replace("destinations = []\n", 'partner = "a"\n'))
-    assert error_of(inst) == "routes[0].destinations: missing (required)"
+    assert config_error(inst.config) == "routes[0].destinations: missing (required)"
 
 
 def test_route_document_type_must_be_known(inst: instance.Instance) -> None:
     append(inst, '[[routes]]\ndestinations = ["erp-inbox"]\ndocument_type = "ubl:Order"\n')
-    assert error_of(inst) == ("routes[0].document_type: 'ubl:Order' is not one of ubl:Invoice, ubl:CreditNote, "
+    assert config_error(inst.config) == ("routes[0].document_type: 'ubl:Order' is not one of ubl:Invoice, ubl:CreditNote, "
                               "cii:CrossIndustryInvoice")
 
 
 def test_route_unknown_criterion(inst: instance.Instance) -> None:
     append(inst, '[[routes]]\ndestinations = ["erp-inbox"]\nreciever = "0088:1"\n')
-    assert error_of(inst) == "routes[0].reciever: unknown key (check the spelling)"
+    assert config_error(inst.config) == "routes[0].reciever: unknown key (check the spelling)"
 
 
 @pytest.mark.parametrize(("written", "normalised"), [("0088:123", "0088:123"), ("  0088:123 ", "0088:123"),
@@ -220,34 +214,34 @@ def test_route_receiver_is_normalised(inst: instance.Instance, written: str, nor
 @pytest.mark.parametrize("written", ["", "   ", "0088:1\\u0001", "x" * 250])
 def test_route_receiver_that_is_no_identifier(inst: instance.Instance, written: str) -> None:
     append(inst, f'[[routes]]\ndestinations = ["erp-inbox"]\nreceiver = "{written}"\n')
-    assert error_of(inst).startswith("routes[0].receiver:")
+    assert config_error(inst.config).startswith("routes[0].receiver:")
 
 
 @pytest.mark.parametrize("written", ["0088: 123", "0088:", ":123"])
 def test_route_receiver_malformed_scheme_value(inst: instance.Instance, written: str) -> None:
     append(inst, f'[[routes]]\ndestinations = ["erp-inbox"]\nreceiver = "{written}"\n')
-    assert error_of(inst).startswith("routes[0].receiver:")
+    assert config_error(inst.config).startswith("routes[0].receiver:")
 
 
 def test_routes_cannot_name_the_outbound_partner_destination(inst: instance.Instance) -> None:
     client_cert(inst)
     append(inst, partner_dest(**PARTNER_TLS) + partner_dest("to-demo", partner="demo-supplier", **PARTNER_TLS)
            + '\n[[routes]]\ndestinations = ["to-demo"]\n\n[[routes]]\ndestinations = ["erp-inbox", "partners"]\n')
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert msg.startswith("routes[1].destinations[1]: destination 'partners' carries outbound invoices")
     inst.config.write_text(inst.config.read_text().replace('["erp-inbox", "partners"]', '["erp-inbox"]'))
     set_default(inst, '["partners"]')
-    assert error_of(inst).startswith("routing.default[0]: destination 'partners' carries outbound invoices")
+    assert config_error(inst.config).startswith("routing.default[0]: destination 'partners' carries outbound invoices")
 
 
 def test_routing_default_naming_an_unknown_destination(inst: instance.Instance) -> None:
     set_default(inst, '["erp-inbox", "nope"]')
-    assert error_of(inst) == "routing.default[1]: no destination is named 'nope'"
+    assert config_error(inst.config) == "routing.default[1]: no destination is named 'nope'"
 
 
 def test_routing_default_unknown_key(inst: instance.Instance) -> None:
     inst.config.write_text(inst.config.read_text().replace("[routing]\n", '[routing]\ndefualt = ["erp-inbox"]\n'))
-    assert error_of(inst) == "routing.defualt: unknown key (check the spelling)"
+    assert config_error(inst.config) == "routing.defualt: unknown key (check the spelling)"
 
 
 def test_routing_default_absent_is_every_non_partner_destination(inst: instance.Instance) -> None:
@@ -277,7 +271,7 @@ def test_delivery_defaults(inst: instance.Instance) -> None:
 def test_retry_cap_below_retry_base(inst: instance.Instance) -> None:
     set_key(inst, "retry_base_s", "60.0")
     set_key(inst, "retry_cap_s", "30.0")
-    assert error_of(inst) == "delivery.retry_cap_s: must be at least delivery.retry_base_s"
+    assert config_error(inst.config) == "delivery.retry_cap_s: must be at least delivery.retry_base_s"
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
@@ -287,7 +281,7 @@ def test_retry_cap_below_retry_base(inst: instance.Instance) -> None:
 ])
 def test_delivery_bounds(inst: instance.Instance, key: str, value: str, expected: str) -> None:
     set_key(inst, key, value)
-    assert error_of(inst) == expected
+    assert config_error(inst.config) == expected
 
 
 # --- [outbound] -----------------------------------------------------------------------------------------
@@ -301,13 +295,13 @@ def with_partner_destination(inst: instance.Instance) -> None:
 def test_outbound_over_tcp_needs_client_ca(inst: instance.Instance) -> None:
     with_partner_destination(inst)
     append(inst, '[outbound]\nclient_spki = ["ab"]\nidentities = ["0088:4000001000006"]\n')
-    assert error_of(inst) == "outbound.client_ca: missing (required)"
+    assert config_error(inst.config) == "outbound.client_ca: missing (required)"
 
 
 def test_outbound_over_tcp_needs_client_spki(inst: instance.Instance) -> None:
     with_partner_destination(inst)
     append(inst, '[outbound]\nclient_ca = ["pki/ca.crt"]\nidentities = ["0088:4000001000006"]\n')
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert msg.startswith("outbound.client_spki: name the SHA-256 of the ERP's client certificate key")
 
 
@@ -315,34 +309,34 @@ def test_outbound_over_tcp_needs_client_spki(inst: instance.Instance) -> None:
 def test_outbound_socket_open_to_every_user(inst: instance.Instance, mode: str) -> None:
     with_partner_destination(inst)
     append(inst, f'[outbound]\nsocket = "run/out.sock"\nsocket_mode = "{mode}"\nidentities = ["0088:4000001000006"]\n')
-    assert error_of(inst).startswith(f"outbound.socket_mode: {int(mode, 8):04o} lets every local user submit")
+    assert config_error(inst.config).startswith(f"outbound.socket_mode: {int(mode, 8):04o} lets every local user submit")
 
 
 @pytest.mark.parametrize("mode", ["0x1b0", "06600", "0668", "rw-rw----"])
 def test_outbound_socket_mode_not_a_mode(inst: instance.Instance, mode: str) -> None:
     with_partner_destination(inst)
     append(inst, f'[outbound]\nsocket = "run/out.sock"\nsocket_mode = "{mode}"\nidentities = ["0088:4000001000006"]\n')
-    assert error_of(inst).startswith(f"outbound.socket_mode: {mode!r} is not a file mode")
+    assert config_error(inst.config).startswith(f"outbound.socket_mode: {mode!r} is not a file mode")
 
 
 def test_outbound_identities_required(inst: instance.Instance) -> None:
     with_partner_destination(inst)
     append(inst, '[outbound]\nsocket = "run/out.sock"\n')
-    assert error_of(inst) == "outbound.identities: missing (required)"
+    assert config_error(inst.config) == "outbound.identities: missing (required)"
     append(inst, "identities = []\n")
-    assert error_of(inst).startswith("outbound.identities: list this business's seller identifiers")
+    assert config_error(inst.config).startswith("outbound.identities: list this business's seller identifiers")
 
 
 def test_outbound_identity_must_be_an_identifier(inst: instance.Instance) -> None:
     with_partner_destination(inst)
     append(inst, '[outbound]\nsocket = "run/out.sock"\nidentities = ["0088:1", " "]\n')
-    assert error_of(inst).startswith("outbound.identities[1]:")
+    assert config_error(inst.config).startswith("outbound.identities[1]:")
 
 
 def test_outbound_destination_must_be_a_partner_destination(inst: instance.Instance) -> None:
     with_partner_destination(inst)
     append(inst, '[outbound]\nsocket = "run/out.sock"\nidentities = ["0088:1"]\ndestination = "erp-inbox"\n')
-    msg = error_of(inst)
+    msg = config_error(inst.config)
     assert msg.startswith('outbound.destination: name the [[destinations]] entry with type = "partner"')
     assert msg.endswith("found: partners")
 
@@ -351,7 +345,7 @@ def test_outbound_without_any_partner_destination(inst: instance.Instance) -> No
     client_cert(inst)
     append(inst, partner_dest("acme-direct", partner="demo-supplier", **PARTNER_TLS))  # a fixed partner does not count
     append(inst, '[outbound]\nsocket = "run/out.sock"\nidentities = ["0088:1"]\n')
-    assert error_of(inst).endswith("found: none")
+    assert config_error(inst.config).endswith("found: none")
 
 
 def test_outbound_over_tcp_loads(inst: instance.Instance) -> None:

@@ -6,7 +6,7 @@
 * ``store.accounts`` and ``store.approvals``: users, factors spent once, lockout, sessions, four-eyes approvals, on a
   real SqliteStore.
 * HTTP: one gateway per module (``world``) with an admin listener on 127.0.0.1, a delivered, a
-  dead-lettered and a held invoice (``populate`` from test_messages_cli, ``invoice`` from test_fraud),
+  dead-lettered and a held invoice (``populate`` from tests/helpers/messages.py, ``invoice`` from tests/helpers/invoices.py),
   driven by an aiohttp client exactly as a browser would (cookies, ``Origin``, the form's ``csrf``).
   Each test logs in its own accounts, so tests do not depend on each other's order.  The bootstrap
   account needs a gateway without any account: it gets its own.
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
 import pyotp
 import pytest
 import pytest_asyncio
@@ -38,7 +37,6 @@ from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from gateway import logs
-from gateway.cli import main as cli
 from gateway.cli.common import current_user
 from gateway.console import security
 from gateway.console.app import CSP
@@ -49,7 +47,7 @@ from gateway.operations import instance
 from gateway.storage.base import AccountError
 from gateway.storage.records import Approval
 from gateway.storage.sqlite.store import SqliteStore
-from tests.helpers import free_port, serving
+from tests.helpers import free_port, run_cli, serving
 from tests.helpers.console import PASSWORD, Browser, Page, World, audits, login, password_hash, password_step, set_options
 from tests.helpers.daemon import set_admin
 from tests.helpers.invoices import DEMO, IBAN_B, IBAN_C, accepted, invoice
@@ -464,7 +462,7 @@ async def test_approvals_need_a_second_person(store):
 
 async def users_cli(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, ["users", *argv, "-c", str(config)])
+    code = await run_cli("users", *argv, "-c", str(config))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -543,7 +541,7 @@ async def test_users_cli(inst, capsys):
     finally:
         await store.close()
     capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, ["audit", "verify", "-c", str(cfg)])
+    code = await run_cli("audit", "verify", "-c", str(cfg))
     out, err = capsys.readouterr()
     assert code == 0 and "audit log OK" in out, out + err  # every CLI change sealed into the chain
 
@@ -579,7 +577,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     set_admin(inst, free_port())
     try:
         async with serving(inst, "warning", io.StringIO()) as running:
-            async with aiohttp.ClientSession(running.url, connector=aiohttp.TCPConnector(ssl=running.ssl())) as s:
+            async with running.session() as s:
                 ids["held"] = await accepted(s, invoice("CONSOLE-0001", iban=IBAN_B), status="held")  # a new payee account
             w = World(inst, running, ids)
             await w.person("boss", "admin")  # an account exists: no bootstrap account in this gateway
@@ -857,7 +855,7 @@ async def test_lockout_after_five_failed_factors(world, capsys):
         page = await password_step(b, p)  # even the right password
         assert page.status == 423 and "locked" in page.error and b.cookie() is None
         capsys.readouterr()
-        code = await asyncio.to_thread(cli.main, ["users", "unlock", p.name, "-c", str(world.inst.config)])
+        code = await run_cli("users", "unlock", p.name, "-c", str(world.inst.config))
         out = capsys.readouterr().out
         assert (code, out.strip()) == (0, f"{p.name}: unlock done")
         [unlocked] = [r for r in await audits(world.store, "user.unlocked") if r["detail"]["user"] == p.name]
@@ -1061,7 +1059,7 @@ async def test_signed_audit_export_verifies_and_tampering_is_found(world, tmp_pa
     export = tmp_path / "export.jsonl"
     export.write_bytes(body)
     capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, ["audit", "verify", "--file", str(export), "-c", str(world.inst.config)])
+    code = await run_cli("audit", "verify", "--file", str(export), "-c", str(world.inst.config))
     out, err = capsys.readouterr()
     assert code == 0 and "audit log OK" in out, out + err
     [exported] = [r for r in await audits(world.store, "console.audit_exported") if r["actor"] == "console:auditor2"]
@@ -1070,7 +1068,7 @@ async def test_signed_audit_export_verifies_and_tampering_is_found(world, tmp_pa
     i = body.index(b'"action": "') + len(b'"action": "')  # one character of the first record changed
     tampered = tmp_path / "tampered.jsonl"
     tampered.write_bytes(body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1:])
-    code = await asyncio.to_thread(cli.main, ["audit", "verify", "--file", str(tampered), "-c", str(world.inst.config)])
+    code = await run_cli("audit", "verify", "--file", str(tampered), "-c", str(world.inst.config))
     out, err = capsys.readouterr()
     assert code != 0 and "differs from what its seal signed" in out + err
 
@@ -1093,8 +1091,7 @@ async def test_non_ascii_totp_code_is_a_wrong_code_over_http(world):
 
 @shared
 async def test_approved_release_keeps_the_requesters_reason(world):
-    async with aiohttp.ClientSession(world.running.url,
-                                     connector=aiohttp.TCPConnector(ssl=world.running.ssl())) as s:
+    async with world.running.session() as s:
         held = await accepted(s, invoice("CONSOLE-0002", iban=IBAN_C), status="held")
     rid = await world.approvals.request("quarantine.release", held, {"message_id": held, "partner": DEMO},
                                         "seller confirmed the new account by phone", "console:someone-else", DEMO, held)

@@ -86,7 +86,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Partn
     try:
         async with contextlib.AsyncExitStack() as stack:
             running = await stack.enter_async_context(serving(inst, "warning", io.StringIO()))
-            async with aiohttp.ClientSession(running.url, connector=aiohttp.TCPConnector(ssl=running.ssl())) as s:
+            async with running.session() as s:
                 await accepted(s, invoice("PC-0001", iban=IBAN_A))  # the first account: recorded as the seller's own
                 await accepted(s, invoice("PC-0002", iban=IBAN_B), status="held")  # a new one: held, under review
             w = PartnerWorld(inst, running, {})

@@ -1,4 +1,4 @@
-"""E-mail the gateway sends (gateway/mail.py), through a real smarthost stub on 127.0.0.1.
+"""E-mail the gateway sends (gateway/delivery/smarthost.py, gateway/delivery/email.py), through a real smarthost stub on 127.0.0.1.
 
 ``Relay`` is that stub: aiosmtpd on an ephemeral port, offering STARTTLS with a certificate from the
 instance's development CA (and refusing MAIL before it), optionally SMTP AUTH, recording every
@@ -16,14 +16,14 @@ import asyncio
 import base64
 import email.parser
 import email.policy
+import functools
 import io
 import json
 import os
 import smtplib
 import ssl
 import subprocess
-import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -32,7 +32,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import tomli_w
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from gateway import devpki
@@ -46,27 +45,21 @@ from gateway.operations.instance import DEMO_EMAIL, DEMO_PARTNER, Instance
 from gateway.partners.edit import register_partner
 from gateway.storage.records import REPLIES
 from gateway.tls import inspect_certificate
-from tests.helpers import XML, Running, serving
+from tests.helpers import FOREIGN, Running, numbered, post, rewrite_config, run_cli, serving
+from tests.helpers import eventually as shared_eventually
 
-WAIT_S = 15.0
+WAIT_S = 15.0  # longer than tests.helpers.WAIT_S: STARTTLS, S/MIME and retries, on a busy machine
 GATEWAY_ADDRESS = f"invoices@{instance.MAIL_HOST}"
 AP = "ap@erp.example"
 SELLER = "0088:4000001000006"  # the sample's supplier, and the demo partner's first identifier
 RELAY_USER, RELAY_PASSWORD = "gw", "relay-secret-0123"
 INVALID = dict(samples())["schema-invalid invoice"]
-FOREIGN = dict(samples())["invoice from another supplier"]  # a seller the demo partner may not invoice for
 # The sample with the demo partner as the buyer as well: an invoice this business sends to it.
 assert SAMPLE.count(b">4000002000005<") == 1
 TO_DEMO_PARTNER = SAMPLE.replace(b">4000002000005<", b">4000001000006<")
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
-assert SAMPLE.count(NUMBER) == 1
 # The content-encryption algorithm OIDs (RFC 3565, RFC 5084) as `openssl cms -cmsout -print` shows them.
 CIPHER_OIDS = {"aes-128-cbc": "2.16.840.1.101.3.4.1.2", "aes-128-gcm": "2.16.840.1.101.3.4.1.6",
                "aes-256-cbc": "2.16.840.1.101.3.4.1.42", "aes-256-gcm": "2.16.840.1.101.3.4.1.46"}
-
-
-def numbered(n: int, doc: bytes = SAMPLE) -> bytes:
-    return doc.replace(NUMBER, f"MAIL-{n:04d}</cbc:ID>".encode())
 
 
 # --- the smarthost stub ----------------------------------------------------------------------------
@@ -178,12 +171,6 @@ async def relay(inst: Instance) -> AsyncIterator[Relay]:
 # --- configuring an instance -------------------------------------------------------------------------
 
 
-def rewrite_config(inst: Instance, change: Callable[[dict[str, Any]], None]) -> None:
-    data = tomllib.loads(inst.config.read_text(encoding="utf-8"))
-    change(data)
-    inst.config.write_text(tomli_w.dumps(data), encoding="utf-8")
-
-
 def secret_file(inst: Instance, name: str, text: str, mode: int = 0o600) -> Path:
     path = inst.root / "keys" / name
     path.write_text(text + "\n", encoding="utf-8")
@@ -224,34 +211,21 @@ def configure(inst: Instance, relay_port: int | None, *, auth: bool = True, ciph
         if extra is not None:
             extra(c)
 
-    rewrite_config(inst, change)
+    rewrite_config(inst.config, change)
 
 
 # --- waiting, submitting, the command line -------------------------------------------------------------
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    """Poll ``check`` until it returns something truthy (delivery runs in the background)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+eventually = functools.partial(shared_eventually, timeout=WAIT_S)  # delivery runs in the background
 
 
 async def post_invoice(running: Running, body: bytes = SAMPLE) -> str:
     """POST /v1/invoices as the demo partner; returns the message id."""
-    async with aiohttp.ClientSession(running.url, connector=aiohttp.TCPConnector(ssl=running.ssl())) as s, \
-            s.post("/v1/invoices", data=body, headers=XML) as r:
-        reply = await r.json()
-        assert r.status == 202, reply
-        return str(reply["message_id"])
+    async with running.session() as s:
+        status, reply = await post(s, body)
+    assert status == 202, reply
+    return str(reply["message_id"])
 
 
 async def delivery(running: Running, message_id: str) -> dict[str, Any]:
@@ -265,11 +239,6 @@ async def delivery_when(running: Running, message_id: str, test: Callable[[dict[
     """The message's one delivery once ``test`` holds for it (for ``eventually``)."""
     d = await delivery(running, message_id)
     return d if test(d) else None
-
-
-async def run_cli(*argv: str) -> int:
-    """The CLI from inside the test's event loop: in a thread, as it runs its own loop (asyncio.run)."""
-    return await asyncio.to_thread(cli.main, list(argv))
 
 
 async def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
@@ -381,9 +350,9 @@ async def test_reload_takes_a_new_smarthost_and_password(inst: Instance, relay: 
             first_id = await post_invoice(running)
             await eventually(lambda: delivery_when(running, first_id, lambda d: d["state"] == "delivered"), "the first delivery")
             secret_file(inst, "smarthost.password", second.password)
-            rewrite_config(inst, lambda c: c["smarthost"].update(port=second.port))
+            rewrite_config(inst.config, lambda c: c["smarthost"].update(port=second.port))
             assert await running.gw.reload()
-            second_id = await post_invoice(running, numbered(2))
+            second_id = await post_invoice(running, numbered("MAIL-0002"))
             await eventually(lambda: delivery_when(running, second_id, lambda d: d["state"] == "delivered"), "the second delivery")
         assert [s.message["Message-ID"] for s in relay.seen] == [f"<{first_id}@{instance.MAIL_HOST}>"]
         assert [s.message["Message-ID"] for s in second.seen] == [f"<{second_id}@{instance.MAIL_HOST}>"]
@@ -402,12 +371,12 @@ async def test_reload_takes_a_renewed_recipient_certificate(inst: Instance, rela
         await eventually(lambda: delivery_when(running, first_id, lambda d: d["state"] == "delivered"), "the first delivery")
         configured.write_bytes(new.cert.read_bytes())  # the mailbox's key is renewed; then SIGHUP
         assert await running.gw.reload()
-        second_id = await post_invoice(running, numbered(2))
+        second_id = await post_invoice(running, numbered("MAIL-0002"))
         await eventually(lambda: delivery_when(running, second_id, lambda d: d["state"] == "delivered"), "the second delivery")
     first, second = relay.seen
     assert attachments(open_with_openssl(first.data, old, inst.ca.cert, tmp_path / "first")[0])
     found = attachments(open_with_openssl(second.data, new, inst.ca.cert, tmp_path / "second")[0])  # the renewed key
-    assert list(found.values()) == [("application/xml", numbered(2))]
+    assert list(found.values()) == [("application/xml", numbered("MAIL-0002"))]
 
 
 # --- 2. STARTTLS required, AUTH -----------------------------------------------------------------------
@@ -557,10 +526,9 @@ async def test_invoice_for_a_mailto_partner_is_mailed_to_it(inst: Instance, rela
     assert await run_cli("partners", "edit", DEMO_PARTNER, "--endpoint", f"mailto:{DEMO_EMAIL}", "-c", str(inst.config)) == 0
     capsys.readouterr()
     async with serving(inst, "info", quiet()) as running:
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(inst.root / "outbound.sock"))) as s, \
-                s.post("http://gw/v1/outbound", data=TO_DEMO_PARTNER, headers=XML) as r:
-            reply = await r.json()
-        assert r.status == 202 and reply["partner"] == DEMO_PARTNER, reply
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(inst.root / "outbound.sock"))) as s:
+            status, reply = await post(s, TO_DEMO_PARTNER, path="http://gw/v1/outbound")
+        assert status == 202 and reply["partner"] == DEMO_PARTNER, reply
         message_id = reply["message_id"]
         await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
     [seen] = relay.seen
@@ -589,10 +557,10 @@ async def test_mailto_partner_gets_mail_encrypted_to_its_longest_lasting_certifi
                          str(renewed.cert), "-c", str(inst.config)) == 0
     capsys.readouterr()
     async with serving(inst, "info", quiet()) as running:
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(inst.root / "outbound.sock"))) as s, \
-                s.post("http://gw/v1/outbound", data=TO_DEMO_PARTNER, headers=XML) as r:
-            assert r.status == 202, await r.text()
-            message_id = (await r.json())["message_id"]
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(inst.root / "outbound.sock"))) as s:
+            sent = await post(s, TO_DEMO_PARTNER, path="http://gw/v1/outbound")
+            assert sent.status == 202, sent.text
+            message_id = sent.json["message_id"]
         await eventually(lambda: delivery_when(running, message_id, lambda d: d["state"] == "delivered"), "the delivery")
     [seen] = relay.seen
     content, _ = open_with_openssl(seen.data, renewed, inst.ca.cert, tmp_path / "opened")

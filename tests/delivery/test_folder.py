@@ -22,18 +22,11 @@ from gateway.delivery.outbox import Outbox
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import MasterKey, Vault
+from tests.helpers import SetTime
 
 HORIZON_S = 3600.0
 CFG = DeliveryConfig(horizon_s=HORIZON_S)
 RETRY_BASE_S, RETRY_CAP_S = CFG.retry_base_s, CFG.retry_cap_s
-
-
-class Clock:
-    def __init__(self, now: float):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -41,7 +34,7 @@ class Env:
     store: SqliteStore
     vault: Vault
     outbox: Path
-    clock: Clock
+    clock: SetTime
     deliverer: Outbox
 
     async def accept(self, body: bytes = SAMPLE) -> str:
@@ -75,7 +68,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     vault = Vault([MasterKey("k1", "", os.urandom(32))])
     outbox = tmp_path / "outbox"
     outbox.mkdir()
-    clock = Clock(0.0)
+    clock = SetTime(0.0)
     executor = ThreadPoolExecutor(2)
     sender = DirectorySender(Destination("erp", "directory", outbox), executor)
     deliverer = Outbox(store.outbox, vault, {"erp": sender}, CFG, executor, owner="test", clock=clock)

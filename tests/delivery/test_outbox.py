@@ -13,7 +13,6 @@ import hmac
 import io
 import json
 import os
-import socket
 import sqlite3
 import ssl
 import time
@@ -28,7 +27,6 @@ import pytest
 from aiohttp import web
 
 from gateway import devpki, logs
-from gateway.cli.demo import SAMPLE
 from gateway.config.model import DeliveryConfig, Destination
 from gateway.delivery.outbox import Breaker, Outbox
 from gateway.delivery.sender import DeliveryFailed, Sender
@@ -38,19 +36,10 @@ from gateway.storage.base import NotHeld
 from gateway.storage.records import DeliveryJob
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import MasterKey, Vault
+from tests.helpers import SetTime, audit_of, eventually, free_port, numbered
 from tests.helpers.erp import HANG, Erp
 
 CFG = DeliveryConfig(horizon_s=3600.0)
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
-assert SAMPLE.count(NUMBER) == 1
-
-
-class Clock:
-    def __init__(self, now: float):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --- the fake ERP ------------------------------------------------------------------------------------
@@ -112,8 +101,8 @@ async def start_erp(pki: Pki) -> AsyncIterator[StartErp]:
 class Env:
     store: SqliteStore
     vault: Vault
-    clock: Clock
-    mono: Clock
+    clock: SetTime
+    mono: SetTime
     executor: ThreadPoolExecutor
     pki: Pki
     folder: Path
@@ -122,7 +111,7 @@ class Env:
 
     async def accept(self, destinations: tuple[str, ...] = ("erp",), partner: str = "acme") -> str:
         message_id = str(uuid.uuid4())
-        body = SAMPLE.replace(NUMBER, f"{message_id}</cbc:ID>".encode())
+        body = numbered(message_id)
         sha = hashlib.sha256(body).hexdigest()
         sealed, key_id = self.vault.seal(body, message_id, sha)
         facts = InvoiceFacts(DocumentType.UBL_INVOICE, message_id, "2.1", ("0088:1",), (), "urn:c", "urn:p", "2026-11-02")
@@ -131,7 +120,7 @@ class Env:
         return message_id
 
     def body(self, message_id: str) -> bytes:
-        return SAMPLE.replace(NUMBER, f"{message_id}</cbc:ID>".encode())
+        return numbered(message_id)
 
     def https(self, url: str, name: str = "erp", **kw: Any) -> Destination:
         return Destination(name, "https", url=url, ca=self.pki.ca.cert, hmac_key_file=self.hmac_key, **kw)
@@ -165,9 +154,8 @@ class Env:
         return await self.store.outbox.claim(owner, now, wanted, lease_s)
 
     async def audit(self, action: str, message_id: str) -> list[dict[str, Any]]:
-        """Audit records as dicts, their detail parsed (the shape the old ``audit_records`` gave)."""
-        return [r.as_json() | {"detail": json.loads(r.detail)} for r in await self.store.audit.newest()
-                if r.action == action and r.message_id == message_id]
+        """The audit records of one action for one message, detail parsed (``audit_of``)."""
+        return [r for r in await audit_of(self.store, action) if r["message_id"] == message_id]
 
 
 @pytest.fixture
@@ -178,7 +166,7 @@ async def env(tmp_path: Path, pki: Pki) -> AsyncIterator[Env]:
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
     executor = ThreadPoolExecutor(4)
-    e = Env(store, vault, Clock(0.0), Clock(1000.0), executor, pki, tmp_path, key)
+    e = Env(store, vault, SetTime(0.0), SetTime(1000.0), executor, pki, tmp_path, key)
     yield e
     for box in e.outboxes:
         for sender in box.senders.values():
@@ -201,13 +189,6 @@ async def drain(box: Outbox) -> int:
     while started := await box.run_once():
         total += started
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # --- the request ---------------------------------------------------------------------------------------
@@ -575,9 +556,7 @@ async def test_run_once_attempts_what_an_attempt_finishing_meanwhile_frees(
         # B's attempt is done and A's is in flight: A's finishes while this claim is under way.
         assert erp_a.gate is not None
         erp_a.gate.set()
-        async with asyncio.timeout(10):
-            while box.in_flight["a"]:
-                await asyncio.sleep(0.001)
+        await eventually(lambda: not box.in_flight["a"], "A's attempt to finish", 10)
         return await real_claim(owner, now, wanted, lease_s)
 
     monkeypatch.setattr(env.store.outbox, "claim", slow_claim)

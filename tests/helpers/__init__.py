@@ -33,6 +33,7 @@ from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE, samples
 from gateway.clock import Clock
 from gateway.config import load as config_mod
+from gateway.errors import ConfigError
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
 from gateway.storage.base import Store
@@ -103,6 +104,7 @@ async def serving(inst: instance.Instance, level: str = "debug", stream: io.Stri
 
 
 XML = {"Content-Type": "application/xml"}
+HANDSHAKE_FAILED = (aiohttp.ClientConnectorError, aiohttp.ClientOSError, ssl.SSLError)  # how a refused TLS client fails
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
@@ -169,6 +171,20 @@ def add_partner(inst: instance.Instance, name: str, party_ids: Sequence[str], *,
     return cert
 
 
+def run_command(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``einvoice-gateway ARGV`` in-process, from synchronous code (the command runs an event loop of
+    its own): its exit code, and what it printed to stdout and stderr."""
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+async def run_command_aside(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``run_command`` from an async test: on a thread, beside the running gateway."""
+    return await asyncio.to_thread(run_command, capsys, *argv)
+
+
 async def run_cli(*argv: str) -> int:
     """``einvoice-gateway ARGV`` from an async test: beside the running gateway, on a thread of its own,
     as a separate process would (the command runs an event loop of its own)."""
@@ -215,6 +231,30 @@ class FakeClock:
         self._moved.set()
         for _ in range(10):  # the sleepers wake, run their jobs (a store write is a few hops), sleep again
             await asyncio.sleep(0.01)
+
+
+class SetTime:
+    """A time function (``() -> epoch seconds``) for code that takes one; the test sets ``now``."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stop_delivery_loop() -> None:
+    """Cancel the running gateway's background delivery, so a test runs delivery passes itself."""
+    loops = [t for t in asyncio.all_tasks() if t.get_name() == "delivery"]
+    assert len(loops) == 1, "the background delivery task was not found"
+    loops[0].cancel()
+
+
+def config_error(config: Path) -> str:
+    """The message of the ConfigError that loading ``config`` raises (the test fails if it loads)."""
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(config)
+    return err.value.message
 
 
 def free_port() -> int:

@@ -363,10 +363,6 @@ class Console:
         await login(page, user)
         return page, user
 
-    def mtls(self) -> aiohttp.ClientSession:
-        """A partner's session on the mutual-TLS listener (the demo partner's certificate)."""
-        return aiohttp.ClientSession(self.running.url, connector=aiohttp.TCPConnector(ssl=self.running.ssl()))
-
     async def replay(self, page: Page, url: str, fields: dict[str, str], *, origin: str | None = "same",
                      cookie: bool = True) -> tuple[int, str]:
         """POST a form outside the browser with the page's session cookie; ``origin``: "same", None

@@ -1,8 +1,40 @@
-"""Sending the public corpus: which supplier identifiers belong to one partner."""
+"""Sending the public corpus: the supplier identifiers of a document, and which belong to one partner."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+
+from lxml import etree
+
+NS = {
+    "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
+    "cac": "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2",
+    "rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
+    "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100",
+}
+_UBL_PARTY = "/*/cac:AccountingSupplierParty/cac:Party/"
+_CII_SELLER = "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction/ram:ApplicableHeaderTradeAgreement/ram:SellerTradeParty/"
+# EN 16931 BT-29, BT-30, BT-31/32, BT-34: scheme:value (tax registrations bare, as UBL writes them).
+SCHEMED_IDS = etree.XPath(" | ".join(
+    [_UBL_PARTY + p for p in ("cbc:EndpointID", "cac:PartyIdentification/cbc:ID", "cac:PartyTaxScheme/cbc:CompanyID",
+                              "cac:PartyLegalEntity/cbc:CompanyID")]
+    + [_CII_SELLER + p for p in ("ram:ID", "ram:GlobalID", "ram:SpecifiedLegalOrganization/ram:ID",
+                                 "ram:URIUniversalCommunication/ram:URIID")]), namespaces=NS)
+BARE_IDS = etree.XPath(_CII_SELLER + "ram:SpecifiedTaxRegistration/ram:ID", namespaces=NS)
+
+
+def supplier_ids(root: etree._Element) -> tuple[str, ...]:
+    """The seller's identifiers in a UBL or CII document, ``scheme:value`` where a scheme is given, in
+    document order without repeats: what a partner sending it must be registered with."""
+    out: dict[str, None] = {}
+    for el in SCHEMED_IDS(root):
+        value, scheme = el.xpath("string()").strip(), (el.get("schemeID") or "").strip()
+        if value:
+            out[f"{scheme}:{value}" if scheme else value] = None
+    for el in BARE_IDS(root):
+        if value := el.xpath("string()").strip():
+            out[value] = None
+    return tuple(out)
 
 
 def partner_groups(id_sets: Iterable[Sequence[str]]) -> dict[str, str]:

@@ -29,14 +29,8 @@ from gateway.config import load as config_mod
 from gateway.errors import StorageUnavailable
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
-from tests.helpers import XML, Running
-
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
-assert SAMPLE.count(NUMBER) == 1
-
-
-def numbered(n: int, doc: bytes = SAMPLE) -> bytes:
-    return doc.replace(NUMBER, f"API-{n:06d}</cbc:ID>".encode())
+from tests.helpers import XML, Answer, Running, audit_of, numbered
+from tests.helpers import post as post_invoice
 
 
 @pytest.fixture
@@ -59,10 +53,12 @@ async def gateway(inst: instance.Instance, https_overrides: dict[str, Any]) -> A
         await gw.stop()
 
 
-async def post(s: aiohttp.ClientSession, body: Any, headers: dict[str, str] = XML) -> tuple[int, Any, aiohttp.ClientResponse]:
-    async with s.post("/v1/invoices", data=body, headers=headers) as r:
-        assert r.content_type == "application/json", await r.text()
-        return r.status, await r.json(), r
+async def post(s: aiohttp.ClientSession, body: Any, headers: dict[str, str] = XML) -> Answer:
+    """tests.helpers.post, checking on every reply what this module's contract says: it is JSON.  (Local
+    for that check only.)"""
+    answer = await post_invoice(s, body, headers)
+    assert answer.json is not None, answer.text  # None: not application/json
+    return answer
 
 
 def db_rows(gateway: Running, message_id: str | None = None) -> dict[str, int]:
@@ -84,7 +80,7 @@ async def deliver_all(gateway: Running) -> None:
 
 
 async def test_accepted_reply_and_committed_before_202(gateway, client):
-    status, body, _ = await post(client(), SAMPLE)
+    status, body = await post(client(), SAMPLE)
     rows = db_rows(gateway, body.get("message_id"))  # immediately after the 202
     assert status == 202, body
     assert set(body) == {"message_id", "status", "sha256", "received_at", "duplicate", "rules"}
@@ -101,31 +97,31 @@ async def test_identical_resend_is_duplicate_and_delivered_once(gateway, client)
     await deliver_all(gateway)
     second = await post(s, SAMPLE)
     await deliver_all(gateway)
-    assert (first[0], second[0]) == (202, 202)
-    assert second[1]["message_id"] == first[1]["message_id"]
-    assert (first[1]["duplicate"], second[1]["duplicate"]) == (False, True)
+    assert (first.status, second.status) == (202, 202)
+    assert second.json["message_id"] == first.json["message_id"]
+    assert (first.json["duplicate"], second.json["duplicate"]) == (False, True)
     outbox = gateway.inst.delivery_folder
-    assert sorted(p.name for p in outbox.iterdir()) == sorted(f"{first[1]['message_id']}.{x}" for x in ("json", "xml"))
-    assert (outbox / f"{first[1]['message_id']}.xml").read_bytes() == SAMPLE
+    assert sorted(p.name for p in outbox.iterdir()) == sorted(f"{first.json['message_id']}.{x}" for x in ("json", "xml"))
+    assert (outbox / f"{first.json['message_id']}.xml").read_bytes() == SAMPLE
     assert (await gateway.gw.store.reports.counts()) == {"invoices": 1, "deliveries_delivered": 1}
 
 
 async def test_concurrent_identical_posts_store_one(gateway, client):
     s = client()
     replies = await asyncio.gather(*(post(s, SAMPLE) for _ in range(50)))
-    assert [r[0] for r in replies] == [202] * 50
-    assert len({r[1]["message_id"] for r in replies}) == 1
-    assert sum(r[1]["duplicate"] is False for r in replies) == 1
+    assert [r.status for r in replies] == [202] * 50
+    assert len({r.json["message_id"] for r in replies}) == 1
+    assert sum(r.json["duplicate"] is False for r in replies) == 1
     assert (await gateway.gw.store.reports.counts()) == {"invoices": 1, "deliveries_pending": 1}
     assert db_rows(gateway) == {"invoices": 1, "blobs": 1, "deliveries": 1}
 
 
 async def test_concurrent_distinct_invoices_are_all_delivered_intact(gateway, client):
     s = client()
-    bodies = [numbered(i) for i in range(100)]
+    bodies = [numbered(f"API-{i:06d}") for i in range(100)]
     replies = await asyncio.gather(*(post(s, b) for b in bodies))
-    assert [r[0] for r in replies] == [202] * 100
-    ids = [r[1]["message_id"] for r in replies]
+    assert [r.status for r in replies] == [202] * 100
+    ids = [r.json["message_id"] for r in replies]
     assert len(set(ids)) == 100
     await deliver_all(gateway)
     for body, message_id in zip(bodies, ids, strict=True):
@@ -136,26 +132,26 @@ async def test_concurrent_distinct_invoices_are_all_delivered_intact(gateway, cl
 
 async def test_same_number_other_content_is_409(gateway, client):
     s = client()
-    assert (await post(s, SAMPLE))[0] == 202
+    assert (await post(s, SAMPLE)).status == 202
     other = SAMPLE.replace(b"Sample invoice shipped", b"Corrected invoice shipped")
-    status, body, _ = await post(s, other)
+    status, body = await post(s, other)
     assert (status, body["error"]) == (409, "DUPLICATE_CONFLICT"), body
     assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
 
 async def test_rejected_document_is_evaluated_afresh(gateway, client):
     s = client()
-    broken = numbered(2).replace(b"<cbc:IssueDate>2026-11-02<", b"<cbc:IssueDate>2 Nov 2026<")
+    broken = numbered("API-000002").replace(b"<cbc:IssueDate>2026-11-02<", b"<cbc:IssueDate>2 Nov 2026<")
     for _ in range(2):  # a rejection is not remembered as a "duplicate"
-        status, body, _ = await post(s, broken)
+        status, body = await post(s, broken)
         assert (status, body["error"]) == (422, "SCHEMA_INVALID"), body
-    status, body, _ = await post(s, numbered(2))
+    status, body = await post(s, numbered("API-000002"))
     assert status == 202 and body["duplicate"] is False, body
 
 
 async def test_status_for_the_sender_only(gateway, client):
     s = client()
-    _, sent, _ = await post(s, SAMPLE)
+    _, sent = await post(s, SAMPLE)
     url = f"/v1/invoices/{sent['message_id']}"
     async with s.get(url) as r:
         assert r.status == 200
@@ -179,18 +175,18 @@ async def test_status_for_the_sender_only(gateway, client):
 async def test_xml_media_types_are_accepted(gateway, client):
     s = client()
     for n, content_type in enumerate(("application/xml; charset=utf-8", "text/xml", "Application/XML")):
-        status, body, _ = await post(s, numbered(n), {"Content-Type": content_type})
+        status, body = await post(s, numbered(f"API-{n:06d}"), {"Content-Type": content_type})
         assert status == 202, (content_type, body)
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "application/octet-stream", "text/plain", "multipart/form-data; boundary=x"])
 async def test_wrong_content_type_is_415(gateway, client, content_type):
-    status, body, _ = await post(client(), SAMPLE, {"Content-Type": content_type})
+    status, body = await post(client(), SAMPLE, {"Content-Type": content_type})
     assert (status, body["error"]) == (415, "UNSUPPORTED_MEDIA_TYPE"), body
 
 
 async def test_compressed_body_is_415(gateway, client):
-    status, body, _ = await post(client(), gzip.compress(SAMPLE), {**XML, "Content-Encoding": "gzip"})
+    status, body = await post(client(), gzip.compress(SAMPLE), {**XML, "Content-Encoding": "gzip"})
     assert (status, body["error"]) == (415, "UNSUPPORTED_ENCODING"), body
     assert (await gateway.gw.store.reports.counts())["invoices"] == 0
 
@@ -224,10 +220,10 @@ async def test_body_over_limit_is_413(gateway, client):
             yield PADDED[i : i + 1024]
 
     for body in (PADDED, chunked()):  # with a Content-Length, then chunked (no length)
-        status, reply, _ = await post(s, body)
+        status, reply = await post(s, body)
         assert (status, reply["error"]) == (413, "TOO_LARGE"), reply
     assert (await gateway.gw.store.reports.counts())["invoices"] == 0
-    assert (await post(s, SAMPLE))[0] == 202  # under the limit: accepted
+    assert (await post(s, SAMPLE)).status == 202  # under the limit: accepted
 
 
 def fail_put(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,12 +251,13 @@ def fail_commit(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_storage_failure_is_503_and_nothing_is_stored(gateway, client, monkeypatch, fault):
     s = client()
     fault(gateway.gw.store, monkeypatch)
-    status, body, r = await post(s, SAMPLE)
+    answer = await post(s, SAMPLE)
+    status, body = answer
     assert (status, body["error"]) == (503, "STORAGE_UNAVAILABLE"), body
-    assert int(r.headers["Retry-After"]) > 0
+    assert int(answer.headers["Retry-After"]) > 0
     assert db_rows(gateway) == {"invoices": 0, "blobs": 0, "deliveries": 0}
     monkeypatch.undo()
-    status, body, _ = await post(s, SAMPLE)  # the retry the 503 asked for
+    status, body = await post(s, SAMPLE)  # the retry the 503 asked for
     assert status == 202 and body["duplicate"] is False, body
     assert db_rows(gateway, body["message_id"]) == {"invoices": 1, "blobs": 1, "deliveries": 1}
 
@@ -286,11 +283,10 @@ async def test_every_refusal_is_one_audit_record(gateway: Running, client) -> No
     bad_xml = b"<Invoice><unclosed></Invoice>"
     for headers, body in (({"Content-Type": "text/plain"}, SAMPLE), ({**XML, "Content-Encoding": "gzip"}, gzip.compress(SAMPLE)),
                           (XML, bad_xml)):
-        async with s.post("/v1/invoices", data=body, headers=headers) as r:
-            assert r.status in (400, 415)
-    refused = [r for r in await gateway.gw.store.audit.newest(100) if r.action == "invoice.rejected"][::-1]
-    details = [json.loads(r.detail) for r in refused]
+        assert (await post_invoice(s, body, headers)).status in (400, 415)
+    refused = await audit_of(gateway.gw.store, "invoice.rejected")
+    details = [r["detail"] for r in refused]
     assert [d["code"] for d in details] == ["UNSUPPORTED_MEDIA_TYPE", "UNSUPPORTED_ENCODING", "MALFORMED_XML"]
-    assert all(r.partner == instance.DEMO_PARTNER and r.actor == "gateway" for r in refused)
+    assert all(r["partner"] == instance.DEMO_PARTNER and r["actor"] == "gateway" for r in refused)
     assert set(details[0]) == set(details[1]) == {"transport", "code", "peer_spki", "peer"}
     assert details[2] == {"transport": "https", "code": "MALFORMED_XML", "sha256": hashlib.sha256(bad_xml).hexdigest()}

@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import json
 import re
-import ssl
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,37 +18,18 @@ import aiohttp
 import pytest
 
 from gateway import devpki
-from gateway.cli.demo import SAMPLE, samples
+from gateway.cli.demo import SAMPLE
 from gateway.model import PartnerStatus
 from gateway.operations.instance import DEMO_PARTNER
 from gateway.partners.book import editing
 from gateway.partners.edit import register_partner, store_certificate, with_status
 from gateway.tls import client_context
-from tests.helpers import XML
-
-HANDSHAKE_FAILED = (aiohttp.ClientConnectorError, aiohttp.ClientOSError, ssl.SSLError)
-OTHER_IDS = ["0088:4000009000001", "FR12345678901"]
-FOREIGN = dict(samples())["invoice from another supplier"]  # the sample with OTHER_IDS as the supplier
-
-
-def numbered(n: int, doc: bytes = SAMPLE) -> bytes:
-    assert b">DEMO-2026-0001</cbc:ID>" in doc
-    return doc.replace(b">DEMO-2026-0001</cbc:ID>", f">MT-{n:04d}</cbc:ID>".encode(), 1)
-
-
-async def post(session: aiohttp.ClientSession, body: bytes) -> tuple[int, dict]:
-    async with session.post("/v1/invoices", data=body, headers=XML) as r:
-        return r.status, await r.json()
+from tests.helpers import FOREIGN, FOREIGN_IDS, HANDSHAKE_FAILED, add_partner, numbered, post
 
 
 async def get(session: aiohttp.ClientSession, message_id: str) -> tuple[int, dict]:
     async with session.get(f"/v1/invoices/{message_id}") as r:
         return r.status, await r.json()
-
-
-def register(gateway, name: str, cert: devpki.Issued, ids: list[str]) -> None:
-    register_partner(gateway.inst.partners, name, [cert.cert], ids, [f"billing@{name}.example"], "pytest")
-    gateway.gw.parts.partners.refresh()  # what the daemon does every reload_interval_s
 
 
 def edit_demo(gateway, change) -> None:
@@ -88,13 +68,15 @@ async def test_handshake_refused(gateway, client, tmp_path, kind):  # T-01…T-0
     ctx = client_context(gateway.inst.ca.cert)
     if kind != "no certificate":
         cert = refused_cert(gateway, tmp_path, kind)
-        register(gateway, "refused", cert, ["0088:4000008000002"])  # even a registered key is refused in the handshake
+        # even a registered key is refused in the handshake
+        register_partner(gateway.inst.partners, "refused", [cert.cert], ["0088:4000008000002"], ["billing@refused.example"], "pytest")
+        gateway.gw.parts.partners.refresh()  # what the daemon does every partners.reload_interval_s
         assert gateway.gw.parts.partners.current.get("refused") is not None
         ctx = client_context(gateway.inst.ca.cert, cert.cert, cert.key)
     async with aiohttp.ClientSession(gateway.url, connector=aiohttp.TCPConnector(ssl=ctx)) as s:
         with pytest.raises(HANDSHAKE_FAILED):
-            await post(s, numbered(1))
-    status, _ = await post(client(), numbered(2))  # the listener is alive: the demo partner gets through
+            await post(s, numbered("MT-0001"))
+    status, _ = await post(client(), numbered("MT-0002"))  # the listener is alive: the demo partner gets through
     assert status == 202
     assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
@@ -140,10 +122,10 @@ async def test_ca_valid_but_unregistered_certificate(gateway, client):  # T-07; 
 async def test_suspended_partner_then_resumed(gateway, client):  # T-07 hot reload, both ways
     s = client()
     edit_demo(gateway, lambda p: with_status(p, PartnerStatus.SUSPENDED))
-    status, body = await post(s, numbered(1))
+    status, body = await post(s, numbered("MT-0001"))
     assert (status, body["error"]) == (403, "PARTNER_SUSPENDED")
     edit_demo(gateway, lambda p: with_status(p, PartnerStatus.ACTIVE))
-    status, body = await post(s, numbered(1))
+    status, body = await post(s, numbered("MT-0001"))
     assert (status, body["status"]) == (202, "accepted")
 
 
@@ -152,19 +134,19 @@ async def test_certificate_rotation(gateway, client):  # T-07: overlap, then the
     stored, _ = store_certificate(gateway.inst.partners, DEMO_PARTNER, new.cert)
     edit_demo(gateway, lambda p: replace(p, client_certs=(*p.client_certs, str(stored))))
     old_s, new_s = client(), client(new.cert, new.key)
-    assert (await post(old_s, numbered(1)))[0] == 202
-    assert (await post(new_s, numbered(2)))[0] == 202
+    assert (await post(old_s, numbered("MT-0001"))).status == 202
+    assert (await post(new_s, numbered("MT-0002"))).status == 202
     edit_demo(gateway, lambda p: replace(p, client_certs=(str(stored),)))
-    status, body = await post(old_s, numbered(3))
+    status, body = await post(old_s, numbered("MT-0003"))
     assert (status, body["error"]) == (403, "PARTNER_UNKNOWN")
-    assert (await post(new_s, numbered(3)))[0] == 202
+    assert (await post(new_s, numbered("MT-0003"))).status == 202
 
 
 async def test_supplier_ids_of_another_partner(gateway, client):  # I-01
-    other = gateway.issue_client("other")
-    register(gateway, "other", other, OTHER_IDS)
+    other = add_partner(gateway.inst, "other", FOREIGN_IDS, emails=["billing@other.example"])
+    gateway.gw.parts.partners.refresh()
     demo_s, other_s = client(), client(other.cert, other.key)
-    mixed = numbered(1).replace(b"<cbc:CompanyID>DE123456789<", b"<cbc:CompanyID>FR12345678901<")  # one foreign id
+    mixed = numbered("MT-0001").replace(b"<cbc:CompanyID>DE123456789<", b"<cbc:CompanyID>FR12345678901<")  # one foreign id
     for session, body in ((demo_s, FOREIGN), (demo_s, mixed), (other_s, SAMPLE)):
         status, reply = await post(session, body)
         assert (status, reply["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), reply
@@ -174,8 +156,8 @@ async def test_supplier_ids_of_another_partner(gateway, client):  # I-01
 
 
 async def test_status_only_for_the_sender(gateway, client):  # GET /v1/invoices/{id}
-    other = gateway.issue_client("other")
-    register(gateway, "other", other, OTHER_IDS)
+    other = add_partner(gateway.inst, "other", FOREIGN_IDS, emails=["billing@other.example"])
+    gateway.gw.parts.partners.refresh()
     status, receipt = await post(client(), SAMPLE)
     assert status == 202
     status, body = await get(client(), receipt["message_id"])

@@ -1,4 +1,4 @@
-"""The S/MIME e-mail listener end to end (gateway/inbound/smtp.py, gateway/smime.py, gateway/cms.py).
+"""The S/MIME e-mail listener end to end (gateway/inbound/smtp.py, gateway/smime/unwrap.py, gateway/smime/cms.py).
 
 A real gateway on 127.0.0.1, Python's ``smtplib`` as the partner's mail client (in a thread: the
 gateway runs in the test's event loop), STARTTLS against the instance CA, and ``openssl cms`` as the
@@ -54,7 +54,7 @@ from gateway.partners.book import load_directory
 from gateway.pipeline import MailIdentity, Pipeline, Submission
 from gateway.smime import unwrap as smime
 from gateway.smime.identity import Identity
-from tests.helpers import Running, serving
+from tests.helpers import Running, audit_of, eventually, numbered, serving
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl cms is the independent S/MIME peer")
 shared = pytest.mark.asyncio(loop_scope="module")  # runs against the module's one gateway
@@ -63,9 +63,8 @@ GATEWAY = f"invoices@{instance.MAIL_HOST}"
 DEMO = instance.DEMO_EMAIL
 MAX_MESSAGE = 64 * 1024  # smtp.max_message_bytes of the shared instance (the configurable minimum)
 MAX_INVOICE = 16 * 1024  # https.max_body_bytes of the shared instance: the largest invoice (the sample has 5.6 KB)
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
 DEMO_GLN, DEMO_VAT = "4000001000006", "DE123456789"
-assert SAMPLE.count(NUMBER) == 1 and SAMPLE.count(f">{DEMO_GLN}<".encode()) == 2 and SAMPLE.count(f">{DEMO_VAT}<".encode()) == 1
+assert SAMPLE.count(f">{DEMO_GLN}<".encode()) == 2 and SAMPLE.count(f">{DEMO_VAT}<".encode()) == 1
 
 OAEP = ("-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256", "-keyopt", "rsa_mgf1_md:sha256")
 
@@ -92,7 +91,7 @@ def new_number(tag: str) -> str:
 
 def invoice(number: str, supplier: Supplier = DEMO_SUPPLIER) -> bytes:
     """The sample invoice with its own number, from ``supplier`` (EndpointID, PartyIdentification, CompanyID)."""
-    doc = SAMPLE.replace(NUMBER, f"{number}</cbc:ID>".encode())
+    doc = numbered(number)
     return doc.replace(f">{DEMO_GLN}<".encode(), f">{supplier.gln}<".encode()).replace(
         f">{DEMO_VAT}<".encode(), f">{supplier.vat}<".encode())
 
@@ -228,6 +227,8 @@ async def run_cli_aside(*args: object) -> str:
 
 
 def add_partner(config: Path, name: str, cert: Path, email: str, supplier: Supplier, *extra: str) -> None:
+    """``partners add`` with an S/MIME certificate (not tests.helpers.add_partner, which registers a client
+    certificate it issues): the partner sends by e-mail."""
     ids = [a for i in supplier.party_ids for a in ("--party-id", i)]
     run_cli("partners", "add", name, "--smime-cert", cert, "--email", email, *ids, *extra, "-c", config)
 
@@ -355,10 +356,7 @@ async def send(r: Running, message: bytes, *, sender: str = DEMO, rcpt: str = GA
 async def delivered(r: Running, message_id: str, timeout_s: float = 15.0) -> bytes:
     """The delivered invoice (polls the directory destination, bounded)."""
     xml, meta = r.inst.delivery_folder / f"{message_id}.xml", r.inst.delivery_folder / f"{message_id}.json"
-    deadline = time.monotonic() + timeout_s
-    while not (xml.exists() and meta.exists()):
-        assert time.monotonic() < deadline, f"{message_id} was not delivered within {timeout_s} s"
-        await asyncio.sleep(0.05)
+    await eventually(lambda: xml.exists() and meta.exists(), f"{message_id} to be delivered", timeout_s)
     return xml.read_bytes()
 
 
@@ -399,18 +397,10 @@ async def refused(r: Running, message: bytes, code: str, enhanced: str | None, *
     assert all(re.match(r"5\.\d+\.\d+ ", line) and line.startswith(f"{reply.enhanced} ") for line in reply.lines), reply
     if enhanced is not None:
         assert reply.enhanced == enhanced, reply
-    audits = [a for a in await r.gw.store.audit.newest(100) if a.seq > before and a.action == "invoice.rejected"]
-    details = [json.loads(a.detail) for a in audits]
-    assert [(d["transport"], d["code"]) for d in details] == [("smtp", code)], audits
+    audits = [a for a in await audit_of(r.gw.store, "invoice.rejected") if a["seq"] > before]
+    assert [(a["detail"]["transport"], a["detail"]["code"]) for a in audits] == [("smtp", code)], audits
     await not_delivered(r, *numbers)
     return reply
-
-
-async def wait_for(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s"
-        await asyncio.sleep(0.05)
 
 
 # --- 1. accepted and delivered ----------------------------------------------------------------------------
@@ -492,12 +482,12 @@ async def test_a_signed_only_partner_may_send_signed_without_encryption(world: W
     # switched off with the CLI: the same kind of message is refused
     await run_cli_aside("partners", "edit", name, "--no-smime-signed-only", "-c", config)
     try:
-        await wait_for(lambda: not current_partner(running, name).smime_signed_only)
+        await eventually(lambda: not current_partner(running, name).smime_signed_only, "the partner no longer signed-only")
         number = new_number("signed-only")
         await refused(running, message(number), "SMIME_NOT_ENCRYPTED", "5.7.1", number)
     finally:
         await run_cli_aside("partners", "edit", name, "--smime-signed-only", "-c", config)
-        await wait_for(lambda: current_partner(running, name).smime_signed_only)
+        await eventually(lambda: current_partner(running, name).smime_signed_only, "the partner signed-only again")
 
 
 @shared
@@ -507,7 +497,7 @@ async def test_an_address_removed_with_the_cli_is_refused(world: World, running:
         doc = invoice(new_number("two"), TWO)
         await accepted(running, world.signed_encrypted(doc, signer=world.two_addresses, sender=sender), doc, name)
     await run_cli_aside("partners", "edit", name, "--remove-email", dropped, "-c", world.inst.config)
-    await wait_for(lambda: current_partner(running, name).emails == (kept,))
+    await eventually(lambda: current_partner(running, name).emails == (kept,), "the address removed")
     number = new_number("two")
     message = world.signed_encrypted(invoice(number, TWO), signer=world.two_addresses, sender=dropped)
     await refused(running, message, "SMIME_FROM_MISMATCH", "5.7.1", number)
@@ -518,7 +508,7 @@ async def test_a_partner_registered_with_the_cli_while_running_is_accepted(world
     cert = devpki.issue(world.inst.ca, world.scratch, "late-smime", role="smime", emails=("ap@late.example",),
                         key_kind="rsa2048")
     await asyncio.to_thread(add_partner, world.inst.config, "late-supplier", cert.cert, "ap@late.example", LATE)
-    await wait_for(lambda: running.gw.parts.partners.current.get("late-supplier") is not None)
+    await eventually(lambda: running.gw.parts.partners.current.get("late-supplier") is not None, "the new partner")
     doc = invoice(new_number("late"), LATE)
     message = encrypt(sign(part(doc), cert), world.gateway_cert, sender="ap@late.example")
     await accepted(running, message, doc, "late-supplier")
@@ -893,7 +883,7 @@ async def test_a_suspended_partner_is_refused(world: World, running: Running) ->
     await accepted(running, world.signed_encrypted(doc, signer=world.paused, sender="billing@paused.example"), doc,
                    "paused-supplier")
     await run_cli_aside("partners", "suspend", "paused-supplier", "-c", world.inst.config)
-    await wait_for(lambda: current_partner(running, "paused-supplier").status.value == "suspended")
+    await eventually(lambda: current_partner(running, "paused-supplier").status.value == "suspended", "the partner suspended")
     number = new_number("paused")
     message = world.signed_encrypted(invoice(number, PAUSED), signer=world.paused, sender="billing@paused.example")
     await refused(running, message, "PARTNER_SUSPENDED", "5.7.1", number)
@@ -1061,7 +1051,7 @@ async def test_tls_below_1_2_is_refused(running: Running, caplog: pytest.LogCapt
         causes = [r.exc_info[1].__cause__ for r in caplog.records if r.exc_info and r.exc_info[1] is not None]
         return any(isinstance(c, ssl.SSLError) and c.reason == "UNSUPPORTED_PROTOCOL" for c in causes)
 
-    await wait_for(server_refused, 5.0)
+    await eventually(server_refused, "the server's refusal of the protocol version", 5.0)
 
 
 @pytest.fixture
@@ -1308,11 +1298,7 @@ async def test_sessions_are_counted_once_and_released(inst: instance.Instance) -
                     assert s.noop()[0] == 250
 
         await asyncio.to_thread(sessions_in_a_row)
-        for _ in range(50):
-            if r.gw.smtp is not None and r.gw.smtp.sessions == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert r.gw.smtp is not None and r.gw.smtp.sessions == 0
+        await eventually(lambda: r.gw.smtp is not None and r.gw.smtp.sessions == 0, "the closed sessions released", 2.5)
 
         def over_the_limit() -> int:
             with connect(r) as a, connect(r) as b:

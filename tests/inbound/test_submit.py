@@ -20,15 +20,13 @@ import socket
 import ssl
 import stat
 import subprocess
-import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import tomli_w
 from lxml import etree
 
 from gateway import devpki, logs
@@ -43,47 +41,25 @@ from gateway.partners.book import editing
 from gateway.partners.edit import register_partner
 from gateway.storage.records import DeliveryRow, MessageSummary
 from gateway.tls import client_context, inspect_certificate
-from tests.helpers import XML
+from tests.helpers import FOREIGN, HANDSHAKE_FAILED, XML, Running, add_partner, eventually, post, rewrite_config
+from tests.helpers.messages import BUYER, SELLER
 
-SELLER = "0088:4000001000006"  # the sample's supplier: "this business" for A
-BUYER = "0088:4000002000005"  # the sample's buyer: partner buyer-b at A
+# SELLER, the sample's supplier, is "this business" for A; BUYER, the sample's buyer, is partner buyer-b at A.
+# FOREIGN is the sample with someone else as the seller.
 UNKNOWN_BUYER = "0088:4000008000002"
-FOREIGN = dict(samples())["invoice from another supplier"]  # the sample with someone else as the seller
 INVALID = dict(samples())["schema-invalid invoice"]
 assert SAMPLE.count(b">4000002000005<") == 1
 OTHER_BUYER_DOC = SAMPLE.replace(b">4000002000005<", b">4000008000002<")
 DS = "http://www.w3.org/2000/09/xmldsig#"
 XSD_INVOICE_ID = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2:Invoice"
 XSD_PROPS_ID = "http://uri.etsi.org/01903/v1.3.2#:SignedProperties"
-HANDSHAKE_FAILED = (aiohttp.ClientConnectorError, aiohttp.ClientOSError, ssl.SSLError)
 WAIT_S = 15.0
-
-
-def rewrite_config(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    """Edit an instance's configuration as data (whatever sections the template already has)."""
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
-    change(data)
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
 
 
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def eventually(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    """Poll ``check`` until it returns something truthy (the delivery loops run in the background)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def a_client_cert(a: Instance) -> devpki.Issued:
@@ -98,8 +74,7 @@ def make_sender(a: Instance, a_client: devpki.Issued, *, endpoint: str, ca: Path
                 tweak: Tweak | None = None) -> None:
     """Configure ``a`` to send: partner buyer-b (signed invoices), a partner destination, the [outbound]
     listener; ``tweak`` changes the resulting configuration further."""
-    b_client = devpki.issue(a.ca, a.root / "pki", "b-client", role="client", cn="buyer B")  # registered, never used here
-    register_partner(a.partners, "buyer-b", [b_client.cert], [BUYER], [], "pytest", endpoint=endpoint, sign_outbound=True)
+    add_partner(a, "buyer-b", [BUYER], endpoint=endpoint, sign_outbound=True)  # its client certificate is never used here
     listener: dict[str, Any] = ({"socket": "outbound.sock"} if transport == "unix" else
                                 {"listen_host": "127.0.0.1", "listen_port": 0, "client_ca": [str(a.ca.cert)]})
 
@@ -150,8 +125,8 @@ class Pair:
         return self.gb
 
     async def submit(self, body: bytes, headers: dict[str, str] = XML) -> tuple[int, dict[str, Any]]:
-        async with self.session.post("http://a/v1/outbound", data=body, headers=headers) as r:
-            return r.status, await r.json()
+        status, reply = await post(self.session, body, headers, "http://a/v1/outbound")
+        return status, reply
 
     async def status(self, message_id: str) -> tuple[int, dict[str, Any]]:
         async with self.session.get(f"http://a/v1/outbound/{message_id}") as r:
@@ -168,7 +143,7 @@ class Pair:
             rows = await self.b_gw.store.reports.messages(status="delivered")
             return rows if len(rows) >= n else None
 
-        rows: list[MessageSummary] = await eventually(check, f"{n} message(s) delivered at B")
+        rows: list[MessageSummary] = await eventually(check, f"{n} message(s) delivered at B", WAIT_S)
         return rows
 
     async def stop_b(self) -> None:
@@ -225,7 +200,7 @@ async def test_submitted_invoice_is_signed_and_delivered_to_the_partner(pair: Pa
     assert body["status"] == "accepted" and body["partner"] == "buyer-b" and body["duplicate"] is False
     message_id = body["message_id"]
 
-    st = await eventually(lambda: pair.delivered(message_id), "A's delivery")
+    st = await eventually(lambda: pair.delivered(message_id), "A's delivery", WAIT_S)
     assert st["partner"] == "buyer-b"
     assert [(d["destination"], d["status"], d["attempts"]) for d in st["deliveries"]] == [("partners", "delivered", 1)]
 
@@ -293,7 +268,7 @@ async def test_unsigned_invoice_to_a_partner_requiring_signatures_is_dead_letter
     set_partner(pair.a.partners, "buyer-b", sign_outbound=False)
     assert pair.ga.parts.partners.refresh()
     _, body = await pair.submit(SAMPLE)
-    [dead] = await eventually(lambda: pair.ga.store.reports.dead_letters(), "the dead letter")
+    [dead] = await eventually(lambda: pair.ga.store.reports.dead_letters(), "the dead letter", WAIT_S)
     assert dead.message_id == body["message_id"]
     assert dead.error is not None and dead.error.startswith("HTTP 422: SIGNATURE_REQUIRED: "), dead.error
     assert await pair.b_gw.store.reports.counts() == {"invoices": 0}
@@ -304,7 +279,7 @@ async def test_partner_refusal_is_dead_lettered_with_its_code(pair: Pair) -> Non
     assert pair.b_gw.parts.partners.refresh()
     _, body = await pair.submit(SAMPLE)
     message_id = body["message_id"]
-    [dead] = await eventually(lambda: pair.ga.store.reports.dead_letters(), "the dead letter")
+    [dead] = await eventually(lambda: pair.ga.store.reports.dead_letters(), "the dead letter", WAIT_S)
     assert dead.message_id == message_id
     assert (dead.destination, dead.partner, dead.direction, dead.attempts) == ("partners", "buyer-b", "out", 1)
     assert dead.error is not None and "HTTP 403" in dead.error and "PARTNER_SUSPENDED" in dead.error, dead.error
@@ -321,7 +296,7 @@ async def test_partner_refusal_is_dead_lettered_with_its_code(pair: Pair) -> Non
     [row] = await pair.delivered_at_b()
     at_a, at_b = await pair.ga.store.reports.message(message_id), await pair.b_gw.store.reports.message(row.message_id)
     assert at_a is not None and at_b is not None and at_b.sha256 == at_a.sha256
-    await eventually(lambda: pair.delivered(message_id), "A's delivery after the requeue")
+    await eventually(lambda: pair.delivered(message_id), "A's delivery after the requeue", WAIT_S)
     assert await pair.ga.store.reports.dead_letters() == []
 
 
@@ -337,14 +312,14 @@ async def test_partner_down_is_retried_until_it_is_back(pair: Pair) -> None:
         assert d.state == "pending", d
         return d if d.attempts >= 3 else None
 
-    waiting = await eventually(retried, "three failed attempts")
+    waiting = await eventually(retried, "three failed attempts", WAIT_S)
     assert waiting.last_error and waiting.next_attempt_at
     _, st = await pair.status(message_id)
     assert st["status"] == "accepted" and st["deliveries"][0]["status"] == "pending"
 
     await pair.start_b()
     await pair.delivered_at_b()
-    st = await eventually(lambda: pair.delivered(message_id), "A's delivery after B is back")
+    st = await eventually(lambda: pair.delivered(message_id), "A's delivery after B is back", WAIT_S)
     assert st["deliveries"][0]["attempts"] > waiting.attempts
     assert await pair.ga.store.reports.dead_letters() == []
 
@@ -358,9 +333,10 @@ class Sender:
     gw: Gateway
 
     async def submit(self, body: bytes, headers: dict[str, str] = XML) -> tuple[int, dict[str, Any]]:
-        async with unix_session(self.inst) as s, s.post("http://a/v1/outbound", data=body, headers=headers) as r:
-            assert r.content_type == "application/json"
-            return r.status, await r.json()
+        async with unix_session(self.inst) as s:
+            answer = await post(s, body, headers, "http://a/v1/outbound")
+        assert answer.json is not None, answer.text  # None: not application/json
+        return answer.status, answer.json
 
     async def get(self, path: str) -> tuple[int, dict[str, Any]]:
         async with unix_session(self.inst) as s, s.get(f"http://a{path}") as r:
@@ -392,16 +368,13 @@ def suspend_buyer(s: Sender) -> bytes:
 
 
 def buyer_without_endpoint(s: Sender) -> bytes:
-    other = devpki.issue(s.inst.ca, s.inst.root / "pki", "c-client", role="client")
-    register_partner(s.inst.partners, "buyer-c", [other.cert], [UNKNOWN_BUYER], [], "pytest")
+    add_partner(s.inst, "buyer-c", [UNKNOWN_BUYER])
     return OTHER_BUYER_DOC
 
 
 def buyer_of_two_partners(s: Sender) -> bytes:
     """The sample's buyer VAT number (its second buyer identifier) registered for another partner."""
-    other = devpki.issue(s.inst.ca, s.inst.root / "pki", "c-client", role="client")
-    register_partner(s.inst.partners, "buyer-c", [other.cert], ["NL123456789B01"], [], "pytest",
-                     endpoint="https://c.example/v1/invoices")
+    add_partner(s.inst, "buyer-c", ["NL123456789B01"], endpoint="https://c.example/v1/invoices")
     return SAMPLE
 
 
@@ -466,11 +439,10 @@ async def test_signing_partner_without_a_signing_key_is_503(sender: Sender) -> N
 
 async def test_outbound_status_shows_outbound_messages_only(sender: Sender) -> None:
     """A message received from a partner is not visible on the ERP's sending listener."""
-    ctx = client_context(sender.inst.ca.cert, sender.inst.demo_client.cert, sender.inst.demo_client.key)
-    async with aiohttp.ClientSession(f"https://127.0.0.1:{sender.gw.port}", connector=aiohttp.TCPConnector(ssl=ctx)) as s, \
-            s.post("/v1/invoices", data=SAMPLE, headers=XML) as r:
-        assert r.status == 202, await r.text()
-        inbound = (await r.json())["message_id"]
+    async with Running(sender.inst, sender.gw).session() as s:  # the demo partner, on the partner API
+        answer = await post(s, SAMPLE)
+    assert answer.status == 202, answer.text
+    inbound = answer.json["message_id"]
     _, outbound = await sender.submit(SAMPLE)
     status, st = await sender.get(f"/v1/outbound/{outbound['message_id']}")
     assert status == 200 and st["partner"] == "buyer-b" and st["status"] == "accepted", st
@@ -537,9 +509,9 @@ async def test_tcp_listener_takes_allowlisted_erp_certificates_only(tmp_path: Pa
         url = f"https://127.0.0.1:{gw.submit_port}"
 
         async def submit(ctx: ssl.SSLContext) -> tuple[int, dict[str, Any]]:
-            async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(ssl=ctx)) as s, \
-                    s.post("/v1/outbound", data=SAMPLE, headers=XML) as r:
-                return r.status, await r.json()
+            async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+                status, reply = await post(s, SAMPLE, path="/v1/outbound")
+            return status, reply
 
         status, body = await submit(client_context(a.ca.cert, erp.cert, erp.key))
         assert status == 202 and body["partner"] == "buyer-b", body

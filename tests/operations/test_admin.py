@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import ssl
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,19 +27,14 @@ from gateway import logs
 from gateway.app import gateway as app
 from gateway.app.gateway import Gateway
 from gateway.cli import main as cli
-from gateway.cli.demo import SAMPLE, samples
+from gateway.cli.demo import samples
 from gateway.config import load as config_mod
 from gateway.operations import instance
 from gateway.tls import client_context
-from tests.helpers import XML, Running, free_port
+from tests.helpers import Running, eventually, free_port, numbered, post
 from tests.helpers.daemon import Daemon, make_instance, post_many, set_admin
 
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
 SCHEMA_INVALID = samples()[1][1]
-
-
-def numbered(tag: str) -> bytes:
-    return SAMPLE.replace(NUMBER, f"{tag}</cbc:ID>".encode())
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -85,18 +79,6 @@ async def started(inst: instance.Instance) -> AsyncIterator[Gateway]:
         logs.configure("debug")
 
 
-@contextlib.asynccontextmanager
-async def partner_session(r: Running) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(r.url, connector=aiohttp.TCPConnector(ssl=r.ssl())) as s:
-        yield s
-    await asyncio.sleep(0.05)
-
-
-async def post(s: aiohttp.ClientSession, body: bytes) -> tuple[int, dict]:
-    async with s.post("/v1/invoices", data=body, headers=XML) as r:
-        return r.status, await r.json()
-
-
 async def get(s: aiohttp.ClientSession, path: str, **kw) -> tuple[int, dict[str, str], bytes]:
     async with s.get(path, **kw) as r:
         return r.status, dict(r.headers), await r.read()
@@ -123,10 +105,10 @@ async def test_health_ready_and_metrics(admin_inst):
             status, _, body = await get(admin, "/readyz")
             assert status == 200 and b'"status": "ready"' in body
 
-            async with partner_session(r) as s:
+            async with r.session() as s:
                 replies = [await post(s, numbered("ADM-1")), await post(s, numbered("ADM-2")), await post(s, SCHEMA_INVALID)]
             assert [st for st, _ in replies] == [202, 202, 422], replies
-            code = replies[2][1]["error"]
+            code = replies[2].json["error"]
 
             status, headers, body = await get(admin, "/metrics")
             assert status == 200
@@ -176,9 +158,7 @@ async def hold_shutdown(r: Running, body: bytes) -> tuple[asyncio.StreamReader, 
 
 async def begin_stop(gw: Gateway) -> asyncio.Task[None]:
     stopper = asyncio.create_task(gw.stop())
-    deadline = time.monotonic() + 5
-    while not gw.stopping and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: gw.stopping, "the gateway to begin stopping", 5)
     await asyncio.sleep(0.1)
     return stopper
 

@@ -4,7 +4,7 @@
 accepted and delivered, one malformed body rejected, an ``audit checkpoint`` from the CLI between them,
 the daemon's own checkpoint when it stops, and one operator record after that.  Each test works on its
 own copy of that stopped instance and tampers with the copy's database through sqlite3, as an attacker
-with write access to the state folder would; ``audit verify`` (CLI, or ``gateway.audit.verify`` on the
+with write access to the state folder would; ``audit verify`` (CLI, or ``gateway.operations.audit.verify`` on the
 rows) must name the first record tampered with.
 """
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from cryptography import x509
 
@@ -34,12 +33,12 @@ from gateway.operations import audit, instance
 from gateway.stages.signature import SigningKey
 from gateway.storage.sqlite.schema import SCHEMA_VERSION
 from gateway.storage.sqlite.store import SqliteStore
-from tests.helpers import XML, serving
+from tests.helpers import eventually, post, run_cli, run_command, serving
+from tests.helpers import numbered as shared_numbered
 
 CANARY = "AUDITCANARY-3f9d20c1b7e4"
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
 NOTE = b"<cbc:Note>Sample invoice shipped with einvoice-gateway.</cbc:Note>"
-assert SAMPLE.count(NUMBER) == 1 and SAMPLE.count(NOTE) == 1
+assert SAMPLE.count(NOTE) == 1
 # Not well-formed, and the parser's error names the canary element: the rejection carries body content.
 MALFORMED = SAMPLE.replace(NOTE, f"<{CANARY}>".encode())
 WAIT_S = 15.0
@@ -47,14 +46,8 @@ FIELDS = ("seq", "at", "actor", "action", "partner", "message_id", "detail", "pr
 
 
 def numbered(n: int, note: str | None = None) -> bytes:
-    doc = SAMPLE.replace(NUMBER, f"AUDIT-{n:04d}</cbc:ID>".encode())
+    doc = shared_numbered(f"AUDIT-{n:04d}")
     return doc.replace(NOTE, f"<cbc:Note>{note}</cbc:Note>".encode()) if note else doc
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # --- the populated instance -------------------------------------------------------------------------
@@ -72,24 +65,25 @@ async def populate(inst: instance.Instance) -> list[str]:
         store = running.gw.store
 
         async def post_and_deliver(*bodies: bytes, rejected: bytes | None = None) -> None:
-            async with aiohttp.ClientSession(running.url, connector=aiohttp.TCPConnector(ssl=running.ssl())) as s:
+            async with running.session() as s:
                 for body in bodies:
-                    async with s.post("/v1/invoices", data=body, headers=XML) as r:
-                        assert r.status == 202, await r.text()
-                        ids.append((await r.json())["message_id"])
+                    sent = await post(s, body)
+                    assert sent.status == 202, sent.text
+                    ids.append(sent.json["message_id"])
                     if rejected is not None and len(ids) == 2:
-                        async with s.post("/v1/invoices", data=rejected, headers=XML) as r:
-                            text = await r.text()
-                            assert r.status == 400 and "MALFORMED_XML" in text and CANARY in text, text
-            deadline = asyncio.get_running_loop().time() + WAIT_S
-            while (counts := await store.reports.counts()) != {"invoices": len(ids), "deliveries_delivered": len(ids)}:
-                assert asyncio.get_running_loop().time() < deadline, counts
-                await asyncio.sleep(0.02)
+                        refused = await post(s, rejected)
+                        text = refused.text
+                        assert refused.status == 400 and "MALFORMED_XML" in text and CANARY in text, text
+
+            async def all_delivered() -> bool:
+                return await store.reports.counts() == {"invoices": len(ids), "deliveries_delivered": len(ids)}
+
+            await eventually(all_delivered, f"{len(ids)} invoices delivered", WAIT_S)
 
         await post_and_deliver(numbered(1), numbered(2), numbered(3, CANARY), rejected=MALFORMED)
         with contextlib.redirect_stdout(io.StringIO()) as out:  # the operator's checkpoint, beside the daemon
             # (the command runs an event loop of its own: in a thread, as another process would)
-            assert await asyncio.to_thread(cli.main, ["audit", "checkpoint", "-c", str(inst.config)]) == 0
+            assert await run_cli("audit", "checkpoint", "-c", str(inst.config)) == 0
         assert out.getvalue().startswith("checkpoint ")
         await post_and_deliver(numbered(4), numbered(5))
     # The daemon signed the head when it stopped; one more record is chained but not yet checkpointed.
@@ -147,7 +141,7 @@ def state(populated: Populated, tmp_path: Path) -> State:
 
 
 def verify_cli(capsys: pytest.CaptureFixture[str], state: State, *extra: str) -> tuple[int, dict[str, Any]]:
-    code, out, err = run(capsys, "audit", "verify", "--json", *extra, "-c", state.config)
+    code, out, err = run_command(capsys, "audit", "verify", "--json", *extra, "-c", state.config)
     assert code in (0, 1), err
     report: dict[str, Any] = json.loads(out)
     assert report["ok"] is (code == 0)
@@ -155,7 +149,7 @@ def verify_cli(capsys: pytest.CaptureFixture[str], state: State, *extra: str) ->
 
 
 def failed_at(capsys: pytest.CaptureFixture[str], state: State) -> dict[str, Any]:
-    """The problem ``audit verify`` reports (CLI, JSON), checked against ``gateway.audit.verify`` on the rows."""
+    """The problem ``audit verify`` reports (CLI, JSON), checked against ``gateway.operations.audit.verify`` on the rows."""
     code, report = verify_cli(capsys, state)
     assert code == 1 and report["problem"], report
     direct = state.verify()
@@ -210,7 +204,7 @@ def other_signer(state: State) -> tuple[SigningKey, devpki.Issued]:
 
 
 def test_the_live_log_verifies_and_records_what_happened(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "audit", "verify", "-c", state.config)
+    code, out, err = run_command(capsys, "audit", "verify", "-c", state.config)
     rows = state.rows()
     assert code == 0, out + err
     assert out.startswith(f"audit log OK: {len(rows)} record(s) 1…{len(rows)}, 2 signed checkpoint(s)"), out
@@ -262,14 +256,14 @@ def test_no_audit_record_holds_invoice_content(state: State, capsys: pytest.Capt
     with contextlib.closing(sqlite3.connect(state.db)) as conn:
         assert conn.execute("SELECT count(*) FROM audit WHERE instr(detail, ?) OR instr(actor || action, ?)",
                             (CANARY, CANARY)).fetchone() == (0,)
-    code, out, _ = run(capsys, "audit", "list", "--json", "--limit", "1000", "-c", state.config)
+    code, out, _ = run_command(capsys, "audit", "list", "--json", "--limit", "1000", "-c", state.config)
     assert code == 0 and CANARY not in out and len(json.loads(out)) == len(state.rows())
-    assert run(capsys, "audit", "export", "-o", str(tmp_path / "all.jsonl"), "-c", state.config)[0] == 0
+    assert run_command(capsys, "audit", "export", "-o", str(tmp_path / "all.jsonl"), "-c", state.config)[0] == 0
     assert CANARY not in (tmp_path / "all.jsonl").read_text()
 
 
 def test_audit_list_shows_the_newest_records_first(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "audit", "list", "--limit", "3", "-c", state.config)
+    code, out, err = run_command(capsys, "audit", "list", "--limit", "3", "-c", state.config)
     assert code == 0, err
     lines = [line.split("\t") for line in out.splitlines()]
     rows = state.rows()
@@ -278,10 +272,10 @@ def test_audit_list_shows_the_newest_records_first(state: State, capsys: pytest.
 
 
 def test_a_checkpoint_over_a_checkpoint_is_not_written(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "audit", "checkpoint", "-c", state.config)
+    code, out, _ = run_command(capsys, "audit", "checkpoint", "-c", state.config)
     n = len(state.rows())
     assert code == 0 and out.strip() == f"checkpoint {n} written"
-    code, out, _ = run(capsys, "audit", "checkpoint", "-c", state.config)
+    code, out, _ = run_command(capsys, "audit", "checkpoint", "-c", state.config)
     assert code == 0 and out.strip() == "the head is already a checkpoint" and len(state.rows()) == n
     code, report = verify_cli(capsys, state)
     assert code == 0 and report["checkpoints"] == 3 and report["last_checkpoint"] == n - 1 and report["notes"] == []
@@ -319,7 +313,7 @@ def test_an_edited_record_is_reported_at_its_seq(state: State, capsys: pytest.Ca
     state.tamper(lambda conn: conn.execute(f"UPDATE audit SET {column} = ? WHERE seq = ?", (value, k)))
     problem = failed_at(capsys, state)
     assert (problem["seq"], problem["kind"]) == (k, "edited"), problem
-    code, out, _ = run(capsys, "audit", "verify", "-c", state.config)
+    code, out, _ = run_command(capsys, "audit", "verify", "-c", state.config)
     assert code == 1 and out.startswith(f"audit log FAILED at record {k} (edited): "), out
 
 
@@ -572,7 +566,7 @@ def test_a_forged_checkpoint_appended_at_the_end_is_reported(state: State, capsy
 
 
 def export(capsys: pytest.CaptureFixture[str], state: State, out: Path, *extra: str) -> list[str]:
-    code, text, err = run(capsys, "audit", "export", "-o", str(out), *extra, "-c", state.config)
+    code, text, err = run_command(capsys, "audit", "export", "-o", str(out), *extra, "-c", state.config)
     assert code == 0, err
     lines = out.read_text(encoding="utf-8").splitlines()
     assert text.startswith(f"{len(lines) - 1} record(s) written to {out}")
@@ -580,7 +574,7 @@ def export(capsys: pytest.CaptureFixture[str], state: State, out: Path, *extra: 
 
 
 def verify_file(capsys: pytest.CaptureFixture[str], state: State, path: Path) -> tuple[int, str]:
-    code, out, err = run(capsys, "audit", "verify", "--file", str(path), "-c", state.config)
+    code, out, err = run_command(capsys, "audit", "verify", "--file", str(path), "-c", state.config)
     assert code in (0, 1), err
     return code, out
 
@@ -685,7 +679,7 @@ def test_an_export_whose_first_line_was_removed_is_reported(state: State, capsys
 def test_export_refuses_an_existing_file_with_a_message(state: State, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "audit.jsonl"
     out.write_text("keep me\n")
-    code, _, err = run(capsys, "audit", "export", "-o", str(out), "-c", state.config)
+    code, _, err = run_command(capsys, "audit", "export", "-o", str(out), "-c", state.config)
     assert code == 2 and str(out) in err
     assert out.read_text() == "keep me\n"
 
@@ -703,7 +697,7 @@ def test_verify_refuses_a_file_that_is_not_an_export(state: State, capsys: pytes
     for text in ("", "not json\n", json.dumps({"format": "something else"}) + "\n"):
         path = tmp_path / "bad.jsonl"
         path.write_text(text)
-        code, out, err = run(capsys, "audit", "verify", "--file", str(path), "-c", state.config)
+        code, out, err = run_command(capsys, "audit", "verify", "--file", str(path), "-c", state.config)
         assert code == 2 and ("is not an audit export" in err or "does not start with" in err), (text, err)
         assert out == ""
 
@@ -756,6 +750,6 @@ def test_a_migrated_instance_verifies_with_the_cli_and_takes_checkpoints(state: 
     code, report = verify_cli(capsys, state)
     assert code == 0 and report["records"] == len(original), report
     assert state.rows() == original  # the same content in the same order hashes to the same chain
-    code, out, _ = run(capsys, "audit", "checkpoint", "-c", state.config)
+    code, out, _ = run_command(capsys, "audit", "checkpoint", "-c", state.config)
     assert code == 0 and out.strip() == f"checkpoint {len(original) + 1} written"
     assert verify_cli(capsys, state)[1]["checkpoints"] == 3

@@ -1,4 +1,4 @@
-"""gateway.backup: an online snapshot of a real store, verified, restored, and refused when damaged."""
+"""gateway.operations.backup: an online snapshot of a real store, verified, restored, and refused when damaged."""
 
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ SNAPSHOTS = SqliteSnapshots()
 
 
 def sealed(vault: Vault, number: str, partner: str = "acme", holds: tuple[str, ...] = ()) -> tuple[AcceptedInvoice, bytes]:
-    """test_store's invoice, sealed for real by ``vault``; with the document it holds."""
+    """``accepted_invoice`` (tests/helpers/records.py), sealed for real by ``vault``; with the document it holds."""
     inv = replace(accepted_invoice(number, partner=partner, content=CANARY), holds=holds)
-    body = inv.sealed.removeprefix(b"sealed:")  # test_store.invoice puts a placeholder around the document
+    body = inv.sealed.removeprefix(b"sealed:")  # accepted_invoice puts a placeholder around the document
     assert hashlib.sha256(body).hexdigest() == inv.sha256
     blob, key_id = vault.seal(body, inv.message_id, inv.sha256)
     return replace(inv, sealed=blob, key_id=key_id), body

@@ -9,17 +9,14 @@ each certificate once per threshold.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
-import pytest
 from cryptography import x509
 
 from gateway import devpki, logs
@@ -29,16 +26,11 @@ from gateway.operations import housekeeping as lifecycle
 from gateway.operations.housekeeping import CertEntry, ExpiryWarnings
 from gateway.partners.edit import register_partner
 from gateway.storage.sqlite.store import SqliteStore
-from tests.helpers import XML, Running, serving
+from tests.helpers import FakeClock, Running, eventually, numbered, post, serving
 
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
 IBAN = b"DE89370400440532013000"
 OTHER_IBAN = b"GB82WEST12345698765432"  # valid check digits, never used by this seller before
-assert SAMPLE.count(NUMBER) == 1 and SAMPLE.count(IBAN) == 1
-
-
-def numbered(tag: str, doc: bytes = SAMPLE) -> bytes:
-    return doc.replace(NUMBER, f"{tag}</cbc:ID>".encode())
+assert SAMPLE.count(IBAN) == 1
 
 
 def iso(dt: datetime) -> str:
@@ -66,28 +58,15 @@ def events(stream: io.StringIO, name: str) -> list[dict]:
 
 
 @contextlib.asynccontextmanager
-async def running(inst: instance.Instance) -> AsyncIterator[tuple[Running, io.StringIO, aiohttp.ClientSession]]:
+async def running(inst: instance.Instance, clock: FakeClock | None = None
+                  ) -> AsyncIterator[tuple[Running, io.StringIO, aiohttp.ClientSession]]:
+    """The gateway (on ``clock``, when given: its housekeeping waits only for ``clock.advance``) and a partner session."""
     stream = io.StringIO()
     try:
-        async with serving(inst, "debug", stream) as r, \
-                aiohttp.ClientSession(r.url, connector=aiohttp.TCPConnector(ssl=r.ssl())) as s:
+        async with serving(inst, "debug", stream, clock=clock) as r, r.session() as s:
             yield r, stream, s
-            await asyncio.sleep(0.05)
     finally:
         logs.configure("debug")
-
-
-async def post(s: aiohttp.ClientSession, body: bytes) -> tuple[int, dict]:
-    async with s.post("/v1/invoices", data=body, headers=XML) as r:
-        return r.status, await r.json()
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def delivery_states(store: SqliteStore, message_id: str) -> list[str]:
@@ -124,7 +103,7 @@ async def accept_set(inst: instance.Instance) -> dict[str, str]:
         await r.gw.store.quarantine.decide(ids["released"], True, "test", "checked by phone")
         r.gw.outbox.wake.set()
         delivered = [v for k, v in ids.items() if k != "held"]
-        await until(lambda: all_delivered(r.gw.store, *delivered), what="deliveries")
+        await eventually(lambda: all_delivered(r.gw.store, *delivered), "deliveries")
     return ids
 
 
@@ -196,7 +175,7 @@ async def test_store_expire_works_in_batches(inst):
             status, reply = await post(s, numbered(f"BATCH-{i}"))
             assert status == 202
             ids.append(reply["message_id"])
-        await until(lambda: all_delivered(r.gw.store, *ids), what="deliveries")
+        await eventually(lambda: all_delivered(r.gw.store, *ids), "deliveries")
         with contextlib.closing(sqlite3.connect(inst.state_dir / "gateway.db")) as db:
             db.execute("UPDATE deliveries SET delivered_at = ?", (ago(10),))
             db.commit()
@@ -213,13 +192,14 @@ async def test_store_expire_works_in_batches(inst):
 
 async def test_expired_invoice_still_counts_as_a_duplicate(inst):
     set_retention(inst, 0.00001)  # 0.864 s
-    async with running(inst) as (r, stream, s):
+    clock = FakeClock()
+    async with running(inst, clock) as (r, stream, s):
         status, first = await post(s, SAMPLE)
         assert status == 202 and not first["duplicate"], first
         status, held = await post(s, numbered("RET-HELD").replace(IBAN, OTHER_IBAN))
         assert status == 202 and held["status"] == "held", held
-        await until(lambda: all_delivered(r.gw.store, first["message_id"]), what="delivery")
-        await asyncio.sleep(1.0)  # past the retention period
+        await eventually(lambda: all_delivered(r.gw.store, first["message_id"]), "delivery")
+        await clock.advance(60.0)  # past the retention period (not yet time for a retention pass of its own)
 
         assert await r.gw.housekeeping.expire() == 1
         [deleted] = events(stream, "retention.deleted")
@@ -247,33 +227,35 @@ async def test_expired_invoice_still_counts_as_a_duplicate(inst):
         assert (await r.gw.store.reports.counts())["invoices"] == 2  # the held one and the new one
 
 
-async def test_disabling_retention_by_reload_keeps_invoices(inst, monkeypatch):
-    monkeypatch.setattr(lifecycle, "RETENTION_CHECK_S", 0.3)
+async def test_disabling_retention_by_reload_keeps_invoices(inst):
     set_retention(inst, 30)
-    async with running(inst) as (r, _stream, s):
+    clock = FakeClock()
+    async with running(inst, clock) as (r, _stream, s):
         status, reply = await post(s, SAMPLE)
         assert status == 202
-        await until(lambda: all_delivered(r.gw.store, reply["message_id"]), what="delivery")
+        await eventually(lambda: all_delivered(r.gw.store, reply["message_id"]), "delivery")
         inst.config.write_text(inst.config.read_text().replace("delete_after_days = 30\n", "delete_after_days = 0\n"))
         assert await r.gw.reload() is True
-        await asyncio.sleep(1.5)  # several retention passes
+        for _ in range(3):  # several retention passes, past the 30 days the invoice was to be kept
+            await clock.advance(11 * 86400.0)
         assert await r.gw.store.reports.message(reply["message_id"]) is not None
 
 
-async def test_enabling_retention_by_reload_takes_effect(inst, monkeypatch):
-    monkeypatch.setattr(lifecycle, "RETENTION_CHECK_S", 0.3)
-    async with running(inst) as (r, stream, s):
+async def test_enabling_retention_by_reload_takes_effect(inst):
+    clock = FakeClock()
+    async with running(inst, clock) as (r, stream, s):
         status, reply = await post(s, SAMPLE)
         assert status == 202
-        await until(lambda: all_delivered(r.gw.store, reply["message_id"]), what="delivery")
+        await eventually(lambda: all_delivered(r.gw.store, reply["message_id"]), "delivery")
         set_retention(inst, 0.00001)
         assert await r.gw.reload() is True
-        deadline = time.monotonic() + 3
-        while await r.gw.store.reports.message(reply["message_id"]) is not None \
-                and not events(stream, "config.restart_needed") and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await clock.advance(lifecycle.RETENTION_CHECK_S)  # the next retention pass, past the retention period
+
+        async def took_effect() -> bool:
+            return await r.gw.store.reports.message(reply["message_id"]) is None or bool(events(stream, "config.restart_needed"))
+
         # Either retention now runs, or the reload says that it needs a restart.
-        assert await r.gw.store.reports.message(reply["message_id"]) is None or events(stream, "config.restart_needed")
+        await eventually(took_effect, "retention to delete the invoice, or config.restart_needed")
 
 
 # --- certificate expiry warnings ---------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 
 from gateway import devpki
-from gateway.cli import main as cli
 from gateway.cli.common import current_user
 from gateway.errors import ConfigError, Forbidden
 from gateway.model import CertWindow, Partner, PartnerStatus, PeerIdentity
@@ -34,7 +33,7 @@ from gateway.partners.book import _as_toml, editing, instant_text, load_director
 from gateway.partners.edit import activated, fingerprint_matches, register_partner, rollover, unconfirmed, with_status
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.tls import CertInfo, cert_sha256, inspect_certificate, inspect_smime_certificate
-from tests.helpers import FOREIGN, FOREIGN_IDS, eventually, numbered, post
+from tests.helpers import FOREIGN, FOREIGN_IDS, audit_of, eventually, numbered, post, run_command, run_command_aside
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 DAY = timedelta(days=1)
@@ -94,23 +93,16 @@ def openssl_fingerprint(cert: Path) -> str:
     return value
 
 
-def audit_records(inst: instance.Instance, limit: int = 1000) -> list[dict[str, Any]]:
-    """The newest audit records (``detail`` parsed), read with a store of our own (a sync test has no loop)."""
+def audit_records(inst: instance.Instance, action: str) -> list[dict[str, Any]]:
+    """``audit_of`` the stopped instance, read with a store of our own (a sync test has no loop)."""
     async def read() -> list[dict[str, Any]]:
         store = SqliteStore(inst.state_dir)
         try:
-            return [r.as_json() | {"detail": json.loads(r.detail)} for r in await store.audit.newest(limit)]
+            return await audit_of(store, action)
         finally:
             await store.close()
 
     return asyncio.run(read())
-
-
-def cli_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # --- 1. parse_instant and the inline tables --------------------------------------------------------
@@ -352,7 +344,7 @@ def test_window_of_a_signing_certificate_does_not_gate_the_client_certificate(in
     # One certificate used for both TLS and document signing (clientAuth + documentSigning is a common profile):
     # registering it as a signing certificate accepted from next month must not stop the TLS client today.
     cfg = str(inst.config)
-    code, _, err = cli_run(capsys, "partners", "edit", DEMO_PARTNER, "--signing-cert", str(inst.demo_client.cert),
+    code, _, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--signing-cert", str(inst.demo_client.cert),
                            "--active-from", instant_text(FUTURE), "-c", cfg)
     assert code == 0, err
     directory = load_directory(inst.partners)
@@ -369,7 +361,7 @@ def test_cli_rollover_with_active_from_and_retire(inst, tmp_path, capsys):
     old_k, new_k = info(old).spki_sha256, info(new).spki_sha256
     start = NOW + 2 * DAY
 
-    code, out, err = cli_run(capsys, "partners", "edit", DEMO_PARTNER, "--client-cert", str(new.cert),
+    code, out, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--client-cert", str(new.cert),
                              "--active-from", start.strftime("%Y-%m-%d"), "-c", cfg)
     assert code == 0, err
     directory = load_directory(inst.partners)
@@ -381,7 +373,7 @@ def test_cli_rollover_with_active_from_and_retire(inst, tmp_path, capsys):
     start = start.replace(hour=0, minute=0, second=0)
     assert directory.gate(peer(new), start).name == DEMO_PARTNER
 
-    code, out, err = cli_run(capsys, "partners", "edit", DEMO_PARTNER, "--retire-cert", old_k[:16].upper(),
+    code, out, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--retire-cert", old_k[:16].upper(),
                              "--retire-at", instant_text(PAST), "-c", cfg)
     assert code == 0, err
     directory = load_directory(inst.partners)
@@ -390,7 +382,7 @@ def test_cli_rollover_with_active_from_and_retire(inst, tmp_path, capsys):
     assert refused(directory, new) == "CERTIFICATE_NOT_ACTIVE"  # not yet
     assert directory.gate(peer(new), start + timedelta(seconds=1)).name == DEMO_PARTNER  # once its start has passed
 
-    code, out, err = cli_run(capsys, "partners", "show", DEMO_PARTNER, "-c", cfg)
+    code, out, err = run_command(capsys, "partners", "show", DEMO_PARTNER, "-c", cfg)
     assert code == 0, err
     shown = {c["spki_sha256"]: c for c in json.loads(out)["client_certs"]}
     assert set(shown) == {old_k, new_k}
@@ -399,7 +391,7 @@ def test_cli_rollover_with_active_from_and_retire(inst, tmp_path, capsys):
     assert (shown[old_k].get("accepted_from"), shown[old_k]["accepted_until"]) == (None, instant_text(PAST))
     assert (shown[new_k]["accepted_from"], shown[new_k].get("accepted_until")) == (instant_text(start), None)
 
-    edits = sorted((r for r in audit_records(inst) if r["action"] == "partner.edited"), key=lambda r: r["seq"])
+    edits = sorted(audit_records(inst, "partner.edited"), key=lambda r: r["seq"])
     assert len(edits) == 2 and "retire_cert" in edits[-1]["detail"]["changed"]
 
 
@@ -421,7 +413,7 @@ def test_cli_edit_refusals_change_nothing(inst, tmp_path, capsys, argv, says):
               "new": str(new.cert), "new16": info(new).spki_sha256[:16]}
     before = inst.partners.read_bytes()
     stored = sorted((inst.root / "partner-certs").iterdir())
-    code, out, err = cli_run(capsys, "partners", "edit", DEMO_PARTNER, *(a.format(**values) for a in argv),
+    code, out, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, *(a.format(**values) for a in argv),
                              "-c", str(inst.config))
     assert code == 2 and says.format(**values) in err, err
     assert inst.partners.read_bytes() == before
@@ -446,7 +438,7 @@ def test_refused_renewal_with_the_same_key_leaves_the_registered_file_alone(inst
 
     [registered] = load_directory(inst.partners).get(DEMO_PARTNER).client_certs
     before = Path(registered).read_bytes()
-    code, _, err = cli_run(capsys, "partners", "edit", DEMO_PARTNER, "--client-cert", str(renewed), "-c", str(inst.config))
+    code, _, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--client-cert", str(renewed), "-c", str(inst.config))
     assert code == 2 and "already" in err, err
     assert Path(registered).read_bytes() == before  # what was verified and registered stays registered
 
@@ -464,38 +456,30 @@ def test_cli_activate_and_resume_of_a_pending_partner(inst, tmp_path, capsys):
     assert state().status is PartnerStatus.PENDING
     assert refused(load_directory(inst.partners), cert) == "PARTNER_PENDING"
     for action in ("resume", "suspend"):
-        code, _, err = cli_run(capsys, "partners", action, "pend", "-c", cfg)
+        code, _, err = run_command(capsys, "partners", action, "pend", "-c", cfg)
         assert code == 2 and "pending activation" in err and "partners activate pend" in err, err
         assert state().status is PartnerStatus.PENDING
     colon = openssl_fingerprint(cert.cert)
     wrong = colon[:-2] + ("00" if not colon.endswith("00") else "11")
     for given in (wrong, colon[:47], openssl_fingerprint(inst.demo_client.cert)):
-        code, _, err = cli_run(capsys, "partners", "activate", "pend", "--fingerprint", given, "-c", cfg)
+        code, _, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", given, "-c", cfg)
         assert code == 2 and "activation refused" in err, err
         assert state().status is PartnerStatus.PENDING and state().verified_by == ""
 
-    code, out, err = cli_run(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
+    code, out, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
     assert code == 0 and "activate done" in out, err
     p = state()
     assert (p.status, p.verified_by) == (PartnerStatus.ACTIVE, current_user())
     assert load_directory(inst.partners).gate(peer(cert)).name == "pend"
-    code, _, err = cli_run(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
+    code, _, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
     assert code == 2 and "is active, not pending activation" in err
-    code, out, _ = cli_run(capsys, "partners", "show", "pend", "-c", cfg)
+    code, out, _ = run_command(capsys, "partners", "show", "pend", "-c", cfg)
     assert json.loads(out)["status"] == "active"
-    [rec] = [r for r in audit_records(inst) if r["action"] == "partner.activated"]
+    [rec] = audit_records(inst, "partner.activated")
     assert rec["partner"] == "pend"
 
 
 # --- 6. over the real mutual-TLS listener ------------------------------------------------------------
-
-
-async def cli_async(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """A command run beside the serving gateway (the same event loop must keep serving)."""
-    capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 async def test_overlap_retirement_and_pending_over_mutual_tls(gateway, tmp_path, capsys):
@@ -512,7 +496,7 @@ async def test_overlap_retirement_and_pending_over_mutual_tls(gateway, tmp_path,
         return p
 
     # the overlap: the new certificate accepted since yesterday, the old one until tomorrow
-    code, _, err = await cli_async(capsys, "partners", "edit", DEMO_PARTNER, "--client-cert", str(new.cert),
+    code, _, err = await run_command_aside(capsys, "partners", "edit", DEMO_PARTNER, "--client-cert", str(new.cert),
                                    "--active-from", instant_text(PAST), "--retire-cert", old_k[:20],
                                    "--retire-at", instant_text(NOW + DAY), "-c", cfg)
     assert code == 0, err
@@ -524,7 +508,7 @@ async def test_overlap_retirement_and_pending_over_mutual_tls(gateway, tmp_path,
         assert (status, body["status"]) == (202, "accepted"), body
 
     # the old one retired a minute ago, a third accepted only from next month
-    code, _, err = await cli_async(capsys, "partners", "edit", DEMO_PARTNER, "--retire-cert", old_k[:16],
+    code, _, err = await run_command_aside(capsys, "partners", "edit", DEMO_PARTNER, "--retire-cert", old_k[:16],
                                    "--retire-at", instant_text(NOW - timedelta(minutes=1)), "--client-cert", str(later.cert),
                                    "--active-from", instant_text(FUTURE), "-c", cfg)
     assert code == 0, err

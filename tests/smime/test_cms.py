@@ -1,4 +1,4 @@
-"""gateway.cms against a real, independent peer: the ``openssl cms`` command line.
+"""gateway.smime.cms against a real, independent peer: the ``openssl cms`` command line.
 
 Certificates are made at test time with gateway.devpki (once per module: RSA key generation is
 slow).  Messages built by openssl must decrypt and verify here; messages built here must decrypt

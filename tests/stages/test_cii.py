@@ -10,7 +10,6 @@ delivery loop stopped so that ``outbox.run_once()`` is the only deliverer.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
@@ -21,58 +20,39 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from pypdf import PdfWriter
 
-from gateway import logs
-from gateway.app.gateway import Gateway
 from gateway.cli.demo import SAMPLE
-from gateway.config import load as config_mod
 from gateway.config.model import DEFAULT_XML_LIMITS
 from gateway.errors import UnsupportedDocument
 from gateway.model import DocumentType
 from gateway.operations import instance
-from gateway.partners.edit import register_partner
 from gateway.stages import cii, pdf
 from gateway.stages.xmlparse import XmlParser
-from tests.helpers import CORPUS, XML, Running
+from tests.helpers import CORPUS, Running, add_partner, post, serving, stop_delivery_loop
 
 PDF = {"Content-Type": "application/pdf"}
 EXAMPLES = CORPUS / "invoices" / "valid" / "en16931" / "cii-examples"
 INVOICE = EXAMPLES / "CII_business_example_01.xml"  # seller 0088:1238764941386, legal 123456789, VAT NO123456789MVA
 SELLER = "nordic-seller"
 SELLER_IDS = ["NO123456789MVA"]  # registered by its bare VAT number, as UBL writes it
-RULES_VERSION = "1.3.16"  # what conftest.with_corpus_cii configures
+RULES_VERSION = "1.3.16"  # what tests.helpers.with_corpus_cii configures
 
 
 @pytest.fixture
 async def gateway(cii_inst: instance.Instance) -> AsyncIterator[Running]:
-    logs.configure("warning")
-    gw = Gateway(config_mod.load(cii_inst.config))
-    await gw.start()
-    try:
-        loops = [t for t in asyncio.all_tasks() if t.get_name() == "delivery"]
-        assert len(loops) == 1, "the background delivery task was not found"
-        loops[0].cancel()
-        yield Running(cii_inst, gw)
-    finally:
-        await gw.stop()
+    async with serving(cii_inst, "warning") as running:
+        stop_delivery_loop()
+        yield running
 
 
 @pytest.fixture
 def seller(gateway: Running) -> tuple[Path, Path]:
     """A partner registered with the supplier identifiers of INVOICE; returns its client cert and key."""
-    issued = gateway.issue_client(SELLER)
-    register_partner(gateway.inst.partners, SELLER, [issued.cert], SELLER_IDS, [], "test")
+    issued = add_partner(gateway.inst, SELLER, SELLER_IDS)
     assert gateway.gw.parts.partners.refresh()
     return issued.cert, issued.key
-
-
-async def post(s: aiohttp.ClientSession, body: bytes, headers: dict[str, str] = XML) -> tuple[int, dict[str, Any]]:
-    async with s.post("/v1/invoices", data=body, headers=headers) as r:
-        assert r.content_type == "application/json", await r.text()
-        return r.status, await r.json()
 
 
 async def deliver_all(gateway: Running) -> None:
@@ -166,8 +146,7 @@ async def test_cii_from_a_partner_the_seller_is_not_registered_for(gateway, clie
     assert (status, body["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), body
     assert "found '0088:1238764941386'" in [d["message"] for d in body["details"]]
 
-    issued = gateway.issue_client(SELLER)  # once the seller is someone else's, it says so
-    register_partner(gateway.inst.partners, SELLER, [issued.cert], SELLER_IDS, [], "test")
+    add_partner(gateway.inst, SELLER, SELLER_IDS)  # once the seller is someone else's, it says so
     assert gateway.gw.parts.partners.refresh()
     status, body = await post(s, INVOICE.read_bytes())
     assert (status, body["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), body
@@ -233,7 +212,7 @@ async def test_zugferd_attachment_names_are_recognised(gateway, client, seller):
 
 async def test_the_same_invoice_as_xml_and_as_pdf_is_one_invoice(gateway, client, seller):
     s = client(*seller)
-    assert (await post(s, INVOICE.read_bytes()))[0] == 202
+    assert (await post(s, INVOICE.read_bytes())).status == 202
     status, body = await post(s, make_pdf(("factur-x.xml", INVOICE.read_bytes())), PDF)
     assert (status, body["error"]) == (409, "DUPLICATE_CONFLICT"), body  # same seller, number and date; other bytes
     assert (await gateway.gw.store.reports.counts())["invoices"] == 1
@@ -269,9 +248,9 @@ async def test_embedded_xml_goes_through_the_hardened_parser(gateway, client, se
     hostile = hostile.replace(b"<ram:ID>TOSL108</ram:ID>", b"<ram:ID>&x;</ram:ID>", 1)
     plain = await post(s, hostile)
     embedded = await post(s, make_pdf(("factur-x.xml", hostile)), PDF)
-    assert (plain[0], plain[1]["error"]) == (400, "DTD_FORBIDDEN"), plain
-    assert (embedded[0], embedded[1]["error"]) == (400, "DTD_FORBIDDEN"), embedded
-    assert "root:" not in json.dumps(embedded[1])
+    assert (plain.status, plain.json["error"]) == (400, "DTD_FORBIDDEN"), plain
+    assert (embedded.status, embedded.json["error"]) == (400, "DTD_FORBIDDEN"), embedded
+    assert "root:" not in json.dumps(embedded.json)
 
 
 async def test_a_pdf_embedding_ubl_is_processed_as_ubl(gateway, client):

@@ -16,12 +16,11 @@ here from the sample stays EN 16931-valid (amounts are scaled together, so the t
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import json
 import sqlite3
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -31,29 +30,19 @@ import pytest
 
 from gateway import devpki, logs
 from gateway.cli import main as cli
-from gateway.cli.demo import SAMPLE, samples
+from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
 from gateway.partners.book import load_directory
 from gateway.stages import fraud
-from tests.helpers import XML, Running, serving
+from tests.helpers import FOREIGN, FOREIGN_IDS, Running, audit_of, eventually, post, run_command, run_command_aside, serving
 from tests.helpers.invoices import DEMO, IBAN_A, IBAN_B, IBAN_C, accepted, delivered, invoice, outbox
 
 assert SAMPLE.count(IBAN_A.encode()) == 1
 HELD_MESSAGE = "accepted and held for review before delivery"
-# The bundled "invoice from another supplier" and its supplier identifiers (no partner owns them).
-FOREIGN = samples()[2][1]
-FOREIGN_IDS = ["0088:4000009000001", "FR12345678901"]
 CII_EXAMPLE = Path("invoices/valid/en16931/cii-examples/CII_example1.xml")  # seller 57151520 / NL8200.98.395.B.01
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-async def post(s: aiohttp.ClientSession, body: bytes) -> tuple[int, dict[str, Any], str]:
-    async with s.post("/v1/invoices", data=body, headers=XML) as r:
-        assert r.content_type == "application/json", await r.text()
-        text = await r.text()
-        return r.status, json.loads(text), text
 
 
 async def get_status(s: aiohttp.ClientSession, message_id: str) -> tuple[dict[str, Any], str]:
@@ -63,25 +52,8 @@ async def get_status(s: aiohttp.ClientSession, message_id: str) -> tuple[dict[st
         return json.loads(text), text
 
 
-async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 3.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await holds(check()):
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not true within {timeout} s")
-        await asyncio.sleep(0.05)
-
-
-async def holds(outcome: bool | Awaitable[bool]) -> bool:
-    return await outcome if inspect.isawaitable(outcome) else outcome
-
-
 async def wait_delivered(gateway: Running, message_id: str) -> None:
-    await eventually(lambda: delivered(gateway.inst, message_id), 3.0, f"delivery of {message_id}")
-
-
-async def audit(gateway: Running, action: str) -> list[dict[str, Any]]:
-    return [r.as_json() | {"detail": json.loads(r.detail)} for r in await gateway.gw.store.audit.newest() if r.action == action]
+    await eventually(lambda: delivered(gateway.inst, message_id), f"delivery of {message_id}", 3.0)
 
 
 async def delivered_status(gateway: Running, message_id: str) -> bool:
@@ -97,23 +69,8 @@ def account_states(gateway: Running, partner: str = DEMO) -> dict[str, str]:
         conn.close()
 
 
-async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """The CLI in a thread (the running gateway keeps serving meanwhile)."""
-    capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def run_sync(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 async def quarantine(capsys: pytest.CaptureFixture[str], gateway: Running, *argv: str) -> tuple[int, str, str]:
-    return await run(capsys, "quarantine", *argv, "-c", str(gateway.inst.config))
+    return await run_command_aside(capsys, "quarantine", *argv, "-c", str(gateway.inst.config))
 
 
 async def partner_reloaded(gateway: Running, check: Callable[[Any], bool], name: str = DEMO) -> None:
@@ -122,7 +79,7 @@ async def partner_reloaded(gateway: Running, check: Callable[[Any], bool], name:
         p = gateway.gw.parts.partners.current.get(name)
         return p is not None and check(p)
 
-    await eventually(ok, 5.0, f"partners file reloaded for {name}")
+    await eventually(ok, f"partners file reloaded for {name}", 5.0)
 
 
 @pytest.fixture
@@ -171,12 +128,12 @@ def test_non_iban_accounts_are_not_taken_for_ibans(account):
 async def test_wrong_iban_check_digits_is_refused_and_audited(gateway, client):
     bad = IBAN_A[:-1] + "1"
     assert fraud.looks_like_iban(bad) and not fraud.iban_valid(bad)
-    status, reply, _ = await post(client(), invoice("IBAN-0001", iban=bad))
+    status, reply = await post(client(), invoice("IBAN-0001", iban=bad))
     assert status == 422, reply
     assert reply["error"] == "INVALID_IBAN"
     assert any(bad in d["message"] for d in reply["details"]), reply
     assert (await gateway.gw.store.reports.counts()) == {"invoices": 0}
-    [record] = await audit(gateway, "fraud.invalid_iban")
+    [record] = await audit_of(gateway.gw.store, "fraud.invalid_iban")
     assert (record["actor"], record["partner"], record["message_id"]) == ("gateway", DEMO, None)
     assert bad not in json.dumps(record)  # the audit log keeps no invoice content
     # the corrected invoice goes through; a proprietary (non-IBAN) account is not checked as an IBAN
@@ -198,7 +155,7 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     s = client()
     # The seller's first invoice: its account is recorded as known, and nothing is held.
     first = await accepted(s, invoice("ACC-0001"))
-    [seen] = await audit(gateway, "account.first_seen")
+    [seen] = await audit_of(gateway.gw.store, "account.first_seen")
     assert (seen["partner"], seen["message_id"]) == (DEMO, first)
     assert seen["detail"]["accounts"] == ["DE89…3000"]  # masked in the audit log
     assert account_states(gateway) == {IBAN_A: "known"}
@@ -206,19 +163,20 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     await wait_delivered(gateway, first)
 
     # A new account: held.  The sender is told only that it is held, never why.
-    code, reply, text = await post(s, invoice("ACC-0003", iban=IBAN_B))
+    sent = await post(s, invoice("ACC-0003", iban=IBAN_B))
+    code, reply = sent
     assert code == 202, reply
     held = reply["message_id"]
     assert (reply["status"], reply["duplicate"], reply["message"]) == ("held", False, HELD_MESSAGE)
     assert set(reply) == {"message_id", "status", "sha256", "received_at", "duplicate", "message", "rules"}
     for word in ("account", "IBAN", "GB82", "5432", "payee", "never used", "reason"):
-        assert word.lower() not in text.lower(), word
+        assert word.lower() not in sent.text.lower(), word
     state, text = await get_status(s, held)
     assert (state["status"], state["deliveries"]) == ("held", [])
     for word in ("account", "GB82", "payee", "never used"):
         assert word.lower() not in text.lower(), word
     assert account_states(gateway) == {IBAN_A: "known", IBAN_B: "pending"}
-    [record] = await audit(gateway, "quarantine.held")
+    [record] = await audit_of(gateway.gw.store, "quarantine.held")
     assert (record["message_id"], record["actor"]) == (held, "gateway")
     assert IBAN_B not in json.dumps(record) and "GB82…5432" in json.dumps(record, ensure_ascii=False)
 
@@ -258,13 +216,13 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     assert code == 0, err
     assert f"message {held} released by alice" in out
     await wait_delivered(gateway, held)
-    await eventually(lambda: delivered_status(gateway, held), 3.0, "status delivered")
+    await eventually(lambda: delivered_status(gateway, held), "status delivered", 3.0)
     state, _ = await get_status(s, held)
     assert state["status"] == "delivered"
     assert [d["status"] for d in state["deliveries"]] == ["delivered"]
     sidecar = json.loads((outbox(gateway.inst) / f"{held}.json").read_text())
     assert (sidecar["message_id"], sidecar["invoice_number"]) == (held, "ACC-0003")
-    [record] = await audit(gateway, "quarantine.released")
+    [record] = await audit_of(gateway.gw.store, "quarantine.released")
     assert (record["actor"], record["partner"], record["message_id"]) == ("alice", DEMO, held)
     assert record["detail"] == {"note": "confirmed by phone"}
     assert account_states(gateway)[IBAN_B] == "known"
@@ -275,7 +233,7 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     assert (decided[held]["state"], decided[held]["decided_by"], decided[held]["note"]) == \
         ("released", "alice", "confirmed by phone")
     # the sender resending the released invoice hears "accepted", as for any other
-    code, reply, _ = await post(s, invoice("ACC-0003", iban=IBAN_B))
+    code, reply = await post(s, invoice("ACC-0003", iban=IBAN_B))
     assert (code, reply["message_id"], reply["status"], reply["duplicate"]) == (202, held, "accepted", True)
 
     # B is known now: the next invoice paying to it is not held.
@@ -289,9 +247,9 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     assert f"message {second} rejected by bob" in out
     state, _ = await get_status(s, second)
     assert (state["status"], state["deliveries"]) == ("rejected", [])
-    [record] = await audit(gateway, "quarantine.rejected")
+    [record] = await audit_of(gateway.gw.store, "quarantine.rejected")
     assert (record["actor"], record["message_id"]) == ("bob", second)
-    code, reply, _ = await post(s, invoice("ACC-0005", iban=IBAN_B))
+    code, reply = await post(s, invoice("ACC-0005", iban=IBAN_B))
     assert (code, reply["message_id"], reply["status"], reply["duplicate"]) == (202, second, "rejected", True)
     assert "message" not in reply
     await asyncio.sleep(0.6)
@@ -316,8 +274,8 @@ async def test_rejected_invoice_is_never_delivered_and_decided_once(gateway, cli
         assert code == 1
         assert out == ""
         assert f"message {held} was already rejected" in err
-    assert [r["actor"] for r in await audit(gateway, "quarantine.rejected")] == ["carol"]
-    assert await audit(gateway, "quarantine.released") == []
+    assert [r["actor"] for r in await audit_of(gateway.gw.store, "quarantine.rejected")] == ["carol"]
+    assert await audit_of(gateway.gw.store, "quarantine.released") == []
     # Unknown ids: exit 1 as well.
     for argv in (("release", "no-such-id", "--reason", "x"), ("show", "no-such-id")):
         code, _, err = await quarantine(capsys, gateway, *argv)
@@ -339,14 +297,14 @@ async def test_account_history_is_per_partner(gateway, client, capsys, tmp_path)
     s = client()
     await accepted(s, invoice("PER-0001"))
     other = devpki.issue(gateway.inst.ca, tmp_path / "other-pki", "other", role="client")
-    code, _, err = await run(capsys, "partners", "add", "other", "--client-cert", str(other.cert),
+    code, _, err = await run_command_aside(capsys, "partners", "add", "other", "--client-cert", str(other.cert),
                              *[x for pid in FOREIGN_IDS for x in ("--party-id", pid)], "-c", str(gateway.inst.config))
     assert code == 0, err
     await partner_reloaded(gateway, lambda p: True, "other")
     theirs = await accepted(client(other.cert, other.key), invoice("PER-0001", iban=IBAN_B, doc=FOREIGN))
     assert account_states(gateway, "other") == {IBAN_B: "known"}
     assert account_states(gateway) == {IBAN_A: "known"}
-    assert [r["message_id"] for r in await audit(gateway, "account.first_seen") if r["partner"] == "other"] == [theirs]
+    assert [r["message_id"] for r in await audit_of(gateway.gw.store, "account.first_seen") if r["partner"] == "other"] == [theirs]
     await wait_delivered(gateway, theirs)  # (the same number from two sellers is no business duplicate either)
 
 
@@ -374,10 +332,10 @@ async def test_amount_ceiling_edited_at_runtime(gateway, client, capsys):
     s = client()
     cfg = str(gateway.inst.config)
     assert await accepted(s, invoice("CEIL-0001"))  # 1250.00 EUR, no ceiling yet
-    code, out, err = await run(capsys, "partners", "edit", DEMO, "--amount-ceiling", "EUR:100", "-c", cfg)
+    code, out, err = await run_command_aside(capsys, "partners", "edit", DEMO, "--amount-ceiling", "EUR:100", "-c", cfg)
     assert code == 0, err
     await partner_reloaded(gateway, lambda p: p.amount_ceilings == (("EUR", Decimal("100")),))
-    shown = json.loads((await run(capsys, "partners", "show", DEMO, "-c", cfg))[1])
+    shown = json.loads((await run_command_aside(capsys, "partners", "show", DEMO, "-c", cfg))[1])
     assert shown["amount_ceilings"] == {"EUR": "100"}
 
     over = await accepted(s, invoice("CEIL-0002"), status="held")  # 1250.00 EUR
@@ -397,14 +355,14 @@ async def test_amount_ceiling_edited_at_runtime(gateway, client, capsys):
         assert (await get_status(s, mid))[0]["status"] == "held"
 
     # A ceiling per currency; removing the EUR one lets large EUR invoices through again (USD: ceiling 20).
-    code, _, err = await run(capsys, "partners", "edit", DEMO, "--remove-amount-ceiling", "EUR", "--amount-ceiling", "USD:20",
+    code, _, err = await run_command_aside(capsys, "partners", "edit", DEMO, "--remove-amount-ceiling", "EUR", "--amount-ceiling", "USD:20",
                              "-c", cfg)
     assert code == 0, err
     await partner_reloaded(gateway, lambda p: p.amount_ceilings == (("USD", Decimal("20")),))
     await accepted(s, invoice("CEIL-0006", scale="0.01", currency="USD"))
     await accepted(s, invoice("CEIL-0007", currency="USD"), status="held")  # 1250.00 USD
     await accepted(s, invoice("CEIL-0008"), status="held")  # EUR has no ceiling now: held
-    code, _, err = await run(capsys, "partners", "edit", DEMO, "--remove-amount-ceiling", "USD", "-c", cfg)
+    code, _, err = await run_command_aside(capsys, "partners", "edit", DEMO, "--remove-amount-ceiling", "USD", "-c", cfg)
     assert code == 0, err
     await partner_reloaded(gateway, lambda p: p.amount_ceilings == ())
     await accepted(s, invoice("CEIL-0009"))
@@ -417,7 +375,7 @@ async def test_amount_ceiling_edited_at_runtime(gateway, client, capsys):
 @pytest.mark.parametrize("bad", ["EUR", "EUR:", "eur:100", "EUR:-1", "EUR:abc", "EURO:100", "EUR:NaN", "EUR:Infinity"])
 def test_amount_ceiling_option_is_checked(inst, capsys, bad):
     before = inst.partners.read_bytes()
-    code, _, err = run_sync(capsys, "partners", "edit", DEMO, "--amount-ceiling", bad, "-c", str(inst.config))
+    code, _, err = run_command(capsys, "partners", "edit", DEMO, "--amount-ceiling", bad, "-c", str(inst.config))
     assert code == 2
     assert "--amount-ceiling[0]" in err and "CURRENCY:AMOUNT" in err
     assert inst.partners.read_bytes() == before
@@ -431,29 +389,29 @@ async def test_business_duplicate(gateway, client):
     original = invoice("DUP-0001")
     first = await accepted(s, original)
 
-    code, reply, _ = await post(s, invoice("DUP-0001", note="Same number, other content."))
+    code, reply = await post(s, invoice("DUP-0001", note="Same number, other content."))
     assert code == 409, reply
     assert reply["error"] == "DUPLICATE_CONFLICT"
     assert first in reply["message"]
     assert any(first in d["message"] for d in reply["details"])
-    [record] = await audit(gateway, "fraud.duplicate_conflict")
+    [record] = await audit_of(gateway.gw.store, "fraud.duplicate_conflict")
     assert (record["actor"], record["partner"], record["message_id"]) == ("gateway", DEMO, None)
     assert record["detail"]["transport"] == "https" and record["detail"]["code"] == "DUPLICATE_CONFLICT"
     assert set(record["detail"]) == {"transport", "code", "sha256"}  # a hash of the body, never the body
     assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
     # the identical bytes again: a duplicate receipt for the first message
-    code, reply, _ = await post(s, original)
+    code, reply = await post(s, original)
     assert (code, reply["message_id"], reply["status"], reply["duplicate"]) == (202, first, "accepted", True)
     # the same number on another day is another invoice
     other_day = await accepted(s, invoice("DUP-0001", issue_date="2026-11-03"))
     assert other_day != first
     # another account on a conflicting invoice: refused as a duplicate before the account is looked at
-    code, reply, _ = await post(s, invoice("DUP-0001", iban=IBAN_B, note="Pay elsewhere."))
+    code, reply = await post(s, invoice("DUP-0001", iban=IBAN_B, note="Pay elsewhere."))
     assert (code, reply["error"]) == (409, "DUPLICATE_CONFLICT")
     assert account_states(gateway) == {IBAN_A: "known"}
-    assert len(await audit(gateway, "fraud.duplicate_conflict")) == 2
-    assert await audit(gateway, "quarantine.held") == []
+    assert len(await audit_of(gateway.gw.store, "fraud.duplicate_conflict")) == 2
+    assert await audit_of(gateway.gw.store, "quarantine.held") == []
     await wait_delivered(gateway, first)
     await wait_delivered(gateway, other_day)
 
@@ -463,10 +421,11 @@ async def test_business_duplicate_of_a_held_invoice(gateway, client):
     await accepted(s, invoice("HDUP-0001"))
     body = invoice("HDUP-0002", iban=IBAN_B)
     held = await accepted(s, body, status="held")
-    code, reply, text = await post(s, body)
+    sent = await post(s, body)
+    code, reply = sent
     assert (code, reply["message_id"], reply["status"], reply["duplicate"]) == (202, held, "held", True)
-    assert reply["message"] == HELD_MESSAGE and "GB82" not in text
-    code, reply, _ = await post(s, invoice("HDUP-0002", iban=IBAN_B, note="Other content."))
+    assert reply["message"] == HELD_MESSAGE and "GB82" not in sent.text
+    code, reply = await post(s, invoice("HDUP-0002", iban=IBAN_B, note="Other content."))
     assert (code, reply["error"]) == (409, "DUPLICATE_CONFLICT")
     assert held in reply["message"]
     assert (await gateway.gw.store.reports.counts())["invoices"] == 2
@@ -477,23 +436,23 @@ async def test_business_duplicate_across_syntaxes(cii_inst, gateway, client, cap
     """A CII invoice and a UBL one from the same seller with the same number and issue date: 409."""
     cii_doc = (corpus / CII_EXAMPLE).read_bytes()
     # Let the demo partner own the CII example's seller identifiers (legal registration and VAT number).
-    code, _, err = await run(capsys, "partners", "edit", DEMO, "--party-id", "57151520", "--party-id", "NL8200.98.395.B.01",
+    code, _, err = await run_command_aside(capsys, "partners", "edit", DEMO, "--party-id", "57151520", "--party-id", "NL8200.98.395.B.01",
                              "-c", str(cii_inst.config))
     assert code == 0, err
     await partner_reloaded(gateway, lambda p: "57151520" in p.party_ids)
     s = client()
-    code, reply, _ = await post(s, cii_doc)
+    code, reply = await post(s, cii_doc)
     assert code == 202, reply
     assert reply["status"] == "accepted"
     [pack] = reply["rules"]["packs"]
     assert pack.startswith("en16931 ")
     # the UBL sample with the CII example's number (12115118) and issue date (20150109 → 2015-01-09)
-    code, reply2, _ = await post(s, invoice("12115118", issue_date="2015-01-09"))
+    code, reply2 = await post(s, invoice("12115118", issue_date="2015-01-09"))
     assert code == 409, reply2
     assert reply2["error"] == "DUPLICATE_CONFLICT" and reply["message_id"] in reply2["message"]
     # the same number on another date is fine
     await accepted(s, invoice("12115118", issue_date="2015-01-10"), status="held")  # another account than the CII one
-    assert len(await audit(gateway, "fraud.duplicate_conflict")) == 1
+    assert len(await audit_of(gateway.gw.store, "fraud.duplicate_conflict")) == 1
 
 
 # --- 5. partners CLI: rule packs and ceilings ---------------------------------------------------------------
@@ -505,7 +464,7 @@ def test_partners_rules_options(inst, tmp_path, capsys):
     base = ["partners", "add", "x", "--client-cert", str(cert), "--party-id", "0088:999", "-c", cfg]
     before = inst.partners.read_bytes()
 
-    code, out, err = run_sync(capsys, *base, "--rules", "en16931,nope")
+    code, out, err = run_command(capsys, *base, "--rules", "en16931,nope")
     assert code == 2
     assert "'nope'" in err and "--rules" in err and "en16931" in err
     assert inst.partners.read_bytes() == before
@@ -515,7 +474,7 @@ def test_partners_rules_options(inst, tmp_path, capsys):
         cli.main([*base, "--rules", "en16931", "--no-rules"])
     assert exc.value.code == 2
 
-    code, out, err = run_sync(capsys, *base, "--no-rules", "--amount-ceiling", "EUR:50000", "--amount-ceiling", "CHF:1000.50")
+    code, out, err = run_command(capsys, *base, "--no-rules", "--amount-ceiling", "EUR:50000", "--amount-ceiling", "CHF:1000.50")
     assert code == 0, err
     assert "warning" in err and "not be checked against any business rules" in err
     [entry] = [p for p in tomllib.loads(inst.partners.read_text())["partners"] if p["name"] == "x"]
@@ -523,24 +482,24 @@ def test_partners_rules_options(inst, tmp_path, capsys):
     assert sorted(entry["amount_ceilings"]) == ["CHF:1000.50", "EUR:50000"]
     x = load_directory(inst.partners).get("x")
     assert x is not None and x.rules == ()
-    shown = json.loads(run_sync(capsys, "partners", "show", "x", "-c", cfg)[1])
+    shown = json.loads(run_command(capsys, "partners", "show", "x", "-c", cfg)[1])
     assert shown["rules"] == []
     assert shown["amount_ceilings"] == {"CHF": "1000.50", "EUR": "50000"}
-    code, _, err = run_sync(capsys, "check-config", "-c", cfg)
+    code, _, err = run_command(capsys, "check-config", "-c", cfg)
     assert code == 0 and "partner 'x' is registered with --no-rules" in err
 
     # the demo partner uses the configured default
-    shown = json.loads(run_sync(capsys, "partners", "show", DEMO, "-c", cfg)[1])
+    shown = json.loads(run_command(capsys, "partners", "show", DEMO, "-c", cfg)[1])
     assert (shown["rules"], shown["amount_ceilings"]) == ("default (en16931)", {})
 
-    code, _, err = run_sync(capsys, "partners", "edit", "x", "--rules", "nope", "-c", cfg)
+    code, _, err = run_command(capsys, "partners", "edit", "x", "--rules", "nope", "-c", cfg)
     assert code == 2 and "'nope'" in err
-    code, _, err = run_sync(capsys, "partners", "edit", "x", "--rules", "en16931", "-c", cfg)
+    code, _, err = run_command(capsys, "partners", "edit", "x", "--rules", "en16931", "-c", cfg)
     assert code == 0, err
-    assert json.loads(run_sync(capsys, "partners", "show", "x", "-c", cfg)[1])["rules"] == ["en16931"]
-    code, _, err = run_sync(capsys, "partners", "edit", "x", "--default-rules", "--remove-amount-ceiling", "CHF", "-c", cfg)
+    assert json.loads(run_command(capsys, "partners", "show", "x", "-c", cfg)[1])["rules"] == ["en16931"]
+    code, _, err = run_command(capsys, "partners", "edit", "x", "--default-rules", "--remove-amount-ceiling", "CHF", "-c", cfg)
     assert code == 0, err
-    shown = json.loads(run_sync(capsys, "partners", "show", "x", "-c", cfg)[1])
+    shown = json.loads(run_command(capsys, "partners", "show", "x", "-c", cfg)[1])
     assert (shown["rules"], shown["amount_ceilings"]) == ("default (en16931)", {"EUR": "50000"})
     [entry] = [p for p in tomllib.loads(inst.partners.read_text())["partners"] if p["name"] == "x"]
     assert "rules" not in entry
@@ -550,16 +509,16 @@ async def test_no_rules_partner_skips_business_rules_but_not_fraud_checks(gatewa
     """--no-rules: an invoice breaking EN 16931 (totals that do not add up) is accepted; the IBAN
     check and the account history still apply."""
     other = devpki.issue(gateway.inst.ca, tmp_path / "nr-pki", "nr", role="client")
-    code, _, err = await run(capsys, "partners", "add", "nr", "--client-cert", str(other.cert), "--no-rules",
+    code, _, err = await run_command_aside(capsys, "partners", "add", "nr", "--client-cert", str(other.cert), "--no-rules",
                              *[x for pid in FOREIGN_IDS for x in ("--party-id", pid)], "-c", str(gateway.inst.config))
     assert code == 0, err
     await partner_reloaded(gateway, lambda p: p.rules == (), "nr")
     s = client(other.cert, other.key)
     broken = invoice("NR-0001", doc=FOREIGN).replace(b">1250.00</cbc:PayableAmount>", b">1249.00</cbc:PayableAmount>")
-    code, reply, _ = await post(s, broken)
+    code, reply = await post(s, broken)
     assert (code, reply["status"]) == (202, "accepted"), reply
     assert "rules" not in reply
-    code, reply, _ = await post(s, invoice("NR-0002", iban=IBAN_B[:-1] + "3", doc=FOREIGN))
+    code, reply = await post(s, invoice("NR-0002", iban=IBAN_B[:-1] + "3", doc=FOREIGN))
     assert (code, reply["error"]) == (422, "INVALID_IBAN")
     await accepted(s, invoice("NR-0003", iban=IBAN_B, doc=FOREIGN), status="held")
 
@@ -568,7 +527,7 @@ async def test_default_rules_refuse_totals_that_do_not_add_up(gateway, client):
     """The counterpart of the --no-rules test: for a partner with the default rules the same broken
     totals are refused with 422 RULES_FAILED (BR-CO-16), not stored."""
     broken = invoice("RULES-0001").replace(b">1250.00</cbc:PayableAmount>", b">1249.00</cbc:PayableAmount>")
-    code, reply, _ = await post(client(), broken)
+    code, reply = await post(client(), broken)
     assert (code, reply["error"]) == (422, "RULES_FAILED"), reply
     assert any("BR-CO-16" in d["message"] for d in reply["details"]), reply
     assert (await gateway.gw.store.reports.counts()) == {"invoices": 0}

@@ -1,4 +1,4 @@
-"""CRL-based revocation of partner client certificates (gateway/revocation.py), with a PKI made at test time."""
+"""CRL-based revocation of partner client certificates (gateway/stages/revocation.py), with a PKI made at test time."""
 
 from __future__ import annotations
 

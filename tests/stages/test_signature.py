@@ -1,4 +1,4 @@
-"""XML signatures on invoices (SECURITY-TESTS.md D. S-01…S-11): gateway/signature.py and its wiring.
+"""XML signatures on invoices (SECURITY-TESTS.md D. S-01…S-11): gateway/stages/signature.py and its wiring.
 
 * round trip and interop both ways with xmlsec1 (S-11);
 * the per-partner policies over the real mutual-TLS listener;
@@ -38,7 +38,6 @@ from lxml import etree
 
 from gateway import devpki
 from gateway.cli.demo import SAMPLE
-from gateway.cli.main import main
 from gateway.errors import GatewayError
 from gateway.model import DocumentType, SignaturePolicy
 from gateway.operations import instance
@@ -59,7 +58,7 @@ from gateway.stages.signature import (
     verify,
 )
 from gateway.stages.ubl import read_facts
-from tests.helpers import XML, Running
+from tests.helpers import Running, post, run_command
 from tests.helpers.signatures import CAC, DIGEST_MISMATCH, PARSER, add_signing_partner, bad_method, parse, reload_partners
 
 INV = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
@@ -279,11 +278,6 @@ async def set_signing(running: Running, name: str, policy: SignaturePolicy, sign
     want = {s.spki for s in signers}
     await reload_partners(running, lambda d: (p := d.get(name)) is not None and p.signature_policy is policy
                           and p.signing_spki == want)
-
-
-async def post(session: Any, body: bytes) -> tuple[int, dict[str, Any]]:
-    async with session.post("/v1/invoices", data=body, headers=XML) as r:
-        return r.status, await r.json()
 
 
 async def delivered(running: Running, message_id: str) -> tuple[dict[str, Any], bytes]:
@@ -923,35 +917,29 @@ def test_byte_mutation_fails_or_changes_nothing(pki: Pki, mutation_base: tuple[b
 # --- CLI -----------------------------------------------------------------------------------------------
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_sign_and_verify(inst: instance.Instance, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, out = tmp_path / "in.xml", tmp_path / "out.xml"
     src.write_bytes(SAMPLE)
-    assert run_cli(capsys, "sign", str(src), str(out), "-c", str(inst.config))[0] == 0
-    code, stdout, err = run_cli(capsys, "verify", str(out), "--cert", str(inst.signing.cert))
+    assert run_command(capsys, "sign", str(src), str(out), "-c", str(inst.config))[0] == 0
+    code, stdout, err = run_command(capsys, "verify", str(out), "--cert", str(inst.signing.cert))
     assert code == 0, err
     shown = json.loads(stdout)
     assert (shown["valid"], shown["signer_pinned"], shown["method"], shown["xades"]) == (True, True, "ECDSA_SHA256", True)
 
-    code, _, err = run_cli(capsys, "verify", str(out), "--cert", str(inst.demo_client.cert))  # another key
+    code, _, err = run_command(capsys, "verify", str(out), "--cert", str(inst.demo_client.cert))  # another key
     assert code == 1 and "is not registered" in err, err
     bad = tmp_path / "tampered.xml"
     bad.write_bytes(out.read_bytes().replace(IBAN.encode(), EVIL_IBAN.encode()))
-    code, stdout, err = run_cli(capsys, "verify", str(bad), "--cert", str(inst.signing.cert))
+    code, stdout, err = run_command(capsys, "verify", str(bad), "--cert", str(inst.signing.cert))
     assert (code, stdout) == (1, "") and DIGEST_MISMATCH in err, err
 
     rsa_out = tmp_path / "rsa.xml"
     key = pki.rsa.cert_path.with_suffix(".key")
-    assert run_cli(capsys, "sign", str(src), str(rsa_out), "--cert", str(pki.rsa.cert_path), "--key", str(key))[0] == 0
-    code, stdout, _ = run_cli(capsys, "verify", str(rsa_out), "--cert", str(pki.rsa.cert_path))
+    assert run_command(capsys, "sign", str(src), str(rsa_out), "--cert", str(pki.rsa.cert_path), "--key", str(key))[0] == 0
+    code, stdout, _ = run_command(capsys, "verify", str(rsa_out), "--cert", str(pki.rsa.cert_path))
     assert code == 0 and json.loads(stdout)["method"] == "RSA_SHA256"
     rsa2048 = devpki.issue(pki.ca, tmp_path, "rsa2048", role="signing", key_kind="rsa2048")
-    code, _, err = run_cli(capsys, "sign", str(src), str(tmp_path / "x.xml"), "--cert", str(rsa2048.cert), "--key", str(rsa2048.key))
+    code, _, err = run_command(capsys, "sign", str(src), str(tmp_path / "x.xml"), "--cert", str(rsa2048.cert), "--key", str(rsa2048.key))
     assert code == 2 and "at least 3072 bits" in err, err
 
 
@@ -960,33 +948,33 @@ def test_cli_partners_signing_certs(inst: instance.Instance, pki: Pki, tmp_path:
     client = devpki.issue(inst.ca, tmp_path, "acme-client", role="client")
 
     def show() -> dict[str, Any]:
-        code, out, err = run_cli(capsys, "partners", "show", "acme", *cfg)
+        code, out, err = run_command(capsys, "partners", "show", "acme", *cfg)
         assert code == 0, err
         return dict(json.loads(out))
 
     add = ("partners", "add", "acme", "--client-cert", str(client.cert), "--party-id", "0088:5790000435975")
-    code, _, err = run_cli(capsys, *add, "--signature-policy", "required", *cfg)
+    code, _, err = run_command(capsys, *add, "--signature-policy", "required", *cfg)
     assert code == 2 and "'required' needs at least one entry in signing_certs" in err, err
-    code, _, err = run_cli(capsys, *add, "--signing-cert", str(pki.weak.cert_path), *cfg)
+    code, _, err = run_command(capsys, *add, "--signing-cert", str(pki.weak.cert_path), *cfg)
     assert code == 2 and "1024 bits" in err, err
-    code, _, err = run_cli(capsys, *add, "--signing-cert", str(pki.ec.cert_path), "--signature-policy", "required", *cfg)
+    code, _, err = run_command(capsys, *add, "--signing-cert", str(pki.ec.cert_path), "--signature-policy", "required", *cfg)
     assert code == 0, err
     shown = show()
     assert shown["signature_policy"] == "required"
     assert [c["spki_sha256"] for c in shown["signing_certs"]] == [pki.ec.spki]
 
     other = devpki.issue(inst.ca, tmp_path, "other-client", role="client")
-    code, _, err = run_cli(capsys, "partners", "add", "other", "--client-cert", str(other.cert), "--party-id", "0088:123",
+    code, _, err = run_command(capsys, "partners", "add", "other", "--client-cert", str(other.cert), "--party-id", "0088:123",
                            "--signing-cert", str(pki.ec.cert_path), *cfg)
     assert code == 2 and "a signing key is also registered for partner 'acme'" in err, err
 
     prefix = pki.ec.spki[:16]
-    code, _, err = run_cli(capsys, "partners", "edit", "acme", "--remove-cert", prefix, *cfg)
+    code, _, err = run_command(capsys, "partners", "edit", "acme", "--remove-cert", prefix, *cfg)
     assert code == 2 and "'required' needs at least one entry" in err, err  # the only key of a required partner
     assert show()["signing_certs"][0]["spki_sha256"] == pki.ec.spki
-    assert run_cli(capsys, "partners", "edit", "acme", "--signature-policy", "ignore", *cfg)[0] == 0
+    assert run_command(capsys, "partners", "edit", "acme", "--signature-policy", "ignore", *cfg)[0] == 0
     assert show()["signature_policy"] == "ignore"
-    assert run_cli(capsys, "partners", "edit", "acme", "--remove-cert", prefix, "--signing-cert", str(pki.rsa.cert_path), *cfg)[0] == 0
+    assert run_command(capsys, "partners", "edit", "acme", "--remove-cert", prefix, "--signing-cert", str(pki.rsa.cert_path), *cfg)[0] == 0
     shown = show()
     assert [c["spki_sha256"] for c in shown["signing_certs"]] == [pki.rsa.spki]
     assert len(shown["client_certs"]) == 1  # the client certificate was not touched

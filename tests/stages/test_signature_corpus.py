@@ -24,18 +24,15 @@ from lxml import etree
 
 from gateway.cli.main import main
 from gateway.model import SignaturePolicy
-from gateway.stages.signature import CBC, DS, SignatureInvalid, trusted, verify
+from gateway.stages.signature import DS, SignatureInvalid, trusted, verify
 from tests.helpers import CORPUS, Running, post
-from tests.helpers.signatures import CAC, DIGEST_MISMATCH, add_signing_partner, bad_method, parse
+from tests.helpers.corpus import supplier_ids
+from tests.helpers.signatures import DIGEST_MISMATCH, add_signing_partner, bad_method, parse
 
 DIAN = "invoices/valid/ph-ubl/dian-co-signed/"
 OASIS = "invoices/valid/oasis-ubl/signed/UBL-Invoice-2.0-Enveloped.xml"
 RSA_SHA1 = "http://www.w3.org/2000/09/xmldsig#rsa-sha1"
 XPATH = "http://www.w3.org/TR/1999/REC-xpath-19991116"
-_PARTY = "/*/cac:AccountingSupplierParty/cac:Party/"
-SUPPLIER_IDS = etree.XPath(" | ".join(_PARTY + p for p in (
-    "cbc:EndpointID", "cac:PartyIdentification/cbc:ID", "cac:PartyTaxScheme/cbc:CompanyID", "cac:PartyLegalEntity/cbc:CompanyID",
-)), namespaces={"cac": CAC, "cbc": CBC})
 
 
 def manifest() -> list[dict[str, str]]:
@@ -63,15 +60,6 @@ def embedded_cert(root: etree._Element) -> x509.Certificate:
 def write_pem(cert: x509.Certificate, path: Path) -> Path:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
-
-
-def supplier_ids(root: etree._Element) -> list[str]:
-    out: dict[str, None] = {}
-    for el in SUPPLIER_IDS(root):
-        value, scheme = el.xpath("string()").strip(), (el.get("schemeID") or "").strip()
-        if value:
-            out[f"{scheme}:{value}" if scheme else value] = None
-    return list(out)
 
 
 def test_manifest_lists_the_dian_verdicts(corpus: Path) -> None:
@@ -132,7 +120,7 @@ async def test_signed_corpus_invoices_over_https(corpus: Path, gateway: Running,
     pem = await asyncio.to_thread(write_pem, certs.pop(), tmp_path / "dian.pem")
     dian_ids = list(dict.fromkeys(i for p in DIAN_INVOICES for i in supplier_ids(roots[p])))
     dian = await add_signing_partner(gateway, "dian", dian_ids, [pem], SignaturePolicy.IF_PRESENT)
-    oasis = await add_signing_partner(gateway, "oasis", supplier_ids(roots[OASIS]), [])
+    oasis = await add_signing_partner(gateway, "oasis", list(supplier_ids(roots[OASIS])), [])
 
     expected = [(dian, p, DIGEST_MISMATCH) for p in DIAN_INVOICES] + [(oasis, OASIS, bad_method(RSA_SHA1))]
     for sender, path, reason in expected:

@@ -28,7 +28,7 @@ from gateway.cli.demo import SAMPLE
 from gateway.config.model import DEFAULT_MAX_ATTRIBUTES, DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, XmlLimits
 from gateway.errors import GatewayError
 from gateway.stages.xmlparse import XmlParser
-from tests.helpers import ROOT, XML
+from tests.helpers import ROOT, XML, numbered
 
 PARSER = XmlParser(XmlLimits(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_ATTRIBUTES))
 STATUS = {"MALFORMED_XML": 400, "DTD_FORBIDDEN": 400, "XINCLUDE_FORBIDDEN": 400, "XML_LIMIT_EXCEEDED": 413}
@@ -44,11 +44,6 @@ EXT_NS = "urn:oasis:names:specification:ubl:schema:xsd:CommonExtensionComponents
 def sub(doc: bytes, old: bytes, new: bytes) -> bytes:
     assert old in doc, f"sample lacks {old!r}"
     return doc.replace(old, new, 1)
-
-
-def numbered(n: int, doc: bytes = SAMPLE) -> bytes:
-    """The sample with its own invoice number (the same number with other content is a 409)."""
-    return sub(doc, b">DEMO-2026-0001</cbc:ID>", f">XT-{n:04d}</cbc:ID>".encode())
 
 
 def doctype(decl: str, note: str = "") -> bytes:
@@ -71,7 +66,7 @@ def deep_extension(depth: int, n: int) -> bytes:
     ext = (f'<ext:UBLExtensions xmlns:ext="{EXT_NS}"><ext:UBLExtension><ext:ExtensionContent>'
            + '<d:n xmlns:d="urn:example:deep">' + "<d:n>" * (chain - 1) + "</d:n>" * chain
            + "</ext:ExtensionContent></ext:UBLExtension></ext:UBLExtensions>")
-    return numbered(n, sub(SAMPLE, b"<cbc:CustomizationID>", ext.encode() + b"<cbc:CustomizationID>"))
+    return numbered(f"XT-{n:04d}", sub(SAMPLE, b"<cbc:CustomizationID>", ext.encode() + b"<cbc:CustomizationID>"))
 
 
 def billion_laughs() -> bytes:
@@ -133,12 +128,12 @@ REJECTED: dict[str, tuple[Callable[[str, str], bytes], str]] = {
 
 # name → valid invoice (from canary URL) that must be accepted untouched and unfetched
 ACCEPTED: dict[str, Callable[[str], bytes]] = {
-    "X-03 xsi:schemaLocation to canary server": lambda url: numbered(2, sub(
+    "X-03 xsi:schemaLocation to canary server": lambda url: numbered("XT-0002", sub(
         SAMPLE, b"<Invoice ", b'<Invoice xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:schemaLocation='
         b'"urn:oasis:names:specification:ubl:schema:xsd:Invoice-2 ' + f'{url}/evil.xsd" '.encode())),
-    "X-03 xml-stylesheet PI to canary server": lambda url: numbered(3, sub(
+    "X-03 xml-stylesheet PI to canary server": lambda url: numbered("XT-0003", sub(
         SAMPLE, DECL, DECL + f'<?xml-stylesheet type="text/xsl" href="{url}/x.xsl"?>\n'.encode())),
-    "X-06 UTF-16LE with BOM": lambda url: b"\xff\xfe" + numbered(4).decode().replace(
+    "X-06 UTF-16LE with BOM": lambda url: b"\xff\xfe" + numbered("XT-0004").decode().replace(
         'encoding="UTF-8"', 'encoding="UTF-16"').encode("utf-16-le"),
     "X-04 depth exactly max_depth": lambda url: deep_extension(DEFAULT_MAX_DEPTH, 5),
 }
@@ -230,7 +225,7 @@ def test_parser_accepts(case, canary):
 
 
 def test_utf16_parses_to_the_same_tree_as_utf8():  # X-06: one tree, identical business fields
-    utf8, utf16 = numbered(4), ACCEPTED["X-06 UTF-16LE with BOM"]("")
+    utf8, utf16 = numbered("XT-0004"), ACCEPTED["X-06 UTF-16LE with BOM"]("")
     assert etree.tostring(PARSER.parse(utf16).root, method="c14n") == etree.tostring(PARSER.parse(utf8).root, method="c14n")
 
 
@@ -345,7 +340,7 @@ async def test_listener_accepts(gateway, client, canary, case):
 
 
 async def test_listener_accepts_50mb_invoice_with_embedded_pdf(gateway, client):  # X-04 positive control
-    body = numbered(6, with_attachment(SAMPLE, base64.b64encode(os.urandom(1 << 20) * 36)))
+    body = numbered("XT-0006", with_attachment(SAMPLE, base64.b64encode(os.urandom(1 << 20) * 36)))
     assert 50_000_000 < len(body) < 64 * 1024 * 1024
     async with client().post("/v1/invoices", data=io.BytesIO(body), headers=XML) as r:
         assert r.status == 202, (await r.text())[:2000]

@@ -25,6 +25,7 @@ from gateway.storage.base import AccountError, NotHeld, Store
 from gateway.storage.chain import CHECKPOINT, GENESIS, record_hash
 from gateway.storage.records import REPLIES, Notice, NoticeJob, Resealed
 from gateway.storage.sqlite.store import SqliteStore
+from tests.helpers import audit_of
 from tests.helpers.records import accepted_invoice
 
 Opener = Callable[[], Store]
@@ -50,9 +51,10 @@ async def store(opener: Opener) -> AsyncIterator[Store]:
     await s.close()
 
 
-async def audit_of(store: Store, action: str) -> list[dict[str, object]]:
-    return [json.loads(r.detail) | {"partner": r.partner, "message_id": r.message_id, "actor": r.actor}
-            for r in await store.audit.newest(10_000) if r.action == action]
+async def audit_details(store: Store, action: str) -> list[dict[str, object]]:
+    """``audit_of``, newest first, each record's detail with its partner, message_id and actor merged in."""
+    return [r["detail"] | {"partner": r["partner"], "message_id": r["message_id"], "actor": r["actor"]}
+            for r in reversed(await audit_of(store, action))]
 
 
 # --- intake ----------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ async def test_put_then_find_and_status(store: Store) -> None:
     assert await store.outbox.load_sealed(inv.message_id) == inv.sealed
     assert await store.outbox.load_sealed(str(uuid.uuid4())) is None
     assert await store.reports.counts() == {"invoices": 1, "deliveries_pending": 1}
-    [accepted] = await audit_of(store, "invoice.accepted")
+    [accepted] = await audit_details(store, "invoice.accepted")
     assert accepted["message_id"] == inv.message_id and accepted["destinations"] == ["erp"] and accepted["held"] is False
 
 
@@ -149,7 +151,7 @@ async def test_hold_reasons_hold_the_invoice(store: Store) -> None:
     assert status is not None and status.status == "held" and status.deliveries == ()  # held jobs are not shown
     assert await store.outbox.due(2e9, 10) == []
     assert await store.quarantine.held_count() == 1
-    [held] = await audit_of(store, "quarantine.held")
+    [held] = await audit_details(store, "quarantine.held")
     assert held["reasons"] == ["payable amount 100.00 EUR is over the ceiling 50"]
 
 
@@ -166,7 +168,7 @@ async def test_payee_accounts_are_learned_then_guarded(store: Store) -> None:
     [entry] = await store.quarantine.held()
     assert entry.message_id == changed.message_id and entry.reasons == (
         "payee account DE89…3000 was never used by this seller before",)
-    [changes] = await audit_of(store, "account.changed")
+    [changes] = await audit_details(store, "account.changed")
     assert changes["accounts"] == ["DE89…3000"]  # masked, never the whole number
     other = await store.intake.put(accepted_invoice("P-1", partner="beta", content="b", accounts=("DE89370400440532013000",)))
     assert other.status == "accepted"  # every seller has its own history
@@ -191,7 +193,7 @@ async def test_release_and_reject(store: Store) -> None:
         await store.quarantine.decide(released.message_id, False, "op", "again")
     with pytest.raises(NotHeld):
         await store.quarantine.decide(str(uuid.uuid4()), True, "op", "none")
-    assert [a["actor"] for a in await audit_of(store, "quarantine.released")] == ["op"]
+    assert [a["actor"] for a in await audit_details(store, "quarantine.released")] == ["op"]
 
 
 async def test_an_unrouted_hold_is_released_only_to_a_named_destination(store: Store) -> None:
@@ -235,7 +237,7 @@ async def test_registered_and_blocked_accounts(store: Store) -> None:
     await store.quarantine.set_accounts("acme", ["DE02120300000000202051"], ["DE89370400440532013000"], "admin", "letter")
     assert {(a.account, a.state) for a in await store.quarantine.seller_accounts("acme")} == {
         ("DE02120300000000202051", "known"), ("DE89370400440532013000", "rejected")}
-    [record] = await audit_of(store, "account.registered")
+    [record] = await audit_details(store, "account.registered")
     assert record == {"known": ["DE02…2051"], "blocked": ["DE89…3000"], "note": "letter", "partner": "acme",
                       "message_id": None, "actor": "admin"}
     assert (await store.intake.put(accepted_invoice("K-1", accounts=("DE02120300000000202051",)))).status == "accepted"
@@ -300,8 +302,8 @@ async def test_outcomes_are_recorded_once_and_only_by_the_holder(store: Store) -
     assert await store.outbox.due(2e9 + 29, 10) == [] and len(await store.outbox.due(2e9 + 30, 10)) == 1
     [letter] = await store.reports.dead_letters()
     assert (letter.message_id, letter.error, letter.attempts) == (dead.message_id, "HTTP 400", 1)
-    assert [a["destination"] for a in await audit_of(store, "delivery.delivered")] == ["erp"]
-    assert [a["error"] for a in await audit_of(store, "delivery.dead_letter")] == ["HTTP 400"]
+    assert [a["destination"] for a in await audit_details(store, "delivery.delivered")] == ["erp"]
+    assert [a["error"] for a in await audit_details(store, "delivery.dead_letter")] == ["HTTP 400"]
     depth = await store.outbox.depth()
     assert depth.jobs == 1 and depth.oldest is not None
 
@@ -332,7 +334,7 @@ async def test_retry_requeue_and_discard(store: Store) -> None:
     with pytest.raises(NotHeld) as again:
         await store.outbox.discard(dead.message_id, "erp", "op", "twice")
     assert again.value.code == "NOTHING_TO_DISCARD"
-    assert [a["actor"] for a in await audit_of(store, "delivery.requeued")] == ["op"]
+    assert [a["actor"] for a in await audit_details(store, "delivery.requeued")] == ["op"]
 
 
 # --- the audit log ---------------------------------------------------------------------------------
@@ -443,7 +445,7 @@ async def test_retention_deletes_delivered_invoices_and_keeps_refusing_them(stor
     assert (again.message_id, again.status, again.duplicate) == (done.message_id, "delivered", True)
     with pytest.raises(Conflict):
         await store.intake.put(accepted_invoice("T-1", content="new content, old number"))
-    [expired] = await audit_of(store, "invoice.expired")
+    [expired] = await audit_details(store, "invoice.expired")
     assert expired["actor"] == "retention" and expired["sha256"] == done.sha256
 
 
