@@ -27,3 +27,25 @@ def test_every_error_code_is_documented():
     assert {"MALFORMED_XML", "OVERLOADED", "NOT_FOUND"} <= codes, "the patterns are stale"
     missing = sorted(c for c in codes if f"`{c}`" not in README)
     assert not missing, f"error codes missing from README: {missing}"
+
+
+def readme_map() -> dict[str, str]:
+    """The package map under "## Development": name (``errors.py``, ``stages/``) -> its one line."""
+    section = README[README.index("\n## Development\n"):]
+    block = section[section.index("```\ngateway/\n") + len("```\ngateway/\n"):]
+    block = block[:block.index("```")]
+    entries = {}
+    for line in block.splitlines():
+        name, _, text = line.strip().partition(" ")
+        assert line.startswith("  ") and name and text.strip(), f"not a map line: {line!r}"
+        entries[name] = text.strip()
+    return entries
+
+
+def test_the_readme_maps_every_package_and_module():
+    here = {p.name + ("/" if p.is_dir() else "") for p in (ROOT / "gateway").iterdir()
+            if not p.name.startswith(("__", ".")) and (p.is_dir() or p.suffix == ".py")}
+    mapped = readme_map()
+    assert {"errors.py", "stages/", "storage/", "cli/"} <= here, "the listing is stale"
+    assert sorted(here - mapped.keys()) == [], "in gateway/ but not in the README's package map"
+    assert sorted(mapped.keys() - here) == [], "in the README's package map but not in gateway/"
