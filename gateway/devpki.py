@@ -35,6 +35,7 @@ def _name(cn: str) -> x509.Name:
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies to a new file only: a key issued again over an old one
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 

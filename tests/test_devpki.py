@@ -193,8 +193,6 @@ def test_issuing_again_under_a_name_replaces_both_files(ca: devpki.Issued, tmp_p
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(strict=True, reason="devpki._write_key opens an existing key file with O_TRUNC and mode 0600, which "
-                                       "applies to new files only: a new private key keeps the old file's 0644")
 def test_a_reissued_key_is_0600_even_over_a_readable_old_key(ca: devpki.Issued, tmp_path: Path) -> None:
     first = devpki.issue(ca, tmp_path, "acme", role="client")
     first.key.chmod(0o644)

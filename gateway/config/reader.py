@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,8 @@ class Reader:
         value = self._get(name, default, False)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
-        if value < minimum:
-            raise ConfigError(f"{self.key(name)}: {value} is out of range (must be >= {minimum})")
+        if not value >= minimum or value == math.inf:  # (nan compares false with everything)
+            raise ConfigError(f"{self.key(name)}: {value} is out of range (must be >= {minimum}, and finite)")
         return float(value)
 
     def boolean(self, name: str, default: bool) -> bool:

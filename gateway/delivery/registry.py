@@ -6,6 +6,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from ..config.model import Destination
+from ..errors import ConfigError
 from ..partners.book import PartnerBook
 from .email import EmailSender
 from .folder import DirectorySender
@@ -23,4 +24,6 @@ def make_sender(dest: Destination, partners: PartnerBook, executor: Executor,
         return HttpsSender(dest)
     if dest.type == "email":
         return EmailSender(dest, mailer)
-    return PartnerSender(dest, partners, mailer)
+    if dest.type == "partner":
+        return PartnerSender(dest, partners, mailer)
+    raise ConfigError(f"destinations: {dest.name!r} has type {dest.type!r}, which no sender delivers")

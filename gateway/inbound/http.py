@@ -90,13 +90,19 @@ def media_type_of(request: web.Request) -> str:
 
 
 async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole body, within the size limit and the time limit, or the error the sender gets."""
+    """The whole body, within the size limit and the time limit, or the error the sender gets (the
+    application's ``client_max_size`` bounds what is read; ``max_bytes`` is the limit the sender is held to)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large(max_bytes)
     try:
-        return await asyncio.wait_for(request.read(), timeout_s)
+        body = await asyncio.wait_for(request.read(), timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise too_large(max_bytes) from None
     except TimeoutError:
         raise BodyTimeout(f"the body did not arrive within {timeout_s:.0f} s") from None
+    if len(body) > max_bytes:
+        raise too_large(max_bytes)
+    return body
 
 
 class ByteBudget:

@@ -275,7 +275,7 @@ def test_retry_cap_below_retry_base(inst: instance.Instance) -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
-    ("lease_s", "1.0", "delivery.lease_s: 1.0 is out of range (must be >= 5.0)"),
+    ("lease_s", "1.0", "delivery.lease_s: 1.0 is out of range (must be >= 5.0, and finite)"),
     ("breaker_failures", "0", "delivery.breaker_failures: 0 is out of range (must be >= 1)"),
     ("horizon_h", '"72"', "delivery.horizon_h: expected a number, got '72'"),
 ])

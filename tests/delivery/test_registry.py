@@ -185,9 +185,6 @@ async def test_a_partner_destination_reads_the_partner_book_it_was_given(env: En
         await sender.close()
 
 
-@pytest.mark.xfail(strict=True, reason="make_sender fails open: any type it does not know becomes a PartnerSender (which "
-                   "posts to trading partners). Latent today, as config loading refuses types outside DESTINATION_TYPES, but a "
-                   "kind added there without a branch here would silently deliver to partners")
 def test_an_unknown_kind_is_refused(env: Env):
     with pytest.raises(ConfigError, match="'ftp'"):
         make_sender(destination(env, "ftp"), env.book, env.executor)

@@ -222,8 +222,6 @@ async def test_a_body_that_does_not_arrive_in_time_is_408():
     assert json.loads(body) == {"error": "BODY_TIMEOUT", "message": "the body did not arrive within 1 s", "details": []}
 
 
-@pytest.mark.xfail(strict=True, reason="read_body takes max_bytes but only names it in the error: the size limit is whatever "
-                   "client_max_size the application was built with, so a caller passing a smaller max_bytes gets a larger body")
 async def test_read_body_holds_to_the_limit_it_is_given():
     async def small(request: web.Request) -> web.Response:
         return web.json_response({"size": len(await read_body(request, 100, 5.0))})

@@ -110,10 +110,6 @@ async def test_snapshots_find_copy_and_inspect_what_open_store_made(config: Conf
     assert facts["counts"]["invoices"] == 0 and list(copies.sealed(folder)) == []
 
 
-@pytest.mark.xfail(strict=True, raises=(OSError, sqlite3.DatabaseError),
-                   reason="open_store lets the backend's own exceptions escape (FileExistsError when state_dir is a file, "
-                          "sqlite3.DatabaseError when gateway.db is not a database): the CLI shows a traceback, not a "
-                          "message naming state_dir")
 @pytest.mark.parametrize("damage", ["state_dir is a file", "gateway.db is not a database"])
 def test_an_unusable_state_folder_is_a_gateway_error(config: Config, damage: str) -> None:
     if damage == "state_dir is a file":

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ...errors import GatewayError, StorageUnavailable
+from ...errors import ConfigError, GatewayError, StorageUnavailable
 from . import schema
 
 T = TypeVar("T")
@@ -38,13 +38,19 @@ READER_THREADS = 2  # status reads, reports and the outbox's polls; never queued
 
 class Engine:
     def __init__(self, state_dir: Path):
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = state_dir / DB_FILE
         self._local = threading.local()
         self._queue: queue.SimpleQueue[tuple[Op[Any], Future[Any]] | None] = queue.SimpleQueue()
-        conn = self.connect()
-        schema.migrate(conn, begin)
-        conn.close()
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            conn = self.connect()
+            try:
+                schema.migrate(conn, begin)
+            finally:
+                conn.close()
+        except (OSError, sqlite3.Error) as exc:
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"state_dir: cannot open the database {self.path}: {cause}") from None
         self._readers = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="store-read",
                                            initializer=self._open_reader)
         self._reader_conns: list[sqlite3.Connection] = []
