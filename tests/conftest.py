@@ -8,6 +8,7 @@ under CI=true and skipped (with a clear message) elsewhere when absent.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,6 +20,7 @@ import pytest
 from gateway import logs
 from gateway.operations import instance
 from tests.helpers import CORPUS, Running, serving, with_corpus_cii
+from tests.helpers.audit import Populated, populate
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +73,8 @@ async def client(gateway: Running) -> AsyncIterator[Callable[..., aiohttp.Client
         await s.close()
 
 
+@pytest.fixture(scope="session")
+def audited(tmp_path_factory: pytest.TempPathFactory) -> Populated:
+    """An instance with a real audit log (tests/helpers/audit.py), stopped; tests work on a ``copy_of`` it."""
+    inst = instance.init(tmp_path_factory.mktemp("audit") / "gw", port=0)
+    return Populated(inst.root, asyncio.run(populate(inst)))

@@ -9,7 +9,7 @@ layer would refuse, with a message that names the file and what is wrong with it
 
 Handshakes are real: a server thread on 127.0.0.1:0 and a client, each reporting how it ended; the
 other peer is a plain ``ssl`` context where a test needs one outside the gateway's policy.  The
-fuller refusal matrix against the running gateway (with ``openssl s_client``) is tests/inbound/test_mtls.py.
+fuller refusal matrix against the running gateway (with ``openssl s_client``) is tests/inbound/test_https_mtls.py.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 
 Every method is a coroutine; a write returns only after its transaction is durable.  Values come
 back as the frozen records of ``records.py``.  ``open_store`` (gateway/storage/factory.py) is the
-one place a backend is chosen; the contract tests (tests/storage/test_contract.py) hold every
+one place a backend is chosen; the contract tests (tests/storage/test_base_contract.py) hold every
 backend to the same behaviour.
 """
 

@@ -3,7 +3,9 @@
 In-process: an invalid edit is refused and the running configuration stays; new destinations and
 routes, a new server certificate and a new partner CA take effect for new invoices and connections
 while open keep-alive connections keep working; a restart-only change is named.  As a real daemon
-with two workers: SIGHUP three times under load loses nothing.
+with two workers: SIGHUP three times under load loses nothing.  The partners file is re-read while
+serving: a partner added with ``partners add`` is let in without a restart, and an invalid file keeps
+the partners in force.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import devpki, logs
 from gateway.cli.demo import SAMPLE
+from gateway.files import atomic_write
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
 from gateway.tls import client_context
-from tests.helpers import FOREIGN, FOREIGN_IDS, FakeClock, Running, audit_of, eventually, numbered, post, serving
+from tests.helpers import FOREIGN, FOREIGN_IDS, FakeClock, Running, audit_of, eventually, numbered, post, run_cli, serving
 from tests.helpers.daemon import Daemon, NotifySocket, make_instance
 
 
@@ -404,3 +407,38 @@ def test_a_sighup_during_a_reload_is_not_lost(tmp_path):
             assert len(daemon.wait_event("config.reloaded", 4, timeout=15)) == 4
         finally:
             daemon.kill()
+
+
+# --- (6) the partners file, re-read while serving -----------------------------------------------------
+
+
+async def test_added_partner_takes_effect_without_restart(gateway, client):
+    newco = gateway.issue_client("newco")
+    status, reply = await post(client(newco.cert, newco.key), FOREIGN)
+    assert (status, reply["error"]) == (403, "PARTNER_UNKNOWN")
+
+    argv = ["partners", "add", "newco", "--client-cert", str(newco.cert), "-c", str(gateway.inst.config)]
+    for pid in FOREIGN_IDS:
+        argv += ["--party-id", pid]
+    assert await run_cli(*argv) == 0
+
+    book = gateway.gw.parts.partners
+    await eventually(lambda: book.current.get("newco") is not None, "the running gateway to pick up the new partner", 3.0)
+
+    status, reply = await post(client(newco.cert, newco.key), FOREIGN)
+    assert status == 202, reply
+    status, _ = await post(client(), SAMPLE)  # the demo partner is still there
+    assert status == 202
+
+
+async def test_invalid_partners_file_keeps_old_directory(gateway, client, log_stream):
+    book = gateway.gw.parts.partners
+    before = book.current
+    broken = b"[[partners]]\nname = 'broken'\n"  # lacks every required key
+    await asyncio.to_thread(atomic_write, gateway.inst.partners, broken)
+
+    await eventually(lambda: "partners.reload_failed" in log_stream.getvalue(), "partners.reload_failed in the log", 3.0)
+    assert book.current is before
+    status, reply = await post(client(), SAMPLE)
+    assert status == 202, reply
+

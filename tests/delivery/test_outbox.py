@@ -1,178 +1,34 @@
-"""The outbox over HTTPS: a real TLS listener on 127.0.0.1 plays the ERP; a real store and vault; a
-fake wall clock (schedules) and a fake monotonic clock (breakers), so no test sleeps for a backoff.
+"""The outbox (gateway/delivery/outbox.py) over HTTPS: a real TLS listener on 127.0.0.1 plays the ERP; a
+real store and vault; a fake wall clock (schedules) and a fake monotonic clock (breakers), so no test
+sleeps for a backoff.
 
-``Erp`` records every request and answers from a script; ``Env`` accepts invoices straight into
-the store and builds outboxes whose senders POST to the listeners.
+``Erp`` (tests/helpers/erp.py) records every request and answers from a script; ``Env``
+(tests/helpers/outbox.py) accepts invoices straight into the store and builds outboxes whose senders
+POST to the listeners; the fixtures ``pki``, ``start_erp`` and ``env`` are in tests/delivery/conftest.py.
+What the HTTPS sender puts in the request, and how it classifies the ERP's replies, is
+tests/delivery/test_webhook.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import io
 import json
-import os
-import sqlite3
-import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from gateway import devpki, logs
-from gateway.config.model import DeliveryConfig, Destination
+from gateway import logs
+from gateway.config.model import DeliveryConfig
 from gateway.delivery.outbox import Breaker, Outbox
-from gateway.delivery.sender import DeliveryFailed, Sender
-from gateway.delivery.webhook import HttpsSender, classify, signature_header
-from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
 from gateway.storage.base import NotHeld
 from gateway.storage.records import DeliveryJob
-from gateway.storage.sqlite.store import SqliteStore
-from gateway.vault import MasterKey, Vault
-from tests.helpers import SetTime, audit_of, eventually, free_port, numbered
-from tests.helpers.erp import HANG, Erp
-
-CFG = DeliveryConfig(horizon_s=3600.0)
-
-
-# --- the fake ERP ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: devpki.Issued
-    server: devpki.Issued
-    client: devpki.Issued
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = devpki.make_ca(folder, "erp-ca")
-    server = devpki.issue(ca, folder, "erp", role="server", cn="localhost", sans=("127.0.0.1", "localhost"))
-    client = devpki.issue(ca, folder, "gateway-client", role="client")
-    return Pki(ca, server, client)
-
-
-StartErp = Callable[..., Awaitable[Erp]]
-
-
-@pytest.fixture
-async def start_erp(pki: Pki) -> AsyncIterator[StartErp]:
-    """Starts fake ERPs on ephemeral ports (``mtls=True``: a client certificate from the CA is required)."""
-    started: list[tuple[Erp, web.AppRunner]] = []
-
-    async def start(*, mtls: bool = False, path: str = "/erp") -> Erp:
-        erp = Erp()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", erp.handle)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
-        if mtls:
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=str(pki.ca.cert))
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-        await site.start()
-        started.append((erp, runner))
-        erp.url = f"https://127.0.0.1:{runner.addresses[0][1]}{path}"
-        return erp
-
-    yield start
-    for erp, runner in started:
-        erp.hang.set()
-        if erp.gate is not None:
-            erp.gate.set()
-        await runner.cleanup()
-
-
-# --- the gateway side ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Env:
-    store: SqliteStore
-    vault: Vault
-    clock: SetTime
-    mono: SetTime
-    executor: ThreadPoolExecutor
-    pki: Pki
-    folder: Path
-    hmac_key: Path
-    outboxes: list[Outbox] = field(default_factory=list)
-
-    async def accept(self, destinations: tuple[str, ...] = ("erp",), partner: str = "acme") -> str:
-        message_id = str(uuid.uuid4())
-        body = numbered(message_id)
-        sha = hashlib.sha256(body).hexdigest()
-        sealed, key_id = self.vault.seal(body, message_id, sha)
-        facts = InvoiceFacts(DocumentType.UBL_INVOICE, message_id, "2.1", ("0088:1",), (), "urn:c", "urn:p", "2026-11-02")
-        await self.store.intake.put(AcceptedInvoice(message_id, partner, sha, "2026-11-20T00:00:00.000000Z", len(body), facts,
-                                                     sealed, key_id, destinations=tuple(destinations)))
-        return message_id
-
-    def body(self, message_id: str) -> bytes:
-        return numbered(message_id)
-
-    def https(self, url: str, name: str = "erp", **kw: Any) -> Destination:
-        return Destination(name, "https", url=url, ca=self.pki.ca.cert, hmac_key_file=self.hmac_key, **kw)
-
-    def outbox(self, *destinations: Destination, cfg: DeliveryConfig = CFG, owner: str = "n1") -> Outbox:
-        senders: dict[str, Sender] = {d.name: HttpsSender(d, clock=self.clock) for d in destinations}
-        box = Outbox(self.store.outbox, self.vault, senders, cfg, self.executor, owner=owner, clock=self.clock,
-                     monotonic=self.mono)
-        self.outboxes.append(box)
-        return box
-
-    def sql(self, query: str, *args: Any) -> Any:
-        conn = sqlite3.connect(self.store.path)
-        try:
-            with conn:
-                return conn.execute(query, args).fetchone()
-        finally:
-            conn.close()
-
-    def job(self, message_id: str, destination: str = "erp") -> dict[str, Any]:
-        keys = ("state", "attempts", "created_at", "next_attempt_at", "last_error", "lease_owner", "lease_until")
-        row = self.sql(f"SELECT {', '.join(keys)} FROM deliveries WHERE message_id = ? AND destination = ?",
-                       message_id, destination)
-        return dict(zip(keys, row, strict=True))
-
-    def due(self, message_id: str, seconds: float = 1.0) -> None:
-        """Set the wall clock ``seconds`` after the job's acceptance."""
-        self.clock.now = self.sql("SELECT max(created_at) FROM deliveries WHERE message_id = ?", message_id)[0] + seconds
-
-    async def jobs(self, owner: str, now: float, wanted: dict[str, int], lease_s: float = 300.0) -> list[DeliveryJob]:
-        return await self.store.outbox.claim(owner, now, wanted, lease_s)
-
-    async def audit(self, action: str, message_id: str) -> list[dict[str, Any]]:
-        """The audit records of one action for one message, detail parsed (``audit_of``)."""
-        return [r for r in await audit_of(self.store, action) if r["message_id"] == message_id]
-
-
-@pytest.fixture
-async def env(tmp_path: Path, pki: Pki) -> AsyncIterator[Env]:
-    store = SqliteStore(tmp_path / "state")
-    vault = Vault([MasterKey("k1", "", os.urandom(32))])
-    key = tmp_path / "erp.hmac"
-    key.write_bytes(os.urandom(32))
-    key.chmod(0o600)
-    executor = ThreadPoolExecutor(4)
-    e = Env(store, vault, SetTime(0.0), SetTime(1000.0), executor, pki, tmp_path, key)
-    yield e
-    for box in e.outboxes:
-        for sender in box.senders.values():
-            await sender.close()
-    executor.shutdown(wait=True)
-    await store.close()
+from tests.helpers import eventually
+from tests.helpers.erp import HANG
+from tests.helpers.outbox import CFG, Env, StartErp
 
 
 @pytest.fixture
@@ -191,87 +47,7 @@ async def drain(box: Outbox) -> int:
     return total
 
 
-# --- the request ---------------------------------------------------------------------------------------
-
-
-async def test_post_carries_the_document_and_verifiable_headers(env: Env, start_erp: StartErp) -> None:
-    erp = await start_erp()
-    token = env.folder / "erp.token"
-    token.write_text("s3cret-token\n")
-    token.chmod(0o600)
-    box = env.outbox(env.https(erp.url, bearer_token_file=token))
-    mid = await env.accept()
-    env.due(mid, 2.5)
-    assert await box.run_once() == 1
-    assert len(erp.seen) == 1
-    seen = erp.seen[0]
-    body = env.body(mid)
-    assert seen.path == "/erp" and seen.body == body
-    h = seen.headers
-    assert h["Idempotency-Key"] == h["X-Einvoice-Message-Id"] == mid
-    assert h["X-Einvoice-Sha256"] == hashlib.sha256(body).hexdigest()
-    assert h["Content-Type"] == "application/xml"
-    assert h["X-Einvoice-Partner"] == "acme"
-    assert h["X-Einvoice-Document-Type"] == "ubl:Invoice"
-    assert h["X-Einvoice-Direction"] == "in"
-    assert h["Authorization"] == "Bearer s3cret-token"
-    ts = h["X-Einvoice-Timestamp"]
-    assert ts == str(int(env.clock.now))
-    # Checked as an ERP would, from the key file's bytes, not with the gateway's own helper.
-    expected = hmac.new(env.hmac_key.read_bytes(), f"{ts}.{mid}.".encode() + body, hashlib.sha256).hexdigest()
-    assert h["X-Einvoice-Signature"] == f"v1={expected}"
-    forged = hmac.new(env.hmac_key.read_bytes(), f"{ts}.{mid}.".encode() + body + b" ", hashlib.sha256).hexdigest()
-    assert h["X-Einvoice-Signature"] != f"v1={forged}"
-    job = env.job(mid)
-    assert (job["state"], job["attempts"], job["lease_owner"]) == ("delivered", 1, None)
-    assert await box.run_once() == 0
-
-
-async def test_no_authorization_header_without_a_bearer_token(env: Env, start_erp: StartErp) -> None:
-    erp = await start_erp()
-    box = env.outbox(env.https(erp.url))
-    env.due(await env.accept())
-    await box.run_once()
-    assert len(erp.seen) == 1 and "Authorization" not in erp.seen[0].headers
-
-
-async def test_client_certificate_is_presented(env: Env, start_erp: StartErp) -> None:
-    erp = await start_erp(mtls=True)
-    box = env.outbox(env.https(erp.url, client_certificate=env.pki.client.cert, client_key=env.pki.client.key))
-    mid = await env.accept()
-    env.due(mid)
-    assert await box.run_once() == 1
-    assert [s.peer_cn for s in erp.seen] == ["gateway-client"]
-    assert env.job(mid)["state"] == "delivered"
-
-
-async def test_without_client_certificate_a_mutual_tls_erp_is_retried(env: Env, start_erp: StartErp) -> None:
-    erp = await start_erp(mtls=True)
-    box = env.outbox(env.https(erp.url))
-    mid = await env.accept()
-    env.due(mid)
-    assert await box.run_once() == 1
-    job = env.job(mid)
-    assert (job["state"], job["attempts"]) == ("pending", 1) and job["last_error"]
-    assert erp.seen == []
-
-
-async def test_every_attempt_carries_the_same_idempotency_key(env: Env, start_erp: StartErp) -> None:
-    erp = await start_erp()
-    erp.script = [(503, "busy", {}), (503, "busy", {})]
-    box = env.outbox(env.https(erp.url))
-    mid = await env.accept()
-    env.due(mid)
-    for attempt in (1, 2):
-        assert await box.run_once() == 1
-        job = env.job(mid)
-        assert (job["state"], job["attempts"]) == ("pending", attempt)
-        env.clock.now = job["next_attempt_at"]
-    assert await box.run_once() == 1
-    assert env.job(mid)["state"] == "delivered" and env.job(mid)["attempts"] == 3
-    assert erp.keys == [mid, mid, mid]
-    assert [s.headers["X-Einvoice-Message-Id"] for s in erp.seen] == [mid] * 3
-    assert all(s.body == env.body(mid) for s in erp.seen)
+# --- an error no sender should raise --------------------------------------------------------------------
 
 
 async def test_a_sender_error_outside_the_known_ones_is_still_recorded(env: Env, start_erp: StartErp) -> None:
@@ -287,72 +63,8 @@ async def test_a_sender_error_outside_the_known_ones_is_still_recorded(env: Env,
     job = env.job(mid)
     assert (job["attempts"], job["lease_owner"]) == (1, None) and job["last_error"]
 
-# --- how replies are classified ------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("status", [200, 201, 204])
-async def test_success_statuses_deliver(env: Env, start_erp: StartErp, status: int) -> None:
-    erp = await start_erp()
-    erp.default = (status, "" if status == 204 else "ok", {})
-    box = env.outbox(env.https(erp.url))
-    mid = await env.accept()
-    env.due(mid)
-    assert await box.run_once() == 1
-    job = env.job(mid)
-    assert (job["state"], job["attempts"], job["last_error"]) == ("delivered", 1, None)
-
-
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422])
-async def test_refusals_dead_letter_at_once(env: Env, start_erp: StartErp, status: int) -> None:
-    erp = await start_erp()
-    erp.default = (status, f"refused\nby ERP {status}", {})
-    box = env.outbox(env.https(erp.url))
-    mid = await env.accept()
-    env.due(mid)
-    assert await box.run_once() == 1
-    job = env.job(mid)
-    assert (job["state"], job["attempts"]) == ("dead", 1)
-    assert job["last_error"] == f"HTTP {status}: refused by ERP {status}"
-    [record] = await env.audit("delivery.dead_letter", mid)
-    assert record["partner"] == "acme" and record["actor"] == "gateway"
-    assert record["detail"] == {"destination": "erp", "attempts": 1, "error": job["last_error"]}
-    shown = await env.store.intake.status(mid, "acme")
-    assert shown is not None and shown.status == "dead-letter"
-    env.clock.now += 10 * CFG.horizon_s
-    assert await box.run_once() == 0
-    assert len(erp.seen) == 1
-
-
-async def test_a_long_refusal_is_cut(env: Env, start_erp: StartErp) -> None:
-    erp = await start_erp()
-    erp.default = (400, "x" * 20_000, {})
-    box = env.outbox(env.https(erp.url))
-    mid = await env.accept()
-    env.due(mid)
-    await box.run_once()
-    error = env.job(mid)["last_error"]
-    assert error.startswith("HTTP 400: xxx") and len(error) <= 300
-
-
-@pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
-async def test_transient_statuses_are_retried(env: Env, start_erp: StartErp, status: int) -> None:
-    erp = await start_erp()
-    erp.script = [(status, "later", {})]
-    box = env.outbox(env.https(erp.url))
-    mid = await env.accept()
-    env.due(mid)
-    now = env.clock.now
-    assert await box.run_once() == 1
-    job = env.job(mid)
-    assert (job["state"], job["attempts"], job["lease_owner"]) == ("pending", 1, None)
-    assert job["last_error"] == f"HTTP {status}: later"
-    # The first delay: retry_base_s with jitter in its upper half.
-    assert now + CFG.retry_base_s / 2 <= job["next_attempt_at"] <= now + CFG.retry_base_s
-    assert await box.run_once() == 0  # not due yet
-    env.clock.now = job["next_attempt_at"]
-    assert await box.run_once() == 1
-    assert env.job(mid)["state"] == "delivered"
-    assert await env.audit("delivery.dead_letter", mid) == []
+# --- retries: backoff and Retry-After ------------------------------------------------------------------
 
 
 async def test_backoff_grows_and_stays_under_the_cap(env: Env, start_erp: StartErp) -> None:
@@ -396,49 +108,6 @@ async def test_retry_after_is_capped(env: Env, start_erp: StartErp) -> None:
     now = env.clock.now
     await box.run_once()
     assert env.job(mid)["next_attempt_at"] - now == pytest.approx(60.0)
-
-
-async def test_a_redirect_is_permanent_and_not_followed(env: Env, start_erp: StartErp) -> None:
-    erp = await start_erp()
-    erp.default = (301, "moved", {"Location": "/elsewhere"})
-    box = env.outbox(env.https(erp.url))
-    mid = await env.accept()
-    env.due(mid)
-    await box.run_once()
-    job = env.job(mid)
-    assert job["state"] == "dead"
-    assert job["last_error"].startswith("HTTP 301: moved") and "redirects are not followed" in job["last_error"]
-    assert [s.path for s in erp.seen] == ["/erp"]
-
-
-async def test_connection_refused_is_retried(env: Env) -> None:
-    box = env.outbox(env.https(f"https://127.0.0.1:{free_port()}/erp"))
-    mid = await env.accept()
-    env.due(mid)
-    now = env.clock.now
-    assert await box.run_once() == 1
-    job = env.job(mid)
-    assert (job["state"], job["attempts"]) == ("pending", 1)
-    assert "Connect" in job["last_error"]
-    assert job["next_attempt_at"] > now
-
-
-async def test_an_erp_that_never_answers_times_out_and_is_retried(env: Env, start_erp: StartErp) -> None:
-    erp = await start_erp()
-    erp.script = [(HANG, "", {})]
-    box = env.outbox(env.https(erp.url, timeout_s=0.5))
-    mid = await env.accept()
-    env.due(mid)
-    started = time.monotonic()
-    assert await box.run_once() == 1
-    assert time.monotonic() - started < 5
-    job = env.job(mid)
-    assert (job["state"], job["attempts"]) == ("pending", 1)
-    assert "Timeout" in job["last_error"]
-    env.clock.now = job["next_attempt_at"]
-    assert await box.run_once() == 1
-    assert env.job(mid)["state"] == "delivered"
-    assert erp.keys == [mid, mid]
 
 
 # --- the horizon ---------------------------------------------------------------------------------------
@@ -860,55 +529,4 @@ async def test_an_unreadable_blob_is_dead_lettered_unsent(env: Env, start_erp: S
     env.clock.now += 10 * CFG.horizon_s
     assert await box.run_once() == 0
 
-
-# --- the pure helpers ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
-def test_classify_success(status: int) -> None:
-    assert classify(status, None, "whatever") is None
-
-
-@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 599])
-def test_classify_transient(status: int) -> None:
-    failure = classify(status, None, "  try later \n")
-    assert isinstance(failure, DeliveryFailed)
-    assert (failure.permanent, failure.retry_after, failure.error) == (False, None, f"HTTP {status}: try later")
-
-
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 409, 410, 413, 415, 422, 451])
-def test_classify_permanent(status: int) -> None:
-    failure = classify(status, "60", "")
-    assert isinstance(failure, DeliveryFailed)
-    assert (failure.permanent, failure.error) == (True, f"HTTP {status}")
-
-
-@pytest.mark.parametrize("status", [300, 301, 302, 303, 307, 308])
-def test_classify_redirect(status: int) -> None:
-    failure = classify(status, None, "")
-    assert failure is not None and failure.permanent
-    assert failure.error == f"HTTP {status} (redirects are not followed; correct the destination's url)"
-
-
-@pytest.mark.parametrize(("header", "expected"), [
-    ("120", 120.0), (" 7 ", 7.0), ("0", 0.0), (None, None), ("", None), ("-5", None), ("1.5", None),
-    ("Wed, 21 Oct 2015 07:28:00 GMT", None),
-])
-def test_classify_retry_after(header: str | None, expected: float | None) -> None:
-    failure = classify(503, header, "")
-    assert failure is not None and failure.retry_after == expected
-
-
-def test_delivery_failed_cuts_its_reason() -> None:
-    assert len(DeliveryFailed("x" * 5000).error) == 300
-
-
-def test_signature_header() -> None:
-    key, body = b"k" * 32, b"<Invoice/>"
-    expected = hmac.new(key, b"1700000000.m-1.<Invoice/>", hashlib.sha256).hexdigest()
-    assert signature_header(key, 1700000000, "m-1", body) == f"v1={expected}"
-    assert len(expected) == 64
-    others = {signature_header(key, 1700000001, "m-1", body), signature_header(key, 1700000000, "m-2", body),
-              signature_header(key, 1700000000, "m-1", body + b" "), signature_header(b"j" * 32, 1700000000, "m-1", body)}
-    assert f"v1={expected}" not in others and len(others) == 4
 

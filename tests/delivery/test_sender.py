@@ -59,3 +59,6 @@ def test_the_shape_of_a_sender():
     assert inspect.iscoroutinefunction(Sender.send) and inspect.iscoroutinefunction(Sender.close)
     assert list(inspect.signature(Sender.send).parameters) == ["self", "job", "document"]
 
+
+def test_delivery_failed_cuts_its_reason() -> None:
+    assert len(DeliveryFailed("x" * 5000).error) == 300

@@ -29,8 +29,8 @@ import tomli_w
 
 from gateway import devpki, logs
 from gateway.app.gateway import Gateway
-from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE, samples
+from gateway.cli.main import main as cli_main
 from gateway.clock import Clock
 from gateway.config import load as config_mod
 from gateway.errors import ConfigError
@@ -175,7 +175,7 @@ def run_command(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, st
     """``einvoice-gateway ARGV`` in-process, from synchronous code (the command runs an event loop of
     its own): its exit code, and what it printed to stdout and stderr."""
     capsys.readouterr()
-    code = cli.main(list(argv))
+    code = cli_main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -188,7 +188,7 @@ async def run_command_aside(capsys: pytest.CaptureFixture[str], *argv: str) -> t
 async def run_cli(*argv: str) -> int:
     """``einvoice-gateway ARGV`` from an async test: beside the running gateway, on a thread of its own,
     as a separate process would (the command runs an event loop of its own)."""
-    return await asyncio.to_thread(cli.main, list(argv))
+    return await asyncio.to_thread(cli_main, list(argv))
 
 
 def rewrite_config(path: Path, change: Callable[[dict[str, Any]], None]) -> None:

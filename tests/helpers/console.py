@@ -1,7 +1,8 @@
 """The console as a person meets it: a browser (cookies, Origin, CSRF token), accounts ready to log in.
 
 ``World`` is one running gateway with its console; ``World.person`` makes an account with a password,
-an enrolled authenticator and recovery codes; ``login`` goes through both factors.
+an enrolled authenticator and recovery codes; ``login`` goes through both factors.  ``shared`` marks a
+test that runs against the console package's one gateway (``world`` in tests/console/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import lxml.html
 import pyotp
+import pytest
 import tomli_w
 from yarl import URL
 
@@ -29,6 +31,7 @@ from gateway.storage.sqlite.store import SqliteStore
 from tests.helpers import Running, audit_of
 
 PASSWORD = "correct horse battery staple"  # every test account's password (one argon2 hash for all)
+shared = pytest.mark.asyncio(loop_scope="package")  # runs against the package's one gateway (tests/console/conftest.py)
 
 @functools.cache
 def password_hash() -> str:

@@ -1,4 +1,5 @@
-"""Transport identity (SECURITY-TESTS.md §A T-01…T-07, and I-01 for the supplier binding).
+"""The partner HTTPS listener's mutual TLS (gateway/inbound/https.py): transport identity (SECURITY-TESTS.md
+§A T-01…T-07, and I-01 for the supplier binding).
 
 Certificates are made at test time with gateway.devpki.  openssl and curl run as asyncio
 subprocesses: the gateway serves from the same event loop as the test.

@@ -1,11 +1,12 @@
-"""The tamper-evident audit log: a real instance's hash chain, its signed checkpoints, exports, and tampering.
+"""gateway/operations/audit.py: a real instance's hash chain, its signed checkpoints, exports, and tampering.
 
-``populated`` runs a real instance once per module (mutual-TLS listener, delivery loop): five invoices
-accepted and delivered, one malformed body rejected, an ``audit checkpoint`` from the CLI between them,
-the daemon's own checkpoint when it stops, and one operator record after that.  Each test works on its
-own copy of that stopped instance and tampers with the copy's database through sqlite3, as an attacker
-with write access to the state folder would; ``audit verify`` (CLI, or ``gateway.operations.audit.verify`` on the
-rows) must name the first record tampered with.
+``audited`` is a real instance run once per session (tests/helpers/audit.py: mutual-TLS listener, delivery
+loop): five invoices accepted and delivered, one malformed body rejected, an ``audit checkpoint`` from the
+CLI between them, the daemon's own checkpoint when it stops, and one operator record after that.  Each test
+works on its own copy of that stopped instance and tampers with the copy's database through sqlite3, as an
+attacker with write access to the state folder would; ``audit verify`` (CLI, or ``gateway.operations.audit.verify``
+on the rows) must name the first record tampered with.  The ``audit`` commands' own behaviour (listing,
+refusing to overwrite an export, refusing a file that is not one) is tested in tests/cli/test_audit.py.
 """
 
 from __future__ import annotations
@@ -13,131 +14,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import json
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
 
 from gateway import devpki
-from gateway.cli import main as cli
-from gateway.cli.demo import SAMPLE
 from gateway.operations import audit, instance
 from gateway.stages.signature import SigningKey
 from gateway.storage.sqlite.schema import SCHEMA_VERSION
 from gateway.storage.sqlite.store import SqliteStore
-from tests.helpers import eventually, post, run_cli, run_command, serving
-from tests.helpers import numbered as shared_numbered
-
-CANARY = "AUDITCANARY-3f9d20c1b7e4"
-NOTE = b"<cbc:Note>Sample invoice shipped with einvoice-gateway.</cbc:Note>"
-assert SAMPLE.count(NOTE) == 1
-# Not well-formed, and the parser's error names the canary element: the rejection carries body content.
-MALFORMED = SAMPLE.replace(NOTE, f"<{CANARY}>".encode())
-WAIT_S = 15.0
-FIELDS = ("seq", "at", "actor", "action", "partner", "message_id", "detail", "prev", "hash")
-
-
-def numbered(n: int, note: str | None = None) -> bytes:
-    doc = shared_numbered(f"AUDIT-{n:04d}")
-    return doc.replace(NOTE, f"<cbc:Note>{note}</cbc:Note>".encode()) if note else doc
-
+from tests.helpers import run_command
+from tests.helpers.audit import CANARY, FIELDS, MALFORMED, WAIT_S, Populated, State, copy_of
 
 # --- the populated instance -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Populated:
-    root: Path
-    ids: list[str]  # accepted message ids, in order; ids[2] carries the canary
-
-
-async def populate(inst: instance.Instance) -> list[str]:
-    ids: list[str] = []
-    async with serving(inst, "warning") as running:
-        store = running.gw.store
-
-        async def post_and_deliver(*bodies: bytes, rejected: bytes | None = None) -> None:
-            async with running.session() as s:
-                for body in bodies:
-                    sent = await post(s, body)
-                    assert sent.status == 202, sent.text
-                    ids.append(sent.json["message_id"])
-                    if rejected is not None and len(ids) == 2:
-                        refused = await post(s, rejected)
-                        text = refused.text
-                        assert refused.status == 400 and "MALFORMED_XML" in text and CANARY in text, text
-
-            async def all_delivered() -> bool:
-                return await store.reports.counts() == {"invoices": len(ids), "deliveries_delivered": len(ids)}
-
-            await eventually(all_delivered, f"{len(ids)} invoices delivered", WAIT_S)
-
-        await post_and_deliver(numbered(1), numbered(2), numbered(3, CANARY), rejected=MALFORMED)
-        with contextlib.redirect_stdout(io.StringIO()) as out:  # the operator's checkpoint, beside the daemon
-            # (the command runs an event loop of its own: in a thread, as another process would)
-            assert await run_cli("audit", "checkpoint", "-c", str(inst.config)) == 0
-        assert out.getvalue().startswith("checkpoint ")
-        await post_and_deliver(numbered(4), numbered(5))
-    # The daemon signed the head when it stopped; one more record is chained but not yet checkpointed.
-    store = SqliteStore(inst.state_dir)
-    try:
-        await store.audit.append("pytest", "operator.note", None, None, {"why": "after the last checkpoint"})
-    finally:
-        await store.close()
-    return ids
-
-
-@pytest.fixture(scope="module")
-def populated(tmp_path_factory: pytest.TempPathFactory) -> Populated:
-    inst = instance.init(tmp_path_factory.mktemp("audit") / "gw", port=0)
-    return Populated(inst.root, asyncio.run(populate(inst)))
-
-
-@dataclass(frozen=True)
-class State:
-    root: Path
-    ids: list[str]
-
-    @property
-    def config(self) -> str:
-        return str(self.root / "config.toml")
-
-    @property
-    def db(self) -> Path:
-        return self.root / "state" / "gateway.db"
-
-    def rows(self) -> list[dict[str, Any]]:
-        with contextlib.closing(sqlite3.connect(self.db)) as conn:
-            return [dict(zip(FIELDS, r, strict=True)) for r in conn.execute(f"SELECT {', '.join(FIELDS)} FROM audit ORDER BY seq")]
-
-    def seq(self, action: str, nth: int = 0) -> int:
-        return [r["seq"] for r in self.rows() if r["action"] == action][nth]
-
-    def trusted(self) -> list[x509.Certificate]:
-        return [x509.load_pem_x509_certificate((self.root / "pki" / "signing.crt").read_bytes())]
-
-    def verify(self) -> audit.Report:
-        return audit.verify(self.rows(), self.trusted())
-
-    def tamper(self, change: Callable[[sqlite3.Connection], None]) -> None:
-        with contextlib.closing(sqlite3.connect(self.db)) as conn:
-            change(conn)
-            conn.commit()
-
-
 @pytest.fixture
-def state(populated: Populated, tmp_path: Path) -> State:
-    root = tmp_path / "gw"
-    shutil.copytree(populated.root, root)
-    return State(root, populated.ids)
+def state(audited: Populated, tmp_path: Path) -> State:
+    return copy_of(audited, tmp_path)
 
 
 def verify_cli(capsys: pytest.CaptureFixture[str], state: State, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -260,15 +159,6 @@ def test_no_audit_record_holds_invoice_content(state: State, capsys: pytest.Capt
     assert code == 0 and CANARY not in out and len(json.loads(out)) == len(state.rows())
     assert run_command(capsys, "audit", "export", "-o", str(tmp_path / "all.jsonl"), "-c", state.config)[0] == 0
     assert CANARY not in (tmp_path / "all.jsonl").read_text()
-
-
-def test_audit_list_shows_the_newest_records_first(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_command(capsys, "audit", "list", "--limit", "3", "-c", state.config)
-    assert code == 0, err
-    lines = [line.split("\t") for line in out.splitlines()]
-    rows = state.rows()
-    assert [int(f[0]) for f in lines] == [rows[-1]["seq"], rows[-2]["seq"], rows[-3]["seq"]]
-    assert [f[3] for f in lines] == ["operator.note", "audit.checkpoint", "delivery.delivered"]
 
 
 def test_a_checkpoint_over_a_checkpoint_is_not_written(state: State, capsys: pytest.CaptureFixture[str]) -> None:
@@ -674,32 +564,6 @@ def test_an_export_whose_first_line_was_removed_is_reported(state: State, capsys
     out.write_text("\n".join([lines[0], *lines[2:]]) + "\n")  # the header still says it starts at 1
     code, text = verify_file(capsys, state, out)
     assert code == 1 and "(removed)" in text, text
-
-
-def test_export_refuses_an_existing_file_with_a_message(state: State, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    out = tmp_path / "audit.jsonl"
-    out.write_text("keep me\n")
-    code, _, err = run_command(capsys, "audit", "export", "-o", str(out), "-c", state.config)
-    assert code == 2 and str(out) in err
-    assert out.read_text() == "keep me\n"
-
-
-def test_export_never_overwrites_an_existing_file(state: State, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    out = tmp_path / "audit.jsonl"
-    out.write_text("keep me\n")
-    with contextlib.suppress(FileExistsError):
-        cli.main(["audit", "export", "-o", str(out), "-c", state.config])
-    capsys.readouterr()
-    assert out.read_text() == "keep me\n"
-
-
-def test_verify_refuses_a_file_that_is_not_an_export(state: State, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    for text in ("", "not json\n", json.dumps({"format": "something else"}) + "\n"):
-        path = tmp_path / "bad.jsonl"
-        path.write_text(text)
-        code, out, err = run_command(capsys, "audit", "verify", "--file", str(path), "-c", state.config)
-        assert code == 2 and ("is not an audit export" in err or "does not start with" in err), (text, err)
-        assert out == ""
 
 
 # --- schema 4 → 5 -----------------------------------------------------------------------------------

@@ -681,19 +681,20 @@ def test_a_chain_built_before_counts_only_while_all_of_it_is_valid_and_for_the_s
     mid = _ca_cert("intermediate", mid_key, (root.subject, root_key), 0, not_after=NOW + timedelta(days=10))
     leaf = _leaf_of(mid, mid_key, leaf_key)  # valid 30 days, longer than its issuer
     signed = cms.verify(cms.sign(CONTENT, leaf, leaf_key, chain=[mid]), CONTENT)
+    now = datetime.now(UTC)  # the messages are signed now; NOW is when the module was imported, maybe minutes ago
     for _ in range(2):  # built, then remembered
-        cms.check_signer(signed, [root], NOW)
-    err = rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(signed, [root], NOW + timedelta(days=11)))
+        cms.check_signer(signed, [root], now)
+    err = rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(signed, [root], now + timedelta(days=11)))
     assert "trusted CA" in err.message
-    rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(signed, [other_root], NOW))
-    cms.check_signer(signed, [root], NOW)
-    cms.check_signer(signed, [other_root, root], NOW)
+    rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(signed, [other_root], now))
+    cms.check_signer(signed, [root], now)
+    cms.check_signer(signed, [other_root, root], now)
     without_mid = cms.verify(cms.sign(CONTENT, leaf, leaf_key), CONTENT)  # the chain needs the intermediate
-    rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(without_mid, [root], NOW))
+    rejects("SMIME_SIGNER_CERT_INVALID", lambda: cms.check_signer(without_mid, [root], now))
     # What a message carries beyond the chain is not kept (an entry's size is the chain's, whatever was sent).
     extras = [_ca_cert(f"extra {i}", ec.generate_private_key(ec.SECP256R1()), None, 0) for i in range(5)]
     padded = cms.verify(cms.sign(CONTENT, leaf, leaf_key, chain=[mid, *extras]), CONTENT)
-    cms.check_signer(padded, [root], NOW)
+    cms.check_signer(padded, [root], now)
     assert cms._CHAINS._chains[(leaf, (root,))].intermediates == (mid,)
 
 

@@ -7,8 +7,10 @@
   a *valid* signature over attacker content are re-signed by ``resign`` below (a signer written here,
   not the gateway's), with the legitimate key when the point is the structure, or with the attacker's
   own CA-valid key when the point is trust;
-* a Hypothesis byte-mutation property (never "accepted but different", only GatewayError escapes);
-* the CLI: sign, verify, partners add/edit with signing certificates.
+* a Hypothesis byte-mutation property (never "accepted but different", only GatewayError escapes).
+
+The ``sign`` and ``verify`` commands are tested in tests/cli/test_documents.py, ``partners add/edit`` with
+signing certificates in tests/cli/test_partners.py; ``Pki`` and its signers are in tests/helpers/signatures.py.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from gateway import devpki
 from gateway.cli.demo import SAMPLE
 from gateway.errors import GatewayError
 from gateway.model import DocumentType, SignaturePolicy
@@ -51,15 +52,26 @@ from gateway.stages.signature import (
     SIGNED_PROPERTIES_TYPE,
     XADES,
     SignatureInvalid,
-    SigningKey,
     TrustedSigner,
     sign,
-    trusted,
     verify,
 )
 from gateway.stages.ubl import read_facts
-from tests.helpers import Running, post, run_command
-from tests.helpers.signatures import CAC, DIGEST_MISMATCH, PARSER, add_signing_partner, bad_method, parse, reload_partners
+from tests.helpers import Running, post
+from tests.helpers.signatures import (
+    CAC,
+    DIGEST_MISMATCH,
+    EVIL_IBAN,
+    IBAN,
+    PARSER,
+    Pki,
+    Signer,
+    add_signing_partner,
+    bad_method,
+    parse,
+    reload_partners,
+    signing_pki,
+)
 
 INV = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
 NS = {"ds": DS, "xades": XADES, "ext": EXT, "cac": CAC, "cbc": CBC}
@@ -69,7 +81,6 @@ MD5 = "http://www.w3.org/2001/04/xmldsig-more#md5"
 RSA_SHA1, RSA_MD5 = "http://www.w3.org/2000/09/xmldsig#rsa-sha1", "http://www.w3.org/2001/04/xmldsig-more#rsa-md5"
 HMAC_SHA256 = "http://www.w3.org/2001/04/xmldsig-more#hmac-sha256"
 DIGESTS = {SHA256: "sha256", SHA1: "sha1", MD5: "md5"}
-IBAN, EVIL_IBAN = "DE89370400440532013000", "GB82WEST12345698765432"  # both pass the IBAN check
 IBAN_PATH = "/*/cac:PaymentMeans/cac:PayeeFinancialAccount/cbc:ID"
 DEMO = instance.DEMO_PARTNER
 XSD_INVOICE_ID = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2:Invoice"
@@ -84,51 +95,9 @@ NOT_REGISTERED = "the signer's certificate (key SHA-256 {}) is not registered fo
 # --- keys, trees and an independent signer ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Signer:
-    cert_path: Path
-    cert: x509.Certificate
-    key: Any
-
-    @property
-    def spki(self) -> str:
-        der = self.cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return hashlib.sha256(der).hexdigest()
-
-    @property
-    def trusted(self) -> list[TrustedSigner]:
-        return trusted([self.cert])
-
-    @property
-    def signing_key(self) -> SigningKey:
-        return SigningKey(self.cert, self.key)  # not SigningKey.load: the weak and expired keys are wanted here
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: devpki.Issued
-    ec: Signer  # the partner's registered key
-    rsa: Signer  # RSA-3072, for the RSA paths
-    attacker: Signer  # CA-valid, same CN as `ec`, registered nowhere
-    other: Signer  # registered for another partner in the HTTPS tests
-    weak: Signer  # RSA-1024
-    expired: Signer
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("sigpki")
-    ca = devpki.make_ca(folder, "ca")
-    now = datetime.now(UTC)
-
-    def make(name: str, kind: str = "ec", **kw: Any) -> Signer:
-        issued = devpki.issue(ca, folder, name, role="signing", key_kind=kind, **kw)
-        return Signer(issued.cert, x509.load_pem_x509_certificate(issued.cert.read_bytes()),
-                      serialization.load_pem_private_key(issued.key.read_bytes(), None))
-
-    return Pki(ca, make("ec", cn="partner signing"), make("rsa", "rsa3072"), make("attacker", cn="partner signing"),
-               make("other"), make("weak", "rsa1024"),
-               make("expired", not_before=now - timedelta(days=10), not_after=now - timedelta(days=1)))
+    return signing_pki(tmp_path_factory.mktemp("sigpki"))
 
 
 @pytest.fixture(scope="module")
@@ -913,68 +882,3 @@ def test_byte_mutation_fails_or_changes_nothing(pki: Pki, mutation_base: tuple[b
     assert read_facts(root, DocumentType.UBL_INVOICE, "2.1") == facts
     assert root.xpath(f"string({IBAN_PATH})", namespaces=NS) == IBAN
 
-
-# --- CLI -----------------------------------------------------------------------------------------------
-
-
-def test_cli_sign_and_verify(inst: instance.Instance, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    src, out = tmp_path / "in.xml", tmp_path / "out.xml"
-    src.write_bytes(SAMPLE)
-    assert run_command(capsys, "sign", str(src), str(out), "-c", str(inst.config))[0] == 0
-    code, stdout, err = run_command(capsys, "verify", str(out), "--cert", str(inst.signing.cert))
-    assert code == 0, err
-    shown = json.loads(stdout)
-    assert (shown["valid"], shown["signer_pinned"], shown["method"], shown["xades"]) == (True, True, "ECDSA_SHA256", True)
-
-    code, _, err = run_command(capsys, "verify", str(out), "--cert", str(inst.demo_client.cert))  # another key
-    assert code == 1 and "is not registered" in err, err
-    bad = tmp_path / "tampered.xml"
-    bad.write_bytes(out.read_bytes().replace(IBAN.encode(), EVIL_IBAN.encode()))
-    code, stdout, err = run_command(capsys, "verify", str(bad), "--cert", str(inst.signing.cert))
-    assert (code, stdout) == (1, "") and DIGEST_MISMATCH in err, err
-
-    rsa_out = tmp_path / "rsa.xml"
-    key = pki.rsa.cert_path.with_suffix(".key")
-    assert run_command(capsys, "sign", str(src), str(rsa_out), "--cert", str(pki.rsa.cert_path), "--key", str(key))[0] == 0
-    code, stdout, _ = run_command(capsys, "verify", str(rsa_out), "--cert", str(pki.rsa.cert_path))
-    assert code == 0 and json.loads(stdout)["method"] == "RSA_SHA256"
-    rsa2048 = devpki.issue(pki.ca, tmp_path, "rsa2048", role="signing", key_kind="rsa2048")
-    code, _, err = run_command(capsys, "sign", str(src), str(tmp_path / "x.xml"), "--cert", str(rsa2048.cert), "--key", str(rsa2048.key))
-    assert code == 2 and "at least 3072 bits" in err, err
-
-
-def test_cli_partners_signing_certs(inst: instance.Instance, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = ("-c", str(inst.config))
-    client = devpki.issue(inst.ca, tmp_path, "acme-client", role="client")
-
-    def show() -> dict[str, Any]:
-        code, out, err = run_command(capsys, "partners", "show", "acme", *cfg)
-        assert code == 0, err
-        return dict(json.loads(out))
-
-    add = ("partners", "add", "acme", "--client-cert", str(client.cert), "--party-id", "0088:5790000435975")
-    code, _, err = run_command(capsys, *add, "--signature-policy", "required", *cfg)
-    assert code == 2 and "'required' needs at least one entry in signing_certs" in err, err
-    code, _, err = run_command(capsys, *add, "--signing-cert", str(pki.weak.cert_path), *cfg)
-    assert code == 2 and "1024 bits" in err, err
-    code, _, err = run_command(capsys, *add, "--signing-cert", str(pki.ec.cert_path), "--signature-policy", "required", *cfg)
-    assert code == 0, err
-    shown = show()
-    assert shown["signature_policy"] == "required"
-    assert [c["spki_sha256"] for c in shown["signing_certs"]] == [pki.ec.spki]
-
-    other = devpki.issue(inst.ca, tmp_path, "other-client", role="client")
-    code, _, err = run_command(capsys, "partners", "add", "other", "--client-cert", str(other.cert), "--party-id", "0088:123",
-                           "--signing-cert", str(pki.ec.cert_path), *cfg)
-    assert code == 2 and "a signing key is also registered for partner 'acme'" in err, err
-
-    prefix = pki.ec.spki[:16]
-    code, _, err = run_command(capsys, "partners", "edit", "acme", "--remove-cert", prefix, *cfg)
-    assert code == 2 and "'required' needs at least one entry" in err, err  # the only key of a required partner
-    assert show()["signing_certs"][0]["spki_sha256"] == pki.ec.spki
-    assert run_command(capsys, "partners", "edit", "acme", "--signature-policy", "ignore", *cfg)[0] == 0
-    assert show()["signature_policy"] == "ignore"
-    assert run_command(capsys, "partners", "edit", "acme", "--remove-cert", prefix, "--signing-cert", str(pki.rsa.cert_path), *cfg)[0] == 0
-    shown = show()
-    assert [c["spki_sha256"] for c in shown["signing_certs"]] == [pki.rsa.spki]
-    assert len(shown["client_certs"]) == 1  # the client certificate was not touched

@@ -5,7 +5,7 @@ order, ``detail`` as its stored JSON text; the first record's ``prev`` is ``GENE
 are records whose action is ``CHECKPOINT``.  Hashes are stored, so this form may never change: a
 fixed record's hash is pinned here.  Any change to any field, even of type or of where one field
 ends and the next begins, gives another hash; what is not a field (the stored hash itself) does not
-count.  Appending and verifying chains is tests/storage/test_contract.py and tests/operations/test_audit.py.
+count.  Appending and verifying chains is tests/storage/test_base_contract.py and tests/operations/test_audit.py.
 """
 
 from __future__ import annotations

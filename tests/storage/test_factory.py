@@ -5,7 +5,7 @@
 gateway is refused with a ConfigError naming ``state_dir``.  ``snapshots(config)`` is the backup
 side of the same backend: it finds the live state ``open_store`` made and copies and inspects it.
 There is no backend setting yet, so there is no unknown backend to refuse.  What a store does,
-method by method, is tests/storage/test_contract.py.
+method by method, is tests/storage/test_base_contract.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,297 @@
+"""gateway/cli/partners.py: the ``partners`` commands, run in-process on a real instance.
+
+* add, list, show, suspend, resume, remove; add refuses a name, an identifier or a certificate another
+  partner has, and changes nothing then;
+* edit of a rollover (``--active-from``, ``--retire-cert`` / ``--retire-at``) checked with ``gate()`` on
+  the file as the daemon loads it, its refusals (which change nothing and leave no stray certificate),
+  a renewal on the same key, a signing certificate's window that must not gate the client certificate;
+* activate and resume of a pending partner (fingerprints as openssl prints them);
+* signing certificates and the signature policy through add and edit.
+
+Certificates are made at test time with gateway.devpki.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import devpki
+from gateway.cli.common import current_user
+from gateway.errors import Forbidden
+from gateway.model import Partner, PartnerStatus
+from gateway.operations import instance
+from gateway.operations.instance import DEMO_PARTNER
+from gateway.partners.book import instant_text, load_directory
+from gateway.partners.edit import register_partner
+from gateway.storage.sqlite.store import SqliteStore
+from gateway.tls import cert_sha256, inspect_certificate
+from tests.helpers import FOREIGN_IDS, audit_of, run_command
+from tests.helpers.partners import DAY, FUTURE, NOW, PAST, info, openssl_fingerprint, peer, refused
+from tests.helpers.signatures import Pki, signing_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return signing_pki(tmp_path_factory.mktemp("sigpki"))
+
+
+def audit_records(inst: instance.Instance, action: str) -> list[dict[str, Any]]:
+    """``audit_of`` the stopped instance, read with a store of our own (a sync test has no loop)."""
+    async def read() -> list[dict[str, Any]]:
+        store = SqliteStore(inst.state_dir)
+        try:
+            return await audit_of(store, action)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+# --- add, list, show, suspend, resume, remove ----------------------------------------------------
+
+
+def test_partners_lifecycle(inst, tmp_path, capsys):
+    cfg = str(inst.config)
+    cert = devpki.issue(inst.ca, tmp_path / "acme-pki", "acme", role="client").cert
+    code, _, err = run_command(capsys, "partners", "add", "acme", "--client-cert", str(cert), "--party-id", "0088:123",
+                       "--party-id", "DE999", "--email", "a@b.example", "-c", cfg)
+    assert code == 0, err
+
+    code, out, _ = run_command(capsys, "partners", "list", "-c", cfg)
+    assert code == 0
+    assert "acme\tactive\t1 cert(s)\t0088:123, DE999" in out.splitlines()
+    assert any(line.startswith("demo-supplier\tactive") for line in out.splitlines())
+
+    code, out, _ = run_command(capsys, "partners", "show", "acme", "-c", cfg)
+    shown = json.loads(out)
+    assert code == 0
+    assert (shown["name"], shown["status"]) == ("acme", "active")
+    assert (shown["party_ids"], shown["emails"]) == (["0088:123", "DE999"], ["a@b.example"])
+    [stored] = shown["client_certs"]
+    assert stored["spki_sha256"] == inspect_certificate(cert, "test").spki_sha256
+    assert Path(stored["path"]).is_file() and Path(stored["path"]).parent == inst.root / "partner-certs"
+
+    def status() -> str:
+        return json.loads(run_command(capsys, "partners", "show", "acme", "-c", cfg)[1])["status"]
+
+    assert run_command(capsys, "partners", "suspend", "acme", "-c", cfg)[0] == 0
+    assert status() == "suspended"
+    assert "acme\tsuspended" in run_command(capsys, "partners", "list", "-c", cfg)[1]
+    assert run_command(capsys, "partners", "resume", "acme", "-c", cfg)[0] == 0
+    assert status() == "active"
+
+    code, _, err = run_command(capsys, "partners", "add", "acme", "--client-cert", str(cert), "--party-id", "0088:777", "-c", cfg)
+    assert code == 2 and "exists already" in err
+
+    assert run_command(capsys, "partners", "remove", "acme", "-c", cfg)[0] == 0
+    assert "acme" not in run_command(capsys, "partners", "list", "-c", cfg)[1]
+    code, _, err = run_command(capsys, "partners", "show", "acme", "-c", cfg)
+    assert code == 2 and "no partner named 'acme'" in err
+    assert [p.name for p in load_directory(inst.partners).partners] == ["demo-supplier"]
+
+
+@pytest.mark.parametrize("party_id", ["DE123456789", " 0088:4000001000006 "])
+def test_partners_add_refuses_identifier_of_another_partner(inst, tmp_path, capsys, party_id):
+    before = inst.partners.read_bytes()
+    cert = devpki.issue(inst.ca, tmp_path / "rival-pki", "rival", role="client").cert
+    code, _, err = run_command(capsys, "partners", "add", "rival", "--client-cert", str(cert), "--party-id", "0088:555",
+                       "--party-id", party_id, "-c", str(inst.config))
+    assert code == 2
+    assert "already registered for partner 'demo-supplier'" in err
+    assert inst.partners.read_bytes() == before
+
+
+def test_partners_add_refuses_certificate_of_another_partner(inst, capsys):
+    before = inst.partners.read_bytes()
+    code, _, err = run_command(capsys, "partners", "add", "clone", "--client-cert", str(inst.demo_client.cert),
+                       "--party-id", "0088:555", "-c", str(inst.config))
+    assert code == 2 and "demo-supplier" in err
+    assert inst.partners.read_bytes() == before
+
+
+# --- edit: rollover windows -----------------------------------------------------------------------
+
+
+def test_cli_rollover_with_active_from_and_retire(inst, tmp_path, capsys):
+    cfg = str(inst.config)
+    old, new = inst.demo_client, devpki.issue(inst.ca, tmp_path, "demo-next", role="client")
+    old_k, new_k = info(old).spki_sha256, info(new).spki_sha256
+    start = NOW + 2 * DAY
+
+    code, out, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--client-cert", str(new.cert),
+                             "--active-from", start.strftime("%Y-%m-%d"), "-c", cfg)
+    assert code == 0, err
+    directory = load_directory(inst.partners)
+    assert directory.gate(peer(old)).name == DEMO_PARTNER
+    with pytest.raises(Forbidden) as caught:
+        directory.gate(peer(new))
+    assert caught.value.code == "CERTIFICATE_NOT_ACTIVE"
+    assert f"is registered from {start.strftime('%Y-%m-%d')}T00:00:00Z on" in caught.value.message
+    start = start.replace(hour=0, minute=0, second=0)
+    assert directory.gate(peer(new), start).name == DEMO_PARTNER
+
+    code, out, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--retire-cert", old_k[:16].upper(),
+                             "--retire-at", instant_text(PAST), "-c", cfg)
+    assert code == 0, err
+    directory = load_directory(inst.partners)
+    assert refused(directory, old) == "CERTIFICATE_NOT_ACTIVE"
+    assert refused(directory, old, start) == "CERTIFICATE_NOT_ACTIVE"
+    assert refused(directory, new) == "CERTIFICATE_NOT_ACTIVE"  # not yet
+    assert directory.gate(peer(new), start + timedelta(seconds=1)).name == DEMO_PARTNER  # once its start has passed
+
+    code, out, err = run_command(capsys, "partners", "show", DEMO_PARTNER, "-c", cfg)
+    assert code == 0, err
+    shown = {c["spki_sha256"]: c for c in json.loads(out)["client_certs"]}
+    assert set(shown) == {old_k, new_k}
+    assert shown[old_k]["sha256"] == cert_sha256(info(old).cert) == openssl_fingerprint(old.cert).replace(":", "").lower()
+    assert shown[new_k]["sha256"] == cert_sha256(info(new).cert)
+    assert (shown[old_k].get("accepted_from"), shown[old_k]["accepted_until"]) == (None, instant_text(PAST))
+    assert (shown[new_k]["accepted_from"], shown[new_k].get("accepted_until")) == (instant_text(start), None)
+
+    edits = sorted(audit_records(inst, "partner.edited"), key=lambda r: r["seq"])
+    assert len(edits) == 2 and "retire_cert" in edits[-1]["detail"]["changed"]
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--retire-cert", "{old16}"], "--retire-cert and --retire-at go together"),
+    (["--retire-at", "2027-01-31"], "--retire-cert and --retire-at go together"),
+    (["--retire-cert", "{old8}", "--retire-at", "2027-01-31"], "--retire-cert: '{old8}' is too short"),
+    (["--retire-cert", "0000000000000000", "--retire-at", "2027-01-31"],
+     "--retire-cert: no registered certificate of 'demo-supplier' has a key SHA-256 starting '0000000000000000'"),
+    (["--retire-cert", "{old16}", "--retire-at", "tomorrow"], "--retire-at: 'tomorrow' is not a date"),
+    (["--active-from", "2027-01-31"], "--active-from: it applies to the certificates this command adds"),
+    (["--client-cert", "{new}", "--active-from", "31/01/2027"], "--active-from: '31/01/2027' is not a date"),
+    (["--client-cert", "{new}", "--active-from", "2027-01-31", "--retire-cert", "{new16}", "--retire-at", "2027-02-01"],
+     "--retire-cert: no registered certificate"),  # the one being added is not registered yet
+])
+def test_cli_edit_refusals_change_nothing(inst, tmp_path, capsys, argv, says):
+    new = devpki.issue(inst.ca, tmp_path, "demo-next", role="client")
+    values = {"old16": info(inst.demo_client).spki_sha256[:16], "old8": info(inst.demo_client).spki_sha256[:8],
+              "new": str(new.cert), "new16": info(new).spki_sha256[:16]}
+    before = inst.partners.read_bytes()
+    stored = sorted((inst.root / "partner-certs").iterdir())
+    code, out, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, *(a.format(**values) for a in argv),
+                             "-c", str(inst.config))
+    assert code == 2 and says.format(**values) in err, err
+    assert inst.partners.read_bytes() == before
+    assert sorted((inst.root / "partner-certs").iterdir()) == stored  # no stray certificate left behind
+
+
+def test_refused_renewal_with_the_same_key_leaves_the_registered_file_alone(inst, tmp_path, capsys):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    # The partner's CA renews its certificate on the same key (common practice): a new certificate, the same SPKI.
+    ca_cert = x509.load_pem_x509_certificate(inst.ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(inst.ca.key.read_bytes(), None)
+    old = x509.load_pem_x509_certificate(inst.demo_client.cert.read_bytes())
+    builder = x509.CertificateBuilder().subject_name(old.subject).issuer_name(ca_cert.subject).public_key(old.public_key())
+    builder = builder.serial_number(x509.random_serial_number()).not_valid_before(NOW - DAY).not_valid_after(NOW + 90 * DAY)
+    for ext in old.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    renewed = tmp_path / "renewed.crt"
+    renewed.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))  # type: ignore[arg-type]
+    assert info(devpki.Issued(renewed, renewed)).spki_sha256 == info(inst.demo_client).spki_sha256
+
+    [registered] = load_directory(inst.partners).get(DEMO_PARTNER).client_certs
+    before = Path(registered).read_bytes()
+    code, _, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--client-cert", str(renewed), "-c", str(inst.config))
+    assert code == 2 and "already" in err, err
+    assert Path(registered).read_bytes() == before  # what was verified and registered stays registered
+
+
+def test_window_of_a_signing_certificate_does_not_gate_the_client_certificate(inst, capsys):
+    # One certificate used for both TLS and document signing (clientAuth + documentSigning is a common profile):
+    # registering it as a signing certificate accepted from next month must not stop the TLS client today.
+    cfg = str(inst.config)
+    code, _, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--signing-cert", str(inst.demo_client.cert),
+                           "--active-from", instant_text(FUTURE), "-c", cfg)
+    assert code == 0, err
+    directory = load_directory(inst.partners)
+    assert directory.signers_for(DEMO_PARTNER) == []  # the signing certificate waits for its start, as asked
+    assert directory.gate(peer(inst.demo_client)).name == DEMO_PARTNER
+
+
+# --- activate -------------------------------------------------------------------------------------
+
+
+def test_cli_activate_and_resume_of_a_pending_partner(inst, tmp_path, capsys):
+    cfg = str(inst.config)
+    cert = devpki.issue(inst.ca, tmp_path, "pend", role="client")
+    register_partner(inst.partners, "pend", [cert.cert], FOREIGN_IDS, [], "", pending=True)
+
+    def state() -> Partner:
+        p = load_directory(inst.partners).get("pend")
+        assert p is not None
+        return p
+
+    assert state().status is PartnerStatus.PENDING
+    assert refused(load_directory(inst.partners), cert) == "PARTNER_PENDING"
+    for action in ("resume", "suspend"):
+        code, _, err = run_command(capsys, "partners", action, "pend", "-c", cfg)
+        assert code == 2 and "pending activation" in err and "partners activate pend" in err, err
+        assert state().status is PartnerStatus.PENDING
+    colon = openssl_fingerprint(cert.cert)
+    wrong = colon[:-2] + ("00" if not colon.endswith("00") else "11")
+    for given in (wrong, colon[:47], openssl_fingerprint(inst.demo_client.cert)):
+        code, _, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", given, "-c", cfg)
+        assert code == 2 and "activation refused" in err, err
+        assert state().status is PartnerStatus.PENDING and state().verified_by == ""
+
+    code, out, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
+    assert code == 0 and "activate done" in out, err
+    p = state()
+    assert (p.status, p.verified_by) == (PartnerStatus.ACTIVE, current_user())
+    assert load_directory(inst.partners).gate(peer(cert)).name == "pend"
+    code, _, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
+    assert code == 2 and "is active, not pending activation" in err
+    code, out, _ = run_command(capsys, "partners", "show", "pend", "-c", cfg)
+    assert json.loads(out)["status"] == "active"
+    [rec] = audit_records(inst, "partner.activated")
+    assert rec["partner"] == "pend"
+
+
+# --- signing certificates -------------------------------------------------------------------------
+
+
+def test_cli_partners_signing_certs(inst: instance.Instance, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = ("-c", str(inst.config))
+    client = devpki.issue(inst.ca, tmp_path, "acme-client", role="client")
+
+    def show() -> dict[str, Any]:
+        code, out, err = run_command(capsys, "partners", "show", "acme", *cfg)
+        assert code == 0, err
+        return dict(json.loads(out))
+
+    add = ("partners", "add", "acme", "--client-cert", str(client.cert), "--party-id", "0088:5790000435975")
+    code, _, err = run_command(capsys, *add, "--signature-policy", "required", *cfg)
+    assert code == 2 and "'required' needs at least one entry in signing_certs" in err, err
+    code, _, err = run_command(capsys, *add, "--signing-cert", str(pki.weak.cert_path), *cfg)
+    assert code == 2 and "1024 bits" in err, err
+    code, _, err = run_command(capsys, *add, "--signing-cert", str(pki.ec.cert_path), "--signature-policy", "required", *cfg)
+    assert code == 0, err
+    shown = show()
+    assert shown["signature_policy"] == "required"
+    assert [c["spki_sha256"] for c in shown["signing_certs"]] == [pki.ec.spki]
+
+    other = devpki.issue(inst.ca, tmp_path, "other-client", role="client")
+    code, _, err = run_command(capsys, "partners", "add", "other", "--client-cert", str(other.cert), "--party-id", "0088:123",
+                           "--signing-cert", str(pki.ec.cert_path), *cfg)
+    assert code == 2 and "a signing key is also registered for partner 'acme'" in err, err
+
+    prefix = pki.ec.spki[:16]
+    code, _, err = run_command(capsys, "partners", "edit", "acme", "--remove-cert", prefix, *cfg)
+    assert code == 2 and "'required' needs at least one entry" in err, err  # the only key of a required partner
+    assert show()["signing_certs"][0]["spki_sha256"] == pki.ec.spki
+    assert run_command(capsys, "partners", "edit", "acme", "--signature-policy", "ignore", *cfg)[0] == 0
+    assert show()["signature_policy"] == "ignore"
+    assert run_command(capsys, "partners", "edit", "acme", "--remove-cert", prefix, "--signing-cert", str(pki.rsa.cert_path), *cfg)[0] == 0
+    shown = show()
+    assert [c["spki_sha256"] for c in shown["signing_certs"]] == [pki.rsa.spki]
+    assert len(shown["client_certs"]) == 1  # the client certificate was not touched

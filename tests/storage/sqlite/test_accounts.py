@@ -1,0 +1,140 @@
+"""The SQLite console accounts (gateway/storage/sqlite/accounts.py): users, factors spent once, lockout and
+its audit records, sessions replaced, expired and ended.  The backend-neutral side of the same protocol is
+in tests/storage/test_base_contract.py; these also reach under it (backdating sessions in SQL)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from gateway.console import security
+from gateway.storage.base import AccountError
+from gateway.storage.sqlite.store import SqliteStore
+from tests.helpers.console import audits, password_hash
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "state")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def add(store: SqliteStore, name: str, roles: tuple[str, ...] = ("operator",)) -> None:
+    await store.accounts.add_user(name, roles, False, password_hash(), "pytest")
+
+
+async def test_add_user_and_a_duplicate_is_refused(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    u = await accounts.user("alice")
+    assert u is not None
+    assert (u.roles, u.content, u.state, u.must_change, u.enrolled, u.created_by) == (("operator",), False, "active", True,
+                                                                                      False, "pytest")
+    with pytest.raises(AccountError, match="exists already"):
+        await accounts.add_user("alice", ("admin",), True, password_hash(), "pytest")
+    assert (await accounts.user("alice")).roles == ("operator",)  # unchanged
+    assert [r["detail"]["user"] for r in await audits(store, "user.added")] == ["alice"]
+
+
+async def test_totp_step_is_spent_once(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    await accounts.enroll_totp("alice", security.new_totp_secret(), 100, [])
+    assert await accounts.spend_totp_step("alice", 100) is False  # the enrolment's own step
+    assert await accounts.spend_totp_step("alice", 101) is True
+    assert await accounts.spend_totp_step("alice", 101) is False  # the same step again
+    assert await accounts.spend_totp_step("alice", 99) is False  # an earlier step
+    assert await accounts.spend_totp_step("alice", 103) is True
+    assert await accounts.spend_totp_step("alice", 102) is False
+    assert (await accounts.user("alice")).totp_last_step == 103
+
+
+async def test_recovery_code_is_spent_once(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    codes = security.new_recovery_codes()
+    await accounts.enroll_totp("alice", security.new_totp_secret(), 1, [security.recovery_hash(c) for c in codes])
+    assert await accounts.recovery_left("alice") == 10
+    assert await accounts.spend_recovery("alice", security.recovery_hash(codes[3].upper()))
+    assert not await accounts.spend_recovery("alice", security.recovery_hash(codes[3]))
+    assert not await accounts.spend_recovery("alice", security.recovery_hash("aaaaa-bbbbb"))
+    await add(store, "bob")  # one user's code is not another's
+    assert not await accounts.spend_recovery("bob", security.recovery_hash(codes[4]))
+    assert await accounts.recovery_left("alice") == 9
+    # new codes replace the old ones
+    fresh = security.new_recovery_codes()
+    await accounts.replace_recovery("alice", [security.recovery_hash(c) for c in fresh])
+    assert await accounts.recovery_left("alice") == 10
+    assert not await accounts.spend_recovery("alice", security.recovery_hash(codes[0]))
+    assert await accounts.spend_recovery("alice", security.recovery_hash(fresh[0]))
+
+
+async def test_failures_lock_at_the_threshold_and_are_audited(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    assert [await accounts.failed("alice", f, "192.0.2.7", 3, 600.0) for f in ("password", "totp")] == [False, False]
+    assert not (await accounts.user("alice")).locked()
+    assert await accounts.failed("alice", "recovery-code", "192.0.2.7", 3, 600.0) is True
+    u = await accounts.user("alice")
+    assert u.locked() and u.failures == 0 and 590 < u.locked_until - time.time() <= 600
+    assert not u.locked(now=time.time() + 601)
+    failed = sorted(await audits(store, "console.login_failed"), key=lambda r: r["seq"])
+    assert [(r["actor"], r["detail"]["factor"], r["detail"]["failures"]) for r in failed] == [
+        ("console:alice", "password", 1), ("console:alice", "totp", 2), ("console:alice", "recovery-code", 3)]
+    [locked] = await audits(store, "console.user_locked")
+    assert (locked["actor"], locked["detail"]["user"], locked["detail"]["minutes"], locked["detail"]["address"]) == \
+        ("gateway", "alice", 10, "192.0.2.7")
+    await accounts.unlock("alice", "cli:root")
+    assert not (await accounts.user("alice")).locked()
+    # a success resets the count of consecutive failures
+    await accounts.failed("alice", "password", "192.0.2.7", 3, 600.0)
+    await accounts.succeeded("alice", "192.0.2.7", "totp")
+    assert (await accounts.user("alice")).failures == 0
+
+
+async def test_sessions_are_replaced_and_expire(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    await accounts.open_session("pre", "alice", "mfa", "csrf1", "127.0.0.1", "agent", 0.0)
+    assert (await accounts.session("pre")).stage == "mfa"
+    await accounts.open_session("full", "alice", "full", "csrf2", "127.0.0.1", "x" * 500, time.time(), replaces="pre")
+    assert await accounts.session("pre") is None  # rotation: the pre-login identifier is gone
+    s = await accounts.session("full")
+    assert (s.user, s.stage, s.csrf, len(s.agent)) == ("alice", "full", "csrf2", 200)
+    assert [x.id_hash for x in await accounts.sessions("alice")] == ["full"]
+    for id_hash, stage in (("idle", "full"), ("old-pre", "mfa"), ("new-pre", "enroll"), ("ancient", "full")):
+        await accounts.open_session(id_hash, "alice", stage, "c", "127.0.0.1", "agent", 0.0)
+    now = time.time()
+    await store.engine.write(lambda c: c.executemany(
+        "UPDATE console_sessions SET seen_at = ?, created_at = ? WHERE id_hash = ?", [
+            (now - 1000, now - 1000, "idle"), (now - 10, now - 400, "old-pre"), (now - 10, now - 10, "new-pre"),
+            (now - 10, now - 40000, "ancient")]))
+    assert await accounts.expire_sessions(now - 900, now - 28800, now - 300) == 3
+    assert {h for h in ("full", "idle", "old-pre", "new-pre", "ancient") if await accounts.session(h)} == {"full", "new-pre"}
+    assert await accounts.end_session("full", "console:alice", "logout") is True
+    assert await accounts.end_session("full", "console:alice", "logout") is False
+    [ended] = await audits(store, "console.session_logout")
+    assert ended["detail"] == {"user": "alice", "session": "full"}
+    # disabling a user ends their sessions
+    await accounts.set_state("alice", "disabled", "cli:root")
+    assert await accounts.session("new-pre") is None
+
+
+async def test_reset_mfa_forgets_every_factor(store):
+    accounts = store.accounts
+    await add(store, "alice")
+    await accounts.enroll_totp("alice", security.new_totp_secret(), 5, [security.recovery_hash("aaaaa-bbbbb")])
+    await accounts.open_session("s", "alice", "full", "c", "127.0.0.1", "a", time.time())
+    await accounts.reset_mfa("alice", "console:boss")
+    u = await accounts.user("alice")
+    assert (u.enrolled, u.totp_last_step, await accounts.recovery_left("alice"), await accounts.session("s")) == \
+        (False, 0, 0, None)
+    [r] = await audits(store, "user.mfa_reset")
+    assert (r["actor"], r["detail"]) == ("console:boss", {"user": "alice"})
