@@ -1,9 +1,15 @@
 """The intake path: the stages in order, cheapest first.  No I/O here but the store's.
 
-    gate(peer) → [S/MIME: decrypt, verify, authenticate the signer] → duplicate? → [PDF: extract]
+    gate(peer) → [S/MIME: decrypt, verify, authenticate the signer] → [PDF: extract]
       → parse → document type → XSD → signature → facts → authorize → IBAN check → business rules
-      → hold reasons → route → seal → durable put (business duplicate, payee-account history and
-        quarantine are decided inside the store's transaction, gateway/stages/admission.py)
+      → hold reasons → route → seal → durable put (identical content stored before, business
+        duplicate, payee-account history and quarantine are decided inside the store's transaction,
+        gateway/stages/admission.py)
+
+Identical content stored before gets its first receipt whatever changed since (a partner or an ERP
+that lost a 202 and resends): the put answers with it, and a refusal by the stages is raised only
+when the store knows no earlier acceptance.  Looking it up before the stages instead would cost every
+new invoice one more round trip to the store, for the rare resend.
 
 ``submit()`` is the same for an invoice the ERP sends out (``POST /v1/outbound``): the seller must be
 this business, the buyer a registered partner with an endpoint; it is signed when that partner's
@@ -11,15 +17,14 @@ policy asks for it, and routed to the partner.
 
 A transport opens an ``attempt`` for each submission and runs its own checks inside it (the HTTPS
 listener gates the peer before reading the body); whatever is refused inside is recorded in the
-audit log here, once, and nowhere else.  Everything from opening the mail to sealing is
-synchronous work run in one hop on a stage thread, so the event loop never blocks on it (the
-business rules run in a rules process; the stage thread waits for it without holding the GIL).
+audit log here, once, and nowhere else.  Everything from opening the mail to sealing is synchronous
+work run in one hop on a stage thread, so the event loop never blocks on it (the business rules run
+in a rules process; the stage thread waits for it without holding the GIL).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import hashlib
 import time
@@ -33,7 +38,7 @@ from cryptography import x509
 from lxml import etree
 
 from .config.model import OutboundConfig
-from .errors import Detail, Forbidden, Rejected, StorageUnavailable, Transient, UnsupportedDocument
+from .errors import Detail, Forbidden, GatewayError, Rejected, Transient, UnsupportedDocument
 from .model import (
     AcceptedInvoice,
     DocumentType,
@@ -61,7 +66,6 @@ from .vault import Vault
 
 PDF = "application/pdf"
 FRAUD_CODES = ("INVALID_IBAN", "DUPLICATE_CONFLICT")
-LOOKUP_TIMEOUT_S = 30.0  # a stage thread waits this long for the store's duplicate lookup
 
 
 class SigningUnavailable(Transient):
@@ -285,36 +289,49 @@ class Pipeline:
 
     async def accept(self, sub: Submission, received: bytes, received_at: str, media_type: str = "application/xml") -> Outcome:
         """Run the stages on a received invoice (or, from the SMTP listener, on the S/MIME message it came
-        in) and return only after it is durable, or was already."""
-        return await self._checked_then_stored(self._stages, sub, received, received_at, media_type)
+        in) in one hop to a stage thread, and return only after it is durable, or was already."""
+        checked = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._stages, sub, received, received_at, media_type)
+        assert sub.partner is not None
+        return await self._stored(sub, checked, sub.partner.name, "in")
 
     async def submit(self, sub: Submission, body: bytes, received_at: str, media_type: str) -> Outcome:
         """``POST /v1/outbound``: the stages, then the durable write of the invoice and its delivery job."""
-        return await self._checked_then_stored(self._outbound_stages, sub, body, received_at, media_type)
+        checked = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._outbound_stages, sub, body, received_at, media_type)
+        return await self._stored(sub, checked, None, "out")
 
-    async def _checked_then_stored(self, stages: Callable[..., AcceptedInvoice | Receipt], sub: Submission, data: bytes,
-                                   received_at: str, media_type: str) -> Outcome:
-        """The synchronous stages in one hop to a stage thread, then the durable put."""
-        loop = asyncio.get_running_loop()
-        checked = await loop.run_in_executor(self.executor, stages, sub, data, received_at, media_type, loop)
-        if isinstance(checked, Receipt):
-            return Outcome(checked, None)
+    async def _stored(self, sub: Submission, checked: AcceptedInvoice | GatewayError, partner: str | None,
+                      direction: str) -> Outcome:
+        """The durable put, or the stages' refusal unless identical content was accepted before."""
+        if isinstance(checked, GatewayError):
+            assert sub.sha256 is not None
+            earlier = await self.intake.find_accepted(partner, sub.sha256, direction)
+            if earlier is None:
+                raise checked
+            return Outcome(earlier, None)
         with self._stage("store"):
             receipt = await self.intake.put(checked)
         return Outcome(receipt, None if receipt.duplicate else checked)
 
-    def _stages(self, sub: Submission, received: bytes, received_at: str, media_type: str,
-                loop: asyncio.AbstractEventLoop) -> AcceptedInvoice | Receipt:
+    def _stages(self, sub: Submission, received: bytes, received_at: str, media_type: str) -> AcceptedInvoice | GatewayError:
         body = received
         if sub.transport == "smtp":
             with self._stage("smime"):
-                body, media_type = self.open_mail(sub, received)
-        sub.sha256 = hashlib.sha256(body).hexdigest()
+                body, media_type = self.open_mail(sub, received)  # nothing to look up yet: its refusals are final
         assert sub.partner is not None and sub.peer is not None
-        earlier = self._earlier(loop, sub.partner.name, sub.sha256, "in")
-        if earlier is not None:
-            return earlier
-        return self.check(InboundMessage(body, sub.peer, sub.partner, received_at, media_type), sub.sha256)
+        sub.sha256 = hashlib.sha256(body).hexdigest()
+        try:
+            return self.check(InboundMessage(body, sub.peer, sub.partner, received_at, media_type), sub.sha256)
+        except GatewayError as exc:
+            return exc
+
+    def _outbound_stages(self, sub: Submission, body: bytes, received_at: str, media_type: str) -> AcceptedInvoice | GatewayError:
+        sub.sha256 = hashlib.sha256(body).hexdigest()
+        try:
+            return self.check_outbound(body, sub.sha256, received_at, media_type)
+        except GatewayError as exc:
+            return exc
 
     def open_mail(self, sub: Submission, raw: bytes) -> tuple[bytes, str]:
         """The S/MIME stage: decrypt, verify and unpack the message, and authenticate its signer as a
@@ -326,22 +343,3 @@ class Pipeline:
         signer = sub.letter.verified.signer
         sub.peer = PeerIdentity(spki_sha256(signer), signer.subject.rfc4514_string(), "smtp")
         return sub.letter.invoice, sub.letter.media_type
-
-    def _earlier(self, loop: asyncio.AbstractEventLoop, partner: str | None, sha256: str, direction: str) -> Receipt | None:
-        """The receipt of identical content stored before, asked from a stage thread (the store is the loop's)."""
-        lookup = asyncio.run_coroutine_threadsafe(self.intake.find_accepted(partner, sha256, direction), loop)
-        try:
-            return lookup.result(LOOKUP_TIMEOUT_S)
-        except concurrent.futures.TimeoutError:
-            lookup.cancel()
-            raise StorageUnavailable("the store did not answer; retry later") from None
-
-    def _outbound_stages(self, sub: Submission, body: bytes, received_at: str, media_type: str,
-                         loop: asyncio.AbstractEventLoop) -> AcceptedInvoice | Receipt:
-        sub.sha256 = hashlib.sha256(body).hexdigest()
-        # First, as for received invoices: an ERP that lost a 202 and resends must get the same
-        # receipt, even if the recipient was suspended or edited since.
-        earlier = self._earlier(loop, None, sub.sha256, "out")
-        if earlier is not None:
-            return earlier
-        return self.check_outbound(body, sub.sha256, received_at, media_type)

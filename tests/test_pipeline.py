@@ -1,5 +1,14 @@
+import asyncio
+import hashlib
+from dataclasses import replace
+from typing import Any
+
 from gateway.cli.demo import SAMPLE
-from tests.helpers import post
+from gateway.operations.instance import DEMO_PARTNER
+from gateway.partners.edit import edit_partners
+from tests.helpers import audit_of, eventually, numbered, post
+
+ELSEWHERE = "0088:4000000000009"
 
 
 async def test_valid_sample_is_accepted_and_delivered(gateway, client):
@@ -10,3 +19,29 @@ async def test_valid_sample_is_accepted_and_delivered(gateway, client):
     await gateway.gw.outbox.run_once()
     delivered = gateway.inst.delivery_folder / f"{body['message_id']}.xml"
     assert delivered.read_bytes() == SAMPLE
+
+
+async def test_a_resend_the_stages_would_now_refuse_gets_its_first_receipt(gateway, client):
+    """A partner that lost the 202 and resends must learn its invoice was accepted, whatever changed since:
+    the stages' refusal is answered only for content never accepted, and only that refusal is audited."""
+    s = client()
+    first = await post(s, SAMPLE)
+    assert first.status == 202, first.text
+
+    def move_the_partner(partners: list[Any], _store: Any) -> None:  # the invoice's seller is no longer theirs
+        i = next(i for i, p in enumerate(partners) if p.name == DEMO_PARTNER)
+        partners[i] = replace(partners[i], party_ids=(ELSEWHERE,))
+
+    await asyncio.to_thread(edit_partners, gateway.inst.partners, DEMO_PARTNER, move_the_partner)
+    book = gateway.gw.parts.partners
+    await eventually(lambda: book.refresh() or book.current.get(DEMO_PARTNER).party_ids == (ELSEWHERE,),
+                     "the partners file reloaded")
+
+    again = await post(s, SAMPLE)
+    assert (again.status, again.json.get("message_id"), again.json.get("duplicate")) == \
+        (202, first.json["message_id"], True), again.text
+    unsigned = numbered("PIPELINE-0002")
+    fresh = await post(s, unsigned)
+    assert (fresh.status, fresh.json["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), fresh.text
+    refused = await audit_of(gateway.gw.store, "invoice.rejected")
+    assert [r["detail"]["sha256"] for r in refused] == [hashlib.sha256(unsigned).hexdigest()]
