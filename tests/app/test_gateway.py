@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import signal
 import socket
@@ -20,7 +19,6 @@ import sqlite3
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -28,35 +26,26 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import devpki, logs
+from gateway import devpki
 from gateway.cli.demo import SAMPLE
 from gateway.files import atomic_write
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
 from gateway.tls import client_context
-from tests.helpers import FOREIGN, FOREIGN_IDS, FakeClock, Running, audit_of, eventually, numbered, post, run_cli, serving
+from tests.helpers import (
+    FOREIGN,
+    FOREIGN_IDS,
+    FakeClock,
+    Running,
+    audit_of,
+    eventually,
+    log_events,
+    numbered,
+    post,
+    run_cli,
+    serving_logged,
+)
 from tests.helpers.daemon import Daemon, NotifySocket, make_instance
-
-
-def events(stream: io.StringIO, name: str) -> list[dict]:
-    out = []
-    for line in stream.getvalue().splitlines():
-        with contextlib.suppress(ValueError):
-            e = json.loads(line)
-            if e.get("event") == name:
-                out.append(e)
-    return out
-
-
-@contextlib.asynccontextmanager
-async def running(inst: instance.Instance, clock: FakeClock | None = None) -> AsyncIterator[tuple[Running, io.StringIO]]:
-    stream = io.StringIO()
-    try:
-        async with serving(inst, "debug", stream, clock=clock) as r:
-            yield r, stream
-    finally:
-        logs.configure("debug")
-
 
 # --- (1) an invalid edit is refused; the running configuration stays -------------------------------------
 
@@ -87,20 +76,20 @@ EDITS = [_unknown_key, _missing_certificate, _garbage_certificate, _route_to_now
 
 async def test_invalid_edit_is_refused_and_the_old_config_stays(inst):
     good = inst.config.read_text()
-    async with running(inst) as (r, stream), r.session() as s:
+    async with serving_logged(inst) as (r, stream), r.session() as s:
         before = r.gw.config
         for n, edit in enumerate(EDITS, 1):
             text, named = edit(good, inst)
             inst.config.write_text(text)
             assert await r.gw.reload() is False, edit.__name__
-            failed = events(stream, "config.reload_failed")
+            failed = log_events(stream, "config.reload_failed")
             assert len(failed) == n
             assert named in failed[-1]["reason"], (edit.__name__, failed[-1])
             assert failed[-1]["level"] == "error"
             assert r.gw.config is before
             status, reply = await post(s, numbered(f"KEEP-{n}"))  # still accepting, with the running configuration
             assert status == 202, (edit.__name__, reply)
-        assert events(stream, "config.reloaded") == []
+        assert log_events(stream, "config.reloaded") == []
         assert r.gw.metrics.reloads.labels("failed")._value.get() == len(EDITS)
         inst.config.write_text(good)
         assert await r.gw.reload() is True
@@ -113,7 +102,7 @@ async def test_invalid_edit_is_refused_and_the_old_config_stays(inst):
 async def test_new_destination_and_route_take_effect(inst, tmp_path):
     second = tmp_path / "erp-two"
     second.mkdir()
-    async with running(inst) as (r, stream):
+    async with serving_logged(inst) as (r, stream):
         async with r.session() as s:
             status, first = await post(s, numbered("RELOAD-BEFORE"))
             assert status == 202, first
@@ -123,7 +112,7 @@ async def test_new_destination_and_route_take_effect(inst, tmp_path):
                 f'\n[[destinations]]\nname = "erp-two"\ntype = "directory"\npath = "{second}"\n'
                 '\n[[routes]]\npartner = "demo-supplier"\ndestinations = ["erp-two"]\n'))
             assert await r.gw.reload() is True
-            [done] = events(stream, "config.reloaded")
+            [done] = log_events(stream, "config.reloaded")
             assert done["destinations"] == 2
 
             status, after = await post(s, numbered("RELOAD-AFTER"))
@@ -192,7 +181,7 @@ async def new_connection_der(r: Running) -> bytes:
 
 async def test_new_server_certificate_for_new_connections_old_ones_keep_working(inst):
     old_der = der_of(inst.server.cert)
-    async with running(inst) as (r, stream):
+    async with serving_logged(inst) as (r, stream):
         kept = await RawConnection.open(r)
         try:
             assert kept.peer_der() == old_der
@@ -226,7 +215,7 @@ async def test_new_server_certificate_for_new_connections_old_ones_keep_working(
             assert kept.peer_der() == old_der
         finally:
             await kept.close()
-        assert events(stream, "config.reloaded")
+        assert log_events(stream, "config.reloaded")
 
 
 async def test_new_partner_ca_takes_effect_on_reload(inst, tmp_path):
@@ -235,7 +224,7 @@ async def test_new_partner_ca_takes_effect_on_reload(inst, tmp_path):
     newco = devpki.issue(ca2, tmp_path / "ca2", "newco", role="client")
     register_partner(inst.partners, "newco", [newco.cert], FOREIGN_IDS, [], verified_by="test")
     clock = FakeClock()
-    async with running(inst, clock) as (r, _stream):
+    async with serving_logged(inst, clock) as (r, _stream):
         await clock.advance(r.gw.config.partners_reload_s)  # a tick of the partners file watch, without waiting for it
         assert r.gw.parts.partners.current.get("newco") is not None, "the partners file reload"
         with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
@@ -258,14 +247,14 @@ async def test_new_partner_ca_takes_effect_on_reload(inst, tmp_path):
 
 
 async def test_restart_only_change_is_named(inst):
-    async with running(inst) as (r, stream):
+    async with serving_logged(inst) as (r, stream):
         port = r.gw.port
         text = inst.config.read_text()
         https, sep, rest = text.partition("[xml]")
         assert "listen_port = 0" in https
         inst.config.write_text(https.replace("listen_port = 0", "listen_port = 18443", 1) + sep + rest)
         assert await r.gw.reload() is True
-        [warning] = events(stream, "config.restart_needed")
+        [warning] = log_events(stream, "config.restart_needed")
         assert warning["settings"] == ["https.listen_host/listen_port"]
         assert warning["level"] == "warning"
         assert r.gw.port == port  # still listening where it was
@@ -278,19 +267,19 @@ async def test_restart_only_change_is_named(inst):
 
 
 async def test_restart_needed_is_judged_against_the_running_values(inst):
-    async with running(inst) as (r, stream):
+    async with serving_logged(inst) as (r, stream):
         text = inst.config.read_text()
         https, sep, rest = text.partition("[xml]")
         inst.config.write_text(https.replace("listen_port = 0", "listen_port = 18443", 1) + sep + rest)
         assert await r.gw.reload() is True
-        assert len(events(stream, "config.restart_needed")) == 1
+        assert len(log_events(stream, "config.restart_needed")) == 1
         # Reloaded again, unchanged: the process still listens on the old port, so a restart is still needed.
         assert await r.gw.reload() is True
-        assert len(events(stream, "config.restart_needed")) == 2
+        assert len(log_events(stream, "config.restart_needed")) == 2
         # The file back as the process runs: nothing needs a restart any more.
         inst.config.write_text(text)
         assert await r.gw.reload() is True
-        assert len(events(stream, "config.restart_needed")) == 2
+        assert len(log_events(stream, "config.restart_needed")) == 2
 
 
 # --- (4) SIGHUP under load, with two worker processes -----------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import os
 import signal
 import socket
@@ -27,7 +26,7 @@ from gateway.app.supervisor import listen
 from gateway.config import load as config_mod
 from gateway.errors import ConfigError
 from gateway.operations import instance
-from tests.helpers import eventually
+from tests.helpers import eventually, log_events
 from tests.helpers.daemon import NotifySocket
 
 
@@ -37,16 +36,6 @@ def log_lines() -> Iterator[io.StringIO]:
     logs.configure("info", stream)
     yield stream
     logs.configure("debug")
-
-
-def events(stream: io.StringIO, name: str) -> list[dict]:
-    out = []
-    for line in stream.getvalue().splitlines():
-        with contextlib.suppress(ValueError):
-            e = json.loads(line)
-            if e.get("event") == name:
-                out.append(e)
-    return out
 
 
 def accepts(port: int) -> bool:
@@ -87,7 +76,7 @@ async def test_alone_it_tells_systemd_and_stops_on_sigterm(tmp_path, monkeypatch
             reloading = await asyncio.to_thread(ns.wait_for, "RELOADING=1", mark, 30)
             assert ns.messages[reloading].fields.get("MONOTONIC_USEC", "").isdigit()
             await asyncio.to_thread(ns.wait_for, "READY=1", reloading + 1, 30)
-            await eventually(lambda: events(log_lines, "config.reloaded"), "config.reloaded in the log")
+            await eventually(lambda: log_events(log_lines, "config.reloaded"), "config.reloaded in the log")
             assert not task.done()
 
             mark = len(ns.since(0))
@@ -99,7 +88,7 @@ async def test_alone_it_tells_systemd_and_stops_on_sigterm(tmp_path, monkeypatch
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
     assert task.result() is None
-    assert events(log_lines, "gateway.stopped")
+    assert log_events(log_lines, "gateway.stopped")
     assert not await asyncio.to_thread(accepts, port)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a later signal no longer reaches the stopped gateway
         assert signal.getsignal(sig) == signal.SIG_DFL, sig
@@ -141,7 +130,7 @@ async def test_a_worker_reports_on_its_pipe_serves_the_socket_it_is_handed_and_d
         os.close(read_fd)
         os.close(write_fd)
     assert set(bytes(got)) <= set(b"RH.")
-    assert events(log_lines, "config.reloaded") and events(log_lines, "gateway.stopped")
+    assert log_events(log_lines, "config.reloaded") and log_events(log_lines, "gateway.stopped")
 
 
 # --- bind_probe ----------------------------------------------------------------------------------------------

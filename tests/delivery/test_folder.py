@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,10 @@ from gateway.cli.demo import SAMPLE
 from gateway.config.model import DeliveryConfig, Destination
 from gateway.delivery.folder import DirectorySender
 from gateway.delivery.outbox import Outbox
-from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import MasterKey, Vault
 from tests.helpers import SetTime
+from tests.helpers.outbox import committed_row, stored
 
 HORIZON_S = 3600.0
 CFG = DeliveryConfig(horizon_s=HORIZON_S)
@@ -38,20 +37,10 @@ class Env:
     deliverer: Outbox
 
     async def accept(self, body: bytes = SAMPLE) -> str:
-        message_id, sha = str(uuid.uuid4()), hashlib.sha256(body).hexdigest()
-        sealed, key_id = self.vault.seal(body, message_id, sha)
-        facts = InvoiceFacts(DocumentType.UBL_INVOICE, message_id, "2.1", ("0088:1",), (), "urn:c", "urn:p", "2026-11-02")
-        await self.store.intake.put(AcceptedInvoice(message_id, "acme", sha, "2026-11-20T00:00:00.000000Z", len(body), facts,
-                                                     sealed, key_id, destinations=("erp",)))
-        return message_id
+        return await stored(self.store, self.vault, body, str(uuid.uuid4()))
 
     def sql(self, query: str, *args: Any) -> Any:
-        conn = sqlite3.connect(self.store.path)
-        try:
-            with conn:
-                return conn.execute(query, args).fetchone()
-        finally:
-            conn.close()
+        return committed_row(self.store, query, *args)
 
     def job(self, message_id: str) -> dict[str, Any]:
         row = self.sql("SELECT state, attempts, created_at, next_attempt_at, last_error FROM deliveries WHERE message_id = ?",

@@ -103,6 +103,28 @@ async def serving(inst: instance.Instance, level: str = "debug", stream: io.Stri
         await gw.stop()
 
 
+@contextlib.asynccontextmanager
+async def serving_logged(inst: instance.Instance, clock: Clock | None = None) -> AsyncIterator[tuple[Running, io.StringIO]]:
+    """``serving``, with the gateway's JSON log captured in the stream it yields (read it with ``log_events``)."""
+    stream = io.StringIO()
+    try:
+        async with serving(inst, "debug", stream, clock=clock) as r:
+            yield r, stream
+    finally:
+        logs.configure("debug")
+
+
+def log_events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
+    """The events called ``name`` in a captured JSON log, oldest first."""
+    found = []
+    for line in stream.getvalue().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == name:
+                found.append(event)
+    return found
+
+
 XML = {"Content-Type": "application/xml"}
 HANDSHAKE_FAILED = (aiohttp.ClientConnectorError, aiohttp.ClientOSError, ssl.SSLError)  # how a refused TLS client fails
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

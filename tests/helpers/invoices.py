@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from lxml import etree
+from pypdf import PdfWriter
 
 from gateway.cli.demo import SAMPLE
 from gateway.config import load as config_mod
@@ -76,3 +78,14 @@ def outbox(inst: instance.Instance) -> Path:
 
 def delivered(inst: instance.Instance, message_id: str) -> bool:
     return (outbox(inst) / f"{message_id}.xml").exists()
+
+
+def pdf_with(*attachments: tuple[str, bytes]) -> bytes:
+    """A one-page PDF written by pypdf with these embedded files (stored uncompressed), as (name, data)."""
+    writer = PdfWriter()
+    writer.add_blank_page(width=595, height=842)
+    for name, data in attachments:
+        writer.add_attachment(name, data)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()

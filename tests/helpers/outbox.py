@@ -31,6 +31,27 @@ from tests.helpers.erp import Erp
 CFG = DeliveryConfig(horizon_s=3600.0)  # the outboxes' configuration unless a test gives its own
 
 
+async def stored(store: SqliteStore, vault: Vault, body: bytes, message_id: str, destinations: tuple[str, ...] = ("erp",),
+                 partner: str = "acme") -> str:
+    """``body`` accepted straight into the store (sealed by ``vault``) with a delivery job per destination."""
+    sha = hashlib.sha256(body).hexdigest()
+    sealed, key_id = vault.seal(body, message_id, sha)
+    facts = InvoiceFacts(DocumentType.UBL_INVOICE, message_id, "2.1", ("0088:1",), (), "urn:c", "urn:p", "2026-11-02")
+    await store.intake.put(AcceptedInvoice(message_id, partner, sha, "2026-11-20T00:00:00.000000Z", len(body), facts,
+                                           sealed, key_id, destinations=destinations))
+    return message_id
+
+
+def committed_row(store: SqliteStore, query: str, *args: Any) -> Any:
+    """One row, read on a connection of the test's own (what was committed, as another process sees it)."""
+    conn = sqlite3.connect(store.path)
+    try:
+        with conn:
+            return conn.execute(query, args).fetchone()
+    finally:
+        conn.close()
+
+
 @dataclass(frozen=True)
 class Pki:
     """The fake ERPs' CA, their server certificate (127.0.0.1, localhost), and a client certificate from the CA."""
@@ -57,13 +78,7 @@ class Env:
 
     async def accept(self, destinations: tuple[str, ...] = ("erp",), partner: str = "acme") -> str:
         message_id = str(uuid.uuid4())
-        body = numbered(message_id)
-        sha = hashlib.sha256(body).hexdigest()
-        sealed, key_id = self.vault.seal(body, message_id, sha)
-        facts = InvoiceFacts(DocumentType.UBL_INVOICE, message_id, "2.1", ("0088:1",), (), "urn:c", "urn:p", "2026-11-02")
-        await self.store.intake.put(AcceptedInvoice(message_id, partner, sha, "2026-11-20T00:00:00.000000Z", len(body), facts,
-                                                     sealed, key_id, destinations=tuple(destinations)))
-        return message_id
+        return await stored(self.store, self.vault, numbered(message_id), message_id, destinations, partner)
 
     def body(self, message_id: str) -> bytes:
         return numbered(message_id)
@@ -79,12 +94,7 @@ class Env:
         return box
 
     def sql(self, query: str, *args: Any) -> Any:
-        conn = sqlite3.connect(self.store.path)
-        try:
-            with conn:
-                return conn.execute(query, args).fetchone()
-        finally:
-            conn.close()
+        return committed_row(self.store, query, *args)
 
     def job(self, message_id: str, destination: str = "erp") -> dict[str, Any]:
         keys = ("state", "attempts", "created_at", "next_attempt_at", "last_error", "lease_owner", "lease_until")

@@ -26,7 +26,7 @@ from gateway.operations import housekeeping as lifecycle
 from gateway.operations.housekeeping import CertEntry, ExpiryWarnings
 from gateway.partners.edit import register_partner
 from gateway.storage.sqlite.store import SqliteStore
-from tests.helpers import FakeClock, Running, eventually, numbered, post, serving
+from tests.helpers import FakeClock, Running, eventually, log_events, numbered, post, serving_logged
 
 IBAN = b"DE89370400440532013000"
 OTHER_IBAN = b"GB82WEST12345698765432"  # valid check digits, never used by this seller before
@@ -47,26 +47,12 @@ def set_retention(inst: instance.Instance, days: float) -> None:
     inst.config.write_text(text.replace("delete_after_days = 0\n", f"delete_after_days = {days}\n", 1))
 
 
-def events(stream: io.StringIO, name: str) -> list[dict]:
-    out = []
-    for line in stream.getvalue().splitlines():
-        with contextlib.suppress(ValueError):
-            e = json.loads(line)
-            if e.get("event") == name:
-                out.append(e)
-    return out
-
-
 @contextlib.asynccontextmanager
 async def running(inst: instance.Instance, clock: FakeClock | None = None
                   ) -> AsyncIterator[tuple[Running, io.StringIO, aiohttp.ClientSession]]:
     """The gateway (on ``clock``, when given: its housekeeping waits only for ``clock.advance``) and a partner session."""
-    stream = io.StringIO()
-    try:
-        async with serving(inst, "debug", stream, clock=clock) as r, r.session() as s:
-            yield r, stream, s
-    finally:
-        logs.configure("debug")
+    async with serving_logged(inst, clock) as (r, stream), r.session() as s:
+        yield r, stream, s
 
 
 async def delivery_states(store: SqliteStore, message_id: str) -> list[str]:
@@ -202,7 +188,7 @@ async def test_expired_invoice_still_counts_as_a_duplicate(inst):
         await clock.advance(60.0)  # past the retention period (not yet time for a retention pass of its own)
 
         assert await r.gw.housekeeping.expire() == 1
-        [deleted] = events(stream, "retention.deleted")
+        [deleted] = log_events(stream, "retention.deleted")
         assert deleted["invoices"] == 1
         assert await r.gw.store.reports.message(first["message_id"]) is None
         assert await r.gw.store.reports.message(held["message_id"]) is not None  # held for review: kept
@@ -252,7 +238,7 @@ async def test_enabling_retention_by_reload_takes_effect(inst):
         await clock.advance(lifecycle.RETENTION_CHECK_S)  # the next retention pass, past the retention period
 
         async def took_effect() -> bool:
-            return await r.gw.store.reports.message(reply["message_id"]) is None or bool(events(stream, "config.restart_needed"))
+            return await r.gw.store.reports.message(reply["message_id"]) is None or bool(log_events(stream, "config.restart_needed"))
 
         # Either retention now runs, or the reload says that it needs a restart.
         await eventually(took_effect, "retention to delete the invoice, or config.restart_needed")
@@ -275,25 +261,25 @@ def test_expiry_warnings_once_per_threshold():
         entries = [entry("in-20", 20, now), entry("in-10", 10, now), entry("in-3", 3, now), entry("gone", -1, now),
                    entry("in-100", 100, now, purpose="tls-server")]
         warnings.check(entries, now)
-        expiring = {e["owner"]: e for e in events(stream, "certificate.expiring")}
+        expiring = {e["owner"]: e for e in log_events(stream, "certificate.expiring")}
         assert {o: e["threshold_days"] for o, e in expiring.items()} == {"in-20": 30, "in-10": 14, "in-3": 7}
         assert all(e["level"] == "warning" for e in expiring.values())
         assert expiring["in-10"]["days_left"] == 10.0 and expiring["in-10"]["spki_sha256"] == "in-10-spki"
-        [expired] = events(stream, "certificate.expired")
+        [expired] = log_events(stream, "certificate.expired")
         assert expired["owner"] == "gone" and expired["level"] == "error"
         assert counted == ["30", "14", "7", "0"]
 
         warnings.check(entries, now)  # the next hourly check: nothing new
         warnings.check(entries, now + timedelta(minutes=1))
-        assert len(events(stream, "certificate.expiring")) == 3 and len(events(stream, "certificate.expired")) == 1
+        assert len(log_events(stream, "certificate.expiring")) == 3 and len(log_events(stream, "certificate.expired")) == 1
         assert counted == ["30", "14", "7", "0"]
 
         # Eleven days on: in-20 crosses 14, in-10 and in-3 have expired; gone was said already.
         later = now + timedelta(days=11)
         warnings.check(entries, later)
         warnings.check(entries, later)
-        assert [(e["owner"], e["threshold_days"]) for e in events(stream, "certificate.expiring")][3:] == [("in-20", 14)]
-        assert [e["owner"] for e in events(stream, "certificate.expired")][1:] == ["in-10", "in-3"]
+        assert [(e["owner"], e["threshold_days"]) for e in log_events(stream, "certificate.expiring")][3:] == [("in-20", 14)]
+        assert [e["owner"] for e in log_events(stream, "certificate.expired")][1:] == ["in-10", "in-3"]
         assert counted == ["30", "14", "7", "0", "14", "0", "0"]
     finally:
         logs.configure("debug")
@@ -306,9 +292,9 @@ async def test_housekeeping_warns_of_an_expiring_partner_certificate(inst, tmp_p
     async with running(inst) as (r, stream, _s):
         await r.gw.housekeeping.check_expiry()
         await r.gw.housekeeping.check_expiry()
-        found = [e for e in events(stream, "certificate.expiring") if e["owner"] == "soon-co"]
+        found = [e for e in log_events(stream, "certificate.expiring") if e["owner"] == "soon-co"]
         assert len(found) == 1
         assert found[0]["threshold_days"] == 7 and found[0]["purpose"] == "client"
         assert 4 < found[0]["days_left"] <= 5
-        assert not [e for e in events(stream, "certificate.expiring") if e["owner"] in ("gateway", instance.DEMO_PARTNER)]
+        assert not [e for e in log_events(stream, "certificate.expiring") if e["owner"] in ("gateway", instance.DEMO_PARTNER)]
         assert r.gw.metrics.expiry_warnings.labels("7")._value.get() == 1

@@ -11,7 +11,6 @@ delivery loop stopped so that ``outbox.run_once()`` is the only deliverer.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tracemalloc
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pypdf import PdfWriter
 
 from gateway.cli.demo import SAMPLE
 from gateway.config.model import DEFAULT_XML_LIMITS
@@ -31,6 +29,7 @@ from gateway.operations import instance
 from gateway.stages import cii, pdf
 from gateway.stages.xmlparse import XmlParser
 from tests.helpers import CORPUS, Running, add_partner, post, serving, stop_delivery_loop
+from tests.helpers.invoices import pdf_with
 
 PDF = {"Content-Type": "application/pdf"}
 EXAMPLES = CORPUS / "invoices" / "valid" / "en16931" / "cii-examples"
@@ -60,16 +59,6 @@ async def deliver_all(gateway: Running) -> None:
         if await gateway.gw.outbox.run_once() == 0:
             return
     raise AssertionError("delivery did not drain in 10 rounds")
-
-
-def make_pdf(*attachments: tuple[str, bytes]) -> bytes:
-    writer = PdfWriter()
-    writer.add_blank_page(width=595, height=842)
-    for name, data in attachments:
-        writer.add_attachment(name, data)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 def parse(data: bytes) -> Any:
@@ -182,7 +171,7 @@ async def test_cii_breaking_a_business_rule_is_rules_failed(gateway, client, sel
 
 async def test_factur_x_pdf_is_accepted_and_delivered_as_sent(gateway, client, seller):
     s = client(*seller)
-    pdf = make_pdf(("factur-x.xml", INVOICE.read_bytes()))
+    pdf = pdf_with(("factur-x.xml", INVOICE.read_bytes()))
     status, sent = await post(s, pdf, PDF)
     assert status == 202, sent
     assert sent["sha256"] == hashlib.sha256(pdf).hexdigest()  # of the PDF, not of the XML inside
@@ -206,27 +195,27 @@ async def test_factur_x_pdf_is_accepted_and_delivered_as_sent(gateway, client, s
 
 
 async def test_zugferd_attachment_names_are_recognised(gateway, client, seller):
-    status, body = await post(client(*seller), make_pdf(("ZUGFeRD-invoice.xml", INVOICE.read_bytes())), PDF)
+    status, body = await post(client(*seller), pdf_with(("ZUGFeRD-invoice.xml", INVOICE.read_bytes())), PDF)
     assert status == 202, body
 
 
 async def test_the_same_invoice_as_xml_and_as_pdf_is_one_invoice(gateway, client, seller):
     s = client(*seller)
     assert (await post(s, INVOICE.read_bytes())).status == 202
-    status, body = await post(s, make_pdf(("factur-x.xml", INVOICE.read_bytes())), PDF)
+    status, body = await post(s, pdf_with(("factur-x.xml", INVOICE.read_bytes())), PDF)
     assert (status, body["error"]) == (409, "DUPLICATE_CONFLICT"), body  # same seller, number and date; other bytes
     assert (await gateway.gw.store.reports.counts())["invoices"] == 1
 
 
 @pytest.mark.parametrize("attachments", [(), (("invoice.xml", b"<x/>"),)], ids=["no-attachment", "other-name"])
 async def test_pdf_without_an_embedded_invoice(gateway, client, attachments):
-    status, body = await post(client(), make_pdf(*attachments), PDF)
+    status, body = await post(client(), pdf_with(*attachments), PDF)
     assert (status, body["error"]) == (422, "NO_EMBEDDED_INVOICE"), body
 
 
 async def test_pdf_with_two_embedded_invoices(gateway, client, seller):
     xml = INVOICE.read_bytes()
-    status, body = await post(client(*seller), make_pdf(("factur-x.xml", xml), ("zugferd-invoice.xml", xml)), PDF)
+    status, body = await post(client(*seller), pdf_with(("factur-x.xml", xml), ("zugferd-invoice.xml", xml)), PDF)
     assert (status, body["error"]) == (422, "SEVERAL_EMBEDDED_INVOICES"), body
     assert sorted(d["message"] for d in body["details"]) == ["attachment 'factur-x.xml'", "attachment 'zugferd-invoice.xml'"]
     assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
@@ -247,7 +236,7 @@ async def test_embedded_xml_goes_through_the_hardened_parser(gateway, client, se
     hostile = head + b'<!DOCTYPE rsm:CrossIndustryInvoice [<!ENTITY x SYSTEM "file:///etc/passwd">]>' + sep + rest
     hostile = hostile.replace(b"<ram:ID>TOSL108</ram:ID>", b"<ram:ID>&x;</ram:ID>", 1)
     plain = await post(s, hostile)
-    embedded = await post(s, make_pdf(("factur-x.xml", hostile)), PDF)
+    embedded = await post(s, pdf_with(("factur-x.xml", hostile)), PDF)
     assert (plain.status, plain.json["error"]) == (400, "DTD_FORBIDDEN"), plain
     assert (embedded.status, embedded.json["error"]) == (400, "DTD_FORBIDDEN"), embedded
     assert "root:" not in json.dumps(embedded.json)
@@ -256,7 +245,7 @@ async def test_embedded_xml_goes_through_the_hardened_parser(gateway, client, se
 async def test_a_pdf_embedding_ubl_is_processed_as_ubl(gateway, client):
     # pdf.py takes whatever invoice is attached under a Factur-X name; the pipeline then treats it by its root
     # element, so a UBL invoice inside a PDF is checked (XSD, binding, UBL rules) and accepted like the XML.
-    pdf = make_pdf(("factur-x.xml", SAMPLE))
+    pdf = pdf_with(("factur-x.xml", SAMPLE))
     status, body = await post(client(), pdf, PDF)
     assert status == 202, body
     assert body["rules"]["packs"] == ["en16931 " + RULES_VERSION]

@@ -13,7 +13,6 @@ the stored PDF) is tested in tests/stages/test_cii.py.
 
 from __future__ import annotations
 
-import io
 import random
 import tracemalloc
 import zlib
@@ -21,25 +20,14 @@ from pathlib import Path
 
 import facturx
 import pytest
-from pypdf import PdfWriter
 
 from gateway.errors import LimitExceeded, Malformed, Rejected, UnsupportedDocument
 from gateway.stages.pdf import INVOICE_NAMES, MAX_ATTACHMENTS, embedded_invoice
 from tests.helpers import CORPUS
+from tests.helpers.invoices import pdf_with
 
 CII_EXAMPLE = CORPUS / "invoices/valid/en16931/cii-examples/CII_business_example_01.xml"
 LIMIT = 10_000_000
-
-
-def written(*attachments: tuple[str, bytes]) -> bytes:
-    """A one-page PDF from pypdf's writer with these attachments (stored uncompressed)."""
-    writer = PdfWriter()
-    writer.add_blank_page(width=595, height=842)
-    for name, data in attachments:
-        writer.add_attachment(name, data)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 def hand_made(name: str, stream: bytes, filters: bytes = b"/Filter /FlateDecode") -> bytes:
@@ -69,7 +57,7 @@ def cii(corpus: Path) -> bytes:
 @pytest.fixture(scope="module")
 def factur_x(cii: bytes) -> bytes:
     """A Factur-X PDF as the factur-x library makes it (the XML compressed, XMP metadata, a second attachment)."""
-    return facturx.generate_from_binary(written(), cii, attachments={"delivery-note.txt": {"filedata": b"delivered 2013-06-30"}})
+    return facturx.generate_from_binary(pdf_with(), cii, attachments={"delivery-note.txt": {"filedata": b"delivered 2013-06-30"}})
 
 
 def test_the_invoice_of_a_factur_x_pdf_comes_out_byte_for_byte(factur_x: bytes, cii: bytes):
@@ -80,14 +68,14 @@ def test_the_invoice_of_a_factur_x_pdf_comes_out_byte_for_byte(factur_x: bytes, 
 
 @pytest.mark.parametrize("name", [*INVOICE_NAMES, "ZUGFeRD-invoice.xml", "Factur-X.XML", "XRechnung.xml"])
 def test_the_names_the_specifications_give_in_any_case(name: str):
-    assert embedded_invoice(written(("logo.png", b"\x89PNG"), (name, b"<Invoice/>")), LIMIT) == b"<Invoice/>"
+    assert embedded_invoice(pdf_with(("logo.png", b"\x89PNG"), (name, b"<Invoice/>")), LIMIT) == b"<Invoice/>"
 
 
 @pytest.mark.parametrize("names", [(), ("invoice.xml",), ("factur-x.xml.exe", "zugferd.xml", "xrechnung.xml.p7m")],
                          ids=["none", "other-name", "look-alikes"])
 def test_a_pdf_without_an_invoice_attachment_says_how_to_send_one(names: tuple[str, ...]):
     with pytest.raises(UnsupportedDocument) as caught:
-        embedded_invoice(written(*((n, b"<Invoice/>") for n in names)), LIMIT)
+        embedded_invoice(pdf_with(*((n, b"<Invoice/>") for n in names)), LIMIT)
     assert (caught.value.code, caught.value.http_status) == ("NO_EMBEDDED_INVOICE", 422)
     assert "attach the CII XML as factur-x.xml" in caught.value.message
     assert "or send the XML itself as application/xml" in caught.value.message
@@ -98,7 +86,7 @@ def test_several_invoices_in_one_pdf_are_refused_and_named():
         "xrechnung.xml", "XRechnung.xml", "zugferd-invoice.xml", "ZUGFeRD-invoice.xml"]
     assert len(set(names)) == 12
     with pytest.raises(UnsupportedDocument) as caught:
-        embedded_invoice(written(*((n, b"<Invoice/>") for n in names)), LIMIT)
+        embedded_invoice(pdf_with(*((n, b"<Invoice/>") for n in names)), LIMIT)
     exc = caught.value
     assert (exc.code, exc.message) == ("SEVERAL_EMBEDDED_INVOICES", "the PDF carries more than one embedded invoice; "
                                                                     "send one invoice per PDF")
@@ -121,9 +109,9 @@ def test_the_limit_is_on_the_inflated_invoice(factur_x: bytes, cii: bytes):
 
 def test_more_attachments_than_an_invoice_carries_are_refused():
     others = [(f"page-{i}.txt", b"x") for i in range(MAX_ATTACHMENTS - 1)]
-    assert embedded_invoice(written(*others, ("factur-x.xml", b"<Invoice/>")), LIMIT) == b"<Invoice/>"
+    assert embedded_invoice(pdf_with(*others, ("factur-x.xml", b"<Invoice/>")), LIMIT) == b"<Invoice/>"
     with pytest.raises(LimitExceeded) as caught:
-        embedded_invoice(written(*others, ("page-x.txt", b"x"), ("factur-x.xml", b"<Invoice/>")), LIMIT)
+        embedded_invoice(pdf_with(*others, ("page-x.txt", b"x"), ("factur-x.xml", b"<Invoice/>")), LIMIT)
     assert (caught.value.code, caught.value.message) == ("TOO_LARGE", f"the PDF has more than {MAX_ATTACHMENTS} attachments")
 
 

@@ -5,25 +5,13 @@ in tests/storage/test_base_contract.py; these also reach under it (backdating se
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from gateway.console import security
 from gateway.storage.base import AccountError
 from gateway.storage.sqlite.store import SqliteStore
 from tests.helpers.console import audits, password_hash
-
-
-@pytest_asyncio.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "state")
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def add(store: SqliteStore, name: str, roles: tuple[str, ...] = ("operator",)) -> None:

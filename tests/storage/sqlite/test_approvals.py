@@ -3,25 +3,11 @@ one pending request per target, decided once, withdrawn only by its requester, e
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
-import pytest_asyncio
 
 from gateway.storage.base import AccountError
 from gateway.storage.records import Approval
-from gateway.storage.sqlite.store import SqliteStore
 from tests.helpers.console import audits
-
-
-@pytest_asyncio.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "state")
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_approvals_need_a_second_person(store):

@@ -7,7 +7,6 @@ import math
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -25,13 +24,6 @@ from tests.helpers.records import WAIT, accepted_invoice
 async def put(store: SqliteStore, inv: AcceptedInvoice, *destinations: str) -> Receipt:
     """The durable put, routed to ``destinations``; returns once it is durable (or fails within WAIT)."""
     return await asyncio.wait_for(store.intake.put(replace(inv, destinations=destinations)), WAIT)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "state")
-    yield s
-    await s.close()
 
 
 def committed(store: SqliteStore, message_id: str) -> int:
