@@ -221,6 +221,18 @@ async def test_pdf_with_two_embedded_invoices(gateway, client, seller):
     assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
 
 
+async def test_a_second_invoice_under_another_name_is_refused_and_nothing_stored(gateway, client, seller):
+    """The attack: the checked factur-x.xml is clean, another XML rides along for a reader that takes it instead."""
+    xml = INVOICE.read_bytes()
+    other = xml.replace(b"TOSL108", b"TOSL109")
+    status, body = await post(client(*seller), pdf_with(("factur-x.xml", xml), ("invoice-copy.dat", other)), PDF)
+    assert (status, body["error"]) == (422, "EXTRA_XML_ATTACHMENT"), body
+    assert [d["message"] for d in body["details"]] == ["attachment 'invoice-copy.dat'"]
+    assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
+    await deliver_all(gateway)
+    assert list(gateway.inst.delivery_folder.iterdir()) == []
+
+
 @pytest.mark.parametrize("body", [os.urandom(4096), SAMPLE, b"%PDF-1.7\n" + bytes(range(256)) * 8],
                          ids=["random", "xml", "pdf-header-then-garbage"])
 async def test_not_a_pdf(gateway, client, body):
