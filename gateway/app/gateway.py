@@ -149,8 +149,10 @@ class Gateway:
             sslobj.context = self._tls
 
     async def _serve(self, app: web.Application, unix: socket.socket | None = None, **kwargs: Any) -> asyncio.Server:
+        # auto_decompress off: no listener takes a compressed body (415 UNSUPPORTED_ENCODING on the headers), so
+        # none may inflate one either, not even while draining what the client sends after the reply.
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S,
-                               keepalive_timeout=self.config.https.keepalive_timeout_s)
+                               keepalive_timeout=self.config.https.keepalive_timeout_s, auto_decompress=False)
         await runner.setup()
         self._runners.append(runner)
         assert runner.server is not None

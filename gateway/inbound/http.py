@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from .. import logs
-from ..errors import GatewayError, InternalError, LimitExceeded, Malformed, Overloaded
+from ..errors import GatewayError, InternalError, LimitExceeded, Malformed, Overloaded, UnsupportedMediaType
 from ..tls import spki_sha256_der
 
 XML_MEDIA_TYPES = ("application/xml", "text/xml")
@@ -85,7 +85,16 @@ def client_certificate(request: web.Request) -> bytes | None:
 
 
 def media_type_of(request: web.Request) -> str:
-    """What the stages read the body as: a Factur-X PDF, or XML."""
+    """What the stages read the body as, once its headers are acceptable: a Factur-X PDF, or XML.  A
+    compressed body is refused on its headers alone (the listeners never inflate one: no bombs)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send the XML uncompressed",
+                                   code="UNSUPPORTED_ENCODING")
+    if request.content_type not in (*XML_MEDIA_TYPES, PDF_MEDIA_TYPE):
+        raise UnsupportedMediaType(f"Content-Type {request.content_type!r} is not accepted; send the invoice as "
+                                   "application/xml (or a Factur-X / ZUGFeRD PDF as application/pdf)",
+                                   code="UNSUPPORTED_MEDIA_TYPE")
     return PDF_MEDIA_TYPE if request.content_type == PDF_MEDIA_TYPE else "application/xml"
 
 

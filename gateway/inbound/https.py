@@ -20,15 +20,13 @@ from cryptography import x509
 
 from .. import logs
 from ..config.model import HttpsConfig
-from ..errors import Forbidden, GatewayError, Rejected, UnsupportedMediaType
+from ..errors import Forbidden, GatewayError, Rejected
 from ..model import PeerIdentity, stamp
 from ..partners.book import PartnerBook
 from ..pipeline import Outcome, Pipeline
 from ..stages.revocation import Revocation, RevocationUnknown
 from ..storage.base import Store
 from .http import (
-    PDF_MEDIA_TYPE,
-    XML_MEDIA_TYPES,
     ByteBudget,
     HttpRefusal,
     answer_errors,
@@ -130,20 +128,10 @@ class HttpsInbound:
 
     def _check_headers(self, request: web.Request) -> str:
         """The media type the body is read as, once the headers are acceptable."""
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding != "identity":
-            raise UnsupportedMediaType(
-                f"Content-Encoding {encoding!r} is not accepted; send the XML uncompressed", code="UNSUPPORTED_ENCODING"
-            )
-        if request.content_type not in (*XML_MEDIA_TYPES, PDF_MEDIA_TYPE):
-            raise UnsupportedMediaType(
-                f"Content-Type {request.content_type!r} is not accepted; send the invoice as application/xml "
-                "(or a Factur-X / ZUGFeRD PDF as application/pdf)",
-                code="UNSUPPORTED_MEDIA_TYPE",
-            )
+        media_type = media_type_of(request)
         if request.content_length is not None and request.content_length > self.cfg.max_body_bytes:
             raise too_large(self.cfg.max_body_bytes, request.content_length)
-        return media_type_of(request)
+        return media_type
 
     async def get_invoice(self, request: web.Request) -> web.Response:
         partner = self.partners.current.gate(peer_identity(request))

@@ -17,13 +17,11 @@ from aiohttp import web
 
 from .. import logs
 from ..config.model import HttpsConfig, OutboundConfig
-from ..errors import Forbidden, Rejected, UnsupportedMediaType
+from ..errors import Forbidden, Rejected
 from ..model import stamp
 from ..pipeline import Pipeline
 from ..storage.base import Store
 from .http import (
-    PDF_MEDIA_TYPE,
-    XML_MEDIA_TYPES,
     ByteBudget,
     HttpRefusal,
     answer_errors,
@@ -76,9 +74,7 @@ class SubmitInbound:
 
     async def post(self, request: web.Request) -> web.Response:
         received_at = stamp()
-        if request.content_type not in (*XML_MEDIA_TYPES, PDF_MEDIA_TYPE):
-            raise UnsupportedMediaType(f"Content-Type {request.content_type!r} is not accepted; send application/xml "
-                                       "(or a Factur-X PDF as application/pdf)", code="UNSUPPORTED_MEDIA_TYPE")
+        media_type = media_type_of(request)
         reserve = request.content_length if request.content_length is not None else self.limits.max_body_bytes
         if reserve > self.limits.max_body_bytes:
             raise too_large(self.limits.max_body_bytes, reserve)
@@ -86,7 +82,7 @@ class SubmitInbound:
             body = await read_body(request, self.limits.max_body_bytes, self.limits.read_timeout_s)
             try:
                 async with self.pipeline.attempt("erp") as sub:
-                    outcome = await self.pipeline.submit(sub, body, received_at, media_type_of(request))
+                    outcome = await self.pipeline.submit(sub, body, received_at, media_type)
             except Rejected as exc:
                 log.info("outbound.rejected", code=exc.code, status=exc.http_status, reason=exc.message)
                 self.count("outbound", "rejected", exc.code)

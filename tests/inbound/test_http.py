@@ -231,14 +231,32 @@ async def test_read_body_holds_to_the_limit_it_is_given():
     assert status == 413, text
 
 
-def test_the_media_type_the_body_is_read_as():
-    def request(content_type: str) -> web.Request:
-        return make_mocked_request("POST", "/v1/invoices", headers={"Content-Type": content_type})
+def request_with(content_type: str, **headers: str) -> web.Request:
+    return make_mocked_request("POST", "/v1/invoices", headers={"Content-Type": content_type, **headers})
 
-    assert media_type_of(request("application/pdf")) == PDF_MEDIA_TYPE
-    assert media_type_of(request("Application/PDF; name=invoice.pdf")) == PDF_MEDIA_TYPE
-    for other in ("application/xml", "text/xml; charset=utf-8", "application/octet-stream", "application/pdfx"):
-        assert media_type_of(request(other)) == "application/xml"
+
+def test_the_media_type_the_body_is_read_as():
+    assert media_type_of(request_with("application/pdf")) == PDF_MEDIA_TYPE
+    assert media_type_of(request_with("Application/PDF; name=invoice.pdf")) == PDF_MEDIA_TYPE
+    for xml in ("application/xml", "text/xml; charset=utf-8", "Application/XML"):
+        assert media_type_of(request_with(xml)) == "application/xml"
+    assert media_type_of(request_with("application/xml", **{"Content-Encoding": " Identity "})) == "application/xml"
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "application/pdfx", "application/json", ""])
+def test_other_media_types_are_refused_naming_what_to_send(content_type: str):
+    with pytest.raises(UnsupportedMediaType) as caught:
+        media_type_of(request_with(content_type))
+    assert (caught.value.code, caught.value.http_status) == ("UNSUPPORTED_MEDIA_TYPE", 415)
+    assert "send the invoice as application/xml (or a Factur-X / ZUGFeRD PDF as application/pdf)" in caught.value.message
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "gzip, identity", "x-gzip"])
+def test_any_content_encoding_is_refused_on_the_headers(encoding: str):
+    with pytest.raises(UnsupportedMediaType) as caught:
+        media_type_of(request_with("application/xml", **{"Content-Encoding": encoding}))
+    assert (caught.value.code, caught.value.message) == (
+        "UNSUPPORTED_ENCODING", f"Content-Encoding {encoding!r} is not accepted; send the XML uncompressed")
 
 
 # --- ByteBudget -------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.compression_utils import ZLibBackend
 
 from gateway import logs
 from gateway.app.gateway import Gateway
@@ -189,6 +190,31 @@ async def test_compressed_body_is_415(gateway, client):
     status, body = await post(client(), gzip.compress(SAMPLE), {**XML, "Content-Encoding": "gzip"})
     assert (status, body["error"]) == (415, "UNSUPPORTED_ENCODING"), body
     assert (await gateway.gw.store.reports.counts())["invoices"] == 0
+
+
+class CountingZlib:
+    """zlib as aiohttp's inflater sees it, counting the inflaters made."""
+
+    def __init__(self, real: Any):
+        self.real, self.inflaters = real, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def decompressobj(self, *args: Any, **kwargs: Any) -> Any:
+        self.inflaters += 1
+        return self.real.decompressobj(*args, **kwargs)
+
+
+async def test_a_compressed_body_is_refused_without_being_inflated(gateway, client, monkeypatch):
+    """The 415 is decided on the headers; what the client sends on is drained as sent, never inflated."""
+    spy = CountingZlib(ZLibBackend._zlib_backend)
+    monkeypatch.setattr(ZLibBackend, "_zlib_backend", spy)
+    s = client()
+    status, body = await post(s, gzip.compress(bytes(20_000_000), 9), {**XML, "Content-Encoding": "gzip"})
+    assert (status, body["error"]) == (415, "UNSUPPORTED_ENCODING"), body
+    assert (await post(s, SAMPLE)).status == 202
+    assert spy.inflaters == 0
 
 
 SMALL = {"max_body_bytes": 8192}

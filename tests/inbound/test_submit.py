@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import hashlib
 import shutil
 import socket
@@ -388,6 +389,7 @@ REFUSALS: list[tuple[str, Callable[[Sender], bytes], dict[str, str], int, str]] 
     ("not XML", lambda s: b"%PDF-1.7 or so", XML, 400, "MALFORMED_XML"),
     ("wrong content type", lambda s: SAMPLE, {"Content-Type": "application/json"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
     ("no content type", lambda s: SAMPLE, {}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ("compressed", lambda s: gzip.compress(SAMPLE), {**XML, "Content-Encoding": "gzip"}, 415, "UNSUPPORTED_ENCODING"),
 ]
 
 
