@@ -17,7 +17,10 @@ module is pure: bytes in, values out.  MIME framing and size limits are the call
 
 The allowlists ("no SHA-1 anywhere"):
 
-* key transport: RSAES-PKCS1-v1_5, RSAES-OAEP with SHA-256/384/512 and MGF1-SHA-2 (RFC 8017, RFC 4055);
+* key transport: RSAES-PKCS1-v1_5, RSAES-OAEP with SHA-1/256/384/512 and MGF1 with any of them (RFC 8017,
+  RFC 4055): OAEP's security does not rest on its hash's collision resistance, and SHA-1 is its default,
+  which ``openssl cms`` and most S/MIME and AS2 software send (NIST SP 800-131A allows SHA-1 outside
+  signatures).  SHA-1 stays refused for every signature and digest;
 * content encryption: AES-CBC only inside EnvelopedData, AES-GCM only inside AuthEnvelopedData
   (RFC 5083, RFC 5084, RFC 9709);
 * digests: SHA-256/384/512; signatures: RSA PKCS#1 v1.5, RSASSA-PSS (SHA-2, MGF1-SHA-2), ECDSA on
@@ -73,6 +76,9 @@ ATTR_ALGORITHM_PROTECTION = "1.2.840.113549.1.9.52"  # RFC 6211
 
 DIGESTS = {"2.16.840.1.101.3.4.2.1": "sha256", "2.16.840.1.101.3.4.2.2": "sha384", "2.16.840.1.101.3.4.2.3": "sha512"}
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+# RSAES-OAEP only (key transport): its hash and mask generation hash, never a digest or a signature.
+OAEP_DIGESTS = DIGESTS | {"1.3.14.3.2.26": "sha1"}
+_OAEP_HASHES: dict[str, type[hashes.HashAlgorithm]] = _HASHES | {"sha1": hashes.SHA1}
 
 RSA_ENCRYPTION = "1.2.840.113549.1.1.1"  # rsaEncryption: PKCS#1 v1.5 for both key transport and signatures
 RSAES_OAEP = "1.2.840.113549.1.1.7"
@@ -107,7 +113,6 @@ _NAMES = {
 }
 
 _CIPHER_ADVICE = "this gateway accepts AES-128/192/256 in CBC (EnvelopedData) or GCM (AuthEnvelopedData)"
-_OAEP_ADVICE = "use -keyopt rsa_oaep_md:sha256 -keyopt rsa_mgf1_md:sha256"
 _DIGEST_ADVICE = "this gateway accepts SHA-256, SHA-384 or SHA-512 (e.g. openssl cms -sign -md sha256)"
 _SIGNATURE_ADVICE = ("this gateway accepts RSA PKCS#1 v1.5 or RSASSA-PSS with SHA-2, "
                      "or ECDSA with SHA-2 on P-256/P-384/P-521")
@@ -199,7 +204,7 @@ class Decrypted:
 
     content: bytes = field(repr=False)
     structure: str  # "enveloped-data" | "authenveloped-data"
-    key_transport: str  # "rsaes-pkcs1-v1_5" | "rsaes-oaep-sha256" | "rsaes-oaep-sha384" | "rsaes-oaep-sha512"
+    key_transport: str  # "rsaes-pkcs1-v1_5" | "rsaes-oaep-<hash>", "-mgf1-<hash>" when MGF1's differs (sha1/256/384/512)
     cipher: str  # "aes-{128,192,256}-cbc" | "aes-{128,192,256}-gcm"
 
 
@@ -342,14 +347,16 @@ def _key_transport(alg: Any) -> tuple[str, padding.AsymmetricPadding]:
     md: str = params["hash_algorithm"]["algorithm"].dotted
     mgf = params["mask_gen_algorithm"]
     mgf_md: str = mgf["parameters"]["algorithm"].dotted if mgf["algorithm"].dotted == MGF1 else ""
-    if md not in DIGESTS or mgf_md not in DIGESTS:
+    if md not in OAEP_DIGESTS or mgf_md not in OAEP_DIGESTS:
         _refuse(f"the content key is transported with RSAES-OAEP using {_name(md)} and MGF1 with {_name(mgf_md or '?')}; "
-                f"this gateway requires SHA-256/384/512 for both (no SHA-1): {_OAEP_ADVICE}", path)
+                "this gateway accepts SHA-1, SHA-256, SHA-384 or SHA-512 for both", path)
     source = params["p_source_algorithm"]
     if source["algorithm"].dotted != P_SPECIFIED:
         _malformed("RSAES-OAEP pSourceAlgorithm must be id-pSpecified", path)
     label: bytes = source["parameters"].native
-    return f"rsaes-oaep-{DIGESTS[md]}", padding.OAEP(padding.MGF1(_hash(DIGESTS[mgf_md])), _hash(DIGESTS[md]), label or None)
+    name, mgf_name = OAEP_DIGESTS[md], OAEP_DIGESTS[mgf_md]
+    scheme = padding.OAEP(padding.MGF1(_OAEP_HASHES[mgf_name]()), _OAEP_HASHES[name](), label or None)
+    return f"rsaes-oaep-{name}" + (f"-mgf1-{mgf_name}" if mgf_name != name else ""), scheme
 
 
 def _unwrap(key: rsa.RSAPrivateKey, encrypted_key: bytes, scheme: padding.AsymmetricPadding, size: int) -> bytes:

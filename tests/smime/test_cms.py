@@ -234,6 +234,13 @@ def test_openssl_streamed_ber_signature_verifies(pki: Pki) -> None:
      "enveloped-data", "rsaes-oaep-sha256", "aes-256-cbc"),
     (("-aes-256-gcm", "-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha512", "-keyopt", "rsa_mgf1_md:sha512"),
      "authenveloped-data", "rsaes-oaep-sha512", "aes-256-gcm"),
+    # OAEP as openssl cms and most S/MIME and AS2 software send it: SHA-1 for both hashes (its defaults),
+    # or SHA-256 with MGF1-SHA-1 (as Java's OAEPWithSHA-256AndMGF1Padding).
+    (("-aes256", "-keyopt", "rsa_padding_mode:oaep"), "enveloped-data", "rsaes-oaep-sha1", "aes-256-cbc"),
+    (("-aes-256-gcm", "-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256", "-keyopt", "rsa_mgf1_md:sha1"),
+     "authenveloped-data", "rsaes-oaep-sha256-mgf1-sha1", "aes-256-gcm"),
+    (("-aes-256-gcm", "-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha1", "-keyopt", "rsa_mgf1_md:sha384"),
+     "authenveloped-data", "rsaes-oaep-sha1-mgf1-sha384", "aes-256-gcm"),
     (("-aes-256-gcm", "-stream"), "authenveloped-data", "rsaes-pkcs1-v1_5", "aes-256-gcm"),
     (("-aes256", "-stream"), "enveloped-data", "rsaes-pkcs1-v1_5", "aes-256-cbc"),
 ])
@@ -339,10 +346,22 @@ def test_des3_is_refused(pki: Pki) -> None:
     assert "DES-EDE3-CBC" in err.message and "AES" in err.message
 
 
-def test_oaep_with_sha1_defaults_is_refused(pki: Pki) -> None:
-    der = ossl_encrypt(pki.gw, "-aes256", "-keyopt", "rsa_padding_mode:oaep")
+@pytest.mark.parametrize(("md", "mgf1"), [("md5", "sha256"), ("sha256", "md5"), ("sha224", "sha224")])
+def test_oaep_with_a_hash_outside_sha1_and_sha2_is_refused(pki: Pki, md: str, mgf1: str) -> None:
+    der = ossl_encrypt(pki.gw, "-aes256", "-keyopt", "rsa_padding_mode:oaep", "-keyopt", f"rsa_oaep_md:{md}",
+                       "-keyopt", f"rsa_mgf1_md:{mgf1}")
     err = rejects("SMIME_ALGORITHM_REFUSED", lambda: decrypt(pki, der))
-    assert "-keyopt rsa_oaep_md:sha256 -keyopt rsa_mgf1_md:sha256" in err.message
+    assert err.message.endswith("this gateway accepts SHA-1, SHA-256, SHA-384 or SHA-512 for both"), err.message
+
+
+def test_sha1_accepted_for_oaep_stays_refused_for_signatures(pki: Pki) -> None:
+    """The one place SHA-1 is allowed is OAEP's hashes: a SHA-1 signature under OAEP-SHA-1 encryption is refused."""
+    signed = openssl("-sign", "-binary", "-nodetach", "-outform", "DER", "-md", "sha1", "-signer", pki.rsa.cert_path,
+                     "-inkey", pki.rsa.key_path, data=CONTENT)
+    opened = decrypt(pki, ossl_encrypt(pki.gw, "-aes256", "-keyopt", "rsa_padding_mode:oaep", content=signed))
+    assert opened.key_transport == "rsaes-oaep-sha1"
+    err = rejects("SMIME_ALGORITHM_REFUSED", lambda: cms.verify(opened.content))
+    assert "SHA-256" in err.message
 
 
 @pytest.mark.parametrize("md", ["sha1", "md5", "sha224"])
