@@ -90,9 +90,9 @@ class Gateway:
                              replies=ReplySender(lambda: self.mailer) if config.smtp is not None else None)
         self.pipeline = self._pipeline(config, self.parts)
         self.https = HttpsInbound(config.https, self.pipeline, self.parts.partners, self.store, self.outbox.wake.set,
-                                  count=self.metrics.invoice, revocation=self.parts.revocation)
+                                  count=self.metrics.invoice, revocation=self.parts.revocation, clock=self.clock)
         self.submit = (SubmitInbound(config.outbound, config.https, self.pipeline, self.store, self.outbox.wake.set,
-                                     count=self.metrics.invoice) if config.outbound is not None else None)
+                                     count=self.metrics.invoice, clock=self.clock) if config.outbound is not None else None)
         self.smtp = self._smtp(config, self.parts)
         self.housekeeping = Housekeeping(config, self.store, self.io_executor, lambda: self.parts.partners.current,
                                          lambda: self.parts.signer, ExpiryWarnings(

@@ -12,11 +12,14 @@ import contextlib
 import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 
 from aiohttp import web
+from cryptography import x509
 
 from .. import logs
-from ..errors import GatewayError, InternalError, LimitExceeded, Malformed, Overloaded, UnsupportedMediaType
+from ..errors import Forbidden, GatewayError, InternalError, LimitExceeded, Malformed, Overloaded, UnsupportedMediaType
+from ..model import stamp
 from ..tls import spki_sha256_der
 
 XML_MEDIA_TYPES = ("application/xml", "text/xml")
@@ -70,10 +73,33 @@ def too_large(limit: int, size: int | None = None) -> LimitExceeded:
     return LimitExceeded(f"{what} exceeds the limit of {limit} bytes", code="TOO_LARGE")
 
 
+class CertificateExpired(Forbidden):
+    code = "CERT_EXPIRED"
+
+
 @functools.lru_cache(maxsize=4096)
 def certificate_identity(der: bytes) -> tuple[str, str]:
     """(SPKI SHA-256, subject) of a client certificate, remembered: keep-alive clients present the same one."""
     return spki_sha256_der(der)
+
+
+@functools.lru_cache(maxsize=1024)
+def loaded_certificate(der: bytes) -> x509.Certificate:
+    """A client certificate, parsed once: keep-alive clients present the same one on every request."""
+    return x509.load_der_x509_certificate(der)
+
+
+def check_validity(cert: x509.Certificate, now: datetime) -> None:
+    """The handshake checked the certificate's validity period, but a TLS session outlives its handshake (a
+    resumed session, a kept-alive connection): every request checks it again."""
+    if now > cert.not_valid_after_utc:
+        raise CertificateExpired(
+            f"your client certificate (serial {cert.serial_number:#x}) expired at {stamp(cert.not_valid_after_utc)}; "
+            "this connection began before: get a new certificate registered, then reconnect")
+    if now < cert.not_valid_before_utc:
+        raise CertificateExpired(
+            f"your client certificate (serial {cert.serial_number:#x}) is valid only from "
+            f"{stamp(cert.not_valid_before_utc)}")
 
 
 def client_certificate(request: web.Request) -> bytes | None:

@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from cryptography import x509
 
-from .. import logs
+from .. import clock, logs
+from ..clock import Clock, SystemClock
 from ..config.model import HttpsConfig
 from ..errors import Forbidden, GatewayError, Rejected
 from ..model import PeerIdentity, stamp
@@ -31,7 +31,9 @@ from .http import (
     HttpRefusal,
     answer_errors,
     certificate_identity,
+    check_validity,
     client_certificate,
+    loaded_certificate,
     media_type_of,
     read_body,
     too_large,
@@ -52,8 +54,9 @@ class HttpsInbound:
     def __init__(self, cfg: HttpsConfig, pipeline: Pipeline, partners: PartnerBook, store: Store,
                  on_accepted: Callable[[], None],
                  count: Callable[[str, str, str], None] = lambda transport, outcome, code: None,
-                 revocation: Revocation | None = None):
+                 revocation: Revocation | None = None, clock: Clock | None = None):
         self.cfg = cfg
+        self.clock = clock or SystemClock()  # what a certificate's validity is judged at
         self.revocation = revocation  # CRL checks of partner certificates (off without revocation.crls)
         self.count = count  # (transport, outcome, code): the metrics counter
         self.pipeline = pipeline
@@ -79,7 +82,7 @@ class HttpsInbound:
             async with self.pipeline.attempt("https") as sub:
                 sub.peer = peer_identity(request)
                 sub.partner = self.partners.current.gate(sub.peer)
-                self._check_revocation(request, bound)
+                self._check_certificate(request, bound)
                 bound = bound.bind(partner=sub.partner.name)
                 media_type = self._check_headers(request)
                 reserve = request.content_length if request.content_length is not None else self.cfg.max_body_bytes
@@ -112,14 +115,19 @@ class HttpsInbound:
         self.on_accepted()
         self.count("https", "held" if receipt.status == "held" else "accepted", "OK")
 
-    def _check_revocation(self, request: web.Request, bound: Any) -> None:
-        """After the cheap allowlist check: is the partner's certificate revoked by its CA?"""
+    def _check_certificate(self, request: web.Request, bound: Any) -> None:
+        """After the cheap allowlist check, on every request (a TLS session outlives the handshake that checked
+        the certificate: resumed, or kept alive): is the partner's certificate still valid, and not revoked?"""
         der = client_certificate(request)
-        if self.revocation is None or not self.revocation.policy.crl_files or der is None:
+        if der is None:
             return
-        cert = x509.load_der_x509_certificate(der)
+        cert = loaded_certificate(der)
+        now = clock.now(self.clock)
+        check_validity(cert, now)
+        if self.revocation is None or not self.revocation.policy.crl_files:
+            return
         try:
-            status = self.revocation.check_peer(cert)
+            status = self.revocation.check_peer(cert, now)
         except RevocationUnknown as exc:
             bound.error("revocation.unknown", reason=exc.reason, serial=f"{cert.serial_number:#x}")
             raise
@@ -135,6 +143,7 @@ class HttpsInbound:
 
     async def get_invoice(self, request: web.Request) -> web.Response:
         partner = self.partners.current.gate(peer_identity(request))
+        self._check_certificate(request, log.bind(transport="https", peer=request.remote, partner=partner.name))
         message_id = request.match_info["message_id"]
         status = await self.store.intake.status(message_id, partner.name) if len(message_id) <= 64 else None
         if status is None:

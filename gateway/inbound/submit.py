@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .. import logs
+from .. import clock, logs
+from ..clock import Clock, SystemClock
 from ..config.model import HttpsConfig, OutboundConfig
 from ..errors import Forbidden, Rejected
 from ..model import stamp
@@ -26,7 +27,9 @@ from .http import (
     HttpRefusal,
     answer_errors,
     certificate_identity,
+    check_validity,
     client_certificate,
+    loaded_certificate,
     media_type_of,
     read_body,
     too_large,
@@ -38,8 +41,9 @@ log = logs.get("inbound.outbound")
 class SubmitInbound:
     def __init__(self, cfg: OutboundConfig, limits: HttpsConfig, pipeline: Pipeline, store: Store,
                  on_accepted: Callable[[], None],
-                 count: Callable[[str, str, str], None] = lambda transport, outcome, code: None):
+                 count: Callable[[str, str, str], None] = lambda transport, outcome, code: None, clock: Clock | None = None):
         self.cfg = cfg
+        self.clock = clock or SystemClock()  # what a certificate's validity is judged at
         self.count = count  # (transport, outcome, code): the metrics counter
         self.limits = limits  # body size and timeouts: the partner listener's
         self.pipeline = pipeline
@@ -71,6 +75,8 @@ class SubmitInbound:
         if spki not in self.cfg.client_spki:
             raise Forbidden("this client certificate may not submit invoices for sending "
                             f"(certificate key SHA-256 {spki}); list it in outbound.client_spki", code="SUBMITTER_UNKNOWN")
+        assert der is not None
+        check_validity(loaded_certificate(der), clock.now(self.clock))
 
     async def post(self, request: web.Request) -> web.Response:
         received_at = stamp()

@@ -11,21 +11,39 @@ import asyncio
 import hashlib
 import json
 import re
+import socket
+import ssl
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway import devpki
 from gateway.cli.demo import SAMPLE
-from gateway.model import PartnerStatus
+from gateway.model import PartnerStatus, stamp
+from gateway.operations import instance
 from gateway.operations.instance import DEMO_PARTNER
 from gateway.partners.book import editing
 from gateway.partners.edit import register_partner, store_certificate, with_status
 from gateway.tls import client_context
-from tests.helpers import FOREIGN, FOREIGN_IDS, HANDSHAKE_FAILED, add_partner, numbered, post
+from tests.helpers import (
+    FOREIGN,
+    FOREIGN_IDS,
+    HANDSHAKE_FAILED,
+    FakeClock,
+    Running,
+    add_partner,
+    numbered,
+    post,
+    rewrite_config,
+    serving,
+)
 
 
 async def get(session: aiohttp.ClientSession, message_id: str) -> tuple[int, dict]:
@@ -185,3 +203,82 @@ async def test_curl(gateway, tmp_path: Path):  # T-01 with curl, with and withou
     assert reply["sha256"] == hashlib.sha256(SAMPLE).hexdigest()
     rc, out, err = await run(*common)  # no client certificate: no HTTP reply at all
     assert rc != 0 and out == "\n000", out + err
+
+
+# --- a TLS session outlives the handshake that checked the certificate (issue 20, items 9 and 10) ---------
+
+
+def _https_request(running: Running, method: str, path: str, body: bytes, context: ssl.SSLContext,
+                   session: ssl.SSLSession | None = None) -> tuple[int, dict[str, Any], ssl.SSLSession | None, bool]:
+    """One request on a fresh connection, resuming ``session`` when given: (status, JSON reply, the session to
+    resume next time, whether this one was resumed).  Blocking: run it in a thread."""
+    with socket.create_connection(("127.0.0.1", running.gw.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/xml\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        tls.sendall(head + body)
+        reply = b""
+        while chunk := tls.recv(65536):
+            reply += chunk
+        status = int(reply.split(b" ", 2)[1])
+        return status, json.loads(reply.partition(b"\r\n\r\n")[2]), tls.session, tls.session_reused
+
+
+async def test_a_resumed_session_is_refused_once_its_certificate_expired(inst) -> None:
+    clock = FakeClock()
+    async with serving(inst, clock=clock) as running:
+        context = running.ssl()
+        status, first, session, _ = await asyncio.to_thread(_https_request, running, "POST", "/v1/invoices", SAMPLE, context)
+        assert status == 202, first
+        status, again, session, resumed = await asyncio.to_thread(
+            _https_request, running, "GET", f"/v1/invoices/{first['message_id']}", b"", context, session)
+        assert (status, resumed) == (200, True), again  # a resumed session, no handshake: no certificate check by TLS
+        expiry = x509.load_pem_x509_certificate(inst.demo_client.cert.read_bytes()).not_valid_after_utc
+        await clock.advance(expiry.timestamp() - clock.time() + 60)
+        for method, path, body in (("POST", "/v1/invoices", numbered("RESUMED-2")),
+                                   ("GET", f"/v1/invoices/{first['message_id']}", b"")):
+            status, reply, session, resumed = await asyncio.to_thread(_https_request, running, method, path, body,
+                                                                      context, session)
+            assert (resumed, status, reply["error"]) == (True, 403, "CERT_EXPIRED"), reply
+            assert f"expired at {stamp(expiry)}" in reply["message"]
+        assert (await running.gw.store.reports.counts())["invoices"] == 1
+
+
+async def test_a_kept_alive_connection_is_refused_once_its_certificate_expired(inst) -> None:
+    clock = FakeClock()
+    async with serving(inst, clock=clock) as running, running.session() as s:
+        first = await post(s, SAMPLE)
+        assert first.status == 202, first.text
+        expiry = x509.load_pem_x509_certificate(inst.demo_client.cert.read_bytes()).not_valid_after_utc
+        await clock.advance(expiry.timestamp() - clock.time() + 1)
+        late = await post(s, numbered("KEPT-ALIVE-2"))
+        assert (late.status, late.json["error"]) == (403, "CERT_EXPIRED"), late.text
+        async with s.get(f"/v1/invoices/{first.json['message_id']}") as r:
+            assert (r.status, (await r.json())["error"]) == (403, "CERT_EXPIRED")
+
+
+def revoke(inst: instance.Instance, cert_path: Path) -> Path:
+    """A CRL from the instance CA that revokes ``cert_path``; named in the configuration's [revocation]."""
+    ca = x509.load_pem_x509_certificate(inst.ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(inst.ca.key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+    now = datetime.now(UTC)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(now - timedelta(hours=1))
+           .next_update(now + timedelta(days=1))
+           .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                    .revocation_date(now - timedelta(minutes=5)).build())
+           .sign(ca_key, hashes.SHA256()))
+    path = inst.root / "pki" / "ca.crl"
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    rewrite_config(inst.config, lambda c: c.setdefault("revocation", {}).update(crls=[str(path)]))
+    return path
+
+
+async def test_revocation_is_checked_on_status_requests_too(inst) -> None:
+    revoke(inst, inst.demo_client.cert)
+    async with serving(inst) as running, running.session() as s:
+        posted = await post(s, SAMPLE)
+        assert (posted.status, posted.json["error"]) == (403, "CERT_REVOKED"), posted.text
+        async with s.get("/v1/invoices/0d9a0000-0000-4000-8000-000000000000") as r:
+            assert (r.status, (await r.json())["error"]) == (403, "CERT_REVOKED")
