@@ -255,6 +255,8 @@ def _smtp(r: Reader, https: HttpsConfig) -> SmtpConfig | None:
         command_timeout_s=r.number("command_timeout_s", 300.0, minimum=1.0),
         data_timeout_s=r.number("data_timeout_s", 600.0, minimum=1.0),
         max_sessions=r.integer("max_sessions", 200, minimum=1),
+        max_sessions_per_client=r.integer("max_sessions_per_client", 10, minimum=1),
+        transaction_deadline_s=r.number("transaction_deadline_s", 60.0, minimum=1.0),
         replies=r.boolean("replies", True),
         reply_cipher=r.choice("reply_cipher", CIPHERS, "aes-256-gcm"),
     )

@@ -136,6 +136,8 @@ class SmtpConfig:
     command_timeout_s: float  # idle time allowed between commands
     data_timeout_s: float  # for the whole DATA transfer
     max_sessions: int  # connections at once; more get 421
+    max_sessions_per_client: int  # connections at once from one address (IPv6: one /64); more get 421
+    transaction_deadline_s: float  # from connecting (or the last message) to STARTTLS done and MAIL accepted
     replies: bool  # a signed reply e-mail with the outcome to the sending partner (needs [smarthost])
     reply_cipher: str
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import re
 import ssl
@@ -140,24 +141,75 @@ def _longest_line(content: bytes, window: int = 64 * 1024) -> int:
     return longest
 
 
+def client_of(peername: Any) -> str:
+    """Whom a connection counts against: its IPv4 address, or its IPv6 /64 (one host's usual allocation)."""
+    host = peername[0] if isinstance(peername, tuple) and peername else str(peername)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a Unix socket or an unusual transport: itself
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class _Session(SMTP):
-    """aiosmtpd's SMTP with a cap on concurrent sessions and a faster DATA transfer."""
+    """aiosmtpd's SMTP with caps on concurrent sessions (in all and per client), a deadline for each
+    transaction to get going, and a faster DATA transfer."""
 
     def __init__(self, owner: SmtpInbound, **kwargs: Any):
         super().__init__(owner, **kwargs)
         self.owner = owner
+        self._client: str | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if getattr(self, "_counted", False):  # called again for the TLS transport after STARTTLS: the same session
+        if self._client is not None:  # called again for the TLS transport after STARTTLS: the same session
             super().connection_made(transport)
             return
-        if self.owner.sessions >= self.owner.cfg.max_sessions:
-            transport.write(b"421 4.3.2 Too many connections; try again later\r\n")  # type: ignore[attr-defined]
+        client = client_of(transport.get_extra_info("peername"))
+        refusal = (b"421 4.3.2 Too many connections; try again later" if self.owner.sessions >= self.owner.cfg.max_sessions
+                   else b"421 4.7.0 Too many connections from your address; try again later"
+                   if self.owner.per_client.get(client, 0) >= self.owner.cfg.max_sessions_per_client else None)
+        if refusal is not None:
+            transport.write(refusal + b"\r\n")  # type: ignore[attr-defined]
             transport.close()
             return
         self.owner.sessions += 1
-        self._counted = True
+        self.owner.per_client[client] = self.owner.per_client.get(client, 0) + 1
+        self._client = client
+        self._start_deadline()
         super().connection_made(transport)
+
+    def _start_deadline(self) -> None:
+        """From now, STARTTLS done and MAIL accepted within transaction_deadline_s, whatever else is sent
+        (NOOP, RSET, HELP reset aiosmtpd's idle timer, not this)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.owner.cfg.transaction_deadline_s, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        log.info("smtp.deadline", peer=self._client, deadline_s=self.owner.cfg.transaction_deadline_s)
+        if self.transport is not None:
+            self.transport.write(b"421 4.4.2 No message started in time; closing\r\n")  # type: ignore[attr-defined]
+            self.transport.close()
+
+    def _set_post_data_state(self) -> None:
+        """A transaction ended (DATA, refused or not, or RSET): the next one must get going in time too.  One
+        not yet started keeps its deadline (an RSET does not extend it)."""
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        if self._client is not None and self._deadline is None:
+            self._start_deadline()
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(arg)
+        if self._deadline is not None and self._tls_protocol is not None and self.envelope is not None \
+                and self.envelope.mail_from is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -177,7 +229,7 @@ class _Session(SMTP):
         try:
             content = await read_data(self._reader, self.data_size_limit or self.owner.cfg.max_message_bytes)
         except DataRefused as refused:
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self._set_post_data_state()
             await self.push(refused.reply)
             return
         except asyncio.IncompleteReadError:  # the client went away mid-transfer
@@ -188,7 +240,7 @@ class _Session(SMTP):
             raise
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -204,8 +256,13 @@ class _Session(SMTP):
         return address, arg[match.end():]
 
     def connection_lost(self, error: Exception | None) -> None:
-        if getattr(self, "_counted", False):
-            self._counted = False
+        if self._client is not None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            left = self.owner.per_client.pop(self._client) - 1
+            if left:
+                self.owner.per_client[self._client] = left
+            self._client = None
             self.owner.sessions -= 1
             super().connection_lost(error)
 
@@ -219,6 +276,7 @@ class SmtpInbound:
         self.on_accepted = on_accepted  # wakes the outbox: an invoice to deliver, or a reply to send
         self.count = count
         self.sessions = 0
+        self.per_client: dict[str, int] = {}  # sessions by client_of() their address
         self.inflight = 0  # messages being processed after DATA (stop waits for them)
         self.reconfigure(cfg, pipeline, vault, tls, replies)
 

@@ -45,7 +45,7 @@ from gateway.cli import main as cli
 from gateway.cli.demo import SAMPLE
 from gateway.model import Partner
 from gateway.operations import instance
-from tests.helpers import Running, audit_of, eventually, numbered, serving
+from tests.helpers import Running, audit_of, eventually, numbered, rewrite_config, serving
 from tests.helpers.mail import b64lines, encrypt, part, sign, tamper_der
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl cms is the independent S/MIME peer")
@@ -1101,6 +1101,68 @@ async def test_sessions_are_counted_once_and_released(inst: instance.Instance) -
                     return exc.smtp_code
 
         assert await asyncio.to_thread(over_the_limit) == 421
+
+
+def smtp_settings(inst: instance.Instance, **settings: object) -> None:
+    rewrite_config(inst.config, lambda c: c["smtp"].update(settings))
+
+
+async def test_one_address_cannot_take_every_session(inst: instance.Instance) -> None:
+    """Past smtp.max_sessions_per_client, one address gets 421 while another still gets in (issue 20, item 8)."""
+    smtp_settings(inst, max_sessions_per_client=2)
+    async with serving(inst, level="warning") as r:
+        def sessions() -> tuple[int, bytes, int, int]:
+            with connect(r) as a, connect(r) as b:
+                a.noop(), b.noop()
+                try:
+                    with connect(r) as c:
+                        third, text = c.noop()
+                except smtplib.SMTPConnectError as exc:
+                    third, text = exc.smtp_code, exc.smtp_error
+                with smtplib.SMTP("127.0.0.1", smtp_port(r), timeout=30, source_address=("127.0.0.2", 0)) as other:
+                    elsewhere = other.noop()[0]
+            with connect(r) as again:  # the first two are closed: their places are free
+                return third, text, elsewhere, again.noop()[0]
+
+        third, text, elsewhere, again = await asyncio.to_thread(sessions)
+        await eventually(lambda: r.gw.smtp is not None and r.gw.smtp.per_client == {}, "every session released", 2.5)
+    assert (third, elsewhere, again) == (421, 250, 250)
+    assert text.startswith(b"4.7.0 Too many connections from your address"), text
+
+
+def noops_until_closed(s: smtplib.SMTP, most: int = 40) -> int:
+    """NOOPs every 0.1 s until the server closes the session; how many it answered."""
+    for n in range(most):
+        try:
+            code = s.noop()[0]
+        except smtplib.SMTPServerDisconnected:
+            return n
+        if code != 250:
+            return n
+        time.sleep(0.1)
+    raise AssertionError(f"the session was still open after {most} NOOPs")
+
+
+async def test_a_session_that_starts_no_message_is_closed_whatever_it_sends(inst: instance.Instance) -> None:
+    """STARTTLS and MAIL within smtp.transaction_deadline_s of connecting (or of the last transaction), however
+    many NOOPs keep the idle timer happy; a MAIL stops the clock until the transaction ends."""
+    smtp_settings(inst, transaction_deadline_s=1.0)
+    async with serving(inst, level="warning") as r:
+        def idle_then_busy() -> tuple[int, int, int]:
+            with connect(r) as plain:
+                before_mail = noops_until_closed(plain)
+            with secured(r) as s:
+                assert s.mail(DEMO)[0] == 250
+                for _ in range(15):  # 1.5 s, past the deadline, inside a transaction
+                    assert s.noop()[0] == 250
+                    time.sleep(0.1)
+                assert s.rset()[0] == 250  # the transaction ended: the clock runs again
+                after_rset = noops_until_closed(s)
+            return before_mail, 15, after_rset
+
+        before_mail, kept, after_rset = await asyncio.to_thread(idle_then_busy)
+    assert 3 <= before_mail <= 15 and 3 <= after_rset <= 15, (before_mail, after_rset)
+    assert kept == 15
 
 
 @shared
