@@ -29,7 +29,7 @@ from typing import Any
 
 from .. import logs
 from ..config.model import DeliveryConfig
-from ..errors import VaultError
+from ..errors import StorageUnavailable, VaultError
 from ..model import stamp
 from ..storage.base import OutboxStore
 from ..storage.records import Job, NoticeJob
@@ -39,6 +39,9 @@ from .sender import DeliveryFailed, Sender
 
 STOP_LOOP_WAIT_S = 5.0  # at shutdown, for a claim transaction under way
 POLL_S = 0.25  # also woken at once after each acceptance in this process (other workers: by polling)
+# An outcome whose write failed (the store busy or full) is written again at once, then after these pauses:
+# left alone, the job would stay leased, neither delivered nor retried, for the whole lease.
+RECORD_RETRY_S = (0.05, 0.25, 1.0, 4.0)
 
 log = logs.get("delivery")
 
@@ -107,6 +110,7 @@ class Outbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self._run_task: asyncio.Task[Any] | None = None
         self._stopping = False
+        self.record_retry_s = RECORD_RETRY_S
 
     def reconfigure(self, senders: dict[str, Sender], cfg: DeliveryConfig, vault: Vault) -> list[Sender]:
         """Take a reloaded configuration; attempts in flight finish with the sender they started with.
@@ -272,5 +276,16 @@ class Outbox:
 
     async def _record(self, job: Job, *, delivered_at: str | None = None, error: str | None = None,
                       next_attempt_at: float | None = None, dead: bool = False) -> None:
-        await self.store.record(job, delivered_at=delivered_at, next_attempt_at=next_attempt_at, error=error, dead=dead,
-                                owner=self.owner)
+        for pause in (*self.record_retry_s, None):
+            try:
+                await self.store.record(job, delivered_at=delivered_at, next_attempt_at=next_attempt_at, error=error,
+                                        dead=dead, owner=self.owner)
+                return
+            except StorageUnavailable as exc:
+                bound = log.bind(message_id=job.message_id, destination=job.destination, error=str(exc))
+                if pause is None:  # the lease lapses in time and the job is offered again (to any node)
+                    bound.error("delivery.record_failed", tries=len(self.record_retry_s) + 1,
+                                outcome="delivered" if delivered_at else "dead_letter" if dead else "retry")
+                    return
+                bound.warning("delivery.record_retry", retry_in_s=pause)
+                await asyncio.sleep(pause)

@@ -24,6 +24,7 @@ import pytest
 from gateway import logs
 from gateway.config.model import DeliveryConfig
 from gateway.delivery.outbox import Breaker, Outbox
+from gateway.errors import StorageUnavailable
 from gateway.storage.base import NotHeld
 from gateway.storage.records import DeliveryJob
 from tests.helpers import eventually
@@ -62,6 +63,52 @@ async def test_a_sender_error_outside_the_known_ones_is_still_recorded(env: Env,
     assert erp.seen == []
     job = env.job(mid)
     assert (job["attempts"], job["lease_owner"]) == (1, None) and job["last_error"]
+
+
+# --- an outcome the store could not take (issue 20, item 13) -----------------------------------------------
+
+
+class FailingRecords:
+    """The outbox's store, whose next ``failures`` writes of an outcome fail as a full or busy store's do."""
+
+    def __init__(self, store: Any, failures: int):
+        self.store, self.failures = store, failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def record(self, *args: Any, **kwargs: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StorageUnavailable("the invoice could not be stored durably; retry later")
+        await self.store.record(*args, **kwargs)
+
+
+async def test_an_outcome_whose_write_failed_is_written_again_at_once(env: Env, start_erp: StartErp,
+                                                                      log_lines: Callable[[], list[dict[str, Any]]]) -> None:
+    erp = await start_erp()
+    box = env.outbox(env.https(erp.url))
+    box.store, box.record_retry_s = FailingRecords(box.store, 2), (0.0, 0.0, 0.0, 0.0)
+    mid = await env.accept()
+    env.due(mid)
+    assert await box.run_once() == 1
+    job = env.job(mid)
+    assert (job["state"], job["attempts"], job["lease_owner"]) == ("delivered", 1, None)
+    assert len(erp.seen) == 1
+    assert [e["event"] for e in log_lines() if e["event"].startswith("delivery.record")] == ["delivery.record_retry"] * 2
+
+
+async def test_an_outcome_that_cannot_be_written_is_logged_and_left_to_the_lease(
+        env: Env, start_erp: StartErp, log_lines: Callable[[], list[dict[str, Any]]]) -> None:
+    erp = await start_erp()
+    box = env.outbox(env.https(erp.url))
+    box.store, box.record_retry_s = FailingRecords(box.store, 99), (0.0, 0.0)
+    mid = await env.accept()
+    env.due(mid)
+    assert await box.run_once() == 1  # nothing escapes the attempt
+    assert env.job(mid)["lease_owner"] == "n1"  # offered again when the lease lapses
+    [failed] = [e for e in log_lines() if e["event"] == "delivery.record_failed"]
+    assert (failed["tries"], failed["outcome"], failed["message_id"], failed["level"]) == (3, "delivered", mid, "error")
 
 
 # --- retries: backoff and Retry-After ------------------------------------------------------------------
