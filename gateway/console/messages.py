@@ -8,13 +8,16 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import GatewayError
+from .. import logs
+from ..errors import GatewayError, VaultError
 from ..operations.housekeeping import expiring, inventory
 from ..storage.base import AccountError
 from ..storage.records import MessageDetail
 from . import views
 from .context import ConsoleContext
 from .guard import Refused, page
+
+log = logs.get("console")
 
 
 class MessagePages:
@@ -81,9 +84,18 @@ class MessagePages:
         if found is None:
             raise Refused(404, "no such message", audit=False)
         sealed = await self.c.store.outbox.load_sealed(message_id)
-        if sealed is None:
-            raise Refused(404, "the stored content of this message is missing", audit=False)
-        body = await self.c.run(self.c.vault().open, sealed, message_id, found.sha256)
+        try:
+            if sealed is None:
+                raise VaultError("the stored object is missing")
+            body = await self.c.run(self.c.vault().open, sealed, message_id, found.sha256)
+        except VaultError as exc:
+            reason = "missing" if sealed is None else "failed authentication"
+            log.error("console.content_unreadable", message_id=message_id, reason=reason)
+            await self.c.store.audit.append(self.c.actor(request), "console.content_unreadable", found.partner,
+                                            message_id, {"sha256": found.sha256, "reason": reason})
+            raise Refused(500, f"the stored content of this message cannot be opened: it is {reason} (damaged or "
+                          "altered at rest, or sealed under a master key this gateway no longer has); restore it from "
+                          "a backup, or check vault.keys", audit=False) from exc
         await self.c.store.audit.append(self.c.actor(request), "console.content_viewed", found.partner, message_id,
                                         {"sha256": found.sha256})
         text = body.decode("utf-8", "replace") if found.media_type.endswith("xml") else \

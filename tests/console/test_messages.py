@@ -5,7 +5,12 @@ each refused to a role that does not allow it.  Over the package's one gateway (
 
 from __future__ import annotations
 
+import sqlite3
+
+import pytest
+
 from tests.helpers.console import audits, login, shared
+from tests.helpers.invoices import accepted, invoice
 
 
 @shared
@@ -85,3 +90,35 @@ async def test_content_view_needs_its_permission_and_is_audited(world):
     [viewed] = await audits(world.store, "console.content_viewed")
     assert (viewed["actor"], viewed["message_id"], viewed["partner"]) == ("console:reader", mid, "demo-supplier")
     assert viewed["detail"]["sha256"] == (await world.store.reports.message(mid)).sha256
+
+
+def damage(world, message_id: str, how: str) -> None:
+    """Alter a stored object at rest, as a disk fault or an intruder with file access would."""
+    with sqlite3.connect(world.store.path) as db:
+        if how == "missing":
+            db.execute("DELETE FROM blobs WHERE message_id = ?", (message_id,))
+        else:
+            [sealed] = db.execute("SELECT sealed FROM blobs WHERE message_id = ?", (message_id,)).fetchone()
+            flipped = bytes(sealed[:-20]) + bytes([sealed[-20] ^ 1]) + bytes(sealed[-19:])
+            db.execute("UPDATE blobs SET sealed = ? WHERE message_id = ?", (flipped, message_id))
+
+
+@shared
+@pytest.mark.parametrize("how", ["flipped", "missing"])
+async def test_a_damaged_stored_object_is_a_typed_error_page_and_an_audit_record(world, how: str):
+    """Issue 20, item 13: not a plain-text 500, and the operator's log and audit trail say which message."""
+    async with world.running.session() as s:
+        mid = await accepted(s, invoice(f"CONSOLE-DAMAGED-{how}"))
+    damage(world, mid, how)
+    reader = await world.person(f"reader-{how}", "operator", content=True)
+    async with world.browser() as b:
+        await login(b, reader)
+        page = await b.post(f"/console/messages/{mid}/content")
+        assert page.status == 500 and not page.has("//pre[@id='content']")
+        assert page.has("//main") and "cannot be opened" in page.text, page.text  # the console's own error page
+        reason = "missing" if how == "missing" else "failed authentication"
+        assert f"it is {reason}" in page.text and "restore it from a backup" in page.text
+    [record] = [r for r in await audits(world.store, "console.content_unreadable") if r["message_id"] == mid]
+    assert (record["actor"], record["detail"]["reason"]) == (f"console:reader-{how}", reason)
+    assert [r for r in await audits(world.store, "console.content_viewed") if r["message_id"] == mid] == []
+
