@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tomllib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from gateway import logs
 from gateway.cli.demo import SAMPLE
+from gateway.errors import StorageUnavailable
 from gateway.operations.instance import DEMO_PARTNER
+from gateway.tls import spki_sha256_der
 from tests.helpers import post
 
 CANARY = "CANARY7f3a9c2e51d0"
@@ -118,3 +123,48 @@ async def test_other_rejections_keep_content_out_of_logs(gateway, client, log_st
     events = [json.loads(line) for line in log_stream.getvalue().splitlines()]
     assert [e["code"] for e in events if e["event"] == "invoice.rejected"] == [code]
     assert CANARY not in log_stream.getvalue()
+
+
+# --- no traceback in the log, ever (issue 20, item 14) -----------------------------------------------------
+
+
+@pytest.fixture
+def captured() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    logs.configure("debug")
+
+
+def test_an_exception_is_one_line_naming_where_it_was_raised(captured: Callable[[], list[dict[str, Any]]]) -> None:
+    try:
+        spki_sha256_der(f"not a certificate {CANARY}".encode())
+    except ValueError:
+        logs.get("test").exception("test.failed", step="parse")
+    [event] = captured()
+    assert (event["event"], event["step"], event["error_type"], event["level"]) == ("test.failed", "parse", "ValueError", "error")
+    assert event["where"].startswith("gateway/tls.py:") and event["where"].endswith(" in spki_sha256_der")
+    assert "exception" not in event and "Traceback" not in json.dumps(event) and event["error"]
+
+
+def test_a_gateway_error_keeps_its_message(captured: Callable[[], list[dict[str, Any]]]) -> None:
+    try:
+        raise StorageUnavailable("the store did not answer; retry later")
+    except StorageUnavailable:
+        logs.get("test").exception("test.failed")
+    [event] = captured()
+    assert (event["error_type"], event["error"]) == ("StorageUnavailable", "the store did not answer; retry later")
+    assert "where" not in event  # raised here, in a test: no frame of the gateway's
+
+
+def test_the_libraries_own_records_are_json_events_too(captured: Callable[[], list[dict[str, Any]]]) -> None:
+    try:
+        raise ConnectionResetError(f"reset while reading {CANARY}")
+    except ConnectionResetError:
+        logging.getLogger("aiohttp.server").error("Error handling request from %s", "127.0.0.1", exc_info=True)
+    logging.getLogger("aiosmtpd.smtp").info("chatter below the warning level is not logged")
+    [event] = captured()
+    assert (event["event"], event["logger"], event["text"], event["level"]) == (
+        "library.log", "aiohttp.server", "Error handling request from 127.0.0.1", "error")
+    assert (event["error_type"], event["error"]) == ("ConnectionResetError", f"reset while reading {CANARY}")
+    assert "Traceback" not in json.dumps(event)

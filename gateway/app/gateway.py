@@ -29,6 +29,7 @@ from ..delivery.replies import ReplySender
 from ..delivery.sender import Sender
 from ..delivery.smarthost import Mailer, Smarthost
 from ..errors import ConfigError
+from ..inbound.http import JsonRefusals
 from ..inbound.https import HttpsInbound
 from ..inbound.smtp import SmtpInbound
 from ..inbound.submit import SubmitInbound
@@ -151,16 +152,22 @@ class Gateway:
     async def _serve(self, app: web.Application, unix: socket.socket | None = None, **kwargs: Any) -> asyncio.Server:
         # auto_decompress off: no listener takes a compressed body (415 UNSUPPORTED_ENCODING on the headers), so
         # none may inflate one either, not even while draining what the client sends after the reply.
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S,
-                               keepalive_timeout=self.config.https.keepalive_timeout_s, auto_decompress=False)
+        options: dict[str, Any] = {"access_log": None, "keepalive_timeout": self.config.https.keepalive_timeout_s,
+                                   "auto_decompress": False}
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S, **options)
         await runner.setup()
         self._runners.append(runner)
-        assert runner.server is not None
+        manager = runner.server
+        assert manager is not None
         loop = asyncio.get_running_loop()
+
+        def handler() -> JsonRefusals:  # what aiohttp's server makes per connection, answering its refusals in JSON
+            return JsonRefusals(manager, loop=loop, **options)
+
         if unix is not None:
-            server = await loop.create_unix_server(runner.server, sock=unix)
+            server = await loop.create_unix_server(handler, sock=unix)
         else:
-            server = await loop.create_server(runner.server, **kwargs)
+            server = await loop.create_server(handler, **kwargs)
         self._servers.append(server)
         return server
 

@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import functools
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from cryptography import x509
 
 from .. import logs
@@ -66,6 +68,53 @@ async def answer_errors(request: web.Request, handler: Callable[[web.Request], A
     except Exception:
         log.exception("request.internal_error", path=request.path)
         return reply_for(InternalError())
+
+
+class JsonRefusals(web.RequestHandler):
+    """aiohttp's request handler, whose own refusals (a request its HTTP parser cannot read: a bad request
+    line, header or chunk; headers over the limits) are JSON errors like every other reply, logged as one
+    event: never aiohttp's text/plain page and traceback.  A listener's protocol factory makes these."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        reason = str(getattr(exc, "message", "") or message or status).strip().splitlines()[0][:200]
+        if isinstance(exc, LineTooLong):  # a request line or header over the parser's limits: RFC 6585's 431
+            status = 431
+        error: GatewayError
+        if status >= 500:
+            error = InternalError()
+        elif status in (413, 431):
+            error = LimitExceeded(f"the request's headers are too large: {reason}", code="TOO_LARGE")
+        else:
+            error = Malformed(f"the request is not valid HTTP/1.1: {reason}", code="MALFORMED_REQUEST")
+        if PARSER_LOGS.allow(request.remote or ""):
+            log.info("http.refused_by_parser", status=status, code=error.code, peer=request.remote,
+                     error_type=type(exc).__name__ if exc is not None else None)
+        response = web.json_response(error.as_json(), status=status)
+        response.force_close()
+        return response
+
+
+class PerMinute:
+    """At most ``limit`` log events a minute per address (a flood of garbage must not flood the log)."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic):
+        self.limit, self.clock = limit, clock
+        self.counts: dict[str, tuple[int, int]] = {}  # address → (minute, events)
+
+    def allow(self, address: str) -> bool:
+        minute = int(self.clock() // 60)
+        if len(self.counts) > 10_000:
+            self.counts = {a: c for a, c in self.counts.items() if c[0] == minute}
+        seen, n = self.counts.get(address, (minute, 0))
+        n = n + 1 if seen == minute else 1
+        self.counts[address] = (minute, n)
+        return n <= self.limit
+
+
+PARSER_LOGS = PerMinute(10)
 
 
 def too_large(limit: int, size: int | None = None) -> LimitExceeded:

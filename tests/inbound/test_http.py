@@ -185,7 +185,8 @@ async def test_a_fault_tells_the_client_nothing_and_the_log_everything(log_lines
     assert "master.key" not in text and "Retry-After" not in headers
     (line,) = [json.loads(raw) for raw in log_lines.getvalue().splitlines() if "request.internal_error" in raw]
     assert (line["event"], line["path"], line["level"]) == ("request.internal_error", "/fault", "error")
-    assert "RuntimeError: cannot open /var/lib/gateway/keys/master.key" in line["exception"]
+    assert (line["error_type"], line["error"]) == ("RuntimeError", "cannot open /var/lib/gateway/keys/master.key")
+    assert "exception" not in line  # one line: no traceback in the log (issue 20, item 14)
 
 
 # --- read_body -----------------------------------------------------------------------------------------
@@ -334,3 +335,12 @@ async def test_the_identity_of_the_certificate_presented_in_the_handshake(tmp_pa
     async with listening(app_with([web.get("/whoami", whoami)])) as port:
         status, _, text = await fetch(port, "GET", "/whoami")
     assert (status, json.loads(text)) == (200, {"certificate": None})
+
+
+def test_parser_refusals_are_logged_at_most_so_often_per_address():
+    now = [0.0]
+    budget = http.PerMinute(3, clock=lambda: now[0])
+    assert [budget.allow("10.0.0.1") for _ in range(5)] == [True, True, True, False, False]
+    assert budget.allow("10.0.0.2")  # another address has its own
+    now[0] = 60.0  # the next minute
+    assert budget.allow("10.0.0.1")

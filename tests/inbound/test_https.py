@@ -11,7 +11,9 @@ import asyncio
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
+import socket
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -215,6 +217,37 @@ async def test_a_compressed_body_is_refused_without_being_inflated(gateway, clie
     assert (status, body["error"]) == (415, "UNSUPPORTED_ENCODING"), body
     assert (await post(s, SAMPLE)).status == 202
     assert spy.inflaters == 0
+
+
+def raw_exchange(running: Running, request: bytes) -> tuple[int, str, bytes]:
+    """``request`` as sent, over mutual TLS as the demo partner: (status, Content-Type, body).  Blocking."""
+    with socket.create_connection(("127.0.0.1", running.gw.port), timeout=10) as raw, \
+            running.ssl().wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(request)
+        reply = b""
+        while chunk := tls.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers.get("Content-Type", ""), body
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "code"), [
+    (b"POST /v1/invoices HTTP/1.1\r\nHost: a\r\nContent-Length: twelve\r\n\r\n", 400, "MALFORMED_REQUEST"),
+    (b"POST /v1/invoices HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "MALFORMED_REQUEST"),
+    (b"BREW /v1/invoices HTCPCP/1.0\r\n\r\n", 400, "MALFORMED_REQUEST"),
+    (b"GET /v1/invoices/x HTTP/1.1\r\nHost: a\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431, "TOO_LARGE"),
+], ids=["bad-content-length", "bad-chunk", "not-http", "header-too-long"])
+async def test_what_the_http_parser_refuses_is_a_json_error_too(gateway: Running, log_stream: io.StringIO,
+                                                                request_bytes: bytes, status: int, code: str) -> None:
+    got, content_type, body = await asyncio.to_thread(raw_exchange, gateway, request_bytes)
+    assert (got, content_type.split(";")[0]) == (status, "application/json"), body
+    reply = json.loads(body)
+    assert reply["error"] == code and reply["message"] and reply["details"] == []
+    [event] = [json.loads(line) for line in log_stream.getvalue().splitlines() if "http.refused_by_parser" in line]
+    assert (event["status"], event["code"], event["peer"]) == (status, code, "127.0.0.1")
+    assert "Traceback" not in log_stream.getvalue()
 
 
 SMALL = {"max_body_bytes": 8192}
