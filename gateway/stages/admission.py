@@ -8,10 +8,17 @@ number, the seller's payee accounts) and carries out what it says; the rules liv
     same content stored before  → the earlier receipt (a duplicate: nothing new is stored)
     same number, other content  → Conflict (409 DUPLICATE_CONFLICT)
     otherwise                   → stored, held for review when any hold reason applies
+
+"Same number" is the business key (seller, series, number, issue date) compared as a person reads it
+(``number_key``, ``date_key``): written with other letter case, dashes, spaces, invisible characters,
+full-width or leading-zero digits, or a date with a time-zone suffix, it is the same invoice, and a
+second payment of it is what the check exists to stop.  The sender's own values are kept for display.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +26,25 @@ from typing import Any
 from ..errors import Conflict, Detail
 from ..model import AcceptedInvoice, Receipt
 from .fraud import PayeeHistory, payee_history
+
+_DASHES = dict.fromkeys(map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"), "-")
+_DIGITS = re.compile(r"\d+")
+_DATE = re.compile(r"\s*(-?\d{4,}-\d{2}-\d{2})")
+
+
+def number_key(number: str) -> str:
+    """An invoice number as a person reads it: compatibility forms folded (full-width letters and digits),
+    spaces and invisible characters gone, every dash one hyphen, case folded, and each run of digits
+    without its leading zeros.  ("INV-1-23" and "INV-12-3" stay two numbers: separators are kept.)"""
+    text = unicodedata.normalize("NFKC", number).translate(_DASHES)
+    text = "".join(ch for ch in text if not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs"))
+    return _DIGITS.sub(lambda m: str(int(m.group())), text.casefold())
+
+
+def date_key(issue_date: str) -> str:
+    """The calendar date of an xs:date as written (YYYY-MM-DD), without a time-zone suffix or offset."""
+    match = _DATE.match(issue_date)
+    return match.group(1) if match else issue_date.strip()
 
 
 @dataclass(frozen=True, slots=True)

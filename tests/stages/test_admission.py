@@ -24,7 +24,7 @@ import pytest
 
 from gateway.errors import Conflict
 from gateway.model import AcceptedInvoice, DocumentType, InvoiceFacts, Receipt
-from gateway.stages.admission import Admission, Earlier, admit, duplicate_receipt, needs_history
+from gateway.stages.admission import Admission, Earlier, admit, date_key, duplicate_receipt, needs_history, number_key
 
 IBAN_A = "DE89370400440532013000"
 IBAN_B = "GB82WEST12345698765432"
@@ -158,3 +158,21 @@ def test_a_submitted_invoice_is_not_compared_with_any_payee_history():
     assert decided.new_accounts == ()
     assert decided.audit == (accepted_record(inv, held=False),)
     assert decided.receipt.rules is None and "rules" not in decided.receipt.as_json()
+
+
+@pytest.mark.parametrize(("written", "key"), [
+    ("INV-0042", "inv-42"), ("inv\u201342", "inv-42"), ("INV\u00a0-\u200b42", "inv-42"), ("ＩＮＶ－０４２", "inv-42"),
+    ("\ufeffINV-42\t", "inv-42"), ("2026/0007", "2026/7"), ("A0B00", "a0b0"), ("Straße-1", "strasse-1"),
+    ("INV-\u0664\u0662", "inv-42"),
+])
+def test_a_number_as_a_person_reads_it(written: str, key: str) -> None:
+    assert number_key(written) == key
+
+
+@pytest.mark.parametrize(("written", "key"), [
+    ("2026-11-02", "2026-11-02"), ("2026-11-02Z", "2026-11-02"), ("2026-11-02+01:00", "2026-11-02"),
+    ("2026-11-02-05:00", "2026-11-02"), (" 2026-11-02 ", "2026-11-02"), ("not a date", "not a date"),
+])
+def test_a_date_without_its_time_zone(written: str, key: str) -> None:
+    assert date_key(written) == key
+

@@ -416,6 +416,21 @@ async def test_business_duplicate(gateway, client):
     await wait_delivered(gateway, other_day)
 
 
+@pytest.mark.parametrize(("number", "issue_date"), [
+    ("dup-0002", None), ("DUP\u2013 2", None), ("DUP-\u200b0002", None), ("ＤＵＰ－０００２", None),
+    ("DUP-0002", "2026-11-02Z"), ("DUP-2", "2026-11-02+02:00"),
+], ids=["case-and-zeros", "en-dash-and-space", "zero-width", "full-width", "utc-suffix", "offset"])
+async def test_a_business_duplicate_written_differently_is_refused(gateway, client, number: str, issue_date: str | None):
+    """Issue 20, item 4: the same invoice number and date, spelt otherwise, is the same invoice (a double payment)."""
+    s = client()
+    first = await accepted(s, invoice("DUP-0002"))
+    code, reply = await post(s, invoice(number, issue_date=issue_date, note="Pay me twice."))
+    assert (code, reply["error"]) == (409, "DUPLICATE_CONFLICT"), reply
+    assert first in reply["message"] and repr(number) in reply["message"]
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
+    await wait_delivered(gateway, first)
+
+
 async def test_business_duplicate_of_a_held_invoice(gateway, client):
     s = client()
     await accepted(s, invoice("HDUP-0001"))

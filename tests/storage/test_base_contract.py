@@ -103,6 +103,26 @@ async def test_same_number_with_other_content_conflicts(store: Store) -> None:
     assert (await store.reports.counts())["invoices"] == 4
 
 
+@pytest.mark.parametrize(("number", "issue_date"), [
+    ("inv-0042", "2026-11-02"), ("INV\u201142", "2026-11-02"), ("INV -\u200b42", "2026-11-02"),
+    ("ＩＮＶ－４２", "2026-11-02"), ("INV-42", "2026-11-02Z"), ("INV-042", "2026-11-02+01:00"),
+], ids=["case-and-zeros", "non-breaking-hyphen", "space-and-zero-width", "full-width", "utc-suffix", "offset"])
+async def test_the_same_number_written_differently_conflicts(store: Store, number: str, issue_date: str) -> None:
+    """Issue 20, item 4: a second payment of one invoice must not pass for another number."""
+    first = accepted_invoice("INV-42")
+    await store.intake.put(first)
+    with pytest.raises(Conflict) as refused:
+        await store.intake.put(accepted_invoice(number, content="again", issue_date=issue_date))
+    assert first.message_id in refused.value.message
+    assert repr(number) in refused.value.message  # the sender is shown its own spelling
+
+
+async def test_numbers_that_only_look_alike_are_two_invoices(store: Store) -> None:
+    for number in ("INV-1-23", "INV-12-3", "INV-123", "INV/123", "INV-124"):
+        await store.intake.put(accepted_invoice(number, content=number))
+    assert (await store.reports.counts())["invoices"] == 5
+
+
 async def test_outbound_duplicates_match_whoever_they_were_for(store: Store) -> None:
     submitted = accepted_invoice("O-1", partner="beta", direction="out")
     signed = replace(submitted, sha256=hashlib.sha256(b"signed").hexdigest(), source_sha256=submitted.sha256)

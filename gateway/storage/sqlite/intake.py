@@ -7,7 +7,7 @@ import sqlite3
 import time
 
 from ...model import AcceptedInvoice, Receipt, stamp
-from ...stages.admission import Admission, Earlier, admit, duplicate_receipt, needs_history
+from ...stages.admission import Admission, Earlier, admit, date_key, duplicate_receipt, needs_history, number_key
 from ..records import SENDER_STATUS, DeliveryState, InvoiceStatus, status_summary
 from .audit import append
 from .engine import Engine
@@ -32,10 +32,10 @@ def earlier(conn: sqlite3.Connection, partner: str | None, source_sha256: str, d
 def _same_number(conn: sqlite3.Connection, invoice: AcceptedInvoice) -> str | None:
     f = invoice.facts
     row = conn.execute(
-        "SELECT message_id FROM invoices WHERE direction = ? AND partner = ? AND kind = ? AND invoice_number = ? "
-        "AND issue_date = ? UNION ALL SELECT message_id FROM retired WHERE direction = ? AND partner = ? "
-        "AND kind = ? AND invoice_number = ? AND issue_date = ? LIMIT 1",
-        (invoice.direction, invoice.partner, f.kind, f.invoice_number, f.issue_date) * 2).fetchone()
+        "SELECT message_id FROM invoices WHERE direction = ? AND partner = ? AND kind = ? AND number_key = ? "
+        "AND date_key = ? UNION ALL SELECT message_id FROM retired WHERE direction = ? AND partner = ? "
+        "AND kind = ? AND number_key = ? AND date_key = ? LIMIT 1",
+        (invoice.direction, invoice.partner, f.kind, number_key(f.invoice_number), date_key(f.issue_date)) * 2).fetchone()
     return None if row is None else str(row[0])
 
 
@@ -49,13 +49,14 @@ def _store(conn: sqlite3.Connection, invoice: AcceptedInvoice, decided: Admissio
     conn.executemany("INSERT INTO seller_accounts VALUES (?,?,?,?,?)",
                      [(invoice.partner, a, state, now_text, invoice.message_id) for a, state in decided.new_accounts])
     conn.execute(
-        "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "INSERT INTO invoices VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (invoice.message_id, invoice.partner, invoice.sha256, invoice.received_at, f.document_type.label,
          f.invoice_number, f.ubl_version, json.dumps(f.supplier_ids), json.dumps(f.customer_ids),
          f.customization_id, f.profile_id, f.issue_date, invoice.size, invoice.key_id,
          json.dumps(invoice.signature) if invoice.signature else None, invoice.media_type,
          json.dumps(invoice.rules) if invoice.rules is not None else None, f.payable_amount, f.currency, f.kind,
-         invoice.direction, invoice.source_sha256 or invoice.sha256, invoice.route, status))
+         invoice.direction, invoice.source_sha256 or invoice.sha256, invoice.route, status,
+         number_key(f.invoice_number), date_key(f.issue_date)))
     conn.execute("INSERT INTO blobs VALUES (?, ?)", (invoice.message_id, invoice.sealed))
     now = time.time()
     conn.executemany(

@@ -23,7 +23,8 @@ class SqliteRetention:
             for message_id in ids:
                 conn.execute(
                     "INSERT OR REPLACE INTO retired SELECT message_id, direction, partner, source_sha256, sha256, kind, "
-                    "invoice_number, issue_date, received_at, ? FROM invoices WHERE message_id = ?", (now, message_id))
+                    "invoice_number, issue_date, received_at, ?, number_key, date_key FROM invoices WHERE message_id = ?",
+                    (now, message_id))
                 row = conn.execute("SELECT partner, sha256 FROM invoices WHERE message_id = ?", (message_id,)).fetchone()
                 for table in ("blobs", "deliveries", "quarantine", "invoices"):
                     conn.execute(f"DELETE FROM {table} WHERE message_id = ?", (message_id,))  # noqa: S608

@@ -6,9 +6,10 @@ import sqlite3
 from collections.abc import Callable
 
 from ...errors import ConfigError
+from ...stages.admission import date_key, number_key
 from ..chain import FIELDS, GENESIS, record_hash
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,6 +38,8 @@ CREATE TABLE IF NOT EXISTS invoices (
     source_sha256   TEXT NOT NULL DEFAULT '',
     route           TEXT NOT NULL DEFAULT '',
     status          TEXT NOT NULL DEFAULT 'accepted',  -- status_summary(), kept in step by restatus()
+    number_key      TEXT NOT NULL DEFAULT '',  -- the business key as a person reads it (admission.number_key)
+    date_key        TEXT NOT NULL DEFAULT '',  -- (admission.date_key)
     UNIQUE (direction, partner, source_sha256),
     UNIQUE (direction, partner, kind, invoice_number, issue_date)
 );
@@ -102,10 +105,14 @@ CREATE TABLE IF NOT EXISTS retired (
     invoice_number  TEXT NOT NULL,
     issue_date      TEXT NOT NULL,
     received_at     TEXT NOT NULL,
-    deleted_at      TEXT NOT NULL
+    deleted_at      TEXT NOT NULL,
+    number_key      TEXT NOT NULL DEFAULT '',
+    date_key        TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS retired_source ON retired (direction, source_sha256);
 CREATE INDEX IF NOT EXISTS retired_number ON retired (direction, partner, kind, invoice_number, issue_date);
+CREATE INDEX IF NOT EXISTS retired_business ON retired (direction, partner, kind, number_key, date_key);
+CREATE INDEX IF NOT EXISTS invoices_business ON invoices (direction, partner, kind, number_key, date_key);
 CREATE INDEX IF NOT EXISTS invoices_key ON invoices (key_id);
 CREATE INDEX IF NOT EXISTS invoices_source ON invoices (direction, source_sha256);  -- the duplicate check at every intake
 CREATE INDEX IF NOT EXISTS invoices_number ON invoices (invoice_number);
@@ -202,7 +209,8 @@ CREATE TABLE IF NOT EXISTS approvals (
 # deliveries may be held.  3 → 4: invoices have a direction (outbound ones are keyed by recipient)
 # and deliveries carry a claim lease.  4 → 5: audit records are hash-chained.  5 → 6: the console's
 # tables (new tables only).  6 → 7: invoices keep their status summary (a column, filled once).  7 → 8:
-# notices, the SMTP listener's replies through the outbox (a new table only).
+# notices, the SMTP listener's replies through the outbox (a new table only).  8 → 9: the business
+# key as a person reads it (two columns, filled once).
 # SQLite changes constraints only by rebuilding the table.
 def _rebuild(conn: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
     """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile);
@@ -253,6 +261,13 @@ def migrate(conn: sqlite3.Connection, begin: Callable[[sqlite3.Connection], None
                 _chain_existing(conn)
             if version < 7 and exists and "status" not in {r[1] for r in conn.execute("PRAGMA table_info(invoices)")}:
                 conn.execute("ALTER TABLE invoices ADD COLUMN status TEXT NOT NULL DEFAULT 'accepted'")
+            if version < 9 and exists:
+                for table in ("invoices", "retired"):
+                    have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                    for column in ("number_key", "date_key"):
+                        if column not in have:
+                            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+                    _fill_business_keys(conn, table)
             for statement in _DDL.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -265,6 +280,12 @@ def migrate(conn: sqlite3.Connection, begin: Callable[[sqlite3.Connection], None
             raise
     finally:
         conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _fill_business_keys(conn: sqlite3.Connection, table: str) -> None:
+    rows = conn.execute(f"SELECT message_id, invoice_number, issue_date FROM {table}").fetchall()  # noqa: S608
+    conn.executemany(f"UPDATE {table} SET number_key = ?, date_key = ? WHERE message_id = ?",  # noqa: S608
+                     [(number_key(n), date_key(d), m) for m, n, d in rows])
 
 
 def _chain_existing(conn: sqlite3.Connection) -> None:

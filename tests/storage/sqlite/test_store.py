@@ -225,3 +225,22 @@ async def test_a_schema_6_database_gets_its_status_column_filled(tmp_path: Path)
         assert await stored_status(store) == await computed_status(store)
     finally:
         await store.close()
+
+
+async def test_a_schema_8_database_gets_its_business_keys_filled(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state")
+    try:
+        first = accepted_invoice("INV-42")
+        await store.intake.put(first)
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "state" / "gateway.db") as conn:
+        conn.execute("UPDATE invoices SET number_key = '', date_key = ''")
+        conn.execute("UPDATE meta SET value = '8' WHERE key = 'schema_version'")
+    conn.close()
+    store = SqliteStore(tmp_path / "state")
+    try:
+        with pytest.raises(Conflict):
+            await store.intake.put(accepted_invoice("inv-042", content="again", issue_date="2026-11-02Z"))
+    finally:
+        await store.close()
