@@ -12,7 +12,8 @@ import re
 from .errors import ConfigError
 
 EMAIL = re.compile(r"[^@\s<>\"(),;:]{1,64}@[A-Za-z0-9.-]{1,253}")  # an addr-spec, without quoting or comments
-_PARTY_ID = re.compile(r"^(?:([^:\s]{1,32}):)?(\S(?:.{0,198}\S)?)$")
+_PARTY_ID = re.compile(r"^(?:([^:\s]{1,32}):\s*)?(\S(?:.{0,198}\S)?)$")
+_SCHEME_ONLY = re.compile(r"^[^:\s]{1,32}:\s*$")
 
 
 def identifier(scheme: str | None, value: str) -> str:
@@ -25,7 +26,7 @@ def identifier(scheme: str | None, value: str) -> str:
 def parse_party_id(text: str, where: str) -> str:
     """``scheme:value`` or a bare value, normalised exactly as identifiers read from invoices."""
     m = _PARTY_ID.match(text.strip())
-    if not m or any(ord(c) < 32 for c in text):
+    if not m or any(ord(c) < 32 for c in text) or _SCHEME_ONLY.match(text.strip()):
         raise ConfigError(f"{where}: {text!r} is not an identifier (write scheme:value, e.g. 0088:5790000435975)")
     return identifier(m.group(1), m.group(2))
 
