@@ -12,6 +12,13 @@ from .errors import Detail, UnsupportedDocument
 UBL_INVOICE_NS = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
 UBL_CREDIT_NOTE_NS = "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2"
 CII_NS = "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"
+UBL_CAC_NS = "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2"
+UBL_CBC_NS = "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2"
+CII_RAM_NS = "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"
+# Where business content lives: never inside a UBL extension slot (gateway/stages/ubl.py, check_extensions).
+BUSINESS_NAMESPACES = frozenset({UBL_INVOICE_NS, UBL_CREDIT_NOTE_NS, UBL_CAC_NS, CII_NS, CII_RAM_NS,
+                                 "urn:un:unece:uncefact:data:standard:QualifiedDataType:100",
+                                 "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100"})
 STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"  # RFC 3339 in UTC with microseconds: how times are stored, sorted and compared as text
 
 

@@ -112,8 +112,9 @@ class Pipeline:
                  partners: PartnerBook, vault: Vault, intake: IntakeStore, audit: AuditLog, router: Router, executor: Executor,
                  max_xml_bytes: int, hold_invalid_iban: bool = False, outbound: OutboundConfig | None = None,
                  signer: signature.SigningKey | None = None, observe: Callable[[str, float], None] | None = None,
-                 mail: MailIdentity | None = None):
+                 mail: MailIdentity | None = None, extension_namespaces: frozenset[str] = frozenset()):
         self.parser = parser
+        self.extension_namespaces = extension_namespaces  # allowed in UBL extension slots besides signatures
         self.schemas = schemas
         self.rules = rules
         self.default_rules = default_rules
@@ -145,7 +146,10 @@ class Pipeline:
             root = self.parser.parse(xml).root
             doc_type = DocumentType.from_root(etree.QName(root).namespace, etree.QName(root).localname)
         with self._stage("schema"):
-            return root, doc_type, self.schemas.validate(root, doc_type)
+            version = self.schemas.validate(root, doc_type)
+            if doc_type.syntax is Syntax.UBL:
+                ubl.check_extensions(root, self.extension_namespaces)
+            return root, doc_type, version
 
     def check(self, msg: InboundMessage, sha256: str) -> AcceptedInvoice:
         """Every synchronous stage; returns the sealed invoice."""

@@ -48,7 +48,7 @@ from gateway.partners.book import editing
 from gateway.stages.rules import BUILTIN
 from gateway.tls import client_context
 from tests.helpers import CORPUS, add_partner, hold_placeholder_ibans, post
-from tests.helpers.corpus import NS, partner_groups, supplier_ids
+from tests.helpers.corpus import NS, allow_extensions, extension_namespaces, partner_groups, supplier_ids
 
 NUMBER = etree.XPath("string(/*/cbc:ID)", namespaces=NS)
 SIGNED = etree.XPath("boolean(//ds:Signature)", namespaces={"ds": "http://www.w3.org/2000/09/xmldsig#"})
@@ -134,6 +134,8 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
     plan += [(d, anyone, 0) for d in DOCS if not d.ids]
 
     hold_placeholder_ibans(inst.config)  # (the OASIS example's DK1212341234123412)
+    # What an operator receiving national profiles does: allow the extensions its partners' documents use.
+    allow_extensions(inst.config, extension_namespaces((CORPUS / d.path).read_bytes() for d in DOCS if d.ids))
     cfg = config_mod.load(inst.config)
     assert cfg.rules_default == (BUILTIN,)  # what `init` writes: the rules are on unless a partner opts out
     parts = build(cfg)

@@ -45,3 +45,17 @@ async def test_a_resend_the_stages_would_now_refuse_gets_its_first_receipt(gatew
     assert (fresh.status, fresh.json["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), fresh.text
     refused = await audit_of(gateway.gw.store, "invoice.rejected")
     assert [r["detail"]["sha256"] for r in refused] == [hashlib.sha256(unsigned).hexdigest()]
+
+
+async def test_a_payment_account_hidden_in_an_extension_is_refused_and_nothing_stored(gateway, client):
+    """Issue 20, item 2: an extension slot takes any XML, and a consumer searching descendants reads it."""
+    hidden = (b'<ext:UBLExtensions xmlns:ext="urn:oasis:names:specification:ubl:schema:xsd:CommonExtensionComponents-2">'
+              b'<ext:UBLExtension><ext:ExtensionContent><x:Notes xmlns:x="urn:example:x"><cac:PaymentMeans>'
+              b'<cbc:PaymentMeansCode>30</cbc:PaymentMeansCode><cac:PayeeFinancialAccount><cbc:ID>GB82WEST12345698765432'
+              b'</cbc:ID></cac:PayeeFinancialAccount></cac:PaymentMeans></x:Notes></ext:ExtensionContent></ext:UBLExtension>'
+              b'</ext:UBLExtensions>')
+    head, sep, rest = numbered("PIPELINE-EXT-1").partition(b"<cbc:")
+    answer = await post(client(), head + hidden + sep + rest)
+    assert (answer.status, answer.json["error"]) == (422, "EXTENSION_REFUSED"), answer.text
+    assert [d["path"] for d in answer.json["details"]][0] == "/*/ext:UBLExtensions/ext:UBLExtension/ext:ExtensionContent/x:Notes"
+    assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0

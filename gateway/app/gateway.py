@@ -116,7 +116,7 @@ class Gateway:
                         self.store.intake, self.store.audit, Router(config.routes, config.routing_default), self.executor,
                         config.https.max_body_bytes, config.invalid_iban == "hold", config.outbound, parts.signer,
                         observe=self.metrics.stage, mail=MailIdentity(parts.smime, parts.smime_roots, parts.revocation)
-                        if parts.smime is not None else None)
+                        if parts.smime is not None else None, extension_namespaces=frozenset(config.extension_namespaces))
 
     def _senders(self, config: Config, old: dict[str, Sender]) -> dict[str, Sender]:
         """A sender per destination; one whose destination and files (keys, certificates, tokens) are

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..identifiers import parse_email, parse_party_id
+from ..model import BUSINESS_NAMESPACES, UBL_CBC_NS
 from .model import (
     DEFAULT_MAX_ATTRIBUTES,
     DEFAULT_MAX_BODY_BYTES,
@@ -373,6 +374,11 @@ def load(path: str | os.PathLike[str]) -> Config:
         schemas.append(SchemaSet(version, directory))
         s.done()
     cii_schema = v.file("cii_schema") if v.has("cii_schema") else None
+    extension_namespaces = tuple(v.str_list("extension_namespaces")) if v.has("extension_namespaces") else ()
+    for uri in extension_namespaces:
+        if not uri or any(c.isspace() for c in uri) or uri in BUSINESS_NAMESPACES or uri == UBL_CBC_NS:
+            raise ConfigError(f"{v.key('extension_namespaces')}: {uri!r} is not a namespace an extension may use "
+                              "(a URI without spaces, and not one of UBL's or CII's business component namespaces)")
     v.done()
 
     ru = top.table("rules")
@@ -482,4 +488,5 @@ def load(path: str | os.PathLike[str]) -> Config:
         smtp=smtp,
         smarthost=smarthost,
         console=console,
+        extension_namespaces=extension_namespaces,
     )

@@ -242,3 +242,4 @@ class Config:
     smtp: SmtpConfig | None = None  # None: no e-mail listener
     smarthost: SmarthostConfig | None = None  # None: the gateway sends no e-mail
     console: ConsoleConfig = ConsoleConfig()
+    extension_namespaces: tuple[str, ...] = ()  # allowed in UBL extension slots besides signatures

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from lxml import etree
 
-from ..errors import UnsupportedDocument
+from ..errors import Detail, UnsupportedDocument
 from ..identifiers import identifier
-from ..model import DocumentType, InvoiceFacts
+from ..model import BUSINESS_NAMESPACES, UBL_CBC_NS, DocumentType, InvoiceFacts
 
 NS = {
     "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
@@ -53,6 +53,49 @@ def amount(elements: list[etree._Element]) -> tuple[str, str]:
     if not elements:
         return "", ""
     return "".join(_STRING(elements[0]).split()), (elements[0].get("currencyID") or "").strip()
+
+
+EXT_NS = "urn:oasis:names:specification:ubl:schema:xsd:CommonExtensionComponents-2"
+# What a signature puts in an extension slot: XMLDSig, UBL's signature components, XAdES.
+SIGNATURE_NAMESPACES = frozenset({
+    "http://www.w3.org/2000/09/xmldsig#",
+    "urn:oasis:names:specification:ubl:schema:xsd:CommonSignatureComponents-2",
+    "urn:oasis:names:specification:ubl:schema:xsd:SignatureAggregateComponents-2",
+    "urn:oasis:names:specification:ubl:schema:xsd:SignatureBasicComponents-2",
+    "http://uri.etsi.org/01903/v1.3.2#",
+    "http://uri.etsi.org/01903/v1.4.1#",
+})
+_CONTENTS = etree.XPath("/*/ext:UBLExtensions/ext:UBLExtension/ext:ExtensionContent", namespaces={"ext": EXT_NS})
+MAX_REPORTED = 10
+
+
+def check_extensions(root: etree._Element, allowed: frozenset[str] = frozenset()) -> None:
+    """``ext:UBLExtensions`` take any XML, and a consumer that searches descendants reads a payment means or
+    a party hidden there.  An extension may hold a signature, or content in a namespace the operator
+    allows (``validation.extension_namespaces``: a national profile's own extension); never a UBL
+    aggregate, a document, or CII, and inside a signature no UBL basic component but the ``cbc:ID`` its
+    structure uses.  Else 422 EXTENSION_REFUSED, naming each element."""
+    found: list[Detail] = []
+    tree = root.getroottree()
+    for content in _CONTENTS(root):
+        for child in content.iterchildren(etree.Element):
+            namespace = etree.QName(child).namespace
+            if namespace not in SIGNATURE_NAMESPACES and namespace not in allowed:
+                found.append(Detail(f"an extension in {namespace or 'no namespace'}, which is neither a signature nor "
+                                    "allowed by this gateway's validation.extension_namespaces", child.sourceline,
+                                    tree.getpath(child)))
+                continue
+            for el in child.iter(etree.Element):
+                name = etree.QName(el)
+                if name.namespace in BUSINESS_NAMESPACES or (
+                        name.namespace == UBL_CBC_NS and namespace in SIGNATURE_NAMESPACES and name.localname != "ID"):
+                    found.append(Detail(f"the business component {name.localname} inside an extension",
+                                        el.sourceline, tree.getpath(el)))
+    if found:
+        raise UnsupportedDocument(
+            "the invoice carries content other than a signature in ext:UBLExtensions, where a receiver's software "
+            "could read it as part of the invoice; put business content in the invoice itself",
+            found[:MAX_REPORTED], code="EXTENSION_REFUSED")
 
 
 def read_facts(root: etree._Element, doc_type: DocumentType, ubl_version: str) -> InvoiceFacts:

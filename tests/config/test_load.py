@@ -10,7 +10,7 @@ from gateway.config import load as config_mod
 from gateway.errors import ConfigError
 from gateway.operations.instance import DEMO_PARTNER
 from gateway.partners.book import load_directory
-from tests.helpers import config_error
+from tests.helpers import config_error, rewrite_config
 
 
 def edit(inst, old: str, new: str) -> None:
@@ -159,3 +159,11 @@ def test_check_config_readable_key(inst, capsys):
     inst.master_key.chmod(0o644)
     assert cli.main(["check-config", "-c", str(inst.config)]) == 2
     assert "vault.keys[0]:" in capsys.readouterr().err
+
+
+def test_extension_namespaces_are_read_and_business_ones_refused(inst):
+    rewrite_config(inst.config, lambda c: c.setdefault("validation", {}).update(extension_namespaces=["urn:example:a"]))
+    assert config_mod.load(inst.config).extension_namespaces == ("urn:example:a",)
+    for uri in ("urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2", "has space", ""):
+        rewrite_config(inst.config, lambda c, uri=uri: c["validation"].update(extension_namespaces=[uri]))
+        assert config_error(inst.config).startswith("validation.extension_namespaces: ")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from lxml import etree
+
+from gateway.stages.ubl import EXT_NS, SIGNATURE_NAMESPACES
+from tests.helpers import rewrite_config
 
 NS = {
     "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
@@ -52,3 +56,20 @@ def partner_groups(id_sets: Iterable[Sequence[str]]) -> dict[str, str]:
             parent[find(i)] = find(ids[0])
     roots = sorted({find(i) for i in parent})
     return {i: f"p{roots.index(find(i)):03d}" for i in parent}
+
+
+def extension_namespaces(documents: Iterable[bytes]) -> set[str]:
+    """The namespaces of the UBL extensions in these documents, signatures aside: what an operator receiving
+    them lists in validation.extension_namespaces."""
+    found: set[str] = set()
+    for data in documents:
+        root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
+        for content in root.iterfind(f"{{{EXT_NS}}}UBLExtensions/{{{EXT_NS}}}UBLExtension/{{{EXT_NS}}}ExtensionContent"):
+            found |= {str(etree.QName(child).namespace) for child in content.iterchildren(etree.Element)}
+    return found - SIGNATURE_NAMESPACES
+
+
+def allow_extensions(config: Path, namespaces: Iterable[str]) -> None:
+    """``validation.extension_namespaces`` of an instance's configuration."""
+    rewrite_config(config, lambda c: c.setdefault("validation", {}).update(extension_namespaces=sorted(namespaces)))
+

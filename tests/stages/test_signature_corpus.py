@@ -15,7 +15,6 @@ import base64
 import csv
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -24,9 +23,10 @@ from lxml import etree
 
 from gateway.cli.main import main
 from gateway.model import SignaturePolicy
+from gateway.operations import instance
 from gateway.stages.signature import DS, SignatureInvalid, trusted, verify
-from tests.helpers import CORPUS, Running, post
-from tests.helpers.corpus import supplier_ids
+from tests.helpers import CORPUS, Running, post, serving
+from tests.helpers.corpus import allow_extensions, extension_namespaces, supplier_ids
 from tests.helpers.signatures import DIGEST_MISMATCH, add_signing_partner, bad_method, parse
 
 DIAN = "invoices/valid/ph-ubl/dian-co-signed/"
@@ -110,10 +110,17 @@ def test_oasis_enveloped_example_is_refused(corpus: Path, capsys: pytest.Capture
     assert bad_method(RSA_SHA1) in capsys.readouterr().err
 
 
-async def test_signed_corpus_invoices_over_https(corpus: Path, gateway: Running, client: Any, tmp_path: Path) -> None:
+async def test_signed_corpus_invoices_over_https(corpus: Path, inst: instance.Instance, tmp_path: Path) -> None:
     """One partner owns the DIAN suppliers (one signer signed them all) with that signer registered; one owns
-    the OASIS supplier.  Both use if-present, so only the signatures can refuse the (schema-valid) invoices."""
+    the OASIS supplier.  Both use if-present, and the gateway allows their national extensions, so only the
+    signatures can refuse the (schema-valid) invoices."""
     docs = await asyncio.to_thread(lambda: {p: (corpus / p).read_bytes() for p in [*DIAN_INVOICES, OASIS]})
+    allow_extensions(inst.config, extension_namespaces(docs.values()))
+    async with serving(inst) as gateway:
+        await signed_corpus_invoices_refused(gateway, docs, tmp_path)
+
+
+async def signed_corpus_invoices_refused(gateway: Running, docs: dict[str, bytes], tmp_path: Path) -> None:
     roots = {p: parse(d) for p, d in docs.items()}
     certs = {embedded_cert(roots[p]) for p in DIAN_INVOICES}
     assert len(certs) == 1  # one signer for all of them
@@ -124,7 +131,8 @@ async def test_signed_corpus_invoices_over_https(corpus: Path, gateway: Running,
 
     expected = [(dian, p, DIGEST_MISMATCH) for p in DIAN_INVOICES] + [(oasis, OASIS, bad_method(RSA_SHA1))]
     for sender, path, reason in expected:
-        status, reply = await post(client(sender.cert, sender.key), docs[path])
+        async with gateway.session(sender.cert, sender.key) as s:
+            status, reply = await post(s, docs[path])
         assert (status, reply.get("error")) == (422, "SIGNATURE_INVALID"), (path, reply)
         assert reply["details"][0]["message"] == reason, path
     assert (await gateway.gw.store.reports.counts())["invoices"] == 0

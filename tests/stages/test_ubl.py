@@ -21,7 +21,7 @@ from lxml import etree
 from gateway.config.model import DEFAULT_XML_LIMITS
 from gateway.errors import UnsupportedDocument
 from gateway.model import DocumentType, InvoiceFacts
-from gateway.stages.ubl import NS, amount, ids_of, read_facts
+from gateway.stages.ubl import NS, amount, check_extensions, ids_of, read_facts
 from gateway.stages.xmlparse import XmlParser
 from tests.helpers import ROOT
 
@@ -158,3 +158,64 @@ def test_ids_of_and_amount_on_their_own():
     assert ids_of(ids, schemes=False) == ("1", "2")
     assert amount(root.findall("cbc:PayableAmount", NS)) == ("-10.5", "NOK")  # the first, as written
     assert amount([]) == ("", "")
+
+
+# --- extension slots hold signatures, or what the operator allows (issue 20, item 2) -------------------------
+
+EXT = "urn:oasis:names:specification:ubl:schema:xsd:CommonExtensionComponents-2"
+SIG = ('<sig:UBLDocumentSignatures xmlns:sig="urn:oasis:names:specification:ubl:schema:xsd:CommonSignatureComponents-2" '
+       'xmlns:sac="urn:oasis:names:specification:ubl:schema:xsd:SignatureAggregateComponents-2">'
+       '<sac:SignatureInformation><cbc:ID>urn:sig:1</cbc:ID>{inside}'
+       '<ds:Signature xmlns:ds="http://www.w3.org/2000/09/xmldsig#"/></sac:SignatureInformation></sig:UBLDocumentSignatures>')
+PAYMENT = ("<cac:PaymentMeans><cbc:PaymentMeansCode>30</cbc:PaymentMeansCode><cac:PayeeFinancialAccount>"
+           "<cbc:ID>GB82WEST12345698765432</cbc:ID></cac:PayeeFinancialAccount></cac:PaymentMeans>")
+NATIONAL = "urn:example:national-extension"
+
+
+def with_extension(content: str) -> etree._Element:
+    """The sample with one extension whose content is ``content`` (cbc and cac prefixes as the sample binds them)."""
+    slot = f'<ext:UBLExtensions xmlns:ext="{EXT}"><ext:UBLExtension><ext:ExtensionContent>{content}' \
+           '</ext:ExtensionContent></ext:UBLExtension></ext:UBLExtensions>'
+    head, sep, rest = SAMPLE.partition(b"<cbc:")
+    return parse(head + slot.encode() + sep + rest)
+
+
+def refusal(root: etree._Element, allowed: frozenset[str] = frozenset()) -> list[str]:
+    with pytest.raises(UnsupportedDocument) as refused:
+        check_extensions(root, allowed)
+    assert (refused.value.code, refused.value.http_status) == ("EXTENSION_REFUSED", 422)
+    return [f"{d.path}: {d.message}" for d in refused.value.details]
+
+
+def test_a_signature_is_what_an_extension_holds() -> None:
+    check_extensions(parse(SAMPLE))
+    check_extensions(with_extension(SIG.format(inside="")))
+
+
+def test_a_payment_means_hidden_in_a_signature_is_refused_by_its_path() -> None:
+    found = refusal(with_extension(SIG.format(inside=PAYMENT)))
+    assert [f.rsplit(": the business component ", 1)[1] for f in found] == [
+        "PaymentMeans inside an extension", "PaymentMeansCode inside an extension", "PayeeFinancialAccount inside an extension"]
+    assert found[0].startswith("/*/ext:UBLExtensions/ext:UBLExtension/ext:ExtensionContent/sig:UBLDocumentSignatures/"
+                            "sac:SignatureInformation/cac:PaymentMeans: the business component PaymentMeans")
+
+
+def test_a_basic_component_other_than_the_signature_id_is_refused_in_a_signature() -> None:
+    found = refusal(with_extension(SIG.format(inside='<cbc:PayableAmount currencyID="EUR">1.00</cbc:PayableAmount>')))
+    assert [f.split(": ", 1)[1] for f in found] == ["the business component PayableAmount inside an extension"]
+
+
+def test_another_namespace_needs_the_operators_word() -> None:
+    national = f'<n:Control xmlns:n="{NATIONAL}"><cbc:IdentificationCode>CO</cbc:IdentificationCode></n:Control>'
+    [found] = refusal(with_extension(national))
+    assert f"an extension in {NATIONAL}, which is neither a signature nor allowed" in found
+    check_extensions(with_extension(national), frozenset({NATIONAL}))  # its own codes, allowed
+    hidden = f'<n:Control xmlns:n="{NATIONAL}"><cac:AccountingSupplierParty><cac:Party/></cac:AccountingSupplierParty></n:Control>'
+    assert len(refusal(with_extension(hidden), frozenset({NATIONAL}))) == 2  # never a party, even there
+
+
+def test_a_whole_invoice_or_cii_in_an_extension_is_refused() -> None:
+    inner = '<Invoice xmlns="urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"/>'
+    cii = '<ram:SellerTradeParty xmlns:ram="urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"/>'
+    for content in (inner, cii):
+        assert len(refusal(with_extension(f'<n:Box xmlns:n="{NATIONAL}">{content}</n:Box>'), frozenset({NATIONAL}))) == 1

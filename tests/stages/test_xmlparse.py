@@ -61,10 +61,11 @@ def nested(depth: int) -> bytes:
 
 
 def deep_extension(depth: int, n: int) -> bytes:
-    """A valid invoice whose deepest element (inside ext:ExtensionContent, which takes any foreign XML) is at `depth`."""
+    """A valid invoice whose deepest element (inside ext:ExtensionContent, which takes any foreign XML) is at `depth`
+    (in the XMLDSig namespace: an extension holds signatures unless the operator allows another)."""
     chain = depth - 4  # Invoice / UBLExtensions / UBLExtension / ExtensionContent
     ext = (f'<ext:UBLExtensions xmlns:ext="{EXT_NS}"><ext:UBLExtension><ext:ExtensionContent>'
-           + '<d:n xmlns:d="urn:example:deep">' + "<d:n>" * (chain - 1) + "</d:n>" * chain
+           + '<d:n xmlns:d="http://www.w3.org/2000/09/xmldsig#">' + "<d:n>" * (chain - 1) + "</d:n>" * chain
            + "</ext:ExtensionContent></ext:UBLExtension></ext:UBLExtensions>")
     return numbered(f"XT-{n:04d}", sub(SAMPLE, b"<cbc:CustomizationID>", ext.encode() + b"<cbc:CustomizationID>"))
 
