@@ -4,7 +4,7 @@ Every import counts, wherever it stands (module top, inside a function, under TY
 import cannot hide a circle.  The layers, bottom first (a module may import its own package and
 anything on a lower layer):
 
-    base        errors, model, clock, files, logs, metrics, systemd, tls, vault, devpki, identifiers, config/
+    base        errors, model, clock, files, logs, metrics, systemd, tls, vault, devpki, identifiers, ratelimit, config/
     stages/     the pure checks
     partners/   the allowlist
     smime/ storage/
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gateway"
 LAYERS = [
     {"gateway", "errors", "model", "clock", "files", "logs", "metrics", "systemd", "tls", "vault", "devpki", "identifiers",
-     "config"},
+     "ratelimit", "config"},
     {"stages"},
     {"partners"},
     {"smime", "storage"},

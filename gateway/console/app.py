@@ -38,6 +38,7 @@ from aiohttp import web
 from .. import logs
 from ..config.model import Config, ConsoleConfig
 from ..partners.directory import PartnerDirectory
+from ..ratelimit import RateLimiter
 from ..stages.signature import SigningKey
 from ..storage.base import Store
 from ..storage.records import Session, User
@@ -296,7 +297,7 @@ class Console:
         now = time.monotonic()
         if now - self.throttled_audit.get(key, -60.0) < 60:
             return False
-        if len(self.throttled_audit) > security.RateLimiter.MAX_KEYS:
+        if len(self.throttled_audit) > RateLimiter.MAX_KEYS:
             self.throttled_audit = {k: t for k, t in self.throttled_audit.items() if now - t < 60}
         self.throttled_audit[key] = now
         return True

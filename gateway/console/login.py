@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .. import logs
+from ..ratelimit import RateLimiter
 from ..storage.base import AccountError
 from ..storage.records import Session, User
 from . import passkeys, security
@@ -34,7 +35,7 @@ class LoginPages:
         self.c = console
         self.cfg = console.config.console
         self.accounts = console.store.accounts
-        self.limiter = security.RateLimiter(self.cfg.login_burst, self.cfg.login_every_s)
+        self.limiter = RateLimiter(self.cfg.login_burst, self.cfg.login_every_s)
 
     def routes(self, r: web.UrlDispatcher) -> None:
         r.add_get("/login", self.login_page)

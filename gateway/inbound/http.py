@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
@@ -22,6 +21,7 @@ from cryptography import x509
 from .. import logs
 from ..errors import Forbidden, GatewayError, InternalError, LimitExceeded, Malformed, Overloaded, UnsupportedMediaType
 from ..model import stamp
+from ..ratelimit import RateLimiter
 from ..tls import spki_sha256_der
 
 XML_MEDIA_TYPES = ("application/xml", "text/xml")
@@ -97,24 +97,7 @@ class JsonRefusals(web.RequestHandler):
         return response
 
 
-class PerMinute:
-    """At most ``limit`` log events a minute per address (a flood of garbage must not flood the log)."""
-
-    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic):
-        self.limit, self.clock = limit, clock
-        self.counts: dict[str, tuple[int, int]] = {}  # address → (minute, events)
-
-    def allow(self, address: str) -> bool:
-        minute = int(self.clock() // 60)
-        if len(self.counts) > 10_000:
-            self.counts = {a: c for a, c in self.counts.items() if c[0] == minute}
-        seen, n = self.counts.get(address, (minute, 0))
-        n = n + 1 if seen == minute else 1
-        self.counts[address] = (minute, n)
-        return n <= self.limit
-
-
-PARSER_LOGS = PerMinute(10)
+PARSER_LOGS = RateLimiter(burst=10, every_s=6.0)  # log events of parser refusals per address: ten a minute
 
 
 def too_large(limit: int, size: int | None = None) -> LimitExceeded:

@@ -20,7 +20,7 @@ import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import Detail, LimitExceeded, Malformed, UnsupportedDocument
 
@@ -80,7 +80,7 @@ def embedded_invoice(pdf: bytes, max_bytes: int) -> bytes:
             files = _embedded_files(PdfReader(io.BytesIO(pdf), strict=False))
             invoices = [f for f in files if f.named_as_invoice()]
             if len(invoices) != 1:
-                return _no_single_invoice(invoices)
+                _no_single_invoice(invoices)
             _refuse_other_xml([f for f in files if f is not invoices[0]], limit)
             content = invoices[0].stream.get_data()
     except LimitReachedError:
@@ -97,7 +97,7 @@ def embedded_invoice(pdf: bytes, max_bytes: int) -> bytes:
     return bytes(content)
 
 
-def _no_single_invoice(invoices: list[_Embedded]) -> bytes:
+def _no_single_invoice(invoices: list[_Embedded]) -> NoReturn:
     if not invoices:
         raise UnsupportedDocument(
             "the PDF carries no embedded invoice; attach the CII XML as factur-x.xml (Factur-X / ZUGFeRD 2.x) "

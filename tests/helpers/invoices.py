@@ -89,3 +89,21 @@ def pdf_with(*attachments: tuple[str, bytes]) -> bytes:
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
+
+
+PDF_PAGES = b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>"  # objects 2 and 3 of a hand-written one-page PDF
+PDF_PAGE = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>"
+
+
+def pdf_of(*objects: bytes) -> bytes:
+    """A PDF written byte by byte from the bodies of its objects, numbered from 1 (the first is the catalog):
+    what pypdf's writer cannot make (compressed or oddly referenced attachments)."""
+    out, offsets = bytearray(b"%PDF-1.7\n"), []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+

@@ -60,6 +60,7 @@ from gateway.inbound.http import (
     reply_for,
     too_large,
 )
+from gateway.ratelimit import RateLimiter
 from gateway.tls import client_context, server_context, spki_sha256
 
 LIMIT = 4096  # the listeners' max_body_bytes here
@@ -338,9 +339,7 @@ async def test_the_identity_of_the_certificate_presented_in_the_handshake(tmp_pa
 
 
 def test_parser_refusals_are_logged_at_most_so_often_per_address():
-    now = [0.0]
-    budget = http.PerMinute(3, clock=lambda: now[0])
-    assert [budget.allow("10.0.0.1") for _ in range(5)] == [True, True, True, False, False]
-    assert budget.allow("10.0.0.2")  # another address has its own
-    now[0] = 60.0  # the next minute
-    assert budget.allow("10.0.0.1")
+    budget = RateLimiter(http.PARSER_LOGS.burst, http.PARSER_LOGS.every_s)
+    assert [budget.allow("10.0.0.1", now=0.0) for _ in range(11)] == [True] * 10 + [False]
+    assert budget.allow("10.0.0.2", now=0.0)  # another address has its own
+    assert budget.allow("10.0.0.1", now=6.0)  # ten a minute on average

@@ -29,7 +29,7 @@ from gateway.operations import instance
 from gateway.stages import cii, pdf
 from gateway.stages.xmlparse import XmlParser
 from tests.helpers import CORPUS, Running, add_partner, post, serving, stop_delivery_loop
-from tests.helpers.invoices import pdf_with
+from tests.helpers.invoices import PDF_PAGE, PDF_PAGES, pdf_of, pdf_with
 
 PDF = {"Content-Type": "application/pdf"}
 EXAMPLES = CORPUS / "invoices" / "valid" / "en16931" / "cii-examples"
@@ -271,21 +271,12 @@ def compressed_pdf(n: int, size: int) -> bytes:
     stream = zlib.compress(b"<a>" + b" " * size + b"</a>", 9)
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R /Names << /EmbeddedFiles << /Names ["
-        + b" ".join(b"(factur-x.xml) %d 0 R" % (4 + 2 * i) for i in range(n)) + b"] >> >> >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>",
+        + b" ".join(b"(factur-x.xml) %d 0 R" % (4 + 2 * i) for i in range(n)) + b"] >> >> >>", PDF_PAGES, PDF_PAGE,
     ]
     for i in range(n):
         objects.append(b"<< /Type /Filespec /F (factur-x.xml) /UF (factur-x.xml) /EF << /F %d 0 R >> >>" % (5 + 2 * i))
         objects.append(b"<< /Type /EmbeddedFile /Filter /FlateDecode /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-    out, offsets = bytearray(b"%PDF-1.7\n"), []
-    for k, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % k + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+    return pdf_of(*objects)
 
 
 def test_several_compressed_invoices_are_refused_before_inflating_them():

@@ -31,36 +31,20 @@ from gateway.stages.pdf import (
     inflation_limit,
 )
 from tests.helpers import CORPUS
-from tests.helpers.invoices import pdf_with
+from tests.helpers.invoices import PDF_PAGE, PDF_PAGES, pdf_of, pdf_with
 
 CII_EXAMPLE = CORPUS / "invoices/valid/en16931/cii-examples/CII_business_example_01.xml"
 LIMIT = 10_000_000
-
-
-def pdf_of(*objects: bytes) -> bytes:
-    """A PDF written byte by byte from the bodies of its objects, numbered from 1 (the first is the catalog)."""
-    out, offsets = bytearray(b"%PDF-1.7\n"), []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
 
 
 def stream(data: bytes, entries: bytes = b"/Type /EmbeddedFile") -> bytes:
     return b"<< %s /Length %d >>\nstream\n" % (entries, len(data)) + data + b"\nendstream"
 
 
-PAGES = b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>"
-PAGE = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>"
-
-
 def hand_made(name: str, data: bytes, filters: bytes = b"/Filter /FlateDecode") -> bytes:
     """A minimal PDF with one attachment whose stream is given as stored."""
     return pdf_of(b"<< /Type /Catalog /Pages 2 0 R /Names << /EmbeddedFiles << /Names [(%s) 4 0 R] >> >> >>" % name.encode(),
-                  PAGES, PAGE, b"<< /Type /Filespec /F (%s) /UF (%s) /EF << /F 5 0 R >> >>" % (name.encode(), name.encode()),
+                  PDF_PAGES, PDF_PAGE, b"<< /Type /Filespec /F (%s) /UF (%s) /EF << /F 5 0 R >> >>" % (name.encode(), name.encode()),
                   stream(data, b"/Type /EmbeddedFile " + filters))
 
 
@@ -205,7 +189,7 @@ def test_xml_besides_the_invoice_is_refused_and_named(name: str, data: bytes):
 def test_xml_by_its_mime_type_is_refused():
     other = b"<< /Type /Filespec /F (data.bin) /EF << /F 7 0 R >> >>"
     body = pdf_of(b"<< /Type /Catalog /Pages 2 0 R /Names << /EmbeddedFiles << /Names [(data.bin) 6 0 R (factur-x.xml) 4 0 R] "
-                  b">> >> >>", PAGES, PAGE, INVOICE_SPEC, stream(INVOICE), other,
+                  b">> >> >>", PDF_PAGES, PDF_PAGE, INVOICE_SPEC, stream(INVOICE), other,
                   stream(b"plain words", b"/Type /EmbeddedFile /Subtype /application#2Fxml"))
     assert refused_as_extra_xml(body) == ["attachment 'data.bin'"]
 
@@ -214,19 +198,19 @@ def test_xml_attached_outside_the_name_tree_is_found():
     """A page's file-attachment annotation, the catalog's associated files, a stream nothing names."""
     annotation = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Annots [<< /Type /Annot /Subtype /FileAttachment " \
                  b"/Rect [0 0 9 9] /FS << /Type /Filespec /F (note.txt) /EF << /F 6 0 R >> >> >>] >>"
-    assert refused_as_extra_xml(pdf_of(CATALOG % b"", PAGES, annotation, INVOICE_SPEC, stream(INVOICE),
+    assert refused_as_extra_xml(pdf_of(CATALOG % b"", PDF_PAGES, annotation, INVOICE_SPEC, stream(INVOICE),
                                        stream(b"<Invoice>other</Invoice>"))) == ["attachment 'note.txt'"]
-    associated = pdf_of(CATALOG % b" /AF [4 0 R 6 0 R]", PAGES, PAGE, INVOICE_SPEC, stream(INVOICE),
+    associated = pdf_of(CATALOG % b" /AF [4 0 R 6 0 R]", PDF_PAGES, PDF_PAGE, INVOICE_SPEC, stream(INVOICE),
                         b"<< /Type /Filespec /UF (extra.dat) /AFRelationship /Supplement /EF << /F 7 0 R >> >>",
                         stream(b"<Invoice>other</Invoice>"))
     assert refused_as_extra_xml(associated) == ["attachment 'extra.dat'"]
-    orphan = pdf_of(CATALOG % b"", PAGES, PAGE, INVOICE_SPEC, stream(INVOICE), stream(b"<Invoice>other</Invoice>"))
+    orphan = pdf_of(CATALOG % b"", PDF_PAGES, PDF_PAGE, INVOICE_SPEC, stream(INVOICE), stream(b"<Invoice>other</Invoice>"))
     assert refused_as_extra_xml(orphan) == ["attachment object 6"]
 
 
 def test_one_file_specification_with_two_different_streams_is_two_invoices():
     spec = b"<< /Type /Filespec /F (factur-x.xml) /UF (factur-x.xml) /EF << /F 5 0 R /UF 6 0 R >> >>"
-    body = pdf_of(CATALOG % b"", PAGES, PAGE, spec, stream(INVOICE), stream(b"<Invoice>other</Invoice>"))
+    body = pdf_of(CATALOG % b"", PDF_PAGES, PDF_PAGE, spec, stream(INVOICE), stream(b"<Invoice>other</Invoice>"))
     with pytest.raises(UnsupportedDocument) as caught:
         embedded_invoice(body, LIMIT)
     assert caught.value.code == "SEVERAL_EMBEDDED_INVOICES"
@@ -235,7 +219,7 @@ def test_one_file_specification_with_two_different_streams_is_two_invoices():
 def test_the_invoice_may_carry_other_names_and_be_referenced_twice():
     """Factur-X names the invoice in the name tree and in the catalog's /AF: one file, found once."""
     spec = b"<< /Type /Filespec /F (factur-x.xml) /UF (Rechnung.xml) /AFRelationship /Data /EF << /F 5 0 R /UF 5 0 R >> >>"
-    body = pdf_of(CATALOG % b" /AF [4 0 R]", PAGES, PAGE, spec, stream(INVOICE), stream(b"XMP", b"/Type /Metadata"))
+    body = pdf_of(CATALOG % b" /AF [4 0 R]", PDF_PAGES, PDF_PAGE, spec, stream(INVOICE), stream(b"XMP", b"/Type /Metadata"))
     assert embedded_invoice(body, LIMIT) == INVOICE
 
 
@@ -247,7 +231,7 @@ def test_other_files_are_welcome_when_they_are_not_xml(factur_x: bytes, cii: byt
 def test_a_bomb_in_another_attachment_is_too_large_without_being_inflated():
     bomb = zlib.compress(b" " * 80_000_000, 9)
     body = pdf_of(b"<< /Type /Catalog /Pages 2 0 R /Names << /EmbeddedFiles << /Names [(factur-x.xml) 4 0 R (a.txt) 6 0 R] "
-                  b">> >> >>", PAGES, PAGE, INVOICE_SPEC, stream(INVOICE),
+                  b">> >> >>", PDF_PAGES, PDF_PAGE, INVOICE_SPEC, stream(INVOICE),
                   b"<< /Type /Filespec /F (a.txt) /EF << /F 7 0 R >> >>", stream(bomb, b"/Type /EmbeddedFile /Filter /FlateDecode"))
     assert len(body) < 100_000
     tracemalloc.start()
