@@ -61,6 +61,7 @@ from .stages.rules import RuleEngine, RulesUnavailable
 from .stages.schema import SchemaRegistry
 from .stages.xmlparse import XmlParser
 from .storage.base import AuditLog, IntakeStore
+from .threads import RenewableThreads
 from .tls import spki_sha256
 from .vault import Vault
 
@@ -76,6 +77,12 @@ def read_facts(root: etree._Element, doc_type: DocumentType, version: str) -> In
     if doc_type.syntax is Syntax.CII:
         return cii.read_facts(root, doc_type, version)
     return ubl.read_facts(root, doc_type, version)
+
+
+def detached(exc: GatewayError) -> GatewayError:
+    """A refusal without the frames that raised it: they hold the document's tree, which can go now."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,14 +303,27 @@ class Pipeline:
         in) in one hop to a stage thread, and return only after it is durable, or was already."""
         checked = await asyncio.get_running_loop().run_in_executor(
             self.executor, self._stages, sub, received, received_at, media_type)
+        self._released()
         assert sub.partner is not None
-        return await self._stored(sub, checked, sub.partner.name, "in")
+        try:
+            return await self._stored(sub, checked, sub.partner.name, "in")
+        finally:
+            del checked  # a refusal raised from here must not hold itself (and the body) in a reference cycle
 
     async def submit(self, sub: Submission, body: bytes, received_at: str, media_type: str) -> Outcome:
         """``POST /v1/outbound``: the stages, then the durable write of the invoice and its delivery job."""
         checked = await asyncio.get_running_loop().run_in_executor(
             self.executor, self._outbound_stages, sub, body, received_at, media_type)
-        return await self._stored(sub, checked, None, "out")
+        self._released()
+        try:
+            return await self._stored(sub, checked, None, "out")
+        finally:
+            del checked  # no reference cycle through the refusal's traceback
+
+    def _released(self) -> None:
+        """After a document's stages, its tree is gone: memory it took goes back (gateway/stages/xmlparse.py)."""
+        if self.parser.release() and isinstance(self.executor, RenewableThreads):
+            self.executor.renew()
 
     async def _stored(self, sub: Submission, checked: AcceptedInvoice | GatewayError, partner: str | None,
                       direction: str) -> Outcome:
@@ -312,7 +332,10 @@ class Pipeline:
             assert sub.sha256 is not None
             earlier = await self.intake.find_accepted(partner, sub.sha256, direction)
             if earlier is None:
-                raise checked
+                try:
+                    raise checked
+                finally:
+                    del checked  # no reference cycle through the refusal's traceback
             return Outcome(earlier, None)
         with self._stage("store"):
             receipt = await self.intake.put(checked)
@@ -328,14 +351,14 @@ class Pipeline:
         try:
             return self.check(InboundMessage(body, sub.peer, sub.partner, received_at, media_type), sub.sha256)
         except GatewayError as exc:
-            return exc
+            return detached(exc)
 
     def _outbound_stages(self, sub: Submission, body: bytes, received_at: str, media_type: str) -> AcceptedInvoice | GatewayError:
         sub.sha256 = hashlib.sha256(body).hexdigest()
         try:
             return self.check_outbound(body, sub.sha256, received_at, media_type)
         except GatewayError as exc:
-            return exc
+            return detached(exc)
 
     def open_mail(self, sub: Submission, raw: bytes) -> tuple[bytes, str]:
         """The S/MIME stage: decrypt, verify and unpack the message, and authenticate its signer as a

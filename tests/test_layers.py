@@ -4,7 +4,8 @@ Every import counts, wherever it stands (module top, inside a function, under TY
 import cannot hide a circle.  The layers, bottom first (a module may import its own package and
 anything on a lower layer):
 
-    base        errors, model, clock, files, logs, metrics, systemd, tls, vault, devpki, identifiers, ratelimit, config/
+    base        errors, model, clock, files, logs, metrics, systemd, tls, vault, devpki, identifiers, ratelimit,
+                memory, threads, config/
     stages/     the pure checks
     partners/   the allowlist
     smime/ storage/
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gateway"
 LAYERS = [
     {"gateway", "errors", "model", "clock", "files", "logs", "metrics", "systemd", "tls", "vault", "devpki", "identifiers",
-     "ratelimit", "config"},
+     "ratelimit", "memory", "threads", "config"},
     {"stages"},
     {"partners"},
     {"smime", "storage"},

@@ -1,11 +1,13 @@
 import asyncio
 import hashlib
+import threading
 from dataclasses import replace
 from typing import Any
 
 from gateway.cli.demo import SAMPLE
 from gateway.operations.instance import DEMO_PARTNER
 from gateway.partners.edit import edit_partners
+from gateway.stages import xmlparse
 from tests.helpers import audit_of, eventually, numbered, post
 
 ELSEWHERE = "0088:4000000000009"
@@ -59,3 +61,17 @@ async def test_a_payment_account_hidden_in_an_extension_is_refused_and_nothing_s
     assert (answer.status, answer.json["error"]) == (422, "EXTENSION_REFUSED"), answer.text
     assert [d["path"] for d in answer.json["details"]][0] == "/*/ext:UBLExtensions/ext:UBLExtension/ext:ExtensionContent/x:Notes"
     assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
+
+
+async def test_the_stage_threads_are_renewed_after_a_budget_of_parsing(gateway, client, monkeypatch):
+    """lxml's per-thread name dictionary never shrinks: after RENEW_AFTER_BYTES of parsed structure the pipeline
+    moves its work to fresh stage threads (here the budget is one sample invoice)."""
+    monkeypatch.setattr(xmlparse, "RENEW_AFTER_BYTES", 1)
+    s = client()
+    threads = []
+    for i in range(3):
+        status, body = await post(s, numbered(f"RENEW-{i}"))
+        assert status == 202, body
+        threads.append({t for t in threading.enumerate() if t.name.startswith("stage")})
+    assert gateway.gw.executor.renewals == 3
+    assert not threads[0] & threads[2]  # the first invoice's threads are gone

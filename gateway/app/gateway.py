@@ -40,6 +40,7 @@ from ..pipeline import MailIdentity, Pipeline
 from ..stages.routing import Router
 from ..stages.rules import RuleEngine
 from ..storage.factory import open_store
+from ..threads import RenewableThreads
 from ..tls import admin_context, server_context
 from .build import Parts, build, restart_needed, rules_key, warnings
 
@@ -79,7 +80,7 @@ class Gateway:
         # file I/O.  Alone, the process needs threads for every core; as one of several workers, two
         # threads measured best (benchmarks/throughput.py: more threads only contend for the GIL).
         threads = STAGE_THREADS_PER_WORKER if sock is not None else min(8, (os.cpu_count() or 2) + 2)
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage")
+        self.executor = RenewableThreads(threads, "stage")  # renewed after a budget of parsing (gateway/threads.py)
         # Status reads, delivery and reloads: never queued behind invoices waiting for the rules.
         self.io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
         self.store = open_store(config)

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 
-from .. import systemd
+from .. import memory, systemd
 from ..config.model import Config
 from ..errors import ConfigError
 from .build import Parts
@@ -23,6 +23,7 @@ async def serve_forever(config: Config, parts: Parts | None = None, *, worker: i
     """Run one gateway process; as worker N of several (``worker`` set), serve the supervisor's
     listening socket, let only worker 0 deliver, and report to the supervisor on ``status_fd``
     (R: ready, H: reloaded, .: alive).  Alone, it talks to systemd itself (gateway/systemd.py)."""
+    memory.map_large_blocks_separately()  # what a large body took goes back when it is freed
     gw = Gateway(config, parts, sock=sock, run_delivery=not worker, smtp_sock=smtp_sock)
     await gw.start()
     loop = asyncio.get_running_loop()

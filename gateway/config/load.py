@@ -20,6 +20,7 @@ from .model import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_MAX_IN_FLIGHT_BYTES,
+    DEFAULT_MAX_TREE_BYTES,
     DESTINATION_TYPES,
     AdminConfig,
     Config,
@@ -39,6 +40,8 @@ from .model import (
     XmlLimits,
 )
 from .reader import Reader, check_secret_file, key_files
+
+MIB = 1024 * 1024
 
 _STYLESHEET_SYNTAX = {
     b"urn:oasis:names:specification:ubl:schema:xsd:Invoice-2": "ubl",
@@ -361,6 +364,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         max_depth=x.integer("max_depth", DEFAULT_MAX_DEPTH, minimum=16, maximum=2048),
         max_elements=x.integer("max_elements", DEFAULT_MAX_ELEMENTS, minimum=100),
         max_attributes=x.integer("max_attributes", DEFAULT_MAX_ATTRIBUTES, minimum=8),
+        max_tree_bytes=x.integer("max_tree_mib", DEFAULT_MAX_TREE_BYTES // MIB, minimum=1, maximum=4096) * MIB,
     )
     x.done()
 

@@ -13,6 +13,9 @@ DEFAULT_MAX_IN_FLIGHT_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_DEPTH = 100  # also the nesting limit of the parser in the rules engine (Saxon-HE)
 DEFAULT_MAX_ELEMENTS = 2_000_000
 DEFAULT_MAX_ATTRIBUTES = 256
+# What the tree of one document may cost in memory, estimated from its bytes before it is built
+# (gateway/stages/xmlparse.py tree_cost): ~170,000 elements with text, far above any real invoice.
+DEFAULT_MAX_TREE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class XmlLimits:
     max_depth: int
     max_elements: int
     max_attributes: int
+    max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES  # the estimated memory of a parsed document's nodes
 
 
 DEFAULT_XML_LIMITS = XmlLimits(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_ATTRIBUTES)

@@ -17,6 +17,7 @@ a rules process that dies gives ``503 RULES_ENGINE_UNAVAILABLE`` (retry) and is 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import signal
@@ -40,6 +41,8 @@ from ..model import Syntax
 SVRL = "http://purl.oclc.org/dsdl/svrl"
 log = logs.get("rules")
 MAX_REPORTED = 100  # failed assertions reported to the sender per rejection
+RETIRE_GROWTH_BYTES = 256 * 1024 * 1024  # a rules process that grew this much since start is replaced
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 BUILTIN = "en16931"
 _VERSION_COMMENT = re.compile(rb"Schematron version ([0-9][0-9A-Za-z.\-]*)")
 
@@ -189,6 +192,14 @@ class _Child:
         if kind == "config":
             self.stop()
             raise ConfigError(text)
+        self.baseline = self.rss()  # once every stylesheet is compiled
+
+    def rss(self) -> int:
+        """The process's resident memory in bytes (0 once it has gone)."""
+        try:
+            return int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1]) * PAGE_BYTES
+        except (OSError, IndexError, ValueError):
+            return 0
 
     def receive(self, timeout_s: float) -> tuple[str, Any]:
         try:
@@ -314,7 +325,14 @@ class RuleEngine:
         except (_Died, OSError):
             self._discard(child)
             raise RulesEngineUnavailable("the rules engine stopped while checking this invoice; retry later") from None
-        self._idle.put(child)
+        grown = child.rss() - child.baseline
+        if grown > RETIRE_GROWTH_BYTES:
+            # Saxon keeps every distinct name it has parsed (up to a fixed number, after which documents with new
+            # names fail): a process that has grown this much is replaced, and its memory goes with it.
+            log.info("rules.process_renewed", grown_mib=grown // 2**20)
+            self._discard(child)
+        else:
+            self._idle.put(child)
         if kind == "failed":
             raise RulesFailed("the business rules could not be evaluated on this invoice; it was not accepted",
                               [Detail(str(value))], code="RULES_FAILED")

@@ -7,6 +7,13 @@ on.  ``huge_tree`` is on so a 50 MB invoice with an embedded PDF parses (libxml2
 a text node at 10 MB); the gateway's own depth, element and attribute limits replace libxml2's
 (SECURITY-TESTS.md X-01…X-04).
 
+Memory is bounded before the tree is built: ``tree_cost`` bounds what libxml2 will allocate from the
+bytes alone (a document of a few MiB with hundreds of attributes on every element would otherwise
+take gigabytes), and a document over ``xml.max_tree_mib`` is refused unparsed.  What a parse leaves
+behind is given back: the C heap is trimmed after a large tree is gone (``release``, gateway/memory.py), and because
+lxml interns every element and attribute name in a dictionary per thread that never shrinks, the
+threads that parse are renewed after a budget of parsed structure (gateway/threads.py).
+
 Two passes: the first reads only the prolog and stops at a DOCTYPE (refused before libxml2
 processes any declaration in it) or at the root element; the second builds the tree with a
 resolver that answers every external entity or DTD with nothing, so no file is ever opened.
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from .. import memory
 from ..config.model import XmlLimits
 from ..errors import Detail, LimitExceeded, Malformed
 
@@ -26,6 +34,29 @@ XINCLUDE_NAMESPACES = ("http://www.w3.org/2001/XInclude", "http://www.w3.org/200
 _XINCLUDE_TAGS = tuple(f"{{{ns}}}*" for ns in XINCLUDE_NAMESPACES)
 _COUNT = etree.XPath("count(//*)")
 _COUNT_ATTRIBUTES = etree.XPath("count(//@*)")
+
+# What libxml2 allocates per node on 64-bit Linux (lxml 6.0, libxml2 2.14; `python benchmarks/xml_memory.py`
+# measures it): an element, text, comment or PI node ~128 bytes; an attribute with its value ~240.
+NODE_BYTES = 128
+ATTRIBUTE_BYTES = 256
+TRIM_AFTER_BYTES = 8 * 1024 * 1024  # a body and tree this large leave free heap behind: trim once they are gone
+# Parsed structure after which the parsing threads are renewed (their name dictionaries go with them): the
+# dictionaries then hold at most ~770,000 names, ~55 MiB at ~75 bytes a name; ordinary traffic (~200 KiB of
+# structure per 20 KB invoice) renews them every ~1,000 invoices, at the cost of starting a few threads.
+RENEW_AFTER_BYTES = 192 * 1024 * 1024
+
+
+def tree_cost(body: bytes) -> int:
+    """An upper bound of the memory libxml2 allocates for the nodes of ``body``'s tree, from its bytes alone.
+
+    Every element, end tag, comment, PI and CDATA section begins with '<'; text lies between them, so
+    at most one text node follows each; every attribute and namespace declaration holds a '='.  A raw
+    '<' in a comment or CDATA section, or a '=' in text, only makes the bound looser.  The text itself
+    costs its own length, which the byte limit bounds.
+    """
+    markup = body.count(b"<")
+    elements = markup - body.count(b"</")
+    return NODE_BYTES * (elements + markup + 1) + ATTRIBUTE_BYTES * body.count(b"=")
 
 
 class _Stop(Exception):
@@ -69,6 +100,9 @@ class XmlParser:
     def __init__(self, limits: XmlLimits):
         self.limits = limits
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._trim_due = False  # a large body or tree was parsed since the heap was last trimmed
+        self._since_renewal = 0  # estimated bytes of all trees built since the parsing threads were renewed
         # An element deeper than max_depth exists iff this location path selects anything.
         self._too_deep = etree.XPath("boolean(/" + "*/" * limits.max_depth + "*)")
         self._too_wide = etree.XPath(f"boolean(//*[count(@*) > {limits.max_attributes}])")
@@ -85,10 +119,24 @@ class XmlParser:
     def parse(self, body: bytes) -> ParsedXml:
         if not body.strip():
             raise Malformed("the request body is empty; send the invoice XML", code="MALFORMED_XML")
-        # Cheap bound before building a tree: every element needs at least one '<'.
+        # Cheap bounds before building a tree: every element needs at least one '<'.
         if body.count(b"<") > 2 * self.limits.max_elements:
             raise LimitExceeded(
                 f"the document has more than {self.limits.max_elements} elements",
+                code="XML_LIMIT_EXCEEDED",
+            )
+        cost = tree_cost(body)
+        built = cost <= self.limits.max_tree_bytes
+        with self._lock:
+            # A large body (its chunks were read into the heap) or a large tree leaves free heap behind.
+            self._trim_due |= len(body) + (cost if built else 0) >= TRIM_AFTER_BYTES
+            self._since_renewal += cost if built else 0
+        if not built:
+            mib = 1024 * 1024
+            raise LimitExceeded(
+                f"the document holds far more markup than an invoice of its size needs: its tree would take about "
+                f"{cost // mib} MiB (elements, attributes, text nodes), and this gateway allows "
+                f"{self.limits.max_tree_bytes // mib} MiB; remove repeated or unneeded attributes and elements",
                 code="XML_LIMIT_EXCEEDED",
             )
         prolog = _Prolog()
@@ -130,6 +178,18 @@ class XmlParser:
         if next(root.iter(*_XINCLUDE_TAGS), None) is not None:
             raise Malformed("XInclude elements are not allowed in an invoice", code="XINCLUDE_FORBIDDEN")
         return ParsedXml(root)
+
+    def release(self) -> bool:
+        """Once finished documents are gone: give the heap's free memory back if a large body or tree was
+        parsed since the last time, and say whether the threads that parse should now be renewed."""
+        with self._lock:
+            trim, self._trim_due = self._trim_due, False
+            renew = self._since_renewal >= RENEW_AFTER_BYTES
+            if renew:
+                self._since_renewal = 0
+        if trim:
+            memory.trim()
+        return renew
 
     def _check_limits(self, root: etree._Element) -> None:
         lim = self.limits

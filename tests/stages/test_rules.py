@@ -32,6 +32,7 @@ from gateway.config import load as config_mod
 from gateway.errors import ConfigError
 from gateway.operations import instance
 from gateway.partners.book import editing
+from gateway.stages import rules as rules_module
 from gateway.stages.rules import builtin_pack
 from tests.helpers import CORPUS, Answer, Running, add_partner, eventually, numbered, post
 from tests.helpers import serving as shared_serving
@@ -285,6 +286,23 @@ async def test_a_killed_rules_process_costs_one_invoice_and_is_replaced(inst, tm
 
         assert (status, body["error"]) == (503, "RULES_ENGINE_UNAVAILABLE"), body
         assert answer.headers.get("Retry-After") == "30"
+
+
+async def test_a_rules_process_that_grew_past_its_limit_is_replaced_after_answering(inst, monkeypatch):
+    """Saxon keeps every distinct name it parsed; a process that grew more than RETIRE_GROWTH_BYTES since its
+    stylesheets were compiled is replaced once it has answered (here the limit is lowered to nothing)."""
+    configure(inst)
+    async with serving(inst) as r, r.session() as s:
+        pid = rules_pid(r)
+        monkeypatch.setattr(rules_module, "RETIRE_GROWTH_BYTES", -1)
+        status, body = await post(s, numbered("RUL-GROW-1"))
+        assert status == 202, body  # the invoice that was evaluated is answered as usual
+        await until_dead(pid)
+        replacement = rules_pid(r)
+        assert replacement != pid
+        monkeypatch.setattr(rules_module, "RETIRE_GROWTH_BYTES", 2**40)
+        status, body = await post(s, numbered("RUL-GROW-2"))
+        assert status == 202 and rules_pid(r) == replacement, body
 
 
 # --- RULES_UNAVAILABLE and partners without rules ----------------------------------------------------

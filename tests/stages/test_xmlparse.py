@@ -6,6 +6,7 @@ never fetch anything (G6), and no byte of a local file may come back in a reply 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -24,11 +25,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from gateway import memory
 from gateway.cli.demo import SAMPLE
-from gateway.config.model import DEFAULT_MAX_ATTRIBUTES, DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, XmlLimits
+from gateway.config.model import (
+    DEFAULT_MAX_ATTRIBUTES,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ELEMENTS,
+    DEFAULT_MAX_TREE_BYTES,
+    DEFAULT_XML_LIMITS,
+    XmlLimits,
+)
 from gateway.errors import GatewayError
-from gateway.stages.xmlparse import XmlParser
+from gateway.stages import xmlparse
+from gateway.stages.xmlparse import ATTRIBUTE_BYTES, NODE_BYTES, XmlParser, tree_cost
 from tests.helpers import ROOT, XML, numbered
+from tests.helpers.daemon import Daemon, make_instance, post_many
 
 PARSER = XmlParser(XmlLimits(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_ATTRIBUTES))
 STATUS = {"MALFORMED_XML": 400, "DTD_FORBIDDEN": 400, "XINCLUDE_FORBIDDEN": 400, "XML_LIMIT_EXCEEDED": 413}
@@ -347,3 +358,133 @@ async def test_listener_accepts_50mb_invoice_with_embedded_pdf(gateway, client):
         assert r.status == 202, (await r.text())[:2000]
         reply = await r.json()
     assert reply["status"] == "accepted" and reply["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+# --- memory: the tree's cost is bounded before it is built, and given back after (issue 20, item 5) -----------
+
+
+def wide_document(elements: int, attributes: int, *, unique: str = "") -> bytes:
+    """An invoice-shaped document with ``attributes`` attributes on each of ``elements`` elements (names made
+    unique per document with ``unique``): a few MiB of bytes that would cost libxml2 ~32 times that."""
+    names = b" ".join(b'%sa%d=""' % (unique.encode(), i) for i in range(attributes))
+    return (b'<Invoice xmlns="urn:oasis:names:specification:ubl:schema:xsd:Invoice-2">'
+            + (b"<e " + names + b"/>") * elements + b"</Invoice>")
+
+
+def nodes_of(root: etree._Element) -> tuple[int, int, int]:
+    """(elements and other nodes, text nodes, attributes and namespace declarations) of a parsed tree."""
+    nodes = texts = attrs = 0
+    for el in root.iter():
+        nodes += 1
+        texts += (el.text is not None) + (el.tail is not None)
+        attrs += len(el.attrib) + len(set(el.nsmap.items()) - set((el.getparent().nsmap if el.getparent() is not None
+                                                                      else {}).items()))
+    return nodes, texts, attrs
+
+
+SHAPES = {
+    "sample invoice": SAMPLE,
+    "pretty-printed": etree.tostring(etree.fromstring(SAMPLE), pretty_print=True),
+    "comments, PIs, CDATA": b"<r><!-- a < b --><?pi x=1?><![CDATA[ <x> = ]]><a b='1' c=\"2\">t<b/>u</a>v</r>",
+    "entities": b"<r a='&lt;&amp;'>&lt;&#60;x&gt;<i>&#x3c;</i></r>",
+    "namespaces": b'<p:r xmlns:p="u:1" xmlns:q="u:2"><q:a xmlns:s="u:3" s:x="1"/></p:r>',
+    "attribute-heavy": wide_document(50, 200),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tree_cost_bounds_every_node_the_tree_holds(shape: str) -> None:
+    body = SHAPES[shape]
+    nodes, texts, attrs = nodes_of(etree.fromstring(body))
+    assert tree_cost(body) >= NODE_BYTES * (nodes + texts) + ATTRIBUTE_BYTES * attrs
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.text("ab <>&=\"'", max_size=8).map(lambda t: ("text", t)),
+                    lambda kids: st.tuples(st.just("el"), st.integers(0, 3), st.lists(kids, max_size=4)), max_leaves=30))
+def test_tree_cost_is_an_upper_bound_for_any_tree(tree: tuple) -> None:
+    def render(node: tuple) -> str:
+        if node[0] == "text":
+            return node[1].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        attrs = "".join(f' a{i}="={i}"' for i in range(node[1]))
+        return f"<e{attrs}>{''.join(render(k) for k in node[2])}</e>"
+    body = f"<r>{render(tree)}</r>".encode()
+    nodes, texts, attrs = nodes_of(etree.fromstring(body))
+    assert tree_cost(body) >= NODE_BYTES * (nodes + texts) + ATTRIBUTE_BYTES * attrs
+
+
+def test_a_document_whose_tree_would_exceed_the_budget_is_refused_before_it_is_built() -> None:
+    body = wide_document(2000, 250)  # 4 MiB with 500,000 attributes: ~120 MiB as a tree
+    assert len(body) < 5 * 2**20 and tree_cost(body) > 64 * 2**20
+    with pytest.raises(GatewayError) as e:
+        PARSER.parse(body)
+    assert e.value.code == "XML_LIMIT_EXCEEDED" and "64 MiB" in e.value.message
+    # Below the budget, the same shape parses (the schema refuses it later).
+    assert PARSER.parse(wide_document(20, 250)).root is not None
+
+
+def test_every_corpus_invoice_is_far_below_the_budget(corpus: Path) -> None:
+    costs = [tree_cost(p.read_bytes()) for p in (corpus / "invoices").rglob("*.xml")]
+    assert len(costs) > 500 and max(costs) < DEFAULT_MAX_TREE_BYTES // 32
+
+
+def test_release_trims_after_a_large_tree_and_asks_for_fresh_threads_after_the_budget(monkeypatch) -> None:
+    parser = XmlParser(DEFAULT_XML_LIMITS)
+    trims: list[int] = []
+    monkeypatch.setattr(memory, "trim", lambda: trims.append(1))
+    parser.parse(SAMPLE)
+    assert parser.release() is False and trims == []  # a small tree leaves nothing worth trimming
+    parser.parse(wide_document(400, 250))  # ~25 MiB of tree
+    assert parser.release() is False and trims == [1]
+    assert parser.release() is False and trims == [1]  # once per large tree
+    monkeypatch.setattr(xmlparse, "RENEW_AFTER_BYTES", 2 * tree_cost(SAMPLE))
+    parser = XmlParser(DEFAULT_XML_LIMITS)
+    renewals = [parser.release() for _ in range(4) if parser.parse(SAMPLE)]
+    assert renewals == [False, True, False, True]  # every second document, then the count starts again
+
+
+@pytest.mark.filterwarnings("ignore:Sending a large body:ResourceWarning")
+def test_an_attribute_bomb_costs_a_real_worker_little_and_its_memory_comes_back(tmp_path: Path) -> None:
+    """A gateway process (python -m gateway serve) receives, at once, four 16 MiB documents whose trees would
+    take ~550 MiB each, then, one by one, documents just under the tree budget: its peak memory stays within the
+    budget plus the bodies it holds, and what each took goes back once it is answered."""
+    inst = make_instance(tmp_path, 1)
+    daemon = Daemon(inst)
+    try:
+        daemon.wait_ready(workers=1)
+        asyncio.run(post_many(inst, [numbered("MEM-0")]))  # warm: every stage has run once
+        pid = daemon.pid
+        baseline = peak_from_here(pid)
+        bomb = wide_document(9000, 256)
+        assert len(bomb) > 16 * 2**20 and tree_cost(bomb) > 8 * DEFAULT_MAX_TREE_BYTES
+        replies = asyncio.run(post_many(inst, [bomb] * 4))
+        assert [(s, r["error"]) for s, r in replies] == [(413, "XML_LIMIT_EXCEEDED")] * 4
+        bodies = 4 * len(bomb) // 1024
+        assert kib(pid, "VmHWM") - baseline < 2 * bodies, (baseline, kib(pid, "VmHWM"))
+        assert kib(pid, "VmRSS") - baseline < 16 * 1024, (baseline, kib(pid, "VmRSS"))
+
+        for i in range(3):
+            near = wide_document(900, 250, unique=f"n{i}x")  # ~55 MiB of tree from 1.8 MiB of bytes
+            assert DEFAULT_MAX_TREE_BYTES * 0.8 < tree_cost(near) < DEFAULT_MAX_TREE_BYTES
+            baseline = peak_from_here(pid)
+            ((status, reply),) = asyncio.run(post_many(inst, [near]))
+            assert status == 422 and reply["error"] == "SCHEMA_INVALID"
+            assert kib(pid, "VmHWM") - baseline < 64 * 1024 + 4 * len(near) // 1024, (baseline, kib(pid, "VmHWM"))
+            assert kib(pid, "VmRSS") - baseline < 16 * 1024, (baseline, kib(pid, "VmRSS"))
+        assert daemon.named("invoice.accepted") and daemon.terminate() == 0
+    finally:
+        daemon.kill()
+
+
+def peak_from_here(pid: int) -> int:
+    """Reset the process's peak resident memory (VmHWM) to now, and return its resident memory in KiB."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return kib(pid, "VmRSS")
+
+
+def kib(pid: int, field: str) -> int:
+    """A field of /proc/PID/status in KiB (VmRSS: resident now; VmHWM: the peak since clear_refs)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
