@@ -21,6 +21,7 @@ from .model import (
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_MAX_IN_FLIGHT_BYTES,
     DEFAULT_MAX_TREE_BYTES,
+    DEFAULT_MIN_BODY_RATE,
     DESTINATION_TYPES,
     AdminConfig,
     Config,
@@ -84,9 +85,14 @@ def _https(r: Reader) -> HttpsConfig:
         max_in_flight_bytes=r.integer("max_in_flight_bytes", DEFAULT_MAX_IN_FLIGHT_BYTES, minimum=1024),
         read_timeout_s=r.number("read_timeout_s", 60.0, minimum=1.0),
         keepalive_timeout_s=r.number("keepalive_timeout_s", 75.0, minimum=1.0),
+        max_in_flight_bytes_per_partner=r.integer("max_in_flight_bytes_per_partner", 0),
+        min_body_rate=r.integer("min_body_rate", DEFAULT_MIN_BODY_RATE, minimum=1024),
     )
     if cfg.max_in_flight_bytes < cfg.max_body_bytes:
         raise ConfigError(f"{r.key('max_in_flight_bytes')}: must be at least https.max_body_bytes")
+    if not cfg.max_body_bytes <= cfg.partner_share <= cfg.max_in_flight_bytes:
+        raise ConfigError(f"{r.key('max_in_flight_bytes_per_partner')}: must lie between https.max_body_bytes and "
+                          "https.max_in_flight_bytes (or be 0: a quarter of max_in_flight_bytes)")
     r.done()
     return cfg
 

@@ -9,6 +9,9 @@ from pathlib import Path
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 # Bodies held in memory at once across all requests; past this, new uploads get 503 + Retry-After.
 DEFAULT_MAX_IN_FLIGHT_BYTES = 512 * 1024 * 1024
+# A body still arriving after read_timeout_s must have come at least this fast on average (32 KiB/s:
+# a 50 MB invoice over a 256 kbit/s line); slower bodies are refused with 408 BODY_TIMEOUT.
+DEFAULT_MIN_BODY_RATE = 32 * 1024
 # The gateway's own XML limits (SECURITY-TESTS.md X-04): libxml2 with huge_tree stops at depth 2048.
 DEFAULT_MAX_DEPTH = 100  # also the nesting limit of the parser in the rules engine (Saxon-HE)
 DEFAULT_MAX_ELEMENTS = 2_000_000
@@ -31,6 +34,15 @@ class HttpsConfig:
     # Slow clients (SECURITY-TESTS.md T-08): header and body must arrive within this many seconds.
     read_timeout_s: float
     keepalive_timeout_s: float
+    # One partner's share of max_in_flight_bytes (0: a quarter of it, at least max_body_bytes).
+    max_in_flight_bytes_per_partner: int = 0
+    # A body taking longer than read_timeout_s must keep arriving at this average rate (bytes/s).
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE
+
+    @property
+    def partner_share(self) -> int:
+        """What one partner's uploads may hold of the in-flight budget at once."""
+        return self.max_in_flight_bytes_per_partner or max(self.max_body_bytes, self.max_in_flight_bytes // 4)
 
     @property
     def url(self) -> str:

@@ -156,42 +156,105 @@ def media_type_of(request: web.Request) -> str:
     return PDF_MEDIA_TYPE if request.content_type == PDF_MEDIA_TYPE else "application/xml"
 
 
-async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole body, within the size limit and the time limit, or the error the sender gets (the
-    application's ``client_max_size`` bounds what is read; ``max_bytes`` is the limit the sender is held to)."""
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float, *, min_rate: int = 0,
+                    charge: Charge | None = None) -> bytes:
+    """The whole body, within the size limit and in time, or the error the sender gets.
+
+    Read as it arrives, each chunk charged to the in-flight budget (``charge``) before it is kept: an upload
+    that declares much and sends little holds little.  The body must arrive within ``timeout_s``, or, when it
+    takes longer, keep arriving at ``min_rate`` bytes/s on average since it began (a large invoice over a
+    slow line passes, a trickle does not); a stalled body is refused when its time is up, not at its next byte."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large(max_bytes)
-    try:
-        body = await asyncio.wait_for(request.read(), timeout_s)
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large(max_bytes) from None
-    except TimeoutError:
-        raise BodyTimeout(f"the body did not arrive within {timeout_s:.0f} s") from None
-    if len(body) > max_bytes:
-        raise too_large(max_bytes)
-    return body
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        allowed = max(timeout_s, received / min_rate if min_rate else 0.0)  # seconds since start, for what came
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), start + allowed - loop.time())
+        except TimeoutError:
+            raise _too_slow(timeout_s, min_rate, received, loop.time() - start) from None
+        if not chunk:
+            return b"".join(chunks)
+        received += len(chunk)
+        if received > max_bytes:
+            raise too_large(max_bytes)
+        if charge is not None:
+            await charge.take(len(chunk))
+        chunks.append(chunk)
+
+
+def _too_slow(timeout_s: float, min_rate: int, received: int, elapsed: float) -> BodyTimeout:
+    if not min_rate or received < min_rate * timeout_s:
+        return BodyTimeout(f"the body did not arrive within {timeout_s:.0f} s")
+    return BodyTimeout(f"the body arrived too slowly: {received} bytes in {elapsed:.0f} s; a body that takes longer "
+                       f"than {timeout_s:.0f} s must keep arriving at {min_rate} bytes/s or more")
 
 
 class ByteBudget:
-    """Bounds the bytes of request bodies held in memory at once."""
+    """Bounds the bytes of request bodies held in memory at once, counted as they arrive: in all (``limit``)
+    and per holder (a partner: ``per_holder``), so that no holder can take the room the others need."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, per_holder: int | None = None):
         self.limit = limit
+        self.per_holder = per_holder or limit
         self.used = 0
+        self.by_holder: dict[str, int] = {}
         self._cond = asyncio.Condition()
 
     @contextlib.asynccontextmanager
-    async def reserved(self, n: int) -> AsyncIterator[None]:
-        """``n`` bytes of the budget while the block runs; Overloaded (503) after waiting BUDGET_WAIT_S."""
-        async with self._cond:
-            try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.limit), BUDGET_WAIT_S)
-            except TimeoutError:
-                raise Overloaded("the gateway is busy receiving other invoices; retry shortly") from None
-            self.used += n
+    async def held(self, holder: str) -> AsyncIterator[Charge]:
+        """A charge that bytes are added to as they arrive; all of them given back however the block ends."""
+        charge = Charge(self, holder)
         try:
-            yield
+            yield charge
         finally:
-            async with self._cond:
-                self.used -= n
-                self._cond.notify_all()
+            await self._give(holder, charge.taken)
+
+    @contextlib.asynccontextmanager
+    async def reserved(self, n: int, holder: str = "") -> AsyncIterator[None]:
+        """``n`` bytes of the budget while the block runs (a body already read whole)."""
+        async with self.held(holder) as charge:
+            await charge.take(n)
+            yield
+
+    async def _take(self, holder: str, n: int) -> None:
+        """Room for ``n`` more bytes of ``holder``; Overloaded (503) after waiting BUDGET_WAIT_S for it."""
+        def room() -> bool:
+            return self.used + n <= self.limit and self.by_holder.get(holder, 0) + n <= self.per_holder
+
+        async with self._cond:
+            if not room():
+                try:
+                    await asyncio.wait_for(self._cond.wait_for(room), BUDGET_WAIT_S)
+                except TimeoutError:
+                    mine = self.by_holder.get(holder, 0)
+                    if self.per_holder < self.limit and mine + n > self.per_holder:
+                        raise Overloaded(f"your uploads in progress already hold {mine} bytes, and this gateway holds at "
+                                         f"most {self.per_holder} bytes per partner at once; send fewer at a time") from None
+                    raise Overloaded("the gateway is busy receiving other invoices; retry shortly") from None
+            self.used += n
+            self.by_holder[holder] = self.by_holder.get(holder, 0) + n
+
+    async def _give(self, holder: str, n: int) -> None:
+        if not n:
+            return
+        async with self._cond:
+            self.used -= n
+            left = self.by_holder.pop(holder) - n
+            if left:
+                self.by_holder[holder] = left
+            self._cond.notify_all()
+
+
+class Charge:
+    """The bytes one upload holds of a ByteBudget."""
+
+    def __init__(self, budget: ByteBudget, holder: str):
+        self.budget, self.holder, self.taken = budget, holder, 0
+
+    async def take(self, n: int) -> None:
+        await self.budget._take(self.holder, n)
+        self.taken += n

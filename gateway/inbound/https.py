@@ -63,7 +63,7 @@ class HttpsInbound:
         self.partners = partners
         self.store = store
         self.on_accepted = on_accepted
-        self.budget = ByteBudget(cfg.max_in_flight_bytes)
+        self.budget = ByteBudget(cfg.max_in_flight_bytes, cfg.partner_share)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
@@ -85,9 +85,9 @@ class HttpsInbound:
                 self._check_certificate(request, bound)
                 bound = bound.bind(partner=sub.partner.name)
                 media_type = self._check_headers(request)
-                reserve = request.content_length if request.content_length is not None else self.cfg.max_body_bytes
-                async with self.budget.reserved(reserve):
-                    body = await read_body(request, self.cfg.max_body_bytes, self.cfg.read_timeout_s)
+                async with self.budget.held(sub.partner.name) as charge:
+                    body = await read_body(request, self.cfg.max_body_bytes, self.cfg.read_timeout_s,
+                                           min_rate=self.cfg.min_body_rate, charge=charge)
                     outcome = await self.pipeline.accept(sub, body, received_at, media_type)
         except Rejected as exc:
             bound.info("invoice.rejected", code=exc.code, status=exc.http_status, reason=exc.message, details=len(exc.details))

@@ -81,11 +81,11 @@ class SubmitInbound:
     async def post(self, request: web.Request) -> web.Response:
         received_at = stamp()
         media_type = media_type_of(request)
-        reserve = request.content_length if request.content_length is not None else self.limits.max_body_bytes
-        if reserve > self.limits.max_body_bytes:
-            raise too_large(self.limits.max_body_bytes, reserve)
-        async with self.budget.reserved(reserve):
-            body = await read_body(request, self.limits.max_body_bytes, self.limits.read_timeout_s)
+        if request.content_length is not None and request.content_length > self.limits.max_body_bytes:
+            raise too_large(self.limits.max_body_bytes, request.content_length)
+        async with self.budget.held("erp") as charge:
+            body = await read_body(request, self.limits.max_body_bytes, self.limits.read_timeout_s,
+                                   min_rate=self.limits.min_body_rate, charge=charge)
             try:
                 async with self.pipeline.attempt("erp") as sub:
                     outcome = await self.pipeline.submit(sub, body, received_at, media_type)

@@ -8,9 +8,11 @@ It promises:
   gateway's own errors, the framework's refusals (404, 405, 413 …) as JSON too, any other fault as
   a bare 500 INTERNAL_ERROR that tells the client nothing and the log everything; redirects pass;
 * ``read_body`` reads the whole body or refuses: 413 TOO_LARGE over the size limit, 408
-  BODY_TIMEOUT when the body does not arrive in time;
-* ``ByteBudget`` bounds the request bytes held in memory at once: a reservation waits for room,
-  is refused as 503 OVERLOADED when none comes, and is given back however the block ends;
+  BODY_TIMEOUT when the body does not arrive in time or, past that time, falls below the minimum
+  rate; each chunk is charged to the budget as it arrives;
+* ``ByteBudget`` bounds the request bytes held in memory at once, in all and per holder (a
+  partner): a charge waits for room, is refused as 503 OVERLOADED when none comes (saying so when
+  the holder is past its share), and is given back however the block ends;
 * ``client_certificate`` / ``certificate_identity``: the key hash and subject of the certificate
   the client presented in the TLS handshake (none without TLS).
 
@@ -25,6 +27,7 @@ import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -222,6 +225,77 @@ async def test_a_body_that_does_not_arrive_in_time_is_408():
             await writer.wait_closed()
     assert head.startswith(b"HTTP/1.1 408 ")
     assert json.loads(body) == {"error": "BODY_TIMEOUT", "message": "the body did not arrive within 1 s", "details": []}
+
+
+async def trickle(port: int, declared: int, pieces: list[tuple[float, bytes]]) -> tuple[int, dict[str, Any]]:
+    """A POST to /rated declaring ``declared`` bytes whose body comes as (pause in s, bytes) pieces; its reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /rated HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/xml\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % declared)
+        for pause, piece in pieces:
+            await asyncio.sleep(pause)
+            if reader.at_eof() or writer.is_closing():
+                break
+            writer.write(piece)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        body = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    return int(head.split()[1]), json.loads(body)
+
+
+def rated_app(timeout_s: float, min_rate: int) -> web.Application:
+    async def rated(request: web.Request) -> web.Response:
+        return web.json_response({"size": len(await read_body(request, LIMIT, timeout_s, min_rate=min_rate))})
+    return app_with([web.post("/rated", rated)])
+
+
+async def test_a_body_slower_than_the_minimum_rate_is_408_once_it_falls_behind():
+    """After timeout_s (1 s), what has arrived must keep up with min_rate (1,000 bytes/s) on average:
+    2,000 bytes at once buy 2 s; then 100 bytes every 0.5 s fall behind at about 2.4 s."""
+    async with listening(rated_app(1.0, 1000)) as port:
+        status, reply = await trickle(port, 4000, [(0, b"x" * 2000)] + [(0.5, b"x" * 100)] * 8)
+    assert (status, reply["error"]) == (408, "BODY_TIMEOUT"), reply
+    assert reply["message"].startswith("the body arrived too slowly: 2")
+    assert reply["message"].endswith("a body that takes longer than 1 s must keep arriving at 1000 bytes/s or more")
+
+
+async def test_a_body_longer_than_the_timeout_passes_while_it_keeps_the_minimum_rate():
+    async with listening(rated_app(1.0, 1000)) as port:
+        status, reply = await trickle(port, 3000, [(0, b"x" * 1400), (0.7, b"x" * 1000), (0.7, b"x" * 600)])
+    assert (status, reply) == (200, {"size": 3000})  # 1.4 s for 3000 bytes: past the timeout, above the rate
+
+
+async def test_bytes_are_charged_as_they_arrive_and_given_back():
+    budget = ByteBudget(10_000, per_holder=5_000)
+    seen: list[int] = []
+
+    async def charged(request: web.Request) -> web.Response:
+        async with budget.held("acme") as charge:
+            body = await read_body(request, LIMIT, 5.0, charge=charge)
+            seen.append(budget.by_holder["acme"])
+        return web.json_response({"size": len(body)})
+
+    async with listening(app_with([web.post("/rated", charged)])) as port:
+        status, reply = await trickle(port, 3000, [(0, b"x" * 1000), (0.2, b"x" * 2000)])
+    assert (status, reply, seen, budget.used, budget.by_holder) == (200, {"size": 3000}, [3000], 0, {})
+
+
+async def test_a_holder_past_its_share_waits_then_is_told_why_while_others_go_on(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(http, "BUDGET_WAIT_S", 0.05)
+    budget = ByteBudget(100, per_holder=50)
+    async with budget.reserved(40, "mallory"):
+        with pytest.raises(Overloaded) as caught:
+            async with budget.reserved(20, "mallory"):
+                pytest.fail("entered past its share")
+        async with budget.reserved(50, "acme"):  # room for the others
+            assert budget.by_holder == {"mallory": 40, "acme": 50}
+    assert caught.value.message == ("your uploads in progress already hold 40 bytes, and this gateway holds at most 50 "
+                                    "bytes per partner at once; send fewer at a time")
+    assert budget.used == 0 and budget.by_holder == {}
 
 
 async def test_read_body_holds_to_the_limit_it_is_given():

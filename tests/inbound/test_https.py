@@ -30,9 +30,10 @@ from gateway.app.gateway import Gateway
 from gateway.cli.demo import SAMPLE
 from gateway.config import load as config_mod
 from gateway.errors import StorageUnavailable
+from gateway.inbound import http as inbound_http
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
-from tests.helpers import XML, Answer, Running, audit_of, numbered
+from tests.helpers import XML, Answer, Running, add_partner, audit_of, eventually, numbered
 from tests.helpers import post as post_invoice
 
 
@@ -349,3 +350,72 @@ async def test_every_refusal_is_one_audit_record(gateway: Running, client) -> No
     assert all(r["partner"] == instance.DEMO_PARTNER and r["actor"] == "gateway" for r in refused)
     assert set(details[0]) == set(details[1]) == {"transport", "code", "peer_spki", "peer"}
     assert details[2] == {"transport": "https", "code": "MALFORMED_XML", "sha256": hashlib.sha256(bad_xml).hexdigest()}
+
+
+# --- one partner cannot starve the others (issue 20, item 7) ---------------------------------------------
+
+BUDGET = {"max_body_bytes": 64 * 1024, "max_in_flight_bytes": 256 * 1024, "read_timeout_s": 2.0}
+MALLORY_IDS = ["0088:4000001000099"]
+
+
+@pytest.fixture
+def mallory(inst: instance.Instance) -> Any:
+    """A second registered partner, the one that attacks (registered before the gateway starts)."""
+    return add_partner(inst, "mallory", MALLORY_IDS)
+
+
+async def stalled_upload(gateway: Running, cert: Any, declared: int, sent: bytes) -> tuple[asyncio.StreamReader,
+                                                                                           asyncio.StreamWriter]:
+    """A POST over its own TLS connection that declares ``declared`` bytes, sends ``sent``, and then nothing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.gw.port, ssl=gateway.ssl(cert.cert, cert.key))
+    writer.write(b"POST /v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/xml\r\n"
+                 b"Content-Length: %d\r\n\r\n" % declared + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def reply_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(v) for k, _, v in (h.partition(":") for h in lines[1:]) if k.lower() == "content-length")
+    return int(lines[0].split()[1]), json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+
+
+@pytest.mark.parametrize("https_overrides", [BUDGET])
+async def test_uploads_that_declare_much_and_send_little_hold_little(mallory, gateway, client):
+    """Eight uploads declaring the whole body limit (twice the in-flight budget, had it been reserved by
+    declaration) send one byte each: another partner's invoice is accepted meanwhile, and each trickle ends
+    in 408 once its time is up, with nothing stored from it."""
+    uploads = [await stalled_upload(gateway, mallory, 64 * 1024, b"<") for _ in range(8)]
+    try:
+        await eventually(lambda: gateway.gw.https.budget.used == 8, "the eight bytes to be counted")
+        status, reply = await post(client(), numbered("FAIR-1"))
+        assert status == 202, reply
+        replies = [await reply_of(reader) for reader, _ in uploads]
+    finally:
+        for _, writer in uploads:
+            writer.close()
+    assert replies == [(408, {"error": "BODY_TIMEOUT", "message": "the body did not arrive within 2 s", "details": []})] * 8
+    assert gateway.gw.https.budget.used == 0
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 1
+
+
+@pytest.mark.parametrize("https_overrides", [BUDGET | {"max_in_flight_bytes_per_partner": 64 * 1024}])
+async def test_one_partner_holds_at_most_its_share_of_the_budget(mallory, gateway, client, monkeypatch):
+    """Mallory's uploads fill its share (64 KiB of 256): its next bytes wait, then 503 saying why; another
+    partner's invoice is accepted while they wait."""
+    monkeypatch.setattr(inbound_http, "BUDGET_WAIT_S", 0.5)
+    first = await stalled_upload(gateway, mallory, 60 * 1024, b"<" * (40 * 1024))
+    try:
+        await eventually(lambda: gateway.gw.https.budget.used == 40 * 1024, "the first upload to be counted")
+        second = await stalled_upload(gateway, mallory, 60 * 1024, b"<" * (40 * 1024))
+        status, reply = await post(client(), numbered("FAIR-2"))
+        assert status == 202, reply
+        status, refused = await reply_of(second[0])
+        second[1].close()
+    finally:
+        first[1].close()
+    assert status == 503 and refused["error"] == "OVERLOADED", refused
+    assert refused["message"].startswith("your uploads in progress already hold 40960 bytes, and this gateway holds "
+                                         "at most 65536 bytes per partner at once")
+    await eventually(lambda: gateway.gw.https.budget.used == 0, "the budget to be given back")
