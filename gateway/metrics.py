@@ -55,11 +55,17 @@ class Metrics:
                                   "(delivered, retry, dead_letter)", ["destination", "outcome"], registry=self.registry)
         self.reloads = Counter("einvoice_reloads", "Configuration reloads (SIGHUP) by result", ["result"],
                                registry=self.registry)
+        self.handshakes_failed = Counter("einvoice_tls_handshake_failures", "TLS handshakes that failed, by listener "
+                                         "and reason (OpenSSL's, or HANDSHAKE_TIMEOUT, CONNECTION_LOST)",
+                                         ["listener", "reason"], registry=self.registry)
         self.expiry_warnings = Counter("einvoice_certificate_expiry_warnings", "Certificate expiry warnings logged, "
                                        "by threshold in days", ["threshold_days"], registry=self.registry)
 
     def invoice(self, transport: str, outcome: str, code: str) -> None:
         self.invoices.labels(transport, outcome, code).inc()
+
+    def handshake_failed(self, listener: str, reason: str) -> None:
+        self.handshakes_failed.labels(listener, reason).inc()
 
     def stage(self, name: str, seconds: float) -> None:
         self.stage_seconds.labels(name).observe(seconds)

@@ -42,7 +42,8 @@ def test_a_fresh_gateway_renders_every_family_with_no_counts() -> None:
     families, samples = parse(Metrics().render([]))
     assert {name: kind for name, (kind, _) in families.items()} == {
         "einvoice_invoices": "counter", "einvoice_stage_seconds": "histogram", "einvoice_delivery_attempts": "counter",
-        "einvoice_reloads": "counter", "einvoice_certificate_expiry_warnings": "counter"}
+        "einvoice_reloads": "counter", "einvoice_certificate_expiry_warnings": "counter",
+        "einvoice_tls_handshake_failures": "counter"}
     assert all(doc for _, doc in families.values())  # every family says what it counts
     assert samples == {}  # labelled counters have no series until something happens
 

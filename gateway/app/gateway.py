@@ -10,6 +10,7 @@ import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..delivery.replies import ReplySender
 from ..delivery.sender import Sender
 from ..delivery.smarthost import Mailer, Smarthost
 from ..errors import ConfigError
+from ..inbound.handshake import TlsAcceptor
 from ..inbound.http import JsonRefusals
 from ..inbound.https import HttpsInbound
 from ..inbound.smtp import SmtpInbound
@@ -140,17 +142,18 @@ class Gateway:
 
     def _server_tls(self) -> ssl.SSLContext:
         cfg = self.config.https
-        ctx = server_context(cfg.certificate, cfg.private_key, cfg.client_ca)
-        # Every handshake switches to the current context, so a reload's certificate, key and CAs
-        # apply to new connections while the listening socket stays open.
-        ctx.sni_callback = self._pick_context
-        return ctx
+        return server_context(cfg.certificate, cfg.private_key, cfg.client_ca)
 
-    def _pick_context(self, sslobj: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
-        if self._tls is not None and self._tls is not ctx:
-            sslobj.context = self._tls
+    def _current_tls(self) -> ssl.SSLContext:
+        """What the next handshake uses: a reload's certificate, key and CAs apply to new connections while the
+        listening socket stays open."""
+        assert self._tls is not None
+        return self._tls
 
-    async def _serve(self, app: web.Application, unix: socket.socket | None = None, **kwargs: Any) -> asyncio.Server:
+    async def _serve(self, app: web.Application, unix: socket.socket | None = None, *, listener: str = "",
+                     tls: Callable[[], ssl.SSLContext] | None = None, **kwargs: Any) -> asyncio.Server:
+        """``app`` on a socket; with ``tls``, each connection's handshake is made (and, failing, reported) by
+        gateway/inbound/handshake.py before aiohttp sees it."""
         # auto_decompress off: no listener takes a compressed body (415 UNSUPPORTED_ENCODING on the headers), so
         # none may inflate one either, not even while draining what the client sends after the reply.
         options: dict[str, Any] = {"access_log": None, "keepalive_timeout": self.config.https.keepalive_timeout_s,
@@ -165,10 +168,15 @@ class Gateway:
         def handler() -> JsonRefusals:  # what aiohttp's server makes per connection, answering its refusals in JSON
             return JsonRefusals(manager, loop=loop, **options)
 
+        def accept() -> asyncio.BaseProtocol:
+            if tls is None:
+                return handler()
+            return TlsAcceptor(tls, handler, TLS_HANDSHAKE_TIMEOUT_S, listener, self.metrics.handshake_failed)
+
         if unix is not None:
-            server = await loop.create_unix_server(handler, sock=unix)
+            server = await loop.create_unix_server(accept, sock=unix)
         else:
-            server = await loop.create_server(handler, **kwargs)
+            server = await loop.create_server(accept, **kwargs)
         self._servers.append(server)
         return server
 
@@ -179,12 +187,12 @@ class Gateway:
             # asyncio uses `backlog` both for listen() and as the number of connections one wake-up
             # accepts.  Accept one at a time, so the workers share a burst of new connections, then
             # give the shared socket its real queue length back (a queue of 1 drops SYNs: 1 s stalls).
-            server = await self._serve(self.https.app(), sock=self.sock, ssl=self._tls, backlog=1,
-                                       ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            server = await self._serve(self.https.app(), sock=self.sock, listener="https", tls=self._current_tls,
+                                       backlog=1)
             self.sock.listen(LISTEN_BACKLOG)
         else:
-            server = await self._serve(self.https.app(), host=cfg.host, port=cfg.port, ssl=self._tls,
-                                       backlog=LISTEN_BACKLOG, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            server = await self._serve(self.https.app(), host=cfg.host, port=cfg.port, listener="https",
+                                       tls=self._current_tls, backlog=LISTEN_BACKLOG)
         self.port = server.sockets[0].getsockname()[1]
         if self.smtp is not None:
             await self._start_smtp()
@@ -236,8 +244,8 @@ class Gateway:
             where = f"unix:{cfg.socket}"
         else:
             ctx = server_context(self.config.https.certificate, self.config.https.private_key, cfg.client_ca)
-            server = await self._serve(self.submit.app(), host=cfg.host, port=cfg.port, ssl=ctx,
-                                       ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            server = await self._serve(self.submit.app(), host=cfg.host, port=cfg.port, listener="outbound",
+                                       tls=lambda: ctx)
             self.submit_port = server.sockets[0].getsockname()[1]
             where = f"https://{cfg.host}:{self.submit_port}"
         log.info("outbound.listening", url=where, destination=cfg.destination)
@@ -255,7 +263,8 @@ class Gateway:
             app.router.add_get("/console", _to_console)
         ctx = None if cfg.loopback else admin_context(self.config.https.certificate, self.config.https.private_key)
         try:
-            server = await self._serve(app, host=cfg.host, port=cfg.port, ssl=ctx)
+            server = await self._serve(app, host=cfg.host, port=cfg.port, listener="admin",
+                                       tls=None if ctx is None else lambda: ctx)
         except OSError as exc:
             raise ConfigError(f"admin.listen_port: cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})") from None
         self.admin_port = server.sockets[0].getsockname()[1]
