@@ -36,7 +36,7 @@ def add_parsers(sub: Any) -> None:
     ls.add_argument("--json", action="store_true")
     for action, what in (("disable", "disable an account and end its sessions"), ("enable", "enable a disabled account"),
                          ("reset-mfa", "forget an account's second factors (it enrols anew at its next login)"),
-                         ("unlock", "lift a lockout after failed logins"),
+                         ("unlock", "forget an account's failed logins, ending the waits they cause (nothing locks)"),
                          ("reset-password", "set a new random initial password (printed; change at next login)")):
         sp = with_config(usub.add_parser(action, help=what))
         sp.add_argument("name")
@@ -67,13 +67,14 @@ async def _users(cfg: Config, args: argparse.Namespace) -> int:
         accounts = store.accounts
         if args.action == "list":
             rows: list[dict[str, Any]] = [{"name": u.name, "roles": list(u.roles), "content": u.content, "state": u.state,
-                     "locked": u.locked(), "second_factor": u.enrolled, "must_change_password": u.must_change,
+                     "failed_logins": u.failed_logins, "second_factor": u.enrolled, "must_change_password": u.must_change,
                      "passkeys": len(await accounts.passkeys(u.name)), "created_at": u.created_at, "created_by": u.created_by}
                     for u in await accounts.users()]
             if args.json:
                 print(json.dumps(rows, indent=2))
             for r in rows if not args.json else ():
-                flags = [f for f, on in (("locked", r["locked"]), ("no second factor yet", not r["second_factor"]),
+                flags = [f for f, on in ((f"{r['failed_logins']} failed logins", r["failed_logins"]),
+                                         ("no second factor yet", not r["second_factor"]),
                                          ("must change password", r["must_change_password"])) if on]
                 print(f"{r['name']}\t{','.join(r['roles']) or '-'}{' +content' if r['content'] else ''}\t{r['state']}"
                       f"\t{'; '.join(flags)}")

@@ -305,6 +305,9 @@ def _admin(r: Reader) -> AdminConfig:
     return cfg
 
 
+MAX_BACKOFF_S = 3600.0  # the longest wait between failed logins an operator may set (gateway/console/throttle.py)
+
+
 def _console(r: Reader, admin: AdminConfig) -> ConsoleConfig:
     d = ConsoleConfig()
     hosts = r.str_list("allowed_hosts")
@@ -313,8 +316,9 @@ def _console(r: Reader, admin: AdminConfig) -> ConsoleConfig:
         idle_timeout_s=r.number("idle_timeout_s", d.idle_timeout_s, minimum=60.0),
         absolute_timeout_s=r.number("absolute_timeout_s", d.absolute_timeout_s, minimum=300.0),
         fresh_auth_s=r.number("fresh_auth_s", d.fresh_auth_s, minimum=30.0),
-        lockout_after=r.integer("lockout_after", d.lockout_after, minimum=3, maximum=20),
-        lockout_s=r.number("lockout_s", d.lockout_s, minimum=60.0),
+        backoff_after=r.integer("backoff_after", d.backoff_after, minimum=3, maximum=20),
+        backoff_max_s=r.number("backoff_max_s", d.backoff_max_s, minimum=60.0),
+        account_backoff_after=r.integer("account_backoff_after", d.account_backoff_after, minimum=10, maximum=10_000),
         login_burst=r.integer("login_burst", d.login_burst, minimum=1, maximum=1000),
         login_every_s=r.number("login_every_s", d.login_every_s, minimum=0.01),
         allowed_hosts=tuple(dict.fromkeys([h.lower().strip("[]") for h in hosts] + list(d.allowed_hosts)
@@ -323,6 +327,16 @@ def _console(r: Reader, admin: AdminConfig) -> ConsoleConfig:
     if cfg.fresh_auth_s > 300:
         raise ConfigError(f"{r.key('fresh_auth_s')}: at most 300 seconds (sensitive actions need an authentication at "
                           "most five minutes old)")
+    if cfg.backoff_max_s > MAX_BACKOFF_S:
+        raise ConfigError(f"{r.key('backoff_max_s')}: at most {MAX_BACKOFF_S:g} seconds (a longer wait keeps a person "
+                          "who mistyped out for hours, and failed logins are forgotten after a day anyway)")
+    if cfg.account_backoff_after <= cfg.backoff_after:
+        raise ConfigError(f"{r.key('account_backoff_after')}: must be more than backoff_after ({cfg.backoff_after}), "
+                          "or one address alone could make every other address wait")
+    for gone, now in (("lockout_after", "backoff_after"), ("lockout_s", "backoff_max_s")):
+        if r.has(gone):
+            raise ConfigError(f"{r.key(gone)}: failed logins no longer lock an account; they make further attempts "
+                              f"wait (console.{now}, see the README's Admin console section)")
     if cfg.idle_timeout_s > cfg.absolute_timeout_s:
         raise ConfigError(f"{r.key('idle_timeout_s')}: longer than absolute_timeout_s ({cfg.absolute_timeout_s:g} s)")
     r.done()

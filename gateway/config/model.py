@@ -107,8 +107,11 @@ class ConsoleConfig:
     idle_timeout_s: float = 900.0  # a session unused this long ends
     absolute_timeout_s: float = 8 * 3600.0  # every session ends this long after its login
     fresh_auth_s: float = 300.0  # sensitive actions need a login or re-authentication this recent (at most 300)
-    lockout_after: int = 5  # consecutive failed factors (password, TOTP, recovery code) that lock an account
-    lockout_s: float = 900.0  # for this long
+    # Failed logins never lock an account; they make further attempts wait (gateway/console/throttle.py).
+    backoff_after: int = 5  # failed attempts (password or second factor) one source may make on an account ...
+    backoff_max_s: float = 900.0  # ... before waiting: 30 s, doubling with each further failure up to this
+    account_backoff_after: int = 50  # failed attempts on an account from addresses it has not logged in
+    #                                  from (at most backoff_after from each) before all of those wait too
     login_burst: int = 10  # login attempts an address may make at once ...
     login_every_s: float = 6.0  # ... and then one per this many seconds
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")  # Host names the console answers to

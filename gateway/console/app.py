@@ -16,8 +16,9 @@ Request path, in order (``Console._guard``):
 4. The handler's permission (``roles.PERMISSIONS``) is checked; sensitive actions also need an
    authentication at most ``fresh_auth_s`` old.  Refusals are audited.
 
-Password hashing runs in a one-thread executor behind a per-address token bucket (``login``) and a
-bound on waiting hashes, so a login flood costs at most one core and never the invoice listeners' loop.
+Password hashing runs in a one-thread executor behind a token bucket per address (or known browser:
+``login``) and a bound on waiting hashes, so a login flood costs at most one core and never the
+invoice listeners' loop.
 """
 
 from __future__ import annotations

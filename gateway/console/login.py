@@ -1,6 +1,14 @@
-"""Logging in: the password (throttled per address), then a second factor (an authenticator app's
-code, a recovery code or a passkey), or the first enrolment of one; the password change, the fresh
-authentication sensitive actions ask for, logout, and the bootstrap account of a new installation.
+"""Logging in: the password, then a second factor (an authenticator app's code, a recovery code or a
+passkey), or the first enrolment of one; the password change, the fresh authentication sensitive
+actions ask for, logout, and the bootstrap account of a new installation.
+
+Failed attempts never lock an account: they make further attempts from the same source wait
+(``throttle.py``).  Every failed password step gets the same answer (status, page, cookies) after the
+same work, one password verification and one audit record: an unknown name, a wrong password, a
+disabled account and an attempt that must wait cannot be told apart, so names cannot be enumerated
+and nobody learns that a wait is on.  The audit record says which it was.  Only the flood limits
+answer otherwise (429), as they are decided before any name is read: the address's token bucket
+(``_flood_limit``) and the bound on password checks waiting for the hashing thread (``app.py``).
 """
 
 from __future__ import annotations
@@ -16,15 +24,19 @@ from aiohttp import web
 from .. import logs
 from ..ratelimit import RateLimiter
 from ..storage.base import AccountError
-from ..storage.records import Session, User
+from ..storage.records import SHARED_SOURCE, Session, User
 from . import passkeys, security
 from .context import ConsoleContext
 from .guard import CTX, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Refused, json_body, page, relying_party, session_of, user_of
+from .throttle import BROWSER, FORGET_S, KNOWN_BROWSER_S, Attempt, Throttle, sources
 
 log = logs.get("console")
 
 BOOTSTRAP_USER = "admin"
 BOOTSTRAP_FILE = "console-bootstrap-password"  # in state_dir; removed once the password is changed
+BROWSER_COOKIE = "egw_browser"  # a browser that completed a login: its own back-off (the store keeps its SHA-256)
+# The one answer to every failed password step, whatever the reason (the audit record has the reason).
+WRONG_LOGIN = "wrong user name or password; after repeated failures, wait a few minutes before trying again"
 
 
 class LoginPages:
@@ -36,6 +48,7 @@ class LoginPages:
         self.cfg = console.config.console
         self.accounts = console.store.accounts
         self.limiter = RateLimiter(self.cfg.login_burst, self.cfg.login_every_s)
+        self.throttle = Throttle.of(self.cfg)
 
     def routes(self, r: web.UrlDispatcher) -> None:
         r.add_get("/login", self.login_page)
@@ -92,9 +105,12 @@ class LoginPages:
                             secure=_secure(request))
         return response
 
-    async def _throttle(self, request: web.Request) -> None:
+    async def _flood_limit(self, request: web.Request, browser: tuple[str, str] | None) -> None:
+        """A token bucket per address (per browser, for a known one, so that others at its address cannot
+        use it up), before any name is read or password hashed: what a flood may cost.  The one refusal
+        that differs from a wrong password, as it says nothing about any account."""
         address = request.remote or ""
-        if self.limiter.allow(address):
+        if self.limiter.allow(BROWSER + browser[0] if browser is not None else address):
             return
         if self.c.first_this_minute(f"throttled:{address}"):  # one record a minute per address, not one per attempt
             await self.c.store.audit.append(f"console:anonymous@{address}", "console.login_throttled", None, None,
@@ -102,26 +118,49 @@ class LoginPages:
             log.warning("console.login_throttled", address=address)
         raise Refused(429, "too many login attempts from your address; wait a minute and try again", audit=False)
 
+    async def _browser(self, request: web.Request) -> tuple[str, str] | None:
+        """(its token's SHA-256, the account) when the browser completed a login lately."""
+        token = request.cookies.get(BROWSER_COOKIE)
+        if not token or len(token) > 100:
+            return None
+        digest = security.token_hash(token)
+        name = await self.accounts.browser(digest, time.time() - KNOWN_BROWSER_S)
+        return None if name is None else (digest, name)
+
+    async def _attempt(self, request: web.Request, name: str, browser: tuple[str, str] | None) -> Attempt:
+        known = browser[0] if browser is not None and browser[1] == name else None
+        keys = sources(request.remote or "", known)
+        return Attempt(keys, await self.accounts.failures(name, keys), time.time())
+
+    async def _failed(self, request: web.Request, name: str, factor: str, reason: str, attempt: Attempt) -> None:
+        """Audit a failed attempt with its reason, and count it (unless it was refused for waiting)."""
+        counted = () if reason == "throttled" else self.throttle.counted(attempt)
+        counts = await self.accounts.failed(name, factor, request.remote or "", reason, counted, attempt.now,
+                                            attempt.now - FORGET_S)
+        for source in self.throttle.started(counts):
+            log.warning("console.login_backoff", user=name, factor=factor, address=request.remote,
+                        scope="every address it has not logged in from" if source == SHARED_SOURCE else "this source",
+                        hint="failed logins: further attempts wait, doubling; `einvoice-gateway users unlock` ends it")
+
     async def login(self, request: web.Request) -> web.StreamResponse:
-        await self._throttle(request)
+        browser = await self._browser(request)
+        await self._flood_limit(request, browser)
         form = await request.post()
         name, password = str(form.get("username", "")).strip().lower(), str(form.get("password", ""))
-        if len(password) > security.MAX_PASSWORD_CHARS * 4 or len(name) > 64:
-            return self._login_form(request, "wrong user name or password", 401)
+        too_long = len(password) > security.MAX_PASSWORD_CHARS * 4 or len(name) > 64
         user = await self.accounts.user(name)
-        if user is not None and user.locked():
-            await self.c.store.audit.append(f"console:{name}", "console.login_refused", None, None,
-                                            {"reason": "locked", "address": request.remote or ""})
-            return self._login_form(request, "this account is locked after repeated failed logins; try again later "
-                                    "or ask an administrator to unlock it", 423)
-        ok = await self.c.check_password(user.password_hash if user else None, password)
-        if user is None or not ok or user.state != "active":
-            if user is not None:
-                await self._failed(request, user, "password")
-            else:
-                await self.c.store.audit.append(f"console:anonymous@{request.remote}", "console.login_failed", None, None,
-                                                {"user": name[:64], "factor": "password", "address": request.remote or ""})
-            return self._login_form(request, "wrong user name or password", 401)
+        attempt = await self._attempt(request, name, browser)
+        waiting = self.throttle.wait(attempt) > 0
+        # Every failure costs one verification: of a dummy hash with the same parameters when there is
+        # no such account or the attempt must wait, so the time taken does not tell which it was.
+        stored = user.password_hash if user is not None and not waiting else None
+        ok = await self.c.check_password(stored, password[:security.MAX_PASSWORD_CHARS * 4]) and not too_long
+        reason = ("unknown-user" if user is None else "throttled" if waiting else "wrong-password" if not ok
+                  else "disabled" if user.state != "active" else None)
+        if reason is not None:
+            await self._failed(request, name, "password", reason, attempt)
+            return self._login_form(request, WRONG_LOGIN, 401)
+        assert user is not None
         earlier = request[CTX].session
         return await self._new_session(request, user, "mfa" if user.enrolled else "enroll", 0.0,
                                        earlier.id_hash if earlier is not None else None)
@@ -143,17 +182,20 @@ class LoginPages:
         self._set_session(response, request, token)
         return response
 
-    async def _failed(self, request: web.Request, user: User, factor: str) -> None:
-        locked = await self.accounts.failed(user.name, factor, request.remote or "", self.cfg.lockout_after,
-                                            self.cfg.lockout_s)
-        if locked:
-            log.warning("console.user_locked", user=user.name, factor=factor, address=request.remote,
-                        minutes=round(self.cfg.lockout_s / 60))
-            session: Session | None = request[CTX].session
-            if session is not None and session.stage != "full":
-                await self.accounts.end_session(session.id_hash)
-            raise Refused(423, "this account is locked after repeated failed attempts; try again later or ask an "
-                          "administrator to unlock it", audit=False)
+    async def _factor_attempt(self, request: web.Request, factor: str) -> Attempt:
+        """The counts a second factor or re-authentication is judged by.  When its source must wait,
+        the attempt is refused (429) before anything is checked, and a half-done login ends."""
+        user: User = user_of(request)
+        attempt = await self._attempt(request, user.name, await self._browser(request))
+        wait = self.throttle.wait(attempt)
+        if wait <= 0:
+            return attempt
+        await self._failed(request, user.name, factor, "throttled", attempt)
+        session: Session = session_of(request)
+        if session.stage != "full":
+            await self.accounts.end_session(session.id_hash)
+        then = "then try again" if session.stage == "full" else "then log in again"
+        raise Refused(429, f"too many failed attempts; wait {_minutes(wait)}, {then}", audit=False)
 
     @page(stage="mfa")
     async def mfa_page(self, request: web.Request) -> web.Response:
@@ -163,11 +205,18 @@ class LoginPages:
                                                    "recovery_left": await self.accounts.recovery_left(user.name)},
                              request[CTX].status)
 
-    async def _second_factor_ok(self, request: web.Request, method: str) -> web.StreamResponse:
+    async def _second_factor_ok(self, request: web.Request, method: str, attempt: Attempt) -> web.StreamResponse:
+        """The full session, and the browser remembered as this account's (a new token at every login)."""
         user: User = user_of(request)
         session: Session = session_of(request)
-        await self.accounts.succeeded(user.name, request.remote or "", method)
-        return await self._new_session(request, user, "full", time.time(), session.id_hash)
+        await self.accounts.succeeded(user.name, request.remote or "", method, attempt.sources[:1])
+        response = await self._new_session(request, user, "full", time.time(), session.id_hash)
+        token, earlier = security.new_token(), request.cookies.get(BROWSER_COOKIE)
+        await self.accounts.add_browser(user.name, security.token_hash(token),
+                                        security.token_hash(earlier) if earlier and len(earlier) <= 100 else None)
+        response.set_cookie(BROWSER_COOKIE, token, path="/console/", httponly=True, samesite="Strict",
+                            secure=_secure(request), max_age=int(KNOWN_BROWSER_S))
+        return response
 
     async def _totp(self, user: User, code: str) -> str | None:
         """None when ``code`` is valid and unused (and spends it), else why not."""
@@ -182,26 +231,28 @@ class LoginPages:
     @page(stage="mfa")
     async def mfa_totp(self, request: web.Request) -> web.StreamResponse:
         user: User = user_of(request)
-        if session_of(request).stage != "mfa" or user.locked():
-            raise Refused(403, "this account is locked; try again later")
+        if session_of(request).stage != "mfa":
+            raise Refused(403, "set up your second factor first (/console/enroll)")
+        attempt = await self._factor_attempt(request, "totp")
         problem = await self._totp(user, str((await request.post()).get("code", "")))
         if problem is not None:
-            await self._failed(request, user, "totp")
+            await self._failed(request, user.name, "totp", "wrong-code", attempt)
             request[CTX].error, request[CTX].status = problem, 401
             return await self.mfa_page(request)
-        return await self._second_factor_ok(request, "totp")
+        return await self._second_factor_ok(request, "totp", attempt)
 
     @page(stage="mfa")
     async def mfa_recovery(self, request: web.Request) -> web.StreamResponse:
         user: User = user_of(request)
-        if session_of(request).stage != "mfa" or user.locked():
-            raise Refused(403, "this account is locked; try again later")
+        if session_of(request).stage != "mfa":
+            raise Refused(403, "set up your second factor first (/console/enroll)")
+        attempt = await self._factor_attempt(request, "recovery-code")
         code = str((await request.post()).get("recovery_code", ""))
         if not await self.accounts.spend_recovery(user.name, security.recovery_hash(code)):
-            await self._failed(request, user, "recovery-code")
+            await self._failed(request, user.name, "recovery-code", "wrong-code", attempt)
             request[CTX].error, request[CTX].status = "that recovery code is not valid or was used already", 401
             return await self.mfa_page(request)
-        return await self._second_factor_ok(request, "recovery-code")
+        return await self._second_factor_ok(request, "recovery-code", attempt)
 
     @page(stage="mfa")
     async def passkey_login_options(self, request: web.Request) -> web.Response:
@@ -222,6 +273,10 @@ class LoginPages:
         rp_id, origin = relying_party(request)
         body = json.dumps(await json_body(request))
         try:
+            attempt = await self._factor_attempt(request, "passkey")
+        except Refused as exc:
+            return web.json_response({"error": exc.message}, status=exc.status)
+        try:
             if session.pending.get("purpose") != "login":
                 raise passkeys.PasskeyError("no passkey login was started; reload the page")
             cred = base64.urlsafe_b64encode(passkeys.credential_id_of(body)).decode().rstrip("=")
@@ -232,19 +287,13 @@ class LoginPages:
                                                    stored.public_key, stored.sign_count)
         except passkeys.PasskeyError as exc:
             await self.accounts.update_session(session.id_hash, pending={})
-            await self._failed_json(request, user, "passkey")
+            await self._failed(request, user.name, "passkey", "wrong-passkey", attempt)
             return web.json_response({"error": str(exc)}, status=401)
         await self.accounts.used_passkey(cred, count)
-        redirect = await self._second_factor_ok(request, "passkey")
+        redirect = await self._second_factor_ok(request, "passkey", attempt)
         response = web.json_response({"next": redirect.headers["Location"]})
         response.cookies.update(redirect.cookies)
         return response
-
-    async def _failed_json(self, request: web.Request, user: User, factor: str) -> None:
-        try:
-            await self._failed(request, user, factor)
-        except Refused:
-            pass  # locked: the next attempt says so
 
     # --- enrolment, password change, fresh authentication ----------------------------------------
 
@@ -269,14 +318,15 @@ class LoginPages:
         secret = session.pending.get("totp_secret")
         if session.stage != "enroll" or not secret:
             raise web.HTTPSeeOther("/console/mfa")
+        attempt = await self._factor_attempt(request, "totp-enrolment")
         step = security.totp_step(secret, str((await request.post()).get("code", "")))
         if step is None:
-            await self._failed(request, user, "totp-enrolment")
+            await self._failed(request, user.name, "totp-enrolment", "wrong-code", attempt)
             request[CTX].error, request[CTX].status = "that code does not match; check the secret and your clock", 401
             return await self.enroll_page(request)
         codes = security.new_recovery_codes()
         await self.accounts.enroll_totp(user.name, secret, step, [security.recovery_hash(c) for c in codes])
-        redirect = await self._second_factor_ok(request, "totp-enrolment")
+        redirect = await self._second_factor_ok(request, "totp-enrolment", attempt)
         response = self.c.render(request, "recovery.html", {"codes": codes, "next": redirect.headers["Location"]})
         response.cookies.update(redirect.cookies)
         return response
@@ -291,9 +341,10 @@ class LoginPages:
         user: User = user_of(request)
         form = await request.post()
         current, new, confirm = (str(form.get(k, "")) for k in ("current", "new", "confirm"))
+        attempt = await self._factor_attempt(request, "password")
         problem = None
         if not await self.c.check_password(user.password_hash, current):
-            await self._failed(request, user, "password")
+            await self._failed(request, user.name, "password", "wrong-password", attempt)
             problem = "the current password is wrong"
         elif new != confirm:
             problem = "the new password and its confirmation differ"
@@ -322,14 +373,15 @@ class LoginPages:
     async def reauth(self, request: web.Request) -> web.StreamResponse:
         user: User = user_of(request)
         form = await request.post()
+        attempt = await self._factor_attempt(request, "reauthentication")
         problem = None
         if not await self.c.check_password(user.password_hash, str(form.get("password", ""))):
-            await self._failed(request, user, "password")
+            await self._failed(request, user.name, "password", "wrong-password", attempt)
             problem = "wrong password"
         else:
             problem = await self._totp(user, str(form.get("code", "")))
             if problem is not None:
-                await self._failed(request, user, "totp")
+                await self._failed(request, user.name, "totp", "wrong-code", attempt)
         if problem is not None:
             request[CTX].error, request[CTX].status = problem, 401
             return await self.reauth_page(request)
@@ -348,6 +400,11 @@ class LoginPages:
 
 def _secure(request: web.Request) -> bool:
     return request.scheme == "https"
+
+
+def _minutes(seconds: float) -> str:
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes} minute{'s' if minutes > 1 else ''}"
 
 
 def _local(target: str | None) -> str:

@@ -32,6 +32,7 @@ from .records import (
     Dashboard,
     DeadLetter,
     Decision,
+    Failures,
     InvoiceStatus,
     Job,
     MessageDetail,
@@ -59,6 +60,9 @@ class AccountError(GatewayError):
     """A console or CLI request about accounts that cannot be done as asked (the message says why)."""
 
     code = "ACCOUNT"
+
+
+BROWSERS_KEPT = 20  # known browsers remembered per account (``add_browser`` forgets the oldest beyond)
 
 
 class IntakeStore(Protocol):
@@ -201,12 +205,28 @@ class AccountStore(Protocol):
     async def reset_mfa(self, name: str, actor: str) -> None:
         """Forget every second factor and end the user's sessions: the next login enrols anew."""
 
-    async def unlock(self, name: str, actor: str) -> None: ...
+    async def unlock(self, name: str, actor: str) -> None:
+        """Forget every failed login counted against the account (there is no lock: this ends its waits)."""
 
-    async def failed(self, name: str, factor: str, address: str, threshold: int, lock_s: float) -> bool:
-        """One failed factor; True when this failure locks the account."""
+    async def failures(self, name: str, sources: Sequence[str]) -> dict[str, Failures]:
+        """The account's counts of failed logins from these sources (a source with none is left out)."""
 
-    async def succeeded(self, name: str, address: str, method: str) -> None: ...
+    async def failed(self, name: str, factor: str, address: str, reason: str, counted: Sequence[str], now: float,
+                     forget_before: float) -> dict[str, int]:
+        """One failed login (any step), audited with its ``reason``; adds one to the account's count from
+        each of ``counted`` (nothing when no such account exists), first forgetting every count with no
+        failure since ``forget_before``.  Returns the new counts.  The same work whether or not the
+        account exists, so the time taken does not tell."""
+
+    async def succeeded(self, name: str, address: str, method: str, cleared: Sequence[str] = ()) -> None:
+        """A completed login (both factors), audited; the account's counts from ``cleared`` start again."""
+
+    async def add_browser(self, name: str, token_hash: str, replaces: str | None = None) -> None:
+        """Remember a browser that completed a login as the account's (by its token's SHA-256), now;
+        ``replaces``: the token it had before, forgotten."""
+
+    async def browser(self, token_hash: str, since: float) -> str | None:
+        """The account a browser completed a login as, at ``since`` or later (None: unknown, or older)."""
 
     async def spend_totp_step(self, name: str, step: int) -> bool:
         """Mark ``step`` used; False when it (or a later one) was used already: a code works once."""

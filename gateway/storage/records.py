@@ -9,7 +9,6 @@ writer's, not storage's.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -327,8 +326,7 @@ class User:
     must_change: bool
     totp_secret: str | None = field(repr=False)
     totp_last_step: int
-    failures: int
-    locked_until: float
+    failed_logins: int  # failed attempts still counted against it (over every source; none is a lock)
     created_at: str
     created_by: str
     user_handle: str
@@ -338,8 +336,18 @@ class User:
     def enrolled(self) -> bool:
         return self.totp_secret is not None
 
-    def locked(self, now: float | None = None) -> bool:
-        return self.locked_until > (time.time() if now is None else now)
+
+# The source under which an account's failed logins from sources it has not logged in from are also
+# counted (gateway/console/throttle.py); every other source is an address or a known browser.
+SHARED_SOURCE = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Failures:
+    """Failed logins of one account from one source, counted since its last login from there."""
+
+    count: int
+    last_at: float  # epoch seconds of the latest
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ running; every change an audit record naming the Unix user, sealed into the chai
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ async def test_users_cli(inst, capsys):
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)}
     assert set(rows) == {"carol", "dave"}
-    assert {k: rows["carol"][k] for k in ("roles", "content", "state", "locked", "second_factor", "must_change_password")} == \
-        {"roles": ["operator"], "content": True, "state": "active", "locked": False, "second_factor": False,
+    assert {k: rows["carol"][k] for k in ("roles", "content", "state", "failed_logins", "second_factor",
+                                          "must_change_password")} == \
+        {"roles": ["operator"], "content": True, "state": "active", "failed_logins": 0, "second_factor": False,
          "must_change_password": True}
     assert rows["dave"]["roles"] == ["auditor"] and rows["dave"]["content"] is False
 
@@ -62,11 +64,13 @@ async def test_users_cli(inst, capsys):
         assert security.verify_password((await acc.user("dave")).password_hash, dave_password)
         await acc.enroll_totp("carol", security.new_totp_secret(), 1, [security.recovery_hash("aaaaa-bbbbb")])
         for _ in range(5):
-            await acc.failed("carol", "password", "127.0.0.1", 5, 900.0)
-        assert (await acc.user("carol")).locked()
+            await acc.failed("carol", "password", "127.0.0.1", "wrong-password", ("127.0.0.1",), time.time(), 0.0)
+        assert (await acc.user("carol")).failed_logins == 5
     finally:
         await store.close()
 
+    code, out, err = await users_cli(capsys, cfg, "list")
+    assert code == 0 and "5 failed logins" in out.split("carol\t")[1].splitlines()[0], out + err
     for action in ("disable", "enable", "reset-mfa", "unlock"):
         code, out, err = await users_cli(capsys, cfg, action, "carol")
         assert (code, out.strip()) == (0, f"carol: {action} done"), err
@@ -82,13 +86,13 @@ async def test_users_cli(inst, capsys):
     lines = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
     assert lines["carol"][1:3] == ["operator +content", "active"]
     assert "no second factor yet" in lines["carol"][3] and "must change password" in lines["carol"][3]
-    assert "locked" not in lines["carol"][3]
+    assert "failed logins" not in lines["carol"][3]  # unlock forgot them
     assert lines["dave"][2] == "disabled"
 
     store = SqliteStore(inst.state_dir)
     try:
         carol = await store.accounts.user("carol")
-        assert (carol.enrolled, carol.locked(), carol.must_change, carol.state) == (False, False, True, "active")
+        assert (carol.enrolled, carol.failed_logins, carol.must_change, carol.state) == (False, 0, True, "active")
         assert security.verify_password(carol.password_hash, reset["password"])
         assert not security.verify_password(carol.password_hash, made["password"])
         actor = f"cli:{current_user()}"

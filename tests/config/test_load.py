@@ -58,11 +58,28 @@ def test_instance_config_loads(inst):
         ('keys = ["keys"]', 'keys = ["keys/master-2.key"]', "vault.keys[0]: file not found"),
         ('file = "partners.toml"', 'file = "pki"', "partners.file: not a regular file"),
         ('path = "outbox"', 'path = "no-such-folder"', "destinations[0].path:"),
+        ("backoff_after = 5\n", "backoff_after = 2\n", "console.backoff_after: 2 is out of range"),
+        ("backoff_max_s = 900.0", "backoff_max_s = 7200.0", "console.backoff_max_s: at most 3600 seconds"),
+        ("account_backoff_after = 50", "account_backoff_after = 5", "console.account_backoff_after: 5 is out of range"),
+        # The lock's settings are gone: the error says what replaced them.
+        ("backoff_after = 5\n", "backoff_after = 5\nlockout_after = 5\n", "console.lockout_after: failed logins no "
+         "longer lock an account; they make further attempts wait (console.backoff_after"),
+        ("backoff_max_s = 900.0", "lockout_s = 900.0", "console.lockout_s: failed logins no longer lock an account"),
     ],
 )
 def test_error_names_key_path(inst, old, new, expected):
     edit(inst, old, new)
     assert config_error(inst.config).startswith(expected)
+
+
+def test_one_address_can_never_set_off_an_accounts_shared_backoff(inst):
+    edit(inst, "backoff_after = 5\n", "backoff_after = 12\n")
+    edit(inst, "account_backoff_after = 50", "account_backoff_after = 12")
+    assert config_error(inst.config).startswith("console.account_backoff_after: must be more than backoff_after (12), "
+                                                "or one address alone could make every other address wait")
+    edit(inst, "account_backoff_after = 12", "account_backoff_after = 13")
+    cfg = config_mod.load(inst.config).console
+    assert (cfg.backoff_after, cfg.account_backoff_after, cfg.backoff_max_s) == (12, 13, 900.0)
 
 
 def test_invalid_toml(inst):

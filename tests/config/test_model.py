@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config.load import MAX_BACKOFF_S
 from gateway.config.model import (
     DEFAULT_MAX_ATTRIBUTES,
     DEFAULT_MAX_BODY_BYTES,
@@ -74,7 +75,7 @@ def test_sections_compare_by_value() -> None:
     assert https() == https() and hash(https()) == hash(https())
     assert https() != https(port=8444)
     assert Route(("erp",), receiver="0088:1") == Route(("erp",), receiver="0088:1") != Route(("erp",), receiver="0088:2")
-    assert ConsoleConfig() == ConsoleConfig() != ConsoleConfig(lockout_after=3)
+    assert ConsoleConfig() == ConsoleConfig() != ConsoleConfig(backoff_after=3)
 
 
 def test_message_and_xml_limits() -> None:
@@ -92,7 +93,8 @@ def test_console_defaults_are_within_what_an_operator_may_set() -> None:
     assert d.enabled
     assert 30.0 <= d.fresh_auth_s <= 300.0  # re-authentication at most five minutes old
     assert 60.0 <= d.idle_timeout_s <= d.absolute_timeout_s
-    assert 3 <= d.lockout_after <= 20 and d.lockout_s >= 60.0
+    assert 3 <= d.backoff_after <= 20 and 60.0 <= d.backoff_max_s <= MAX_BACKOFF_S
+    assert 10 <= d.account_backoff_after <= 10_000 and d.account_backoff_after > d.backoff_after
     assert 1 <= d.login_burst <= 1000 and d.login_every_s >= 0.01
     assert set(d.allowed_hosts) == {"localhost", "127.0.0.1", "::1"}  # loopback names only
 

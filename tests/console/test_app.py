@@ -15,6 +15,7 @@ from yarl import URL
 from gateway.console import security
 from gateway.console.app import CSP
 from gateway.console.guard import LOGIN_CSRF_COOKIE, SESSION_COOKIE
+from gateway.console.login import WRONG_LOGIN
 from tests.helpers.console import PASSWORD, Page, audits, login, shared
 
 SPEC_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -52,7 +53,7 @@ async def test_security_headers_on_every_console_response(world):
         seen.append(await b.post("/console/login", {"username": "boss"}, csrf=False))  # CSRF refusal page
         assert seen[-1].status == 403
         seen.append(await b.post("/console/login", {"username": "nobody", "password": "wrong password!"}))
-        assert (seen[-1].status, seen[-1].error) == (401, "wrong user name or password")
+        assert (seen[-1].status, seen[-1].error) == (401, WRONG_LOGIN)
         await login(b, boss)
         for path in ("/console/", "/console/messages", f"/console/messages/{world.ids['delivered']}", "/console/dead-letters",
                      "/console/quarantine", f"/console/quarantine/{world.ids['held']}", "/console/approvals",

@@ -111,7 +111,7 @@ async def test_a_passkey_login_by_address_or_without_json_is_refused_before_any_
                             headers={"X-CSRF-Token": b.csrf, "Content-Type": "application/json"}) as r:
             assert r.status == 400 and "the request body is not JSON" in await r.text()
         assert (await world.session_of(b)).stage == "mfa"  # still mid-login: the second factor can follow
-    assert (await world.accounts.user(p.name)).failures == 0  # a malformed request is not a failed factor
+    assert (await world.accounts.user(p.name)).failed_logins == 0  # a malformed request is not a failed factor
     assert [r for r in await audits(world.store, "console.denied") if r["actor"] == f"console:{p.name}"] == []
 
 

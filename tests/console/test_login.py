@@ -1,6 +1,7 @@
 """Logging in (``gateway/console/login.py``): the password, then a second factor (a TOTP code or a
-recovery code, each spent once), the session cookie and its rotation, logout, lockout after failed
-factors, the bootstrap account of a new installation and the per-address login throttle.
+recovery code, each spent once), the session cookie and its rotation, logout, failed logins that all
+look alike and make their source wait (never a lock), the bootstrap account of a new installation and
+the per-address flood limit.
 
 Over the real admin listener of the package's one gateway (``world`` in tests/console/conftest.py);
 the bootstrap account needs a gateway without any account: that test starts its own.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import stat
 import time
@@ -22,12 +24,13 @@ from gateway import logs
 from gateway.cli.common import current_user
 from gateway.console import security
 from gateway.console.guard import SESSION_COOKIE
-from gateway.console.login import BOOTSTRAP_FILE
+from gateway.console.login import BOOTSTRAP_FILE, BROWSER_COOKIE, WRONG_LOGIN
+from gateway.storage.records import SHARED_SOURCE
 from tests.helpers import free_port, run_cli, serving
-from tests.helpers.console import Browser, audits, login, password_step, set_options, shared
+from tests.helpers.console import PASSWORD, Browser, audits, login, password_step, set_options, shared
 from tests.helpers.daemon import set_admin
 
-# --- sessions ----------------------------------------------------------------------------------------------
+# --- sessions ---------------------------------------------------------------------------------------------
 
 
 @shared
@@ -83,7 +86,7 @@ async def test_session_cookie_flags_rotation_and_logout(world):
         assert page.path == "/console/login" and page.has("//form[@id='login']")
 
 
-# --- the bootstrap account, the throttle, lockout ----------------------------------------------------------
+# --- the bootstrap account, the flood limit ---------------------------------------------------------------
 
 
 async def test_bootstrap_account_and_login_throttle(inst):
@@ -145,42 +148,175 @@ async def test_bootstrap_account_and_login_throttle(inst):
                     assert page.status == 429 and "too many" in page.error and other.cookie() is None
                 [throttled] = await audits(running.gw.store, "console.login_throttled")
                 assert throttled["actor"] == "console:anonymous@127.0.0.1"
-                assert (await running.gw.store.accounts.user("admin")).failures == 2  # a refused attempt is not a failure
+                assert (await running.gw.store.accounts.user("admin")).failed_logins == 2  # a refused attempt is not one
+                # A browser that logged in has a bucket of its own: others at its address cannot use it up.
+                await b.post("/console/logout")
+                page = await b.post("/console/login", {"username": "admin", "password": "purple elephant dances"})
+                assert page.path == "/console/mfa", (page.status, page.error)
     finally:
         logs.configure("warning")
 
 
+# --- failed logins: all alike, and never a lock -----------------------------------------------------------
+
+
+def counting_verifications(monkeypatch) -> list[str | None]:
+    """Every password verification the console runs, by the stored hash it checks against (None: the dummy)."""
+    seen: list[str | None] = []
+    real = security.verify_password
+
+    def verify(stored: str | None, password: str) -> bool:
+        seen.append(stored)
+        return real(stored, password)
+
+    monkeypatch.setattr(security, "verify_password", verify)
+    return seen
+
+
+def answer(page) -> tuple[int, str, list[tuple[str, str]]]:
+    """Everything a failed login shows its sender, but the Date header."""
+    return page.status, page.text, sorted((k, v) for k, v in page.headers.items() if k.lower() != "date")
+
+
+async def fail_passwords(world, who: str, times: int, *, address: str | None = None) -> list[int]:
+    async with Browser(f"http://127.0.0.1:{world.running.gw.admin_port}", address=address) as b:
+        return [(await password_step(b, who, f"guess number {i}")).status for i in range(times)]
+
+
 @shared
-async def test_lockout_after_five_failed_factors(world, capsys):
-    p = await world.person("locky", "operator")
+async def test_every_failed_login_gets_the_same_answer_after_the_same_work(world, monkeypatch):
+    """The enumeration attack: an unknown name, a wrong password, a disabled account, an account whose
+    failures make it wait (with the right password and a wrong one) and a password too long to hash all
+    get one status, one page and one set of headers and cookies, after one password verification each;
+    only the audit log tells them apart, and it never holds a password."""
+    real, off, slow = [await world.person(n, "operator") for n in ("enum-real", "enum-off", "enum-slow")]
+    await world.accounts.set_state(off.name, "disabled", "pytest")
+    assert await fail_passwords(world, slow.name, 5) == [401] * 5  # its free failures spent: it must wait now
+    cases = {
+        "unknown-user": ("enum-nobody", PASSWORD),
+        "wrong-password": (real.name, "not the password at all"),
+        "disabled": (off.name, PASSWORD),
+        "throttled": (slow.name, PASSWORD),
+        "throttled ": (slow.name, "not the password either"),
+        "too long": (real.name, PASSWORD + "x" * 1100),
+    }
+    verified = counting_verifications(monkeypatch)
+    answers = {}
+    async with world.browser() as b:
+        await b.get("/console/login")
+        for case, (name, password) in cases.items():
+            page = await b.post("/console/login", {"username": name, "password": password})
+            answers[case] = answer(page)
+            assert (page.status, page.error) == (401, WRONG_LOGIN), case
+            assert b.cookie() is None and b.cookie(BROWSER_COOKIE) is None, case  # no session, nothing remembered
+    first = answers["unknown-user"]
+    assert [case for case, a in answers.items() if a != first] == []
+    assert [h for h, _ in first[2] if h.lower() == "set-cookie"] == ["Set-Cookie"]  # the login form's CSRF cookie only
+    # One verification per attempt: the account's hash, or the dummy of the same cost.
+    hashes = {p.name: (await world.accounts.user(p.name)).password_hash for p in (real, off, slow)}
+    assert verified == [None, hashes[real.name], hashes[off.name], None, None, hashes[real.name]]
+    # The audit log knows which was which, and names no password.
+    records = [r for r in await audits(world.store, "console.login_failed") if r["detail"]["user"].startswith("enum-")]
+    assert sorted(r["detail"]["reason"] for r in records) == sorted(
+        ["unknown-user", "wrong-password", "disabled", "throttled", "throttled", "wrong-password"] + ["wrong-password"] * 5)
+    assert [r["actor"] for r in records if r["detail"]["reason"] == "unknown-user"] == ["console:anonymous@127.0.0.1"]
+    everything = json.dumps([r.as_json() for r in await world.store.audit.newest(1_000_000)])
+    assert not [pw for _, pw in cases.values() if pw in everything]
+
+
+@shared
+async def test_the_attackers_address_waits_and_the_owner_elsewhere_logs_in(world):
+    """Guessing from one address makes that address wait (counted failures stop at the free ones), and
+    never keeps the account's owner out: from another address they log in at once."""
+    p = await world.person("besieged", "admin")
+    after = world.running.gw.config.console.backoff_after
+    assert await fail_passwords(world, p.name, 30) == [401] * 30
+    reasons = [r["detail"]["reason"] for r in await audits(world.store, "console.login_failed")
+               if r["detail"]["user"] == p.name]
+    assert sorted(reasons) == ["throttled"] * (30 - after) + ["wrong-password"] * after
+    async with Browser(f"http://127.0.0.1:{world.running.gw.admin_port}") as attacker:
+        page = await password_step(attacker, p)  # the attacker's address, even with the right password
+        assert (page.status, page.error, attacker.cookie()) == (401, WRONG_LOGIN, None)
+    u = await world.accounts.user(p.name)
+    assert (u.state, u.failed_logins) == ("active", after)  # no lock, and waiting attempts are not counted
+    async with Browser(f"http://127.0.0.1:{world.running.gw.admin_port}", address="127.0.0.2") as owner:
+        await login(owner, p)
+        [session] = await world.accounts.sessions(p.name)
+        assert session.address == "127.0.0.2"
+    async with Browser(f"http://127.0.0.1:{world.running.gw.admin_port}") as attacker:
+        page = await password_step(attacker, p)
+        assert (page.status, page.error) == (401, WRONG_LOGIN)  # the owner's login did not end the attacker's wait
+
+
+@shared
+async def test_failed_second_factors_count_and_end_the_half_done_login(world, capsys):
+    p = await world.person("mistyper", "operator")
     async with world.browser() as b:
         for _ in range(3):
             page = await password_step(b, p, "not the password at all")
-            assert (page.status, page.error) == (401, "wrong user name or password")
+            assert (page.status, page.error) == (401, WRONG_LOGIN)
         page = await password_step(b, p)  # the right password: on to the second factor
         assert page.path == "/console/mfa"
         wrong = pyotp.TOTP(p.secret).at(time.time() + 3600)
-        page = await b.post("/console/mfa/totp", {"code": wrong})
-        assert page.status == 401 and "not valid" in page.error
-        page = await b.post("/console/mfa/totp", {"code": wrong})  # the fifth failure, counted with the passwords
-        assert page.status == 423 and "locked" in page.error
+        for _ in range(2):  # the fourth and fifth failure, counted with the passwords
+            page = await b.post("/console/mfa/totp", {"code": wrong})
+            assert page.status == 401 and "not valid" in page.error
+        page = await b.post("/console/mfa/totp", {"code": await p.code()})  # even the right code must wait now
+        assert page.status == 429 and "too many failed attempts; wait 1 minute, then log in again" in page.error
         assert await world.session_of(b) is None  # the half-done login ends
-    assert (await world.accounts.user(p.name)).locked()
-    [locked] = [r for r in await audits(world.store, "console.user_locked") if r["detail"]["user"] == p.name]
-    assert (locked["actor"], locked["detail"]["factor"], locked["detail"]["minutes"]) == ("gateway", "totp", 15)
+        page = await password_step(b, p)  # and the password step answers as to any failure
+        assert (page.status, page.error, await world.session_of(b)) == (401, WRONG_LOGIN, None)
+    u = await world.accounts.user(p.name)
+    assert (u.state, u.failed_logins) == ("active", 5)
+    reasons = [(r["detail"]["factor"], r["detail"]["reason"]) for r in await audits(world.store, "console.login_failed")
+               if r["detail"]["user"] == p.name][::-1]
+    assert reasons == [("password", "wrong-password")] * 3 + [("totp", "wrong-code")] * 2 + [
+        ("totp", "throttled"), ("password", "throttled")]
+    # The break-glass path on the host forgets the failures: no need to wait.
+    capsys.readouterr()
+    code = await run_cli("users", "unlock", p.name, "-c", str(world.inst.config))
+    out = capsys.readouterr().out
+    assert (code, out.strip()) == (0, f"{p.name}: unlock done")
+    [unlocked] = [r for r in await audits(world.store, "user.unlocked") if r["detail"]["user"] == p.name]
+    assert unlocked["actor"] == f"cli:{current_user()}"
     async with world.browser() as b:
-        page = await password_step(b, p)  # even the right password
-        assert page.status == 423 and "locked" in page.error and b.cookie() is None
-        capsys.readouterr()
-        code = await run_cli("users", "unlock", p.name, "-c", str(world.inst.config))
-        out = capsys.readouterr().out
-        assert (code, out.strip()) == (0, f"{p.name}: unlock done")
-        [unlocked] = [r for r in await audits(world.store, "user.unlocked") if r["detail"]["user"] == p.name]
-        assert unlocked["actor"] == f"cli:{current_user()}"
         await login(b, p)
 
 
-# --- second factors ----------------------------------------------------------------------------------------
+@shared
+async def test_many_addresses_slow_the_account_but_never_a_browser_that_logged_in(world):
+    """A distributed guess: each address adds its free failures to the account's shared count until
+    addresses the account has not logged in from must wait too; the owner's browser, known from an
+    earlier login, is judged by its own count alone, even from the attackers' own address."""
+    p = await world.person("popular", "admin")
+    cfg = world.running.gw.config.console
+    base = f"http://127.0.0.1:{world.running.gw.admin_port}"
+    owner = Browser(base)
+    try:
+        await login(owner, p)
+        known = owner.cookie(BROWSER_COOKIE)
+        assert known and await world.accounts.browser(security.token_hash(known), 0.0) == p.name
+        await owner.post("/console/logout")
+        attackers = [f"127.0.0.{3 + i}" for i in range(-(-cfg.account_backoff_after // cfg.backoff_after))]
+        for address in attackers:  # each address: its free failures, and a few more that only wait
+            assert await fail_passwords(world, p.name, cfg.backoff_after + 2, address=address) == \
+                [401] * (cfg.backoff_after + 2)
+        shared = (await world.accounts.failures(p.name, [SHARED_SOURCE]))[SHARED_SOURCE]
+        assert shared.count == len(attackers) * cfg.backoff_after >= cfg.account_backoff_after
+        async with Browser(base, address="127.0.0.99") as fresh:  # a new address, with the right password
+            page = await password_step(fresh, p)
+            assert (page.status, page.error) == (401, WRONG_LOGIN)
+        [last] = [r for r in await audits(world.store, "console.login_failed") if r["detail"]["user"] == p.name][:1]
+        assert (last["detail"]["reason"], last["detail"]["address"]) == ("throttled", "127.0.0.99")
+        assert await fail_passwords(world, p.name, cfg.backoff_after + 3) == [401] * (cfg.backoff_after + 3)  # at 127.0.0.1
+        await login(owner, p)  # the owner's browser, from 127.0.0.1 too: in at once
+        assert owner.cookie(BROWSER_COOKIE) not in (None, known)  # a new token at every login
+        assert await world.accounts.browser(security.token_hash(known), 0.0) is None
+    finally:
+        await owner.__aexit__()
+
+
+# --- second factors ---------------------------------------------------------------------------------------
 
 
 @shared
@@ -232,7 +368,7 @@ async def test_non_ascii_totp_code_is_a_wrong_code_over_http(world):
     async with world.browser() as b:
         await password_step(b, p)
         page = await b.post("/console/mfa/totp", {"code": "１２３４５６"})
-        assert (await world.accounts.user(p.name)).failures == 1
+        assert (await world.accounts.user(p.name)).failed_logins == 1
         assert page.status == 401 and "not valid" in page.error
 
 

@@ -9,6 +9,7 @@ makes its own accounts, named ``users-…``.
 from __future__ import annotations
 
 from gateway.console import security
+from gateway.console.login import WRONG_LOGIN
 from tests.helpers.console import audits, login, password_step, shared
 
 
@@ -86,7 +87,7 @@ async def test_an_administrator_disables_others_but_not_themselves(world):
         page = await theirs.get("/console/messages", follow=False)  # their session ended with the account
         assert (page.status, page.location) == (303, "/console/login?next=/console/messages")
         page = await password_step(theirs, other)
-        assert (page.status, page.error) == (401, "wrong user name or password")  # the right password, refused
+        assert (page.status, page.error) == (401, WRONG_LOGIN)  # the right password, refused
 
         page = await b.post(f"/console/users/{other.name}/enable")
         assert (page.status, page.path) == (200, "/console/users"), page.error

@@ -71,15 +71,17 @@ class Page:
 
 
 class Browser:
-    """A browser's view: a cookie jar, the console's own Origin on every request, the page's CSRF token."""
+    """A browser's view: a cookie jar, the console's own Origin on every request, the page's CSRF token.
+    ``address``: the loopback address it connects from (127.0.0.2 …: another source to the console)."""
 
-    def __init__(self, base: str, *, origin: str | None = "", host: str | None = None):
+    def __init__(self, base: str, *, origin: str | None = "", host: str | None = None, address: str | None = None):
         self.base = base
         self.jar = aiohttp.CookieJar(unsafe=True)
         headers = {} if origin is None else {"Origin": origin or base}
         if host is not None:
             headers["Host"] = host
-        self.s = aiohttp.ClientSession(cookie_jar=self.jar, headers=headers)
+        connector = aiohttp.TCPConnector(local_addr=(address, 0)) if address is not None else None
+        self.s = aiohttp.ClientSession(cookie_jar=self.jar, headers=headers, connector=connector)
         self.csrf = ""
 
     async def __aenter__(self) -> Browser:

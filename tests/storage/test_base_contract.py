@@ -21,7 +21,7 @@ import pytest
 
 from gateway.errors import Conflict, StorageUnavailable
 from gateway.model import DocumentType, stamp
-from gateway.storage.base import AccountError, NotHeld, Store
+from gateway.storage.base import BROWSERS_KEPT, AccountError, NotHeld, Store
 from gateway.storage.chain import CHECKPOINT, GENESIS, record_hash
 from gateway.storage.records import REPLIES, Notice, NoticeJob, Resealed
 from gateway.storage.sqlite.store import SqliteStore
@@ -482,13 +482,6 @@ async def test_users_and_their_factors(store: Store) -> None:
     await accounts.set_roles("alice", ("auditor", "admin"), True, "console:bob", {"request": 1})
     user = await accounts.user("alice")
     assert user is not None and (user.password_hash, user.roles, user.content) == ("hash-3", ("admin", "auditor"), True)
-    assert not await accounts.failed("alice", "password", "10.0.0.1", 2, 60)
-    assert await accounts.failed("alice", "password", "10.0.0.1", 2, 60)  # the second failure locks
-    locked = await accounts.user("alice")
-    assert locked is not None and locked.locked() and locked.failures == 0
-    await accounts.unlock("alice", "cli:root")
-    unlocked = await accounts.user("alice")
-    assert unlocked is not None and not unlocked.locked()
     await accounts.enroll_totp("alice", "SECRET", 100, ["r1", "r2"])
     assert await accounts.spend_totp_step("alice", 101) and not await accounts.spend_totp_step("alice", 101)
     assert await accounts.spend_recovery("alice", "r1") and not await accounts.spend_recovery("alice", "r1")
@@ -506,8 +499,64 @@ async def test_users_and_their_factors(store: Store) -> None:
     with pytest.raises(AccountError, match="no user"):
         await accounts.unlock("nobody", "cli:root")
     actions = [r.action for r in await store.audit.newest(100)][::-1]
-    assert actions[:4] == ["user.added", "user.password_changed", "user.roles_changed", "console.login_failed"]
-    assert "console.user_locked" in actions and actions[-1] == "user.mfa_reset"
+    assert actions[:3] == ["user.added", "user.password_changed", "user.roles_changed"] and actions[-1] == "user.mfa_reset"
+
+
+async def test_failed_logins_are_counted_by_source_and_never_lock(store: Store) -> None:
+    accounts = store.accounts
+    await accounts.add_user("alice", ("admin",), False, "h", "cli:root")
+    assert await accounts.failures("alice", ("10.0.0.1", "*")) == {}
+    assert await accounts.failed("alice", "password", "10.0.0.1", "wrong-password", ("10.0.0.1", "*"), 100.0, 0.0) == \
+        {"10.0.0.1": 1, "*": 1}
+    assert await accounts.failed("alice", "totp", "10.0.0.1", "wrong-code", ("10.0.0.1",), 101.0, 0.0) == {"10.0.0.1": 2}
+    assert await accounts.failed("alice", "password", "10.0.0.2", "throttled", (), 102.0, 0.0) == {}  # audited, not counted
+    got = await accounts.failures("alice", ("10.0.0.1", "*", "10.0.0.2"))
+    assert {k: (f.count, f.last_at) for k, f in got.items()} == {"10.0.0.1": (2, 101.0), "*": (1, 100.0)}
+    user = await accounts.user("alice")
+    assert user is not None and user.failed_logins == 2 and user.state == "active"  # counted, never locked
+    # An unknown name is audited the same way and counts nothing.
+    assert await accounts.failed("mallory", "password", "10.0.0.9", "unknown-user", ("10.0.0.9", "*"), 103.0, 0.0) == {}
+    assert await accounts.failures("mallory", ("10.0.0.9", "*")) == {} and await accounts.user("mallory") is None
+    failed = await audit_details(store, "console.login_failed")
+    assert [(d["actor"], d["user"], d["factor"], d["reason"], d["address"], d.get("failures")) for d in failed][::-1] == [
+        ("console:alice", "alice", "password", "wrong-password", "10.0.0.1", 1),
+        ("console:alice", "alice", "totp", "wrong-code", "10.0.0.1", 2),
+        ("console:alice", "alice", "password", "throttled", "10.0.0.2", None),
+        ("console:anonymous@10.0.0.9", "mallory", "password", "unknown-user", "10.0.0.9", None)]
+    # Counts with no failure since ``forget_before`` are forgotten first.
+    assert await accounts.failed("alice", "password", "10.0.0.3", "wrong-password", ("10.0.0.3", "*"), 200.0, 100.5) == \
+        {"10.0.0.3": 1, "*": 1}
+    got = await accounts.failures("alice", ("10.0.0.1", "10.0.0.3", "*"))
+    assert {k: f.count for k, f in got.items()} == {"10.0.0.1": 2, "10.0.0.3": 1, "*": 1}
+    # A completed login clears the counts of the sources it names; unlock forgets them all.
+    await accounts.succeeded("alice", "10.0.0.3", "totp", ("10.0.0.3",))
+    assert set(await accounts.failures("alice", ("10.0.0.1", "10.0.0.3", "*"))) == {"10.0.0.1", "*"}
+    [login] = await audit_details(store, "console.login")
+    assert (login["actor"], login["address"], login["method"]) == ("console:alice", "10.0.0.3", "totp")
+    await accounts.unlock("alice", "cli:root")
+    assert await accounts.failures("alice", ("10.0.0.1", "10.0.0.3", "*")) == {}
+    assert (await accounts.user("alice")).failed_logins == 0  # type: ignore[union-attr]
+    [unlocked] = await audit_details(store, "user.unlocked")
+    assert (unlocked["actor"], unlocked["user"]) == ("cli:root", "alice")
+
+
+async def test_known_browsers(store: Store) -> None:
+    accounts = store.accounts
+    for name in ("alice", "bob"):
+        await accounts.add_user(name, ("admin",), False, "h", "cli:root")
+    await accounts.add_browser("alice", "t1")
+    assert await accounts.browser("t1", 0.0) == "alice"
+    assert await accounts.browser("t1", 4e9) is None  # known only since it was given
+    assert await accounts.browser("nope", 0.0) is None
+    await accounts.add_browser("bob", "t2", replaces="t1")  # the same browser, now bob's
+    assert (await accounts.browser("t1", 0.0), await accounts.browser("t2", 0.0)) == (None, "bob")
+    for i in range(BROWSERS_KEPT + 3):  # the oldest beyond the bound are forgotten
+        await accounts.add_browser("alice", f"a{i}")
+    assert [await accounts.browser(f"a{i}", 0.0) for i in range(3)] == [None] * 3
+    assert await accounts.browser(f"a{BROWSERS_KEPT + 2}", 0.0) == await accounts.browser("a3", 0.0) == "alice"
+    assert await accounts.browser("t2", 0.0) == "bob"  # another account's are its own
+    await accounts.reset_mfa("alice", "cli:root")  # a reset second factor forgets the account's browsers
+    assert await accounts.browser(f"a{BROWSERS_KEPT + 2}", 0.0) is None and await accounts.browser("t2", 0.0) == "bob"
 
 
 async def test_sessions(store: Store) -> None:

@@ -10,19 +10,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...model import stamp
-from ..base import AccountError
-from ..records import Passkey, Session, StoredPasskey, User
+from ..base import BROWSERS_KEPT, AccountError
+from ..records import SHARED_SOURCE, Failures, Passkey, Session, StoredPasskey, User
 from .audit import append
 from .engine import Engine
 
-_USER_COLUMNS = ("name, roles, content, state, must_change, totp_secret, totp_last_step, failures, locked_until, "
-                 "created_at, created_by, user_handle, password_hash")
+_USER_COLUMNS = ("name, roles, content, state, must_change, totp_secret, totp_last_step, created_at, created_by, "
+                 "user_handle, password_hash")
+# The columns of a User, in its order: failed_logins sums the user's counts by source (not the shared one).
+_USER_SELECT = ("SELECT name, roles, content, state, must_change, totp_secret, totp_last_step, "
+                "(SELECT coalesce(sum(failures), 0) FROM login_failures f WHERE f.user = users.name AND f.source != ?), "
+                "created_at, created_by, user_handle, password_hash FROM users")
 _SESSION_COLUMNS = "id_hash, user, stage, csrf, created_at, seen_at, auth_at, address, agent, pending"
 
 
 def _user(r: tuple[Any, ...]) -> User:
-    return User(r[0], tuple(json.loads(r[1])), bool(r[2]), r[3], bool(r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11],
-                r[12])
+    return User(r[0], tuple(json.loads(r[1])), bool(r[2]), r[3], bool(r[4]), r[5], r[6], int(r[7]), r[8], r[9], r[10],
+                r[11])
 
 
 def _session(r: tuple[Any, ...]) -> Session:
@@ -49,18 +53,18 @@ class SqliteAccounts:
 
     async def user(self, name: str) -> User | None:
         r = await self.engine.read(lambda conn: conn.execute(
-            f"SELECT {_USER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone())  # noqa: S608 (our own names)
+            f"{_USER_SELECT} WHERE name = ?", (SHARED_SOURCE, name)).fetchone())  # noqa: S608 (our own names)
         return None if r is None else _user(r)
 
     async def users(self) -> list[User]:
         return await self.engine.read(lambda conn: [_user(r) for r in conn.execute(
-            f"SELECT {_USER_COLUMNS} FROM users ORDER BY name")])  # noqa: S608 (our own names)
+            f"{_USER_SELECT} ORDER BY name", (SHARED_SOURCE,))])  # noqa: S608 (our own names)
 
     async def add_user(self, name: str, roles: tuple[str, ...], content: bool, password_hash: str, actor: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise AccountError(f"a user named {name!r} exists already")
-            conn.execute(f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?,?,?,'active',1,NULL,0,0,0,?,?,?,?)",  # noqa: S608
+            conn.execute(f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?,?,?,'active',1,NULL,0,?,?,?,?)",  # noqa: S608
                          (name, json.dumps(sorted(roles)), int(content), stamp(), actor, secrets.token_urlsafe(32),
                           password_hash))
             append(conn, actor, "user.added", None, None, {"user": name, "roles": sorted(roles), "content": content})
@@ -100,7 +104,7 @@ class SqliteAccounts:
         def op(conn: sqlite3.Connection) -> None:
             _existing(conn, name)
             conn.execute("UPDATE users SET totp_secret = NULL, totp_last_step = 0 WHERE name = ?", (name,))
-            for table in ("recovery_codes", "passkeys", "console_sessions"):
+            for table in ("recovery_codes", "passkeys", "console_sessions", "login_browsers"):
                 conn.execute(f"DELETE FROM {table} WHERE user = ?", (name,))  # noqa: S608 (our own names)
             append(conn, actor, "user.mfa_reset", None, None, {"user": name})
 
@@ -109,33 +113,65 @@ class SqliteAccounts:
     async def unlock(self, name: str, actor: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             _existing(conn, name)
-            conn.execute("UPDATE users SET failures = 0, locked_until = 0 WHERE name = ?", (name,))
+            conn.execute("DELETE FROM login_failures WHERE user = ?", (name,))
             append(conn, actor, "user.unlocked", None, None, {"user": name})
 
         await self.engine.write(op)
 
-    # --- factors ---------------------------------------------------------------------------------
+    # --- failed logins and known browsers --------------------------------------------------------
 
-    async def failed(self, name: str, factor: str, address: str, threshold: int, lock_s: float) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            r = conn.execute("UPDATE users SET failures = failures + 1 WHERE name = ? RETURNING failures",
-                             (name,)).fetchone()
-            detail = {"user": name, "factor": factor, "address": address}
-            append(conn, f"console:{name}", "console.login_failed", None, None, detail | {"failures": r[0]})
-            if r[0] < threshold:
-                return False
-            conn.execute("UPDATE users SET failures = 0, locked_until = ? WHERE name = ?", (time.time() + lock_s, name))
-            append(conn, "gateway", "console.user_locked", None, None, detail | {"minutes": round(lock_s / 60)})
-            return True
+    async def failures(self, name: str, sources: Sequence[str]) -> dict[str, Failures]:
+        marks = ", ".join("?" * len(sources))
+        return await self.engine.read(lambda conn: {r[0]: Failures(int(r[1]), float(r[2])) for r in conn.execute(
+            f"SELECT source, failures, last_at FROM login_failures WHERE user = ? AND source IN ({marks})",  # noqa: S608
+            (name, *sources))})
+
+    async def failed(self, name: str, factor: str, address: str, reason: str, counted: Sequence[str], now: float,
+                     forget_before: float) -> dict[str, int]:
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            conn.execute("DELETE FROM login_failures WHERE last_at < ?", (forget_before,))
+            # The same statements whether or not the user exists (an unknown name adds no row).
+            known = conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is not None
+            counts: dict[str, int] = {}
+            for source in counted:
+                for r in conn.execute(
+                        "INSERT INTO login_failures (user, source, failures, last_at) SELECT name, ?, 1, ? FROM users "
+                        "WHERE name = ? ON CONFLICT (user, source) DO UPDATE SET failures = failures + 1, "
+                        "last_at = excluded.last_at RETURNING failures", (source, now, name)).fetchall():
+                    counts[source] = int(r[0])
+            detail: dict[str, Any] = {"user": name[:64], "factor": factor, "reason": reason, "address": address}
+            if counted and counted[0] in counts:
+                detail["failures"] = counts[counted[0]]
+            actor = f"console:{name}" if known else f"console:anonymous@{address}"
+            append(conn, actor, "console.login_failed", None, None, detail)
+            return counts
 
         return await self.engine.write(op)
 
-    async def succeeded(self, name: str, address: str, method: str) -> None:
+    async def succeeded(self, name: str, address: str, method: str, cleared: Sequence[str] = ()) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE users SET failures = 0 WHERE name = ?", (name,))
+            conn.executemany("DELETE FROM login_failures WHERE user = ? AND source = ?", [(name, s) for s in cleared])
             append(conn, f"console:{name}", "console.login", None, None, {"address": address, "method": method})
 
         await self.engine.write(op)
+
+    async def add_browser(self, name: str, token_hash: str, replaces: str | None = None) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if replaces is not None:
+                conn.execute("DELETE FROM login_browsers WHERE token_hash = ?", (replaces,))
+            conn.execute("INSERT OR REPLACE INTO login_browsers (token_hash, user, created_at) VALUES (?, ?, ?)",
+                         (token_hash, name, time.time()))
+            conn.execute("DELETE FROM login_browsers WHERE user = ? AND token_hash NOT IN (SELECT token_hash FROM "
+                         "login_browsers WHERE user = ? ORDER BY created_at DESC, rowid DESC LIMIT ?)", (name, name, BROWSERS_KEPT))
+
+        await self.engine.write(op)
+
+    async def browser(self, token_hash: str, since: float) -> str | None:
+        r = await self.engine.read(lambda conn: conn.execute(
+            "SELECT user FROM login_browsers WHERE token_hash = ? AND created_at >= ?", (token_hash, since)).fetchone())
+        return None if r is None else str(r[0])
+
+    # --- factors ---------------------------------------------------------------------------------
 
     async def spend_totp_step(self, name: str, step: int) -> bool:
         return await self.engine.write(lambda conn: conn.execute(

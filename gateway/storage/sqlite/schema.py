@@ -9,7 +9,7 @@ from ...errors import ConfigError
 from ...stages.admission import date_key, number_key
 from ..chain import FIELDS, GENESIS, record_hash
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -133,8 +133,6 @@ CREATE TABLE IF NOT EXISTS users (
     must_change     INTEGER NOT NULL DEFAULT 1,  -- the password was set by someone else
     totp_secret     TEXT,
     totp_last_step  INTEGER NOT NULL DEFAULT 0,  -- a TOTP code works once: this step and earlier ones are spent
-    failures        INTEGER NOT NULL DEFAULT 0,  -- consecutive failed factors (password, TOTP, recovery code)
-    locked_until    REAL NOT NULL DEFAULT 0,
     created_at      TEXT NOT NULL,
     created_by      TEXT NOT NULL,
     user_handle     TEXT NOT NULL              -- WebAuthn user id (random, not the name)
@@ -166,6 +164,24 @@ CREATE TABLE IF NOT EXISTS console_sessions (
     agent       TEXT NOT NULL,
     pending     TEXT NOT NULL DEFAULT '{}'  -- a WebAuthn challenge, a TOTP secret being enrolled
 );
+-- Failed logins by account and source, which gateway/console/throttle.py turns into waits (never a lock).
+-- A source is an address, 'browser:' and the token hash of a known browser, or '*': the account's
+-- count over the sources it has not logged in from.
+CREATE TABLE IF NOT EXISTS login_failures (
+    user        TEXT NOT NULL REFERENCES users(name),
+    source      TEXT NOT NULL,
+    failures    INTEGER NOT NULL,
+    last_at     REAL NOT NULL,     -- the latest failure (a count this old is forgotten)
+    PRIMARY KEY (user, source)
+);
+CREATE INDEX IF NOT EXISTS login_failures_age ON login_failures (last_at);
+-- Browsers that completed a login (both factors): the SHA-256 of the token in their egw_browser cookie.
+CREATE TABLE IF NOT EXISTS login_browsers (
+    token_hash  TEXT PRIMARY KEY,
+    user        TEXT NOT NULL REFERENCES users(name),
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS login_browsers_user ON login_browsers (user, created_at);
 -- Notices: mail the gateway sends about a submission (the SMTP listener's replies), through the outbox.
 -- Sealed like invoices (a refusal's details may quote one), the sealed body dropped once sent.
 CREATE TABLE IF NOT EXISTS notices (
@@ -210,7 +226,9 @@ CREATE TABLE IF NOT EXISTS approvals (
 # and deliveries carry a claim lease.  4 → 5: audit records are hash-chained.  5 → 6: the console's
 # tables (new tables only).  6 → 7: invoices keep their status summary (a column, filled once).  7 → 8:
 # notices, the SMTP listener's replies through the outbox (a new table only).  8 → 9: the business
-# key as a person reads it (two columns, filled once).
+# key as a person reads it (two columns, filled once).  9 → 10: no account lock any more: the users'
+# lock columns go (a rebuild), failed logins are counted by source and browsers that logged in are
+# remembered (new tables).
 # SQLite changes constraints only by rebuilding the table.
 def _rebuild(conn: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
     """Recreate ``table`` from the current DDL, keeping every row (foreign keys off meanwhile);
@@ -268,6 +286,8 @@ def migrate(conn: sqlite3.Connection, begin: Callable[[sqlite3.Connection], None
                         if column not in have:
                             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
                     _fill_business_keys(conn, table)
+            if version < 10 and exists and "locked_until" in {r[1] for r in conn.execute("PRAGMA table_info(users)")}:
+                _rebuild(conn, "users")
             for statement in _DDL.split(";"):
                 if statement.strip():
                     conn.execute(statement)

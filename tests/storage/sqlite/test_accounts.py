@@ -1,15 +1,18 @@
-"""The SQLite console accounts (gateway/storage/sqlite/accounts.py): users, factors spent once, lockout and
-its audit records, sessions replaced, expired and ended.  The backend-neutral side of the same protocol is
-in tests/storage/test_base_contract.py; these also reach under it (backdating sessions in SQL)."""
+"""The SQLite console accounts (gateway/storage/sqlite/accounts.py): users, factors spent once, failed logins
+counted (never a lock) and their rows dropped once forgotten, sessions replaced, expired and ended.  The
+backend-neutral side of the same protocol is in tests/storage/test_base_contract.py; these also reach under
+it (backdating sessions, reading rows in SQL)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
 
 from gateway.console import security
 from gateway.storage.base import AccountError
+from gateway.storage.sqlite.schema import SCHEMA_VERSION
 from gateway.storage.sqlite.store import SqliteStore
 from tests.helpers.console import audits, password_hash
 
@@ -64,27 +67,24 @@ async def test_recovery_code_is_spent_once(store):
     assert await accounts.spend_recovery("alice", security.recovery_hash(fresh[0]))
 
 
-async def test_failures_lock_at_the_threshold_and_are_audited(store):
+async def test_failed_logins_never_lock_and_stale_counts_are_dropped(store):
     accounts = store.accounts
     await add(store, "alice")
-    assert [await accounts.failed("alice", f, "192.0.2.7", 3, 600.0) for f in ("password", "totp")] == [False, False]
-    assert not (await accounts.user("alice")).locked()
-    assert await accounts.failed("alice", "recovery-code", "192.0.2.7", 3, 600.0) is True
+    for i in range(50):  # however many failures: counted, never a lock
+        await accounts.failed("alice", "password", "192.0.2.7", "wrong-password", ("192.0.2.7",), 1000.0 + i, 0.0)
     u = await accounts.user("alice")
-    assert u.locked() and u.failures == 0 and 590 < u.locked_until - time.time() <= 600
-    assert not u.locked(now=time.time() + 601)
-    failed = sorted(await audits(store, "console.login_failed"), key=lambda r: r["seq"])
-    assert [(r["actor"], r["detail"]["factor"], r["detail"]["failures"]) for r in failed] == [
-        ("console:alice", "password", 1), ("console:alice", "totp", 2), ("console:alice", "recovery-code", 3)]
-    [locked] = await audits(store, "console.user_locked")
-    assert (locked["actor"], locked["detail"]["user"], locked["detail"]["minutes"], locked["detail"]["address"]) == \
-        ("gateway", "alice", 10, "192.0.2.7")
-    await accounts.unlock("alice", "cli:root")
-    assert not (await accounts.user("alice")).locked()
-    # a success resets the count of consecutive failures
-    await accounts.failed("alice", "password", "192.0.2.7", 3, 600.0)
-    await accounts.succeeded("alice", "192.0.2.7", "totp")
-    assert (await accounts.user("alice")).failures == 0
+    assert (u.state, u.failed_logins) == ("active", 50)
+    await accounts.failed("alice", "password", "192.0.2.8", "wrong-password", ("192.0.2.8", "*"), 5000.0, 0.0)
+    assert (await accounts.user("alice")).failed_logins == 51  # the shared count is not a second failure
+    # Rows with no failure since forget_before are deleted, for every account (the table stays small).
+    await add(store, "bob")
+    await accounts.failed("bob", "totp", "192.0.2.9", "wrong-code", ("192.0.2.9",), 6000.0, 2000.0)
+    rows = await store.engine.read(lambda c: c.execute("SELECT user, source FROM login_failures ORDER BY 1, 2").fetchall())
+    assert rows == [("alice", "*"), ("alice", "192.0.2.8"), ("bob", "192.0.2.9")]
+    # An unknown name adds no row.
+    await accounts.failed("nobody", "password", "192.0.2.9", "unknown-user", ("192.0.2.9", "*"), 6001.0, 0.0)
+    assert await store.engine.read(lambda c: c.execute(
+        "SELECT count(*) FROM login_failures WHERE user = 'nobody'").fetchone()[0]) == 0
 
 
 async def test_sessions_are_replaced_and_expire(store):
@@ -126,3 +126,36 @@ async def test_reset_mfa_forgets_every_factor(store):
         (False, 0, 0, None)
     [r] = await audits(store, "user.mfa_reset")
     assert (r["actor"], r["detail"]) == ("console:boss", {"user": "alice"})
+
+
+async def test_a_schema_9_database_loses_its_lock_columns_and_keeps_its_accounts(tmp_path):
+    store = SqliteStore(tmp_path / "state")
+    try:
+        await add(store, "alice")
+        await store.accounts.open_session("s", "alice", "full", "c", "127.0.0.1", "a", time.time())
+        await store.accounts.add_passkey("alice", "cred", b"key", 1, "laptop", "aaguid")
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "state" / "gateway.db") as conn:  # as schema 9 left it: alice locked
+        conn.execute("DROP TABLE login_failures")
+        conn.execute("DROP TABLE login_browsers")
+        conn.execute("ALTER TABLE users ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
+        conn.execute("ALTER TABLE users ADD COLUMN locked_until REAL NOT NULL DEFAULT 0")
+        conn.execute("UPDATE users SET failures = 3, locked_until = ?", (time.time() + 900,))
+        conn.execute("UPDATE meta SET value = '9' WHERE key = 'schema_version'")
+    conn.close()
+    store = SqliteStore(tmp_path / "state")
+    try:
+        u = await store.accounts.user("alice")
+        assert (u.state, u.failed_logins, u.roles) == ("active", 0, ("operator",))  # the lock is gone with its columns
+        assert (await store.accounts.session("s")).user == "alice"
+        assert [p.label for p in await store.accounts.passkeys("alice")] == ["laptop"]
+        await store.accounts.failed("alice", "password", "192.0.2.7", "wrong-password", ("192.0.2.7",), 1.0, 0.0)
+        assert (await store.accounts.user("alice")).failed_logins == 1
+        columns, version, problems = await store.engine.read(lambda c: (
+            {r[1] for r in c.execute("PRAGMA table_info(users)")},
+            c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0],
+            c.execute("PRAGMA foreign_key_check").fetchall()))
+        assert not {"failures", "locked_until"} & columns and version == str(SCHEMA_VERSION) == "10" and problems == []
+    finally:
+        await store.close()
