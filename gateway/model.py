@@ -127,7 +127,7 @@ class Partner:
     verified_at: str
     client_spki: frozenset[str]  # hex SHA-256 of each registered client certificate's SPKI
     client_certs: tuple[str, ...]  # paths of the registered certificates (PEM)
-    party_ids: frozenset[str]  # "scheme:value", or a bare value
+    party_ids: frozenset[str]  # "scheme:value", or a bare value, as registered (compared by identifiers.party_key)
     emails: tuple[str, ...] = ()
     signature_policy: SignaturePolicy = SignaturePolicy.IF_PRESENT
     signing_certs: tuple[str, ...] = ()  # paths of the registered document-signing certificates (PEM)
@@ -168,7 +168,7 @@ class InvoiceFacts:
     document_type: DocumentType
     invoice_number: str
     ubl_version: str
-    supplier_ids: tuple[str, ...]
+    supplier_ids: tuple[str, ...]  # as written ("scheme:value" or bare); compared by identifiers.party_key
     customer_ids: tuple[str, ...]
     customization_id: str
     profile_id: str
@@ -177,6 +177,10 @@ class InvoiceFacts:
     payable_amount: str = ""  # BT-115, as written
     currency: str = ""  # of the payable amount
     credit_note: bool = False  # numbered in the seller's credit-note series, not the invoice series
+    # (party, identifier) of the parties that act for the seller — "payee" (BG-10), "tax representative"
+    # (BG-11), "seller" (UBL cac:SellerSupplierParty), "invoicer" (CII ram:InvoicerTradeParty): never bound
+    # to the partner, but none may be another partner's (gateway/partners/directory.py, authorize).
+    agent_ids: tuple[tuple[str, str], ...] = ()
 
     @property
     def kind(self) -> str:

@@ -39,6 +39,7 @@ from lxml import etree
 
 from .config.model import OutboundConfig
 from .errors import Detail, Forbidden, GatewayError, Rejected, Transient, UnsupportedDocument
+from .identifiers import keys_of
 from .model import (
     AcceptedInvoice,
     DocumentType,
@@ -203,7 +204,7 @@ class Pipeline:
 
     def _check_seller(self, facts: InvoiceFacts) -> None:
         assert self.outbound is not None
-        if not set(facts.supplier_ids) & self.outbound.identities:
+        if not keys_of(facts.supplier_ids) & keys_of(self.outbound.identities):
             raise Forbidden(
                 "the seller of this invoice is not this business: none of its seller identifiers is listed in the "
                 "gateway's outbound.identities",
@@ -213,7 +214,7 @@ class Pipeline:
 
     def _recipient(self, facts: InvoiceFacts) -> Partner:
         directory = self.partners.current
-        names = sorted({directory.owner_of_id[i] for i in facts.customer_ids if i in directory.owner_of_id})
+        names = sorted({o for o in map(directory.owners.owner, facts.customer_ids) if o is not None})
         if len(names) != 1:
             found = [Detail(f"buyer identifier {i!r}") for i in facts.customer_ids] or [
                 Detail("the invoice names no buyer identifier (cac:AccountingCustomerParty / ram:BuyerTradeParty)")]

@@ -9,7 +9,8 @@ Every row of ../shared/corpus/MANIFEST.tsv is classified by ``expected_outcome``
   (``with_corpus_cii``: the official CII stylesheet and the official CII D16B schema) and every
   partner keeps the default rule pack.  Partners and slots are made as in tests/test_corpus.py:
   one partner per group of documents sharing a supplier identifier (read here with XPaths of our
-  own, UBL and CII), and one more ``Gateway`` (own port and state) per reuse of an invoice number.
+  own, UBL and CII; compared as the gateway compares them), and one more ``Gateway`` (own port and
+  state) per reuse of an invoice number.
 * Every document, complete or not, is also evaluated by one ``RuleEngine`` directly.  That is the only
   way to check the fragments (XSD-invalid snippets of the CEN schematron unit tests), and the only
   complete view of a document: a rejection reports fatal findings only (at most 100), an acceptance
@@ -73,7 +74,7 @@ from gateway.partners.book import editing
 from gateway.stages.rules import BUILTIN, MAX_REPORTED, PackSpec, RuleEngine, builtin_pack
 from gateway.tls import client_context
 from tests.helpers import CII_RULES, CORPUS, add_partner, hold_placeholder_ibans, post, with_corpus_cii
-from tests.helpers.corpus import NS, allow_extensions, extension_namespaces, partner_groups, supplier_ids
+from tests.helpers.corpus import NS, agent_ids, allow_extensions, extension_namespaces, partner_groups, supplier_ids
 
 PROCESSES = 2  # rules processes per engine (the one here and the gateways' one)
 REFERENCE_VERSION = "1.3.16"  # the version of the manifest's en16931_1.3.16_actual column
@@ -112,6 +113,7 @@ class Row:
     expect: tuple[Expect, ...] = ()
     notation_error: str = ""  # expected_rules in a notation this test does not know
     ids: tuple[str, ...] = ()  # supplier identifiers (complete documents)
+    agents: tuple[str, ...] = ()  # identifiers of the parties acting for the seller (payee, tax representative)
     number: str = ""
     signed: bool = False
 
@@ -163,7 +165,8 @@ def load_manifest() -> list[Row]:
                     row = dataclasses.replace(row, notation_error=str(exc))
             if row.outcome in COMPLETE:
                 root = etree.parse(str(CORPUS / row.path), PARSER).getroot()
-                row = dataclasses.replace(row, ids=supplier_ids(root), number=NUMBER(root).strip(), signed=bool(SIGNED(root)))
+                row = dataclasses.replace(row, ids=supplier_ids(root), number=NUMBER(root).strip(), signed=bool(SIGNED(root)),
+                                          agents=agent_ids(root))
             rows.append(row)
     return rows
 
@@ -320,7 +323,7 @@ async def run_corpus(inst: instance.Instance, engine: RuleEngine) -> Results:
     sent = [r for r in ROWS if r.outcome in COMPLETE]
     with editing(inst.partners) as partners:
         partners.clear()  # the demo partner owns DE123456789, which corpus suppliers use too
-    owner = partner_groups(d.ids for d in sent)
+    owner = partner_groups((d.ids for d in sent if d.ids), (d.agents for d in sent if d.ids))
     ids_of: dict[str, list[str]] = {}
     for i, name in owner.items():
         ids_of.setdefault(name, []).append(i)

@@ -4,8 +4,11 @@ How one instance takes every valid document:
 
 * Each valid document's supplier identifiers are read here with an XPath of our own (not the
   gateway's): ``scheme:value`` or the bare value.  An identifier may belong to one partner only, so
-  documents sharing any identifier are merged (union-find) into one group, and each group becomes one
-  partner with its own client certificate.  The demo partner made by ``init`` is removed first: it
+  documents sharing any identifier — as the gateway compares them: ``DE 123 456 789`` is
+  ``DE123456789``, ``GLN:`` is ``0088:`` (gateway/identifiers.py) — or whose payee or tax
+  representative names one, are merged (union-find) into one group, and each group becomes one
+  partner with its own client certificate.  Where that puts generic UBL and EN 16931 documents in
+  one group, the generic ones go to a second instance (``apart``).  The demo partner made by ``init`` is removed first: it
   owns ``DE123456789``, which corpus suppliers use too.
 * Within one group the corpus reuses invoice numbers (eleven documents of one merged supplier are
   invoice ``1234567``), and the gateway rightly answers 409 to the same (partner, type, number) with other
@@ -48,7 +51,7 @@ from gateway.partners.book import editing
 from gateway.stages.rules import BUILTIN
 from gateway.tls import client_context
 from tests.helpers import CORPUS, add_partner, hold_placeholder_ibans, post
-from tests.helpers.corpus import NS, allow_extensions, extension_namespaces, partner_groups, supplier_ids
+from tests.helpers.corpus import NS, agent_ids, allow_extensions, extension_namespaces, partner_groups, supplier_ids
 
 NUMBER = etree.XPath("string(/*/cbc:ID)", namespaces=NS)
 SIGNED = etree.XPath("boolean(//ds:Signature)", namespaces={"ds": "http://www.w3.org/2000/09/xmldsig#"})
@@ -65,6 +68,7 @@ class Doc:
     number: str = ""
     ids: tuple[str, ...] = ()
     signed: bool = False
+    agents: tuple[str, ...] = ()  # identifiers of the parties acting for the seller (payee, tax representative)
 
 
 def load_manifest() -> list[Doc]:
@@ -77,7 +81,7 @@ def load_manifest() -> list[Doc]:
             if ubl and outcome in VALID:
                 root = etree.parse(str(CORPUS / path), PARSER).getroot()
                 docs.append(Doc(path, outcome, etree.QName(root).localname, NUMBER(root).strip(), supplier_ids(root),
-                                bool(SIGNED(root))))
+                                bool(SIGNED(root)), agent_ids(root)))
             elif (ubl and outcome == "xsd-invalid") or outcome in ("not-well-formed", "not-xml"):
                 docs.append(Doc(path, outcome))
     return docs
@@ -99,11 +103,26 @@ class CorpusRun:
     parts: Parts
 
 
-async def send_all(inst: instance.Instance) -> CorpusRun:
+def apart(valid: list[Doc]) -> set[str]:
+    """The generic-UBL documents of a supplier that also sends EN 16931 ones: one partner cannot both have
+    and skip the rules, so these go to an instance of their own, as to an operator's second gateway for
+    generic UBL.  (The OASIS examples' GLN 1234567890123 is a Swedish BIS example's too, and the gateway
+    takes ``GLN:`` for ``0088:``.)"""
+    owner = partner_groups((d.ids for d in valid), (d.agents for d in valid))
+    outcomes: dict[str, set[str]] = {}
+    for d in valid:
+        outcomes.setdefault(owner[d.ids[0]], set()).add(d.outcome)
+    mixed = {n for n, o in outcomes.items() if XSD_ONLY in o and len(o) > 1}
+    return {d.path for d in valid if d.outcome == XSD_ONLY and owner[d.ids[0]] in mixed}
+
+
+async def send_all(inst: instance.Instance, docs: list[Doc], refusals: bool = True) -> CorpusRun:
+    """Send ``docs`` to the instance, each valid one from the partner its supplier is, the others (when
+    ``refusals``) from any partner."""
     with editing(inst.partners) as partners:
         partners.clear()
-    valid = [d for d in DOCS if d.ids]
-    owner = partner_groups(d.ids for d in valid)
+    valid = [d for d in docs if d.ids]
+    owner = partner_groups((d.ids for d in valid), (d.agents for d in valid))
     ids_of: dict[str, list[str]] = {}
     for i, name in owner.items():
         ids_of.setdefault(name, []).append(i)
@@ -112,8 +131,7 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
     outcomes: dict[str, set[str]] = {}
     for d in valid:
         outcomes.setdefault(owner[d.ids[0]], set()).add(d.outcome)
-    # One partner cannot both have and skip the rules: a supplier with EN 16931 documents and
-    # generic UBL ones would need two registrations, which the corpus does not call for (yet).
+    # One partner cannot both have and skip the rules (``apart``).
     mixed = sorted(n for n, o in outcomes.items() if XSD_ONLY in o and len(o) > 1)
     assert not mixed, f"partners with both valid-xsd-only and EN 16931 documents: {mixed}"
     for name, ids in sorted(ids_of.items()):
@@ -131,11 +149,11 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
         used[slot].add(key)
         plan.append((d, key[0], slot))
     anyone = min(certs)  # rejections come before (or without) binding: any partner may send them
-    plan += [(d, anyone, 0) for d in DOCS if not d.ids]
+    plan += [(d, anyone, 0) for d in docs if not d.ids and refusals]
 
     hold_placeholder_ibans(inst.config)  # (the OASIS example's DK1212341234123412)
     # What an operator receiving national profiles does: allow the extensions its partners' documents use.
-    allow_extensions(inst.config, extension_namespaces((CORPUS / d.path).read_bytes() for d in DOCS if d.ids))
+    allow_extensions(inst.config, extension_namespaces((CORPUS / d.path).read_bytes() for d in docs if d.ids))
     cfg = config_mod.load(inst.config)
     assert cfg.rules_default == (BUILTIN,)  # what `init` writes: the rules are on unless a partner opts out
     parts = build(cfg)
@@ -166,8 +184,14 @@ async def send_all(inst: instance.Instance) -> CorpusRun:
 @pytest.fixture(scope="module")
 def run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> CorpusRun:
     logs.configure("error")
-    inst = instance.init(tmp_path_factory.mktemp("corpus") / "gw", port=0)
-    return asyncio.run(send_all(inst))
+    separate = apart([d for d in DOCS if d.ids])
+    main = asyncio.run(send_all(instance.init(tmp_path_factory.mktemp("corpus") / "gw", port=0),
+                                [d for d in DOCS if d.path not in separate]))
+    if not separate:
+        return main
+    second = asyncio.run(send_all(instance.init(tmp_path_factory.mktemp("corpus-generic") / "gw", port=0),
+                                  [d for d in DOCS if d.path in separate], refusals=False))
+    return CorpusRun(main.replies | second.replies, main.stored + second.stored, main.parts)
 
 
 @pytest.mark.parametrize("doc", params(lambda d: d.outcome in VALID and d.ids))

@@ -17,7 +17,7 @@ from typing import Any
 from ..config.load import load
 from ..config.model import Config
 from ..errors import ConfigError, Forbidden
-from ..identifiers import parse_email, parse_party_id
+from ..identifiers import keys_of, parse_email, parse_party_id, party_key
 from ..model import Partner, PartnerStatus, SignaturePolicy
 from ..operations.audit import record
 from ..operations.housekeeping import expiring, inventory
@@ -240,9 +240,13 @@ def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] |
         if idx is None:
             raise ConfigError(f"partners: no partner named {args.name!r}")
         p = partners[idx]
-        unknown = drop_ids - p.party_ids
+        unknown = {i for i in drop_ids if party_key(i).key not in keys_of(p.party_ids)}  # in any of its forms
         if unknown:
             raise ConfigError(f"--remove-party-id: {sorted(unknown)[0]!r} is not registered for {p.name!r}")
+        ids: dict[str, str] = {}  # key → as written; one added that is registered in another form stays as registered
+        for i in sorted(p.party_ids) + sorted(add_ids):
+            if party_key(i).key not in keys_of(drop_ids):
+                ids.setdefault(party_key(i).key, i)
         if drop_emails - set(p.emails):
             raise ConfigError(f"--remove-email: {sorted(drop_emails - set(p.emails))[0]!r} is not registered for {p.name!r}")
         added = [(purpose, stored, inspect_certificate(Path(stored), option).spki_sha256)
@@ -253,7 +257,7 @@ def _edit_partner(path: Path, args: argparse.Namespace, rules: tuple[str, ...] |
         retire = dict.fromkeys(matching(p, args.retire_cert, "--retire-cert"), retire_at) if retire_at else {}
         p = rollover(p, added, start, retire, matching(p, args.remove_cert, "--remove-cert"))
         partners[idx] = replace(
-            p, party_ids=frozenset((p.party_ids | add_ids) - drop_ids),
+            p, party_ids=frozenset(ids.values()),
             emails=tuple(e for e in dict.fromkeys(p.emails + add_emails) if e not in drop_emails),
             smime_signed_only=p.smime_signed_only if args.smime_signed_only is None else args.smime_signed_only,
             signature_policy=SignaturePolicy(args.signature_policy) if args.signature_policy else p.signature_policy,

@@ -11,9 +11,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..errors import ConfigError, Detail, Forbidden
+from ..identifiers import Owners, keys_of, party_key
 from ..model import InvoiceFacts, Partner, PartnerStatus, PeerIdentity, Syntax
 from ..stages.signature import TrustedSigner
 from ..tls import CertInfo
+
+MAX_REPORTED = 10  # identifiers of other partners named in one refusal
+_CII_TRADE = "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction"
+# Where each party that authorize reads is, for the details of a refusal.
+PARTIES = {
+    Syntax.UBL: {"supplier": "/*/cac:AccountingSupplierParty/cac:Party", "payee": "/*/cac:PayeeParty",
+                 "tax representative": "/*/cac:TaxRepresentativeParty", "seller": "/*/cac:SellerSupplierParty/cac:Party"},
+    Syntax.CII: {"supplier": f"{_CII_TRADE}/ram:ApplicableHeaderTradeAgreement/ram:SellerTradeParty",
+                 "payee": f"{_CII_TRADE}/ram:ApplicableHeaderTradeSettlement/ram:PayeeTradeParty",
+                 "tax representative": f"{_CII_TRADE}/ram:ApplicableHeaderTradeAgreement/ram:SellerTaxRepresentativeTradeParty",
+                 "invoicer": f"{_CII_TRADE}/ram:ApplicableHeaderTradeSettlement/ram:InvoicerTradeParty"},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +35,7 @@ class PartnerDirectory:
 
     partners: tuple[Partner, ...]
     by_spki: dict[str, Partner]
-    owner_of_id: dict[str, str]
+    owners: Owners  # who registered which party identifier, compared by their keys (gateway/identifiers.py)
     certificates: dict[str, CertInfo]
     signers: dict[str, list[TrustedSigner]]  # partner name → its registered document-signing certificates
     by_smime_spki: dict[str, Partner]  # S/MIME signer key → partner (the identity of e-mail)
@@ -31,7 +44,7 @@ class PartnerDirectory:
     def build(cls, partners: list[Partner], certificates: dict[str, CertInfo]) -> PartnerDirectory:
         by_spki: dict[str, Partner] = {}
         by_smime: dict[str, Partner] = {}
-        owner: dict[str, str] = {}
+        owners = Owners()
         signing_owner: dict[str, str] = {}
         for i, p in enumerate(partners):
             for spki in p.signing_spki:
@@ -48,13 +61,16 @@ class PartnerDirectory:
                     raise ConfigError(
                         f"partners[{i}].smime_certs: an S/MIME key is also registered for partner {by_smime[spki].name!r}")
                 by_smime[spki] = p
-            for pid in p.party_ids:
-                if pid in owner:
-                    raise ConfigError(f"partners[{i}].party_ids: {pid!r} is already registered for partner {owner[pid]!r}")
-                owner[pid] = p.name
+            for pid in sorted(p.party_ids):  # the same identifier in another form is the same identifier
+                other = next(((o, w) for o, w in owners.clashing(pid) if o != p.name), None)
+                if other is not None:
+                    raise ConfigError(f"partners[{i}].party_ids: {pid!r} is already registered for partner {other[0]!r}"
+                                      + (f" (as {other[1]!r})" if other[1] != pid else ""))
+            for pid in sorted(p.party_ids):
+                owners.add(pid, p.name)
         signers = {p.name: [TrustedSigner.of(certificates[s].cert, s) for s in sorted(p.signing_spki) if s in certificates]
                    for p in partners}
-        return cls(tuple(partners), by_spki, owner, certificates, signers, by_smime)
+        return cls(tuple(partners), by_spki, owners, certificates, signers, by_smime)
 
     def get(self, name: str) -> Partner | None:
         return next((p for p in self.partners if p.name == name), None)
@@ -77,9 +93,17 @@ class PartnerDirectory:
         return [s for s in self.signers.get(name, []) if partner is not None and partner.refusal(s.spki, when, "signing") is None]
 
     def authorize(self, partner: Partner, facts: InvoiceFacts) -> None:
-        """The supplier inside the invoice must be the authenticated partner (SECURITY-TESTS.md I-01)."""
+        """The supplier inside the invoice must be the authenticated partner (SECURITY-TESTS.md I-01).
+
+        Identifiers compare by their keys (gateway/identifiers.py): whatever its spacing, punctuation,
+        invisible characters, digit widths or scheme, an identifier of another partner is refused,
+        in the supplier party and in every party that acts for the seller (``InvoiceFacts.agent_ids``).
+        At least one supplier identifier must be the partner's own; identifiers of no registered
+        partner may stand beside it.  The details quote what the invoice wrote, and never name the
+        other partner."""
         ids = facts.supplier_ids
-        cii = facts.document_type.syntax is Syntax.CII
+        syntax = facts.document_type.syntax
+        cii = syntax is Syntax.CII
         if not ids:
             raise Forbidden(
                 "the invoice names no seller identifier (ram:SellerTradeParty: ram:ID, ram:GlobalID, "
@@ -89,22 +113,30 @@ class PartnerDirectory:
                 "cac:PartyIdentification/cbc:ID, cac:PartyTaxScheme/cbc:CompanyID or cac:PartyLegalEntity/cbc:CompanyID)",
                 code="SUPPLIER_NOT_IDENTIFIED",
             )
-        foreign = [i for i in ids if self.owner_of_id.get(i, partner.name) != partner.name]
+        named = [("supplier", i) for i in ids] + list(facts.agent_ids)
+        foreign = [Detail(_foreign(party, i, self.owners.owner(i) not in (None, partner.name)), path=PARTIES[syntax].get(party))
+                   for party, i in named if any(o != partner.name for o, _ in self.owners.clashing(i))]
         if foreign:
-            raise Forbidden(
-                "the invoice's supplier identifiers belong to another trading partner",
-                [Detail(f"supplier identifier {i!r} is registered to another partner") for i in foreign],
-                code="SUPPLIER_NOT_AUTHORIZED",
-            )
-        if not any(i in partner.party_ids for i in ids):
+            raise Forbidden("the invoice names identifiers that belong to another trading partner", foreign[:MAX_REPORTED],
+                            code="SUPPLIER_NOT_AUTHORIZED")
+        own = keys_of(partner.party_ids)
+        if not any(party_key(i).key in own for i in ids):
             raise Forbidden(
                 f"none of the supplier identifiers in the invoice is registered for partner {partner.name!r}",
-                [Detail(f"found {i!r}", path="/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction/"
-                        "ram:ApplicableHeaderTradeAgreement/ram:SellerTradeParty" if cii else
-                        "/*/cac:AccountingSupplierParty/cac:Party") for i in ids]
+                [Detail(f"found {i!r}", path=PARTIES[syntax]["supplier"]) for i in ids]
                 + [Detail(f"registered: {', '.join(sorted(partner.party_ids))}")],
                 code="SUPPLIER_NOT_AUTHORIZED",
             )
+
+
+def _foreign(party: str, written: str, exact: bool) -> str:
+    """What a refusal says of an identifier of another partner: as written, and as compared."""
+    key = party_key(written)
+    if exact:
+        read = f" (compared as {key.key!r})" if key.key != written else ""
+        return f"{party} identifier {written!r}{read} is registered to another partner"
+    return (f"{party} identifier {written!r} names no scheme this gateway knows, and its value is that of an identifier "
+            "registered to another partner; write the identifier's scheme (schemeID), or leave it out")
 
 
 def admit(partner: Partner, spki: str, at: datetime, purpose: str) -> None:

@@ -24,8 +24,8 @@ _TRADE = "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction"
 _SETTLEMENT = f"{_TRADE}/ram:ApplicableHeaderTradeSettlement"
 
 
-def _party(role: str) -> tuple[etree.XPath, etree.XPath]:
-    base = f"{_TRADE}/ram:ApplicableHeaderTradeAgreement/ram:{role}"
+def _party(role: str, where: str = "ApplicableHeaderTradeAgreement") -> tuple[etree.XPath, etree.XPath]:
+    base = f"{_TRADE}/ram:{where}/ram:{role}"
     # BT-29/BT-46 (ID, GlobalID), BT-30/BT-47 (legal registration), BT-34/BT-49 (electronic address)
     schemed = etree.XPath(" | ".join(f"{base}/{p}" for p in (
         "ram:ID", "ram:GlobalID", "ram:SpecifiedLegalOrganization/ram:ID", "ram:URIUniversalCommunication/ram:URIID")),
@@ -36,6 +36,10 @@ def _party(role: str) -> tuple[etree.XPath, etree.XPath]:
 
 _SELLER = _party("SellerTradeParty")
 _BUYER = _party("BuyerTradeParty")
+# Parties that act for the seller, read the same way: none may name another partner (README, supplier binding).
+_AGENTS = (("payee", _party("PayeeTradeParty", "ApplicableHeaderTradeSettlement")),  # BG-10
+           ("tax representative", _party("SellerTaxRepresentativeTradeParty")),  # BG-11
+           ("invoicer", _party("InvoicerTradeParty", "ApplicableHeaderTradeSettlement")))
 _FIELD = {
     "number": etree.XPath("string(/rsm:CrossIndustryInvoice/rsm:ExchangedDocument/ram:ID)", namespaces=NS),
     "issue_date": etree.XPath(
@@ -83,4 +87,5 @@ def read_facts(root: etree._Element, doc_type: DocumentType, version: str) -> In
         payable_amount=payable,
         currency=currency or _FIELD["currency"](root).strip(),
         credit_note=_FIELD["type"](root).strip() in CREDIT_NOTE_CODES,
+        agent_ids=tuple((party, i) for party, path in _AGENTS for i in _ids(path, root)),
     )

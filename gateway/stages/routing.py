@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config.model import Route
+from ..identifiers import keys_of, party_key
 from ..model import InvoiceFacts
 
 UNROUTED = "no routing rule matches this invoice and routing.default is empty"
@@ -38,7 +39,7 @@ class Router:
 
 
 def matches(rule: Route, partner: str, facts: InvoiceFacts) -> bool:
-    return ((rule.receiver is None or rule.receiver in facts.customer_ids)
+    return ((rule.receiver is None or party_key(rule.receiver).key in keys_of(facts.customer_ids))
             and (rule.partner is None or rule.partner == partner)
             and (rule.document_type is None or rule.document_type == facts.document_type.label)
             and (rule.customization is None or rule.customization == facts.customization_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from lxml import etree
 
 from ..errors import Detail, UnsupportedDocument
-from ..identifiers import identifier
+from ..identifiers import blank, identifier
 from ..model import BUSINESS_NAMESPACES, UBL_CBC_NS, DocumentType, InvoiceFacts
 
 NS = {
@@ -22,13 +22,17 @@ NS = {
 _PARTY_IDS = "cbc:EndpointID | cac:PartyIdentification/cbc:ID | cac:PartyTaxScheme/cbc:CompanyID | cac:PartyLegalEntity/cbc:CompanyID"
 
 
-def _party_ids(role: str) -> etree.XPath:
+def _party_ids(party: str) -> etree.XPath:
     paths = (p.strip() for p in _PARTY_IDS.split("|"))
-    return etree.XPath(" | ".join(f"/*/cac:{role}/cac:Party/{p}" for p in paths), namespaces=NS)
+    return etree.XPath(" | ".join(f"/*/{party}/{p}" for p in paths), namespaces=NS)
 
 
-_SUPPLIER = _party_ids("AccountingSupplierParty")
-_CUSTOMER = _party_ids("AccountingCustomerParty")
+_SUPPLIER = _party_ids("cac:AccountingSupplierParty/cac:Party")
+_CUSTOMER = _party_ids("cac:AccountingCustomerParty/cac:Party")
+# Parties that act for the seller, read the same way: none may name another partner (README, supplier binding).
+_AGENTS = (("payee", _party_ids("cac:PayeeParty")),  # BG-10
+           ("tax representative", _party_ids("cac:TaxRepresentativeParty")),  # BG-11
+           ("seller", _party_ids("cac:SellerSupplierParty/cac:Party")))  # UBL's seller, beside the accounting supplier
 _STRING = etree.XPath("string(.)")
 _FIELD = {
     name: etree.XPath(f"string(/*/cbc:{name})", namespaces=NS)
@@ -43,7 +47,7 @@ def ids_of(elements: list[etree._Element], *, schemes: bool = True) -> tuple[str
     seen: dict[str, None] = {}
     for el in elements:
         value = _STRING(el)
-        if value.strip():
+        if not blank(value):  # (nothing but whitespace or invisible characters is no identifier)
             seen[identifier(el.get("schemeID") if schemes else None, value)] = None
     return tuple(seen)
 
@@ -116,4 +120,5 @@ def read_facts(root: etree._Element, doc_type: DocumentType, ubl_version: str) -
         payable_amount=payable,
         currency=currency or _FIELD["DocumentCurrencyCode"](root).strip(),
         credit_note=doc_type is DocumentType.UBL_CREDIT_NOTE,
+        agent_ids=tuple((party, i) for party, path in _AGENTS for i in ids_of(path(root))),
     )

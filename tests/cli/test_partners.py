@@ -1,7 +1,7 @@
 """gateway/cli/partners.py: the ``partners`` commands, run in-process on a real instance.
 
-* add, list, show, suspend, resume, remove; add refuses a name, an identifier or a certificate another
-  partner has, and changes nothing then;
+* add, list, show, suspend, resume, remove; add refuses a name, an identifier (in any of its forms) or a
+  certificate another partner has, and changes nothing then; edit adds and removes identifiers by their keys;
 * edit of a rollover (``--active-from``, ``--retire-cert`` / ``--retire-at``) checked with ``gate()`` on
   the file as the daemon loads it, its refusals (which change nothing and leave no stray certificate),
   a renewal on the same key, a signing certificate's window that must not gate the client certificate;
@@ -96,7 +96,9 @@ def test_partners_lifecycle(inst, tmp_path, capsys):
     assert [p.name for p in load_directory(inst.partners).partners] == ["demo-supplier"]
 
 
-@pytest.mark.parametrize("party_id", ["DE123456789", " 0088:4000001000006 "])
+@pytest.mark.parametrize("party_id", ["DE123456789", " 0088:4000001000006 ", "DE 123.456.789", "9930:123456789",
+                                      "de\u200b123456789", "GLN:4000001000006", "0088:４０００００１０００００６",
+                                      "4000001000006"])
 def test_partners_add_refuses_identifier_of_another_partner(inst, tmp_path, capsys, party_id):
     before = inst.partners.read_bytes()
     cert = devpki.issue(inst.ca, tmp_path / "rival-pki", "rival", role="client").cert
@@ -105,6 +107,27 @@ def test_partners_add_refuses_identifier_of_another_partner(inst, tmp_path, caps
     assert code == 2
     assert "already registered for partner 'demo-supplier'" in err
     assert inst.partners.read_bytes() == before
+
+
+def test_partners_edit_compares_identifiers_by_their_keys(inst, capsys):
+    """--party-id of one already registered in another form changes nothing; --remove-party-id finds it in any form."""
+    cfg = str(inst.config)
+
+    def ids() -> set[str]:
+        [demo] = load_directory(inst.partners).partners
+        return set(demo.party_ids)
+
+    assert ids() == {"0088:4000001000006", "DE123456789"}
+    code, _, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--party-id", "9930:DE 123 456 789",
+                               "--party-id", "0088:4000-0010-00006", "-c", cfg)
+    assert code == 0, err
+    assert ids() == {"0088:4000001000006", "DE123456789"}  # as registered
+    code, _, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--remove-party-id", "de 123456789",
+                               "--party-id", "0088:5790000435975", "-c", cfg)
+    assert code == 0, err
+    assert ids() == {"0088:4000001000006", "0088:5790000435975"}
+    code, _, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, "--remove-party-id", "9930:123456789", "-c", cfg)
+    assert code == 2 and "--remove-party-id: '9930:123456789' is not registered for 'demo-supplier'" in err
 
 
 def test_partners_add_refuses_certificate_of_another_partner(inst, capsys):

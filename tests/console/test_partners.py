@@ -287,6 +287,8 @@ async def test_add_validation_errors_name_the_field_and_write_nothing(world, tmp
         ({"party_ids": " \n \n"}, "party_ids:"),
         ({"party_ids": "0088:12\x0134"}, "party_ids[0]:"),
         ({"party_ids": "DE123456789"}, "party_ids: 'DE123456789' is already registered for partner 'demo-supplier'"),
+        ({"party_ids": "DE 123.456.789"},  # another form of the same identifier (issue 20, item 3)
+         "party_ids: 'DE 123.456.789' is already registered for partner 'demo-supplier' (as 'DE123456789')"),
         ({"emails": "not an address"}, "emails[0]:"),
         ({"endpoint": "ftp://acme.example/"}, "endpoint:"),
         ({"endpoint": "mailto:in@acme.example"}, "endpoint:"),  # no S/MIME certificate to encrypt to
@@ -640,6 +642,7 @@ async def test_edit_is_direct_and_audited(world):
             ({"endpoint": "mailto:in@editme.example"}, "endpoint:"),  # no S/MIME certificate to encrypt to
             ({"party_ids": ""}, "party_ids:"),
             ({"party_ids": "DE123456789"}, "already registered for partner 'demo-supplier'"),
+            ({"party_ids": "9930:123456789"}, "already registered for partner 'demo-supplier' (as 'DE123456789')"),
             ({"emails": "nobody"}, "emails[0]:"),
             ({"signature_policy": "always"}, "signature_policy:"),
             ({"signature_policy": "required"}, "signature_policy:"),

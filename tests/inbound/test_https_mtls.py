@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway import devpki
 from gateway.cli.demo import SAMPLE
+from gateway.identifiers import identifier
 from gateway.model import PartnerStatus, stamp
 from gateway.operations import instance
 from gateway.operations.instance import DEMO_PARTNER
@@ -44,6 +45,7 @@ from tests.helpers import (
     rewrite_config,
     serving,
 )
+from tests.helpers.identities import DISGUISES, forms, naming, vat_forms
 
 
 async def get(session: aiohttp.ClientSession, message_id: str) -> tuple[int, dict]:
@@ -172,6 +174,45 @@ async def test_supplier_ids_of_another_partner(gateway, client):  # I-01
     status, reply = await post(other_s, FOREIGN)  # positive control: its own invoice
     assert (status, reply["status"]) == (202, "accepted")
     assert (await gateway.gw.store.reports.counts())["invoices"] == 1
+
+
+async def test_another_partners_identifier_in_any_form_is_refused_and_nothing_stored(gateway, client):
+    """I-01 with disguises (issue 20, item 3): the demo partner's invoice keeps its own identifiers and names
+    the victim's GLN or VAT number written otherwise — spaced, dotted, dashed, NBSP, zero-width, full-width,
+    lower case, under another scheme or none — in the supplier party or a party acting for the seller."""
+    add_partner(gateway.inst, "victim", ["0088:5790000435975", "BE0123456789"], emails=["billing@victim.example"])
+    gateway.gw.parts.partners.refresh()
+    attacks: dict[str, tuple[str, bytes]] = {}  # name → (the identifier as written, the invoice)
+    for name, (scheme, value) in forms("0088", "5790000435975").items():
+        for place in ("EndpointID", "PartyIdentification"):
+            attacks[f"GLN, {name}, in {place}"] = (identifier(scheme, value), naming(f"ID-{len(attacks)}", scheme, value, place))
+    for name, (scheme, value) in vat_forms("BE", "0123456789", "9925").items():
+        place = "PartyTaxScheme" if not scheme else "EndpointID"
+        attacks[f"VAT, {name}, in {place}"] = (identifier(scheme, value), naming(f"ID-{len(attacks)}", scheme, value, place))
+    for place in ("PartyLegalEntity", "payee", "tax representative", "seller"):
+        attacks[f"VAT in the {place}"] = ("9925:BE 0123.456.789", naming(f"ID-{len(attacks)}", "9925", "BE 0123.456.789", place))
+    attacks["GLN without a scheme"] = ("5790000435975", naming(f"ID-{len(attacks)}", "", "5790000435975"))
+
+    s = client()
+    wrong = {}
+    for name, (written, body) in attacks.items():
+        answer = await post(s, body)
+        if (answer.status, (answer.json or {}).get("error")) != (403, "SUPPLIER_NOT_AUTHORIZED") \
+                or not any(repr(written) in d["message"] for d in answer.json["details"]) or "victim" in answer.text:
+            wrong[name] = answer.text
+    assert not wrong, wrong
+    assert (await gateway.gw.store.reports.counts()) == {"invoices": 0}  # nothing stored, so nothing to deliver
+    await gateway.gw.outbox.run_once()
+    assert list(gateway.inst.delivery_folder.iterdir()) == []
+
+    # Positive control: the partner's own identifiers, disguised the same ways, and a payee that is no partner.
+    own = naming("OWN-1", "", "DE 123.456\u00a0789", "PartyTaxScheme",  # (BR-CO-09: an upper-case prefix)
+                 doc=naming("DEMO-2026-0001", "0088", DISGUISES["all at once"]("4000001000006"), "EndpointID"))
+    factor = naming("OWN-2", "0088", "7300010000001", "payee")
+    for body in (own, factor):
+        answer = await post(s, body)
+        assert answer.status == 202, answer.text
+    assert (await gateway.gw.store.reports.counts())["invoices"] == 2
 
 
 async def test_status_only_for_the_sender(gateway, client):  # GET /v1/invoices/{id}

@@ -4,7 +4,9 @@
 * the inline tables ``{file, from, until}`` of ``client_certs``, ``signing_certs`` and ``smime_certs``:
   loaded into the partner's windows (refused naming the key when wrong), written back by ``editing()``
   as they were read (``_as_toml``), a pending partner's empty verification included;
-* windows of signing certificates loaded from the file decide ``signers_for`` at a moment.
+* windows of signing certificates loaded from the file decide ``signers_for`` at a moment;
+* party identifiers are kept as typed (invisible characters removed) and compared by their keys: two
+  partners naming one identifier in two forms stop the load.
 
 Certificates are made at test time with gateway.devpki.
 """
@@ -17,6 +19,7 @@ import pytest
 
 from gateway import devpki
 from gateway.errors import ConfigError
+from gateway.identifiers import parse_party_id
 from gateway.model import CertWindow, PartnerStatus
 from gateway.partners.book import _as_toml, editing, instant_text, load_directory, parse_instant
 from tests.helpers.partners import DAY, FUTURE, PAST, acme, info, peer, rollover_pki, write_partners
@@ -137,3 +140,29 @@ def test_signers_for_leaves_out_retired_and_future_signing_certificates(pki, tmp
     assert directory.signers_for("nobody") == []
     # the client certificate (no window) is not affected by its partner's signing windows
     assert directory.gate(peer(pki["old"])).name == "acme"
+
+
+# --- 4. party identifiers: kept as written, compared by their keys -----------------------------------
+
+
+@pytest.mark.parametrize("again", ["0088:579 0000 435975", "GLN:5790000435975", "０088:5790000435975",
+                                   "0088:579\u200b0000435975", "5790000435975"])
+def test_two_partners_with_one_identifier_in_two_forms_are_refused(pki, again):
+    """Issue 20, item 3: the file the daemon reads (and every edit, which is checked by loading it)."""
+    beta = acme('"new.crt"').replace('"acme"', '"beta"').replace('"0088:5790000435975"', f'"{again}"')
+    path = write_partners(pki["ca"].cert.parent, acme('"old.crt"') + "\n" + beta)
+    with pytest.raises(ConfigError) as caught:
+        load_directory(path)
+    shown = parse_party_id(again, "x")  # as typed, without what cannot be seen
+    also = " (as '0088:5790000435975')" if shown != "0088:5790000435975" else ""
+    assert caught.value.message == f"partners[1].party_ids: {shown!r} is already registered for partner 'acme'{also}"
+
+
+def test_identifiers_are_written_back_as_typed_without_invisibles(pki):
+    path = write_partners(pki["ca"].cert.parent, acme('"old.crt"').replace(
+        '"0088:5790000435975"', '"0088:579\u00a00000\u00a0435975", "BE\u200b 0123.456.789", "ＤＥ123456789"'))
+    [p] = load_directory(path).partners
+    assert p.party_ids == {"0088:579 0000 435975", "BE 0123.456.789", "DE123456789"}
+    with editing(path):
+        pass
+    assert load_directory(path).partners[0].party_ids == p.party_ids

@@ -10,7 +10,11 @@ It promises:
 * e-mail is identified by the S/MIME signer's key (``by_smime_spki``), apart from client keys;
 * ``signers_for`` gives a partner's signing certificates accepted at a moment;
 * ``authorize`` binds the supplier named inside an invoice to the partner that sent it
-  (SECURITY-TESTS.md I-01), with messages that tell the sender which identifiers were wrong.
+  (SECURITY-TESTS.md I-01), with messages that tell the sender which identifiers were wrong;
+* identifiers compare by their keys (gateway/identifiers.py, issue 20 item 3): another partner's
+  identifier in any disguise (tests/helpers/identities.py), in the supplier party or in a party acting
+  for the seller (payee, tax representative, UBL's seller, CII's invoicer), is refused without naming
+  that partner; two partners cannot register one identifier in two forms.
 
 Certificates are made at test time with the development PKI (gateway/devpki.py); the directory is
 built directly from Partner values, as gateway/partners/book.py builds it from the partners file.
@@ -22,12 +26,18 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lxml import etree
 
 from gateway import devpki
 from gateway.errors import ConfigError, Forbidden
+from gateway.identifiers import identifier
 from gateway.model import CertWindow, DocumentType, InvoiceFacts, Partner, PartnerStatus, PeerIdentity
-from gateway.partners.directory import PartnerDirectory, admit
+from gateway.partners.directory import PARTIES, PartnerDirectory, admit
+from gateway.stages import ubl
 from gateway.tls import CertInfo, inspect_certificate
+from tests.helpers.identities import forms, naming, vat_forms
 
 START = datetime(2027, 1, 1, tzinfo=UTC)
 END = datetime(2027, 2, 1, tzinfo=UTC)
@@ -86,8 +96,10 @@ def peer(pki: dict[str, CertInfo], name: str, transport: str = "https") -> PeerI
     return PeerIdentity(pki[name].spki_sha256, pki[name].subject, transport)
 
 
-def facts(*supplier_ids: str, doc_type: DocumentType = DocumentType.UBL_INVOICE) -> InvoiceFacts:
-    return InvoiceFacts(doc_type, "INV-1", "2.1", tuple(supplier_ids), ("0088:4000002000005",), "", "", "2026-11-02")
+def facts(*supplier_ids: str, doc_type: DocumentType = DocumentType.UBL_INVOICE,
+          agents: tuple[tuple[str, str], ...] = ()) -> InvoiceFacts:
+    return InvoiceFacts(doc_type, "INV-1", "2.1", tuple(supplier_ids), ("0088:4000002000005",), "", "", "2026-11-02",
+                        agent_ids=agents)
 
 
 # --- identifying a peer ----------------------------------------------------------------------------
@@ -197,9 +209,98 @@ def test_an_identifier_of_another_partner_is_refused_even_beside_an_own_one(dire
     with pytest.raises(Forbidden) as caught:
         directory.authorize(acme, facts("0088:4000001000006", "0088:7300010000001"))
     exc = caught.value
-    assert (exc.code, exc.message) == ("SUPPLIER_NOT_AUTHORIZED", "the invoice's supplier identifiers belong to another trading partner")
-    assert [d.message for d in exc.details] == ["supplier identifier '0088:7300010000001' is registered to another partner"]
+    assert (exc.code, exc.message) == ("SUPPLIER_NOT_AUTHORIZED", "the invoice names identifiers that belong to another trading partner")
+    assert [d.as_json() for d in exc.details] == [{"message": "supplier identifier '0088:7300010000001' is registered to "
+                                                   "another partner", "path": "/*/cac:AccountingSupplierParty/cac:Party"}]
     assert "beta" not in repr(exc.as_json())  # the other partner is not named to the sender
+
+
+# beta's identifiers in every form a sender can write them (beta registered "0088:7300010000001" and the
+# VAT number "9925:0123456789"); each names beta, so acme may not send an invoice naming it.
+BETA_FORMS = ([(f"GLN {n}", identifier(*sv)) for n, sv in forms("0088", "7300010000001").items()]
+              + [("GLN under scheme GLN", "GLN:7300010000001"), ("GLN without a scheme", "7300010000001"),
+                 ("GLN, unknown scheme", "ZZZ:7300010000001"), ("GLN as a Peppol participant",
+                                                               "iso6523-actorid-upis::0088:7300010000001")]
+              + [(f"VAT {n}", identifier(*sv)) for n, sv in vat_forms("BE", "0123456789", "9925").items()])
+
+
+@pytest.fixture
+def with_vat(pki: dict[str, CertInfo], acme: Partner) -> PartnerDirectory:
+    beta = partner("beta", pki, client=("beta-client",), ids=("0088:7300010000001", "9925:0123456789"))
+    return PartnerDirectory.build([acme, beta], {})
+
+
+@pytest.mark.parametrize(("form", "written"), BETA_FORMS, ids=[f for f, _ in BETA_FORMS])
+@pytest.mark.parametrize("party", ["supplier", "payee", "tax representative", "seller"])
+def test_another_partners_identifier_in_any_form_and_any_party_is_refused(with_vat: PartnerDirectory, form: str,
+                                                                          written: str, party: str):
+    acme = with_vat.get("acme")
+    assert acme is not None
+    invoice = (facts("0088:4000001000006", written) if party == "supplier" else
+               facts("0088:4000001000006", agents=((party, written),)))
+    with pytest.raises(Forbidden) as caught:
+        with_vat.authorize(acme, invoice)
+    exc = caught.value
+    assert (exc.code, exc.http_status) == ("SUPPLIER_NOT_AUTHORIZED", 403)
+    [detail] = exc.details
+    assert detail.message.startswith(f"{party} identifier {written!r} ")  # what the sender wrote, as written
+    assert detail.path == PARTIES[DocumentType.UBL_INVOICE.syntax][party]
+    assert "beta" not in repr(exc.as_json())  # the other partner is never named to the sender
+
+
+def test_a_refusal_shows_the_form_it_compared(with_vat: PartnerDirectory):
+    acme = with_vat.get("acme")
+    assert acme is not None
+    with pytest.raises(Forbidden) as caught:
+        with_vat.authorize(acme, facts("0088:4000001000006", "BE 0123.456.789", "0088:730\u00a0001\u200b0000001",
+                                       "7300010000001"))
+    assert [d.message for d in caught.value.details] == [
+        "supplier identifier 'BE 0123.456.789' (compared as 'VAT:BE0123456789') is registered to another partner",
+        "supplier identifier '0088:730\\xa0001\\u200b0000001' (compared as '0088:7300010000001') is registered to "
+        "another partner",  # invisible characters are shown escaped
+        "supplier identifier '7300010000001' names no scheme this gateway knows, and its value is that of an identifier "
+        "registered to another partner; write the identifier's scheme (schemeID), or leave it out"]
+
+
+@pytest.mark.parametrize("own", ["DE123456789", "DE 123 456 789", "9930:123456789", "de123456789", "0088:4000-0010-00006",
+                                 "GLN:4000001000006", "０088:４０００００１０００００６"])
+def test_the_partners_own_identifier_binds_in_any_form(directory: PartnerDirectory, own: str):
+    acme = directory.get("acme")
+    assert acme is not None
+    directory.authorize(acme, facts(own))
+
+
+@pytest.mark.parametrize(("supplier", "agents"), [
+    (("0088:4000001000006", "0088:9999999999999", "NL999999999B01", "Godkänd för F-skatt"), ()),  # ids of no partner
+    (("DE123456789",), (("payee", "0088:9999999999999"), ("tax representative", "FR12345678901"))),  # a factor, a representative
+    (("DE123456789",), (("payee", "0088:4000001000006"), ("seller", "DE 123456789"))),  # itself
+])
+def test_the_supplier_party_may_name_identifiers_of_no_partner_beside_its_own(
+        directory: PartnerDirectory, supplier: tuple[str, ...], agents: tuple[tuple[str, str], ...]):
+    acme = directory.get("acme")
+    assert acme is not None
+    directory.authorize(acme, facts(*supplier, agents=agents))
+
+
+def test_a_payee_alone_does_not_bind(directory: PartnerDirectory):
+    """The parties acting for the seller are only checked against other partners: the partner's own
+    identifier must be in the supplier party."""
+    acme = directory.get("acme")
+    assert acme is not None
+    with pytest.raises(Forbidden) as caught:
+        directory.authorize(acme, facts("0088:9999999999999", agents=(("payee", "0088:4000001000006"),)))
+    assert caught.value.message == "none of the supplier identifiers in the invoice is registered for partner 'acme'"
+
+
+def test_cii_parties_are_named_by_their_cii_paths(with_vat: PartnerDirectory):
+    acme = with_vat.get("acme")
+    assert acme is not None
+    with pytest.raises(Forbidden) as caught:
+        with_vat.authorize(acme, facts("DE123456789", doc_type=DocumentType.CII_INVOICE,
+                                       agents=(("payee", "BE0123456789"), ("invoicer", "0088:7300010000001"))))
+    assert [d.path for d in caught.value.details] == [
+        "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction/ram:ApplicableHeaderTradeSettlement/ram:PayeeTradeParty",
+        "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction/ram:ApplicableHeaderTradeSettlement/ram:InvoicerTradeParty"]
 
 
 @pytest.mark.parametrize(("doc_type", "path"), [
@@ -251,8 +352,60 @@ def test_one_key_or_identifier_for_two_partners_stops_the_load(pki: dict[str, Ce
     assert caught.value.message == error
 
 
+@pytest.mark.parametrize(("again", "as_registered"), [
+    ("DE 123 456 789", "DE123456789"), ("9930:123456789", "DE123456789"), ("de123456789", "DE123456789"),
+    ("DE:VAT:DE123456789", "DE123456789"), ("GLN:4000001000006", "0088:4000001000006"),
+    ("0088:4000.0010.0000\u20116", "0088:4000001000006"),
+    ("4000001000006", "0088:4000001000006"),  # without a scheme: the value of acme's GLN
+    ("ZZZ:4000001000006", "0088:4000001000006"),
+])
+def test_one_identifier_in_another_form_for_two_partners_stops_the_load(pki: dict[str, CertInfo], acme: Partner,
+                                                                        again: str, as_registered: str):
+    other = partner("beta", pki, client=("beta-client",), ids=("0088:7300010000001", again))
+    with pytest.raises(ConfigError) as caught:
+        PartnerDirectory.build([acme, other], {})
+    assert caught.value.message == (f"partners[1].party_ids: {again!r} is already registered for partner 'acme' "
+                                    f"(as {as_registered!r})")
+
+
+def test_one_partner_may_register_one_identifier_in_two_forms(pki: dict[str, CertInfo]):
+    both = partner("acme", pki, client=("acme-client",), ids=("DE123456789", "9930:DE 123 456 789", "4000001000006",
+                                                              "0088:4000001000006"))
+    directory = PartnerDirectory.build([both], {})
+    assert directory.owners.owner("de123456789") == "acme"
+
+
 def test_the_directory_lists_every_partner_and_identifier(directory: PartnerDirectory, pki: dict[str, CertInfo]):
     assert [p.name for p in directory.partners] == ["acme", "beta"]
-    assert directory.owner_of_id == {"0088:4000001000006": "acme", "DE123456789": "acme", "0088:7300010000001": "beta"}
+    assert dict(directory.owners) == {"0088:4000001000006": "acme", "VAT:DE123456789": "acme", "0088:7300010000001": "beta"}
     assert {k: p.name for k, p in directory.by_spki.items()} == {
         pki["acme-client"].spki_sha256: "acme", pki["acme-client-new"].spki_sha256: "acme", pki["beta-client"].spki_sha256: "beta"}
+
+
+# --- hostile identifiers: only the gateway's own errors come out -------------------------------------------
+
+XML_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\ufffe\uffff",
+                                 max_codepoint=0x10FFFF).filter(lambda c: c in "\t\n\r" or ord(c) >= 0x20), max_size=40)
+PARTY = st.sampled_from(["payee", "tax representative", "seller", "invoicer"])
+
+
+def test_hostile_identifiers_raise_only_the_gateways_own_errors(with_vat: PartnerDirectory):
+    """Any identifier text, in any party, through the UBL reader and ``authorize``: a pass or a Forbidden,
+    never another exception (the fuzz contract, extended to the identifier checks)."""
+    acme = with_vat.get("acme")
+    assert acme is not None
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(XML_TEXT, max_size=4), st.lists(st.tuples(PARTY, XML_TEXT), max_size=3),
+           st.sampled_from(list(DocumentType)))
+    def run(ids: list[str], agents: list[tuple[str, str]], doc_type: DocumentType) -> None:
+        for invoice in (facts(*ids, doc_type=doc_type, agents=tuple(agents)),
+                        ubl.read_facts(etree.fromstring(naming("FUZZ-1", ids[0] if ids else "", agents[0][1] if agents
+                                                               else "x", "PartyLegalEntity")), DocumentType.UBL_INVOICE, "2.1")):
+            try:
+                with_vat.authorize(acme, invoice)
+            except Forbidden as exc:
+                assert exc.code in ("SUPPLIER_NOT_AUTHORIZED", "SUPPLIER_NOT_IDENTIFIED")
+                assert "beta" not in repr(exc.as_json())
+
+    run()

@@ -86,6 +86,16 @@ def test_facts_of_a_cii_invoice(corpus):
     assert facts.credit_note is False and facts.kind == "invoice"
 
 
+def test_facts_of_the_parties_acting_for_the_seller(corpus):
+    """BG-10 payee and BG-11 tax representative, read like the seller (tax registrations bare)."""
+    assert facts_of(INVOICE.read_bytes()).agent_ids == (
+        ("payee", "2298740918237"), ("payee", "989823401"), ("tax representative", "NO967611265MVA"))
+    doc = INVOICE.read_bytes().replace(b"<ram:PayeeTradeParty>", b"<ram:InvoicerTradeParty><ram:GlobalID schemeID=\"0088\">"
+                                       b"7300010000001</ram:GlobalID><ram:Name>Invoicer</ram:Name></ram:InvoicerTradeParty>"
+                                       b"<ram:PayeeTradeParty>", 1)
+    assert ("invoicer", "0088:7300010000001") in facts_of(doc).agent_ids
+
+
 def test_facts_tax_registrations_and_electronic_address(corpus):
     facts = facts_of((EXAMPLES / "CII_example5.xml").read_bytes())
     # VA and FC registrations of the same value are one identifier; URIUniversalCommunication keeps its scheme.
@@ -141,6 +151,24 @@ async def test_cii_from_a_partner_the_seller_is_not_registered_for(gateway, clie
     assert (status, body["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), body
     assert "belong to another trading partner" in body["message"]
     assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
+
+
+async def test_cii_naming_another_partner_as_tax_representative_is_refused_and_nothing_stored(gateway, client, seller):
+    """Issue 20, item 3: the tax representative's VAT number (NO967611265MVA) registered to another partner in
+    another form; the seller's own invoice names it, so it is refused, naming it as written."""
+    add_partner(gateway.inst, "nordic-rep", ["9909:967 611 265"])
+    assert gateway.gw.parts.partners.refresh()
+    status, body = await post(client(*seller), INVOICE.read_bytes())
+    assert (status, body["error"]) == (403, "SUPPLIER_NOT_AUTHORIZED"), body
+    assert body["details"] == [{
+        "message": "tax representative identifier 'NO967611265MVA' (compared as 'VAT:NO967611265') is registered to "
+                   "another partner",
+        "path": "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction/ram:ApplicableHeaderTradeAgreement/"
+                "ram:SellerTaxRepresentativeTradeParty"}]
+    assert "nordic-rep" not in json.dumps(body)  # the other partner is not named
+    assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
+    await deliver_all(gateway)
+    assert list(gateway.inst.delivery_folder.iterdir()) == []
 
 
 async def test_cii_breaking_the_xsd_is_schema_invalid(gateway, client, seller):

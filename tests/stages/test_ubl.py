@@ -2,7 +2,9 @@
 
 The module promises: the invoice number (BT-1, a typed rejection when it is missing), the supplier's
 and customer's identifiers as ``scheme:value`` (electronic address, party identification, tax and
-legal registrations: nothing else the party holds), distinct and in document order, the payee
+legal registrations: nothing else the party holds), distinct and in document order and as written
+(compared elsewhere by their keys, gateway/identifiers.py), the same of the parties acting for the
+seller (payee, tax representative, UBL's seller party), the payee
 accounts (BT-84, bare), the payable amount (BT-115) and its currency as written, the credit-note
 series for credit notes, every value read as an XPath string value so that a comment cannot
 truncate it (SECURITY-TESTS.md S-06).
@@ -85,13 +87,24 @@ def test_only_the_identifying_elements_of_a_party_count(corpus: Path):
     assert (got.payable_amount, got.currency) == ("729", "EUR")
 
 
-def test_parties_other_than_supplier_and_customer_are_not_read():
-    payee = ("<cac:PayeeParty><cac:PartyIdentification><cbc:ID schemeID=\"0088\">7300010000001</cbc:ID>"
-             "</cac:PartyIdentification><cac:PartyName><cbc:Name>Factor</cbc:Name></cac:PartyName></cac:PayeeParty>\n"
-             "  <cac:Delivery>")
-    got = facts(edited("<cac:Delivery>", payee))
+def test_parties_acting_for_the_seller_are_read_apart():
+    """The payee (BG-10), the tax representative (BG-11) and UBL's seller are never the supplier, but
+    gateway/partners/directory.py refuses them naming another partner: their identifiers are read too."""
+    others = ("<cac:PayeeParty><cac:PartyIdentification><cbc:ID schemeID=\"0088\">7300010000001</cbc:ID>"
+              "</cac:PartyIdentification><cac:PartyName><cbc:Name>Factor</cbc:Name></cac:PartyName>"
+              "<cac:PartyLegalEntity><cbc:RegistrationName>Factor</cbc:RegistrationName><cbc:CompanyID>NL 1234</cbc:CompanyID>"
+              "</cac:PartyLegalEntity></cac:PayeeParty>\n"
+              "<cac:SellerSupplierParty><cac:Party><cbc:EndpointID schemeID=\"9925\">0123456789</cbc:EndpointID>"
+              "</cac:Party></cac:SellerSupplierParty>\n"
+              "<cac:TaxRepresentativeParty><cac:PartyName><cbc:Name>Rep</cbc:Name></cac:PartyName><cac:PartyTaxScheme>"
+              "<cbc:CompanyID>FR 12 345678901</cbc:CompanyID><cac:TaxScheme><cbc:ID>VAT</cbc:ID></cac:TaxScheme>"
+              "</cac:PartyTaxScheme></cac:TaxRepresentativeParty>\n  <cac:Delivery>")
+    got = facts(edited("<cac:Delivery>", others))
     assert got.supplier_ids == ("0088:4000001000006", "DE123456789")
     assert "0088:7300010000001" not in got.customer_ids
+    assert got.agent_ids == (("payee", "0088:7300010000001"), ("payee", "NL 1234"), ("tax representative", "FR 12 345678901"),
+                             ("seller", "9925:0123456789"))
+    assert facts(SAMPLE).agent_ids == ()
 
 
 @pytest.mark.parametrize(("old", "new", "field", "expected"), [
@@ -123,6 +136,17 @@ def test_empty_identifiers_are_skipped():
     doc = edited('<cbc:EndpointID schemeID="0088">4000001000006</cbc:EndpointID>', '<cbc:EndpointID schemeID="0088"> </cbc:EndpointID>')
     doc = edited("<cbc:CompanyID>DE123456789</cbc:CompanyID>", "<cbc:CompanyID/>", doc)
     assert facts(doc).supplier_ids == ("0088:4000001000006",)  # only the party identification is left
+
+
+def test_an_identifier_of_invisible_characters_only_is_none():
+    doc = edited("<cbc:CompanyID>DE123456789</cbc:CompanyID>", "<cbc:CompanyID>\u200b\u00a0\ufeff\u2060</cbc:CompanyID>")
+    assert facts(doc).supplier_ids == ("0088:4000001000006",)
+
+
+def test_identifiers_are_kept_as_written():
+    """What the invoice wrote is what is stored and shown; gateway/identifiers.py compares it."""
+    doc = edited("<cbc:CompanyID>DE123456789</cbc:CompanyID>", "<cbc:CompanyID>DE\u00a0123.456\u200b789</cbc:CompanyID>")
+    assert facts(doc).supplier_ids == ("0088:4000001000006", "DE\u00a0123.456\u200b789")
 
 
 def test_the_currency_falls_back_to_the_document_currency():
