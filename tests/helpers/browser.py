@@ -80,7 +80,8 @@ class User:
         return pyotp.TOTP(self.secret).at(step * TOTP_STEP_S)
 
     async def fresh_code(self) -> str:
-        """A code of a step after the last one used, with MARGIN_S left in it (waits at most one step)."""
+        """A code of a step after the last one used: the current step's with MARGIN_S left in it, or the next
+        step's, which the gateway accepts too (one step of drift either side); waits at most one step."""
         deadline = time.time() + TOTP_STEP_S + MARGIN_S + 1
         while True:
             now = time.time()
@@ -89,6 +90,9 @@ class User:
             if step > self.last_step and left >= MARGIN_S:
                 self.last_step = step
                 return self.code_at(step)
+            if step + 1 > self.last_step:
+                self.last_step = step + 1
+                return self.code_at(step + 1)
             assert now < deadline, "no fresh TOTP step within one step (clock jump?)"
             await asyncio.sleep(min(left + 0.05, 1.0) if step > self.last_step else left + 0.05)
 

@@ -84,9 +84,9 @@ def app_with(routes: list[web.RouteDef], timeout_s: float = 5.0) -> web.Applicat
 
 
 @contextlib.asynccontextmanager
-async def listening(app: web.Application, ssl_context: object = None) -> AsyncIterator[int]:
-    """The app on 127.0.0.1, on a port of its own (returned)."""
-    runner = web.AppRunner(app)
+async def listening(app: web.Application, ssl_context: object = None, **handler: Any) -> AsyncIterator[int]:
+    """The app on 127.0.0.1, on a port of its own (returned); ``handler``: aiohttp's per-connection options."""
+    runner = web.AppRunner(app, **handler)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)  # type: ignore[arg-type]
@@ -228,23 +228,27 @@ async def test_a_body_that_does_not_arrive_in_time_is_408():
 
 
 async def trickle(port: int, declared: int, pieces: list[tuple[float, bytes]]) -> tuple[int, dict[str, Any]]:
-    """A POST to /rated declaring ``declared`` bytes whose body comes as (pause in s, bytes) pieces; its reply."""
+    """A POST to /rated declaring ``declared`` bytes whose body comes as (pause in s, bytes) pieces, until the
+    reply comes; the reply."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def reply() -> tuple[int, dict[str, Any]]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))
+        return int(head.split()[1]), json.loads(await reader.readexactly(length))
+
     try:
         writer.write(b"POST /rated HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/xml\r\n"
-                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % declared)
+                     b"Content-Length: %d\r\n\r\n" % declared)
+        answer = asyncio.ensure_future(reply())
         for pause, piece in pieces:
-            await asyncio.sleep(pause)
-            if reader.at_eof() or writer.is_closing():
+            await asyncio.wait([answer], timeout=pause)
+            if answer.done():
                 break
             writer.write(piece)
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        body = await asyncio.wait_for(reader.read(), 10)
+        return await asyncio.wait_for(answer, 10)
     finally:
         writer.close()
-    return int(head.split()[1]), json.loads(body)
 
 
 def rated_app(timeout_s: float, min_rate: int) -> web.Application:
@@ -256,7 +260,7 @@ def rated_app(timeout_s: float, min_rate: int) -> web.Application:
 async def test_a_body_slower_than_the_minimum_rate_is_408_once_it_falls_behind():
     """After timeout_s (1 s), what has arrived must keep up with min_rate (1,000 bytes/s) on average:
     2,000 bytes at once buy 2 s; then 100 bytes every 0.5 s fall behind at about 2.4 s."""
-    async with listening(rated_app(1.0, 1000)) as port:
+    async with listening(rated_app(1.0, 1000), lingering_time=0.1) as port:  # (not 10 s draining the rest at the end)
         status, reply = await trickle(port, 4000, [(0, b"x" * 2000)] + [(0.5, b"x" * 100)] * 8)
     assert (status, reply["error"]) == (408, "BODY_TIMEOUT"), reply
     assert reply["message"].startswith("the body arrived too slowly: 2")
