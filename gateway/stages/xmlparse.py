@@ -35,8 +35,8 @@ _XINCLUDE_TAGS = tuple(f"{{{ns}}}*" for ns in XINCLUDE_NAMESPACES)
 _COUNT = etree.XPath("count(//*)")
 _COUNT_ATTRIBUTES = etree.XPath("count(//@*)")
 
-# What libxml2 allocates per node on 64-bit Linux (lxml 6.0, libxml2 2.14; `python benchmarks/xml_memory.py`
-# measures it): an element, text, comment or PI node ~128 bytes; an attribute with its value ~240.
+# What tree_cost charges per node: libxml2 allocates less on 64-bit Linux (lxml 6.0, libxml2 2.14, measured by
+# `python benchmarks/xml_memory.py`: the estimate is 1.1 to 3.5 times what each shape of tree takes).
 NODE_BYTES = 128
 ATTRIBUTE_BYTES = 256
 TRIM_AFTER_BYTES = 8 * 1024 * 1024  # a body and tree this large leave free heap behind: trim once they are gone
