@@ -1,6 +1,7 @@
 """The README, the example configuration and CI must say what the code does."""
 
 import re
+import subprocess
 from pathlib import Path
 
 from gateway.operations.instance import PRODUCTION_EXAMPLE, render_config
@@ -49,3 +50,14 @@ def test_the_readme_maps_every_package_and_module():
     assert {"errors.py", "stages/", "storage/", "cli/"} <= here, "the listing is stale"
     assert sorted(here - mapped.keys()) == [], "in gateway/ but not in the README's package map"
     assert sorted(mapped.keys() - here) == [], "in the README's package map but not in gateway/"
+
+
+def test_the_quickstart_goes_on_without_npm(tmp_path):
+    """The quickstart's first step fetches htmx with npm; on a machine without npm it says what to install
+    and the demo still starts (the console works without live search)."""
+    (line,) = [ln for ln in README.splitlines() if ln.startswith("{ npm ci")]
+    first = line.split(" && ")[0]  # the npm step, up to the venv
+    done = subprocess.run(["/bin/sh", "-c", first], cwd=tmp_path, env={"PATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done
+    assert "no npm: the console runs without live search (apt install npm)" in done.stdout
