@@ -62,7 +62,10 @@ async def answer_errors(request: web.Request, handler: Callable[[web.Request], A
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return reply_for(HttpRefusal(exc.status, exc.reason))
+        response = reply_for(HttpRefusal(exc.status, exc.reason))
+        if "Allow" in exc.headers:  # RFC 9110 §15.5.6: a 405 names the methods the resource has
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

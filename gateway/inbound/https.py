@@ -3,6 +3,7 @@
     POST /v1/invoices            application/xml (or a Factur-X application/pdf) body
                                  → 202 {message_id, status: accepted|held, sha256, received_at, duplicate, rules}
     GET  /v1/invoices/{id}       status, for the partner that sent it; 404 for everyone else
+    GET  /v1/openapi.json        this API's OpenAPI 3.1 description (gateway/inbound/openapi.py)
 
 Every error is JSON ``{error, message, details[]}`` (``reply_for`` in gateway/inbound/http.py is the
 one place errors become replies).  The partner is identified before any body byte is read; a
@@ -26,6 +27,7 @@ from ..partners.book import PartnerBook
 from ..pipeline import Outcome, Pipeline
 from ..stages.revocation import Revocation, RevocationUnknown
 from ..storage.base import Store
+from . import openapi
 from .http import (
     ByteBudget,
     HttpRefusal,
@@ -69,6 +71,7 @@ class HttpsInbound:
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
         app.router.add_post("/v1/invoices", self.post_invoice)
         app.router.add_get("/v1/invoices/{message_id}", self.get_invoice)
+        app.router.add_get(openapi.PATH, openapi.serve(openapi.partner_document()))
         return app
 
     @web.middleware

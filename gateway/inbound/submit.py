@@ -3,6 +3,7 @@
     POST /v1/outbound            application/xml (or a Factur-X application/pdf) body
                                  → 202 {message_id, status, sha256, received_at, duplicate, rules}
     GET  /v1/outbound/{id}       status, with the recipient partner and each delivery attempt's state
+    GET  /v1/openapi.json        this API's OpenAPI 3.1 description (gateway/inbound/openapi.py)
 
 Separate from the partner listener: a Unix socket (access by file permissions), or TCP with mutual
 TLS where the ERP's client certificate must chain to ``outbound.client_ca`` and its key be one of
@@ -22,6 +23,7 @@ from ..errors import Forbidden, Rejected
 from ..model import stamp
 from ..pipeline import Pipeline
 from ..storage.base import Store
+from . import openapi
 from .http import (
     ByteBudget,
     HttpRefusal,
@@ -55,6 +57,7 @@ class SubmitInbound:
         app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._errors])
         app.router.add_post("/v1/outbound", self.post)
         app.router.add_get("/v1/outbound/{message_id}", self.get)
+        app.router.add_get(openapi.PATH, openapi.serve(openapi.outbound_document(mutual_tls=self.cfg.socket is None)))
         return app
 
     @web.middleware

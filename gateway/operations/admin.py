@@ -1,5 +1,5 @@
-"""The operators' listener: ``/healthz``, ``/readyz`` and Prometheus ``/metrics`` (and the web console
-under ``/console/``, gateway/console/app.py).
+"""The operators' listener: ``/healthz``, ``/readyz`` and Prometheus ``/metrics``, described at
+``/v1/openapi.json`` (and the web console under ``/console/``, gateway/console/app.py).
 
 Loopback by default and then unauthenticated (like any local metrics port).  Bound to another
 address it needs ``admin.token_file`` (configuration refuses otherwise) and is served over HTTPS
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from ..metrics import Gauge, Metrics
+from . import openapi
 
 READY_STORE_TIMEOUT_S = 2.0  # /readyz fails when the store does not answer a read in this time
 
@@ -32,6 +34,7 @@ class AdminInbound:
         self.executor = executor
         self.token = token
         self.started = time.monotonic()
+        self.document = json.dumps(openapi.admin_document(token=token is not None), indent=1).encode()
 
     def app(self, max_body: int = 1024) -> web.Application:
         """``max_body``: the largest request body read (the machine endpoints read none; the console's
@@ -40,6 +43,7 @@ class AdminInbound:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get(openapi.PATH, self.openapi_page)
         return app
 
     @web.middleware
@@ -77,3 +81,7 @@ class AdminInbound:
         text = await asyncio.get_running_loop().run_in_executor(self.executor, self.metrics.render, gauges)
         return web.Response(body=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
+
+    async def openapi_page(self, _request: web.Request) -> web.Response:
+        """The OpenAPI 3.1 description of these endpoints (gateway/operations/openapi.py)."""
+        return web.Response(body=self.document, content_type="application/json")

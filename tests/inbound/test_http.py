@@ -175,6 +175,7 @@ async def test_whatever_a_handler_raises_is_answered_as_json():
     assert answers["/raw"] == (413, {"error": "TOO_LARGE", "message": f"the body exceeds the limit of {LIMIT} bytes", "details": []})
     assert answers["/nowhere"] == (404, {"error": "NOT_FOUND", "message": "Not Found", "details": []})
     assert answers["/echo"] == (405, {"error": "METHOD_NOT_ALLOWED", "message": "Method Not Allowed", "details": []})
+    assert got["/echo"][1]["Allow"] == "POST"  # RFC 9110 §15.5.6: a 405 names the methods the resource has
     assert answers["/moved"][0] == 302 and got["/moved"][1]["Location"] == "/echo"  # not an error: passed on as it is
 
 
