@@ -12,10 +12,13 @@ from typing import Any
 from ..config.load import load
 from ..config.model import Config
 from ..errors import ConfigError
+from ..model import stamp
 from ..operations import audit as audit_mod
 from ..operations.audit import trusted_certificates, unsealed_limit
 from ..stages.signature import SigningKey
-from .common import opened, with_config
+from .common import count, opened, when, with_config, with_json
+from .errors import Refused, UsageError
+from .output import Column, listing, print_json
 
 
 def add_parsers(sub: Any) -> None:
@@ -23,18 +26,17 @@ def add_parsers(sub: Any) -> None:
     asub = a.add_subparsers(dest="action", required=True)
     av = with_config(asub.add_parser("verify", help="check the hash chain and the signed checkpoints"))
     av.add_argument("--file", help="verify an export (audit export) instead of the live log")
-    av.add_argument("--json", action="store_true")
+    with_json(av, "the report")
     ae = with_config(asub.add_parser("export", help="write a range of records (JSON lines) for an auditor"))
     ae.add_argument("--from-seq", type=int, help="first record (default: the first)")
     ae.add_argument("--to-seq", type=int, help="last record (default: the last)")
-    ae.add_argument("--since", help="records from this time (RFC 3339, UTC)")
-    ae.add_argument("--until", help="records before this time")
+    ae.add_argument("--since", type=stamp_of, help="records from this time on (YYYY-MM-DD or an RFC 3339 time, UTC)")
+    ae.add_argument("--until", type=stamp_of, help="records before this time")
     ae.add_argument("-o", "--output", required=True, help="file to write (refused if it exists)")
     with_config(asub.add_parser("checkpoint", help="sign the chain's head now (the daemon does it periodically)"))
     al = with_config(asub.add_parser("list", help="the newest records"))
-    al.add_argument("--limit", type=int, default=50)
-    al.add_argument("--json", action="store_true")
-
+    al.add_argument("--limit", type=count, default=50, help="how many (default 50)")
+    with_json(al)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,13 +48,20 @@ async def _audit(cfg: Config, args: argparse.Namespace) -> int:
         if args.action == "verify":
             trusted = trusted_certificates(cfg)
             if args.file:
-                header, records = read_export(Path(args.file), trusted)
+                header, records, seal_problem = read_export(Path(args.file), trusted)
+                if seal_problem is not None:  # changed after the console sealed it: a failed check, like a broken chain
+                    if args.json:
+                        print_json({"ok": False, "records": len(records),
+                                    "problem": {"seq": None, "kind": "seal", "message": seal_problem}})
+                    else:
+                        print(f"audit export FAILED (seal): {seal_problem}")
+                    return 1
                 report = audit_mod.verify(records, trusted, starts_at_genesis=header.get("first_seq") in (None, 1))
             else:
                 report = audit_mod.verify(await audit_mod.read_chain(store.audit), trusted,
                                           max_unsealed_s=unsealed_limit(cfg))
             if args.json:
-                print(json.dumps(report.as_dict(), indent=2))
+                print_json(report.as_dict())
             elif report.ok:
                 print(f"audit log OK: {report.records} record(s) {report.first_seq}…{report.last_seq}, "
                       f"{report.checkpoints} signed checkpoint(s)")
@@ -65,7 +74,7 @@ async def _audit(cfg: Config, args: argparse.Namespace) -> int:
         if args.action == "export":
             out = Path(args.output)
             if out.exists():
-                raise ConfigError(f"-o: {out} exists; choose a new file name (an export is never overwritten)")
+                raise Refused(f"-o: {out} exists; choose a new file name (an export is never overwritten)")
             records = await audit_mod.read_chain(store.audit, args.from_seq, args.to_seq, args.since, args.until)
             with open(out, "x", encoding="utf-8") as fh:
                 fh.write(audit_mod.export_text(records, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
@@ -79,29 +88,33 @@ async def _audit(cfg: Config, args: argparse.Namespace) -> int:
             print(f"checkpoint {seq} written" if seq else "the head is already a checkpoint")
             return 0
         rows = await store.audit.newest(args.limit)
-        if args.json:
-            print(json.dumps([r.as_json() | {"detail": json.loads(r.detail)} for r in rows], indent=2))
-        else:
-            for r in rows:
-                print(f"{r.seq}\t{r.at}\t{r.actor}\t{r.action}\t{r.partner or ''}\t{r.message_id or ''}")
-        return 0
+        return listing(rows, args.json, RECORDS, "the audit log is empty",
+                       lambda r: r.as_json() | {"detail": json.loads(r.detail)})
 
 
-def read_export(path: Path, trusted: list[Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The header and records of an export; a sealed one (from the console) must carry a valid seal."""
+RECORDS: list[Column[Any]] = [
+    ("seq", lambda r: r.seq), ("at", lambda r: r.at), ("actor", lambda r: r.actor), ("action", lambda r: r.action),
+    ("partner", lambda r: r.partner), ("message id", lambda r: r.message_id)]
+
+
+def stamp_of(text: str) -> str:
+    """An argparse type: ``when``, as the audit log writes times."""
+    return stamp(when(text))
+
+
+def read_export(path: Path, trusted: list[Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], str | None]:
+    """The header and records of an export, and what is wrong with its seal if it has one (from the console)."""
     try:
         data = path.read_bytes()
         lines = data.decode("utf-8").splitlines()
         header = json.loads(lines[0])
         records = [json.loads(line) for line in lines[1:] if line.strip()]
     except (OSError, UnicodeDecodeError, IndexError, ValueError) as exc:
-        raise ConfigError(f"--file: {path} is not an audit export ({exc})") from None
+        raise UsageError(f"--file: {path} is not an audit export ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != audit_mod.EXPORT_FORMAT:
-        raise ConfigError(f"--file: {path} does not start with an {audit_mod.EXPORT_FORMAT} header")
+        raise UsageError(f"--file: {path} does not start with an {audit_mod.EXPORT_FORMAT} header")
     if records and isinstance(records[-1], dict) and records[-1].get("format") == audit_mod.SEAL_FORMAT:
         seal = records.pop()
         body = data[:data.rstrip(b"\n").rfind(b"\n") + 1]
-        problem = audit_mod.check_seal(body, seal, trusted or [])
-        if problem is not None:
-            raise ConfigError(f"--file: {path}: {problem}")
-    return header, records
+        return header, records, audit_mod.check_seal(body, seal, trusted or [])
+    return header, records, None

@@ -11,6 +11,7 @@ from ..config.load import load
 from ..operations import backup as backup_mod
 from ..storage.factory import snapshots
 from .common import with_config
+from .errors import Refused, said_as
 from .keys import vault_of
 
 
@@ -20,10 +21,10 @@ def add_parsers(sub: Any) -> None:
     bc = with_config(bsub.add_parser("create", help="snapshot the index and the encrypted store (safe while running)"))
     bc.add_argument("dest", help="a new folder for the backup")
     bv = with_config(bsub.add_parser("verify", help="check a backup's manifest, hashes and integrity"))
-    bv.add_argument("src")
+    bv.add_argument("src", help="the backup's folder")
     bv.add_argument("--deep", action="store_true", help="also open every stored object with the configured keys")
     br = with_config(bsub.add_parser("restore", help="restore a backup into an empty state directory"))
-    br.add_argument("src")
+    br.add_argument("src", help="the backup's folder")
     br.add_argument("--state-dir", help="where to restore (default: instance.state_dir of the configuration)")
 
 
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     copies = snapshots(cfg)
     if args.action == "create":
-        manifest = backup_mod.create(copies, cfg.state_dir, Path(args.dest))
+        with said_as(Refused):
+            manifest = backup_mod.create(copies, cfg.state_dir, Path(args.dest))
         print(f"backup written to {args.dest}: {json.dumps(manifest.get('counts', {}))}; the master keys are not in it "
               f"(it needs {', '.join(manifest.get('key_ids', {})) or 'no key'})")
         return 0
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         print("backup OK" if not problems else f"backup FAILED: {len(problems)} problem(s)")
         return 0 if not problems else 1
     target = Path(args.state_dir) if args.state_dir else cfg.state_dir
-    backup_mod.restore(copies, Path(args.src), target)
+    with said_as(Refused):
+        backup_mod.restore(copies, Path(args.src), target)
     print(f"restored into {target}; start the gateway on it")
     return 0

@@ -1,21 +1,27 @@
-"""What every command group shares: the configuration option, the acting user, output, the store."""
+"""What every command group shares: the configuration option, the acting user, the store, option types.
+
+Who acts, for the audit log: the OS account the command runs as (``cli:erin``), from the password
+database by the effective uid — the kernel's word, which ``$USER`` is not (unset under cron, systemd
+and some shells, and anyone can set it).  Two claims may stand beside it, never instead of it:
+the account that ran sudo (``SUDO_USER``, when the password database knows it) and ``--by NAME`` (the
+person the operator acts for), e.g. ``cli:root (sudo erin; --by alice)``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+import pwd
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 from ..config.model import Config
 from ..storage.base import Store
 from ..storage.factory import open_store
 
 DEFAULT_CONFIG = os.environ.get("EINVOICE_GATEWAY_CONFIG", "/etc/einvoice-gateway/config.toml")
+NAME_MAX = 64  # characters of a --by name: a person or a ticket, not a paragraph
 
 
 def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,9 +29,60 @@ def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return sp
 
 
+def with_json(sp: argparse.ArgumentParser, what: str = "the rows") -> argparse.ArgumentParser:
+    sp.add_argument("--json", action="store_true", help=f"print {what} as JSON (for programs) instead of a table")
+    return sp
+
+
+# --- who acts -------------------------------------------------------------------------------------
+
+
 def current_user() -> str:
-    """Who runs the command, for the audit log: the user behind sudo, else the logged-in one."""
-    return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
+    """The OS account the command runs as (its effective uid), or ``uid:N`` for a uid without an entry."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name or f"uid:{uid}"
+    except KeyError:  # a container run with --user 12345
+        return f"uid:{uid}"
+
+
+def sudo_user() -> str | None:
+    """The account that ran sudo, as sudo said (``SUDO_USER``); only a name the password database knows."""
+    name = os.environ.get("SUDO_USER", "")
+    if not name or name == current_user():
+        return None
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return name
+
+
+def actor(by: str | None = None) -> str:
+    """Who acts, for the audit log: ``cli:<OS account>``, with the sudo user and ``--by`` beside it."""
+    claims = []
+    if (sudo := sudo_user()) is not None:
+        claims.append(f"sudo {sudo}")
+    if by:
+        claims.append(f"--by {by}")
+    return f"cli:{current_user()}" + (f" ({'; '.join(claims)})" if claims else "")
+
+
+def person(text: str) -> str:
+    """An argparse type: a name to record (``--by``), one printable line of at most NAME_MAX characters."""
+    name = text.strip()
+    if not name or len(name) > NAME_MAX or not name.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a name: 1 to {NAME_MAX} printable characters on one line")
+    return name
+
+
+def with_by(sp: argparse.ArgumentParser, what: str = "who you act for") -> argparse.ArgumentParser:
+    sp.add_argument("--by", type=person, metavar="NAME",
+                    help=f"{what}; recorded in the audit log beside your own account (cli:USER (--by NAME))")
+    return sp
+
+
+# --- the store, and option types -------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -47,25 +104,12 @@ def when(text: str) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
-def print_rows(rows: Sequence[Any], as_json: bool, line: Callable[[Any], str]) -> int:
-    """A listing: one JSON array (each row's ``as_json()``), or one tab-separated line per row."""
-    if as_json:
-        print(json.dumps([r.as_json() for r in rows], indent=2))
-    else:
-        for r in rows:
-            print(line(r))
-    return 0
-
-
-def print_one(found: Any | None, missing: str) -> int:
-    if found is None:
-        print(f"einvoice-gateway: {missing}", file=sys.stderr)
-        return 1
-    print(json.dumps(found.as_json(), indent=2))
-    return 0
-
-
-def refused(message: str) -> int:
-    """A refusal that is not a configuration problem: said on stderr, exit 1."""
-    print(f"einvoice-gateway: {message}", file=sys.stderr)
-    return 1
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--limit``)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n

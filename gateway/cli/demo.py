@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import ssl
@@ -87,70 +88,97 @@ async def _mail(inst: instance.Instance, port: int, body: bytes) -> str:
     return f"ACCEPTED (250 {reply})"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal was closed
+
+
 async def run(folder: Path | None, wait: bool, port: int) -> int:
+    """The demo; Ctrl-C, SIGTERM or SIGHUP, at any point, stops it and removes a throwaway instance."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    caught: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not caught:  # a second signal must not interrupt the cleanup the first one started
+            main.cancel()
+        caught.append(signum)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
     root = folder or Path(tempfile.mkdtemp(prefix="einvoice-gateway-demo-"))
-    if folder is None:
-        root.rmdir()
+    try:
+        if folder is None:
+            root.rmdir()
+        await _show(root, wait, port)
+    except asyncio.CancelledError:
+        if not caught:
+            raise
+        main.uncancel()
+    finally:
+        try:
+            if folder is None:
+                instance.remove(root)  # its keys with it: nothing of a throwaway instance outlives the demo
+                with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+                    print(f"\nStopped; removed {root}.")
+        finally:  # only now: a signal during the cleanup must not cut it short
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+    return 0
+
+
+async def _show(root: Path, wait: bool, port: int) -> None:
     inst = instance.init(root, port=_free_port("127.0.0.1", port))
     log_file = inst.root / "gateway.log"
-    log_stream = log_file.open("a", encoding="utf-8")
-    logs.configure("info", log_stream)
-    print(f"Demo instance (development PKI, throwaway): {inst.root}")
-    gw = Gateway(config_mod.load(inst.config))
-    await gw.start()
+    with log_file.open("a", encoding="utf-8") as log_stream:
+        logs.configure("info", log_stream)
+        print(f"Demo instance (development PKI, throwaway): {inst.root}")
+        gw = Gateway(config_mod.load(inst.config))
+        try:
+            await gw.start()
+            await _tour(inst, gw, log_file)
+            if wait:
+                print("\nServing until Ctrl-C.", flush=True)
+                await asyncio.Event().wait()  # until a signal cancels this task
+        finally:
+            await gw.stop()
+
+
+async def _tour(inst: instance.Instance, gw: Gateway, log_file: Path) -> None:
     url = f"https://127.0.0.1:{gw.port}"
     print(f"Gateway listening on {url} (mutual TLS); JSON logs go to {log_file}\n")
     ctx = client_context(inst.ca.cert, inst.demo_client.cert, inst.demo_client.key)
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
-            for label, body in samples():
-                status, reply = await _send(session, url, body)
-                if status == 202:
-                    done = await _wait_delivered(session, url, reply["message_id"])
-                    where = inst.delivery_folder / f"{reply['message_id']}.xml"
-                    print(f"- {label}: ACCEPTED ({status}) message_id={reply['message_id']}")
-                    print(f"    status {done.get('status')}; delivered to {where}")
-                else:
-                    print(f"- {label}: REJECTED ({status} {reply['error']}) {reply['message']}")
-                    for d in reply.get("details", [])[:3]:
-                        at = f"line {d['line']}: " if "line" in d else ""
-                        print(f"    {at}{d['message']}")
-        if gw.smtp_port:
-            by_mail = SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", b"DEMO-2026-0004</cbc:ID>")
-            print(f"- invoice by S/MIME e-mail (signed, then encrypted; SMTP with STARTTLS on port {gw.smtp_port}): "
-                  f"{await _mail(inst, gw.smtp_port, by_mail)}")
-        sample_path = inst.root / "sample-invoice.xml"
-        sample_path.write_bytes(SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", b"DEMO-2026-0100</cbc:ID>"))
-        if gw.admin_port and gw.console is not None:
-            print(f"\nAdmin console: http://localhost:{gw.admin_port}/console/ — user admin; its initial password is "
-                  f"written to {gw.console.bootstrap_file} at the first visit")
-        print("\nTry it by hand:")
-        print(f"  curl --cacert {inst.ca.cert} --cert {inst.demo_client.cert} --key {inst.demo_client.key} \\\n"
-              f"       -H 'Content-Type: application/xml' --data-binary @{sample_path} {url}/v1/invoices")
-        if wait:
-            print("\nServing until Ctrl-C.")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-    finally:
-        await gw.stop()
-        log_stream.close()
-        if folder is None:
-            instance.remove(inst.root)
-            print(f"\nStopped; removed {inst.root}.")
-    return 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
+        for label, body in samples():
+            status, reply = await _send(session, url, body)
+            if status == 202:
+                done = await _wait_delivered(session, url, reply["message_id"])
+                where = inst.delivery_folder / f"{reply['message_id']}.xml"
+                print(f"- {label}: ACCEPTED ({status}) message_id={reply['message_id']}")
+                print(f"    status {done.get('status')}; delivered to {where}")
+            else:
+                print(f"- {label}: REJECTED ({status} {reply['error']}) {reply['message']}")
+                for d in reply.get("details", [])[:3]:
+                    at = f"line {d['line']}: " if "line" in d else ""
+                    print(f"    {at}{d['message']}")
+    if gw.smtp_port:
+        by_mail = SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", b"DEMO-2026-0004</cbc:ID>")
+        print(f"- invoice by S/MIME e-mail (signed, then encrypted; SMTP with STARTTLS on port {gw.smtp_port}): "
+              f"{await _mail(inst, gw.smtp_port, by_mail)}")
+    sample_path = inst.root / "sample-invoice.xml"
+    sample_path.write_bytes(SAMPLE.replace(b"DEMO-2026-0001</cbc:ID>", b"DEMO-2026-0100</cbc:ID>"))
+    if gw.admin_port and gw.console is not None:
+        print(f"\nAdmin console: http://localhost:{gw.admin_port}/console/ — user admin; its initial password is "
+              f"written to {gw.console.bootstrap_file} at the first visit")
+    print("\nTry it by hand:")
+    print(f"  curl --cacert {inst.ca.cert} --cert {inst.demo_client.cert} --key {inst.demo_client.key} \\\n"
+          f"       -H 'Content-Type: application/xml' --data-binary @{sample_path} {url}/v1/invoices")
 
 
 def main(folder: str | None, wait: bool, port: int) -> int:
     try:
         return asyncio.run(run(Path(folder) if folder else None, wait, port))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before run() took the signals over: nothing made yet
         return 0
     except (OSError, ssl.SSLError, aiohttp.ClientError, aiosmtplib.SMTPException) as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
+        print(f"einvoice-gateway: failed: demo: {exc}", file=sys.stderr)
         return 1
-
-

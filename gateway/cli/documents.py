@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,23 +14,26 @@ from lxml import etree
 from ..config.load import load
 from ..config.model import DEFAULT_XML_LIMITS
 from ..config.reader import check_secret_file
-from ..errors import ConfigError, GatewayError
-from ..stages.signature import NS, SigningKey, sign, trusted, verify
+from ..errors import ConfigError, GatewayError, Rejected
+from ..stages.signature import NS, SigningKey, find_signatures, sign, trusted, verify
 from ..stages.xmlparse import XmlParser
 from ..tls import inspect_certificate
-from .common import with_config
+from .common import with_config, with_json
+from .errors import Refused, UsageError, said_as
+from .output import record
 
 
 def add_parsers(sub: Any) -> None:
     sg = with_config(sub.add_parser("sign", help="add the gateway's XAdES-BES signature to an invoice"))
-    sg.add_argument("input")
-    sg.add_argument("output")
+    sg.add_argument("input", help="the invoice to sign (UBL or CII XML; refused if it is signed already)")
+    sg.add_argument("output", help="where to write the signed invoice")
     sg.add_argument("--cert", help="signing certificate (default: [signing] of the configuration)")
     sg.add_argument("--key", help="signing key (default: [signing] of the configuration)")
     vf = sub.add_parser("verify", help="verify the XML signature of an invoice")
-    vf.add_argument("file")
+    vf.add_argument("file", help="the signed invoice")
     vf.add_argument("--cert", action="append", default=[],
                     help="trusted signing certificate (PEM); without one, only integrity is checked against the embedded certificate")
+    with_json(vf, "the result")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,9 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
+    if bool(args.cert) != bool(args.key):
+        raise UsageError("--cert and --key go together (or give neither: the configuration's [signing] key signs)")
     if args.cert and args.key:
         cert_path, key_path = Path(args.cert), Path(args.key)
-        check_secret_file(key_path, "--key")
+        with said_as(UsageError):
+            check_secret_file(key_path, "--key")
     else:
         cfg = load(args.config)
         if cfg.signing is None:
@@ -50,8 +55,20 @@ def _sign(args: argparse.Namespace) -> int:
     try:
         signer = SigningKey.load(cert_path.read_bytes(), key_path.read_bytes())
     except (OSError, ValueError) as exc:
+        if args.cert and args.key:
+            raise UsageError(f"--cert/--key: {exc}") from None
         raise ConfigError(f"signing: {exc}") from None
-    root = XmlParser(DEFAULT_XML_LIMITS).parse(Path(args.input).read_bytes()).root
+    try:
+        document = Path(args.input).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{args.input}: cannot read it ({exc.strerror})") from None
+    try:
+        root = XmlParser(DEFAULT_XML_LIMITS).parse(document).root
+    except Rejected as exc:
+        raise Refused(f"{args.input}: {exc.message}") from None
+    if find_signatures(root):  # a document with two would fail verify(): exactly one ds:Signature is allowed
+        raise Refused(f"{args.input} is signed already; sign the unsigned original "
+                      f"(einvoice-gateway verify {args.input} checks the signature it has)")
     sign(root, signer)
     Path(args.output).write_bytes(etree.tostring(root.getroottree(), xml_declaration=True, encoding="UTF-8"))
     print(f"signed {args.input} → {args.output} ({signer.method.name}, signer {signer.cert.subject.rfc4514_string()})")
@@ -76,7 +93,7 @@ def _verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"{args.file}: INVALID: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"file": args.file, "valid": True, "signer_pinned": bool(args.cert), **info.as_json()}, indent=2))
+    record({"file": args.file, "valid": True, "signer_pinned": bool(args.cert), **info.as_json()}, args.json)
     if not args.cert:
         print("note: integrity only; the signer was taken from the document itself, not pinned (use --cert)", file=sys.stderr)
     return 0

@@ -19,7 +19,9 @@ from ..operations.audit import record
 from ..storage.base import Store
 from ..storage.records import Resealed
 from ..vault import Vault, read_key_file, write_key_file
-from .common import current_user, opened, with_config
+from .common import actor, opened, with_by, with_config, with_json
+from .errors import NotFound, Refused
+from .output import Column, listing
 
 REWRAP_BATCH = 200  # objects re-sealed per transaction: the daemon's writes wait at most one batch
 
@@ -27,7 +29,7 @@ REWRAP_BATCH = 200  # objects re-sealed per transaction: the daemon's writes wai
 def add_parsers(sub: Any) -> None:
     k = sub.add_parser("keys", help="master keys: list, rotate, rewrap stored objects, retire")
     ksub = k.add_subparsers(dest="action", required=True)
-    with_config(ksub.add_parser("list", help="key ids, creation dates and how many stored objects each protects"))
+    with_json(with_config(ksub.add_parser("list", help="key ids, creation dates and how many stored objects each protects")))
     with_config(ksub.add_parser("rotate", help="write a new master key, current for new invoices after a reload"))
     rw = with_config(ksub.add_parser("rewrap", help="re-seal objects stored under older keys with the current key "
                                      "(safe while the daemon runs)"))
@@ -35,10 +37,9 @@ def add_parsers(sub: Any) -> None:
     rw.add_argument("--daemon-stopped", action="store_true",
                     help="the gateway is not running: do not require it to seal with the current key already")
     rt = with_config(ksub.add_parser("retire", help="stop loading a key that no stored object needs any more"))
-    rt.add_argument("key_id")
-    for sp in ksub.choices.values():
-        sp.add_argument("--by", help="who does it (recorded in the audit log; default: the current user)")
-
+    rt.add_argument("key_id", help="the key's id (keys list shows them)")
+    for action in ("rotate", "rewrap", "retire"):
+        with_by(ksub.choices[action])
 
 
 def vault_of(cfg: Config) -> Vault:
@@ -51,25 +52,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _record(cfg: Config, store: Store, args: argparse.Namespace, action: str, detail: dict[str, Any]) -> None:
-    await record(cfg, store.audit, args.by or current_user(), action, None, detail)
+    await record(cfg, store.audit, actor(args.by), action, None, detail)
 
 
 async def _keys(cfg: Config, vault: Vault, args: argparse.Namespace) -> int:
     async with opened(cfg) as store:
         usage = await store.keys.usage()
         if args.action == "list":
-            files = {read_key_file(p, "vault.keys").key_id: p for p in cfg.vault.keys}
-            for kid in sorted(vault.key_ids, key=vault.created):
-                mark = "current" if kid == vault.current else ""
-                print(f"{kid}\t{vault.created(kid) or '-'}\t{usage.get(kid, 0)} object(s)\t{mark}\t{files.get(kid, '')}".rstrip())
-            for kid in sorted(set(usage) - set(vault.key_ids)):
-                print(f"{kid}\t-\t{usage[kid]} object(s)\tMISSING: no configured key file holds this key")
-            return 0
+            return listing(_listed(cfg, vault, usage), args.json, KEYS, "no master keys", dict)
         if args.action == "rotate":
             return await _rotate(cfg, store, args)
         if args.action == "rewrap":
             return await _rewrap(cfg, vault, store, args, usage)
         return await _retire(cfg, vault, store, args, usage)
+
+
+KEYS: list[Column[dict[str, Any]]] = [
+    ("key id", lambda k: k["key_id"]), ("created", lambda k: k["created"]), ("objects", lambda k: k["objects"]),
+    ("state", lambda k: "MISSING: no configured key file holds this key" if k["missing"] else
+     "current" if k["current"] else ""), ("file", lambda k: k["file"])]
+
+
+def _listed(cfg: Config, vault: Vault, usage: dict[str, int]) -> list[dict[str, Any]]:
+    """The configured keys, oldest first, then any key stored objects need that no configured file holds."""
+    files = {read_key_file(p, "vault.keys").key_id: p for p in cfg.vault.keys}
+    keys = [{"key_id": kid, "created": vault.created(kid), "objects": usage.get(kid, 0), "current": kid == vault.current,
+             "missing": False, "file": str(files[kid]) if kid in files else None}
+            for kid in sorted(vault.key_ids, key=vault.created)]
+    return keys + [{"key_id": kid, "created": None, "objects": usage[kid], "current": False, "missing": True, "file": None}
+                   for kid in sorted(set(usage) - set(vault.key_ids))]
 
 
 async def _rotate(cfg: Config, store: Store, args: argparse.Namespace) -> int:
@@ -94,11 +105,11 @@ async def _rewrap(cfg: Config, vault: Vault, store: Store, args: argparse.Namesp
     old = [k for k in (args.key or usage) if k != vault.current]
     missing = [k for k in old if k not in vault.key_ids]
     if missing:
-        raise ConfigError(f"--key: no configured key file holds key {missing[0]!r}")
+        raise NotFound(f"--key: no configured key file holds key {missing[0]!r}")
     sealing = await store.keys.sealing_key()
     if sealing not in (None, vault.current) and not args.daemon_stopped:
         # Objects re-sealed under a key the daemon has not loaded yet could not be delivered.
-        raise ConfigError(f"keys rewrap: the running gateway still seals with {sealing}, not the current key "
+        raise Refused(f"keys rewrap: the running gateway still seals with {sealing}, not the current key "
                           f"{vault.current}; reload it first (systemctl reload einvoice-gateway, or SIGHUP; under systemd "
                           "credentials, restart), or pass --daemon-stopped if it is not running")
     done = 0
@@ -130,14 +141,14 @@ async def _rewrap(cfg: Config, vault: Vault, store: Store, args: argparse.Namesp
 async def _retire(cfg: Config, vault: Vault, store: Store, args: argparse.Namespace, usage: dict[str, int]) -> int:
     kid = args.key_id
     if kid not in vault.key_ids:
-        raise ConfigError(f"keys retire: no configured key has the id {kid!r}")
+        raise NotFound(f"keys retire: no configured key has the id {kid!r} (see: einvoice-gateway keys list)")
     if kid == vault.current:
-        raise ConfigError(f"keys retire: {kid} is the current key; rotate first")
+        raise Refused(f"keys retire: {kid} is the current key; rotate first")
     if usage.get(kid):
-        raise ConfigError(f"keys retire: {usage[kid]} stored object(s) still need {kid}; run `keys rewrap` first")
+        raise Refused(f"keys retire: {usage[kid]} stored object(s) still need {kid}; run `keys rewrap` first")
     path = next(p for p in cfg.vault.keys if read_key_file(p, "vault.keys").key_id == kid)
     if cfg.vault.folder is None or path.parent != cfg.vault.folder:
-        raise ConfigError(f"keys retire: {path} is listed by name in vault.keys; remove it from the list yourself")
+        raise Refused(f"keys retire: {path} is listed by name in vault.keys; remove it from the list yourself")
     retired = path.with_suffix(".retired")
     path.rename(retired)
     await _record(cfg, store, args, "keys.retired", {"key_id": kid})

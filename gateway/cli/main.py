@@ -8,27 +8,34 @@
     einvoice-gateway partners edit NAME [--client-cert PEM …] [--signing-cert PEM …] [--smime-cert PEM …] [--remove-cert SPKI …]
                                    [--party-id ID …] [--remove-party-id ID …] [--email ADDR …] [--signature-policy P]
                                    [--active-from DATE] [--retire-cert SPKI … --retire-at DATE] -c CONFIG
-    einvoice-gateway partners list|show NAME|suspend NAME|resume NAME|remove NAME -c CONFIG
+    einvoice-gateway partners list [--json] | show NAME [--json] | check [--json] -c CONFIG
+    einvoice-gateway partners suspend NAME|resume NAME|remove NAME -c CONFIG
     einvoice-gateway partners activate NAME --fingerprint SHA256 [--fingerprint …] -c CONFIG
         (add and edit also take [--rules PACK[,PACK…] | --no-rules] [--amount-ceiling CUR:AMOUNT …] [--endpoint URL|mailto:ADDR]
          [--smime-signed-only])
-    einvoice-gateway quarantine list [--all] [--partner P] [--json] | show ID | release ID --reason R [--to DEST …]
+    einvoice-gateway quarantine list [--all] [--partner P] [--json] | show ID [--json] | release ID --reason R [--to DEST …]
                                 | reject ID --reason R
-    einvoice-gateway messages list [--partner P] [--status S] [--direction in|out] [--since T] [--until T] [--json]
-                              | show ID | retry ID [--destination D] | requeue ID --reason R [--destination D]
-    einvoice-gateway dead-letters [--partner P] [--destination D] [--since T] [--until T] [--json]
+    einvoice-gateway messages list [--partner P] [--status S] [--direction in|out] [--since T] [--until T] [--limit N] [--json]
+                              | show ID [--json] | retry ID [--destination D] | requeue ID --reason R [--destination D]
+    einvoice-gateway dead-letters [--partner P] [--destination D] [--since T] [--until T] [--limit N] [--json]
     einvoice-gateway sign IN OUT [-c CONFIG | --cert PEM --key PEM]
-    einvoice-gateway verify FILE [--cert PEM …]
-    einvoice-gateway demo [--dir DIR] [--no-wait]
-    einvoice-gateway partners check -c CONFIG
-    einvoice-gateway keys list|rotate|rewrap [--key ID]|retire ID -c CONFIG
-    einvoice-gateway audit verify [--file EXPORT] | export -o FILE [--from-seq N] [--to-seq N] | checkpoint | list
+    einvoice-gateway verify FILE [--cert PEM …] [--json]
+    einvoice-gateway demo [--dir DIR] [--port N] [--no-wait]
+    einvoice-gateway keys list [--json] | rotate | rewrap [--key ID] | retire ID -c CONFIG
+    einvoice-gateway audit verify [--file EXPORT] [--json] | export -o FILE [--from-seq N] [--to-seq N] | checkpoint
+                           | list [--limit N] [--json]
+    einvoice-gateway users add NAME --role R … | list [--json] | disable|enable|reset-mfa|unlock|reset-password NAME
     einvoice-gateway backup create DIR | verify DIR [--deep] | restore DIR [--state-dir DIR]
 
 Each command group lives in its own module of this package; this one only parses and dispatches.
+Every listing and ``show`` prints a table (or labelled lines) for people and, with ``--json``, JSON
+(gateway/cli/output.py).  Every command that changes something takes ``--by NAME``, recorded beside the
+OS account that runs it (gateway/cli/common.py).
 
-Exit codes: 0 success, 1 runtime failure (or, for verify, an invalid signature), 2 usage or configuration
-error (the message names the key).
+Exit codes (gateway/cli/errors.py): 0 done; 1 the command ran and reports a problem (a check that found
+one, or ``failed: …``: a file or the store could not be read or written); 2 what was asked cannot be
+done as asked (argparse's usage errors, ``usage error: …``, ``configuration error: KEY: …``,
+``not found: …``, ``refused: …``).
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ import argparse
 import sys
 
 from .. import __version__
-from ..errors import ConfigError
+from ..errors import GatewayError
 from . import audit, backup, documents, keys, messages, partners, serve, users
+from .errors import CommandError, said
 
 GROUPS = {"init": serve, "serve": serve, "check-config": serve, "demo": serve, "partners": partners,
           "quarantine": messages, "messages": messages, "dead-letters": messages, "sign": documents,
@@ -58,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(GROUPS[args.command].run(args))
-    except ConfigError as exc:
-        print(f"einvoice-gateway: configuration error: {exc.message}", file=sys.stderr)
-        return 2
+    except (CommandError, GatewayError, OSError) as exc:
+        return said(exc)
 
 
 if __name__ == "__main__":

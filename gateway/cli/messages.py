@@ -12,11 +12,16 @@ from typing import Any
 
 from ..config.load import load
 from ..config.model import Config
-from ..errors import ConfigError
 from ..model import DocumentType, InvoiceFacts, stamp
+from ..partners.book import load_directory
 from ..stages.routing import Router
-from ..storage.base import NotHeld, Store
-from .common import current_user, opened, print_one, print_rows, refused, when, with_config
+from ..storage.base import Store
+from ..storage.records import SUMMARIES, DeadLetter, MessageSummary, QuarantineEntry
+from .common import actor, count, opened, when, with_by, with_config, with_json
+from .errors import NotFound
+from .output import Column, listing, record
+
+STATUSES = (*SUMMARIES, "pending", "dead")  # a message's status, or the state of one of its deliveries
 
 
 def add_parsers(sub: Any) -> None:
@@ -24,15 +29,16 @@ def add_parsers(sub: Any) -> None:
     qsub = q.add_subparsers(dest="action", required=True)
     ql = with_config(qsub.add_parser("list", help="list held invoices (or every decision with --all)"))
     ql.add_argument("--all", action="store_true", help="include released and rejected ones")
-    ql.add_argument("--partner")
-    ql.add_argument("--json", action="store_true")
+    ql.add_argument("--partner", help="only this partner's")
+    with_json(ql)
     qs = with_config(qsub.add_parser("show", help="one held invoice, with the seller's account history beside it"))
-    qs.add_argument("message_id")
+    qs.add_argument("message_id", help="the message id (quarantine list shows them)")
+    with_json(qs, "it")
     for action, what in (("release", "deliver it"), ("reject", "never deliver it")):
         qd = with_config(qsub.add_parser(action, help=f"decide a held invoice: {what}"))
-        qd.add_argument("message_id")
+        qd.add_argument("message_id", help="the held message's id")
         qd.add_argument("--reason", required=True, help="why (recorded in the audit log with who decided)")
-        qd.add_argument("--by", help="who decides (default: the current user)")
+        with_by(qd, "who decides, if not you")
         if action == "release":
             qd.add_argument("--to", action="append", default=[], metavar="DESTINATION",
                             help="where to deliver it (default: what the routing rules say now)")
@@ -41,29 +47,31 @@ def add_parsers(sub: Any) -> None:
     msub = m.add_subparsers(dest="action", required=True)
     ml = with_config(msub.add_parser("list", help="newest first"))
     filters(ml)
-    ml.add_argument("--status", help="accepted, held, delivered, dead-letter, rejected, or a delivery state (pending, dead)")
+    ml.add_argument("--status", type=str.lower, choices=STATUSES, metavar="STATUS",
+                    help=f"only messages in this status, or with a delivery in this state: {', '.join(STATUSES)} "
+                         "(any case)")
     ml.add_argument("--direction", choices=("in", "out"), help="in: from partners; out: submitted for sending")
     ms = with_config(msub.add_parser("show", help="one message: facts, deliveries and history (never its content)"))
-    ms.add_argument("message_id")
+    ms.add_argument("message_id", help="the message id (messages list shows them)")
+    with_json(ms, "it")
     for action, what in (("retry", "attempt its waiting deliveries now"),
                          ("requeue", "put its dead-lettered deliveries back in the queue, with a new retry horizon")):
         mr = with_config(msub.add_parser(action, help=what))
-        mr.add_argument("message_id")
+        mr.add_argument("message_id", help="the message id")
         mr.add_argument("--destination", help="only this destination")
         mr.add_argument("--reason", required=action == "requeue", default="", help="why (recorded in the audit log)")
-        mr.add_argument("--by", help="who asks (default: the current user)")
+        with_by(mr, "who asks, if not you")
     dl = with_config(sub.add_parser("dead-letters", help="deliveries given up on, newest first, with the reason"))
     filters(dl)
-    dl.add_argument("--destination")
+    dl.add_argument("--destination", help="only deliveries to this destination")
 
 
 def filters(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--partner")
+    sp.add_argument("--partner", help="only this partner's (the recipient's, for messages sent out)")
     sp.add_argument("--since", type=when, help="from this time on (YYYY-MM-DD or an RFC 3339 time, UTC)")
     sp.add_argument("--until", type=when, help="before this time")
-    sp.add_argument("--limit", type=int, default=100)
-    sp.add_argument("--json", action="store_true")
-
+    sp.add_argument("--limit", type=count, default=100, help="at most this many, newest first (default 100)")
+    with_json(sp)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,26 +81,60 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_messages(cfg, args))
 
 
+async def known_partner(cfg: Config, store: Store, name: str | None) -> str | None:
+    """``--partner``: a registered partner (its name in any case), or one removed since whose messages are
+    stored; else not found."""
+    if name is None:
+        return None
+    names = [p.name for p in load_directory(cfg.partners_file).partners]
+    folded = [n for n in names if n.casefold() == name.casefold()]
+    if name in names or await store.reports.messages(partner=name, limit=1):
+        return name
+    if len(folded) == 1:
+        return folded[0]
+    raise NotFound(f"--partner: no partner named {name!r} (see: einvoice-gateway partners list)")
+
+
+async def known_destination(cfg: Config, store: Store, name: str | None, option: str = "--destination") -> str | None:
+    """A configured destination, or one removed since that dead letters still name; else not found."""
+    configured = [d.name for d in cfg.destinations]
+    if name is None or name in configured or await store.reports.dead_letters(destination=name, limit=1):
+        return name
+    raise NotFound(f"{option}: no destination named {name!r} (configured: {', '.join(configured) or 'none'})")
+
+
+QUARANTINE: list[Column[QuarantineEntry]] = [
+    ("message id", lambda e: e.message_id), ("state", lambda e: e.state), ("partner", lambda e: e.partner),
+    ("invoice", lambda e: e.invoice_number), ("issued", lambda e: e.issue_date),
+    ("amount", lambda e: f"{e.payable_amount} {e.currency}"), ("reasons", lambda e: "; ".join(e.reasons))]
+MESSAGES: list[Column[MessageSummary]] = [
+    ("message id", lambda r: r.message_id), ("dir", lambda r: r.direction), ("received", lambda r: r.received_at),
+    ("partner", lambda r: r.partner), ("status", lambda r: r.status), ("type", lambda r: r.document_type),
+    ("invoice", lambda r: r.invoice_number), ("amount", lambda r: f"{r.payable_amount} {r.currency}")]
+DEAD_LETTERS: list[Column[DeadLetter]] = [
+    ("message id", lambda r: r.message_id), ("destination", lambda r: r.destination), ("partner", lambda r: r.partner),
+    ("invoice", lambda r: r.invoice_number), ("dead since", lambda r: r.dead_at), ("attempts", lambda r: r.attempts),
+    ("error", lambda r: r.error)]
+
+
 async def _quarantine(cfg: Config, args: argparse.Namespace) -> int:
     async with opened(cfg) as store:
         if args.action == "list":
-            return print_rows(await store.quarantine.held(None if args.all else "held", args.partner), args.json, lambda e: (
-                f"{e.message_id}\t{e.state}\t{e.partner}\t{e.invoice_number}\t{e.issue_date}\t"
-                f"{e.payable_amount} {e.currency}\t{'; '.join(e.reasons)}"))
+            partner = await known_partner(cfg, store, args.partner)
+            return listing(await store.quarantine.held(None if args.all else "held", partner), args.json, QUARANTINE,
+                           "no invoices are held" if not args.all else "no invoice was ever held")
         if args.action == "show":
-            return print_one(await store.quarantine.entry(args.message_id), f"no quarantined message {args.message_id}")
+            found = await store.quarantine.entry(args.message_id)
+            if found is None:
+                raise NotFound(f"no quarantined message {args.message_id}")
+            return record(found.as_json(), args.json)
         release = args.action == "release"
         to = tuple(args.to) if release else ()
-        unknown = [d for d in to if d not in {x.name for x in cfg.destinations}]
-        if unknown:
-            raise ConfigError(f"--to: no destination named {unknown[0]!r} (configured: "
-                              f"{', '.join(d.name for d in cfg.destinations)})")
+        for d in to:
+            await known_destination(cfg, store, d, "--to")
         if release and not to:  # held before routing found a destination: route it with today's rules
             to = await _route_again(cfg, store, args.message_id)
-        try:
-            decided = await store.quarantine.decide(args.message_id, release, args.by or current_user(), args.reason, to)
-        except NotHeld as exc:
-            return refused(exc.message)
+        decided = await store.quarantine.decide(args.message_id, release, actor(args.by), args.reason, to)
         print(f"message {decided.message_id} {decided.state} by {decided.decided_by}"
               + ("; the running gateway delivers it within seconds" if decided.state == "released" else ""))
         return 0
@@ -112,26 +154,23 @@ async def _route_again(cfg: Config, store: Store, message_id: str) -> tuple[str,
 async def _messages(cfg: Config, args: argparse.Namespace) -> int:
     async with opened(cfg) as store:
         if args.command == "dead-letters":
-            rows = await store.reports.dead_letters(partner=args.partner, destination=args.destination,
+            rows = await store.reports.dead_letters(partner=await known_partner(cfg, store, args.partner),
+                                                    destination=await known_destination(cfg, store, args.destination),
                                                     since=args.since.timestamp() if args.since else None,
                                                     until=args.until.timestamp() if args.until else None, limit=args.limit)
-            return print_rows(rows, args.json, lambda r: (
-                f"{r.message_id}\t{r.destination}\t{r.partner}\t{r.invoice_number}\t"
-                f"dead since {r.dead_at}\tattempts {r.attempts}\t{r.error}"))
+            return listing(rows, args.json, DEAD_LETTERS, "no dead letters")
         if args.action == "list":
-            found = await store.reports.messages(direction=args.direction, partner=args.partner, status=args.status,
-                                                 since=stamp(args.since) if args.since else None,
+            found = await store.reports.messages(direction=args.direction, partner=await known_partner(cfg, store, args.partner),
+                                                 status=args.status, since=stamp(args.since) if args.since else None,
                                                  until=stamp(args.until) if args.until else None, limit=args.limit)
-            return print_rows(found, args.json, lambda r: (
-                f"{r.message_id}\t{r.direction}\t{r.received_at}\t{r.partner}\t{r.status}\t"
-                f"{r.document_type}\t{r.invoice_number}\t{r.payable_amount} {r.currency}"))
+            return listing(found, args.json, MESSAGES, "no messages")
         if args.action == "show":
-            return print_one(await store.reports.message(args.message_id), f"no message {args.message_id}")
-        try:
-            done = await store.outbox.retry(args.message_id, args.destination, args.by or current_user(),
-                                            requeue=args.action == "requeue", reason=args.reason)
-        except NotHeld as exc:
-            return refused(exc.message)
+            shown = await store.reports.message(args.message_id)
+            if shown is None:
+                raise NotFound(f"no message {args.message_id}")
+            return record(shown.as_json(), args.json)
+        done = await store.outbox.retry(args.message_id, args.destination, actor(args.by),
+                                        requeue=args.action == "requeue", reason=args.reason)
         print(f"message {args.message_id}: {'requeued' if args.action == 'requeue' else 'due now'} for "
               f"{', '.join(done)}; the running gateway attempts it within a second")
         return 0

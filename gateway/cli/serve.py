@@ -18,21 +18,21 @@ from .common import with_config
 
 def add_parsers(sub: Any) -> None:
     i = sub.add_parser("init", help="create a working instance with a development PKI and a demo partner")
-    i.add_argument("dir")
-    i.add_argument("--host", default="127.0.0.1")
-    i.add_argument("--port", type=int, default=8443)
+    i.add_argument("dir", help="a new (or empty) folder for the instance")
+    i.add_argument("--host", default="127.0.0.1", help="address the partner listener binds to (default 127.0.0.1)")
+    i.add_argument("--port", type=int, default=8443, help="partner listener port (default 8443; the SMTP port is this + 3)")
     i.add_argument("--json", action="store_true", help="print the paths and addresses as one JSON object")
-    sv = with_config(sub.add_parser("serve", help="run the gateway in the foreground"))
+    sv = with_config(sub.add_parser("serve", help="run the gateway in the foreground (SIGTERM/SIGINT stop it, SIGHUP reloads)"))
     sv.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its children
     sv.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     sv.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
     sv.add_argument("--smtp-fd", type=int, help=argparse.SUPPRESS)
     with_config(sub.add_parser("check-config", help="check a configuration; exit 2 naming the bad key"))
-    d = sub.add_parser("demo", help="start a throwaway instance, send sample invoices, keep serving")
+    d = sub.add_parser("demo", help="start a throwaway instance, send sample invoices, keep serving until Ctrl-C, "
+                                    "SIGTERM or SIGHUP")
     d.add_argument("--dir", help="make the instance here and keep it (default: a temporary folder, removed at exit)")
     d.add_argument("--port", type=int, default=8443, help="preferred port (a free one is used if busy)")
     d.add_argument("--no-wait", action="store_true", help="exit after the samples instead of serving until Ctrl-C")
-
 
 
 def run(args: argparse.Namespace) -> int:

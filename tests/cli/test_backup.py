@@ -3,7 +3,8 @@
 What each command prints and its exit code: create names the counts and the master keys the backup
 needs (and that they are not in it); verify says OK (exit 0) or lists each problem and FAILED (exit 1),
 ``--deep`` opening every stored invoice with the keys of the configuration; restore goes into
-``--state-dir`` or the configured state folder, and refuses one that is not empty (exit 2, naming it).
+``--state-dir`` or the configured state folder, and refuses one that is not empty (exit 2, ``refused:``,
+naming it).
 What a backup holds and how damage is found is tested in tests/operations/test_backup.py.
 """
 
@@ -112,7 +113,7 @@ def test_restore_refuses_the_live_state_folder(stored, tmp_path, capsys):
     before = sorted(p.name for p in stored.state_dir.iterdir())
     code, out, err = run_command(capsys, "backup", "restore", str(dest), "-c", str(stored.config))  # no --state-dir
     assert code == 2 and out == ""
-    assert err.startswith("einvoice-gateway: configuration error: ") and str(stored.state_dir) in err
+    assert err.startswith("einvoice-gateway: refused: restore: ") and str(stored.state_dir) in err
     assert "not an empty folder" in err, err
     assert sorted(p.name for p in stored.state_dir.iterdir()) == before
 
@@ -122,7 +123,7 @@ def test_create_refuses_a_used_destination_and_writes_nothing(stored, tmp_path, 
     used.mkdir()
     (used / "other").write_text("x")
     code, out, err = run_command(capsys, "backup", "create", str(used), "-c", str(stored.config))
-    assert code == 2 and out == "" and "not an empty folder" in err, err
+    assert code == 2 and out == "" and err.startswith("einvoice-gateway: refused: ") and "not an empty folder" in err, err
     assert [p.name for p in used.iterdir()] == ["other"]
 
 

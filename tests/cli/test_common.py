@@ -1,38 +1,27 @@
 """gateway/cli/common.py: what every command group shares.
 
-``-c/--config`` and its default (EINVOICE_GATEWAY_CONFIG, else /etc/einvoice-gateway/config.toml); the
-acting user for the audit log (the user behind sudo first); ``opened``, the instance's store for one
-command, closed however the command ends; ``when``, the dates and times options take (in UTC);
-listings as JSON or tab-separated lines; one record, or exit 1 naming what is missing; a refusal.
+``-c/--config`` and its default (EINVOICE_GATEWAY_CONFIG, else /etc/einvoice-gateway/config.toml); who
+acts, for the audit log: the OS account by the effective uid (never ``$USER``, never "0" or empty),
+with the sudo user and ``--by`` beside it; ``opened``, the instance's store for one command, closed
+however the command ends; ``when``, the dates and times options take (in UTC); ``count``, a limit.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import pwd
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
 
 from gateway.cli import common
-from gateway.cli.common import current_user, opened, print_one, print_rows, refused, when, with_config
+from gateway.cli.common import actor, count, current_user, opened, when, with_by, with_config
 from gateway.config import load as config_mod
 from gateway.storage.sqlite.store import SqliteStore
 from tests.helpers import ENV, audit_of
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    n: int
-
-    def as_json(self) -> dict[str, object]:
-        return {"name": self.name, "n": self.n}
-
 
 # --- the configuration option -------------------------------------------------------------------------
 
@@ -60,16 +49,75 @@ def test_the_default_configuration_comes_from_the_environment(env, expected):
 # --- the acting user ------------------------------------------------------------------------------------
 
 
-def test_current_user_is_the_user_behind_sudo_first(monkeypatch):
-    monkeypatch.setenv("USER", "root")
-    monkeypatch.setenv("SUDO_USER", "alice")
-    assert current_user() == "alice"
+def fake_accounts(monkeypatch: pytest.MonkeyPatch, euid: int, accounts: dict[int, str]) -> None:
+    """The process runs as ``euid``; the password database holds ``accounts`` (uid → name)."""
+    def getpwuid(uid: int) -> pwd.struct_passwd:
+        if uid not in accounts:
+            raise KeyError(f"getpwuid(): uid not found: {uid}")
+        return pwd.struct_passwd((accounts[uid], "x", uid, uid, "", "/", "/bin/sh"))
+
+    def getpwnam(name: str) -> pwd.struct_passwd:
+        return getpwuid(next((u for u, n in accounts.items() if n == name), -1))
+
+    monkeypatch.setattr(common.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(common.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(common.pwd, "getpwnam", getpwnam)
+
+
+@pytest.mark.parametrize("env", [{}, {"USER": ""}, {"USER": "mallory"}, {"USER": "0"}, {"LOGNAME": "mallory"}])
+def test_the_actor_is_the_os_account_whatever_user_says(monkeypatch, env):
+    """cron, systemd and some shells leave $USER unset; anyone can set it: it is never read."""
+    for name in ("USER", "LOGNAME", "SUDO_USER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    fake_accounts(monkeypatch, 1000, {0: "root", 1000: "erin"})
+    assert (current_user(), actor()) == ("erin", "cli:erin")
+    fake_accounts(monkeypatch, 0, {0: "root", 1000: "erin"})
+    assert (current_user(), actor()) == ("root", "cli:root")
+
+
+def test_a_uid_without_an_account_is_named_by_its_number(monkeypatch):
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    fake_accounts(monkeypatch, 12345, {0: "root"})  # a container run with --user 12345
+    assert (current_user(), actor()) == ("uid:12345", "cli:uid:12345")
+
+
+def test_the_real_account_is_used_without_fakes(monkeypatch):
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    monkeypatch.delenv("USER", raising=False)
+    assert current_user() == pwd.getpwuid(os.geteuid()).pw_name
+    assert actor() == f"cli:{current_user()}" and actor() not in ("cli:", "cli:0")
+
+
+def test_sudo_and_by_stand_beside_the_os_account(monkeypatch):
+    fake_accounts(monkeypatch, 0, {0: "root", 1000: "erin", 1001: "alice"})
+    monkeypatch.setenv("SUDO_USER", "erin")
+    assert actor() == "cli:root (sudo erin)"
+    assert actor("alice") == "cli:root (sudo erin; --by alice)"
     monkeypatch.delenv("SUDO_USER")
-    assert current_user() == "root"
-    monkeypatch.setenv("SUDO_USER", "")  # set but empty: not a user
-    assert current_user() == "root"
-    monkeypatch.delenv("USER")
-    assert current_user() == str(os.getuid())
+    assert actor("alice") == "cli:root (--by alice)"
+    for claimed in ("", "root", "nobody-known"):  # unset, the account itself, or no such account: no claim
+        monkeypatch.setenv("SUDO_USER", claimed)
+        assert actor() == "cli:root", claimed
+
+
+@pytest.mark.parametrize(("text", "expected"), [("alice", "alice"), ("  Alice Smith ", "Alice Smith"),
+                                                ("ticket #4711", "ticket #4711"), ("a" * common.NAME_MAX, "a" * common.NAME_MAX)])
+def test_by_takes_a_printable_name(text, expected):
+    parser = with_by(argparse.ArgumentParser())
+    assert parser.parse_args(["--by", text]).by == expected
+    assert parser.parse_args([]).by is None
+
+
+@pytest.mark.parametrize("text", ["", "   ", "alice\nbob", "al\x1b[2Jice", "a" * (common.NAME_MAX + 1), "ali\u202ece"])
+def test_by_refuses_what_is_not_a_name(capsys, text):
+    parser = with_by(argparse.ArgumentParser(prog="einvoice-gateway"))
+    with pytest.raises(SystemExit) as caught:
+        parser.parse_args(["--by", text])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --by: {text!r} is not a name" in err and "\x1b" not in err
 
 
 # --- the store for one command --------------------------------------------------------------------------
@@ -135,30 +183,14 @@ def test_when_as_an_option_type_is_a_usage_error(capsys):
     assert "argument --since: 'soon' is not a date (YYYY-MM-DD)" in capsys.readouterr().err
 
 
-# --- output ------------------------------------------------------------------------------------------------
+# --- limits -----------------------------------------------------------------------------------------------
 
 
-def test_print_rows_as_json_or_lines(capsys):
-    rows = [Row("a", 1), Row("b", 2)]
-    assert print_rows(rows, True, lambda r: f"{r.name}\t{r.n}") == 0
-    assert json.loads(capsys.readouterr().out) == [{"name": "a", "n": 1}, {"name": "b", "n": 2}]
-    assert print_rows(rows, False, lambda r: f"{r.name}\t{r.n}") == 0
-    assert capsys.readouterr().out == "a\t1\nb\t2\n"
-    assert print_rows([], True, str) == 0 and json.loads(capsys.readouterr().out) == []
-    assert print_rows([], False, str) == 0 and capsys.readouterr().out == ""
-
-
-def test_print_one_shows_the_record_or_exits_1_naming_what_is_missing(capsys):
-    assert print_one(Row("a", 1), "no such row") == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out) == {"name": "a", "n": 1} and captured.err == ""
-    assert print_one(None, "no message 1234") == 1
-    captured = capsys.readouterr()
-    assert (captured.out, captured.err) == ("", "einvoice-gateway: no message 1234\n")
-
-
-def test_refused_is_exit_1_on_stderr(capsys):
-    assert refused("the message is not held") == 1
-    captured = capsys.readouterr()
-    assert (captured.out, captured.err) == ("", "einvoice-gateway: the message is not held\n")
-
+def test_count_is_a_whole_number_of_at_least_one(capsys):
+    parser = argparse.ArgumentParser(prog="einvoice-gateway")
+    parser.add_argument("--limit", type=count)
+    assert parser.parse_args(["--limit", "3"]).limit == 3
+    for bad in ("0", "-1", "x", "1.5", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--limit", bad])
+        assert f"argument --limit: {bad!r} is not a whole number of at least 1" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 Signed with the instance's [signing] key or a --cert/--key pair (RSA keys under 3072 bits refused),
 verified against a pinned certificate: another key, or a changed IBAN, is INVALID (exit 1, nothing on
-stdout).  ``Pki`` and its signers are in tests/helpers/signatures.py; the corpus's signed documents are
+stdout); the result is labelled lines, or JSON with --json.  ``sign`` refuses, in one line and never
+with a traceback, a document signed already, one that is not XML, an input it cannot read, and
+--cert without --key.  ``Pki`` and its signers are in tests/helpers/signatures.py; the corpus's signed documents are
 verified with ``verify`` in tests/stages/test_signature_corpus.py.
 """
 
@@ -31,6 +33,9 @@ def test_cli_sign_and_verify(inst: instance.Instance, pki: Pki, tmp_path: Path, 
     assert run_command(capsys, "sign", str(src), str(out), "-c", str(inst.config))[0] == 0
     code, stdout, err = run_command(capsys, "verify", str(out), "--cert", str(inst.signing.cert))
     assert code == 0, err
+    assert "file:" in stdout and "valid:" in stdout and "yes" in stdout.split("valid:")[1].splitlines()[0], stdout
+    code, stdout, err = run_command(capsys, "verify", str(out), "--cert", str(inst.signing.cert), "--json")
+    assert code == 0, err
     shown = json.loads(stdout)
     assert (shown["valid"], shown["signer_pinned"], shown["method"], shown["xades"]) == (True, True, "ECDSA_SHA256", True)
 
@@ -44,9 +49,47 @@ def test_cli_sign_and_verify(inst: instance.Instance, pki: Pki, tmp_path: Path, 
     rsa_out = tmp_path / "rsa.xml"
     key = pki.rsa.cert_path.with_suffix(".key")
     assert run_command(capsys, "sign", str(src), str(rsa_out), "--cert", str(pki.rsa.cert_path), "--key", str(key))[0] == 0
-    code, stdout, _ = run_command(capsys, "verify", str(rsa_out), "--cert", str(pki.rsa.cert_path))
+    code, stdout, _ = run_command(capsys, "verify", str(rsa_out), "--cert", str(pki.rsa.cert_path), "--json")
     assert code == 0 and json.loads(stdout)["method"] == "RSA_SHA256"
     rsa2048 = devpki.issue(pki.ca, tmp_path, "rsa2048", role="signing", key_kind="rsa2048")
     code, _, err = run_command(capsys, "sign", str(src), str(tmp_path / "x.xml"), "--cert", str(rsa2048.cert), "--key", str(rsa2048.key))
-    assert code == 2 and "at least 3072 bits" in err, err
+    assert code == 2 and err.startswith("einvoice-gateway: usage error: --cert/--key: ") and "at least 3072 bits" in err, err
+
+
+def test_sign_refuses_a_signed_document_in_one_line(inst: instance.Instance, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    src, once, twice = tmp_path / "in.xml", tmp_path / "once.xml", tmp_path / "twice.xml"
+    src.write_bytes(SAMPLE)
+    assert run_command(capsys, "sign", str(src), str(once), "-c", str(inst.config))[0] == 0
+    code, out, err = run_command(capsys, "sign", str(once), str(twice), "-c", str(inst.config))
+    assert (code, out) == (2, "")
+    assert err == (f"einvoice-gateway: refused: {once} is signed already; sign the unsigned original "
+                   f"(einvoice-gateway verify {once} checks the signature it has)\n")
+    assert not twice.exists()
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    ("missing", "einvoice-gateway: usage error: {input}: cannot read it (No such file or directory)"),
+    ("not-xml", "einvoice-gateway: refused: {input}: the body is not well-formed XML"),
+])
+def test_sign_refuses_an_input_it_cannot_sign(inst: instance.Instance, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              given: str, says: str) -> None:
+    src = tmp_path / f"{given}.xml"
+    if given == "not-xml":
+        src.write_text("<Invoice")
+    code, out, err = run_command(capsys, "sign", str(src), str(tmp_path / "out.xml"), "-c", str(inst.config))
+    assert (code, out) == (2, "")
+    assert err.startswith(says.format(input=src)) and err.count("\n") == 1, err
+    assert not (tmp_path / "out.xml").exists()
+
+
+@pytest.mark.parametrize("option", ["--cert", "--key"])
+def test_sign_takes_cert_and_key_together(inst: instance.Instance, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          option: str) -> None:
+    src = tmp_path / "in.xml"
+    src.write_bytes(SAMPLE)
+    code, out, err = run_command(capsys, "sign", str(src), str(tmp_path / "out.xml"), option, str(inst.signing.cert),
+                                 "-c", str(inst.config))
+    assert (code, out) == (2, "")
+    assert err.startswith("einvoice-gateway: usage error: --cert and --key go together"), err
 

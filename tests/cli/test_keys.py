@@ -40,7 +40,7 @@ from gateway.storage.records import Resealed
 from gateway.storage.sqlite.keys import SqliteKeys
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import Vault, read_key_file
-from tests.helpers import Running, eventually, numbered, post, run_command, serving
+from tests.helpers import Running, eventually, numbered, post, run_command, serving, table_rows
 
 WAIT_S = 20.0
 
@@ -49,10 +49,15 @@ def keys_cmd(capsys: pytest.CaptureFixture[str], inst: Instance, *argv: str) -> 
     return run_command(capsys, "keys", *argv, "-c", str(inst.config))
 
 
-def listed(capsys: pytest.CaptureFixture[str], inst: Instance) -> list[list[str]]:
+def listed(capsys: pytest.CaptureFixture[str], inst: Instance) -> list[dict[str, str]]:
+    """``keys list``: the table's rows, checked against ``keys list --json``."""
     code, out, err = keys_cmd(capsys, inst, "list")
     assert code == 0, err
-    return [line.split("\t") for line in out.splitlines()]
+    rows = table_rows(out)
+    code, out, err = keys_cmd(capsys, inst, "list", "--json")
+    assert code == 0, err
+    assert [(r["key_id"], str(r["objects"])) for r in json.loads(out)] == [(r["KEY ID"], r["OBJECTS"]) for r in rows]
+    return rows
 
 
 @pytest.fixture
@@ -67,10 +72,15 @@ async def gateway(inst: Instance) -> AsyncIterator[Running]:
 
 @pytest.fixture
 def actor(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The operator the commands record when no --by is given (SUDO_USER, else USER)."""
+    """What the commands record when no --by is given: the OS account (``$USER`` plays no part)."""
     monkeypatch.delenv("SUDO_USER", raising=False)
     monkeypatch.setenv("USER", "operator-erin")
-    return "operator-erin"
+    return f"cli:{clicommon.current_user()}"
+
+
+def by(name: str) -> str:
+    """What the commands record for ``--by NAME``: the OS account, the name beside it."""
+    return clicommon.actor(name)
 
 
 @dataclasses.dataclass
@@ -153,7 +163,8 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
         await sent.post(s, numbered(f"KEYS-{n:05d}"))
 
     assert await asyncio.to_thread(listed, capsys, inst) == [
-        [old, configured_vault(inst).created(old), "3 object(s)", "current", str(inst.master_key)]]
+        {"KEY ID": old, "CREATED": configured_vault(inst).created(old), "OBJECTS": "3", "STATE": "current",
+         "FILE": str(inst.master_key)}]
 
     # Rotate: a new 0600 key file in the keys folder, newest, so current for the next reader of the configuration.
     new, path = await asyncio.to_thread(rotate, capsys, inst, "--by", "alice")
@@ -161,7 +172,7 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_key_file(path, "test").key_id == new != old
     rows = await asyncio.to_thread(listed, capsys, inst)
-    assert [(r[0], r[2], r[3]) for r in rows] == [(old, "3 object(s)", ""), (new, "0 object(s)", "current")]
+    assert [(r["KEY ID"], r["OBJECTS"], r["STATE"]) for r in rows] == [(old, "3", "-"), (new, "0", "current")]
 
     # The running daemon seals with the key it loaded until it reloads.
     await sent.post(s, numbered("KEYS-00003"))
@@ -172,11 +183,11 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
 
     # Retiring a key still needed, or the current key, is refused.
     code, _, err = await asyncio.to_thread(keys_cmd, capsys, inst, "retire", old)
-    assert code == 2 and "4 stored object(s) still need" in err and "keys rewrap" in err
+    assert code == 2 and err.startswith("einvoice-gateway: refused: keys retire: 4 stored object(s) still need") and "keys rewrap" in err
     code, _, err = await asyncio.to_thread(keys_cmd, capsys, inst, "retire", new)
-    assert code == 2 and "is the current key" in err
+    assert code == 2 and err.startswith("einvoice-gateway: refused: ") and "is the current key" in err
     code, _, err = await asyncio.to_thread(keys_cmd, capsys, inst, "retire", "k-nonexistent")
-    assert code == 2 and "no configured key has the id" in err
+    assert code == 2 and err.startswith("einvoice-gateway: not found: ") and "no configured key has the id" in err
     assert inst.master_key.is_file()
 
     # Rewrap: every object onto the new key; each still opens to what was sent.
@@ -193,7 +204,7 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
     code, out, err = await asyncio.to_thread(keys_cmd, capsys, inst, "retire", old)  # no --by: the current user
     assert code == 0, err
     assert not inst.master_key.exists() and inst.master_key.with_suffix(".retired").is_file()
-    assert [r[0] for r in await asyncio.to_thread(listed, capsys, inst)] == [new]
+    assert [r["KEY ID"] for r in await asyncio.to_thread(listed, capsys, inst)] == [new]
     assert configured_vault(inst).key_ids == [new]
     assert await gw.reload("bob") is True
     await sent.post(s, numbered("KEYS-00005"))
@@ -204,7 +215,7 @@ async def test_rotate_reload_rewrap_retire(gateway: Running, client, capsys: pyt
     # Who did what, in the audit log, which still verifies.
     records = audit_rows(inst, "keys.rotated", "keys.rewrapped", "keys.retired", "config.reloaded")
     assert [(r["action"], r["actor"]) for r in records] == [
-        ("keys.rotated", "alice"), ("config.reloaded", "bob"), ("keys.rewrapped", "carol"),
+        ("keys.rotated", by("alice")), ("config.reloaded", "bob"), ("keys.rewrapped", by("carol")),
         ("keys.rewrapped", actor), ("keys.retired", actor), ("config.reloaded", "bob")]
     rotated, reloaded, rewrapped, _, retired, _ = (r["detail"] for r in records)
     assert rotated == {"key_id": new}
@@ -325,8 +336,8 @@ async def test_rotation_and_rewrap_while_invoices_are_accepted(gateway: Running,
     accepted = [r for r in records if r["action"] == "invoice.accepted"]
     assert len(accepted) == total and {r["detail"]["key_id"] for r in accepted} <= {inst.key_id, new}
     assert [(r["action"], r["actor"]) for r in records if r["action"] != "invoice.accepted"] == [
-        ("keys.rotated", "rotator"), ("config.reloaded", "reloader"), ("keys.rewrapped", "rewrapper"),
-        ("keys.rewrapped", "rewrapper"), ("keys.retired", actor)]
+        ("keys.rotated", by("rotator")), ("config.reloaded", "reloader"), ("keys.rewrapped", by("rewrapper")),
+        ("keys.rewrapped", by("rewrapper")), ("keys.retired", actor)]
     chain = await audit.read_chain(gw.store.audit)
     report = audit.verify(chain, [x509.load_pem_x509_certificate(inst.signing.cert.read_bytes())])
     assert report.ok and report.records == len(await audit.read_chain(gw.store.audit)), report.problem
@@ -355,7 +366,7 @@ async def test_rewrap_before_the_daemon_reloads_is_refused(quiet: Running, capsy
         message_id = await sent.post(s, numbered("KEYS-00001"))
     new, _ = await asyncio.to_thread(rotate, capsys, quiet.inst)
     code, _, err = await asyncio.to_thread(keys_cmd, capsys, quiet.inst, "rewrap")  # the operator forgot the reload
-    assert code == 2 and "reload it first" in err and new in err, err
+    assert code == 2 and err.startswith("einvoice-gateway: refused: ") and "reload it first" in err and new in err, err
     await quiet.gw.outbox.run_once()
     assert await quiet.gw.store.reports.counts() == {"invoices": 1, "deliveries_delivered": 1}
     assert (quiet.inst.delivery_folder / f"{message_id}.xml").read_bytes() == sent.bodies[message_id]
@@ -376,7 +387,7 @@ def test_two_rotations_in_one_second(inst: Instance, capsys: pytest.CaptureFixtu
     first, _ = rotate(capsys, inst)
     code, _, err = keys_cmd(capsys, inst, "rotate")
     assert code in (0, 2), err
-    assert first in [r[0] for r in listed(capsys, inst)]
+    assert first in [r["KEY ID"] for r in listed(capsys, inst)]
 
 
 def test_rotate_refuses_a_key_list_without_a_folder(inst: Instance, capsys: pytest.CaptureFixture[str]) -> None:
@@ -384,7 +395,8 @@ def test_rotate_refuses_a_key_list_without_a_folder(inst: Instance, capsys: pyte
     assert text.count('keys = ["keys"]') == 1
     inst.config.write_text(text.replace('keys = ["keys"]', 'keys = ["keys/master-1.key"]'))
     code, out, err = keys_cmd(capsys, inst, "rotate")
-    assert code == 2 and "lists key files, not a folder" in err and out == ""
+    assert code == 2 and err.startswith("einvoice-gateway: configuration error: vault.keys lists key files, not a folder")
+    assert out == ""
     assert sorted(p.name for p in (inst.root / "keys").iterdir()) == ["master-1.key"]
     code, _, err = keys_cmd(capsys, inst, "retire", inst.key_id)
     assert code == 2
@@ -399,12 +411,12 @@ def test_rotate_warns_when_current_is_pinned(inst: Instance, capsys: pytest.Capt
     assert code == 0 and f"vault.current pins {inst.key_id}" in err and new in err
     assert configured_vault(inst).current == inst.key_id  # still pinned: the operator decides
     rows = listed(capsys, inst)
-    assert {r[0]: r[3] for r in rows} == {inst.key_id: "current", new: ""}
+    assert {r["KEY ID"]: r["STATE"] for r in rows} == {inst.key_id: "current", new: "-"}
 
 
 def test_rewrap_refuses_an_unknown_key(inst: Instance, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = keys_cmd(capsys, inst, "rewrap", "--key", "k-nonexistent")
-    assert code == 2 and "k-nonexistent" in err
+    assert code == 2 and err == "einvoice-gateway: not found: --key: no configured key file holds key 'k-nonexistent'\n"
 
 
 async def test_list_names_a_key_that_objects_need_and_no_file_holds(quiet: Running, capsys: pytest.CaptureFixture[str]) -> None:
@@ -414,4 +426,5 @@ async def test_list_names_a_key_that_objects_need_and_no_file_holds(quiet: Runni
     await asyncio.to_thread(rotate, capsys, quiet.inst)
     quiet.inst.master_key.rename(quiet.inst.root / "master-1.key.away")  # lost, without a rewrap
     rows = await asyncio.to_thread(listed, capsys, quiet.inst)
-    assert [quiet.inst.key_id, "-", "1 object(s)", "MISSING: no configured key file holds this key"] in rows
+    assert {"KEY ID": quiet.inst.key_id, "CREATED": "-", "OBJECTS": "1",
+            "STATE": "MISSING: no configured key file holds this key", "FILE": "-"} in rows

@@ -1,9 +1,11 @@
 """gateway/cli/main.py: the dispatcher (and ``python -m gateway``, gateway/__main__.py).
 
-Every subcommand the parser knows is dispatched to its group's ``run``, whose exit code is returned; a
-configuration error is exit 2 with one line naming it; a usage error (no command, an unknown one, a
-group without its action) is argparse's exit 2 with the usage; ``--version`` prints the version.  The
-commands themselves are tested beside their modules (tests/cli/test_<group>.py and the modules they drive).
+Every subcommand the parser knows is dispatched to its group's ``run``, whose exit code is returned; an
+error a command raises is one line on stderr with its kind and exit code (gateway/cli/errors.py), from
+every group, never a traceback; a usage error (no command, an unknown one, a group without its action)
+is argparse's exit 2 with the usage; every command, option and argument has help; ``--version`` prints
+the version.  The commands themselves are tested beside their modules (tests/cli/test_<group>.py and the
+modules they drive).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import pytest
 
 from gateway import __version__
 from gateway.cli import documents, main, partners
-from gateway.errors import ConfigError
+from gateway.cli.errors import Failed, NotFound, Refused, UsageError
+from gateway.errors import ConfigError, GatewayError, Malformed, StorageUnavailable
+from gateway.storage.base import NotHeld
 from tests.helpers import ENV
 
 
@@ -54,6 +58,88 @@ def test_a_configuration_error_is_exit_2_with_one_line_naming_it(monkeypatch, ca
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == "einvoice-gateway: configuration error: partners.file: something is wrong\n"
+
+
+# One command of each group, as the parser takes it.
+ONE_OF_EACH = [["init", "d"], ["serve"], ["check-config"], ["demo"], ["partners", "list"], ["quarantine", "list"],
+               ["messages", "list"], ["dead-letters"], ["sign", "a.xml", "b.xml"], ["verify", "a.xml"], ["keys", "list"],
+               ["audit", "list"], ["backup", "verify", "b"], ["users", "list"]]
+ERRORS: list[tuple[BaseException, int, str]] = [
+    (UsageError("--cert and --key go together"), 2, "usage error: --cert and --key go together"),
+    (NotFound("no message m-1"), 2, "not found: no message m-1"),
+    (Refused("m-1 is signed already"), 2, "refused: m-1 is signed already"),
+    (NotHeld("message m-1 was already rejected"), 2, "refused: message m-1 was already rejected"),
+    (Malformed("the body is not well-formed XML"), 2, "refused: the body is not well-formed XML"),
+    (ConfigError("https.listen_port: not a port"), 2, "configuration error: https.listen_port: not a port"),
+    (Failed("the store is busy"), 1, "failed: the store is busy"),
+    (StorageUnavailable("database is locked"), 1, "failed: database is locked"),
+    (FileNotFoundError(2, "No such file or directory", "a.xml"), 1, "failed: a.xml: No such file or directory"),
+]
+
+
+@pytest.mark.parametrize("argv", ONE_OF_EACH, ids=" ".join)
+@pytest.mark.parametrize(("error", "code", "line"), ERRORS, ids=[type(e).__name__ for e, _, _ in ERRORS])
+def test_every_group_says_its_errors_in_one_line_with_their_exit_code(monkeypatch, capsys, argv, error, code, line):
+    assert set(main.GROUPS) == {a[0] for a in ONE_OF_EACH}
+
+    def run(args: argparse.Namespace) -> int:
+        raise error
+
+    monkeypatch.setattr(main.GROUPS[argv[0]], "run", run)
+    assert main.main(argv) == code
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"einvoice-gateway: {line}\n")
+
+
+def test_a_bug_is_not_dressed_up_as_a_refusal(monkeypatch):
+    def run(args: argparse.Namespace) -> int:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(partners, "run", run)
+    with pytest.raises(KeyError):  # a traceback, for a report: not "refused"
+        main.main(["partners", "list"])
+    assert issubclass(NotHeld, GatewayError)
+
+
+def walk(parser: argparse.ArgumentParser, path: str = "einvoice-gateway") -> list[tuple[str, argparse.ArgumentParser]]:
+    """The parser and every subcommand's, with the command line that reaches it."""
+    found = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sp in action.choices.items():
+                found += walk(sp, f"{path} {name}")
+    return found
+
+
+def without_help(parser: argparse.ArgumentParser) -> list[str]:
+    """Every command, option and argument under ``parser`` that has no help text, as a command line."""
+    missing = []
+    for where, p in walk(parser):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {a.dest for a in action._choices_actions if a.help}  # (argparse lists only those given help)
+                missing += [f"{where} {name}" for name in action.choices if name not in helped]
+            elif not action.help or not action.help.strip():
+                missing.append(f"{where} {'/'.join(action.option_strings) or action.dest}")
+    return missing
+
+
+def test_every_command_option_and_argument_has_help():
+    assert len(walk(main._parser())) > 40  # every command of every group is walked
+    missing = without_help(main._parser())
+    assert not missing, "no help text:\n" + "\n".join(missing)
+
+
+def test_the_help_walk_finds_what_has_no_help():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", help="the command")
+    sp = sub.add_parser("thing", help="does a thing")
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("file", help=" ")
+    sp.add_argument("--hidden", help=argparse.SUPPRESS)  # hidden on purpose: not missing
+    sub.add_parser("other")
+    assert without_help(parser) == ["einvoice-gateway other", "einvoice-gateway thing --quiet",
+                                    "einvoice-gateway thing file"]
 
 
 def test_a_missing_configuration_file_is_a_configuration_error(tmp_path, capsys):

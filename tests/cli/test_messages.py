@@ -11,7 +11,9 @@ delivery loop) until its store holds one message in each state an operator meets
 
 Each test works on its own copy of that stopped instance, so commands that change the store
 (retry, requeue) do not leak into other tests.  ``cli.main`` runs in-process; argparse errors are
-``SystemExit(2)``.
+``SystemExit(2)``.  Listings are tables under a header or JSON (empty: said on stderr, or ``[]``); a
+filter naming no partner or destination, or a status not among the allowed ones, is exit 2 saying so;
+refusals and unknown ids are exit 2 with their kind (``refused:``, ``not found:``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import pytest
 
 from gateway import devpki
 from gateway.cli import main as cli
+from gateway.cli.common import actor, current_user
 from gateway.operations import instance
 from gateway.operations.instance import Instance
 from gateway.partners.book import load_directory
-from tests.helpers import run_command
+from tests.helpers import run_command, table_rows
 from tests.helpers.messages import BUYER, ERP_REFUSAL, REFUSED_BUYER, populate
 
 
@@ -82,7 +85,7 @@ def listed(capsys: pytest.CaptureFixture[str], state: State, *args: str) -> list
 
 
 def show(capsys: pytest.CaptureFixture[str], state: State, key: str) -> dict[str, Any]:
-    code, out, err = run_command(capsys, "messages", "show", state.ids[key], "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "show", state.ids[key], "--json", "-c", state.config)
     assert code == 0, err
     detail: dict[str, Any] = json.loads(out)
     return detail
@@ -91,10 +94,11 @@ def show(capsys: pytest.CaptureFixture[str], state: State, key: str) -> dict[str
 # --- messages list ------------------------------------------------------------------------------------
 
 
-def test_list_is_one_tab_separated_line_per_message(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_is_a_table_with_a_header(state: State, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_command(capsys, "messages", "list", "-c", state.config)
     assert code == 0, err
-    lines = [line.split("\t") for line in out.splitlines()]
+    assert out.split()[:9] == ["MESSAGE", "ID", "DIR", "RECEIVED", "PARTNER", "STATUS", "TYPE", "INVOICE", "AMOUNT"]
+    lines = [list(r.values()) for r in table_rows(out)]
     assert all(len(fields) == 8 for fields in lines), out
     by_id = {f[0]: (f[1], f[3], f[4], f[5]) for f in lines}
     ids = state.ids
@@ -121,8 +125,11 @@ TOMORROW = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
 FILTERS: list[tuple[list[str], set[str]]] = [
     (["--partner", "acme"], {"foreign"}),
     (["--partner", "demo-supplier"], {"delivered", "dead"}),
-    (["--partner", "nobody"], set()),
+    (["--partner", "DEMO-Supplier"], {"delivered", "dead"}),  # a registered name in another case
+    (["--partner", "buyer"], {"pending"}),  # the recipient, for a message sent out
     (["--status", "delivered"], {"delivered", "foreign"}),
+    (["--status", "Delivered"], {"delivered", "foreign"}),  # any case
+    (["--status", "DEAD-LETTER"], {"dead"}),
     (["--status", "dead-letter"], {"dead"}),
     (["--status", "dead"], {"dead"}),
     (["--status", "pending"], {"pending"}),
@@ -141,6 +148,47 @@ FILTERS: list[tuple[list[str], set[str]]] = [
 @pytest.mark.parametrize("args,expected", FILTERS, ids=[" ".join(a) for a, _ in FILTERS])
 def test_list_filters(state: State, capsys: pytest.CaptureFixture[str], args: list[str], expected: set[str]) -> None:
     assert {r["message_id"] for r in listed(capsys, state, *args)} == {state.ids[k] for k in expected}
+
+
+def test_a_partner_removed_since_is_still_a_filter(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_command(capsys, "partners", "remove", "buyer", "-c", state.config)[0] == 0
+    assert {r["message_id"] for r in listed(capsys, state, "--partner", "buyer")} == {state.ids["pending"]}
+
+
+@pytest.mark.parametrize("command", [["messages", "list"], ["dead-letters"], ["quarantine", "list"]])
+def test_a_partner_filter_naming_no_partner_is_exit_2(state: State, capsys: pytest.CaptureFixture[str],
+                                                       command: list[str]) -> None:
+    for extra in ([], ["--json"]):
+        code, out, err = run_command(capsys, *command, "--partner", "nobody", *extra, "-c", state.config)
+        assert (code, out) == (2, "")
+        assert err == "einvoice-gateway: not found: --partner: no partner named 'nobody' (see: einvoice-gateway partners list)\n"
+
+
+@pytest.mark.parametrize("status", ["bogus", "deliverd", ""])
+def test_a_status_not_among_the_allowed_ones_is_exit_2_listing_them(state: State, capsys: pytest.CaptureFixture[str],
+                                                                    status: str) -> None:
+    err = usage_error(capsys, "messages", "list", "--status", status, "-c", state.config)
+    assert f"argument --status: invalid choice: {status.lower()!r} (choose from 'accepted', 'held', 'delivered', " \
+           "'dead-letter', 'rejected', 'pending', 'dead')" in err, err
+
+
+@pytest.mark.parametrize("command", [["messages", "list"], ["dead-letters"]])
+def test_a_limit_must_be_a_count(state: State, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    assert "is not a whole number of at least 1" in usage_error(capsys, *command, "--limit", "0", "-c", state.config)
+
+
+EMPTY = [(["messages", "list", "--until", "2000-01-01"], "no messages"),
+         (["dead-letters", "--until", "2000-01-01"], "no dead letters"),
+         (["quarantine", "list"], "no invoices are held"),
+         (["quarantine", "list", "--all"], "no invoice was ever held")]
+
+
+@pytest.mark.parametrize(("command", "says"), EMPTY, ids=[" ".join(c) for c, _ in EMPTY])
+def test_an_empty_listing_says_so(state: State, capsys: pytest.CaptureFixture[str], command: list[str], says: str) -> None:
+    code, out, err = run_command(capsys, *command, "-c", state.config)
+    assert (code, out, err) == (0, "", f"{says}\n")
+    code, out, err = run_command(capsys, *command, "--json", "-c", state.config)
+    assert (code, json.loads(out), err) == (0, [], "")
 
 
 def test_since_is_inclusive_and_until_exclusive(state: State, capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,7 +210,7 @@ def test_bad_date_is_a_usage_error(state: State, capsys: pytest.CaptureFixture[s
 
 
 def test_show_has_deliveries_and_history(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_command(capsys, "messages", "show", state.ids["dead"], "-c", state.config)
+    code, out, err = run_command(capsys, "messages", "show", state.ids["dead"], "--json", "-c", state.config)
     assert code == 0, err
     dead = json.loads(out)
     assert (dead["message_id"], dead["direction"], dead["partner"], dead["status"]) == \
@@ -182,10 +230,23 @@ def test_show_has_deliveries_and_history(state: State, capsys: pytest.CaptureFix
     assert delivery["attempts"] >= 1 and delivery["last_error"] and delivery["next_attempt_at"]
 
 
-def test_show_unknown_message(state: State, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_command(capsys, "messages", "show", "00000000-0000-4000-8000-000000000000", "-c", state.config)
-    assert (code, out) == (1, "")
-    assert "no message 00000000-0000-4000-8000-000000000000" in err
+def test_show_is_labelled_lines_for_people(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_command(capsys, "messages", "show", state.ids["dead"], "-c", state.config)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["message", "id:", state.ids["dead"]]
+    assert any(line.split() == ["status:", "dead-letter"] for line in lines), out
+    assert "deliveries:" in lines and any(line.strip().startswith("- destination:") for line in lines), out
+    assert any(line.strip().split() == ["last", "error:", "HTTP", "422:", *ERP_REFUSAL.split()] for line in lines), out
+    assert "Demo Buyer BV" not in out and "Voorbeeldstraat" not in out  # never the content
+
+
+@pytest.mark.parametrize("command", [["messages", "show"], ["quarantine", "show"]])
+def test_show_unknown_message(state: State, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    for extra in ([], ["--json"]):
+        code, out, err = run_command(capsys, *command, "00000000-0000-4000-8000-000000000000", *extra, "-c", state.config)
+        assert (code, out) == (2, "")
+        assert err.startswith("einvoice-gateway: not found: no ") and "message 00000000-0000-4000-8000-000000000000" in err
 
 
 # --- retry and requeue ----------------------------------------------------------------------------------
@@ -201,14 +262,15 @@ def test_retry_makes_a_waiting_delivery_due_now(state: State, capsys: pytest.Cap
     assert delivery["state"] == "pending" and delivery["attempts"] == before["attempts"]
     assert delivery["next_attempt_at"] <= datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     [retried] = [h for h in after["history"] if h["action"] == "delivery.retried"]
-    assert retried["actor"] == "alice" and retried["detail"]["destinations"] == ["partners"]
+    assert retried["actor"] == actor("alice") and retried["detail"]["destinations"] == ["partners"]
+    assert retried["actor"].startswith(f"cli:{current_user()} ") and retried["actor"].endswith("--by alice)")
 
 
 @pytest.mark.parametrize("key", ["delivered", "dead"])
-def test_retry_without_a_waiting_delivery_fails(state: State, capsys: pytest.CaptureFixture[str], key: str) -> None:
+def test_retry_without_a_waiting_delivery_is_refused(state: State, capsys: pytest.CaptureFixture[str], key: str) -> None:
     code, out, err = run_command(capsys, "messages", "retry", state.ids[key], "-c", state.config)
-    assert (code, out) == (1, "")
-    assert "no waiting" in err
+    assert (code, out) == (2, "")
+    assert err.startswith("einvoice-gateway: refused: ") and "no waiting" in err
     assert [h["action"] for h in show(capsys, state, key)["history"] if h["action"].startswith("delivery.re")] == []
 
 
@@ -222,10 +284,10 @@ def test_requeue_puts_a_dead_letter_back(state: State, capsys: pytest.CaptureFix
     assert (delivery["state"], delivery["attempts"]) == ("pending", 0)
     assert after["status"] == "accepted"
     requeued = after["history"][-1]
-    assert (requeued["action"], requeued["actor"]) == ("delivery.requeued", "bob")
+    assert (requeued["action"], requeued["actor"]) == ("delivery.requeued", actor("bob"))
     assert requeued["detail"] == {"destinations": ["erp-api"], "reason": "ERP cost centre fixed"}
-    code, out, _ = run_command(capsys, "dead-letters", "-c", state.config)
-    assert (code, out) == (0, "")
+    code, out, err = run_command(capsys, "dead-letters", "-c", state.config)
+    assert (code, out, err) == (0, "", "no dead letters\n")
 
 
 def test_requeue_needs_a_reason(state: State, capsys: pytest.CaptureFixture[str]) -> None:
@@ -234,10 +296,10 @@ def test_requeue_needs_a_reason(state: State, capsys: pytest.CaptureFixture[str]
     assert show(capsys, state, "dead")["deliveries"][0]["state"] == "dead"
 
 
-def test_requeue_without_a_dead_letter_fails(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+def test_requeue_without_a_dead_letter_is_refused(state: State, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_command(capsys, "messages", "requeue", state.ids["pending"], "--reason", "why not", "-c", state.config)
-    assert code == 1
-    assert "no dead-lettered delivery" in err
+    assert code == 2
+    assert err.startswith("einvoice-gateway: refused: ") and "no dead-lettered delivery" in err
 
 
 # --- dead-letters -------------------------------------------------------------------------------------
@@ -246,11 +308,11 @@ def test_requeue_without_a_dead_letter_fails(state: State, capsys: pytest.Captur
 def test_dead_letters_lists_the_refused_delivery(state: State, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_command(capsys, "dead-letters", "-c", state.config)
     assert code == 0, err
-    [line] = out.splitlines()
-    fields = line.split("\t")
-    assert fields[:4] == [state.ids["dead"], "erp-api", "demo-supplier", "DEMO-2026-0009"]
-    assert fields[4].startswith("dead since ") and fields[5] == "attempts 1"
-    assert fields[6] == f"HTTP 422: {ERP_REFUSAL}"
+    [row] = table_rows(out)
+    assert list(row) == ["MESSAGE ID", "DESTINATION", "PARTNER", "INVOICE", "DEAD SINCE", "ATTEMPTS", "ERROR"]
+    assert list(row.values())[:4] == [state.ids["dead"], "erp-api", "demo-supplier", "DEMO-2026-0009"]
+    assert row["DEAD SINCE"].startswith("20") and row["ATTEMPTS"] == "1"
+    assert row["ERROR"] == f"HTTP 422: {ERP_REFUSAL}"
 
     code, out, _ = run_command(capsys, "dead-letters", "--json", "-c", state.config)
     [row] = json.loads(out)
@@ -262,6 +324,7 @@ def test_dead_letters_lists_the_refused_delivery(state: State, capsys: pytest.Ca
     (["--destination", "erp-api"], True),
     (["--destination", "erp-inbox"], False),
     (["--destination", "partners"], False),
+    (["--partner", "Demo-Supplier"], True),
     (["--partner", "demo-supplier"], True),
     (["--partner", "acme"], False),
     (["--since", "2000-01-01"], True),
@@ -273,11 +336,18 @@ def test_dead_letters_filters(state: State, capsys: pytest.CaptureFixture[str], 
     assert [r["message_id"] for r in json.loads(out)] == ([state.ids["dead"]] if found else [])
 
 
+def test_a_destination_filter_naming_no_destination_is_exit_2(state: State, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_command(capsys, "dead-letters", "--destination", "nowhere", "-c", state.config)
+    assert (code, out) == (2, "")
+    assert err.startswith("einvoice-gateway: not found: --destination: no destination named 'nowhere' (configured: ")
+    assert "erp-api" in err
+
+
 # --- partners: endpoint and signing of outbound invoices ---------------------------------------------------
 
 
 def partner_json(capsys: pytest.CaptureFixture[str], inst: Instance, name: str) -> dict[str, Any]:
-    code, out, err = run_command(capsys, "partners", "show", name, "-c", str(inst.config))
+    code, out, err = run_command(capsys, "partners", "show", name, "--json", "-c", str(inst.config))
     assert code == 0, err
     shown: dict[str, Any] = json.loads(out)
     return shown

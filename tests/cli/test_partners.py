@@ -6,7 +6,10 @@
   the file as the daemon loads it, its refusals (which change nothing and leave no stray certificate),
   a renewal on the same key, a signing certificate's window that must not gate the client certificate;
 * activate and resume of a pending partner (fingerprints as openssl prints them);
-* signing certificates and the signature policy through add and edit.
+* signing certificates and the signature policy through add and edit;
+* what each refusal is said as (``usage error:``, ``not found:``, ``refused:``; exit 2, one line); list and
+  show as tables or labelled lines, or JSON; who is recorded (the OS account, ``--by`` beside it);
+* check: expiring and expired certificates under a header, or JSON; exit 1 when one has expired.
 
 Certificates are made at test time with gateway.devpki.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,16 +27,18 @@ from typing import Any
 import pytest
 
 from gateway import devpki
-from gateway.cli.common import current_user
+from gateway.cli import partners as partners_cli
+from gateway.cli.common import actor
 from gateway.errors import Forbidden
 from gateway.model import Partner, PartnerStatus
 from gateway.operations import instance
+from gateway.operations.housekeeping import expiring
 from gateway.operations.instance import DEMO_PARTNER
 from gateway.partners.book import instant_text, load_directory
 from gateway.partners.edit import register_partner
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.tls import cert_sha256, inspect_certificate
-from tests.helpers import FOREIGN_IDS, audit_of, run_command
+from tests.helpers import FOREIGN_IDS, audit_of, run_command, table_rows
 from tests.helpers.partners import DAY, FUTURE, NOW, PAST, info, openssl_fingerprint, peer, refused
 from tests.helpers.signatures import Pki, signing_pki
 
@@ -65,10 +72,17 @@ def test_partners_lifecycle(inst, tmp_path, capsys):
 
     code, out, _ = run_command(capsys, "partners", "list", "-c", cfg)
     assert code == 0
-    assert "acme\tactive\t1 cert(s)\t0088:123, DE999" in out.splitlines()
-    assert any(line.startswith("demo-supplier\tactive") for line in out.splitlines())
+    rows = {r["NAME"]: r for r in table_rows(out)}
+    assert rows["acme"] == {"NAME": "acme", "STATUS": "active", "CERTIFICATES": "1 client", "PARTY IDS": "0088:123, DE999",
+                            "EMAILS": "a@b.example"}
+    assert rows["demo-supplier"]["STATUS"] == "active"
+    code, out, _ = run_command(capsys, "partners", "list", "--json", "-c", cfg)
+    listed = {p["name"]: p for p in json.loads(out)}
+    assert set(listed) == {"acme", "demo-supplier"}
+    assert {k: listed["acme"][k] for k in ("status", "party_ids", "emails", "client_certs", "smime_certs")} == \
+        {"status": "active", "party_ids": ["0088:123", "DE999"], "emails": ["a@b.example"], "client_certs": 1, "smime_certs": 0}
 
-    code, out, _ = run_command(capsys, "partners", "show", "acme", "-c", cfg)
+    code, out, _ = run_command(capsys, "partners", "show", "acme", "--json", "-c", cfg)
     shown = json.loads(out)
     assert code == 0
     assert (shown["name"], shown["status"]) == ("acme", "active")
@@ -78,21 +92,23 @@ def test_partners_lifecycle(inst, tmp_path, capsys):
     assert Path(stored["path"]).is_file() and Path(stored["path"]).parent == inst.root / "partner-certs"
 
     def status() -> str:
-        return json.loads(run_command(capsys, "partners", "show", "acme", "-c", cfg)[1])["status"]
+        return json.loads(run_command(capsys, "partners", "show", "acme", "--json", "-c", cfg)[1])["status"]
 
     assert run_command(capsys, "partners", "suspend", "acme", "-c", cfg)[0] == 0
     assert status() == "suspended"
-    assert "acme\tsuspended" in run_command(capsys, "partners", "list", "-c", cfg)[1]
+    assert {r["NAME"]: r["STATUS"] for r in table_rows(run_command(capsys, "partners", "list", "-c", cfg)[1])}["acme"] == "suspended"
     assert run_command(capsys, "partners", "resume", "acme", "-c", cfg)[0] == 0
     assert status() == "active"
 
     code, _, err = run_command(capsys, "partners", "add", "acme", "--client-cert", str(cert), "--party-id", "0088:777", "-c", cfg)
-    assert code == 2 and "exists already" in err
+    assert code == 2 and err.startswith("einvoice-gateway: refused: ") and "exists already" in err
 
     assert run_command(capsys, "partners", "remove", "acme", "-c", cfg)[0] == 0
     assert "acme" not in run_command(capsys, "partners", "list", "-c", cfg)[1]
-    code, _, err = run_command(capsys, "partners", "show", "acme", "-c", cfg)
-    assert code == 2 and "no partner named 'acme'" in err
+    for action in ("show", "suspend", "resume", "remove", "edit"):
+        code, out, err = run_command(capsys, "partners", action, "acme", "-c", cfg)
+        assert (code, out) == (2, "")
+        assert err == "einvoice-gateway: not found: no partner named 'acme' (see: einvoice-gateway partners list)\n"
     assert [p.name for p in load_directory(inst.partners).partners] == ["demo-supplier"]
 
 
@@ -104,7 +120,7 @@ def test_partners_add_refuses_identifier_of_another_partner(inst, tmp_path, caps
     cert = devpki.issue(inst.ca, tmp_path / "rival-pki", "rival", role="client").cert
     code, _, err = run_command(capsys, "partners", "add", "rival", "--client-cert", str(cert), "--party-id", "0088:555",
                        "--party-id", party_id, "-c", str(inst.config))
-    assert code == 2
+    assert code == 2 and err.startswith("einvoice-gateway: refused: ")
     assert "already registered for partner 'demo-supplier'" in err
     assert inst.partners.read_bytes() == before
 
@@ -138,6 +154,103 @@ def test_partners_add_refuses_certificate_of_another_partner(inst, capsys):
     assert inst.partners.read_bytes() == before
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--client-cert", "{missing}", "--party-id", "0088:555"], "usage error: --client-cert[0]: {missing} not found"),
+    (["--party-id", "0088:555"], "usage error: partners add: give --client-cert (HTTPS) and/or --smime-cert"),
+    (["--client-cert", "{cert}", "--party-id", "0088:"], "usage error: --party-id[0]: '0088:' is not an identifier"),
+    (["--client-cert", "{cert}", "--party-id", "0088:555", "--endpoint", "http://x.example/"], "usage error: --endpoint: "),
+    (["--client-cert", "{cert}", "--party-id", "0088:555", "--amount-ceiling", "EUR"], "usage error: --amount-ceiling[0]: "),
+    (["--client-cert", "{cert}", "--party-id", "0088:555", "--rules", "nope"], "not found: --rules: no rule pack named 'nope'"),
+    (["--client-cert", "{demo}", "--party-id", "0088:555"], "refused: "),  # the demo partner's certificate
+    (["--client-cert", "{cert}", "--party-id", "0088:555", "--signature-policy", "required"], "refused: partners["),
+])
+def test_partners_add_says_what_kind_of_refusal(inst, tmp_path, capsys, argv, says):
+    values = {"cert": str(devpki.issue(inst.ca, tmp_path, "rival", role="client").cert), "missing": str(tmp_path / "none.crt"),
+              "demo": str(inst.demo_client.cert)}
+    before = inst.partners.read_bytes()
+    code, out, err = run_command(capsys, "partners", "add", "rival", *(a.format(**values) for a in argv), "-c", str(inst.config))
+    assert (code, out) == (2, "") and err.startswith(f"einvoice-gateway: {says.format(**values)}"), err
+    assert err.count("\n") == 1
+    assert inst.partners.read_bytes() == before
+    assert audit_records(inst, "partner.added") == []
+
+
+def test_partners_show_is_labelled_lines_for_people(inst, capsys):
+    code, out, err = run_command(capsys, "partners", "show", DEMO_PARTNER, "-c", str(inst.config))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["name:", DEMO_PARTNER] and lines[1].split() == ["status:", "active"]
+    assert any(line.split() == ["party", "ids:", "0088:4000001000006,", "DE123456789"] for line in lines), out
+    assert "client certs:" in lines, out
+    assert any(line.startswith("  - path: ") and str(inst.root / "partner-certs") in line for line in lines), out
+    spki = info(inst.demo_client).spki_sha256
+    assert any(line.split() == ["spki", "sha256:", spki] for line in lines), out
+
+
+def test_an_empty_allowlist_says_so(inst, capsys):
+    cfg = str(inst.config)
+    assert run_command(capsys, "partners", "remove", DEMO_PARTNER, "-c", cfg)[0] == 0
+    code, out, err = run_command(capsys, "partners", "list", "-c", cfg)
+    assert (code, out, err) == (0, "", "no partners (add one: einvoice-gateway partners add)\n")
+    code, out, err = run_command(capsys, "partners", "list", "--json", "-c", cfg)
+    assert (code, json.loads(out), err) == (0, [], "")
+
+
+def test_partner_changes_record_the_os_account_and_by_beside_it(inst, tmp_path, capsys, monkeypatch):
+    cfg = str(inst.config)
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    monkeypatch.setenv("USER", "mallory")  # never read
+    cert = devpki.issue(inst.ca, tmp_path, "acme", role="client").cert
+    assert run_command(capsys, "partners", "add", "acme", "--client-cert", str(cert), "--party-id", "0088:123",
+                       "--by", "alice", "-c", cfg)[0] == 0
+    assert run_command(capsys, "partners", "suspend", "acme", "-c", cfg)[0] == 0
+    assert run_command(capsys, "partners", "edit", "acme", "--email", "a@b.example", "--by", "bob", "-c", cfg)[0] == 0
+    [added] = audit_records(inst, "partner.added")
+    [suspended] = audit_records(inst, "partner.suspended")
+    [edited] = audit_records(inst, "partner.edited")
+    assert (added["actor"], suspended["actor"], edited["actor"]) == (actor("alice"), actor(), actor("bob"))
+    assert actor() == f"cli:{pwd.getpwuid(os.geteuid()).pw_name}" and "mallory" not in str([added, suspended, edited])
+    assert edited["detail"]["changed"] == ["email"]  # --by is who, not what changed
+    assert load_directory(inst.partners).get("acme").verified_by == actor("alice")
+
+
+# --- check ------------------------------------------------------------------------------------------
+
+
+def test_check_lists_expiring_certificates_under_a_header(inst, tmp_path, capsys):
+    cfg = str(inst.config)
+    soon = devpki.issue(inst.ca, tmp_path, "soon", role="client", not_after=NOW + 10 * DAY)
+    assert run_command(capsys, "partners", "add", "soon", "--client-cert", str(soon.cert), "--party-id", "0088:777",
+                       "-c", cfg)[0] == 0
+    code, out, err = run_command(capsys, "partners", "check", "-c", cfg)
+    assert code == 0, err  # expiring is a warning; expired or revoked is exit 1
+    [row] = table_rows(out)
+    assert list(row) == ["OWNER", "PURPOSE", "STATE", "NOT AFTER", "SUBJECT", "KEY SHA-256"]
+    assert (row["OWNER"], row["PURPOSE"], row["KEY SHA-256"]) == ("soon", "client", info(soon).spki_sha256[:16])
+    assert row["STATE"] in ("expires in 9 day(s)", "expires in 10 day(s)")
+    code, out, err = run_command(capsys, "partners", "check", "--json", "-c", cfg)
+    report = json.loads(out)
+    assert (code, report["ok"], report["horizon_days"], report["crls"]) == (0, True, 30, [])
+    [cert] = report["certificates"]
+    assert (cert["owner"], cert["problem"], cert["spki_sha256"]) == ("soon", False, info(soon).spki_sha256)
+
+
+def test_check_of_expired_certificates_is_exit_1(inst, capsys, monkeypatch):
+    later = NOW + 4000 * DAY  # every certificate of the instance has expired by then
+    monkeypatch.setattr(partners_cli, "expiring", lambda entries, days: expiring(entries, days, later))
+    code, out, _ = run_command(capsys, "partners", "check", "-c", str(inst.config))
+    rows = table_rows(out)
+    assert code == 1 and rows and {r["STATE"] for r in rows} == {"EXPIRED"}
+    assert {r["OWNER"] for r in rows} == {"gateway", DEMO_PARTNER}
+    code, out, _ = run_command(capsys, "partners", "check", "--json", "-c", str(inst.config))
+    assert code == 1 and json.loads(out)["ok"] is False
+
+
+def test_check_with_nothing_expiring_says_so(inst, capsys):
+    code, out, err = run_command(capsys, "partners", "check", "-c", str(inst.config))
+    assert (code, out, err) == (0, "no certificate expires within 30 days, none is revoked\n", "")
+
+
 # --- edit: rollover windows -----------------------------------------------------------------------
 
 
@@ -168,7 +281,7 @@ def test_cli_rollover_with_active_from_and_retire(inst, tmp_path, capsys):
     assert refused(directory, new) == "CERTIFICATE_NOT_ACTIVE"  # not yet
     assert directory.gate(peer(new), start + timedelta(seconds=1)).name == DEMO_PARTNER  # once its start has passed
 
-    code, out, err = run_command(capsys, "partners", "show", DEMO_PARTNER, "-c", cfg)
+    code, out, err = run_command(capsys, "partners", "show", DEMO_PARTNER, "--json", "-c", cfg)
     assert code == 0, err
     shown = {c["spki_sha256"]: c for c in json.loads(out)["client_certs"]}
     assert set(shown) == {old_k, new_k}
@@ -182,28 +295,35 @@ def test_cli_rollover_with_active_from_and_retire(inst, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("argv", "says"), [
-    (["--retire-cert", "{old16}"], "--retire-cert and --retire-at go together"),
-    (["--retire-at", "2027-01-31"], "--retire-cert and --retire-at go together"),
-    (["--retire-cert", "{old8}", "--retire-at", "2027-01-31"], "--retire-cert: '{old8}' is too short"),
+    (["--retire-cert", "{old16}"], "usage error: --retire-cert and --retire-at go together"),
+    (["--retire-at", "2027-01-31"], "usage error: --retire-cert and --retire-at go together"),
+    (["--retire-cert", "{old8}", "--retire-at", "2027-01-31"], "usage error: --retire-cert: '{old8}' is too short"),
     (["--retire-cert", "0000000000000000", "--retire-at", "2027-01-31"],
-     "--retire-cert: no registered certificate of 'demo-supplier' has a key SHA-256 starting '0000000000000000'"),
-    (["--retire-cert", "{old16}", "--retire-at", "tomorrow"], "--retire-at: 'tomorrow' is not a date"),
-    (["--active-from", "2027-01-31"], "--active-from: it applies to the certificates this command adds"),
-    (["--client-cert", "{new}", "--active-from", "31/01/2027"], "--active-from: '31/01/2027' is not a date"),
+     "not found: --retire-cert: no registered certificate of 'demo-supplier' has a key SHA-256 starting '0000000000000000'"),
+    (["--retire-cert", "{old16}", "--retire-at", "tomorrow"], "usage error: --retire-at: 'tomorrow' is not a date"),
+    (["--active-from", "2027-01-31"], "usage error: --active-from: it applies to the certificates this command adds"),
+    (["--client-cert", "{new}", "--active-from", "31/01/2027"], "usage error: --active-from: '31/01/2027' is not a date"),
     (["--client-cert", "{new}", "--active-from", "2027-01-31", "--retire-cert", "{new16}", "--retire-at", "2027-02-01"],
-     "--retire-cert: no registered certificate"),  # the one being added is not registered yet
+     "not found: --retire-cert: no registered certificate"),  # the one being added is not registered yet
+    (["--party-id", "0088:"], "usage error: --party-id[0]: '0088:' is not an identifier"),
+    (["--email", "Demo <a@b.example>"], "usage error: --email[0]: "),
+    (["--remove-email", "nobody@x.example"], "not found: --remove-email: 'nobody@x.example' is not registered for"),
+    (["--rules", "nope"], "not found: --rules: no rule pack named 'nope'"),
+    (["--client-cert", "{demo}"], "refused: "),  # registered for this partner already
+    (["--signature-policy", "required"], "refused: partners["),  # no signing certificate: the file would be invalid
 ])
 def test_cli_edit_refusals_change_nothing(inst, tmp_path, capsys, argv, says):
     new = devpki.issue(inst.ca, tmp_path, "demo-next", role="client")
     values = {"old16": info(inst.demo_client).spki_sha256[:16], "old8": info(inst.demo_client).spki_sha256[:8],
-              "new": str(new.cert), "new16": info(new).spki_sha256[:16]}
+              "new": str(new.cert), "new16": info(new).spki_sha256[:16], "demo": str(inst.demo_client.cert)}
     before = inst.partners.read_bytes()
     stored = sorted((inst.root / "partner-certs").iterdir())
     code, out, err = run_command(capsys, "partners", "edit", DEMO_PARTNER, *(a.format(**values) for a in argv),
                              "-c", str(inst.config))
-    assert code == 2 and says.format(**values) in err, err
+    assert (code, out) == (2, "") and err.startswith(f"einvoice-gateway: {says.format(**values)}"), err
     assert inst.partners.read_bytes() == before
     assert sorted((inst.root / "partner-certs").iterdir()) == stored  # no stray certificate left behind
+    assert audit_records(inst, "partner.edited") == []
 
 
 def test_refused_renewal_with_the_same_key_leaves_the_registered_file_alone(inst, tmp_path, capsys):
@@ -258,23 +378,24 @@ def test_cli_activate_and_resume_of_a_pending_partner(inst, tmp_path, capsys):
     assert refused(load_directory(inst.partners), cert) == "PARTNER_PENDING"
     for action in ("resume", "suspend"):
         code, _, err = run_command(capsys, "partners", action, "pend", "-c", cfg)
-        assert code == 2 and "pending activation" in err and "partners activate pend" in err, err
+        assert code == 2 and err.startswith(f"einvoice-gateway: refused: partners {action}: 'pend' is pending activation")
+        assert "partners activate pend" in err, err
         assert state().status is PartnerStatus.PENDING
     colon = openssl_fingerprint(cert.cert)
     wrong = colon[:-2] + ("00" if not colon.endswith("00") else "11")
     for given in (wrong, colon[:47], openssl_fingerprint(inst.demo_client.cert)):
         code, _, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", given, "-c", cfg)
-        assert code == 2 and "activation refused" in err, err
+        assert code == 2 and err.startswith("einvoice-gateway: refused: activation refused: "), err
         assert state().status is PartnerStatus.PENDING and state().verified_by == ""
 
     code, out, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
     assert code == 0 and "activate done" in out, err
     p = state()
-    assert (p.status, p.verified_by) == (PartnerStatus.ACTIVE, current_user())
+    assert (p.status, p.verified_by) == (PartnerStatus.ACTIVE, actor())
     assert load_directory(inst.partners).gate(peer(cert)).name == "pend"
     code, _, err = run_command(capsys, "partners", "activate", "pend", "--fingerprint", colon, "-c", cfg)
     assert code == 2 and "is active, not pending activation" in err
-    code, out, _ = run_command(capsys, "partners", "show", "pend", "-c", cfg)
+    code, out, _ = run_command(capsys, "partners", "show", "pend", "--json", "-c", cfg)
     assert json.loads(out)["status"] == "active"
     [rec] = audit_records(inst, "partner.activated")
     assert rec["partner"] == "pend"
@@ -288,7 +409,7 @@ def test_cli_partners_signing_certs(inst: instance.Instance, pki: Pki, tmp_path:
     client = devpki.issue(inst.ca, tmp_path, "acme-client", role="client")
 
     def show() -> dict[str, Any]:
-        code, out, err = run_command(capsys, "partners", "show", "acme", *cfg)
+        code, out, err = run_command(capsys, "partners", "show", "acme", "--json", *cfg)
         assert code == 0, err
         return dict(json.loads(out))
 

@@ -1,5 +1,6 @@
 """``einvoice-gateway users …`` (``gateway/cli/users.py``): console accounts from the host, no gateway
-running; every change an audit record naming the Unix user, sealed into the chain."""
+running; every change an audit record naming the OS account (``--by`` beside it), sealed into the chain;
+the list a table under a header or JSON (empty: said on stderr); refusals in one line with their kind."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 
 import pytest
 
+from gateway.cli.common import actor as cli_actor
 from gateway.cli.common import current_user
 from gateway.console import security
 from gateway.storage.sqlite.store import SqliteStore
-from tests.helpers import run_cli
+from tests.helpers import run_cli, table_rows
 from tests.helpers.console import audits
 
 
@@ -41,11 +43,13 @@ async def test_users_cli(inst, capsys):
     dave_password = out.split()[3]
 
     code, out, err = await users_cli(capsys, cfg, "add", "carol", "--role", "admin")
-    assert code == 2 and "exists already" in err
+    assert code == 2 and err == "einvoice-gateway: refused: a user named 'carol' exists already\n"
     code, out, err = await users_cli(capsys, cfg, "add", "Carol!", "--role", "admin")
-    assert code == 2 and "is not a user name" in err
-    code, out, err = await users_cli(capsys, cfg, "disable", "nobody")
-    assert code == 2 and "no user 'nobody'" in err
+    assert code == 2 and err.startswith("einvoice-gateway: usage error: users add: 'Carol!' is not a user name")
+    for action in ("disable", "enable", "reset-mfa", "unlock", "reset-password"):
+        code, out, err = await users_cli(capsys, cfg, action, "nobody")
+        assert (code, out) == (2, "")
+        assert err == "einvoice-gateway: not found: no user 'nobody' (see: einvoice-gateway users list)\n"
 
     code, out, err = await users_cli(capsys, cfg, "list", "--json")
     assert code == 0, err
@@ -70,7 +74,7 @@ async def test_users_cli(inst, capsys):
         await store.close()
 
     code, out, err = await users_cli(capsys, cfg, "list")
-    assert code == 0 and "5 failed logins" in out.split("carol\t")[1].splitlines()[0], out + err
+    assert code == 0 and "5 failed logins" in {r["NAME"]: r["NOTES"] for r in table_rows(out)}["carol"], out + err
     for action in ("disable", "enable", "reset-mfa", "unlock"):
         code, out, err = await users_cli(capsys, cfg, action, "carol")
         assert (code, out.strip()) == (0, f"carol: {action} done"), err
@@ -83,11 +87,12 @@ async def test_users_cli(inst, capsys):
 
     code, out, err = await users_cli(capsys, cfg, "list")
     assert code == 0, err
-    lines = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
-    assert lines["carol"][1:3] == ["operator +content", "active"]
-    assert "no second factor yet" in lines["carol"][3] and "must change password" in lines["carol"][3]
-    assert "failed logins" not in lines["carol"][3]  # unlock forgot them
-    assert lines["dave"][2] == "disabled"
+    assert out.split()[:4] == ["NAME", "ROLES", "STATE", "NOTES"]
+    rows = {r["NAME"]: r for r in table_rows(out)}
+    assert (rows["carol"]["ROLES"], rows["carol"]["STATE"]) == ("operator +content", "active")
+    assert "no second factor yet" in rows["carol"]["NOTES"] and "must change password" in rows["carol"]["NOTES"]
+    assert "failed logins" not in rows["carol"]["NOTES"]  # unlock forgot them
+    assert rows["dave"]["STATE"] == "disabled"
 
     store = SqliteStore(inst.state_dir)
     try:
@@ -95,7 +100,8 @@ async def test_users_cli(inst, capsys):
         assert (carol.enrolled, carol.failed_logins, carol.must_change, carol.state) == (False, 0, True, "active")
         assert security.verify_password(carol.password_hash, reset["password"])
         assert not security.verify_password(carol.password_hash, made["password"])
-        actor = f"cli:{current_user()}"
+        actor = cli_actor()
+        assert actor == f"cli:{current_user()}"
         records = [r for r in await audit_records(store, 1000) if r["action"].startswith("user.")]
         got = sorted((r["seq"], r["action"], r["detail"].get("user")) for r in records if r["actor"] == actor)
         assert [(a, u) for _, a, u in got] == [
@@ -113,13 +119,23 @@ async def test_users_cli(inst, capsys):
 
 async def test_cli_password_reset_is_audited_as_a_reset_whoever_runs_it(inst, capsys, monkeypatch):
     monkeypatch.delenv("SUDO_USER", raising=False)
-    monkeypatch.setenv("USER", "erin")
+    monkeypatch.setenv("USER", "erin")  # not who runs it: the OS account is
     code, _, err = await users_cli(capsys, inst.config, "add", "erin", "--role", "operator")
     assert code == 0, err
-    code, _, err = await users_cli(capsys, inst.config, "reset-password", "erin")
+    code, _, err = await users_cli(capsys, inst.config, "reset-password", "erin", "--by", "helpdesk ticket 4711")
     assert code == 0, err
     store = SqliteStore(inst.state_dir)
     try:
-        assert [r["actor"] for r in await audits(store, "user.password_reset")] == ["cli:erin"]
+        [added] = await audits(store, "user.added")
+        [reset] = await audits(store, "user.password_reset")
+        assert (added["actor"], reset["actor"]) == (cli_actor(), cli_actor("helpdesk ticket 4711"))
+        assert reset["actor"] == f"cli:{current_user()} (--by helpdesk ticket 4711)"
     finally:
         await store.close()
+
+
+async def test_an_instance_without_accounts_says_so(inst, capsys):
+    code, out, err = await users_cli(capsys, inst.config, "list")
+    assert (code, out, err) == (0, "", "no console accounts (add one: einvoice-gateway users add)\n")
+    code, out, err = await users_cli(capsys, inst.config, "list", "--json")
+    assert (code, json.loads(out), err) == (0, [], "")

@@ -45,7 +45,7 @@ async def test_relay_without_starttls_gets_nothing_in_clear(inst: Instance, rela
         assert relay.connections >= 2
         assert (relay.mail_commands, relay.seen, relay.logins) == (0, [], [])  # not a byte of the mail in clear
 
-        shown = await cli_json(capsys, "messages", "show", message_id, "-c", str(inst.config))
+        shown = await cli_json(capsys, "messages", "show", message_id, "--json", "-c", str(inst.config))
         [d] = shown["deliveries"]
         assert d["state"] == "pending" and "STARTTLS" in d["last_error"], d
 

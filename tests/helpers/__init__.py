@@ -13,6 +13,7 @@ import inspect
 import io
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -200,6 +201,15 @@ def run_command(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, st
     code = cli_main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def table_rows(out: str) -> list[dict[str, str]]:
+    """A table a command printed (a header over aligned columns, gateway/cli/output.py) as one dict per row,
+    keyed by the header's column names (``MESSAGE ID``); each cell is sliced where its header starts."""
+    header, *lines = out.splitlines()
+    columns = [(m.group(), m.start()) for m in re.finditer(r"\S+(?: \S+)*", header)]
+    ends = [start for _, start in columns[1:]] + [None]
+    return [{name: line[start:end].strip() for (name, start), end in zip(columns, ends, strict=True)} for line in lines]
 
 
 async def run_command_aside(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

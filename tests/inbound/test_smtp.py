@@ -410,7 +410,7 @@ async def test_a_resent_message_gets_the_same_id_and_is_delivered_once(world: Wo
 @shared
 async def test_a_signed_only_partner_may_send_signed_without_encryption(world: World, running: Running) -> None:
     name, config = "signed-only-supplier", world.inst.config
-    shown = json.loads(run_cli("partners", "show", name, "-c", config))
+    shown = json.loads(run_cli("partners", "show", name, "--json", "-c", config))
     assert shown["smime_signed_only"] is True and len(shown["smime_certs"]) == 1
 
     def message(number: str) -> bytes:
@@ -459,7 +459,7 @@ async def test_a_partner_registered_with_the_cli_while_running_is_accepted(world
 
 @shared
 async def test_the_second_partner_registered_with_the_cli_is_accepted(world: World, running: Running) -> None:
-    shown = json.loads(run_cli("partners", "show", "second-supplier", "-c", world.inst.config))
+    shown = json.loads(run_cli("partners", "show", "second-supplier", "--json", "-c", world.inst.config))
     assert shown["emails"] == [SECOND_EMAIL] and sorted(shown["party_ids"]) == sorted(SECOND.party_ids)
     assert [c["addresses"] for c in shown["smime_certs"]] == [[SECOND_EMAIL], [SECOND_EMAIL]]  # the first and the rollover
     doc = invoice(new_number("second"), SECOND)

@@ -30,11 +30,12 @@ import pytest
 
 from gateway import devpki, logs
 from gateway.cli import main as cli
+from gateway.cli.common import actor
 from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
 from gateway.partners.book import load_directory
 from gateway.stages import fraud
-from tests.helpers import FOREIGN, FOREIGN_IDS, Running, audit_of, eventually, post, run_command, run_command_aside, serving
+from tests.helpers import FOREIGN, FOREIGN_IDS, Running, audit_of, eventually, post, run_command, run_command_aside, serving, table_rows
 from tests.helpers.invoices import DEMO, IBAN_A, IBAN_B, IBAN_C, accepted, delivered, invoice, outbox
 
 assert SAMPLE.count(IBAN_A.encode()) == 1
@@ -191,17 +192,18 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
 
     code, out, err = await quarantine(capsys, gateway, "list")
     assert code == 0, err
-    lines = out.splitlines()
-    assert [line.split("\t")[0] for line in lines] == [held, second]
-    assert lines[0].split("\t")[1:5] == ["held", DEMO, "ACC-0003", "2026-11-02"]
-    assert "1250.00 EUR" in lines[0] and "GB82…5432" in lines[0]
+    rows = table_rows(out)
+    assert [r["MESSAGE ID"] for r in rows] == [held, second]
+    assert [rows[0][k] for k in ("STATE", "PARTNER", "INVOICE", "ISSUED")] == ["held", DEMO, "ACC-0003", "2026-11-02"]
+    assert rows[0]["AMOUNT"] == "1250.00 EUR" and "GB82…5432" in rows[0]["REASONS"]
     code, out, _ = await quarantine(capsys, gateway, "list", "--json", "--partner", DEMO)
     entries = json.loads(out)
     assert [e["message_id"] for e in entries] == [held, second]
     assert entries[0]["reasons"] == ["payee account GB82…5432 was never used by this seller before"]
-    assert json.loads((await quarantine(capsys, gateway, "list", "--json", "--partner", "nobody"))[1]) == []
+    code, out, err = await quarantine(capsys, gateway, "list", "--json", "--partner", "nobody")
+    assert (code, out) == (2, "") and "not found: --partner: no partner named 'nobody'" in err
 
-    code, out, err = await quarantine(capsys, gateway, "show", held)
+    code, out, err = await quarantine(capsys, gateway, "show", held, "--json")
     assert code == 0, err
     shown = json.loads(out)
     assert (shown["message_id"], shown["state"], shown["invoice_number"]) == (held, "held", "ACC-0003")
@@ -214,7 +216,7 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     # Release: delivered, audited with who decided, and the account becomes known.
     code, out, err = await quarantine(capsys, gateway, "release", held, "--reason", "confirmed by phone", "--by", "alice")
     assert code == 0, err
-    assert f"message {held} released by alice" in out
+    assert f"message {held} released by {actor('alice')}" in out
     await wait_delivered(gateway, held)
     await eventually(lambda: delivered_status(gateway, held), "status delivered", 3.0)
     state, _ = await get_status(s, held)
@@ -223,15 +225,15 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     sidecar = json.loads((outbox(gateway.inst) / f"{held}.json").read_text())
     assert (sidecar["message_id"], sidecar["invoice_number"]) == (held, "ACC-0003")
     [record] = await audit_of(gateway.gw.store, "quarantine.released")
-    assert (record["actor"], record["partner"], record["message_id"]) == ("alice", DEMO, held)
+    assert (record["actor"], record["partner"], record["message_id"]) == (actor("alice"), DEMO, held)
     assert record["detail"] == {"note": "confirmed by phone"}
     assert account_states(gateway)[IBAN_B] == "known"
     code, out, _ = await quarantine(capsys, gateway, "list")
-    assert [line.split("\t")[0] for line in out.splitlines()] == [second]
+    assert [r["MESSAGE ID"] for r in table_rows(out)] == [second]
     code, out, _ = await quarantine(capsys, gateway, "list", "--all", "--json")
     decided = {e["message_id"]: e for e in json.loads(out)}
     assert (decided[held]["state"], decided[held]["decided_by"], decided[held]["note"]) == \
-        ("released", "alice", "confirmed by phone")
+        ("released", actor("alice"), "confirmed by phone")
     # the sender resending the released invoice hears "accepted", as for any other
     code, reply = await post(s, invoice("ACC-0003", iban=IBAN_B))
     assert (code, reply["message_id"], reply["status"], reply["duplicate"]) == (202, held, "accepted", True)
@@ -244,11 +246,11 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     assert not delivered(gateway.inst, second)
     code, out, err = await quarantine(capsys, gateway, "reject", second, "--reason", "duplicate of ACC-0003", "--by", "bob")
     assert code == 0, err
-    assert f"message {second} rejected by bob" in out
+    assert f"message {second} rejected by {actor('bob')}" in out
     state, _ = await get_status(s, second)
     assert (state["status"], state["deliveries"]) == ("rejected", [])
     [record] = await audit_of(gateway.gw.store, "quarantine.rejected")
-    assert (record["actor"], record["message_id"]) == ("bob", second)
+    assert (record["actor"], record["message_id"]) == (actor("bob"), second)
     code, reply = await post(s, invoice("ACC-0005", iban=IBAN_B))
     assert (code, reply["message_id"], reply["status"], reply["duplicate"]) == (202, second, "rejected", True)
     assert "message" not in reply
@@ -271,15 +273,15 @@ async def test_rejected_invoice_is_never_delivered_and_decided_once(gateway, cli
     # Deciding again, either way, fails with a clear message and changes nothing.
     for action in ("reject", "release"):
         code, out, err = await quarantine(capsys, gateway, action, held, "--reason", "again", "--by", "dave")
-        assert code == 1
+        assert code == 2
         assert out == ""
-        assert f"message {held} was already rejected" in err
-    assert [r["actor"] for r in await audit_of(gateway.gw.store, "quarantine.rejected")] == ["carol"]
+        assert err.startswith(f"einvoice-gateway: refused: message {held} was already rejected")
+    assert [r["actor"] for r in await audit_of(gateway.gw.store, "quarantine.rejected")] == [actor("carol")]
     assert await audit_of(gateway.gw.store, "quarantine.released") == []
-    # Unknown ids: exit 1 as well.
+    # Unknown ids: exit 2 as well.
     for argv in (("release", "no-such-id", "--reason", "x"), ("show", "no-such-id")):
         code, _, err = await quarantine(capsys, gateway, *argv)
-        assert code == 1 and "no quarantined message no-such-id" in err
+        assert code == 2 and "no quarantined message no-such-id" in err
     # A rejected account stays suspect: the next invoice paying to it is held again.
     again = await accepted(s, invoice("REJ-0003", iban=IBAN_C), status="held")
 
@@ -321,7 +323,7 @@ async def test_releasing_a_later_held_invoice_makes_its_account_known(gateway, c
     await accepted(s, invoice("LATE-0004", iban=IBAN_B))
     # and `quarantine show` of the still held first one, or of the second, marks B as this invoice's account
     for mid in (first, second):
-        shown = json.loads((await quarantine(capsys, gateway, "show", mid))[1])
+        shown = json.loads((await quarantine(capsys, gateway, "show", mid, "--json"))[1])
         assert {a["account"]: a["this_invoice"] for a in shown["accounts"]}[IBAN_B] is True
 
 
@@ -335,7 +337,7 @@ async def test_amount_ceiling_edited_at_runtime(gateway, client, capsys):
     code, out, err = await run_command_aside(capsys, "partners", "edit", DEMO, "--amount-ceiling", "EUR:100", "-c", cfg)
     assert code == 0, err
     await partner_reloaded(gateway, lambda p: p.amount_ceilings == (("EUR", Decimal("100")),))
-    shown = json.loads((await run_command_aside(capsys, "partners", "show", DEMO, "-c", cfg))[1])
+    shown = json.loads((await run_command_aside(capsys, "partners", "show", DEMO, "--json", "-c", cfg))[1])
     assert shown["amount_ceilings"] == {"EUR": "100"}
 
     over = await accepted(s, invoice("CEIL-0002"), status="held")  # 1250.00 EUR
@@ -497,24 +499,24 @@ def test_partners_rules_options(inst, tmp_path, capsys):
     assert sorted(entry["amount_ceilings"]) == ["CHF:1000.50", "EUR:50000"]
     x = load_directory(inst.partners).get("x")
     assert x is not None and x.rules == ()
-    shown = json.loads(run_command(capsys, "partners", "show", "x", "-c", cfg)[1])
+    shown = json.loads(run_command(capsys, "partners", "show", "x", "--json", "-c", cfg)[1])
     assert shown["rules"] == []
     assert shown["amount_ceilings"] == {"CHF": "1000.50", "EUR": "50000"}
     code, _, err = run_command(capsys, "check-config", "-c", cfg)
     assert code == 0 and "partner 'x' is registered with --no-rules" in err
 
     # the demo partner uses the configured default
-    shown = json.loads(run_command(capsys, "partners", "show", DEMO, "-c", cfg)[1])
+    shown = json.loads(run_command(capsys, "partners", "show", DEMO, "--json", "-c", cfg)[1])
     assert (shown["rules"], shown["amount_ceilings"]) == ("default (en16931)", {})
 
     code, _, err = run_command(capsys, "partners", "edit", "x", "--rules", "nope", "-c", cfg)
     assert code == 2 and "'nope'" in err
     code, _, err = run_command(capsys, "partners", "edit", "x", "--rules", "en16931", "-c", cfg)
     assert code == 0, err
-    assert json.loads(run_command(capsys, "partners", "show", "x", "-c", cfg)[1])["rules"] == ["en16931"]
+    assert json.loads(run_command(capsys, "partners", "show", "x", "--json", "-c", cfg)[1])["rules"] == ["en16931"]
     code, _, err = run_command(capsys, "partners", "edit", "x", "--default-rules", "--remove-amount-ceiling", "CHF", "-c", cfg)
     assert code == 0, err
-    shown = json.loads(run_command(capsys, "partners", "show", "x", "-c", cfg)[1])
+    shown = json.loads(run_command(capsys, "partners", "show", "x", "--json", "-c", cfg)[1])
     assert (shown["rules"], shown["amount_ceilings"]) == ("default (en16931)", {"EUR": "50000"})
     [entry] = [p for p in tomllib.loads(inst.partners.read_text())["partners"] if p["name"] == "x"]
     assert "rules" not in entry

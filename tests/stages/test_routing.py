@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli.common import actor
 from gateway.config.model import Route
 from gateway.model import DocumentType, InvoiceFacts
 from gateway.operations import instance
 from gateway.stages.routing import UNROUTED, Router, matches
-from tests.helpers import numbered, post, run_command_aside, serving, stop_delivery_loop
+from tests.helpers import numbered, post, run_command_aside, serving, stop_delivery_loop, table_rows
 
 FACTS = InvoiceFacts(DocumentType.UBL_INVOICE, "INV-1", "2.1", ("0088:4000001000006",),
                      ("0088:4000002000005", "NL123456789B01"), "urn:cust:1", "urn:prof:1", "2026-11-02")
@@ -175,11 +176,11 @@ async def test_unrouted_invoice_is_held_until_released_to_a_destination(
         capsys.readouterr()
         code, out, _ = await run_command_aside(capsys, "quarantine", "list", "-c", config)
         assert code == 0
-        [line] = [ln for ln in out.splitlines() if ln.startswith(mid)]
-        assert "no routing rule matches" in line and "\theld\t" in line
+        [row] = [r for r in table_rows(out) if r["MESSAGE ID"] == mid]
+        assert "no routing rule matches" in row["REASONS"] and row["STATE"] == "held"
 
         code, out, err = await run_command_aside(capsys, "quarantine", "release", mid, "--reason", "r", "-c", config)
-        assert code == 1 and "--to" in err and out == ""
+        assert code == 2 and err.startswith("einvoice-gateway: refused: ") and "--to" in err and out == ""
         assert [q.state for q in await gw.gw.store.quarantine.held(None) if q.message_id == mid] == ["held"]  # nothing changed
 
         code, out, err = await run_command_aside(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "nowhere", "-c", config)
@@ -188,13 +189,13 @@ async def test_unrouted_invoice_is_held_until_released_to_a_destination(
         code, out, err = await run_command_aside(capsys, "quarantine", "release", mid, "--reason", "r", "--to", "erp-b", "--by", "olga",
                                  "-c", config)
         assert code == 0, err
-        assert f"message {mid} released by olga" in out
+        assert f"message {mid} released by {actor('olga')}" in out
         assert await gw.gw.outbox.run_once() == 1
         assert files(b) == [f"{mid}.json", f"{mid}.xml"] and files(a) == []
         shown = await gw.gw.store.reports.message(mid)
         assert shown is not None and shown.status == "delivered"
         assert [d.destination for d in shown.deliveries] == ["erp-b"]
-        assert shown.quarantine is not None and shown.quarantine.state == "released" and shown.quarantine.decided_by == "olga"
+        assert shown.quarantine is not None and shown.quarantine.state == "released" and shown.quarantine.decided_by == actor("olga")
 
 
 async def test_release_without_to_follows_the_routes_configured_now(

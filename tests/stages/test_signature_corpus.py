@@ -84,7 +84,7 @@ def test_signature_verdict_matches_manifest(corpus: Path, tmp_path: Path, capsys
         with pytest.raises(SignatureInvalid) as refused:
             verify(root, trusted([cert]), valid_now=False)
         assert refused.value.reason == DIGEST_MISMATCH
-    code = main(["verify", str(corpus / path), "--cert", str(pem)])
+    code = main(["verify", str(corpus / path), "--cert", str(pem), "--json"])
     out, err = capsys.readouterr()
     if verdict == "OK":
         assert code == 0, err
