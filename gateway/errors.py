@@ -67,6 +67,28 @@ class GatewayError(Exception):
         }
 
 
+# The JSON Schema of ``GatewayError.as_json`` and ``Detail.as_json``: what every listener's error replies
+# look like, for the OpenAPI documents (gateway/inbound/openapi.py, gateway/operations/openapi.py).
+ERROR_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "message", "details"],
+        "properties": {
+            "error": {"type": "string", "description": "a stable code (the README's error table)"},
+            "message": {"type": "string", "description": "what to fix; never key material or file paths"},
+            "details": {"type": "array", "items": {"$ref": "#/components/schemas/Detail"}},
+        },
+        "additionalProperties": False,
+    },
+    "Detail": {
+        "type": "object",
+        "required": ["message"],
+        "properties": {"message": {"type": "string"}, "line": {"type": "integer"}, "path": {"type": "string"}},
+        "additionalProperties": False,
+    },
+}
+
+
 class Rejected(GatewayError):
     """Permanent: resending the same bytes will fail the same way."""
 

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..errors import ERROR_SCHEMAS
 from ..model import DocumentType
 from ..storage.records import SUMMARIES
 
@@ -193,22 +194,7 @@ def schemas(*, outbound: bool) -> Json:
         receipt["required"].append("partner")
         receipt["properties"]["partner"] = {"type": ["string", "null"], "description": "the recipient partner"}
     return {
-        "Error": {
-            "type": "object",
-            "required": ["error", "message", "details"],
-            "properties": {
-                "error": {"type": "string", "description": "a stable code (the README's error table)"},
-                "message": {"type": "string", "description": "what to fix; never key material or file paths"},
-                "details": {"type": "array", "items": ref("Detail")},
-            },
-            "additionalProperties": False,
-        },
-        "Detail": {
-            "type": "object",
-            "required": ["message"],
-            "properties": {"message": {"type": "string"}, "line": {"type": "integer"}, "path": {"type": "string"}},
-            "additionalProperties": False,
-        },
+        **copy.deepcopy(ERROR_SCHEMAS),
         "Sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "RulesReport": {
             "type": "object",

@@ -3,14 +3,16 @@
 ``/healthz``, ``/readyz``, ``/metrics`` and this document itself (``/v1/openapi.json``); the console's
 pages under ``/console/`` are for browsers and not described.  The parser's refusals and a fault of a
 handler are the JSON errors every listener gives (``JsonRefusals``, gateway/inbound/http.py: the
-same ``Error`` shape as gateway/inbound/openapi.py, which tests/operations/test_openapi.py keeps equal).
+``Error`` shape of gateway/errors.py's ERROR_SCHEMAS, as in gateway/inbound/openapi.py).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from .. import __version__
+from ..errors import ERROR_SCHEMAS
 
 OPENAPI = "3.1.1"
 PATH = "/v1/openapi.json"
@@ -86,24 +88,7 @@ def admin_document(*, token: bool) -> Json:
                 "200": json_answer("The OpenAPI 3.1 description of the admin endpoints.", {"type": "object"}),
             }, token=token)},
         },
-        "components": {"schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error", "message", "details"],
-                "properties": {
-                    "error": {"type": "string", "description": "a stable code (the README's error table)"},
-                    "message": {"type": "string", "description": "what to fix; never key material or file paths"},
-                    "details": {"type": "array", "items": {"$ref": "#/components/schemas/Detail"}},
-                },
-                "additionalProperties": False,
-            },
-            "Detail": {
-                "type": "object",
-                "required": ["message"],
-                "properties": {"message": {"type": "string"}, "line": {"type": "integer"}, "path": {"type": "string"}},
-                "additionalProperties": False,
-            },
-        }},
+        "components": {"schemas": copy.deepcopy(ERROR_SCHEMAS)},
     }
     if token:
         doc["components"]["schemas"]["Unauthorized"] = {
