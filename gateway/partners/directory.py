@@ -39,6 +39,7 @@ class PartnerDirectory:
     certificates: dict[str, CertInfo]
     signers: dict[str, list[TrustedSigner]]  # partner name → its registered document-signing certificates
     by_smime_spki: dict[str, Partner]  # S/MIME signer key → partner (the identity of e-mail)
+    own_keys: dict[str, frozenset[str]]  # partner name → the comparison keys of its party identifiers
 
     @classmethod
     def build(cls, partners: list[Partner], certificates: dict[str, CertInfo]) -> PartnerDirectory:
@@ -70,7 +71,8 @@ class PartnerDirectory:
                 owners.add(pid, p.name)
         signers = {p.name: [TrustedSigner.of(certificates[s].cert, s) for s in sorted(p.signing_spki) if s in certificates]
                    for p in partners}
-        return cls(tuple(partners), by_spki, owners, certificates, signers, by_smime)
+        return cls(tuple(partners), by_spki, owners, certificates, signers, by_smime,
+                   {p.name: keys_of(p.party_ids) for p in partners})
 
     def get(self, name: str) -> Partner | None:
         return next((p for p in self.partners if p.name == name), None)
@@ -119,7 +121,7 @@ class PartnerDirectory:
         if foreign:
             raise Forbidden("the invoice names identifiers that belong to another trading partner", foreign[:MAX_REPORTED],
                             code="SUPPLIER_NOT_AUTHORIZED")
-        own = keys_of(partner.party_ids)
+        own = self.own_keys.get(partner.name) or keys_of(partner.party_ids)
         if not any(party_key(i).key in own for i in ids):
             raise Forbidden(
                 f"none of the supplier identifiers in the invoice is registered for partner {partner.name!r}",
