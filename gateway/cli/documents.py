@@ -15,6 +15,7 @@ from ..config.load import load
 from ..config.model import DEFAULT_XML_LIMITS
 from ..config.reader import check_secret_file
 from ..errors import ConfigError, GatewayError, Rejected
+from ..files import atomic_write
 from ..stages.signature import NS, SigningKey, find_signatures, sign, trusted, verify
 from ..stages.xmlparse import XmlParser
 from ..tls import inspect_certificate
@@ -26,7 +27,8 @@ from .output import record
 def add_parsers(sub: Any) -> None:
     sg = with_config(sub.add_parser("sign", help="add the gateway's XAdES-BES signature to an invoice"))
     sg.add_argument("input", help="the invoice to sign (UBL or CII XML; refused if it is signed already)")
-    sg.add_argument("output", help="where to write the signed invoice")
+    sg.add_argument("output", help="where to write the signed invoice (refused if it exists, unless --force)")
+    sg.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     sg.add_argument("--cert", help="signing certificate (default: [signing] of the configuration)")
     sg.add_argument("--key", help="signing key (default: [signing] of the configuration)")
     vf = sub.add_parser("verify", help="verify the XML signature of an invoice")
@@ -58,6 +60,9 @@ def _sign(args: argparse.Namespace) -> int:
         if args.cert and args.key:
             raise UsageError(f"--cert/--key: {exc}") from None
         raise ConfigError(f"signing: {exc}") from None
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise Refused(f"{output} exists; give another OUTPUT, or --force to replace it")
     try:
         document = Path(args.input).read_bytes()
     except OSError as exc:
@@ -70,7 +75,7 @@ def _sign(args: argparse.Namespace) -> int:
         raise Refused(f"{args.input} is signed already; sign the unsigned original "
                       f"(einvoice-gateway verify {args.input} checks the signature it has)")
     sign(root, signer)
-    Path(args.output).write_bytes(etree.tostring(root.getroottree(), xml_declaration=True, encoding="UTF-8"))
+    atomic_write(output, etree.tostring(root.getroottree(), xml_declaration=True, encoding="UTF-8"), 0o644)
     print(f"signed {args.input} → {args.output} ({signer.method.name}, signer {signer.cert.subject.rfc4514_string()})")
     return 0
 

@@ -3,7 +3,7 @@
 Signed with the instance's [signing] key or a --cert/--key pair (RSA keys under 3072 bits refused),
 verified against a pinned certificate: another key, or a changed IBAN, is INVALID (exit 1, nothing on
 stdout); the result is labelled lines, or JSON with --json.  ``sign`` refuses, in one line and never
-with a traceback, a document signed already, one that is not XML, an input it cannot read, and
+with a traceback, an existing OUTPUT without --force, a document signed already, one that is not XML, an input it cannot read, and
 --cert without --key.  ``Pki`` and its signers are in tests/helpers/signatures.py; the corpus's signed documents are
 verified with ``verify`` in tests/stages/test_signature_corpus.py.
 """
@@ -66,6 +66,20 @@ def test_sign_refuses_a_signed_document_in_one_line(inst: instance.Instance, tmp
     assert err == (f"einvoice-gateway: refused: {once} is signed already; sign the unsigned original "
                    f"(einvoice-gateway verify {once} checks the signature it has)\n")
     assert not twice.exists()
+
+
+def test_sign_keeps_an_existing_output_unless_forced(inst: instance.Instance, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "in.xml", tmp_path / "out.xml"
+    src.write_bytes(SAMPLE)
+    out.write_bytes(b"the ERP's own file")
+    code, stdout, err = run_command(capsys, "sign", str(src), str(out), "-c", str(inst.config))
+    assert (code, stdout) == (2, "")
+    assert err == f"einvoice-gateway: refused: {out} exists; give another OUTPUT, or --force to replace it\n"
+    assert out.read_bytes() == b"the ERP's own file"
+    assert run_command(capsys, "sign", str(src), str(out), "-c", str(inst.config), "--force")[0] == 0
+    assert run_command(capsys, "verify", str(out), "--cert", str(inst.signing.cert))[0] == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
 @pytest.mark.parametrize(("given", "says"), [
