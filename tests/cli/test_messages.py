@@ -23,7 +23,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,8 @@ def test_list_json(state: State, capsys: pytest.CaptureFixture[str]) -> None:
         ("out", "buyer", "accepted", "DEMO-2026-0001")
 
 
-TOMORROW = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+# A fixed far date, not "tomorrow": a date computed at import made a run across midnight UTC fail.
+FUTURE = "2999-01-01"
 FILTERS: list[tuple[list[str], set[str]]] = [
     (["--partner", "acme"], {"foreign"}),
     (["--partner", "demo-supplier"], {"delivered", "dead"}),
@@ -138,8 +139,8 @@ FILTERS: list[tuple[list[str], set[str]]] = [
     (["--direction", "in", "--status", "delivered", "--partner", "demo-supplier"], {"delivered"}),
     (["--since", "2000-01-01"], {"delivered", "dead", "foreign", "pending"}),
     (["--until", "2000-01-01"], set()),
-    (["--since", TOMORROW], set()),
-    (["--until", f"{TOMORROW}T00:00:00Z"], {"delivered", "dead", "foreign", "pending"}),
+    (["--since", FUTURE], set()),
+    (["--until", f"{FUTURE}T00:00:00Z"], {"delivered", "dead", "foreign", "pending"}),
     (["--limit", "1"], {"pending"}),  # the newest: submitted last
     (["--limit", "1", "--direction", "in"], {"foreign"}),
 ]
@@ -328,7 +329,7 @@ def test_dead_letters_lists_the_refused_delivery(state: State, capsys: pytest.Ca
     (["--partner", "demo-supplier"], True),
     (["--partner", "acme"], False),
     (["--since", "2000-01-01"], True),
-    (["--since", TOMORROW], False),
+    (["--since", FUTURE], False),
 ])
 def test_dead_letters_filters(state: State, capsys: pytest.CaptureFixture[str], args: list[str], found: bool) -> None:
     code, out, err = run_command(capsys, "dead-letters", "--json", *args, "-c", state.config)
