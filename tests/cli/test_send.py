@@ -160,6 +160,16 @@ async def test_a_certificate_not_listed_is_refused(tcp: Sending, capsys: pytest.
     assert code == 2 and "refused: SUBMITTER_UNKNOWN (HTTP 403)" in err and "outbound.client_spki" in err, err
 
 
+async def test_a_certificate_of_another_ca_is_turned_away_in_the_handshake(tcp: Sending, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    stranger_ca = devpki.make_ca(tmp_path / "other", "ca")
+    stranger = devpki.issue(stranger_ca, tmp_path / "other", "erp", role="client")
+    code, _, err = await run_command_aside(capsys, "send", str(tcp.invoice), "--cert", str(stranger.cert), "--key",
+                                           str(stranger.key), "-c", tcp.config)
+    assert code == 1 and "failed: " in err and "outbound.client_ca" in err and "check --cert" in err, err
+    assert await listed_out(capsys, tcp) == []
+
+
 async def test_an_untrusted_gateway_certificate_is_failed(tcp: Sending, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     stranger = devpki.make_ca(tmp_path / "other", "ca")
