@@ -6,18 +6,22 @@ this module only makes a throwaway CA whose key is kept so an operator can issue
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LABEL = "DEVELOPMENT ONLY"
+ORGANIZATION = f"einvoice-gateway {LABEL}"  # the organization of every name this module writes
 DOCUMENT_SIGNING = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")  # id-kp-documentSigning, RFC 9336
 
 
@@ -28,13 +32,13 @@ class Issued:
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"einvoice-gateway {LABEL}"),
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, replace: bool = True) -> None:
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL), 0o600)
     os.fchmod(fd, 0o600)  # the mode above applies to a new file only: a key issued again over an old one
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -70,9 +74,10 @@ def make_ca(folder: Path, name: str = "CA", cn: str = "einvoice-gateway developm
 def issue(ca: Issued, folder: Path, name: str, *, role: str, cn: str | None = None,
           sans: tuple[str, ...] = (), key_kind: str = "ec", not_before: datetime | None = None,
           not_after: datetime | None = None, hash_alg: hashes.HashAlgorithm | None = None,
-          emails: tuple[str, ...] = ()) -> Issued:
+          emails: tuple[str, ...] = (), replace: bool = True) -> Issued:
     """Issue a leaf certificate: role "server" (serverAuth), "client" (clientAuth), "signing" (documents)
-    or "smime" (emailProtection; ``emails`` become rfc822Name SANs; an RSA key may also be encrypted to)."""
+    or "smime" (emailProtection; ``emails`` become rfc822Name SANs; an RSA key may also be encrypted to).
+    ``replace`` False: FileExistsError rather than writing over an existing certificate or key file."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
     key = new_key(key_kind)
@@ -104,6 +109,51 @@ def issue(ca: Issued, folder: Path, name: str, *, role: str, cn: str | None = No
     cert = builder.sign(ca_key, hash_alg or hashes.SHA256())  # type: ignore[arg-type]
     folder.mkdir(parents=True, exist_ok=True)
     out = Issued(folder / f"{name}.crt", folder / f"{name}.key")
-    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(out.key, key)
+    if not replace and out.cert.exists():  # before the key is written: a refusal leaves nothing behind
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out.cert))
+    _write_key(out.key, key, replace)
+    with out.cert.open("wb" if replace else "xb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
     return out
+
+
+def is_development_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` is a CA that ``make_ca`` made: a CA certificate, self-issued and self-signed, whose
+    subject carries the development label.  (An operator's CA does not name itself DEVELOPMENT ONLY.)"""
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    organizations = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
+    if not constraints.ca or cert.subject != cert.issuer or organizations != [ORGANIZATION]:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def development_cas(files: Sequence[Path]) -> list[tuple[Path, x509.Certificate]]:
+    """The development CAs among CA files (``https.client_ca``): each file that holds one certificate, a
+    development CA, in the order listed; unreadable files and bundles are not development CAs."""
+    found = []
+    for path in files:
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if len(certs) == 1 and is_development_ca(certs[0]):
+            found.append((path, certs[0]))
+    return found
+
+
+def key_matches(cert: x509.Certificate, key_file: Path) -> bool:
+    """Whether ``key_file`` holds an unencrypted PEM private key (as this module writes them) of ``cert``'s key."""
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    except (ValueError, TypeError):  # not PEM, or encrypted
+        return False
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(key.public_key().public_bytes(serialization.Encoding.DER, spki) ==
+                cert.public_key().public_bytes(serialization.Encoding.DER, spki))

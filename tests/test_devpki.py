@@ -5,6 +5,9 @@ for one role — server (serverAuth), client (clientAuth), signing (documentSign
 nonRepudiation) or smime (emailProtection, the addresses as rfc822Name SANs) — with the key kind, SANs,
 validity and hash asked for.  Every name says DEVELOPMENT ONLY; private keys are PKCS#8 files of mode
 0600.  What it issues is checked here with ``openssl verify`` (each role for its own purpose only).
+``replace=False`` refuses to write over a certificate or key.  ``is_development_ca`` recognises a CA
+``make_ca`` made (and not one openssl made, nor a leaf, nor a CA carrying the label but signed by another
+key); ``development_cas`` finds them among CA files; ``key_matches`` pairs a CA with its key file.
 """
 
 from __future__ import annotations
@@ -203,3 +206,67 @@ def test_a_reissued_key_is_0600_even_over_a_readable_old_key(ca: devpki.Issued, 
 def test_serial_numbers_are_random_and_distinct(ca: devpki.Issued, tmp_path: Path) -> None:
     serials = {load(devpki.issue(ca, tmp_path, f"c{i}", role="client"))[0].serial_number for i in range(5)}
     assert len(serials) == 5 and all(s.bit_length() > 64 for s in serials)  # CA/B BR 7.1: at least 64 random bits
+
+
+def test_issuing_without_replace_refuses_existing_files_and_writes_nothing(ca: devpki.Issued, tmp_path: Path) -> None:
+    first = devpki.issue(ca, tmp_path, "acme", role="client")
+    before = first.cert.read_bytes(), first.key.read_bytes()
+    with pytest.raises(FileExistsError) as exc:
+        devpki.issue(ca, tmp_path, "acme", role="client", replace=False)
+    assert exc.value.filename == str(first.cert)
+    assert (first.cert.read_bytes(), first.key.read_bytes()) == before
+    first.cert.unlink()  # the key alone left: refused as well, and no certificate written
+    with pytest.raises(FileExistsError):
+        devpki.issue(ca, tmp_path, "acme", role="client", replace=False)
+    assert not first.cert.exists() and first.key.read_bytes() == before[1]
+    fresh = devpki.issue(ca, tmp_path, "new", role="client", replace=False)
+    assert fresh.cert.is_file() and mode(fresh.key) == 0o600
+
+
+def openssl_ca(folder: Path, subject: str) -> Path:
+    """A CA made by openssl, as an operator's own CA would be."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run([OPENSSL or "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-subj", subject, "-keyout", str(folder / "ca.key"), "-out", str(folder / "ca.crt"), "-days", "30",
+                    "-addext", "basicConstraints=critical,CA:TRUE"], check=True, capture_output=True, timeout=30)
+    return folder / "ca.crt"
+
+
+def pem(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@needs_openssl
+def test_a_development_ca_is_recognised_and_nothing_else(ca: devpki.Issued, tmp_path: Path) -> None:
+    assert devpki.is_development_ca(pem(ca.cert))
+    leaf = devpki.issue(ca, tmp_path, "leaf", role="client")
+    assert not devpki.is_development_ca(pem(leaf.cert))  # carries the label, is no CA
+    operators = openssl_ca(tmp_path / "op", "/O=Example Corp/CN=Example Issuing CA")
+    assert not devpki.is_development_ca(pem(operators))
+    # the label alone does not make one: a CA certificate with the label's name, signed by another key
+    other = devpki.make_ca(tmp_path / "other", "ca")
+    forged = x509.CertificateBuilder().subject_name(pem(ca.cert).subject).issuer_name(pem(ca.cert).subject) \
+        .public_key(load(ca)[1].public_key()).serial_number(1) \
+        .not_valid_before(datetime.now(UTC) - timedelta(days=1)).not_valid_after(datetime.now(UTC) + timedelta(days=1)) \
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(load(other)[1], hashes.SHA256())
+    assert not devpki.is_development_ca(forged)
+
+
+@needs_openssl
+def test_development_cas_are_found_among_ca_files_in_order(ca: devpki.Issued, tmp_path: Path) -> None:
+    operators = openssl_ca(tmp_path / "op", "/O=Example Corp/CN=Example Issuing CA")
+    second = devpki.make_ca(tmp_path / "second", "ca")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(ca.cert.read_bytes() + second.cert.read_bytes())  # a bundle is nobody's development CA
+    found = devpki.development_cas([operators, tmp_path / "missing.crt", bundle, second.cert, ca.cert])
+    assert [p for p, _ in found] == [second.cert, ca.cert]
+    assert devpki.development_cas([operators]) == []
+
+
+def test_a_ca_key_matches_its_own_certificate_only(ca: devpki.Issued, tmp_path: Path) -> None:
+    other = devpki.make_ca(tmp_path / "other", "ca")
+    assert devpki.key_matches(pem(ca.cert), ca.key)
+    assert not devpki.key_matches(pem(ca.cert), other.key)
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"not a key")
+    assert not devpki.key_matches(pem(ca.cert), garbage)

@@ -26,6 +26,8 @@
                            | list [--limit N] [--json]
     einvoice-gateway users add NAME --role R … | list [--json] | disable|enable|reset-mfa|unlock|reset-password NAME
     einvoice-gateway backup create DIR | verify DIR [--deep] | restore DIR [--state-dir DIR]
+    einvoice-gateway send FILE [--url https://H:P|unix:PATH] [--cert PEM --key PEM] [--cacert PEM] [--timeout S] [--json]
+    einvoice-gateway pki issue-partner NAME [--email ADDR …] [--party-id ID …] [--out DIR] [--force] [--json]
 
 Each command group lives in its own module of this package; this one only parses and dispatches.
 Every listing and ``show`` prints a table (or labelled lines) for people and, with ``--json``, JSON
@@ -45,19 +47,20 @@ import sys
 
 from .. import __version__
 from ..errors import GatewayError
-from . import audit, backup, documents, keys, messages, partners, serve, users
+from . import audit, backup, documents, keys, messages, partners, pki, send, serve, users
 from .errors import CommandError, said
 
 GROUPS = {"init": serve, "serve": serve, "check-config": serve, "demo": serve, "partners": partners,
           "quarantine": messages, "messages": messages, "dead-letters": messages, "sign": documents,
-          "verify": documents, "keys": keys, "audit": audit, "backup": backup, "users": users}
+          "verify": documents, "keys": keys, "audit": audit, "backup": backup, "users": users,
+          "send": send, "pki": pki}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="einvoice-gateway", description="Secure e-invoice gateway (UBL 2.1 over mutual-TLS HTTPS).")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (serve, partners, documents, messages, keys, audit, backup, users):
+    for group in (serve, partners, documents, messages, keys, audit, backup, users, send, pki):
         group.add_parsers(sub)
     return p
 

@@ -63,7 +63,8 @@ def test_a_configuration_error_is_exit_2_with_one_line_naming_it(monkeypatch, ca
 # One command of each group, as the parser takes it.
 ONE_OF_EACH = [["init", "d"], ["serve"], ["check-config"], ["demo"], ["partners", "list"], ["quarantine", "list"],
                ["messages", "list"], ["dead-letters"], ["sign", "a.xml", "b.xml"], ["verify", "a.xml"], ["keys", "list"],
-               ["audit", "list"], ["backup", "verify", "b"], ["users", "list"]]
+               ["audit", "list"], ["backup", "verify", "b"], ["users", "list"], ["send", "a.xml"],
+               ["pki", "issue-partner", "acme"]]
 ERRORS: list[tuple[BaseException, int, str]] = [
     (UsageError("--cert and --key go together"), 2, "usage error: --cert and --key go together"),
     (NotFound("no message m-1"), 2, "not found: no message m-1"),

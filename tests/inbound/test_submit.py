@@ -17,7 +17,6 @@ import dataclasses
 import gzip
 import hashlib
 import shutil
-import socket
 import ssl
 import stat
 import subprocess
@@ -43,7 +42,8 @@ from gateway.partners.edit import register_partner
 from gateway.storage.records import DeliveryRow, MessageSummary
 from gateway.tls import client_context, inspect_certificate
 from tests.helpers import FOREIGN, HANDSHAKE_FAILED, XML, Running, add_partner, eventually, post, rewrite_config
-from tests.helpers.messages import BUYER, SELLER
+from tests.helpers.messages import SELLER
+from tests.helpers.outbound import Tweak, a_client_cert, closed_port, make_sender, unix_session
 
 # SELLER, the sample's supplier, is "this business" for A; BUYER, the sample's buyer, is partner buyer-b at A.
 # FOREIGN is the sample with someone else as the seller.
@@ -55,41 +55,6 @@ DS = "http://www.w3.org/2000/09/xmldsig#"
 XSD_INVOICE_ID = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2:Invoice"
 XSD_PROPS_ID = "http://uri.etsi.org/01903/v1.3.2#:SignedProperties"
 WAIT_S = 15.0
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def a_client_cert(a: Instance) -> devpki.Issued:
-    """What A presents to its partners."""
-    return devpki.issue(a.ca, a.root / "pki", "a-client", role="client", cn="gateway A")
-
-
-Tweak = Callable[[dict[str, Any]], None]
-
-
-def make_sender(a: Instance, a_client: devpki.Issued, *, endpoint: str, ca: Path, transport: str = "unix",
-                tweak: Tweak | None = None) -> None:
-    """Configure ``a`` to send: partner buyer-b (signed invoices), a partner destination, the [outbound]
-    listener; ``tweak`` changes the resulting configuration further."""
-    add_partner(a, "buyer-b", [BUYER], endpoint=endpoint, sign_outbound=True)  # its client certificate is never used here
-    listener: dict[str, Any] = ({"socket": "outbound.sock"} if transport == "unix" else
-                                {"listen_host": "127.0.0.1", "listen_port": 0, "client_ca": [str(a.ca.cert)]})
-
-    def change(c: dict[str, Any]) -> None:
-        c.setdefault("rules", {})["processes"] = 1
-        c["destinations"].append({"name": "partners", "type": "partner", "ca": str(ca),
-                                  "client_certificate": str(a_client.cert), "client_key": str(a_client.key),
-                                  "timeout_s": 5.0})
-        c["outbound"] = {**listener, "identities": [SELLER]}
-        c.setdefault("delivery", {}).update(retry_base_s=0.1, retry_cap_s=0.5, breaker_cooldown_s=0.1)
-        if tweak is not None:
-            tweak(c)
-
-    rewrite_config(a.config, change)
 
 
 def make_receiver(b: Instance, a: Instance, a_client: devpki.Issued) -> None:
@@ -156,10 +121,6 @@ class Pair:
         cfg = config_mod.load(self.b.config)
         self.gb = Gateway(dataclasses.replace(cfg, https=dataclasses.replace(cfg.https, port=self.b_port)))
         await self.gb.start()
-
-
-def unix_session(a: Instance) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(a.root / "outbound.sock")))
 
 
 @pytest.fixture
