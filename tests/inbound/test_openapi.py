@@ -50,7 +50,7 @@ def error_codes(doc: dict[str, Any]) -> dict[int, set[str]]:
 
 def readme_table() -> list[tuple[str, str, str]]:
     """(HTTP, code, meaning) of each row of the README's error table."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "partners.md").read_text(encoding="utf-8")
     table = readme[readme.index("| HTTP | `error` | meaning |"):]
     table = table[:table.index("\n\n")]
     return [(m[1], m[2], m[3]) for m in re.finditer(r"^\| ([^|]+?) \| `([A-Z_]+)` \| (.*) \|$", table, re.M)]
