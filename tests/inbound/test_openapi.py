@@ -1,4 +1,4 @@
-"""The OpenAPI documents of the partner and outbound APIs: valid OpenAPI 3.1, in step with the README's
+"""The OpenAPI documents of the partner and outbound APIs: valid OpenAPI 3.1, in step with docs/partners.md's
 error table, served by each listener, and true of the running listeners (schemathesis).
 
 The schemathesis runs use real gateways on 127.0.0.1: the partner listener as the demo partner (mutual
@@ -49,8 +49,8 @@ def error_codes(doc: dict[str, Any]) -> dict[int, set[str]]:
 
 
 def readme_table() -> list[tuple[str, str, str]]:
-    """(HTTP, code, meaning) of each row of the README's error table."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """(HTTP, code, meaning) of each row of docs/partners.md's error table."""
+    readme = (ROOT / "docs" / "partners.md").read_text(encoding="utf-8")
     table = readme[readme.index("| HTTP | `error` | meaning |"):]
     table = table[:table.index("\n\n")]
     return [(m[1], m[2], m[3]) for m in re.finditer(r"^\| ([^|]+?) \| `([A-Z_]+)` \| (.*) \|$", table, re.M)]
@@ -80,24 +80,24 @@ def test_every_error_response_has_the_one_error_shape(name: str) -> None:
 
 
 def test_the_error_codes_are_the_readme_table() -> None:
-    """Each code the README lists for an HTTP status is documented at that status by the partner API or
-    (marked "outbound") the outbound API; each code a document lists is in the README at its status."""
+    """Each code docs/partners.md lists for an HTTP status is documented at that status by the partner API or
+    (marked "outbound") the outbound API; each code a document lists is in docs/partners.md at its status."""
     partner = error_codes(DOCUMENTS["partner"])
     outbound = error_codes(DOCUMENTS["outbound (TCP)"])
     rows = [(http, code, meaning) for http, code, meaning in readme_table() if not http.startswith("SMTP")]
-    assert len(rows) > 40, "the README's error table was not found"
+    assert len(rows) > 40, "docs/partners.md's error table was not found"
     for http, code, meaning in rows:
         statuses = range(400, 500) if http == "4xx" else [int(http)]
         documented = outbound if meaning.startswith("outbound") else partner
         if http == "405":  # no operation to attach it to (a method the path has not): the description says it
             assert all(code in doc["info"]["description"] for doc in DOCUMENTS.values())
             continue
-        assert any(code in documented.get(s, ()) for s in statuses), f"README: {http} {code} is not in the document"
+        assert any(code in documented.get(s, ()) for s in statuses), f"docs/partners.md: {http} {code} is not in the document"
     for name, codes in (("partner", partner), ("outbound", outbound)):
         for status, names in codes.items():
             for code in names:
                 assert any(http in (str(status), "4xx") and c == code for http, c, _ in rows), \
-                    f"{name}: {status} {code} is not in the README's error table"
+                    f"{name}: {status} {code} is not in docs/partners.md's error table"
 
 
 def test_the_socket_listener_has_no_client_certificate() -> None:

@@ -1038,7 +1038,7 @@ async def test_an_idle_session_is_closed(quick: instance.Instance) -> None:
 
 
 async def test_a_steady_data_transfer_may_outlast_the_command_timeout(quick: instance.Instance) -> None:
-    """data_timeout_s covers the DATA transfer (README: "the whole DATA transfer and its processing"): a
+    """data_timeout_s covers the DATA transfer (docs/configuration.md: "the whole DATA transfer and its processing"): a
     sender that keeps sending for longer than command_timeout_s is not cut."""
     async with serving(quick, level="warning") as r:
         port, ctx = smtp_port(r), tls_context(quick)
