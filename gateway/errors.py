@@ -18,7 +18,7 @@
     ├── ConfigError                   start-up and CLI: names the exact key path
     └── VaultError                    one opaque error for every failure to open a sealed object
 
-Each rejection carries a stable ``code`` (documented in the README) and a list of ``details``; a
+Each rejection carries a stable ``code`` (documented in docs/partners.md, Refusals) and a list of ``details``; a
 transport turns them into a reply in exactly one function.  Messages meant for the remote sender
 say what to fix and never include key material or internal paths.
 """
@@ -74,7 +74,7 @@ ERROR_SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["error", "message", "details"],
         "properties": {
-            "error": {"type": "string", "description": "a stable code (the README's error table)"},
+            "error": {"type": "string", "description": "a stable code (docs/partners.md, Refusals)"},
             "message": {"type": "string", "description": "what to fix; never key material or file paths"},
             "details": {"type": "array", "items": {"$ref": "#/components/schemas/Detail"}},
         },

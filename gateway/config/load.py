@@ -336,7 +336,7 @@ def _console(r: Reader, admin: AdminConfig) -> ConsoleConfig:
     for gone, now in (("lockout_after", "backoff_after"), ("lockout_s", "backoff_max_s")):
         if r.has(gone):
             raise ConfigError(f"{r.key(gone)}: failed logins no longer lock an account; they make further attempts "
-                              f"wait (console.{now}, see the README's Admin console section)")
+                              f"wait (console.{now}, see docs/console.md, 'Failed logins: a wait, never a lock')")
     if cfg.idle_timeout_s > cfg.absolute_timeout_s:
         raise ConfigError(f"{r.key('idle_timeout_s')}: longer than absolute_timeout_s ({cfg.absolute_timeout_s:g} s)")
     r.done()

@@ -4,8 +4,8 @@ Each listener serves its own at ``GET /v1/openapi.json`` (``serve``).  They desc
 handlers and the shared HTTP helpers give (gateway/inbound/http.py): the 202 receipt, the status
 document, and each error status with the codes it can carry as an enum, in the one error shape
 ``{error, message, details[{message, line?, path?}]}`` (``GatewayError.as_json``) and with
-``Retry-After`` on a 503 (``reply_for``).  What each code means is the README's error table, which
-tests/inbound/test_openapi.py holds these tables to; schemathesis holds the running listeners to them.
+``Retry-After`` on a 503 (``reply_for``).  What each code means is docs/partners.md's error table
+(Refusals), which tests/inbound/test_openapi.py holds these tables to; schemathesis holds the running listeners to them.
 """
 
 from __future__ import annotations

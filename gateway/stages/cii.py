@@ -36,7 +36,7 @@ def _party(role: str, where: str = "ApplicableHeaderTradeAgreement") -> tuple[et
 
 _SELLER = _party("SellerTradeParty")
 _BUYER = _party("BuyerTradeParty")
-# Parties that act for the seller, read the same way: none may name another partner (README, supplier binding).
+# Parties that act for the seller, read the same way: none may name another partner (docs/partners.md, Supplier binding).
 _AGENTS = (("payee", _party("PayeeTradeParty", "ApplicableHeaderTradeSettlement")),  # BG-10
            ("tax representative", _party("SellerTaxRepresentativeTradeParty")),  # BG-11
            ("invoicer", _party("InvoicerTradeParty", "ApplicableHeaderTradeSettlement")))

@@ -39,6 +39,7 @@ from ..errors import ConfigError, Detail, Rejected, Transient
 from ..model import Syntax
 
 SVRL = "http://purl.oclc.org/dsdl/svrl"
+XSLT_NS = "http://www.w3.org/1999/XSL/Transform"
 log = logs.get("rules")
 MAX_REPORTED = 100  # failed assertions reported to the sender per rejection
 RETIRE_GROWTH_BYTES = 256 * 1024 * 1024  # a rules process that grew this much since start is replaced
@@ -149,25 +150,22 @@ def _without_fired_rules(path: Path, where: str) -> str:
 
     A compiled Schematron writes one ``fired-rule`` per rule context it matches, about a sixth of a
     20 KB invoice's evaluation (issue 23's profile: 1.75 of 9.5-10.4 ms), and nothing reads them
-    (parse_svrl takes failed assertions and successful reports only).  Only those literal result elements go; every assertion, its test and
-    its text stay exactly as written.
+    (parse_svrl takes failed assertions and successful reports only).  Only those literal result
+    elements go (each replaced by an empty ``xsl:sequence``); every assertion, its test and its text
+    stay exactly as written.
     """
     try:
         tree = etree.parse(str(path), _STYLESHEET_PARSER)
     except (OSError, etree.XMLSyntaxError) as exc:
         raise ConfigError(f"{where}: cannot compile {path}: {exc}") from None
-    for el in list(tree.iter(f"{{{SVRL}}}fired-rule")):
-        parent = el.getparent()
-        if parent is None:
-            continue
-        if el.tail and el.tail.strip():  # keep text that followed it (a compiled Schematron has none)
-            prev = el.getprevious()
-            if prev is not None:
-                prev.tail = (prev.tail or "") + el.tail
-            else:
-                parent.text = (parent.text or "") + el.tail
-        parent.remove(el)
-    return etree.tostring(tree, encoding="unicode")
+    for el in list(tree.iter(f"{{{SVRL}}}fired-rule")):  # each becomes an empty sequence: any text after it stays
+        for child in list(el):
+            el.remove(child)
+        el.attrib.clear()
+        el.text = None
+        el.tag = f"{{{XSLT_NS}}}sequence"
+        el.set("select", "()")
+    return str(etree.tostring(tree, encoding="unicode"))
 
 
 class _EvaluationError(Exception):
@@ -207,7 +205,7 @@ def _child_main(conn: Connection, specs: dict[str, PackSpec]) -> None:
 
 
 class _Child:
-    """One rules process: ``python -m gateway.rules FD``, talking pickles over a socket pair.
+    """One rules process: ``python -m gateway.stages.rules FD``, talking pickles over a socket pair.
 
     A plain subprocess rather than multiprocessing, which would leave a resource-tracker process
     behind in every process that ever started one (the supervisor among them).

@@ -29,7 +29,7 @@ def _party_ids(party: str) -> etree.XPath:
 
 _SUPPLIER = _party_ids("cac:AccountingSupplierParty/cac:Party")
 _CUSTOMER = _party_ids("cac:AccountingCustomerParty/cac:Party")
-# Parties that act for the seller, read the same way: none may name another partner (README, supplier binding).
+# Parties that act for the seller, read the same way: none may name another partner (docs/partners.md, Supplier binding).
 _AGENTS = (("payee", _party_ids("cac:PayeeParty")),  # BG-10
            ("tax representative", _party_ids("cac:TaxRepresentativeParty")),  # BG-11
            ("seller", _party_ids("cac:SellerSupplierParty/cac:Party")))  # UBL's seller, beside the accounting supplier

@@ -1,7 +1,7 @@
 """The values storage hands back: frozen records, the same whichever backend stored them.
 
 Each record that reaches a remote reader (the partner API's status, the CLI's ``--json``) has an
-``as_json()`` giving exactly the shape documented in the README.  Free-form parts (an audit
+``as_json()`` giving exactly the shape documented in docs/.  Free-form parts (an audit
 record's detail, a rules report, an approval's parameters) stay mappings: their shape is the
 writer's, not storage's.
 """
