@@ -11,7 +11,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from ..pipeline import MailIdentity, Pipeline
 from ..stages.routing import Router
 from ..stages.rules import RuleEngine
 from ..storage.factory import open_store
-from ..threads import RenewableThreads
+from ..threads import RenewableThreads, named_pool
 from ..tls import admin_context, server_context
 from .build import Parts, build, restart_needed, rules_key, warnings
 
@@ -84,7 +83,7 @@ class Gateway:
         threads = STAGE_THREADS_PER_WORKER if sock is not None else min(8, (os.cpu_count() or 2) + 2)
         self.executor = RenewableThreads(threads, "stage")  # renewed after a budget of parsing (gateway/threads.py)
         # Status reads, delivery and reloads: never queued behind invoices waiting for the rules.
-        self.io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
+        self.io_executor = named_pool(2, "io")
         self.store = open_store(config)
         self.metrics = Metrics()
         self.mailer = self._mailer(config, self.parts)

@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +43,7 @@ from ..ratelimit import RateLimiter
 from ..stages.signature import SigningKey
 from ..storage.base import Store
 from ..storage.records import Session, User
+from ..threads import named_pool
 from ..vault import Vault
 from . import security
 from .approvals import ApprovalPages
@@ -108,7 +109,7 @@ class Console:
         self.wake_outbox = wake_outbox
         self.rejections = rejections
         self.partners_changed = partners_changed  # re-read the partners file now (the console just wrote it)
-        self.hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-hash")
+        self.hashing = named_pool(1, "console-hash")
         self.waiting_hashes = 0
         self.throttled_audit: dict[str, float] = {}
         self.static = _static_files()

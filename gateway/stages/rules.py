@@ -129,7 +129,8 @@ class _Compiled:
             raise ConfigError(f"{where}: cannot compile {path}")
         self.processor = processor
 
-    def run(self, document: str) -> list[Finding]:
+    def report(self, document: str) -> str:
+        """The report the stylesheet writes for the document, whole."""
         from saxonche import PySaxonApiError
 
         try:
@@ -139,7 +140,19 @@ class _Compiled:
             raise _EvaluationError(f"rules engine: {str(exc)[:200]}") from None
         if not out:
             raise _EvaluationError("the rules produced no report")
-        return parse_svrl(str(out).encode("utf-8"))
+        return str(out)
+
+    def run(self, document: str) -> list[Finding]:
+        return parse_svrl(self.report(document).encode("utf-8"))
+
+
+def svrl_report(spec: PackSpec, syntax: Syntax, document: str) -> str:
+    """The whole SVRL report of one pack's stylesheet on a document, compiled and run as a rules process
+    does it, but in this process (for tests and tools: what the report carries, issue 23)."""
+    from saxonche import PySaxonProcessor
+
+    compiled = _Compiled(PySaxonProcessor(license=False), spec.stylesheets[syntax], f"rules.packs[{spec.name}]")
+    return compiled.report(document)
 
 
 _STYLESHEET_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...errors import ConfigError, GatewayError, StorageUnavailable
+from ...threads import name_os_thread
 from . import schema
 
 T = TypeVar("T")
@@ -71,6 +72,7 @@ class Engine:
     # --- reads -------------------------------------------------------------------------------------
 
     def _open_reader(self) -> None:
+        name_os_thread()
         conn = self.connect()
         self._local.conn = conn
         with self._conns_lock:
@@ -100,6 +102,7 @@ class Engine:
         return fut
 
     def _write_loop(self) -> None:
+        name_os_thread()
         conn = self.connect()
         conn.execute("PRAGMA busy_timeout=0")  # begin() waits for the lock itself
         while True:
