@@ -37,7 +37,6 @@ def test_the_report_is_the_one_the_rules_processes_read() -> None:
     assert parse_svrl(report.encode()) == findings
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 23: fired-rule output not yet removed")
 def test_the_default_report_carries_no_fired_rule_output(report: etree._Element) -> None:
     assert report.tag == f"{{{SVRL}}}schematron-output"
     fired = sum(1 for _ in report.iter(f"{{{SVRL}}}fired-rule"))

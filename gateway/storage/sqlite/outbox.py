@@ -97,8 +97,11 @@ class SqliteOutbox:
         return await self.engine.write(op)
 
     async def release(self, owner: str) -> int:
+        # Only a pending job's lease means anything (claims take pending jobs): the state keeps this on the
+        # "due" indexes instead of reading every delivery and notice ever kept.
         return await self.engine.write(lambda conn: sum(conn.execute(
-            f"UPDATE {table} SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)).rowcount  # noqa: S608
+            f"UPDATE {table} SET lease_owner = NULL, lease_until = NULL "  # noqa: S608
+            "WHERE state = 'pending' AND lease_owner = ?", (owner,)).rowcount
             for table in ("deliveries", "notices")))
 
     async def load_sealed(self, message_id: str) -> bytes | None:

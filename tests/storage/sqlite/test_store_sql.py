@@ -50,17 +50,6 @@ EARLY_STOPPING = {
     "SELECT seq, hash, action FROM audit ORDER BY seq DESC LIMIT 1":
         ("SCAN audit", "the head again, read by the signed checkpoint (housekeeping): one row, as above"),
 }
-# Scans there are today, found by this test when it was written (issue 23), not yet fixed: each is still
-# checked by test_the_known_scans_are_gone (strict xfail), so fixing one flips that test, and a new scan
-# anywhere else fails the test above at once.
-KNOWN_SCANS = {
-    "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?":
-        "SqliteOutbox.release, at every start and stop of the outbox: every delivery ever kept is read",
-    "UPDATE notices SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?":
-        "SqliteOutbox.release, likewise for every notice ever kept",
-}
-
-
 @dataclass
 class Executed:
     """One statement as the store ran it."""
@@ -302,19 +291,11 @@ def scanning(run: Run) -> tuple[dict[str, str], set[str]]:
 
 def test_no_statement_on_the_intake_or_delivery_path_scans_a_whole_table(run: Run) -> None:
     found, seen_exceptions = scanning(run)
-    problems = [line for text, line in found.items() if text not in KNOWN_SCANS]
+    problems = list(found.values())
     assert not problems, ("statements that read a whole table (add an index in gateway/storage/sqlite/schema.py, "
                           "or change the query):\n" + "\n".join(problems))
     assert seen_exceptions == set(EARLY_STOPPING), \
         f"EARLY_STOPPING names statements no longer run (remove them): {sorted(set(EARLY_STOPPING) - seen_exceptions)}"
-
-
-@pytest.mark.xfail(strict=True, reason="issue 23: SqliteOutbox.release reads every delivery and notice ever kept "
-                   "(no index on lease_owner; `state = 'pending' AND` would let the due indexes serve it)")
-def test_the_known_scans_are_gone(run: Run) -> None:
-    found, _ = scanning(run)
-    assert set(KNOWN_SCANS) <= set(distinct(run)), "a KNOWN_SCANS statement is no longer run: remove it from the list"
-    assert not [line for text, line in found.items() if text in KNOWN_SCANS]
 
 
 def test_the_scan_check_sees_a_full_scan_and_an_indexed_search(run: Run) -> None:
