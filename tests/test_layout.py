@@ -26,8 +26,9 @@ NO_MIRROR = {
     "gateway/storage/records.py": "the records the store protocols return: tests/storage/test_base_contract.py",
     "gateway/console/context.py": "a Protocol, no behaviour: the pages' tests (tests/console/) run through it",
 }
-# Test folders that mirror no package: the console driven by a real browser, and the shared helpers.
-OTHER_FOLDERS = {"browser", "helpers"}
+# Test folders that mirror no package: the console driven by a real browser, the container image
+# (Containerfile, container/), and the shared helpers.
+OTHER_FOLDERS = {"browser", "container", "helpers"}
 
 
 def modules() -> list[str]:
