@@ -37,12 +37,14 @@ OS account that runs it (gateway/cli/common.py).
 Exit codes (gateway/cli/errors.py): 0 done; 1 the command ran and reports a problem (a check that found
 one, or ``failed: …``: a file or the store could not be read or written); 2 what was asked cannot be
 done as asked (argparse's usage errors, ``usage error: …``, ``configuration error: KEY: …``,
-``not found: …``, ``refused: …``).
+``not found: …``, ``refused: …``); 141 the reader of standard output went away (``| head``), silently.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 
 from .. import __version__
@@ -68,10 +70,28 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(GROUPS[args.command].run(args))
+        code = int(GROUPS[args.command].run(args))
+        sys.stdout.flush()  # here, where a reader that went away can be told from a failure
+        return code
+    except BrokenPipeError as exc:
+        return READER_GONE if _stdout_gone() else said(exc)
     except (CommandError, GatewayError, OSError) as exc:
         return said(exc)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+READER_GONE = 141  # what a shell reports for a command a closed pipe stopped (128 + SIGPIPE)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output's reader went away (``| head``): not an error to report, and nothing
+    more can be written there, the interpreter's last flush included."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (captured, replaced): not what broke
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poll.poll(0)):  # a pipe without a reader polls as an error
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True

@@ -102,6 +102,34 @@ def test_a_bug_is_not_dressed_up_as_a_refusal(monkeypatch):
     assert issubclass(NotHeld, GatewayError)
 
 
+# A command whose output is far larger than a pipe holds, as `messages list` over a big store would print.
+CHATTY = """
+import sys
+from gateway.cli import documents, main
+documents.run = lambda args: [print("row", i) for i in range(200_000)] and 0
+sys.exit(main.main(["verify", "any.xml"]))
+"""
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly():
+    with subprocess.Popen([sys.executable, "-c", CHATTY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline() == b"row 0\n"
+        proc.stdout.close()  # what `| head -1` does once it has its line
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == main.READER_GONE
+    assert err == b""  # no "failed: [Errno 32] Broken pipe", no "Exception ignored" from the last flush
+
+
+def test_a_broken_pipe_elsewhere_is_still_a_failure(monkeypatch, capsys):
+    def run(args: argparse.Namespace) -> int:
+        raise BrokenPipeError(32, "Broken pipe")  # a socket or a child's pipe: standard output is fine
+
+    monkeypatch.setattr(documents, "run", run)
+    assert main.main(["verify", "any.xml"]) == 1
+    assert capsys.readouterr().err.startswith("einvoice-gateway: failed: ")
+
+
 def walk(parser: argparse.ArgumentParser, path: str = "einvoice-gateway") -> list[tuple[str, argparse.ArgumentParser]]:
     """The parser and every subcommand's, with the command line that reaches it."""
     found = [(path, parser)]
