@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import inspect
 import io
 import json
 import os
 import re
+import secrets
+import shutil
 import socket
 import ssl
 import subprocess
@@ -316,3 +319,20 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> N
         except OSError:
             time.sleep(0.1)
     pytest.fail(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def os_group(prefix: str = "gwtest") -> Iterator[tuple[str, int]]:
+    """A real, new OS group (name, gid), removed after: ``groupadd`` needs root (under CI=true its
+    absence fails the test, elsewhere it skips)."""
+    tool = shutil.which("groupadd")
+    if os.geteuid() != 0 or tool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("creating an OS group needs root and groupadd")
+        pytest.skip("creating an OS group needs root and groupadd")
+    name = f"{prefix}{secrets.token_hex(3)}"
+    subprocess.run([tool, name], check=True, capture_output=True, timeout=30)
+    try:
+        yield name, grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], check=False, capture_output=True, timeout=30)
