@@ -21,9 +21,9 @@ from gateway.cli.demo import SAMPLE
 from gateway.config.model import DeliveryConfig, Destination
 from gateway.delivery.folder import DirectorySender, access_warnings
 from gateway.delivery.outbox import Outbox
+from gateway.delivery.sender import DeliveryFailed
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import MasterKey, Vault
-from gateway.delivery.sender import DeliveryFailed
 from tests.helpers import SetTime, os_group
 from tests.helpers.outbox import committed_row, stored
 
