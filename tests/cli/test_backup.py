@@ -18,8 +18,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,26 +28,8 @@ from gateway.config import load as config_mod
 from gateway.operations import backup, instance
 from gateway.storage.factory import snapshots
 from gateway.storage.sqlite.store import SqliteStore
-from gateway.vault import Vault, write_key_file
-from tests.helpers import ENV, post, rewrite_config, run_command, run_command_aside, serving
-from tests.helpers.records import WAIT, accepted_invoice
-
-
-async def put_invoices(inst: instance.Instance, count: int) -> None:
-    """``count`` invoices in the instance's store, sealed under its master key as the daemon would."""
-    cfg = config_mod.load(inst.config)
-    vault = Vault.from_files(cfg.vault.keys, cfg.vault.current)
-    store = SqliteStore(inst.state_dir)
-    try:
-        for n in range(count):
-            inv = accepted_invoice(f"B-{n}", partner=instance.DEMO_PARTNER, destinations=("erp-inbox",))
-            body = inv.sealed.removeprefix(b"sealed:")  # accepted_invoice puts a placeholder around the document
-            assert hashlib.sha256(body).hexdigest() == inv.sha256
-            blob, key_id = vault.seal(body, inv.message_id, inv.sha256)
-            await asyncio.wait_for(store.intake.put(replace(inv, sealed=blob, key_id=key_id)), WAIT)
-        await store.audit.append("pytest", "test.note", None, None, {"why": "backup command test"})
-    finally:
-        await store.close()
+from gateway.vault import write_key_file
+from tests.helpers import post, put_invoices, rewrite_config, run_command, run_command_aside, run_process, serving
 
 
 @pytest.fixture
@@ -142,6 +122,7 @@ def test_master_keys_only_when_asked_and_loudly(stored, tmp_path, capsys):
     assert sha256(dest / key["stored"]) == sha256(stored.master_key)
 
 
+@pytest.mark.slow
 async def test_a_restored_instance_serves_and_accepts_an_invoice(stored, tmp_path, capsys):
     dest, fresh = tmp_path / "b", tmp_path / "restored"
     code, _, err = await run_command_aside(capsys, "backup", "create", "--include-master-keys", str(dest),
@@ -214,22 +195,7 @@ def test_progress_on_a_terminal_only(stored, tmp_path):
     """``backup create`` as a real process: on a pty its stderr shows the progress line, ended by a newline;
     on a pipe stderr stays empty."""
     def create(dest: Path, on_tty: bool) -> tuple[int, str, str]:
-        master, slave = os.openpty() if on_tty else os.pipe()
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "backup", "create", str(dest), "-c", str(stored.config)],
-                                stdout=subprocess.PIPE, stderr=slave, env=ENV)
-        os.close(slave)
-        err = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # (a pty's master reads EIO once the process has gone)
-                break
-            if not chunk:
-                break
-            err += chunk
-        out, _ = proc.communicate(timeout=60)
-        os.close(master)
-        return proc.returncode, out.decode(), err.decode()
+        return run_process("backup", "create", str(dest), "-c", str(stored.config), terminal=on_tty)
 
     code, out, err = create(tmp_path / "b1", on_tty=True)
     assert code == 0 and out.startswith("backup written to"), err
