@@ -155,7 +155,8 @@ def _copy_instance(inv: Inventory, dest: Path, master_keys: bool, tick: Tick) ->
                 folders.append({"key": "", "kind": "folder", "base": "config", "path": rel,
                                 **_owner((inv.config_dir / rel).stat())})
     config = next(i for i in inv.files if i.kind == CONFIGURATION)
-    return {"config_dir": str(inv.config_dir), "config": _where(inv, config.path), "state_dir": _where(inv, inv.state_dir),
+    state = {**_where(inv, inv.state_dir), **_owner(inv.state_dir.stat())}  # its owner: the service's user
+    return {"config_dir": str(inv.config_dir), "config": _where(inv, config.path), "state_dir": state,
             "files": files, "folders": folders, "master_key_files": keys, "master_keys_included": master_keys,
             "external": [{"key": e.key, "path": str(e.path)} for e in inv.external]}
 
@@ -367,6 +368,10 @@ def restore(snapshots: Snapshots, src: Path, state_dir: Path | None = None, *, c
     if state != recorded_state:
         _set_state_dir(config, state)
     _restore_database(snapshots, src, manifest, state, overwrite, tick)
+    if "owner" in inst["state_dir"]:  # the folder and the database belong to the service's user again (as root)
+        _apply_owner(state, {**inst["state_dir"], "mode": "0700"})
+        for name in snapshots.files:
+            _apply_owner(state / name, {**inst["state_dir"], "mode": "0600"})
     missing_keys = tuple((k["key_id"], target(k)) for k in inst["master_key_files"] if not target(k).is_file())
     missing_external = tuple((e["key"], Path(e["path"])) for e in inst["external"] if not Path(e["path"]).exists())
     return Restored(manifest, config, state, written, missing_keys, missing_external)
@@ -440,13 +445,14 @@ def _name(lookup: Callable[[int], Any], number: int) -> str:
 
 
 def _apply_owner(path: Path, entry: dict[str, Any]) -> None:
-    """The recorded mode; and, as root, the recorded owner and group where this system knows their names."""
-    os.chmod(path, int(entry["mode"], 8))
+    """As root, the recorded owner and group where this system knows their names; then the recorded mode
+    (after chown, which may clear a setgid bit)."""
     if os.geteuid() == 0:
         try:
             os.chown(path, pwd.getpwnam(entry["owner"]).pw_uid, grp.getgrnam(entry["group"]).gr_gid)
         except KeyError:
             pass  # (an owner this system lacks: root keeps it, and the mode still protects it)
+    os.chmod(path, int(entry["mode"], 8))
 
 
 def _make_folder(path: Path, entry: dict[str, Any]) -> None:

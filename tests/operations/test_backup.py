@@ -25,6 +25,7 @@ from gateway.storage.sqlite.backup import SqliteSnapshots
 from gateway.storage.sqlite.schema import SCHEMA_VERSION
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import KEY_BYTES, MasterKey, Vault
+from tests.helpers import os_group
 from tests.helpers.records import WAIT, accepted_invoice
 
 OLD, NEW = (MasterKey(kid, "", os.urandom(KEY_BYTES)) for kid in ("k-old", "k-new"))
@@ -401,3 +402,16 @@ async def test_overwrite_replaces_the_database_and_drops_its_leftovers(state: St
     assert done.state_dir == state.dir and not (state.dir / "gateway.db-wal").exists()
     state.store = SqliteStore(state.dir)
     assert (await state.store.reports.counts())["invoices"] == 5  # as backed up
+
+
+def test_the_state_folder_and_database_get_their_owner_back(state: State, tmp_path: Path) -> None:
+    """Restored as root, the state belongs to whom it belonged (the service's user and group), not to root."""
+    with os_group("gwstate") as (_, gid):
+        os.chown(state.dir, -1, gid)
+        dest = tmp_path / "b"
+        manifest = backup.create(SNAPSHOTS, state.dir, dest, instance=small_instance(state, tmp_path))
+        assert manifest["instance"]["state_dir"]["group"].startswith("gwstate")
+        new_state = tmp_path / "new" / "state"
+        backup.restore(SNAPSHOTS, dest, new_state, config_dir=tmp_path / "new" / "conf")
+        for path, wanted in ((new_state, 0o700), (new_state / "gateway.db", 0o600)):
+            assert (path.stat().st_gid, mode(path)) == (gid, wanted), path
