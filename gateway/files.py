@@ -26,14 +26,17 @@ def private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
-def write_aside(folder: Path, name: str, data: bytes, mode: int) -> None:
+def write_aside(folder: Path, name: str, data: bytes, mode: int, gid: int | None = None) -> None:
     """``folder/name`` replaced by ``data``: written under a dot-name, fsynced, renamed into place
-    (the folder itself is not fsynced: a caller writing several files syncs it once)."""
+    (the folder itself is not fsynced: a caller writing several files syncs it once).  With ``gid``
+    the file belongs to that group before it gets its name."""
     tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    os.fchmod(fd, mode)  # whatever the umask (the service runs with UMask=0077)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if gid is not None and os.fstat(fd).st_gid != gid:  # (a setgid folder has given it the group already)
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)  # whatever the umask (the service runs with UMask=0077); after fchown, which may clear bits
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -31,6 +31,8 @@ NAME = "einvoice-gateway"
 CONFIG_DIR = PurePosixPath("/etc") / NAME
 STATE_DIR = PurePosixPath("/var/lib") / NAME
 RUNTIME_DIR = PurePosixPath("/run") / NAME
+ERP_GROUP = "einvoice-erp"  # the ERP's account joins it to read the inbox
+ERP_INBOX = PurePosixPath("/var/spool") / NAME / "inbox"
 
 MAX_EXPOSURE = 2.0
 # What `systemd-analyze security` still counts against the unit, each for a reason the unit states:
@@ -185,8 +187,9 @@ def test_example_configuration_fits_the_unit(service: dict[str, list[str]]) -> N
     assert PurePosixPath(cfg["instance"]["state_dir"]).is_relative_to(STATE_DIR)
     folders = [PurePosixPath(d["path"]) for d in cfg["destinations"] if d.get("type", "directory") == "directory"]
     tmpfiles = tmpfiles_lines()
+    writable = [PurePosixPath(p) for v in service.get("ReadWritePaths", []) for p in v.split()]
     for folder in folders:
-        assert folder.is_relative_to(STATE_DIR), f"{folder}: outside the state directory (needs ReadWritePaths=)"
+        assert folder.is_relative_to(STATE_DIR) or folder in writable, f"{folder}: the unit cannot write there (ReadWritePaths=)"
         assert str(folder) in tmpfiles, f"{folder}: must exist before the daemon starts; tmpfiles.d does not create it"
     ports = [cfg["https"]["listen_port"]] + [cfg[s]["listen_port"] for s in ("outbound", "admin", "smtp")
                                              if "listen_port" in cfg.get(s, {})]
@@ -245,12 +248,30 @@ def test_no_address_deny_list_by_default(service: dict[str, list[str]]) -> None:
 
 def test_sysusers_declares_the_units_user(service: dict[str, list[str]]) -> None:
     lines = sysusers_lines()
-    assert len(lines) == 1
+    assert len(lines) == 2
     kind, name, uid, gecos, home, shell = lines[0]  # u lines: Type Name ID GECOS Home Shell
     assert kind == "u"
     assert name == one(service, "User") == one(service, "Group")
     assert uid == "-"  # a dynamic system uid, with a group of the same name
     assert gecos and home == "-" and shell == "/usr/sbin/nologin"
+    assert lines[1][:3] == ["g", ERP_GROUP, "-"]  # the ERP's group: a dynamic system gid
+
+
+def test_the_erp_reads_its_inbox_and_nothing_else(service: dict[str, list[str]]) -> None:
+    """The ERP's group may pass through every folder above the example's inbox and read the inbox;
+    the state directory stays the service's alone.  The inbox is setgid, so delivered files get the
+    group from the kernel (the sandboxed daemon cannot chown: PrivateUsers=yes maps no other group)."""
+    lines = tmpfiles_lines()
+    cfg = tomllib.loads(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
+    [inbox] = [d for d in cfg["destinations"] if d.get("type", "directory") == "directory"]
+    assert PurePosixPath(inbox["path"]) == ERP_INBOX
+    assert "group" not in inbox and inbox["mode"] == "0640"  # the daemon changes no group under the unit
+    assert not ERP_INBOX.is_relative_to(STATE_DIR)
+    assert lines[str(ERP_INBOX)][2:5] == ["2750", NAME, ERP_GROUP]
+    assert lines[str(ERP_INBOX.parent)][2:5] == ["0710", NAME, ERP_GROUP]  # search, not list
+    assert ERP_INBOX.parent.parent == PurePosixPath("/var/spool")  # a system folder others may search
+    assert lines[str(STATE_DIR)][4] == NAME and int(lines[str(STATE_DIR)][2], 8) & 0o077 == 0
+    assert str(ERP_INBOX) in service["ReadWritePaths"]
 
 
 def test_tmpfiles_agree_with_the_unit(service: dict[str, list[str]]) -> None:
@@ -261,8 +282,8 @@ def test_tmpfiles_agree_with_the_unit(service: dict[str, list[str]]) -> None:
         kind, _, mode, owner, group = fields[:5]
         assert kind == "d"
         assert PurePosixPath(path).is_absolute()
-        assert re.fullmatch(r"0[0-7]{3}", mode), f"{path}: mode {mode}"
-        assert owner in ("root", user) and group in ("root", user)
+        assert re.fullmatch(r"[02][0-7]{3}", mode), f"{path}: mode {mode}"  # (2: setgid, for the ERP's inbox)
+        assert owner in ("root", user) and group in ("root", user, ERP_GROUP)
         assert int(mode, 8) & 0o007 == 0, f"{path}: others get no access"
     # The unit sets these modes at every start; the same modes here keep the two from fighting.
     assert lines[str(CONFIG_DIR)][2:5] == [one(service, "ConfigurationDirectoryMode"), "root", user]
@@ -323,6 +344,9 @@ def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
     entry = next(line for line in (tmp_path / "etc/passwd").read_text().splitlines() if line.startswith(f"{NAME}:"))
     uid, gid = (int(x) for x in entry.split(":")[2:4])
     assert 0 < uid < 1000
+    erp = next(line for line in (tmp_path / "etc/group").read_text().splitlines() if line.startswith(f"{ERP_GROUP}:"))
+    erp_gid = int(erp.split(":")[2])
+    assert 0 < erp_gid < 1000 and erp_gid != gid
     tmpfiles = tool("systemd-tmpfiles")
     if os.geteuid() != 0:
         pytest.skip("systemd-tmpfiles --root needs root (it sets owners)")
@@ -332,4 +356,4 @@ def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
         st = (tmp_path / path.lstrip("/")).stat()
         assert st.st_mode & 0o7777 == int(fields[2], 8), path
         assert st.st_uid == (uid if fields[3] == NAME else 0), path
-        assert st.st_gid == (gid if fields[4] == NAME else 0), path
+        assert st.st_gid == {NAME: gid, ERP_GROUP: erp_gid}.get(fields[4], 0), path

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from ..config.model import Config
+from ..delivery.folder import access_warnings
 from ..errors import ConfigError
 from ..model import Syntax
 from ..partners.book import PartnerBook
@@ -145,6 +146,8 @@ def warnings(parts: Parts) -> list[str]:
         out.append("there is no [signing] key: audit checkpoints are not signed, so a rewrite of the whole audit log "
                    "would not be detected")
     out.extend(parts.revocation.warnings())
+    for i, dest in enumerate(config.destinations):
+        out.extend(access_warnings(dest, f"destinations[{i}]"))
     return out
 
 

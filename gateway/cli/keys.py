@@ -22,6 +22,7 @@ from ..vault import Vault, read_key_file, write_key_file
 from .common import actor, opened, with_by, with_config, with_json
 from .errors import NotFound, Refused
 from .output import Column, listing
+from .progress import Progress
 
 REWRAP_BATCH = 200  # objects re-sealed per transaction: the daemon's writes wait at most one batch
 
@@ -114,22 +115,26 @@ async def _rewrap(cfg: Config, vault: Vault, store: Store, args: argparse.Namesp
                           "credentials, restart), or pass --daemon-stopped if it is not running")
     done = 0
     failed: set[str] = set()
-    while old:
-        batch = [r for r in await store.keys.sealed_under(old, REWRAP_BATCH + len(failed))
-                 if r.message_id not in failed][:REWRAP_BATCH]
-        if not batch:
-            break
-        rows = []
-        for obj in batch:
-            try:
-                new, key_id = vault.reseal(obj.sealed, obj.message_id, obj.sha256)
-            except VaultError:
-                failed.add(obj.message_id)
-                print(f"warning: stored object {obj.message_id} does not open (corrupt, or sealed under another key); "
-                      "left as it is", file=sys.stderr)
-                continue
-            rows.append(Resealed(obj.message_id, obj.sealed, new, key_id))
-        done += await store.keys.replace_sealed(rows) if rows else 0
+    total = sum(usage.get(k, 0) for k in old)
+    with Progress.for_command(args) as progress:
+        while old:
+            batch = [r for r in await store.keys.sealed_under(old, REWRAP_BATCH + len(failed))
+                     if r.message_id not in failed][:REWRAP_BATCH]
+            if not batch:
+                break
+            rows = []
+            for obj in batch:
+                try:
+                    new, key_id = vault.reseal(obj.sealed, obj.message_id, obj.sha256)
+                except VaultError:
+                    failed.add(obj.message_id)
+                    progress.finish()  # the warning on a line of its own
+                    print(f"warning: stored object {obj.message_id} does not open (corrupt, or sealed under another key); "
+                          "left as it is", file=sys.stderr)
+                    continue
+                rows.append(Resealed(obj.message_id, obj.sealed, new, key_id))
+            done += await store.keys.replace_sealed(rows) if rows else 0
+            progress.update("re-sealing stored objects", done + len(failed), max(total, done + len(failed)))
     await _record(cfg, store, args, "keys.rewrapped", {"to": vault.current, "from": old, "objects": done, "failed": len(failed)})
     left = {k: n for k, n in (await store.keys.usage()).items() if k != vault.current}
     print(f"{done} object(s) re-sealed under {vault.current}"

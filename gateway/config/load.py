@@ -110,7 +110,20 @@ def _destination(d: Reader) -> Destination:
         folder = d.resolve(d.string("path", required=True))
         if not folder.is_dir():
             raise ConfigError(f"{d.key('path')}: {folder} is not an existing folder")
-        dest = Destination(**common, path=folder)  # type: ignore[arg-type]
+        group = d.string("group") if d.has("group") else None
+        if group is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", group):
+            raise ConfigError(f"{d.key('group')}: {group!r} is not a group name (letters, digits, _ . -; at most 32)")
+        mode = _octal(d, "mode", "0640")
+        if mode & 0o007:
+            raise ConfigError(f"{d.key('mode')}: {mode:04o} lets every local user read or change the invoices; give "
+                              "the ERP's account a group (group = \"NAME\") and use 0640")
+        if mode & 0o020:
+            raise ConfigError(f"{d.key('mode')}: {mode:04o} lets the ERP's group change delivered invoices; use 0640 "
+                              "(the ERP's group reads them; only the gateway writes)")
+        if mode & 0o600 != 0o600:
+            raise ConfigError(f"{d.key('mode')}: {mode:04o} keeps the gateway from reading or rewriting what it "
+                              "delivered (a redelivery writes the same names again); the owner needs 6, e.g. 0640")
+        dest = Destination(**common, path=folder, group=group, mode=mode)  # type: ignore[arg-type]
     elif kind == "email":
         dest = Destination(**common, to=parse_email(d.string("to", required=True), d.key("to")),  # type: ignore[arg-type]
                            recipient_certificate=d.file("recipient_certificate"),

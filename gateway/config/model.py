@@ -137,6 +137,13 @@ class SigningConfig:
 
 
 DESTINATION_TYPES = ("directory", "https", "partner", "email")
+# Files in an ERP's inbox folder: the gateway reads and rewrites them, the ERP's group reads them.
+DEFAULT_DELIVERY_MODE = 0o640
+
+
+def folder_mode(file_mode: int) -> int:
+    """The folder mode matching a file mode: search (x) wherever the file may be read (0640 -> 0750)."""
+    return file_mode | ((file_mode & 0o444) >> 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +188,8 @@ class Destination:
     name: str
     type: str  # one of DESTINATION_TYPES
     path: Path | None = None  # directory
+    group: str | None = None  # directory: the OS group that owns the folder and each delivered file; None: unchanged
+    mode: int = DEFAULT_DELIVERY_MODE  # directory: each delivered file's mode; the folder gets the matching search bits
     url: str = ""  # https: the ERP endpoint
     ca: Path | None = None  # https/partner: trust anchors for the server certificate; default: the system store
     hmac_key_file: Path | None = None  # https: the shared secret of the signature header (required)

@@ -92,7 +92,7 @@ def render_config(host: str, port: int, key_file: str, key_id: str, *, state_dir
 # The production example in config/ is this template rendered with these values (a test keeps them equal).
 PRODUCTION_EXAMPLE = dict(host="0.0.0.0",  # noqa: S104 (a server listens for partners)
                           port=8443, key_file="keys", key_id="k20261120-0a1b2c3d",
-                          state_dir="/var/lib/einvoice-gateway/state", outbox="/var/lib/einvoice-gateway/outbox",
+                          state_dir="/var/lib/einvoice-gateway/state", outbox="/var/spool/einvoice-gateway/inbox",
                           label="example for /etc/einvoice-gateway/config.toml",
                           config_name="/etc/einvoice-gateway/config.toml", smtp_port=2525, mail_host="gateway.example.com")
 

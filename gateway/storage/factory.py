@@ -13,6 +13,7 @@ def open_store(config: Config) -> Store:
     return SqliteStore(config.state_dir)
 
 
-def snapshots(config: Config) -> Snapshots:
-    """How backups copy, check and restore the instance's state."""
+def snapshots(config: Config | None = None) -> Snapshots:
+    """How backups copy, check and restore the instance's state (a restore onto a new machine has no
+    configuration yet: the backup brings it)."""
     return SqliteSnapshots()

@@ -40,7 +40,7 @@ from gateway.storage.records import Resealed
 from gateway.storage.sqlite.keys import SqliteKeys
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import Vault, read_key_file
-from tests.helpers import Running, eventually, numbered, post, run_command, serving, table_rows
+from tests.helpers import Running, eventually, numbered, post, put_invoices, run_command, run_process, serving, table_rows
 
 WAIT_S = 20.0
 
@@ -428,3 +428,13 @@ async def test_list_names_a_key_that_objects_need_and_no_file_holds(quiet: Runni
     rows = await asyncio.to_thread(listed, capsys, quiet.inst)
     assert {"KEY ID": quiet.inst.key_id, "CREATED": "-", "OBJECTS": "1",
             "STATE": "MISSING: no configured key file holds this key", "FILE": "-"} in rows
+
+
+def test_rewrap_shows_progress_on_a_terminal_only(inst: Instance, capsys: pytest.CaptureFixture[str]) -> None:
+    """``keys rewrap`` as a real process on a pty: a status line counts the re-sealed objects and ends with a
+    newline (on a pipe stderr stays quiet: tests/cli/test_backup.py, and without a process tests/cli/test_progress.py)."""
+    asyncio.run(put_invoices(inst, 3))
+    assert keys_cmd(capsys, inst, "rotate")[0] == 0
+    code, out, err = run_process("keys", "rewrap", "--daemon-stopped", "-c", str(inst.config), terminal=True)
+    assert code == 0 and out.startswith("3 object(s) re-sealed under "), err
+    assert err.replace("\r\n", "\n") == "\rre-sealing stored objects: 3 of 3 (100%)\n"

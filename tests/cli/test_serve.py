@@ -16,7 +16,7 @@ import sys
 
 from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
-from tests.helpers import ENV, free_port, wait_for_port
+from tests.helpers import ENV, free_port, os_group, run_command, wait_for_port
 from tests.helpers.daemon import post_many
 
 
@@ -48,3 +48,23 @@ def test_serve_subprocess(tmp_path):
     supervised = any(e.get("event") == "supervisor.started" for e in events)
     assert events[-1]["event"] == ("supervisor.stopped" if supervised else "gateway.stopped")
 
+
+
+def test_check_config_warns_when_the_erp_group_cannot_read_the_inbox(inst, capsys):
+    """A warning, not a failure: the group does not exist, then a folder on the way keeps it out."""
+    text = inst.config.read_text()
+    inst.config.write_text(text.replace('mode = "0640"', 'group = "no-such-group-7f3a"\nmode = "0640"'))
+    code, out, err = run_command(capsys, "check-config", "-c", str(inst.config))
+    assert code == 0 and out.startswith(f"{inst.config}: OK"), err
+    assert "warning: destinations[0].group: the group 'no-such-group-7f3a' does not exist, so the ERP cannot read " \
+           f"{inst.delivery_folder}: create it (groupadd no-such-group-7f3a)" in err
+    with os_group("gwchk") as (name, _):
+        inst.config.write_text(text.replace('mode = "0640"', f'group = "{name}"\nmode = "0640"'))
+        code, out, err = run_command(capsys, "check-config", "-c", str(inst.config))
+        assert code == 0, err
+        # init's folder is 0700: the instance folder keeps the group out, and the inbox is not the group's yet.
+        assert f"warning: destinations[0].path: {inst.root} (mode 0700, group root) does not let the group " \
+               f"'{name}' search it" in err
+        assert f"warning: destinations[0].path: {inst.delivery_folder} (mode 0700, group root) does not let the group " \
+               f"'{name}' read it yet" in err
+        assert inst.delivery_folder.stat().st_gid == 0  # check-config changed nothing

@@ -402,3 +402,34 @@ def test_full_delivery_configuration_loads(inst: instance.Instance) -> None:
                                           socket_mode=0o600, client_ca=(), client_spki=frozenset(),
                                           identities=frozenset({"0088:4000001000006", "DE123456789"}),
                                           destination="partners")
+
+
+# --- a directory destination's group and file mode -------------------------------------------------
+
+
+def test_directory_group_and_mode(inst):
+    text = inst.config.read_text()
+    assert 'mode = "0640"' in text  # the template names the default
+    cfg = config_mod.load(inst.config)
+    assert (cfg.destinations[0].group, cfg.destinations[0].mode) == (None, 0o640)
+    inst.config.write_text(text.replace('mode = "0640"', 'group = "erp_users"\nmode = "0600"'))
+    cfg = config_mod.load(inst.config)
+    assert (cfg.destinations[0].group, cfg.destinations[0].mode) == ("erp_users", 0o600)
+    inst.config.write_text(text.replace('mode = "0640"\n', ''))
+    assert config_mod.load(inst.config).destinations[0].mode == 0o640  # the default
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ('mode = "0644"', "destinations[0].mode: 0644 lets every local user read or change the invoices; give the ERP's "
+                      'account a group (group = "NAME") and use 0640'),
+    ('mode = "0642"', "destinations[0].mode: 0642 lets every local user"),
+    ('mode = "0660"', "destinations[0].mode: 0660 lets the ERP's group change delivered invoices; use 0640"),
+    ('mode = "0440"', "destinations[0].mode: 0440 keeps the gateway from reading or rewriting what it delivered"),
+    ('mode = "rw-r-----"', "destinations[0].mode: 'rw-r-----' is not a file mode"),
+    ('mode = "4640"', "destinations[0].mode: '4640' is not a file mode"),
+    ('mode = "0640"\ngroup = "erp users"', "destinations[0].group: 'erp users' is not a group name"),
+    ('mode = "0640"\ngroup = 1001', "destinations[0].group: expected a string, got int"),
+])
+def test_directory_mode_and_group_refusals(inst, line, expected):
+    inst.config.write_text(inst.config.read_text().replace('mode = "0640"', line))
+    assert config_error(inst.config).startswith(expected)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import stat
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +19,12 @@ import pytest
 
 from gateway.cli.demo import SAMPLE
 from gateway.config.model import DeliveryConfig, Destination
-from gateway.delivery.folder import DirectorySender
+from gateway.delivery.folder import DirectorySender, access_warnings
 from gateway.delivery.outbox import Outbox
+from gateway.delivery.sender import DeliveryFailed
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import MasterKey, Vault
-from tests.helpers import SetTime
+from tests.helpers import SetTime, os_group
 from tests.helpers.outbox import committed_row, stored
 
 HORIZON_S = 3600.0
@@ -205,3 +209,114 @@ async def test_redelivery_rewrites_the_same_names_with_the_same_bytes(env):
         assert (env.outbox / name).stat().st_ino != inode  # really written again, not left alone
     assert (env.job(mid)["state"], env.job(mid)["attempts"]) == ("delivered", 2)
     assert await env.deliverer.run_once() == 0
+
+
+# --- the ERP's group and the files' mode (destinations[].group, .mode) -----------------------------
+
+
+@pytest.fixture
+def erp_group() -> Iterator[tuple[str, int]]:
+    with os_group("gwerp") as group:
+        yield group
+
+
+def folder_sender(folder: Path, **options: Any) -> DirectorySender:
+    return DirectorySender(Destination("erp", "directory", folder, **options), ThreadPoolExecutor(1))
+
+
+def facts_of(media_type: str = "application/xml") -> Any:
+    return type("Facts", (), {"media_type": media_type, "as_json": lambda self: {"message_id": "m-1"}})()
+
+
+def test_the_group_owns_the_folder_and_every_file(tmp_path, erp_group):
+    name, gid = erp_group
+    folder = tmp_path / "inbox"
+    folder.mkdir(mode=0o700)
+    sender = folder_sender(folder, group=name)
+    sender.write("m-1", SAMPLE, facts_of())
+    st = folder.stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o2750)  # setgid: new files get the group from the kernel
+    for f in ("m-1.json", "m-1.xml"):
+        fs = (folder / f).stat()
+        assert (fs.st_gid, stat.S_IMODE(fs.st_mode)) == (gid, 0o640), f
+    (folder / "stray").write_bytes(b"x")  # made by someone else in the setgid folder: the group too
+    assert (folder / "stray").stat().st_gid == gid
+
+
+def test_a_file_whose_group_differs_is_given_the_group(tmp_path, erp_group):
+    """Without the setgid bit (someone removed it after the start), each file is chowned itself."""
+    name, gid = erp_group
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    sender = folder_sender(folder, group=name, mode=0o600)
+    sender.prepare()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o2700
+    os.chmod(folder, 0o700)
+    sender.write("m-1", SAMPLE, facts_of())
+    fs = (folder / "m-1.xml").stat()
+    assert (fs.st_gid, stat.S_IMODE(fs.st_mode)) == (gid, 0o600)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700  # the folder was prepared once, at the first write
+
+
+def test_without_a_group_the_folder_keeps_its_group_and_setgid_bit(tmp_path, erp_group, monkeypatch):
+    """As tmpfiles.d leaves the systemd layout's inbox (2750, group einvoice-erp): the daemon changes nothing."""
+    _, gid = erp_group
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    os.chown(folder, -1, gid)
+    os.chmod(folder, 0o2750)
+    changes: list[Any] = []
+    real_chmod, real_chown = os.chmod, os.chown
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: changes.append(a) or real_chmod(*a, **k))
+    monkeypatch.setattr(os, "chown", lambda *a, **k: changes.append(a) or real_chown(*a, **k))
+    folder_sender(folder).write("m-1", SAMPLE, facts_of("application/pdf"))
+    assert changes == [] and folder.stat().st_mode & 0o7777 == 0o2750
+    fs = (folder / "m-1.pdf").stat()
+    assert (fs.st_gid, stat.S_IMODE(fs.st_mode)) == (gid, 0o640)
+
+
+async def test_a_group_that_does_not_exist_is_a_transient_failure_naming_it(tmp_path):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    sender = folder_sender(folder, group="no-such-group-7f3a")
+    with pytest.raises(DeliveryFailed, match="'no-such-group-7f3a'.*does not exist: create it"):
+        sender.write("m-1", SAMPLE, facts_of())
+    assert os.listdir(folder) == []
+
+
+@pytest.fixture
+def searchable() -> Iterator[Path]:
+    """A folder every user may search, in a path every user may search (pytest's tmp_path is below a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix="gw-erp-"))
+    os.chmod(path, 0o755)
+    assert all(p.stat().st_mode & 0o001 for p in path.parents)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_access_warnings_name_the_directory_and_the_fix(searchable, erp_group):
+    name, gid = erp_group
+    state = searchable / "state"
+    inbox = state / "inbox"
+    inbox.mkdir(parents=True)
+    os.chmod(state, 0o700)  # the systemd layout's private state directory
+    os.chmod(inbox, 0o700)
+    dest = Destination("erp", "directory", inbox, group=name)
+    warnings = access_warnings(dest, "destinations[0]")
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"destinations[0].path: {inbox} (mode 0700, group root) does not let the group "
+                                  f"'{name}' read it yet") and f"chgrp {name} {inbox} && chmod 2750 {inbox}" in warnings[0]
+    assert warnings[1].startswith(f"destinations[0].path: {state} (mode 0700, group root) does not let the group "
+                                  f"'{name}' search it") and f"chmod g+x {state}" in warnings[1]
+    os.chown(state, -1, gid)
+    os.chmod(state, 0o710)
+    folder_sender(inbox, group=name).prepare()
+    assert access_warnings(dest, "destinations[0]") == []
+    os.chown(state, -1, 0)
+    os.chmod(state, 0o701)  # "others" may search: so may the group's members
+    assert access_warnings(dest, "destinations[0]") == []
+    assert access_warnings(Destination("erp", "directory", inbox), "destinations[0]") == []  # no group: nothing to check
+    gone = access_warnings(Destination("erp", "directory", inbox, group="no-such-group-7f3a"), "destinations[0]")
+    assert gone == ["destinations[0].group: the group 'no-such-group-7f3a' does not exist, so the ERP cannot read "
+                    f"{inbox}: create it (groupadd no-such-group-7f3a) and add the ERP's account to it "
+                    "(usermod -aG no-such-group-7f3a ERP-USER)"]

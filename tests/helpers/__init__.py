@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
+import hashlib
 import inspect
 import io
 import json
 import os
 import re
+import secrets
+import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,10 @@ from gateway.errors import ConfigError
 from gateway.operations import instance
 from gateway.partners.edit import register_partner
 from gateway.storage.base import Store
+from gateway.storage.sqlite.store import SqliteStore
 from gateway.tls import client_context
+from gateway.vault import Vault
+from tests.helpers.records import WAIT, accepted_invoice
 
 ROOT = Path(__file__).resolve().parents[2]  # the project
 CORPUS = ROOT.parent / "shared" / "corpus"  # the public test corpus, beside the project (required under CI=true)
@@ -316,3 +324,62 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> N
         except OSError:
             time.sleep(0.1)
     pytest.fail(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def os_group(prefix: str = "gwtest") -> Iterator[tuple[str, int]]:
+    """A real, new OS group (name, gid), removed after: ``groupadd`` needs root (under CI=true its
+    absence fails the test, elsewhere it skips)."""
+    tool = shutil.which("groupadd")
+    if os.geteuid() != 0 or tool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("creating an OS group needs root and groupadd")
+        pytest.skip("creating an OS group needs root and groupadd")
+    name = f"{prefix}{secrets.token_hex(3)}"
+    subprocess.run([tool, name], check=True, capture_output=True, timeout=30)
+    try:
+        yield name, grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], check=False, capture_output=True, timeout=30)
+
+
+def run_process(*argv: str, terminal: bool) -> tuple[int, str, str]:
+    """``python -m gateway ARGV`` as a real process, its stderr a pseudo-terminal (``terminal``) or a
+    pipe: its exit code, stdout and stderr (a terminal's newlines read as CR LF)."""
+    master, slave = os.openpty() if terminal else os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", *argv], stdout=subprocess.PIPE, stderr=slave, env=ENV)
+    os.close(slave)
+    err = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # a pty's master reads EIO once the process has gone
+                break
+            if not chunk:
+                break
+            err += chunk
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def put_invoices(inst: instance.Instance, count: int) -> None:
+    """``count`` invoices in the instance's store, sealed under its current master key as the daemon
+    would, and an audit record."""
+    cfg = config_mod.load(inst.config)
+    vault = Vault.from_files(cfg.vault.keys, cfg.vault.current)
+    store = SqliteStore(inst.state_dir)
+    try:
+        for n in range(count):
+            inv = accepted_invoice(f"B-{n}", partner=instance.DEMO_PARTNER, destinations=("erp-inbox",))
+            body = inv.sealed.removeprefix(b"sealed:")  # accepted_invoice puts a placeholder around the document
+            assert hashlib.sha256(body).hexdigest() == inv.sha256
+            blob, key_id = vault.seal(body, inv.message_id, inv.sha256)
+            await asyncio.wait_for(store.intake.put(replace(inv, sealed=blob, key_id=key_id)), WAIT)
+        await store.audit.append("pytest", "test.note", None, None, {"why": "backup command test"})
+    finally:
+        await store.close()

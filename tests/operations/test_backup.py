@@ -20,10 +20,12 @@ from gateway import __version__
 from gateway.errors import ConfigError
 from gateway.model import AcceptedInvoice
 from gateway.operations import backup
+from gateway.operations.inventory import CONFIGURATION, ERP_FOLDER, FILE, SECRET, Inventory, Item
 from gateway.storage.sqlite.backup import SqliteSnapshots
 from gateway.storage.sqlite.schema import SCHEMA_VERSION
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import KEY_BYTES, MasterKey, Vault
+from tests.helpers import os_group
 from tests.helpers.records import WAIT, accepted_invoice
 
 OLD, NEW = (MasterKey(kid, "", os.urandom(KEY_BYTES)) for kid in ("k-old", "k-new"))
@@ -84,7 +86,7 @@ async def test_backup_verify_restore_round_trip(state: State, tmp_path: Path) ->
     assert sorted(p.name for p in dest.iterdir()) == ["gateway.db", "manifest.json"]
     assert (mode(dest), mode(dest / "gateway.db"), mode(dest / "manifest.json")) == (0o700, 0o600, 0o600)
     assert json.loads((dest / "manifest.json").read_text()) == manifest
-    assert manifest["format"] == "einvoice-gateway-backup/1" and manifest["gateway_version"] == __version__
+    assert manifest["format"] == "einvoice-gateway-backup/2" and manifest["gateway_version"] == __version__
     assert manifest["created_at"].endswith("Z") and manifest["schema_version"] == SCHEMA_VERSION
     assert "not included" in manifest["master_keys"]
     audit = await state.store.audit.newest()
@@ -99,7 +101,7 @@ async def test_backup_verify_restore_round_trip(state: State, tmp_path: Path) ->
     assert backup.verify(SNAPSHOTS, dest, state.vault) == []  # every sealed invoice opens
 
     restored_dir = tmp_path / "restored"
-    assert backup.restore(SNAPSHOTS, dest, restored_dir) == manifest
+    assert backup.restore(SNAPSHOTS, dest, restored_dir).manifest == manifest
     assert sorted(p.name for p in restored_dir.iterdir()) == ["gateway.db"]
     assert (mode(restored_dir), mode(restored_dir / "gateway.db")) == (0o700, 0o600)
     restored = SqliteStore(restored_dir)
@@ -198,7 +200,7 @@ def test_a_damaged_database_is_reported_even_with_a_matching_manifest(state: Sta
     ({"counts": {"invoices": 4, "blobs": 5, "deliveries": 5, "audit": 2}}, "counts.invoices = 4, the database 5"),
     ({"files": {"gateway.db": {"size": 1, "sha256": "0" * 64}}}, "does not match the SHA-256"),
     ({"key_ids": {"k-new": 5}}, "key_ids.k-old = None, the database 2"),
-    ({"format": "einvoice-gateway-backup/2"}, "use the gateway version that made it"),
+    ({"format": "einvoice-gateway-backup/3"}, "use the gateway version that made it"),
 ])
 def test_an_edited_manifest_is_reported(state: State, tmp_path: Path, changes: dict[str, object], expected: str) -> None:
     dest = tmp_path / "b"
@@ -295,3 +297,121 @@ def test_backups_taken_while_invoices_are_written_are_consistent(state: State, t
             assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
         conn.close()
         assert ids <= set(state.bodies)
+
+
+# --- the instance's files -------------------------------------------------------------------------------
+
+
+def small_instance(state: State, tmp_path: Path, big: int = 0) -> Inventory:
+    """A configuration folder with a config file, a secret, and (``big`` bytes) a large file; its state is ``state``."""
+    conf = tmp_path / "conf"
+    (conf / "pki").mkdir(parents=True)
+    os.chmod(conf / "pki", 0o750)
+    (conf / "config.toml").write_text('# the configuration\n[instance]\n# where\n\n[https]\nlisten_port = 0\n')
+    (conf / "pki" / "server.key").write_bytes(b"secret key")
+    os.chmod(conf / "pki" / "server.key", 0o600)
+    items = [Item("source", conf / "config.toml", CONFIGURATION), Item("https.private_key", conf / "pki" / "server.key", SECRET)]
+    if big:
+        with (conf / "big.crl").open("wb") as fh:
+            fh.truncate(big)
+        items.append(Item("operations.crls[0]", conf / "big.crl", FILE))
+    return Inventory(conf, state.dir, tuple(items), (Item("destinations[0].path", tmp_path / "inbox", ERP_FOLDER),), ())
+
+
+def test_instance_files_round_trip_with_modes_and_a_new_state_folder(state: State, tmp_path: Path) -> None:
+    inv = small_instance(state, tmp_path)
+    (tmp_path / "inbox").mkdir(mode=0o750)
+    os.chmod(tmp_path / "inbox", 0o2750)
+    dest = tmp_path / "b"
+    manifest = backup.create(SNAPSHOTS, state.dir, dest, instance=inv)
+    stored = {f["path"]: f for f in manifest["instance"]["files"]}
+    assert stored["pki/server.key"] == {"key": "https.private_key", "kind": "secret", "base": "config",
+                                        "path": "pki/server.key", "stored": "files/config/pki/server.key", "size": 10,
+                                        "sha256": hashlib.sha256(b"secret key").hexdigest(), "mode": "0600",
+                                        "owner": "root", "group": "root"}
+    assert mode(dest / "files" / "config" / "config.toml") == 0o600
+    assert {(f["path"], f["mode"]) for f in manifest["instance"]["folders"]} >= {(".", f"{mode(inv.config_dir):04o}"),
+                                                                                 ("pki", "0750")}
+    [inbox] = [f for f in manifest["instance"]["folders"] if f["kind"] == ERP_FOLDER]
+    assert (inbox["base"], inbox["mode"]) == ("root", "2750")  # outside the configuration's folder: absolute
+    assert backup.verify(SNAPSHOTS, dest) == []
+
+    shutil.rmtree(tmp_path / "inbox")
+    new_conf, new_state = tmp_path / "new" / "conf", tmp_path / "new" / "state"
+    done = backup.restore(SNAPSHOTS, dest, new_state, config_dir=new_conf)
+    assert (done.config, done.state_dir, done.files) == (new_conf / "config.toml", new_state, 2)
+    assert (new_conf / "pki" / "server.key").read_bytes() == b"secret key" and mode(new_conf / "pki" / "server.key") == 0o600
+    assert mode(new_conf / "pki") == 0o750 and mode(tmp_path / "inbox") == 0o2750
+    # The configuration had no state_dir line: one is added in [instance], the comments stay.
+    text = (new_conf / "config.toml").read_text()
+    assert text == f'# the configuration\n[instance]\nstate_dir = "{new_state}"\n# where\n\n[https]\nlisten_port = 0\n'
+
+
+def test_damage_to_the_instance_files_is_reported(state: State, tmp_path: Path) -> None:
+    dest = tmp_path / "b"
+    backup.create(SNAPSHOTS, state.dir, dest, instance=small_instance(state, tmp_path))
+    key = dest / "files" / "config" / "pki" / "server.key"
+    os.chmod(key, 0o644)
+    (dest / "files" / "config" / "extra.pem").write_text("x")
+    assert backup.verify(SNAPSHOTS, dest) == [
+        "files/config/pki/server.key is readable by others than its owner (mode 0644); run chmod 600 on it",
+        "unexpected file 'files/config/extra.pem' in the backup folder"]
+    key.unlink()
+    assert "files/config/pki/server.key (https.private_key) is missing" in backup.verify(SNAPSHOTS, dest)
+
+
+@pytest.mark.parametrize(("field", "value"), [("path", "../../etc/passwd"), ("stored", "files/../../x"), ("mode", "4755"),
+                                              ("base", "elsewhere")])
+def test_an_instance_section_this_gateway_did_not_write_is_refused(state: State, tmp_path: Path, field: str,
+                                                                    value: str) -> None:
+    dest = tmp_path / "b"
+    manifest = backup.create(SNAPSHOTS, state.dir, dest, instance=small_instance(state, tmp_path))
+    manifest["instance"]["files"][1][field] = value
+    edit_manifest(dest, instance=manifest["instance"])
+    assert backup.verify(SNAPSHOTS, dest) == [
+        "manifest.json: its instance section is not one this gateway wrote (edited?); make a new backup"]
+    with pytest.raises(ConfigError, match="does not verify, nothing was restored"):
+        backup.restore(SNAPSHOTS, dest, config_dir=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_large_copy_reports_its_bytes(state: State, tmp_path: Path) -> None:
+    seen: list[tuple[str, int, int | None, bool]] = []
+
+    def tick(what: str, done: int, total: int | None = None, *, size: bool = False) -> None:
+        seen.append((what, done, total, size))
+
+    big = 20 * backup.CHUNK
+    backup.create(SNAPSHOTS, state.dir, tmp_path / "b", instance=small_instance(state, tmp_path, big), tick=tick)
+    copying = [s for s in seen if s[0] == "copying big.crl"]
+    assert len(copying) == 20 and copying[-1] == ("copying big.crl", big, big, True)
+    assert [d for _, d, _, _ in copying] == sorted(d for _, d, _, _ in copying)
+    assert ("copying the instance's files", 3, 3, False) in seen and ("snapshot of the database", 1, 1, False) in seen
+    assert not any(s[0] == "copying config.toml" for s in seen)  # small files: counted, not measured
+
+
+async def test_overwrite_replaces_the_database_and_drops_its_leftovers(state: State, tmp_path: Path) -> None:
+    dest = tmp_path / "b"
+    backup.create(SNAPSHOTS, state.dir, dest, instance=small_instance(state, tmp_path))
+    await state.put("after-the-backup")
+    await state.store.close()
+    (state.dir / "gateway.db-wal").write_bytes(b"stale")
+    with pytest.raises(ConfigError, match=r"an instance is in the way, nothing was restored: .*state \(a state folder that is not empty\)"):
+        backup.restore(SNAPSHOTS, dest)
+    done = backup.restore(SNAPSHOTS, dest, overwrite=True)
+    assert done.state_dir == state.dir and not (state.dir / "gateway.db-wal").exists()
+    state.store = SqliteStore(state.dir)
+    assert (await state.store.reports.counts())["invoices"] == 5  # as backed up
+
+
+def test_the_state_folder_and_database_get_their_owner_back(state: State, tmp_path: Path) -> None:
+    """Restored as root, the state belongs to whom it belonged (the service's user and group), not to root."""
+    with os_group("gwstate") as (_, gid):
+        os.chown(state.dir, -1, gid)
+        dest = tmp_path / "b"
+        manifest = backup.create(SNAPSHOTS, state.dir, dest, instance=small_instance(state, tmp_path))
+        assert manifest["instance"]["state_dir"]["group"].startswith("gwstate")
+        new_state = tmp_path / "new" / "state"
+        backup.restore(SNAPSHOTS, dest, new_state, config_dir=tmp_path / "new" / "conf")
+        for path, wanted in ((new_state, 0o700), (new_state / "gateway.db", 0o600)):
+            assert (path.stat().st_gid, mode(path)) == (gid, wanted), path
