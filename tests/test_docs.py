@@ -379,6 +379,7 @@ def full_config(folder: Path) -> Path:
     data["rules"] |= {"processes": 1, "timeout_s": 30.0, "packs": [
         {"name": "extra", "version": "1", "directory": "rules", "ubl": "rules/ubl.xsl", "cii": "rules/ubl.xsl"}]}
     data["vault"]["current"] = inst.key_id
+    data["destinations"][0] |= {"group": "root", "mode": "0640"}  # the directory destination init makes
     data["destinations"] += [
         {"name": "erp-api", "type": "https", "url": "https://erp.example/in", "hmac_key_file": str(secret),
          "bearer_token_file": str(secret), "ca": ca, "client_certificate": crt, "client_key": key},

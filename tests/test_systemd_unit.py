@@ -267,7 +267,7 @@ def test_the_erp_reads_its_inbox_and_nothing_else(service: dict[str, list[str]])
     assert PurePosixPath(inbox["path"]) == ERP_INBOX
     assert "group" not in inbox and inbox["mode"] == "0640"  # the daemon changes no group under the unit
     assert not ERP_INBOX.is_relative_to(STATE_DIR)
-    assert lines[str(ERP_INBOX)][2:5] == ["2750", NAME, ERP_GROUP]
+    assert lines[str(ERP_INBOX)][2:5] == ["2770", NAME, ERP_GROUP]
     assert lines[str(ERP_INBOX.parent)][2:5] == ["0710", NAME, ERP_GROUP]  # search, not list
     assert ERP_INBOX.parent.parent == PurePosixPath("/var/spool")  # a system folder others may search
     assert lines[str(STATE_DIR)][4] == NAME and int(lines[str(STATE_DIR)][2], 8) & 0o077 == 0

@@ -25,7 +25,8 @@
     einvoice-gateway audit verify [--file EXPORT] [--json] | export -o FILE [--from-seq N] [--to-seq N] | checkpoint
                            | list [--limit N] [--json]
     einvoice-gateway users add NAME --role R … | list [--json] | disable|enable|reset-mfa|unlock|reset-password NAME
-    einvoice-gateway backup create DIR | verify DIR [--deep] | restore DIR [--state-dir DIR]
+    einvoice-gateway backup create DIR [--include-master-keys] | verify DIR [--deep]
+                          | restore DIR [--config-dir DIR] [--state-dir DIR] [--overwrite]
     einvoice-gateway send FILE [--url https://H:P|unix:PATH] [--cert PEM --key PEM] [--cacert PEM] [--timeout S] [--json]
     einvoice-gateway pki issue-partner NAME [--email ADDR …] [--party-id ID …] [--out DIR] [--force] [--json]
 

@@ -142,8 +142,9 @@ DEFAULT_DELIVERY_MODE = 0o640
 
 
 def folder_mode(file_mode: int) -> int:
-    """The folder mode matching a file mode: search (x) wherever the file may be read (0640 -> 0750)."""
-    return file_mode | ((file_mode & 0o444) >> 2)
+    """The inbox folder's mode for a file mode: a group that may read the files may also search the folder
+    and remove the files it has taken (0640 -> 0770); it never may change a file's content."""
+    return 0o700 | (0o070 if file_mode & 0o040 else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +190,7 @@ class Destination:
     type: str  # one of DESTINATION_TYPES
     path: Path | None = None  # directory
     group: str | None = None  # directory: the OS group that owns the folder and each delivered file; None: unchanged
-    mode: int = DEFAULT_DELIVERY_MODE  # directory: each delivered file's mode; the folder gets the matching search bits
+    mode: int = DEFAULT_DELIVERY_MODE  # directory: each delivered file's mode; the folder follows (folder_mode)
     url: str = ""  # https: the ERP endpoint
     ca: Path | None = None  # https/partner: trust anchors for the server certificate; default: the system store
     hmac_key_file: Path | None = None  # https: the shared secret of the signature header (required)

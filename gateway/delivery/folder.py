@@ -2,7 +2,8 @@
 
 The ERP reads the folder through a group: ``group = "NAME"`` makes that group own the folder (with
 the setgid bit, so that every file made in it gets the group from the kernel) and each delivered
-file; ``mode`` (default 0640) is each file's mode, the folder gets the matching search bits (0750).
+file; ``mode`` (default 0640) is each file's mode, and a group that may read the files may search
+the folder and remove what it has taken (0770, ``folder_mode``): how an ERP consumes each invoice once.
 Both are applied at the first delivery after a start, not by ``check-config``, which only reports
 (``access_warnings``) where the ERP's group would be stopped on the way to the folder.
 """
@@ -83,7 +84,7 @@ class DirectorySender:
 def access_warnings(dest: Destination, where: str) -> list[str]:
     """What keeps members of ``dest.group`` from reading the delivered files: a group that does not
     exist, or a folder on the way (the inbox itself, or any folder above it) that does not let the
-    group search it (or read, for the inbox).  Owner and group bits and "others" are weighed; ACLs are not."""
+    group search it (or read, search and remove files, for the inbox).  Owner and group bits and "others" are weighed; ACLs are not."""
     if dest.group is None or dest.path is None:
         return []
     try:
@@ -99,14 +100,14 @@ def access_warnings(dest: Destination, where: str) -> list[str]:
         except OSError as exc:
             out.append(f"{where}.path: cannot check {path} ({exc.strerror or exc})")
             break
-        need = 0o5 if path == folder else 0o1  # read and search the inbox; search the folders above it
+        need = (folder_mode(dest.mode) >> 3) & 0o7 if path == folder else 0o1  # the inbox as the gateway sets it; search above
         bits = (st.st_mode >> 3) & 0o7 if st.st_gid == gid else st.st_mode & 0o7
         if bits & need == need:
             continue
         shown = f"{path} (mode {stat.S_IMODE(st.st_mode):04o}, group {_group_name(st.st_gid)})"
         if path == folder:
-            out.append(f"{where}.path: {shown} does not let the group {dest.group!r} read it yet; the gateway sets group "
-                       f"and mode at its first delivery, or now: chgrp {dest.group} {path} && chmod "
+            out.append(f"{where}.path: {shown} does not let the group {dest.group!r} read it and remove what it took "
+                       f"yet; the gateway sets group and mode at its first delivery, or now: chgrp {dest.group} {path} && chmod "
                        f"{folder_mode(dest.mode) | stat.S_ISGID:04o} {path}")
         else:
             out.append(f"{where}.path: {shown} does not let the group {dest.group!r} search it, so the ERP cannot reach "

@@ -66,5 +66,5 @@ def test_check_config_warns_when_the_erp_group_cannot_read_the_inbox(inst, capsy
         assert f"warning: destinations[0].path: {inst.root} (mode 0700, group root) does not let the group " \
                f"'{name}' search it" in err
         assert f"warning: destinations[0].path: {inst.delivery_folder} (mode 0700, group root) does not let the group " \
-               f"'{name}' read it yet" in err
+               f"'{name}' read it and remove what it took yet" in err
         assert inst.delivery_folder.stat().st_gid == 0  # check-config changed nothing

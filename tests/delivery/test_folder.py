@@ -235,7 +235,7 @@ def test_the_group_owns_the_folder_and_every_file(tmp_path, erp_group):
     sender = folder_sender(folder, group=name)
     sender.write("m-1", SAMPLE, facts_of())
     st = folder.stat()
-    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o2750)  # setgid: new files get the group from the kernel
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o2770)  # setgid: new files get the group from the kernel
     for f in ("m-1.json", "m-1.xml"):
         fs = (folder / f).stat()
         assert (fs.st_gid, stat.S_IMODE(fs.st_mode)) == (gid, 0o640), f
@@ -259,18 +259,18 @@ def test_a_file_whose_group_differs_is_given_the_group(tmp_path, erp_group):
 
 
 def test_without_a_group_the_folder_keeps_its_group_and_setgid_bit(tmp_path, erp_group, monkeypatch):
-    """As tmpfiles.d leaves the systemd layout's inbox (2750, group einvoice-erp): the daemon changes nothing."""
+    """As tmpfiles.d leaves the systemd layout's inbox (2770, group einvoice-erp): the daemon changes nothing."""
     _, gid = erp_group
     folder = tmp_path / "inbox"
     folder.mkdir()
     os.chown(folder, -1, gid)
-    os.chmod(folder, 0o2750)
+    os.chmod(folder, 0o2770)
     changes: list[Any] = []
     real_chmod, real_chown = os.chmod, os.chown
     monkeypatch.setattr(os, "chmod", lambda *a, **k: changes.append(a) or real_chmod(*a, **k))
     monkeypatch.setattr(os, "chown", lambda *a, **k: changes.append(a) or real_chown(*a, **k))
     folder_sender(folder).write("m-1", SAMPLE, facts_of("application/pdf"))
-    assert changes == [] and folder.stat().st_mode & 0o7777 == 0o2750
+    assert changes == [] and folder.stat().st_mode & 0o7777 == 0o2770
     fs = (folder / "m-1.pdf").stat()
     assert (fs.st_gid, stat.S_IMODE(fs.st_mode)) == (gid, 0o640)
 
@@ -305,7 +305,8 @@ def test_access_warnings_name_the_directory_and_the_fix(searchable, erp_group):
     warnings = access_warnings(dest, "destinations[0]")
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith(f"destinations[0].path: {inbox} (mode 0700, group root) does not let the group "
-                                  f"'{name}' read it yet") and f"chgrp {name} {inbox} && chmod 2750 {inbox}" in warnings[0]
+                                  f"'{name}' read it and remove what it took yet")
+    assert f"chgrp {name} {inbox} && chmod 2770 {inbox}" in warnings[0]
     assert warnings[1].startswith(f"destinations[0].path: {state} (mode 0700, group root) does not let the group "
                                   f"'{name}' search it") and f"chmod g+x {state}" in warnings[1]
     os.chown(state, -1, gid)
