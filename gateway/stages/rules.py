@@ -224,14 +224,23 @@ class _Child:
     behind in every process that ever started one (the supervisor among them).
     """
 
-    def __init__(self, specs: dict[str, PackSpec], start_timeout_s: float):
+    def __init__(self, specs: dict[str, PackSpec]):
+        """Start the process and hand it the packs; it compiles them while the caller goes on (``ready``)."""
         ours, theirs = socket.socketpair()
         with theirs:
             self.process = subprocess.Popen([sys.executable, "-m", "gateway.stages.rules", str(theirs.fileno())],
                                             stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
         self.conn = Connection(ours.detach())
-        self.conn.send(specs)
-        kind, text = self.receive(start_timeout_s)
+        self.baseline = 0
+        try:
+            self.conn.send(specs)
+        except OSError:
+            self.stop()
+            raise
+
+    def ready(self, timeout_s: float) -> None:
+        """Wait until every stylesheet is compiled; a stylesheet that does not compile is a ConfigError."""
+        kind, text = self.receive(timeout_s)
         if kind == "config":
             self.stop()
             raise ConfigError(text)
@@ -305,18 +314,27 @@ class RuleEngine:
     def _refill(self, *, at_start: bool = False) -> None:
         """Start rules processes up to the configured number (at start, or after one was stopped)."""
         with self._lock:
-            while len(self._children) < self._target:
-                try:
-                    child = _Child(self.packs, self._start_timeout_s)
-                except ConfigError as exc:
-                    if at_start:
-                        raise
-                    # The stylesheets changed on disk since start: the operator must act; senders retry.
-                    log.error("rules.restart_failed", reason=exc.message)
-                    raise RulesEngineUnavailable("the rules engine could not be restarted; retry later") from None
-                except (TimeoutError, _Died, OSError):
-                    log.error("rules.restart_failed", reason="the rules process did not start")
-                    raise RulesEngineUnavailable("the rules engine did not start; retry later") from None
+            starting: list[_Child] = []
+            try:
+                # All started first, then waited for: they compile side by side, one per core.
+                for _ in range(self._target - len(self._children)):
+                    starting.append(_Child(self.packs))
+                for child in starting:
+                    child.ready(self._start_timeout_s)
+            except ConfigError as exc:
+                for child in starting:
+                    child.stop()
+                if at_start:
+                    raise
+                # The stylesheets changed on disk since start: the operator must act; senders retry.
+                log.error("rules.restart_failed", reason=exc.message)
+                raise RulesEngineUnavailable("the rules engine could not be restarted; retry later") from None
+            except (TimeoutError, _Died, OSError):
+                for child in starting:
+                    child.stop()
+                log.error("rules.restart_failed", reason="the rules process did not start")
+                raise RulesEngineUnavailable("the rules engine did not start; retry later") from None
+            for child in starting:
                 self._children.append(child)
                 self._idle.put(child)
 
