@@ -479,6 +479,7 @@ def test_parse_expected() -> None:
         parse_expected("fired:BR-01")
 
 
+@pytest.mark.slow
 def test_valid_documents_are_accepted_with_the_rules_on(results: Results) -> None:
     assert rows(VALID)
     assert not results.failing(VALID), "\n".join(results.failing(VALID))

@@ -194,6 +194,7 @@ def run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> CorpusRun:
     return CorpusRun(main.replies | second.replies, main.stored + second.stored, main.parts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc", params(lambda d: d.outcome in VALID and d.ids))
 def test_valid_document_is_accepted(run: CorpusRun, doc: Doc) -> None:
     status, body = run.replies[doc.path]

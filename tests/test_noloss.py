@@ -129,6 +129,7 @@ def test_checker_counts_each_kind_of_failure() -> None:
     assert (report["acked"], report["nacked"], report["unresolved"]) == (4, 1, 1)
 
 
+@pytest.mark.slow
 def test_no_invoice_lost_while_the_daemon_is_killed() -> None:
     """200 invoices, 10 rejects, 5 SIGKILLs, ERP down/503/commit-then-drop spells: every gate is 0."""
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "noloss.py"), "--invoices", "200", "--kills", "5",

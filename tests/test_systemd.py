@@ -37,6 +37,7 @@ def monotonic_usec() -> int:
 # --- the tests ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ready_watchdog_reload_and_stop(tmp_path, workers):
     inst = make_instance(tmp_path, workers)
@@ -89,6 +90,7 @@ def test_ready_watchdog_reload_and_stop(tmp_path, workers):
             daemon.kill()
 
 
+@pytest.mark.slow
 def test_supervisor_refuses_an_invalid_reload_without_reloading(tmp_path):
     """With workers, the supervisor checks the configuration first: an invalid one gives no RELOADING=1
     and the workers never see the signal; a later valid reload works."""
@@ -136,6 +138,7 @@ def test_abstract_notify_socket(tmp_path):
             daemon.kill()
 
 
+@pytest.mark.slow
 def test_watchdog_for_another_pid_is_not_fed(tmp_path):
     """WATCHDOG_PID names the process systemd watches: another process sends no WATCHDOG=1."""
     inst = make_instance(tmp_path, 1)

@@ -357,6 +357,7 @@ def check_replies(inst: instance.Instance, daemon: Daemon, replies: dict[int, tu
     return ids
 
 
+@pytest.mark.slow
 def test_sighup_under_load_loses_nothing(tmp_path):
     inst = make_instance(tmp_path, 2)
     with NotifySocket.open() as ns:
@@ -376,6 +377,7 @@ def test_sighup_under_load_loses_nothing(tmp_path):
     print(f"{len(ids)} invoices, reloads at answers {marks}, {len(retried)} retried after 503")
 
 
+@pytest.mark.slow
 def test_a_sighup_during_a_reload_is_not_lost(tmp_path):
     inst = make_instance(tmp_path, 2)
     with NotifySocket.open() as ns:

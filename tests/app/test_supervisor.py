@@ -52,6 +52,7 @@ def until_ready(proc: subprocess.Popen) -> str:
     return out.decode()
 
 
+@pytest.mark.slow
 def test_workers_share_one_store_and_stop_cleanly(served):
     inst, proc, head = served
     assert len(children(proc.pid)) == 2
@@ -75,6 +76,7 @@ def test_workers_share_one_store_and_stop_cleanly(served):
     assert events[-1]["event"] == "supervisor.stopped"
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_replaced(served):
     inst, proc, _ = served
     victim = children(proc.pid)[0]

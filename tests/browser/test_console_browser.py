@@ -106,6 +106,7 @@ async def request_release(page: Page, message_id: str, note: str) -> None:
 # --- logging in -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_login_with_password_then_totp(console: Console) -> None:
     alice = await console.add_user("alice", "operator")
     page = await console.page()
@@ -189,6 +190,7 @@ async def test_a_browser_login_raises_no_warnings(console: Console, monkeypatch:
     assert [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught] == []
 
 
+@pytest.mark.slow
 async def test_reused_totp_code_is_refused(console: Console) -> None:
     bob = await console.add_user("bob", "operator")
     page = await console.page()
@@ -221,6 +223,7 @@ async def test_reused_totp_code_is_refused(console: Console) -> None:
     assert len(await console.audit("console.login", actor="bob")) == 2  # the enrolment's and the recovery code's
 
 
+@pytest.mark.slow
 async def test_failed_logins_make_the_browser_wait_and_never_lock(console: Console) -> None:
     carol = await console.add_user("carol", "operator")
     page = await console.page()
@@ -255,6 +258,7 @@ async def test_failed_logins_make_the_browser_wait_and_never_lock(console: Conso
 # --- passkeys -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_passkey_registration_and_login(console: Console) -> None:
     dave = await console.add_user("dave", "operator")
     page = await console.page()
@@ -332,6 +336,7 @@ async def test_forged_posts_are_refused_and_change_nothing(console: Console, att
 # --- roles --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_auditor_cannot_change_anything(console: Console) -> None:
     held = await held_invoice(console)
     operator, _ = await console.logged_in("operator", "frank")
@@ -387,6 +392,7 @@ async def test_auditor_cannot_change_anything(console: Console) -> None:
 # --- four eyes --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_quarantine_release_needs_a_second_person(console: Console) -> None:
     held = await held_invoice(console)
     page_a, heidi = await console.logged_in("operator", "heidi")
@@ -485,6 +491,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+@pytest.mark.slow
 async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, start_erp: StartErp, tmp_path: Path) -> None:
     folder = ROOT / "docs" / "screenshots" if os.environ.get("EGW_SCREENSHOTS") == "1" else tmp_path
     folder.mkdir(parents=True, exist_ok=True)
@@ -540,6 +547,7 @@ async def test_screenshots_of_the_main_pages(inst, start_console: StartConsole, 
 # --- partners: a certificate rollover under four eyes ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_new_partner_certificate_needs_a_second_admin_and_its_fingerprint(console: Console, tmp_path: Path) -> None:
     from gateway.operations.instance import DEMO_PARTNER
     from gateway.tls import cert_sha256, inspect_certificate

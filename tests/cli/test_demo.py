@@ -25,6 +25,7 @@ from tests.helpers import ENV
 WAIT_S = 60.0
 
 
+@pytest.mark.slow
 def test_demo_no_wait(tmp_path):
     folder = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "gateway", "demo", "--no-wait", "--dir", str(folder)],
@@ -79,6 +80,7 @@ class Output:
         return "\n".join(self.lines) + self.pending.decode(errors="replace")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "when"), [(signal.SIGHUP, "Serving until Ctrl-C."), (signal.SIGTERM, "Serving until Ctrl-C."),
                                            (signal.SIGINT, "Serving until Ctrl-C."), (signal.SIGHUP, "Gateway listening")],
                          ids=["SIGHUP while serving", "SIGTERM while serving", "SIGINT while serving",

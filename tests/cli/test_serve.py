@@ -14,12 +14,15 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from gateway.cli.demo import SAMPLE
 from gateway.operations import instance
 from tests.helpers import ENV, free_port, os_group, run_command, wait_for_port
 from tests.helpers.daemon import post_many
 
 
+@pytest.mark.slow
 def test_serve_subprocess(tmp_path):
     port = free_port()
     inst = instance.init(tmp_path / "gw", port=port)

@@ -18,6 +18,7 @@ import time
 import warnings
 
 import pyotp
+import pytest
 from yarl import URL
 
 from gateway import logs
@@ -224,6 +225,7 @@ async def test_every_failed_login_gets_the_same_answer_after_the_same_work(world
     assert not [pw for _, pw in cases.values() if pw in everything]
 
 
+@pytest.mark.slow
 @shared
 async def test_the_attackers_address_waits_and_the_owner_elsewhere_logs_in(world):
     """Guessing from one address makes that address wait (counted failures stop at the free ones), and
@@ -283,6 +285,7 @@ async def test_failed_second_factors_count_and_end_the_half_done_login(world, ca
         await login(b, p)
 
 
+@pytest.mark.slow
 @shared
 async def test_many_addresses_slow_the_account_but_never_a_browser_that_logged_in(world):
     """A distributed guess: each address adds its free failures to the account's shared count until

@@ -184,6 +184,7 @@ async def test_rejected_mail_gets_a_reply_with_the_errors(inst: Instance, relay:
     assert report["details"] and all(d["message"] for d in report["details"]), report
 
 
+@pytest.mark.slow
 async def test_a_reply_waits_in_the_outbox_across_a_restart(inst: Instance, relay: Relay, tmp_path: Path) -> None:
     """Replies are durable: queued before the SMTP answer, one the relay refused is sent after the gateway restarted."""
     configure(inst, relay.port)

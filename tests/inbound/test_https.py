@@ -234,6 +234,7 @@ def raw_exchange(running: Running, request: bytes) -> tuple[int, str, bytes]:
     return int(lines[0].split()[1]), headers.get("Content-Type", ""), body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("request_bytes", "status", "code"), [
     (b"POST /v1/invoices HTTP/1.1\r\nHost: a\r\nContent-Length: twelve\r\n\r\n", 400, "MALFORMED_REQUEST"),
     (b"POST /v1/invoices HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "MALFORMED_REQUEST"),
@@ -381,6 +382,7 @@ async def reply_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
     return int(lines[0].split()[1]), json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("https_overrides", [BUDGET])
 async def test_uploads_that_declare_much_and_send_little_hold_little(mallory, gateway, client):
     """Eight uploads declaring the whole body limit (twice the in-flight budget, had it been reserved by

@@ -201,6 +201,7 @@ async def erp_listener(inst: instance.Instance) -> AsyncIterator[tuple[Running, 
         yield running, erp
 
 
+@pytest.mark.slow
 async def test_the_outbound_listener_answers_as_its_document_says(inst: instance.Instance,
                                                                    erp_listener: tuple[Running, devpki.Issued],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1143,6 +1143,7 @@ def noops_until_closed(s: smtplib.SMTP, most: int = 40) -> int:
     raise AssertionError(f"the session was still open after {most} NOOPs")
 
 
+@pytest.mark.slow
 async def test_a_session_that_starts_no_message_is_closed_whatever_it_sends(inst: instance.Instance) -> None:
     """STARTTLS and MAIL within smtp.transaction_deadline_s of connecting (or of the last transaction), however
     many NOOPs keep the idle timer happy; a MAIL stops the clock until the transaction ends."""

@@ -169,6 +169,7 @@ async def close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+@pytest.mark.slow
 async def test_readyz_is_503_while_stopping(admin_inst, monkeypatch):
     """While an upload in progress holds the shutdown, /readyz on an open admin connection says 503
     "stopping" (the load balancer stops sending), and /healthz still 200."""
@@ -189,6 +190,7 @@ async def test_readyz_is_503_while_stopping(admin_inst, monkeypatch):
         await close(writer)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="BUG: Gateway.stop() → AppRunner.cleanup() → aiohttp pre_shutdown() closes every "
                    "connection, after which RequestHandler.data_received drops incoming bytes: an upload in progress "
                    "when SIGTERM arrives never completes; stop waits the whole SHUTDOWN_GRACE_S and the request is cut "
@@ -224,6 +226,7 @@ def accepted_by_process(folder: Path) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_counters_add_up_over_workers(tmp_path):
     admin_port = free_port()
     inst = make_instance(tmp_path, 2, admin_port=admin_port)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import pytest
 from cryptography import x509
 
 from gateway import devpki, logs
@@ -112,6 +113,7 @@ def age(db: sqlite3.Connection, ids: dict[str, str]) -> None:
     db.commit()
 
 
+@pytest.mark.slow
 async def test_store_expire_deletes_only_invoices_delivered_before_the_cutoff(inst):
     ids = await accept_set(inst)
     db_path = inst.state_dir / "gateway.db"

@@ -48,6 +48,7 @@ def with_token(inst: instance.Instance) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token", [False, True], ids=["loopback", "token"])
 async def test_the_admin_listener_answers_as_its_document_says(inst: instance.Instance, token: bool) -> None:
     set_admin(inst, free_port(), token_file=with_token(inst) if token else None)

@@ -167,6 +167,7 @@ def test_activated_needs_every_certificate_confirmed(pki, tmp_path):
 # --- 3. over the real mutual-TLS listener ------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_overlap_retirement_and_pending_over_mutual_tls(gateway, tmp_path, capsys):
     cfg = str(gateway.inst.config)
     book = gateway.gw.parts.partners

@@ -116,6 +116,7 @@ def test_facts_credit_note_and_dates(corpus):
 # --- CII over HTTPS ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_valid_cii_invoice_is_accepted(gateway, client, seller):
     s = client(*seller)
     body = INVOICE.read_bytes()
@@ -139,6 +140,7 @@ async def test_valid_cii_invoice_is_accepted(gateway, client, seller):
     assert meta["supplier_ids"] == ["0088:1238764941386", "123456789", "NO123456789MVA"]
 
 
+@pytest.mark.slow
 async def test_cii_from_a_partner_the_seller_is_not_registered_for(gateway, client):
     s = client()  # the demo partner: none of the invoice's seller ids is its own
     status, body = await post(s, INVOICE.read_bytes())
@@ -153,6 +155,7 @@ async def test_cii_from_a_partner_the_seller_is_not_registered_for(gateway, clie
     assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
 
 
+@pytest.mark.slow
 async def test_cii_naming_another_partner_as_tax_representative_is_refused_and_nothing_stored(gateway, client, seller):
     """Issue 20, item 3: the tax representative's VAT number (NO967611265MVA) registered to another partner in
     another form; the seller's own invoice names it, so it is refused, naming it as written."""
@@ -171,6 +174,7 @@ async def test_cii_naming_another_partner_as_tax_representative_is_refused_and_n
     assert list(gateway.inst.delivery_folder.iterdir()) == []
 
 
+@pytest.mark.slow
 async def test_cii_breaking_the_xsd_is_schema_invalid(gateway, client, seller):
     doc = INVOICE.read_bytes().replace(b"<ram:TypeCode>380</ram:TypeCode>",
                                        b"<ram:TypeCode>380</ram:TypeCode><ram:Unexpected>1</ram:Unexpected>")
@@ -185,6 +189,7 @@ async def test_cii_breaking_the_xsd_is_schema_invalid(gateway, client, seller):
     assert any("ram:Unexpected" in d["message"] for d in body["details"]), body
 
 
+@pytest.mark.slow
 async def test_cii_breaking_a_business_rule_is_rules_failed(gateway, client, seller):
     doc = INVOICE.read_bytes()
     assert doc.count(b"<ram:DuePayableAmount>801.78<") == 1
@@ -197,6 +202,7 @@ async def test_cii_breaking_a_business_rule_is_rules_failed(gateway, client, sel
 # --- Factur-X / ZUGFeRD PDFs ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_factur_x_pdf_is_accepted_and_delivered_as_sent(gateway, client, seller):
     s = client(*seller)
     pdf = pdf_with(("factur-x.xml", INVOICE.read_bytes()))
@@ -222,11 +228,13 @@ async def test_factur_x_pdf_is_accepted_and_delivered_as_sent(gateway, client, s
     assert meta["invoice_number"] == "TOSL108" and meta["size"] == len(pdf)
 
 
+@pytest.mark.slow
 async def test_zugferd_attachment_names_are_recognised(gateway, client, seller):
     status, body = await post(client(*seller), pdf_with(("ZUGFeRD-invoice.xml", INVOICE.read_bytes())), PDF)
     assert status == 202, body
 
 
+@pytest.mark.slow
 async def test_the_same_invoice_as_xml_and_as_pdf_is_one_invoice(gateway, client, seller):
     s = client(*seller)
     assert (await post(s, INVOICE.read_bytes())).status == 202
@@ -249,6 +257,7 @@ async def test_pdf_with_two_embedded_invoices(gateway, client, seller):
     assert (await gateway.gw.store.reports.counts()).get("invoices", 0) == 0
 
 
+@pytest.mark.slow
 async def test_a_second_invoice_under_another_name_is_refused_and_nothing_stored(gateway, client, seller):
     """The attack: the checked factur-x.xml is clean, another XML rides along for a reader that takes it instead."""
     xml = INVOICE.read_bytes()
@@ -261,6 +270,7 @@ async def test_a_second_invoice_under_another_name_is_refused_and_nothing_stored
     assert list(gateway.inst.delivery_folder.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body", [os.urandom(4096), SAMPLE, b"%PDF-1.7\n" + bytes(range(256)) * 8],
                          ids=["random", "xml", "pdf-header-then-garbage"])
 async def test_not_a_pdf(gateway, client, body):

@@ -142,6 +142,7 @@ async def test_wrong_iban_check_digits_is_refused_and_audited(gateway, client):
     assert await accepted(client(), invoice("IBAN-0002", iban="0532013000"), status="held")  # but it is a new account
 
 
+@pytest.mark.slow
 async def test_iban_spacing_and_case_do_not_make_a_new_account(gateway, client):
     s = client()
     await accepted(s, invoice("SPACE-0001", iban=IBAN_A))
@@ -152,6 +153,7 @@ async def test_iban_spacing_and_case_do_not_make_a_new_account(gateway, client):
 # --- 2. changed payee account: held, released, rejected -------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_changed_account_is_held_released_and_then_known(gateway, client, capsys):
     s = client()
     # The seller's first invoice: its account is recorded as known, and nothing is held.
@@ -259,6 +261,7 @@ async def test_changed_account_is_held_released_and_then_known(gateway, client, 
     assert account_states(gateway) == {IBAN_A: "known", IBAN_B: "known"}  # B's review was the released invoice's
 
 
+@pytest.mark.slow
 async def test_rejected_invoice_is_never_delivered_and_decided_once(gateway, client, capsys):
     s = client()
     await accepted(s, invoice("REJ-0001"))
@@ -294,6 +297,7 @@ async def test_rejected_invoice_is_never_delivered_and_decided_once(gateway, cli
     assert state["status"] == "rejected"
 
 
+@pytest.mark.slow
 async def test_account_history_is_per_partner(gateway, client, capsys, tmp_path):
     """Another seller's first invoice to an account the demo partner never used is not held."""
     s = client()
@@ -310,6 +314,7 @@ async def test_account_history_is_per_partner(gateway, client, capsys, tmp_path)
     await wait_delivered(gateway, theirs)  # (the same number from two sellers is no business duplicate either)
 
 
+@pytest.mark.slow
 async def test_releasing_a_later_held_invoice_makes_its_account_known(gateway, client, capsys):
     s = client()
     await accepted(s, invoice("LATE-0001"))
@@ -330,6 +335,7 @@ async def test_releasing_a_later_held_invoice_makes_its_account_known(gateway, c
 # --- 3. amount ceilings --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_amount_ceiling_edited_at_runtime(gateway, client, capsys):
     s = client()
     cfg = str(gateway.inst.config)
@@ -418,6 +424,7 @@ async def test_business_duplicate(gateway, client):
     await wait_delivered(gateway, other_day)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("number", "issue_date"), [
     ("dup-0002", None), ("DUP\u2013 2", None), ("DUP-\u200b0002", None), ("ＤＵＰ－０００２", None),
     ("DUP-0002", "2026-11-02Z"), ("DUP-2", "2026-11-02+02:00"),
@@ -433,6 +440,7 @@ async def test_a_business_duplicate_written_differently_is_refused(gateway, clie
     await wait_delivered(gateway, first)
 
 
+@pytest.mark.slow
 async def test_business_duplicate_of_a_held_invoice(gateway, client):
     s = client()
     await accepted(s, invoice("HDUP-0001"))
@@ -449,6 +457,7 @@ async def test_business_duplicate_of_a_held_invoice(gateway, client):
     assert len(await gateway.gw.store.quarantine.held()) == 1
 
 
+@pytest.mark.slow
 async def test_business_duplicate_across_syntaxes(cii_inst, gateway, client, capsys, corpus):
     """A CII invoice and a UBL one from the same seller with the same number and issue date: 409."""
     cii_doc = (corpus / CII_EXAMPLE).read_bytes()

@@ -216,6 +216,7 @@ async def test_release_without_to_follows_the_routes_configured_now(
         assert files(a) == [f"{mid}.json", f"{mid}.xml"] and files(b) == []
 
 
+@pytest.mark.slow
 async def test_release_to_overrides_the_route_of_an_invoice_held_for_another_reason(
         inst: instance.Instance, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = configure(inst, f'[[routes]]\nreceiver = "{BUYER}"\ndestinations = ["erp-a"]\n', "[]")

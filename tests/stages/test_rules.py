@@ -189,6 +189,7 @@ async def test_a_misbehaving_rule_pack_never_passes_an_invoice(inst, tmp_path, n
         assert not any(r.inst.delivery_folder.iterdir())
 
 
+@pytest.mark.slow
 async def test_an_endless_evaluation_is_stopped_and_its_process_replaced(inst, tmp_path):
     configure(inst, timeout_s=2, packs={"spin": {"ubl": stylesheet(tmp_path, "spin.xsl", SPIN)}})
     slow = add_partner(inst, "slow", SLOW_IDS, rules=("spin",))
@@ -209,6 +210,7 @@ async def test_an_endless_evaluation_is_stopped_and_its_process_replaced(inst, t
         assert await stored(r) == 1
 
 
+@pytest.mark.slow
 async def test_a_replacement_that_cannot_start_does_not_wedge_the_engine(inst, tmp_path):
     spin = stylesheet(tmp_path, "spin.xsl", SPIN)
     configure(inst, timeout_s=2, packs={"spin": {"ubl": spin}})
@@ -232,6 +234,7 @@ async def test_a_replacement_that_cannot_start_does_not_wedge_the_engine(inst, t
         assert second.status in (202, 503), second.json
 
 
+@pytest.mark.slow
 async def test_the_event_loop_answers_while_the_rules_run(inst, tmp_path):
     configure(inst, timeout_s=3, packs={"spin": {"ubl": stylesheet(tmp_path, "spin.xsl", SPIN)}})
     slow = add_partner(inst, "slow", SLOW_IDS, rules=("spin",))

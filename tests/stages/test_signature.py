@@ -848,6 +848,7 @@ def test_attack_is_refused_with_its_reason(pki: Pki, canary: int, a: Attack) -> 
 HTTPS_ATTACKS = [a for a in ATTACKS if a.https]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("a", HTTPS_ATTACKS, ids=[a.case for a in HTTPS_ATTACKS])
 async def test_attack_over_https_is_422_and_nothing_stored(gateway: Running, client: Any, pki: Pki, canary: int,
                                                            a: Attack) -> None:

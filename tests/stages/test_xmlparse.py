@@ -326,6 +326,7 @@ def test_fuzzed_sample_raises_only_gateway_errors(mutations):  # F-03: no other 
 # --- end to end: the real listener ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", REJECTED)
 async def test_listener_rejects_hostile_xml(gateway, client, canary, secret, capfd, case):
     build, code = REJECTED[case]
@@ -351,6 +352,7 @@ async def test_listener_accepts(gateway, client, canary, case):
     assert canary.hits == []
 
 
+@pytest.mark.slow
 async def test_listener_accepts_50mb_invoice_with_embedded_pdf(gateway, client):  # X-04 positive control
     body = numbered("XT-0006", with_attachment(SAMPLE, base64.b64encode(os.urandom(1 << 20) * 36)))
     assert 50_000_000 < len(body) < 64 * 1024 * 1024
@@ -443,6 +445,7 @@ def test_release_trims_after_a_large_tree_and_asks_for_fresh_threads_after_the_b
     assert renewals == [False, True, False, True]  # every second document, then the count starts again
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Sending a large body:ResourceWarning")
 def test_an_attribute_bomb_costs_a_real_worker_little_and_its_memory_comes_back(tmp_path: Path) -> None:
     """A gateway process (python -m gateway serve) receives, at once, four 16 MiB documents whose trees would
