@@ -53,7 +53,8 @@ class AdminInbound:
         if self.token is not None and not request.path.startswith("/console"):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                return web.json_response({"error": "UNAUTHORIZED", "message": "a valid bearer token is required"},
+                return web.json_response({"error": "UNAUTHORIZED", "message": "a valid bearer token is required "
+                                          "(Authorization: Bearer, the token in admin.token_file)", "details": []},
                                          status=401, headers={"WWW-Authenticate": "Bearer"})
         response = await handler(request)
         response.headers["Cache-Control"] = "no-store"

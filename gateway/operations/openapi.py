@@ -37,11 +37,8 @@ def operation(summary: str, operation_id: str, success: Json, *, token: bool) ->
     """``success``: the answers of the handler, by status; then what any request can be told."""
     out: Json = {**success, **{status: error(*what) for status, what in ANY_REQUEST.items()}}
     if token:  # AdminInbound._auth
-        out["401"] = {
-            "description": "No valid bearer token (admin.token_file).",
-            "headers": {"WWW-Authenticate": {"required": True, "schema": {"type": "string", "const": "Bearer"}}},
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Unauthorized"}}},
-        }
+        out["401"] = {**error("No valid bearer token (admin.token_file).", "UNAUTHORIZED"),
+                      "headers": {"WWW-Authenticate": {"required": True, "schema": {"type": "string", "const": "Bearer"}}}}
     return {"summary": summary, "operationId": operation_id, "responses": dict(sorted(out.items()))}
 
 
@@ -91,10 +88,6 @@ def admin_document(*, token: bool) -> Json:
         "components": {"schemas": copy.deepcopy(ERROR_SCHEMAS)},
     }
     if token:
-        doc["components"]["schemas"]["Unauthorized"] = {
-            "type": "object", "required": ["error", "message"], "additionalProperties": False,
-            "properties": {"error": {"const": "UNAUTHORIZED"}, "message": {"type": "string"}},
-        }
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                            "description": "the token in admin.token_file"}}
         doc["security"] = [{"bearer": []}]

@@ -315,6 +315,8 @@ async def test_admin_off_loopback_needs_the_bearer_token_over_https(inst):
                 assert status == 401, path
                 assert headers["WWW-Authenticate"] == "Bearer"
                 assert b"einvoice" not in body
+                assert json.loads(body) == {"error": "UNAUTHORIZED", "details": [], "message": "a valid bearer token is "
+                                            "required (Authorization: Bearer, the token in admin.token_file)"}
                 status, _, _ = await get(s, path, headers={"Authorization": "Bearer wrong"})
                 assert status == 401
                 status, _, _ = await get(s, path, headers={"Authorization": secret})  # the scheme is required
