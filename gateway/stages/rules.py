@@ -146,13 +146,19 @@ class _Compiled:
         return parse_svrl(self.report(document).encode("utf-8"))
 
 
-def svrl_report(spec: PackSpec, syntax: Syntax, document: str) -> str:
-    """The whole SVRL report of one pack's stylesheet on a document, compiled and run as a rules process
-    does it, but in this process (for tests and tools: what the report carries, issue 23)."""
-    from saxonche import PySaxonProcessor
-
-    compiled = _Compiled(PySaxonProcessor(license=False), spec.stylesheets[syntax], f"rules.packs[{spec.name}]")
-    return compiled.report(document)
+def svrl_report(spec: PackSpec, syntax: Syntax, document: str, timeout_s: float = 120.0) -> str:
+    """The whole SVRL report of one pack's stylesheet on a document, from a rules process of its own
+    (for tests and tools: what the report carries, issue 23).  Saxon never runs in the caller's process."""
+    child = _Child({spec.name: spec})
+    try:
+        child.ready(timeout_s)
+        child.conn.send((document, syntax.value, [spec.name], True))
+        kind, value = child.receive(timeout_s)
+    finally:
+        child.stop()
+    if kind != "ok":
+        raise _EvaluationError(str(value))
+    return str(value[0])
 
 
 _STYLESHEET_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
@@ -205,11 +211,12 @@ def _child_main(conn: Connection, specs: dict[str, PackSpec]) -> None:
     conn.send(("ready", ""))
     while True:
         try:
-            document, syntax, names = conn.recv()
+            document, syntax, names, *whole = conn.recv()  # whole: the reports as written (svrl_report)
         except (EOFError, OSError):
             return
         try:
-            reply: tuple[str, Any] = ("ok", [compiled[(n, Syntax(syntax))].run(document) for n in names])
+            run = _Compiled.report if whole else _Compiled.run
+            reply: tuple[str, Any] = ("ok", [run(compiled[(n, Syntax(syntax))], document) for n in names])
         except _EvaluationError as exc:
             reply = ("failed", str(exc))
         except Exception as exc:  # whatever went wrong, the answer is "not evaluated", never "passed"

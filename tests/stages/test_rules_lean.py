@@ -6,39 +6,67 @@ as published and as compiled by the gateway and compares the findings one by one
 that relative ``xsl:include`` still resolves (the stylesheet is compiled from text with the file's
 base URI; only the file named in the configuration is pruned, as compiled Schematron is one file),
 that text following a removed element stays, and that an unreadable stylesheet names its key.
+
+Saxon runs in a process of its own here too (``COMPARE``), as in the gateway: a test worker that has
+loaded it once can later die of it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from saxonche import PySaxonProcessor
 
 from gateway.errors import ConfigError
 from gateway.model import Syntax
 from gateway.stages import rules
-from tests.helpers import CII_RULES, CORPUS
+from tests.helpers import CII_RULES, CORPUS, ENV
 
 SVRL_NS = 'xmlns:svrl="http://purl.oclc.org/dsdl/svrl"'
 XSL_NS = 'xmlns:xsl="http://www.w3.org/1999/XSL/Transform"'
 
+# Reads {"stylesheet": path, "documents": [path or inline XML]} on stdin; writes, per document, the report
+# of the stylesheet as published and as the gateway compiles it, with their findings (or what Saxon said).
+COMPARE = r"""
+import json, sys
+from pathlib import Path
+from saxonche import PySaxonProcessor
+from gateway.stages import rules
 
-@pytest.fixture(scope="module")
-def processor() -> PySaxonProcessor:
-    return PySaxonProcessor(license=False)
+job = json.load(sys.stdin)
+processor = PySaxonProcessor(license=False)
+path = Path(job["stylesheet"])
+published = processor.new_xslt30_processor().compile_stylesheet(stylesheet_file=str(path))
+lean = rules._Compiled(processor, path, "rules")
+out = []
+for doc in job["documents"]:
+    text = doc if doc.startswith("<") else Path(doc).read_text("utf-8")
+    try:
+        expected = str(published.transform_to_string(xdm_node=processor.parse_xml(xml_text=text)))
+    except Exception as exc:  # not XML Saxon reads: nothing to compare
+        out.append({"document": doc, "unreadable": str(exc)[:200]})
+        continue
+    got = lean.report(text)
+    findings = [[f.rule, f.flag, f.location, f.message] for f in rules.parse_svrl(got.encode())]
+    out.append({"document": doc, "published": expected, "lean": got, "lean_findings": findings,
+                "published_findings": [[f.rule, f.flag, f.location, f.message]
+                                       for f in rules.parse_svrl(expected.encode())] if "schematron-output" in expected else None})
+json.dump(out, sys.stdout)
+"""
 
 
-def as_published(processor: PySaxonProcessor, path: Path) -> object:
-    return processor.new_xslt30_processor().compile_stylesheet(stylesheet_file=str(path))
+def compare(stylesheet: Path, documents: list[str]) -> list[dict[str, Any]]:
+    done = subprocess.run([sys.executable, "-c", COMPARE], input=json.dumps({"stylesheet": str(stylesheet),
+                          "documents": documents}), capture_output=True, text=True, env=ENV, timeout=600, check=True)
+    return list(json.loads(done.stdout))
 
 
-def report(processor: PySaxonProcessor, executable: object, document: str) -> str:
-    return str(executable.transform_to_string(xdm_node=processor.parse_xml(xml_text=document)))  # type: ignore[attr-defined]
-
-
-def test_fired_rules_go_and_everything_else_stays(processor: PySaxonProcessor, tmp_path: Path) -> None:
+def test_fired_rules_go_and_everything_else_stays(tmp_path: Path) -> None:
     (tmp_path / "parts").mkdir()
     (tmp_path / "parts" / "check.xsl").write_text(
         f'<xsl:stylesheet version="2.0" {XSL_NS} {SVRL_NS}>'
@@ -51,28 +79,24 @@ def test_fired_rules_go_and_everything_else_stays(processor: PySaxonProcessor, t
         f'<xsl:stylesheet version="2.0" {XSL_NS} {SVRL_NS}><xsl:include href="parts/check.xsl"/>'
         '<xsl:template match="/"><svrl:schematron-output><svrl:fired-rule context="/"/>'
         '<xsl:apply-templates select="//total"/></svrl:schematron-output></xsl:template></xsl:stylesheet>')
-    lean = rules._Compiled(processor, main, "rules.packs[t].ubl")
 
-    document = "<doc><total>-5</total></doc>"
-    published = report(processor, as_published(processor, main), document)
-    assert published.count("fired-rule") == 2  # the root template's and the included template's
-    got = report(processor, lean.executable, document)
-    assert got.count("fired-rule") == 1  # only the named file is pruned: an included one keeps its own
-    assert "after-fired" in got  # text beside a removed element is output as before
-    assert lean.run(document) == rules.parse_svrl(published.encode()) == [
-        rules.Finding("T-1", "fatal", "/total", "the total is negative")]
+    [result] = compare(main, ["<doc><total>-5</total></doc>"])
+    assert result["published"].count("fired-rule") == 2  # the root template's and the included template's
+    assert result["lean"].count("fired-rule") == 1  # only the named file is pruned: an included one keeps its own
+    assert "after-fired" in result["lean"]  # text beside a removed element is output as before
+    assert result["lean_findings"] == result["published_findings"] == [["T-1", "fatal", "/total", "the total is negative"]]
 
 
-def test_an_unreadable_stylesheet_names_its_key(processor: PySaxonProcessor, tmp_path: Path) -> None:
+def test_an_unreadable_stylesheet_names_its_key(tmp_path: Path) -> None:
     broken = tmp_path / "broken.xsl"
     broken.write_text("<xsl:stylesheet")
     with pytest.raises(ConfigError) as exc:
-        rules._Compiled(processor, broken, "rules.packs[peppol].ubl")
+        rules._without_fired_rules(broken, "rules.packs[peppol].ubl")  # read before Saxon sees it
     assert exc.value.message.startswith(f"rules.packs[peppol].ubl: cannot compile {broken}: "), exc.value.message
 
 
-def corpus_documents(root_ns: bytes) -> list[Path]:
-    found = [p for p in sorted((CORPUS / "invoices").rglob("*.xml")) if root_ns in p.read_bytes()[:4000]]
+def corpus_documents(root_ns: bytes) -> list[str]:
+    found = [str(p) for p in sorted((CORPUS / "invoices").rglob("*.xml")) if root_ns in p.read_bytes()[:4000]]
     if not found and os.environ.get("CI") == "true":
         pytest.fail(f"no corpus documents under {CORPUS}: the corpus is required under CI=true")
     if not found:
@@ -85,19 +109,14 @@ def corpus_documents(root_ns: bytes) -> list[Path]:
     (Syntax.UBL, b"urn:oasis:names:specification:ubl:schema:xsd:"),
     (Syntax.CII, b"urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"),
 ])
-def test_the_corpus_gets_identical_findings(processor: PySaxonProcessor, syntax: Syntax, root_ns: bytes) -> None:
+def test_the_corpus_gets_identical_findings(syntax: Syntax, root_ns: bytes) -> None:
     path = rules.builtin_pack().stylesheets[Syntax.UBL] if syntax is Syntax.UBL else CII_RULES
-    published, lean = as_published(processor, path), rules._Compiled(processor, path, "rules")
     compared = 0
-    for doc in corpus_documents(root_ns):
-        try:
-            text = doc.read_text("utf-8")
-            expected = report(processor, published, text)
-        except Exception:  # noqa: BLE001 - not XML Saxon reads (the corpus's malformed samples): nothing to compare
+    for result in compare(path, corpus_documents(root_ns)):
+        if "unreadable" in result:  # the corpus's malformed samples
             continue
-        assert "fired-rule" in expected or "schematron-output" not in expected
-        got = report(processor, lean.executable, text)
-        assert "fired-rule" not in got, doc
-        assert rules.parse_svrl(got.encode()) == rules.parse_svrl(expected.encode()), doc
+        assert "fired-rule" in result["published"] or result["published_findings"] is None
+        assert "fired-rule" not in result["lean"], result["document"]
+        assert result["lean_findings"] == result["published_findings"], result["document"]
         compared += 1
     assert compared >= (600 if syntax is Syntax.UBL else 50), compared

@@ -3,7 +3,7 @@
 The pipeline reads failed assertions and successful reports from the SVRL; ``svrl:fired-rule`` (one
 element per rule context matched, thousands per invoice) is written by the official stylesheet and
 read by nobody, yet writing it is about a sixth of the evaluation.  ``svrl_report`` compiles and runs
-the built-in pack exactly as a rules process does, in this process, and hands back the whole report.
+the built-in pack in a rules process of its own, exactly as the gateway's do, and hands back the whole report.
 """
 
 from __future__ import annotations
