@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gateway import files
+from gateway import files, logs
 from gateway.cli.demo import SAMPLE
 from gateway.config.model import DeliveryConfig, Destination
 from gateway.delivery.folder import DirectorySender, access_warnings
@@ -188,6 +189,17 @@ async def test_a_file_that_cannot_be_written_fails_its_own_job_only(env, sync_me
     assert await env.deliverer.run_once() == 1
     assert env.job(mids[1])["state"] == "delivered"
     assert (env.outbox / f"{mids[1]}.xml").read_bytes() == numbered("ONE-FAILS-1")
+
+
+def test_the_sync_method_is_said_when_the_sender_is_built(tmp_path, monkeypatch, sync_method):
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    try:
+        folder_sender(tmp_path)
+    finally:
+        logs.configure("info")
+    [line] = [json.loads(line) for line in stream.getvalue().splitlines() if "delivery.folder_sync" in line]
+    assert (line["destination"], line["path"], line["method"]) == ("erp", str(tmp_path), sync_method)
 
 
 class Crash(BaseException):
