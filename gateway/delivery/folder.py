@@ -15,27 +15,20 @@ import grp
 import json
 import os
 import stat
-from collections.abc import Sequence
 from concurrent.futures import Executor
 
-from .. import logs
 from ..config.model import Destination, folder_mode
-from ..files import replace_many, sync_method
+from ..files import fsync_path, write_aside
 from ..storage.records import DeliveryJob, DocumentFacts
 from .sender import DeliveryFailed
-
-log = logs.get("delivery")
 
 
 class DirectorySender:
     """Writes ``<message_id>.json`` then ``<message_id>.xml`` (``.pdf`` for a Factur-X PDF) into an ERP's inbox folder.
 
-    The outbox hands it every job it claimed for the folder at once (``send_batch``): each file is
-    written under a dot-name, all of them are made durable with one sync of the file system, then
-    renamed into place, then the folder is fsynced once (gateway/files.py, ``replace_many``): a reader
-    sees a whole file or none.  The document appears after its sidecar, so when it is there its
-    sidecar is too.  A file that cannot be written fails its own job only.  A redelivery after a
-    crash rewrites the same names with the same bytes.
+    Each file is written under a dot-name, fsynced and renamed into place, then the folder is
+    fsynced: a reader sees a whole file or none.  The document appears last, so when it is
+    there its sidecar is too.  A redelivery after a crash rewrites the same names with the same bytes.
     """
 
     def __init__(self, dest: Destination, executor: Executor):
@@ -48,9 +41,6 @@ class DirectorySender:
         self.mode = dest.mode
         self._gid: int | None = None
         self._prepared = False
-        log.info("delivery.folder_sync", destination=self.name, path=str(self.folder), method=sync_method(),
-                 detail="one syncfs per batch" if sync_method() == "syncfs" else
-                 "syncfs is not available: each file is fsynced, the folder once per batch")
 
     def prepare(self) -> None:
         """Give the folder its group (setgid) and mode, once; only what differs is changed (a folder
@@ -70,38 +60,22 @@ class DirectorySender:
             os.chmod(self.folder, wanted)
         self._prepared = True
 
-    def write_batch(self, items: Sequence[tuple[str, bytes, DocumentFacts]]) -> list[str | None]:
-        """Write each (message id, document, facts) with one sync for all; per item None (in place and
-        durable) or why it is not."""
+    def write(self, message_id: str, document: bytes, facts: DocumentFacts) -> None:
         if not self._prepared:
             self.prepare()
-        groups = [[(f"{message_id}.json", json.dumps(facts.as_json(), indent=2, sort_keys=True).encode() + b"\n"),
-                   (f"{message_id}.{'pdf' if facts.media_type == 'application/pdf' else 'xml'}", document)]
-                  for message_id, document, facts in items]
-        return [None if failure is None else failure.explain(self.folder)
-                for failure in replace_many(self.folder, groups, self.mode, self._gid)]
-
-    def write(self, message_id: str, document: bytes, facts: DocumentFacts) -> None:
-        [failure] = self.write_batch([(message_id, document, facts)])
-        if failure is not None:
-            raise DeliveryFailed(failure)
-
-    async def send_batch(self, batch: Sequence[tuple[DeliveryJob, bytes]]) -> list[str | DeliveryFailed]:
-        """Deliver every (job, document) together; per job a note ("written") or why it failed."""
-        items = [(job.message_id, document, job.facts) for job, document in batch]
-        try:
-            failures = await asyncio.get_running_loop().run_in_executor(self.executor, self.write_batch, items)
-        except DeliveryFailed as exc:
-            return [exc] * len(batch)
-        except OSError as exc:  # the folder itself (missing, not a folder, not ours to change)
-            return [DeliveryFailed(f"cannot write to {self.folder}: {exc.strerror or exc}")] * len(batch)
-        return ["written" if failure is None else DeliveryFailed(failure) for failure in failures]
+        write_aside(self.folder, f"{message_id}.json", json.dumps(facts.as_json(), indent=2, sort_keys=True).encode() + b"\n",
+                    self.mode, self._gid)
+        write_aside(self.folder, f"{message_id}.{'pdf' if facts.media_type == 'application/pdf' else 'xml'}", document,
+                    self.mode, self._gid)
+        fsync_path(self.folder)
 
     async def send(self, job: DeliveryJob, document: bytes) -> str:
-        [result] = await self.send_batch([(job, document)])
-        if isinstance(result, DeliveryFailed):
-            raise result
-        return result
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.write, job.message_id, document,
+                                                             job.facts)
+        except OSError as exc:
+            raise DeliveryFailed(f"cannot write to {self.folder}: {exc.strerror or exc}") from exc
+        return "written"
 
     async def close(self) -> None:
         pass

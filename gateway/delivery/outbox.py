@@ -3,12 +3,6 @@
     outbox.claim() ─▶ open the sealed object ─▶ Sender.send() ─▶ delivered | retry later | dead letter
                                                                        └─▶ outbox.record()
 
-A destination that delivers a batch more cheaply than its jobs one by one (the folder: one sync for
-all, gateway/delivery/folder.py) is handed every job claimed for it at once (``BatchSender``): their
-sealed objects are read in one read and opened in one go, and their outcomes are recorded in one
-transaction (``record_many``).  Each job still has its own outcome: one that fails is retried or
-dead-lettered alone.
-
 Jobs were written in the transaction that accepted the invoice.  This worker claims due jobs with a
 lease (a node that dies leaves them to others when the lease lapses; the same node gives its own
 back at start), at most ``concurrency`` per destination, and never for a destination whose circuit
@@ -28,7 +22,7 @@ import hashlib
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +32,10 @@ from ..config.model import DeliveryConfig
 from ..errors import StorageUnavailable, VaultError
 from ..model import stamp
 from ..storage.base import OutboxStore
-from ..storage.records import DeliveryJob, Job, NoticeJob, Outcome
+from ..storage.records import Job, NoticeJob
 from ..vault import Vault
 from .replies import ReplySender
-from .sender import BatchSender, DeliveryFailed, Sender
+from .sender import DeliveryFailed, Sender
 
 STOP_LOOP_WAIT_S = 5.0  # at shutdown, for a claim transaction under way
 POLL_S = 0.25  # also woken at once after each acceptance in this process (other workers: by polling)
@@ -168,22 +162,12 @@ class Outbox:
         if not await self.store.due(now, 1):
             return 0  # nothing due: no write transaction just to find that out
         jobs = await self.store.claim(self.owner, now, wanted, self.cfg.lease_s)
-        batches: dict[str, tuple[BatchSender, list[DeliveryJob]]] = {}
         for job in jobs:
             self.in_flight[job.destination] += 1
-            sender = self.senders.get(job.destination)
-            if isinstance(job, DeliveryJob) and isinstance(sender, BatchSender):
-                batches.setdefault(job.destination, (sender, []))[1].append(job)
-            else:
-                self._start(self._attempt(job), f"deliver {job.message_id} to {job.destination}")
-        for destination, (sender, batch) in batches.items():  # the sender it starts with (a reload may replace it)
-            self._start(self._attempt_batch(sender, batch), f"deliver {len(batch)} jobs to {destination}")
+            task = asyncio.create_task(self._attempt(job), name=f"deliver {job.message_id} to {job.destination}")
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
         return len(jobs)
-
-    def _start(self, attempt: Any, name: str) -> None:
-        task = asyncio.create_task(attempt, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -240,124 +224,68 @@ class Outbox:
         return await self.senders[job.destination].send(job, document)
 
     async def _attempt(self, job: Job) -> None:
+        bound = log.bind(message_id=job.message_id, partner=job.partner, destination=job.destination)
+        breaker = self.breakers[job.destination]
         try:
             try:
-                result: str | Exception = await self._send(job, await self._open(job))
-            except (VaultError, DeliveryFailed) as exc:
-                result = exc
+                document = await self._open(job)
+                note = await self._send(job, document)
+            except VaultError:
+                # Corruption at rest (SECURITY-TESTS.md D-09): retrying cannot help; park it loudly.
+                bound.error("delivery.dead_letter", reason="STORED_OBJECT_UNREADABLE", attempts=job.attempts + 1)
+                self.on_outcome(job.destination, "dead_letter")
+                await self._record(job, error="the stored object failed authentication or is missing", dead=True)
+                return
+            except DeliveryFailed as exc:
+                await self._failed(job, exc, bound)
+                return
             except Exception as exc:  # a bug or a foreign error type: still an attempt that failed, recorded
-                self._bound(job).exception("delivery.attempt_error")
-                result = exc
-            outcome = self._judge(job, result)
-            await self._record(job, outcome)
-            self._delivered(outcome, result)
+                bound.exception("delivery.attempt_error")
+                await self._failed(job, DeliveryFailed(f"internal error: {exc.__class__.__name__}: {exc}"), bound)
+                return
+            if breaker.success():
+                bound.info("delivery.breaker_closed")
+            self.on_outcome(job.destination, "delivered")
+            await self._record(job, delivered_at=stamp())
+            bound.info("delivery.delivered", attempts=job.attempts + 1, result=note,
+                       latency_s=round(self.clock() - job.created_at, 3))
         finally:
             self.in_flight[job.destination] -= 1
 
-    async def _attempt_batch(self, sender: BatchSender, jobs: Sequence[DeliveryJob]) -> None:
-        """Every job claimed for a batch sender, delivered together; each with its own outcome, all recorded at once."""
-        try:
-            results: dict[int, str | Exception] = {}
-            try:
-                ready: list[tuple[int, bytes]] = []
-                for k, opened in enumerate(await self._open_many(jobs)):
-                    if isinstance(opened, bytes):
-                        ready.append((k, opened))
-                    else:
-                        results[k] = opened
-                if ready:
-                    sent = await sender.send_batch([(jobs[k], document) for k, document in ready])
-                    results.update(zip((k for k, _ in ready), sent, strict=True))
-            except Exception as exc:  # a bug or a foreign error type: every attempt of the batch failed, recorded
-                log.bind(destination=jobs[0].destination, jobs=len(jobs)).exception("delivery.attempt_error")
-                results = {k: results.get(k, exc) for k in range(len(jobs))}
-            outcomes = [self._judge(job, results[k]) for k, job in enumerate(jobs)]
-            await self._record_many(outcomes)
-            for k, outcome in enumerate(outcomes):
-                self._delivered(outcome, results[k])
-        finally:
-            self.in_flight[jobs[0].destination] -= len(jobs)
-
-    async def _open_many(self, jobs: Sequence[DeliveryJob]) -> list[bytes | VaultError]:
-        sealed = await self.store.load_sealed_many([job.message_id for job in jobs])
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._unseal_many, sealed, jobs)
-
-    def _unseal_many(self, sealed: dict[str, bytes], jobs: Sequence[DeliveryJob]) -> list[bytes | VaultError]:
-        opened: list[bytes | VaultError] = []
-        for job in jobs:
-            try:
-                if job.message_id not in sealed:
-                    raise VaultError("the stored object is missing")
-                opened.append(self._unseal(sealed[job.message_id], job))
-            except VaultError as exc:
-                opened.append(exc)
-        return opened
-
-    def _bound(self, job: Job) -> Any:
-        return log.bind(message_id=job.message_id, partner=job.partner, destination=job.destination)
-
-    def _judge(self, job: Job, result: str | Exception) -> Outcome:
-        """The outcome of one attempt (a note: delivered; an exception: why not), with its log line (but for
-        a delivery's, written once it is recorded), its count and its effect on the destination's breaker."""
-        bound = self._bound(job)
-        if isinstance(result, str):
-            if self.breakers[job.destination].success():
-                bound.info("delivery.breaker_closed")
-            self.on_outcome(job.destination, "delivered")
-            return Outcome(job, delivered_at=stamp())
-        if isinstance(result, VaultError):
-            # Corruption at rest (SECURITY-TESTS.md D-09): retrying cannot help; park it loudly.
-            bound.error("delivery.dead_letter", reason="STORED_OBJECT_UNREADABLE", attempts=job.attempts + 1)
-            self.on_outcome(job.destination, "dead_letter")
-            return Outcome(job, error="the stored object failed authentication or is missing", dead=True)
-        exc = result if isinstance(result, DeliveryFailed) else \
-            DeliveryFailed(f"internal error: {result.__class__.__name__}: {result}")
+    async def _failed(self, job: Job, exc: DeliveryFailed, bound: Any) -> None:
         now = self.clock()
         if exc.permanent:
             bound.error("delivery.dead_letter", reason="REFUSED", attempts=job.attempts + 1, error=exc.error)
             self.on_outcome(job.destination, "dead_letter")
-            return Outcome(job, error=exc.error, dead=True)
+            await self._record(job, error=exc.error, dead=True)
+            return
         if self.breakers[job.destination].failure(self.monotonic()):
             bound.warning("delivery.breaker_open", pause_s=round(self.breakers[job.destination].pause, 1),
                           failures=self.breakers[job.destination].failures)
         if now - job.created_at >= self.cfg.horizon_s:
             bound.error("delivery.dead_letter", reason="HORIZON_EXCEEDED", attempts=job.attempts + 1, error=exc.error)
             self.on_outcome(job.destination, "dead_letter")
-            return Outcome(job, error=exc.error, dead=True)
+            await self._record(job, error=exc.error, dead=True)
+            return
         delay = backoff(job.attempts, self.cfg.retry_base_s, self.cfg.retry_cap_s)
         if exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, self.cfg.retry_cap_s))
         bound.warning("delivery.retry", attempts=job.attempts + 1, retry_in_s=round(delay, 1), error=exc.error)
         self.on_outcome(job.destination, "retry")
-        return Outcome(job, error=exc.error, next_attempt_at=now + delay)
+        await self._record(job, error=exc.error, next_attempt_at=now + delay)
 
-    def _delivered(self, outcome: Outcome, note: str | Exception) -> None:
-        if outcome.delivered_at:
-            job = outcome.job
-            self._bound(job).info("delivery.delivered", attempts=job.attempts + 1, result=note,
-                                  latency_s=round(self.clock() - job.created_at, 3))
-
-    async def _record(self, job: Job, outcome: Outcome) -> None:
-        await self._write_outcomes([outcome], lambda: self.store.record(
-            job, delivered_at=outcome.delivered_at, next_attempt_at=outcome.next_attempt_at, error=outcome.error,
-            dead=outcome.dead, owner=self.owner))
-
-    async def _record_many(self, outcomes: Sequence[Outcome]) -> None:
-        await self._write_outcomes(outcomes, lambda: self.store.record_many(outcomes, self.owner))
-
-    async def _write_outcomes(self, outcomes: Sequence[Outcome], write: Callable[[], Any]) -> None:
+    async def _record(self, job: Job, *, delivered_at: str | None = None, error: str | None = None,
+                      next_attempt_at: float | None = None, dead: bool = False) -> None:
         for pause in (*self.record_retry_s, None):
             try:
-                await write()
+                await self.store.record(job, delivered_at=delivered_at, next_attempt_at=next_attempt_at, error=error,
+                                        dead=dead, owner=self.owner)
                 return
             except StorageUnavailable as exc:
-                for o in outcomes:
-                    bound = log.bind(message_id=o.job.message_id, destination=o.job.destination, error=str(exc))
-                    if pause is None:  # the lease lapses in time and the job is offered again (to any node)
-                        bound.error("delivery.record_failed", tries=len(self.record_retry_s) + 1,
-                                    outcome="delivered" if o.delivered_at else "dead_letter" if o.dead else "retry")
-                    else:
-                        bound.warning("delivery.record_retry", retry_in_s=pause)
-                if pause is None:
+                bound = log.bind(message_id=job.message_id, destination=job.destination, error=str(exc))
+                if pause is None:  # the lease lapses in time and the job is offered again (to any node)
+                    bound.error("delivery.record_failed", tries=len(self.record_retry_s) + 1,
+                                outcome="delivered" if delivered_at else "dead_letter" if dead else "retry")
                     return
+                bound.warning("delivery.record_retry", retry_in_s=pause)
                 await asyncio.sleep(pause)

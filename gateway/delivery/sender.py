@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from ..storage.records import DeliveryJob
 
@@ -29,14 +28,3 @@ class Sender(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-@runtime_checkable
-class BatchSender(Sender, Protocol):
-    """A destination that delivers many jobs together more cheaply than one by one (the folder: one sync
-    for all).  The outbox hands it every job it claimed for it at once."""
-
-    async def send_batch(self, batch: Sequence[tuple[DeliveryJob, bytes]]) -> list[str | DeliveryFailed]:
-        """Deliver each (job, document); per job, in order, a note for the log or why it was not delivered
-        (one job's failure does not fail the others).  Raises nothing for a job's failure."""
-        ...

@@ -39,7 +39,6 @@ from .records import (
     MessageSummary,
     Notice,
     OutboxDepth,
-    Outcome,
     Passkey,
     QuarantineEntry,
     Resealed,
@@ -97,17 +96,10 @@ class OutboxStore(Protocol):
     async def load_sealed(self, message_id: str) -> bytes | None:
         """The sealed content of an invoice, or of a notice still to be sent."""
 
-    async def load_sealed_many(self, message_ids: Sequence[str]) -> dict[str, bytes]:
-        """``load_sealed`` for many in one read: the ids found, with their sealed content."""
-
     async def record(self, job: Job, *, delivered_at: str | None, next_attempt_at: float | None,
                      error: str | None, dead: bool = False, owner: str | None = None) -> None:
         """The outcome of one attempt.  A success always counts; a failure only from the job's
         holder (a node whose lease lapsed must not push back a job another node now delivers)."""
-
-    async def record_many(self, outcomes: Sequence[Outcome], owner: str | None = None) -> None:
-        """The outcomes of a batch of attempts in one transaction (with their invoices' statuses and
-        audit records), each by the rule of ``record``."""
 
     async def pending_by_destination(self) -> dict[str, int]: ...
 

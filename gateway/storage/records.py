@@ -433,15 +433,3 @@ class NoticeJob:
 
 
 Job = DeliveryJob | NoticeJob
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The outcome of one attempt at a job, as the outbox records it: delivered (``delivered_at``), due
-    again (``next_attempt_at``, with the ``error``), or given up (``dead``, with the ``error``)."""
-
-    job: Job
-    delivered_at: str | None = None
-    next_attempt_at: float | None = None
-    error: str | None = None
-    dead: bool = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from gateway import files, logs
 from gateway.cli.demo import SAMPLE
 from gateway.config.model import DeliveryConfig, Destination
 from gateway.delivery.folder import DirectorySender, access_warnings
@@ -26,7 +24,7 @@ from gateway.delivery.outbox import Outbox
 from gateway.delivery.sender import DeliveryFailed
 from gateway.storage.sqlite.store import SqliteStore
 from gateway.vault import MasterKey, Vault
-from tests.helpers import SetTime, audit_of, numbered, os_group
+from tests.helpers import SetTime, os_group
 from tests.helpers.outbox import committed_row, stored
 
 HORIZON_S = 3600.0
@@ -100,151 +98,27 @@ async def test_delivers_json_then_xml_atomically(env, monkeypatch):
     assert await env.deliverer.run_once() == 0
 
 
-@pytest.fixture(params=["syncfs", "fsync"])
-def sync_method(request, monkeypatch) -> str:
-    """Each way a batch is made durable: one syncfs (where the C library has it), or an fsync of each file."""
-    if request.param == "fsync":
-        monkeypatch.setattr(files, "_libc_syncfs", lambda: None)
-    elif files.sync_method() != "syncfs":
-        pytest.fail("syncfs(2) is not available here: the fallback alone is tested") if os.environ.get("CI") == "true" \
-            else pytest.skip("syncfs(2) is not available here")
-    return request.param
-
-
-class Syncs:
-    """Counts the syncs of a batch (syncfs calls, fsyncs) and fails the one numbered ``fail_at`` with EIO."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int = 0):
-        self.syncfs = self.fsync = 0
-        self.fail_at = fail_at
-        real_syncfs, real_fsync = files.syncfs, os.fsync
-
-        def syncfs(fd: int) -> None:
-            self.syncfs += 1
-            self._maybe_fail()
-            real_syncfs(fd)
-
-        def fsync(fd: int) -> None:
-            self.fsync += 1
-            self._maybe_fail()
-            real_fsync(fd)
-
-        monkeypatch.setattr(files, "syncfs", syncfs)
-        monkeypatch.setattr(os, "fsync", fsync)
-
-    def _maybe_fail(self) -> None:
-        if self.syncfs + self.fsync == self.fail_at:
-            raise OSError(5, "Input/output error")
-
-
-async def test_a_failed_sync_leaves_no_visible_file(env, monkeypatch, sync_method):
-    """The first sync fails (syncfs of the batch, or the sidecar's fsync): nothing gets its real name, and
-    no dot-file stays behind; the job is retried and then delivered."""
+async def test_a_failed_write_leaves_no_partial_file(env, monkeypatch):
     mid = await env.accept()
     after_creation(env, mid)
-    Syncs(monkeypatch, fail_at=1)
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the .xml file's fsync
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     await env.deliverer.run_once()
-    assert env.files() == []
+    assert env.files() == [f"{mid}.json"]  # the sidecar may be there; no .xml, no .tmp
     job = env.job(mid)
     assert job["state"] == "pending" and job["attempts"] == 1 and "Input/output error" in job["last_error"]
     env.clock.now = job["next_attempt_at"]
     assert await env.deliverer.run_once() == 1
     assert env.files() == [f"{mid}.json", f"{mid}.xml"]
     assert env.job(mid)["state"] == "delivered"
-
-
-async def test_a_batch_is_made_durable_with_one_sync_and_one_folder_fsync(env, monkeypatch, sync_method):
-    mids = [await env.accept(numbered(f"ONE-SYNC-{n}")) for n in range(5)]
-    after_creation(env, mids[-1])
-    syncs = Syncs(monkeypatch)
-    assert await env.deliverer.run_once() == 5
-    assert env.files() == sorted(f"{mid}.{ext}" for mid in mids for ext in ("json", "xml"))
-    assert all(env.job(mid)["state"] == "delivered" for mid in mids)
-    if sync_method == "syncfs":
-        assert (syncs.syncfs, syncs.fsync) == (1, 1)  # the file system once, then the folder
-    else:
-        assert (syncs.syncfs, syncs.fsync) == (0, 2 * 5 + 1)  # each file, then the folder once
-    delivered = await audit_of(env.store, "delivery.delivered")
-    assert sorted(r["message_id"] for r in delivered) == sorted(mids)
-
-
-async def test_a_file_that_cannot_be_written_fails_its_own_job_only(env, sync_method):
-    """One document's name is taken by a folder: that job is retried with a reason naming the file; the
-    others of its batch are delivered."""
-    mids = [await env.accept(numbered(f"ONE-FAILS-{n}")) for n in range(3)]
-    after_creation(env, mids[-1])
-    (env.outbox / f"{mids[1]}.xml").mkdir()
-    assert await env.deliverer.run_once() == 3
-    for mid in (mids[0], mids[2]):
-        assert env.job(mid)["state"] == "delivered"
-        assert (env.outbox / f"{mid}.xml").read_bytes() == numbered(f"ONE-FAILS-{mids.index(mid)}")
-    failed = env.job(mids[1])
-    assert (failed["state"], failed["attempts"]) == ("pending", 1)
-    assert failed["last_error"] == f"cannot write {mids[1]}.xml in {env.outbox}: Is a directory"
-    assert not [name for name in env.files() if name.startswith(".")]  # its temporary document was removed
-    status = await env.store.intake.status(mids[1], "acme")
-    assert status is not None and status.status == "accepted"
-    (env.outbox / f"{mids[1]}.xml").rmdir()  # the operator moves the folder away
-    env.clock.now = failed["next_attempt_at"]
-    assert await env.deliverer.run_once() == 1
-    assert env.job(mids[1])["state"] == "delivered"
-    assert (env.outbox / f"{mids[1]}.xml").read_bytes() == numbered("ONE-FAILS-1")
-
-
-def test_the_sync_method_is_said_when_the_sender_is_built(tmp_path, monkeypatch, sync_method):
-    stream = io.StringIO()
-    logs.configure("info", stream)
-    try:
-        folder_sender(tmp_path)
-    finally:
-        logs.configure("info")
-    [line] = [json.loads(line) for line in stream.getvalue().splitlines() if "delivery.folder_sync" in line]
-    assert (line["destination"], line["path"], line["method"]) == ("erp", str(tmp_path), sync_method)
-
-
-class Crash(BaseException):
-    """The process dies here (a BaseException: nothing on the way handles it as a failure)."""
-
-
-@pytest.mark.parametrize("crash_at", [1, 4])
-async def test_a_crash_between_the_sync_and_the_renames_is_redelivered(env, monkeypatch, crash_at):
-    """The batch's files are durable under their dot-names; the process dies at the first rename (nothing
-    visible yet) or at the fourth (the first job's two files and the second's sidecar visible).  Nothing
-    is cleaned up, as after a SIGKILL.  Every name visible holds a whole file; nothing was recorded
-    delivered, so after the restart every job is delivered again: the same names with the same bytes."""
-    bodies = {await env.accept(numbered(f"CRASH-{n}")): numbered(f"CRASH-{n}") for n in range(3)}
-    after_creation(env, list(bodies)[-1])
-    renames: list[str] = []
-    real_replace = os.replace
-
-    def replace(src: Any, dst: Any) -> None:
-        renames.append(Path(dst).name)
-        if len(renames) == crash_at:
-            raise Crash
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(files, "_discard", lambda written: None)  # a killed process removes nothing
-    await env.deliverer.run_once()
-    monkeypatch.undo()
-    visible = [name for name in env.files() if not name.startswith(".")]
-    assert visible == sorted(renames[:crash_at - 1])
-    for name in visible:  # whole files only
-        mid, ext = name.rsplit(".", 1)
-        if ext == "xml":
-            assert (env.outbox / name).read_bytes() == bodies[mid]
-        else:
-            assert json.loads((env.outbox / name).read_text())["message_id"] == mid
-    assert all(env.job(mid)["state"] == "pending" and env.job(mid)["attempts"] == 0 for mid in bodies)
-    await env.store.outbox.release("test")  # the restarted node takes back its own leases (Outbox.run)
-    assert await env.deliverer.run_once() == 3
-    assert [name for name in env.files() if not name.startswith(".")] == \
-        sorted(f"{mid}.{ext}" for mid in bodies for ext in ("json", "xml"))
-    for mid, body in bodies.items():
-        assert (env.outbox / f"{mid}.xml").read_bytes() == body
-        assert env.job(mid)["state"] == "delivered"
-    stray = [name for name in env.files() if name.startswith(".")]
-    assert all(name.endswith(".tmp") for name in stray) and len(stray) == 2 * 3 - (crash_at - 1)
 
 
 def break_missing(outbox: Path) -> None:

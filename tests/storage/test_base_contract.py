@@ -23,7 +23,7 @@ from gateway.errors import Conflict, StorageUnavailable
 from gateway.model import DocumentType, stamp
 from gateway.storage.base import BROWSERS_KEPT, AccountError, NotHeld, Store
 from gateway.storage.chain import CHECKPOINT, GENESIS, record_hash
-from gateway.storage.records import REPLIES, Notice, NoticeJob, Outcome, Resealed
+from gateway.storage.records import REPLIES, Notice, NoticeJob, Resealed
 from gateway.storage.sqlite.store import SqliteStore
 from tests.helpers import audit_of
 from tests.helpers.records import accepted_invoice
@@ -326,54 +326,6 @@ async def test_outcomes_are_recorded_once_and_only_by_the_holder(store: Store) -
     assert [a["error"] for a in await audit_details(store, "delivery.dead_letter")] == ["HTTP 400"]
     depth = await store.outbox.depth()
     assert depth.jobs == 1 and depth.oldest is not None
-
-
-async def test_a_batch_of_outcomes_is_recorded_together_by_the_rule_of_each(store: Store) -> None:
-    """``record_many``: every outcome of a batch in one operation, each as ``record`` would take it (a success
-    always counts; a failure only from the holder); the chain links their audit records in order."""
-    invs = [accepted_invoice(f"B-{i}") for i in range(5)]
-    for inv in invs:
-        await store.intake.put(inv)
-    jobs = {j.message_id: j for j in await store.outbox.claim("a", 2e9, {"erp": 10}, 60)}
-    ok, ok2, retry, dead, stolen = (jobs[inv.message_id] for inv in invs)
-    await store.outbox.claim("b", 2e9 + 61, {"erp": 10}, 60)  # "a" lapsed: "b" holds all five now
-    await store.outbox.record_many([
-        Outcome(ok, delivered_at="2026-11-20T00:00:01.000000Z"),  # late, but delivered: counts
-        Outcome(ok2, delivered_at="2026-11-20T00:00:02.000000Z"),
-        Outcome(stolen, next_attempt_at=2e9 + 5000, error="HTTP 503"),  # not the holder: ignored
-    ], owner="a")
-    await store.outbox.record_many([
-        Outcome(retry, next_attempt_at=2e9 + 90, error="HTTP 503"),
-        Outcome(dead, error="HTTP 400", dead=True),
-        Outcome(ok, next_attempt_at=2e9 + 90, error="late"),  # already delivered: nothing changes
-    ], owner="b")
-    await store.outbox.record_many([], owner="b")
-    for inv, status, attempts in ((invs[0], "delivered", 1), (invs[1], "delivered", 1), (invs[2], "accepted", 1),
-                                  (invs[3], "dead-letter", 1), (invs[4], "accepted", 0)):
-        detail = await store.reports.message(inv.message_id)
-        assert detail is not None and (detail.status, detail.deliveries[0].attempts) == (status, attempts), inv.message_id
-    assert (await store.reports.message(invs[0].message_id)).deliveries[0].delivered_at == "2026-11-20T00:00:01.000000Z"
-    waiting = await store.reports.message(invs[2].message_id)
-    assert waiting is not None and waiting.deliveries[0].last_error == "HTTP 503"
-    assert [j.message_id for j in await store.outbox.due(2e9 + 90, 10)] == [invs[2].message_id]
-    assert [(a["message_id"], a["attempts"]) for a in await audit_details(store, "delivery.delivered")] == \
-        [(invs[1].message_id, 1), (invs[0].message_id, 1)]  # newest first: in the batch's order
-    assert [(a["message_id"], a["error"]) for a in await audit_details(store, "delivery.dead_letter")] == \
-        [(invs[3].message_id, "HTTP 400")]
-    records = [r async for r in store.audit.records()]
-    assert all(r.prev == p.hash for p, r in zip(records, records[1:], strict=False))
-    assert all(record_hash(r.as_chain()) == r.hash for r in records)
-
-
-async def test_a_claim_reads_every_job_with_its_facts(store: Store) -> None:
-    """One claim over several lanes: each job carries its own invoice's facts (read together, after the leases)."""
-    for i in range(4):
-        await store.intake.put(accepted_invoice(f"F-{i}", destinations=("erp", "archive")))
-    jobs = await store.outbox.claim("a", 2e9, {"erp": 3, "archive": 4}, 60)
-    assert sorted((j.destination, j.facts.invoice_number) for j in jobs) == \
-        sorted([("erp", f"F-{i}") for i in range(3)] + [("archive", f"F-{i}") for i in range(4)])
-    assert all(j.facts.message_id == j.message_id and j.sha256 == j.facts.sha256 for j in jobs)
-    assert [j.destination for j in jobs] == ["erp"] * 3 + ["archive"] * 4  # lane by lane, as asked
 
 
 async def test_retry_requeue_and_discard(store: Store) -> None:

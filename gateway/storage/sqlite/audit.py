@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ...model import stamp
@@ -20,25 +20,12 @@ def append(conn: sqlite3.Connection, actor: str, action: str, partner: str | Non
            detail: Mapping[str, Any]) -> int:
     """Append a record chained to the last one, in the caller's transaction (never invoice content).
     The caller's write lock orders the chain across processes.  Returns its seq."""
-    return append_many(conn, [(actor, action, partner, message_id, detail)])
-
-
-def append_many(conn: sqlite3.Connection,
-                records: Sequence[tuple[str, str, str | None, str | None, Mapping[str, Any]]]) -> int:
-    """Append (actor, action, partner, message id, detail) records in order, each chained to the one before,
-    reading the chain's head once.  Returns the last one's seq (the head's if there were none)."""
     last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    seq, prev = (last[0], last[1]) if last else (0, GENESIS)
-    rows = []
-    for actor, action, partner, message_id, detail in records:
-        seq += 1
-        record = {"seq": seq, "at": stamp(), "actor": actor, "action": action, "partner": partner,
-                  "message_id": message_id, "detail": json.dumps(detail, sort_keys=True), "prev": prev}
-        prev = record_hash(record)
-        rows.append((*record.values(), prev))
-    if rows:
-        conn.executemany("INSERT INTO audit (seq, at, actor, action, partner, message_id, detail, prev, hash) "
-                         "VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    seq = (last[0] + 1) if last else 1
+    record = {"seq": seq, "at": stamp(), "actor": actor, "action": action, "partner": partner,
+              "message_id": message_id, "detail": json.dumps(detail, sort_keys=True), "prev": last[1] if last else GENESIS}
+    conn.execute("INSERT INTO audit (seq, at, actor, action, partner, message_id, detail, prev, hash) "
+                 "VALUES (?,?,?,?,?,?,?,?,?)", (*record.values(), record_hash(record)))
     return seq
 
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from ..base import NotHeld
-from ..records import REPLIES, DeliveryJob, DocumentFacts, Job, Notice, NoticeJob, OutboxDepth, Outcome
-from .audit import append, append_many
+from ..records import REPLIES, DeliveryJob, DocumentFacts, Job, Notice, NoticeJob, OutboxDepth
+from .audit import append
 from .engine import Engine
-from .schema import restatus, restatus_many
+from .schema import restatus
 
 _JOB_SELECT = (
     "SELECT d.message_id, d.destination, d.attempts, d.created_at, i.partner, i.sha256, i.received_at, "
     "i.document_type, i.invoice_number, i.supplier_ids, i.customer_ids, i.customization_id, i.profile_id, "
-    "i.issue_date, i.size, i.signature, i.media_type, i.rules, i.direction, d.rowid FROM deliveries d "
+    "i.issue_date, i.size, i.signature, i.media_type, i.rules, i.direction FROM deliveries d "
     "JOIN invoices i USING (message_id) ")
 
 
@@ -73,31 +73,26 @@ class SqliteOutbox:
 
     async def claim(self, owner: str, now: float, wanted: Mapping[str, int], lease_s: float) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
-            # Each lane's jobs are leased by one UPDATE (the lease is the fence: a job is this owner's
-            # until lease_until), then every claimed delivery is read with its invoice's facts by one SELECT.
-            claimed: list[Job | int] = []  # notices as they are; deliveries by rowid until read
+            jobs: list[Job] = []
             for destination, n in wanted.items():
                 if n <= 0:
                     continue
                 if destination == REPLIES:
-                    claimed += [_notice(r) for r in conn.execute(
+                    jobs += [_notice(r) for r in conn.execute(
                         "UPDATE notices SET lease_owner = ?, lease_until = ? WHERE id IN (SELECT id FROM notices WHERE "
                         "state = 'pending' AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until <= ?) "
                         "ORDER BY next_attempt_at LIMIT ?) RETURNING id, attempts, created_at, partner, sha256, recipient, "
                         "in_reply_to, outcome, certificate, cipher", (owner, now + lease_s, now, now, n)).fetchall()]
                     continue
-                claimed += [rowid for (rowid,) in conn.execute(
+                keys = conn.execute(
                     "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE rowid IN ("
                     "SELECT rowid FROM deliveries WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ? "
                     "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
-                    "RETURNING rowid", (owner, now + lease_s, destination, now, now, n)).fetchall()]
-            rowids = [c for c in claimed if isinstance(c, int)]
-            if not rowids:
-                return [c for c in claimed if not isinstance(c, int)]
-            read = {r[-1]: _job(r) for r in conn.execute(
-                _JOB_SELECT + "WHERE d.rowid IN (SELECT value FROM json_each(?))",  # noqa: S608 (our own text)
-                (json.dumps(rowids),))}
-            return [read[c] if isinstance(c, int) else c for c in claimed]
+                    "RETURNING message_id", (owner, now + lease_s, destination, now, now, n)).fetchall()
+                for (message_id,) in keys:
+                    jobs.append(_job(conn.execute(_JOB_SELECT + "WHERE d.message_id = ? AND d.destination = ?",
+                                                  (message_id, destination)).fetchone()))
+            return jobs
 
         return await self.engine.write(op)
 
@@ -115,24 +110,33 @@ class SqliteOutbox:
             "state = 'pending' LIMIT 1", (message_id, message_id)).fetchone())
         return None if row is None else bytes(row[0])
 
-    async def load_sealed_many(self, message_ids: Sequence[str]) -> dict[str, bytes]:
-        wanted = json.dumps(list(message_ids))
-        rows = await self.engine.read(lambda conn: conn.execute(
-            "SELECT message_id, sealed FROM blobs WHERE message_id IN (SELECT value FROM json_each(?1)) UNION ALL "
-            "SELECT id, sealed FROM notices WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'pending'",
-            (wanted,)).fetchall())
-        found: dict[str, bytes] = {}
-        for message_id, sealed in rows:
-            found.setdefault(message_id, bytes(sealed))
-        return found
-
     async def record(self, job: Job, *, delivered_at: str | None, next_attempt_at: float | None,
                      error: str | None, dead: bool = False, owner: str | None = None) -> None:
-        await self.record_many([Outcome(job, delivered_at, next_attempt_at, error, dead)], owner)
+        state = "delivered" if delivered_at else "dead" if dead else "pending"
+        if isinstance(job, NoticeJob):
+            await self.engine.write(lambda conn: _record_notice(conn, job, state, delivered_at, next_attempt_at, error, owner))
+            return
 
-    async def record_many(self, outcomes: Sequence[Outcome], owner: str | None = None) -> None:
-        if outcomes:
-            await self.engine.write(lambda conn: _record(conn, outcomes, owner))
+        def op(conn: sqlite3.Connection) -> None:
+            updated = conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, delivered_at = ?, last_error = ?, "
+                "next_attempt_at = COALESCE(?, next_attempt_at), lease_owner = NULL, lease_until = NULL, updated_at = ? "
+                "WHERE message_id = ? AND destination = ? AND state = 'pending' "
+                "AND (? OR ? IS NULL OR lease_owner IS NULL OR lease_owner = ?)",
+                (state, delivered_at, error, next_attempt_at, time.time(), job.message_id, job.destination,
+                 state == "delivered", owner, owner),
+            ).rowcount
+            if not updated:
+                return
+            restatus(conn, job.message_id)
+            if dead:
+                append(conn, "gateway", "delivery.dead_letter", job.partner, job.message_id,
+                       {"destination": job.destination, "attempts": job.attempts + 1, "error": error})
+            elif delivered_at:
+                append(conn, "gateway", "delivery.delivered", job.partner, job.message_id,
+                       {"destination": job.destination, "attempts": job.attempts + 1})
+
+        await self.engine.write(op)
 
     async def pending_by_destination(self) -> dict[str, int]:
         return await self.engine.read(lambda conn: dict(conn.execute(
@@ -197,39 +201,3 @@ def _record_notice(conn: sqlite3.Connection, job: NoticeJob, state: str, deliver
         "sealed = CASE WHEN ? = 'pending' THEN sealed ELSE X'' END "
         "WHERE id = ? AND state = 'pending' AND (? OR ? IS NULL OR lease_owner IS NULL OR lease_owner = ?)",
         (state, delivered_at, error, next_attempt_at, time.time(), state, job.message_id, state == "delivered", owner, owner))
-
-
-def _state(o: Outcome) -> str:
-    return "delivered" if o.delivered_at else "dead" if o.dead else "pending"
-
-
-def _record(conn: sqlite3.Connection, outcomes: Sequence[Outcome], owner: str | None) -> None:
-    """Outcomes in one transaction: one UPDATE for every delivery (a success always counts; a failure only
-    from the job's holder, or when nobody holds it), then the statuses of their invoices and the audit
-    records of those delivered or given up, for the rows that changed only."""
-    deliveries = []
-    for o in outcomes:
-        if isinstance(o.job, NoticeJob):
-            _record_notice(conn, o.job, _state(o), o.delivered_at, o.next_attempt_at, o.error, owner)
-        else:
-            deliveries.append(o)
-    if not deliveries:
-        return
-    rows = json.dumps([[o.job.message_id, o.job.destination, _state(o), o.delivered_at, o.error, o.next_attempt_at]
-                       for o in deliveries])
-    updated = set(conn.execute(
-        "UPDATE deliveries AS d SET state = o.state, attempts = d.attempts + 1, delivered_at = o.delivered_at, "
-        "last_error = o.error, next_attempt_at = COALESCE(o.next_at, d.next_attempt_at), lease_owner = NULL, "
-        "lease_until = NULL, updated_at = ? FROM (SELECT value ->> 0 AS message_id, value ->> 1 AS destination, "
-        "value ->> 2 AS state, value ->> 3 AS delivered_at, value ->> 4 AS error, value ->> 5 AS next_at "
-        "FROM json_each(?)) AS o WHERE d.message_id = o.message_id AND d.destination = o.destination "
-        "AND d.state = 'pending' AND (o.state = 'delivered' OR ? IS NULL OR d.lease_owner IS NULL OR d.lease_owner = ?) "
-        "RETURNING message_id, destination", (time.time(), rows, owner, owner)).fetchall())
-    done = [o for o in deliveries if (o.job.message_id, o.job.destination) in updated]
-    if not done:
-        return
-    restatus_many(conn, (o.job.message_id for o in done))
-    append_many(conn, [("gateway", "delivery.dead_letter" if o.dead else "delivery.delivered", o.job.partner,
-                        o.job.message_id, {"destination": o.job.destination, "attempts": o.job.attempts + 1}
-                        | ({"error": o.error} if o.dead else {}))
-                       for o in done if o.dead or o.delivered_at])

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from ...errors import ConfigError
 from ...stages.admission import date_key, number_key
@@ -335,9 +334,3 @@ def restatus(conn: sqlite3.Connection, message_id: str | None) -> None:
         conn.execute(_RESTATUS)
     else:
         conn.execute(_RESTATUS + " WHERE message_id = ?", (message_id,))
-
-
-def restatus_many(conn: sqlite3.Connection, message_ids: Iterable[str]) -> None:
-    """``restatus`` for the messages named, in one statement."""
-    conn.execute(_RESTATUS + " WHERE message_id IN (SELECT value FROM json_each(?))",  # noqa: S608 (our own text)
-                 (json.dumps(sorted(set(message_ids))),))

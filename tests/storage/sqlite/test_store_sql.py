@@ -34,7 +34,6 @@ from typing import Any
 
 import pytest
 
-from gateway import files
 from gateway.operations import instance
 from gateway.storage.sqlite import engine as engine_mod
 from tests.helpers import numbered, post, serving
@@ -77,7 +76,7 @@ class Recorder:
     traced: Counter[str] = field(default_factory=Counter)  # statements by thread, as SQLite's trace callback saw them
     operations: list[Operation] = field(default_factory=list)
     transactions: int = 0  # the writer's COMMITs
-    file_syncs: int = 0  # os.fsync and syncfs outside SQLite (delivery's files and folder)
+    file_syncs: int = 0  # os.fsync outside SQLite (delivery's files and folder)
     local: threading.local = field(default_factory=threading.local)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -183,20 +182,14 @@ def instrument(mp: pytest.MonkeyPatch, rec: Recorder) -> None:
     mp.setattr(engine_mod.Engine, "submit", submit)
     mp.setattr(engine_mod.Engine, "_read", read)
 
-    real_fsync, real_syncfs = os.fsync, files.syncfs
+    real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
         with rec.lock:
             rec.file_syncs += 1
         real_fsync(fd)
 
-    def syncfs(fd: int) -> None:  # a delivery batch's one sync of the folder's file system
-        with rec.lock:
-            rec.file_syncs += 1
-        real_syncfs(fd)
-
     mp.setattr(os, "fsync", fsync)
-    mp.setattr(files, "syncfs", syncfs)
 
 
 @dataclass
