@@ -152,17 +152,20 @@ INVOICE_BODY: Json = {
 def schemas(*, outbound: bool) -> Json:
     """The JSON shapes: the error, the receipt, the status document (records.InvoiceStatus)."""
     nullable_object: Json = {"type": ["object", "null"]}
+    message: Json = {  # what a receipt and a status say alike of the message
+        "message_id": {"type": "string", "format": "uuid"},
+        "sha256": {"$ref": "#/components/schemas/Sha256"},
+        "received_at": {"type": "string", "format": "date-time"},
+    }
     status: Json = {
         "type": "object",
         "description": "What happened to a message so far.",
         "required": ["message_id", "status", "sha256", "received_at", "document_type", "invoice_number", "deliveries",
                      "signature", "rules"],
         "properties": {
-            "message_id": {"type": "string", "format": "uuid"},
+            **message,
             "status": {"type": "string", "enum": list(SUMMARIES),
                        "description": "rejected: refused on review after it was held"},
-            "sha256": {"$ref": "#/components/schemas/Sha256"},
-            "received_at": {"type": "string", "format": "date-time"},
             "document_type": {"type": "string", "enum": [t.label for t in DocumentType]},
             "invoice_number": {"type": "string"},
             "deliveries": {"type": "array", "items": ref("Delivery")},
@@ -177,11 +180,9 @@ def schemas(*, outbound: bool) -> Json:
         "description": "Sent only once the invoice is stored durably (or was before: duplicate).",
         "required": ["message_id", "status", "sha256", "received_at", "duplicate"],
         "properties": {
-            "message_id": {"type": "string", "format": "uuid"},
+            **message,
             "status": {"type": "string", "enum": list(SUMMARIES),
                        "description": "accepted or held for a new invoice; a duplicate's is its first message's now"},
-            "sha256": {"$ref": "#/components/schemas/Sha256"},
-            "received_at": {"type": "string", "format": "date-time"},
             "duplicate": {"type": "boolean", "description": "the same bytes were accepted before: nothing new was stored"},
             "message": {"type": "string", "description": "with status held: accepted and held for review before delivery"},
             "rules": ref("RulesReport"),

@@ -323,22 +323,22 @@ class RuleEngine:
         with self._lock:
             starting: list[_Child] = []
             try:
-                # All started first, then waited for: they compile side by side, one per core.
-                for _ in range(self._target - len(self._children)):
-                    starting.append(_Child(self.packs))
-                for child in starting:
-                    child.ready(self._start_timeout_s)
+                try:  # all started first, then waited for: they compile side by side, one per core
+                    for _ in range(self._target - len(self._children)):
+                        starting.append(_Child(self.packs))
+                    for child in starting:
+                        child.ready(self._start_timeout_s)
+                except BaseException:
+                    for child in starting:
+                        child.stop()
+                    raise
             except ConfigError as exc:
-                for child in starting:
-                    child.stop()
                 if at_start:
                     raise
                 # The stylesheets changed on disk since start: the operator must act; senders retry.
                 log.error("rules.restart_failed", reason=exc.message)
                 raise RulesEngineUnavailable("the rules engine could not be restarted; retry later") from None
             except (TimeoutError, _Died, OSError):
-                for child in starting:
-                    child.stop()
                 log.error("rules.restart_failed", reason="the rules process did not start")
                 raise RulesEngineUnavailable("the rules engine did not start; retry later") from None
             for child in starting:
